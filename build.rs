@@ -1,0 +1,22 @@
+//! Generates the gRPC code from proto/ into OUT_DIR.
+//!
+//! protox compiles the .proto files in Rust, so no system `protoc` is needed on a fresh machine. The
+//! encoded descriptor set is also written to OUT_DIR for the reflection service.
+
+use std::{env, fs, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/optout/v1/optout.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["proto"])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(
+        out_dir.join("optout_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

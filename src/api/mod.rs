@@ -1,0 +1,306 @@
+//! The gRPC layer: thin adapters that validate, convert, call the check engine or the store, and
+//! convert back. Errors become gRPC statuses in one place ([`store_status`]).
+
+mod admin;
+mod check;
+
+use std::time::{Duration, Instant};
+
+use tonic::{Status, metadata::MetadataMap};
+
+pub use admin::AdminService;
+pub use check::CheckService;
+
+use crate::{
+    core::{self, NhsNumber, NhsNumberError},
+    store::StoreError,
+};
+
+/// The generated protobuf and gRPC code of `optout.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("optout.v1");
+
+    /// The encoded descriptor set, served by the reflection service.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/optout_descriptor.bin"));
+}
+
+/// Request limits. Every request is bounded in size and time.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Most NHS numbers in one Check message (and one CheckStream message).
+    pub max_batch: usize,
+    /// Most NHS numbers in one AddOptOuts or RemoveOptOuts request (bulk loads use ImportOptOuts).
+    pub max_admin_batch: usize,
+    /// The deadline of a request that carries none (`grpc-timeout`); a shorter client deadline wins.
+    pub default_deadline: Duration,
+    /// Largest encoded message accepted.
+    pub max_message_bytes: usize,
+    /// CheckStream messages processed at once per stream (responses stay in order).
+    pub stream_concurrency: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_batch: 10_000,
+            max_admin_batch: 10_000,
+            default_deadline: Duration::from_secs(2),
+            max_message_bytes: 4 * 1024 * 1024,
+            stream_concurrency: 4,
+        }
+    }
+}
+
+/// Share of the deadline kept back for encoding and sending the answer.
+const SEND_MARGIN: f64 = 0.1;
+
+/// When a request's answer must be ready: the client's `grpc-timeout` if shorter than the default,
+/// less a margin for sending it.
+pub(crate) fn deadline(metadata: &MetadataMap, default: Duration) -> Instant {
+    let budget = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(default, |client| client.min(default));
+    Instant::now() + budget.mul_f64(1.0 - SEND_MARGIN)
+}
+
+/// Parses the `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The one mapping from store errors to gRPC statuses.
+pub(crate) fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Unavailable(m) => Status::unavailable(m),
+        StoreError::NotInitialised(m) => Status::failed_precondition(m),
+        StoreError::Corrupt(m) => Status::data_loss(m),
+        StoreError::ImportRefused(m) => Status::failed_precondition(m),
+    }
+}
+
+pub(crate) fn purpose(p: i32) -> Result<core::Purpose, Status> {
+    match proto::Purpose::try_from(p) {
+        Ok(proto::Purpose::DirectCare) => Ok(core::Purpose::DirectCare),
+        Ok(proto::Purpose::Research) => Ok(core::Purpose::Research),
+        Ok(proto::Purpose::Planning) => Ok(core::Purpose::Planning),
+        Ok(proto::Purpose::Unspecified) => Err(Status::invalid_argument(
+            "purpose is required: say why the data is extracted (PURPOSE_DIRECT_CARE, \
+             PURPOSE_RESEARCH or PURPOSE_PLANNING)",
+        )),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "purpose {p} is not a known Purpose"
+        ))),
+    }
+}
+
+pub(crate) fn origin(o: i32) -> Result<core::DataOrigin, Status> {
+    match proto::DataOrigin::try_from(o) {
+        Ok(proto::DataOrigin::Unspecified) => Ok(core::DataOrigin::Unspecified),
+        Ok(proto::DataOrigin::GpPractice) => Ok(core::DataOrigin::GpPractice),
+        Ok(proto::DataOrigin::Other) => Ok(core::DataOrigin::Other),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "origin {o} is not a known DataOrigin"
+        ))),
+    }
+}
+
+pub(crate) fn opt_out_type(t: i32) -> Result<core::OptOutType, Status> {
+    match proto::OptOutType::try_from(t) {
+        Ok(proto::OptOutType::NationalDataOptOut) => Ok(core::OptOutType::NationalDataOptOut),
+        Ok(proto::OptOutType::Type1) => Ok(core::OptOutType::Type1),
+        Ok(proto::OptOutType::Unspecified) => Err(Status::invalid_argument(
+            "type is required: OPT_OUT_TYPE_NATIONAL_DATA_OPT_OUT or OPT_OUT_TYPE_TYPE_1",
+        )),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "type {t} is not a known OptOutType"
+        ))),
+    }
+}
+
+pub(crate) fn opt_out_type_to_proto(t: core::OptOutType) -> proto::OptOutType {
+    match t {
+        core::OptOutType::NationalDataOptOut => proto::OptOutType::NationalDataOptOut,
+        core::OptOutType::Type1 => proto::OptOutType::Type1,
+    }
+}
+
+pub(crate) fn decision_to_proto(d: core::Decision) -> proto::Decision {
+    use core::{Decision, ReleaseReason, WithholdReason};
+    use proto::{Outcome, Reason};
+    let (outcome, reason) = match d {
+        Decision::Release(ReleaseReason::NoOptOut) => (Outcome::Release, Reason::NoOptOut),
+        Decision::Release(ReleaseReason::PurposeExempt) => {
+            (Outcome::Release, Reason::PurposeExempt)
+        }
+        Decision::Withhold(WithholdReason::NationalDataOptOut) => {
+            (Outcome::Withhold, Reason::NationalDataOptOut)
+        }
+        Decision::Withhold(WithholdReason::Type1OptOut) => (Outcome::Withhold, Reason::Type1OptOut),
+        Decision::Withhold(WithholdReason::InvalidNhsNumber) => {
+            (Outcome::Withhold, Reason::InvalidNhsNumber)
+        }
+        Decision::Withhold(WithholdReason::StoreUnavailable) => {
+            (Outcome::Withhold, Reason::StoreUnavailable)
+        }
+    };
+    proto::Decision {
+        outcome: outcome as i32,
+        reason: reason as i32,
+    }
+}
+
+/// Parses a version token from a request field (empty: none).
+pub(crate) fn version_field(field: &str, value: &str) -> Result<Option<core::Version>, Status> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    core::Version::parse(value)
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+/// The source of an admin change: required, short, printable.
+pub(crate) fn source_field(source: &str) -> Result<&str, Status> {
+    let s = source.trim();
+    if s.is_empty() {
+        return Err(Status::invalid_argument(
+            "source is required: say where the change came from (a file name, a ticket)",
+        ));
+    }
+    if s.len() > 256 {
+        return Err(Status::invalid_argument(format!(
+            "source is {} bytes; at most 256",
+            s.len()
+        )));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "source contains control characters",
+        ));
+    }
+    Ok(s)
+}
+
+/// Invalid numbers found while validating a list, by position. Never holds the numbers.
+pub(crate) struct Rejections {
+    count: u64,
+    shown: Vec<(u64, NhsNumberError)>,
+}
+
+impl Rejections {
+    const SHOWN: usize = 20;
+
+    pub(crate) fn new() -> Self {
+        Rejections {
+            count: 0,
+            shown: Vec::new(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, position: u64, e: NhsNumberError) {
+        self.count += 1;
+        if self.shown.len() < Self::SHOWN {
+            self.shown.push((position, e));
+        }
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub(crate) fn positions(&self) -> impl Iterator<Item = u64> + '_ {
+        self.shown.iter().map(|(p, _)| *p)
+    }
+
+    /// "2 invalid NHS numbers in nhs_numbers at positions 0 (the check digit does not match),
+    /// 3 (...)".
+    pub(crate) fn describe(&self, field: &str) -> String {
+        let list: Vec<String> = self
+            .shown
+            .iter()
+            .map(|(p, e)| format!("{p} ({e})"))
+            .collect();
+        let more = self.count - self.shown.len() as u64;
+        format!(
+            "{} invalid NHS number{} in {field} at zero-based position{} {}{}",
+            self.count,
+            if self.count == 1 { "" } else { "s" },
+            if self.count == 1 { "" } else { "s" },
+            list.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+/// Parses every number of an admin list; any invalid one fails the whole request.
+pub(crate) fn all_valid(field: &str, numbers: &[String]) -> Result<Vec<NhsNumber>, Status> {
+    let mut out = Vec::with_capacity(numbers.len());
+    let mut rejected = Rejections::new();
+    for (i, s) in numbers.iter().enumerate() {
+        match NhsNumber::parse(s) {
+            Ok(n) => out.push(n),
+            Err(e) => rejected.push(i as u64, e),
+        }
+    }
+    if rejected.count() > 0 {
+        return Err(Status::invalid_argument(format!(
+            "{}; nothing was written",
+            rejected.describe(field)
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+
+    #[test]
+    fn rejections_name_positions_not_numbers() {
+        let numbers: Vec<String> = ["9434765919", "9876544321", "12", "4010232137"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let err = all_valid("nhs_numbers", &numbers).expect_err("two invalid");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let msg = err.message();
+        assert!(msg.contains("2 invalid NHS numbers"), "{msg}");
+        assert!(
+            msg.contains("positions 1 (the check digit does not match), 2 (not 10 digits"),
+            "{msg}"
+        );
+        assert!(!msg.contains("9876544321"), "{msg}");
+    }
+}

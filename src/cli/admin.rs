@@ -1,0 +1,340 @@
+//! `optout admin`: add, remove, import, get, status.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use clap::{Args, Subcommand, ValueEnum};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{CliError, ClientArgs, TypeArg, progress};
+use crate::api::proto::{
+    self, ChangeOptOutsRequest, GetOptOutRequest, GetStatusRequest, ImportOptOutsRequest,
+    opt_out_admin_client::OptOutAdminClient,
+};
+
+/// Numbers per import message.
+const IMPORT_CHUNK: usize = 10_000;
+
+#[derive(Args, Debug)]
+pub(crate) struct AdminArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Record opt-outs (numbers as arguments, or one per line on stdin).
+    Add(ChangeArgs),
+    /// Remove opt-outs (numbers as arguments, or one per line on stdin).
+    Remove(ChangeArgs),
+    /// Bulk-load opt-outs of one type from a file (one number a line, or CSV with --column).
+    Import(ImportArgs),
+    /// Show the opt-outs recorded for one NHS number.
+    Get {
+        /// The NHS number.
+        nhs_number: String,
+    },
+    /// Show counts, version, filter and freshness.
+    Status,
+}
+
+#[derive(Args, Debug)]
+struct ChangeArgs {
+    /// The opt-out type.
+    #[arg(long = "type", value_enum)]
+    opt_out_type: TypeArg,
+    /// Where the change came from (a file name, a ticket).
+    #[arg(long)]
+    source: String,
+    /// NHS numbers; none reads one per line from stdin.
+    numbers: Vec<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ModeArg {
+    /// Add the imported numbers.
+    Merge,
+    /// Make the stored set of the type equal to the imported numbers.
+    Replace,
+}
+
+#[derive(Args, Debug)]
+struct ImportArgs {
+    /// The opt-out type.
+    #[arg(long = "type", value_enum)]
+    opt_out_type: TypeArg,
+    /// Merge into, or replace, the stored set of that type.
+    #[arg(long, value_enum)]
+    mode: ModeArg,
+    /// Where the list came from; defaults to the file name.
+    #[arg(long)]
+    source: Option<String>,
+    /// Read a CSV and take this column; without it, the file holds one number a line.
+    #[arg(long)]
+    column: Option<String>,
+    /// The file; stdin if absent or "-".
+    file: Option<PathBuf>,
+}
+
+pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
+    let mut client = OptOutAdminClient::new(args.client.channel().await?)
+        .max_decoding_message_size(64 * 1024 * 1024);
+    let timeout = args.client.timeout();
+    match args.command {
+        AdminCommand::Add(c) => change(&mut client, c, timeout, true).await,
+        AdminCommand::Remove(c) => change(&mut client, c, timeout, false).await,
+        AdminCommand::Import(i) => import(&mut client, i).await,
+        AdminCommand::Get { nhs_number } => {
+            let mut request = tonic::Request::new(GetOptOutRequest { nhs_number });
+            request.set_timeout(timeout);
+            let r = client.get_opt_out(request).await?.into_inner();
+            if r.opt_outs.is_empty() {
+                println!("no opt-out recorded (version {})", r.version);
+            }
+            for o in r.opt_outs {
+                let t = proto::OptOutType::try_from(o.r#type)
+                    .map(|t| t.as_str_name())
+                    .unwrap_or("UNKNOWN");
+                println!(
+                    "{t}\trecorded {}\tsource {}",
+                    format_ms(o.recorded_at_unix_ms),
+                    o.source
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::Status => {
+            let mut request = tonic::Request::new(GetStatusRequest {});
+            request.set_timeout(timeout);
+            let r = client.get_status(request).await?.into_inner();
+            println!(
+                "store:                    {} (dataset {})",
+                r.store_kind, r.dataset_id
+            );
+            println!("version:                  {}", r.version);
+            println!("national data opt-outs:   {}", r.national_data_opt_outs);
+            println!("type 1 opt-outs:          {}", r.type_1_opt_outs);
+            println!("patients with an opt-out: {}", r.patients);
+            if let Some(f) = r.filter {
+                println!(
+                    "filter:                   generation {}, {} items of {} capacity, {} bits, {} hashes",
+                    f.generation, f.items, f.capacity, f.bits, f.hash_functions
+                );
+                println!(
+                    "false-positive rate:      target {:.4}%, estimated {:.4}%",
+                    f.target_false_positive_rate * 100.0,
+                    f.estimated_false_positive_rate * 100.0
+                );
+                println!(
+                    "filter version:           {} ({}, last caught up {} ms ago, bound {} ms)",
+                    f.version,
+                    if f.fresh {
+                        "fresh"
+                    } else {
+                        "NOT fresh: checks ask the store"
+                    },
+                    f.freshness_age_ms,
+                    f.freshness_bound_ms
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn format_ms(ms: i64) -> String {
+    // Seconds since the epoch keep this free of a date library; the admin sees exact time.
+    format!("{}.{:03}s since the Unix epoch", ms / 1000, ms % 1000)
+}
+
+async fn change(
+    client: &mut OptOutAdminClient<tonic::transport::Channel>,
+    args: ChangeArgs,
+    timeout: std::time::Duration,
+    add: bool,
+) -> Result<ExitCode, CliError> {
+    let numbers = if args.numbers.is_empty() {
+        read_lines(std::io::stdin().lock(), "stdin")?
+    } else {
+        args.numbers
+    };
+    let mut request = tonic::Request::new(ChangeOptOutsRequest {
+        nhs_numbers: numbers,
+        r#type: proto::OptOutType::from(args.opt_out_type) as i32,
+        source: args.source,
+    });
+    request.set_timeout(timeout);
+    let r = if add {
+        client.add_opt_outs(request).await?
+    } else {
+        client.remove_opt_outs(request).await?
+    }
+    .into_inner();
+    println!("applied {} at version {}", r.applied, r.version);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_lines(input: impl BufRead, what: &str) -> Result<Vec<String>, CliError> {
+    let mut out = Vec::new();
+    for (i, line) in input.lines().enumerate() {
+        let line = line.map_err(|e| CliError::Input(format!("{what} line {}: {e}", i + 1)))?;
+        let t = line.trim();
+        if !t.is_empty() {
+            out.push(t.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Streams the file in messages of `IMPORT_CHUNK` numbers and a final empty message marked
+/// commit. A read error stops the stream without the commit, so the service changes nothing.
+async fn import(
+    client: &mut OptOutAdminClient<tonic::transport::Channel>,
+    args: ImportArgs,
+) -> Result<ExitCode, CliError> {
+    let (input, name): (Box<dyn Read + Send>, String) = match args.file.as_deref() {
+        None => (Box::new(std::io::stdin()), "stdin".into()),
+        Some(p) if p.as_os_str() == "-" => (Box::new(std::io::stdin()), "stdin".into()),
+        Some(p) => (
+            Box::new(File::open(p).map_err(|e| CliError::Input(format!("{}: {e}", p.display())))?),
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |f| f.to_string_lossy().into_owned(),
+            ),
+        ),
+    };
+    let source = args.source.clone().unwrap_or_else(|| name.clone());
+    let header = ImportOptOutsRequest {
+        mode: match args.mode {
+            ModeArg::Merge => proto::ImportMode::Merge,
+            ModeArg::Replace => proto::ImportMode::Replace,
+        } as i32,
+        r#type: proto::OptOutType::from(args.opt_out_type) as i32,
+        source,
+        nhs_numbers: Vec::new(),
+        commit: false,
+    };
+    let (tx, rx) = mpsc::channel::<ImportOptOutsRequest>(4);
+    let bar = progress("numbers sent");
+    let bar_reader = bar.clone();
+    let column = args.column.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        read_import(input, &name, column.as_deref(), header, &tx, &bar_reader)
+    });
+    let outcome = client.import_opt_outs(ReceiverStream::new(rx)).await;
+    bar.finish_and_clear();
+    // A read error is the cause of anything the service said about an uncommitted stream.
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(CliError::Input(format!("{e}; nothing was imported")));
+        }
+        Err(e) => return Err(CliError::Input(format!("reader task failed: {e}"))),
+    }
+    let r = outcome?.into_inner();
+    println!(
+        "received {}, added {}, removed {}, rejected {} at version {}",
+        r.received, r.added, r.removed, r.rejected, r.version
+    );
+    if r.rejected > 0 {
+        let shown: Vec<String> = r
+            .rejected_positions
+            .iter()
+            .map(|p| (p + 1).to_string())
+            .collect();
+        eprintln!(
+            "warning: {} invalid NHS numbers were skipped; the first are numbers {} of the input",
+            r.rejected,
+            shown.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_import(
+    input: Box<dyn Read + Send>,
+    name: &str,
+    column: Option<&str>,
+    header: ImportOptOutsRequest,
+    tx: &mpsc::Sender<ImportOptOutsRequest>,
+    bar: &indicatif::ProgressBar,
+) -> Result<(), String> {
+    let mut first = true;
+    let mut send = |numbers: Vec<String>, commit: bool| -> Result<(), String> {
+        let count = numbers.len() as u64;
+        let message = if first {
+            ImportOptOutsRequest {
+                nhs_numbers: numbers,
+                commit,
+                ..header.clone()
+            }
+        } else {
+            ImportOptOutsRequest {
+                nhs_numbers: numbers,
+                commit,
+                mode: 0,
+                r#type: 0,
+                source: String::new(),
+            }
+        };
+        first = false;
+        tx.blocking_send(message)
+            .map_err(|_| "the service closed the import stream".to_string())?;
+        bar.inc(count);
+        Ok(())
+    };
+    let mut chunk = Vec::with_capacity(IMPORT_CHUNK);
+    match column {
+        None => {
+            for (i, line) in BufReader::new(input).lines().enumerate() {
+                let line = line.map_err(|e| format!("{name} line {}: {e}", i + 1))?;
+                let t = line.trim();
+                if t.is_empty() {
+                    continue;
+                }
+                chunk.push(t.to_string());
+                if chunk.len() == IMPORT_CHUNK {
+                    send(std::mem::take(&mut chunk), false)?;
+                }
+            }
+        }
+        Some(column) => {
+            let mut reader = csv::ReaderBuilder::new()
+                .has_headers(true)
+                .from_reader(input);
+            let headers = reader
+                .headers()
+                .map_err(|e| format!("{name}: reading the CSV header: {e}"))?
+                .clone();
+            let index = headers
+                .iter()
+                .position(|h| h.trim() == column)
+                .ok_or_else(|| {
+                    format!(
+                        "{name}: column {column:?} is not in the CSV header; the columns are: {}",
+                        headers.iter().collect::<Vec<_>>().join(", ")
+                    )
+                })?;
+            for record in reader.records() {
+                let record = record.map_err(|e| {
+                    let line = e
+                        .position()
+                        .map_or_else(|| "?".to_string(), |p| p.line().to_string());
+                    format!("{name}: malformed CSV at line {line}: {e}")
+                })?;
+                chunk.push(record.get(index).unwrap_or_default().trim().to_string());
+                if chunk.len() == IMPORT_CHUNK {
+                    send(std::mem::take(&mut chunk), false)?;
+                }
+            }
+        }
+    }
+    send(chunk, true)
+}

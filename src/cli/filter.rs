@@ -1,0 +1,277 @@
+//! `optout filter`: the online form of the NHS's batch "Check for National Data Opt-outs" service.
+//!
+//! Reads a CSV extract, streams its NHS-number column through CheckStream, and writes only the
+//! rows whose patient may be released, header kept, in input order. Withheld rows are counted by
+//! reason on stderr. A malformed row stops everything with its line number and a non-zero exit.
+//! When the output is a file, it is written to a temporary file beside it and renamed only once
+//! the whole extract was checked, so a failed run never leaves a partial extract that looks whole.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{Read, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use clap::Args;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{CliError, ClientArgs, OriginArg, PurposeArg, progress, reason_name};
+use crate::api::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient};
+
+#[derive(Args, Debug)]
+pub(crate) struct FilterArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The header of the column holding NHS numbers.
+    #[arg(long, default_value = "nhs_number")]
+    column: String,
+    /// Why the data is extracted.
+    #[arg(long, value_enum)]
+    purpose: PurposeArg,
+    /// Who holds the data (unspecified applies both opt-out types).
+    #[arg(long, value_enum, default_value = "unspecified")]
+    origin: OriginArg,
+    /// Your reference for the extract.
+    #[arg(long, default_value = "")]
+    extract_id: String,
+    /// The CSV to read; stdin if absent or "-".
+    #[arg(long, short)]
+    input: Option<PathBuf>,
+    /// Where to write the releasable rows; stdout if absent or "-".
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Rows per CheckStream message.
+    #[arg(long, default_value_t = 5000)]
+    batch: usize,
+}
+
+type Rows = Vec<csv::ByteRecord>;
+
+pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
+    if args.batch == 0 {
+        return Err(CliError::Usage("--batch must be at least 1".into()));
+    }
+    let input: Box<dyn Read + Send> = match args.input.as_deref() {
+        None => Box::new(std::io::stdin()),
+        Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdin()),
+        Some(p) => {
+            Box::new(File::open(p).map_err(|e| CliError::Input(format!("{}: {e}", p.display())))?)
+        }
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(input);
+    let header = reader
+        .byte_headers()
+        .map_err(|e| CliError::Input(format!("reading the CSV header: {e}")))?
+        .clone();
+    let column = header
+        .iter()
+        .position(|h| String::from_utf8_lossy(h).trim() == args.column)
+        .ok_or_else(|| {
+            let names: Vec<String> = header
+                .iter()
+                .map(|h| String::from_utf8_lossy(h).into_owned())
+                .collect();
+            CliError::Input(format!(
+                "column {:?} is not in the CSV header; the columns are: {}",
+                args.column,
+                names.join(", ")
+            ))
+        })?;
+
+    let mut output = Output::open(args.output.as_ref())?;
+    output.write(&header)?;
+
+    let (req_tx, req_rx) = mpsc::channel::<CheckRequest>(4);
+    let (rows_tx, mut rows_rx) = mpsc::channel::<Result<Rows, String>>(64);
+    let template = CheckRequest {
+        nhs_numbers: Vec::new(),
+        purpose: proto::Purpose::from(args.purpose) as i32,
+        origin: proto::DataOrigin::from(args.origin) as i32,
+        at_least_version: String::new(),
+        extract_id: args.extract_id.clone(),
+    };
+    let batch = args.batch;
+    let reader_task = tokio::task::spawn_blocking(move || {
+        read_rows(reader, column, batch, template, &req_tx, &rows_tx)
+    });
+
+    let mut client = OptOutCheckClient::new(args.client.channel().await?)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let bar = progress("rows checked");
+    let mut responses = client
+        .check_stream(ReceiverStream::new(req_rx))
+        .await?
+        .into_inner();
+    let mut released = 0u64;
+    let mut withheld: BTreeMap<i32, u64> = BTreeMap::new();
+    while let Some(response) = responses.message().await? {
+        let rows = match rows_rx.recv().await {
+            Some(Ok(rows)) => rows,
+            Some(Err(e)) => return Err(CliError::Input(e)),
+            None => {
+                return Err(CliError::Rpc(
+                    "the service sent more responses than requests".into(),
+                ));
+            }
+        };
+        if rows.len() != response.decisions.len() {
+            return Err(CliError::Rpc(format!(
+                "the service answered {} decisions for {} rows",
+                response.decisions.len(),
+                rows.len()
+            )));
+        }
+        for (row, d) in rows.iter().zip(&response.decisions) {
+            if d.outcome == proto::Outcome::Release as i32 {
+                output.write(row)?;
+                released += 1;
+            } else {
+                *withheld.entry(d.reason).or_default() += 1;
+            }
+        }
+        bar.inc(rows.len() as u64);
+    }
+    bar.finish_and_clear();
+    // The stream ended: either every chunk was answered, or the reader stopped on an error.
+    if let Some(Err(e)) = rows_rx.recv().await {
+        return Err(CliError::Input(e));
+    }
+    match reader_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(CliError::Input(e)),
+        Err(e) => return Err(CliError::Input(format!("reader task failed: {e}"))),
+    }
+    output.finish()?;
+
+    let total_withheld: u64 = withheld.values().sum();
+    let detail: Vec<String> = withheld
+        .iter()
+        .map(|(r, n)| format!("{}: {n}", reason_name(*r)))
+        .collect();
+    eprintln!(
+        "checked {} rows: released {released}, withheld {total_withheld}{}",
+        released + total_withheld,
+        if detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", detail.join(", "))
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the CSV in chunks; each chunk goes to the row queue, then its numbers to the request
+/// stream. On a malformed row it queues the error (with the line number) and stops, which ends the
+/// request stream.
+fn read_rows(
+    mut reader: csv::Reader<Box<dyn Read + Send>>,
+    column: usize,
+    batch: usize,
+    template: CheckRequest,
+    req_tx: &mpsc::Sender<CheckRequest>,
+    rows_tx: &mpsc::Sender<Result<Rows, String>>,
+) -> Result<(), String> {
+    let mut rows: Rows = Vec::with_capacity(batch);
+    let mut record = csv::ByteRecord::new();
+    let send = |rows: Rows| -> Result<(), String> {
+        let numbers = rows
+            .iter()
+            .map(|r| String::from_utf8_lossy(r.get(column).unwrap_or_default()).into_owned())
+            .collect();
+        rows_tx
+            .blocking_send(Ok(rows))
+            .map_err(|_| "the response side stopped".to_string())?;
+        req_tx
+            .blocking_send(CheckRequest {
+                nhs_numbers: numbers,
+                ..template.clone()
+            })
+            .map_err(|_| "the request stream closed".to_string())
+    };
+    loop {
+        match reader.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {
+                rows.push(record.clone());
+                if rows.len() == batch {
+                    send(std::mem::replace(&mut rows, Vec::with_capacity(batch)))?;
+                }
+            }
+            Err(e) => {
+                let line = e
+                    .position()
+                    .map_or_else(|| "?".to_string(), |p| p.line().to_string());
+                let message = format!("malformed CSV at line {line}: {}", describe(&e));
+                let _ = rows_tx.blocking_send(Err(message.clone()));
+                return Err(message);
+            }
+        }
+    }
+    if !rows.is_empty() {
+        send(rows)?;
+    }
+    Ok(())
+}
+
+fn describe(e: &csv::Error) -> String {
+    match e.kind() {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => format!("{len} fields where the header has {expected_len}"),
+        _ => e.to_string(),
+    }
+}
+
+/// Stdout, or a temporary file renamed into place by `finish`.
+struct Output {
+    writer: csv::Writer<Box<dyn Write>>,
+    rename: Option<(tempfile::TempPath, PathBuf)>,
+}
+
+impl Output {
+    fn open(path: Option<&PathBuf>) -> Result<Self, CliError> {
+        match path {
+            Some(p) if p.as_os_str() != "-" => {
+                let dir = p
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map_or_else(|| PathBuf::from("."), PathBuf::from);
+                let tmp = tempfile::NamedTempFile::new_in(&dir)
+                    .map_err(|e| CliError::Output(format!("{}: {e}", dir.display())))?;
+                let (file, path_tmp) = tmp.into_parts();
+                Ok(Output {
+                    writer: csv::Writer::from_writer(Box::new(std::io::BufWriter::new(file))),
+                    rename: Some((path_tmp, p.clone())),
+                })
+            }
+            _ => Ok(Output {
+                writer: csv::Writer::from_writer(Box::new(std::io::stdout())),
+                rename: None,
+            }),
+        }
+    }
+
+    fn write(&mut self, row: &csv::ByteRecord) -> Result<(), CliError> {
+        self.writer
+            .write_byte_record(row)
+            .map_err(|e| CliError::Output(e.to_string()))
+    }
+
+    fn finish(mut self) -> Result<(), CliError> {
+        self.writer
+            .flush()
+            .map_err(|e| CliError::Output(e.to_string()))?;
+        drop(self.writer);
+        if let Some((tmp, dest)) = self.rename.take() {
+            tmp.persist(&dest)
+                .map_err(|e| CliError::Output(format!("{}: {e}", dest.display())))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,176 @@
+//! The server as a library function: `run(listener, config, shutdown)`. The binary only parses
+//! flags and wires signals; tests start the same `run` on 127.0.0.1 port 0.
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::{
+    api::{
+        AdminService, CheckService, Limits,
+        proto::{
+            FILE_DESCRIPTOR_SET, opt_out_admin_server::OptOutAdminServer,
+            opt_out_check_server::OptOutCheckServer,
+        },
+    },
+    check::Checker,
+    store::{
+        ConsentStore, StoreError,
+        embedded::{EmbeddedConfig, EmbeddedStore, Opened},
+    },
+    sync::{FilterConfig, SyncedFilter, follow},
+};
+
+/// Everything `run` needs.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The embedded store's data directory.
+    pub data_dir: PathBuf,
+    /// Change-log entries kept.
+    pub change_log_len: u64,
+    /// Filter sizing and freshness.
+    pub filter: FilterConfig,
+    /// Request limits.
+    pub limits: Limits,
+    /// Concurrent HTTP/2 streams per client connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl ServerConfig {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServerConfig {
+            data_dir,
+            change_log_len: 10_000,
+            filter: FilterConfig::default(),
+            limits: Limits::default(),
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A setting is out of range.
+    #[error("invalid setting: {0}")]
+    Config(String),
+    /// The gRPC transport failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+const SERVICES: [&str; 3] = ["", "optout.v1.OptOutCheck", "optout.v1.OptOutAdmin"];
+
+/// Serves on `listener` until `shutdown` completes, then drains in-flight requests and returns
+/// once the store is closed.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+    let embedded = EmbeddedConfig {
+        data_dir: config.data_dir.clone(),
+        change_log_len: config.change_log_len,
+    };
+    let (store, opened) = tokio::task::spawn_blocking(move || EmbeddedStore::open(&embedded))
+        .await
+        .map_err(|e| ServerError::Config(format!("store open task failed: {e}")))??;
+    match opened {
+        Opened::Initialised => tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            dataset = store.dataset_id(),
+            "no database in the data directory: initialised a new, EMPTY opt-out dataset"
+        ),
+        Opened::Existing => tracing::info!(
+            data_dir = %config.data_dir.display(),
+            dataset = store.dataset_id(),
+            "opened the embedded store"
+        ),
+    }
+    let store: Arc<dyn ConsentStore> = Arc::new(store);
+    let filter =
+        SyncedFilter::new(config.filter).map_err(|e| ServerError::Config(e.to_string()))?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let follower = tokio::spawn(follow(store.clone(), filter.clone(), stop_rx));
+
+    // Health: NOT_SERVING until the filter is loaded.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for s in SERVICES {
+        health
+            .set_service_status(s, ServingStatus::NotServing)
+            .await;
+    }
+    let mut loaded = filter.loaded();
+    let health_task = {
+        let health = health.clone();
+        tokio::spawn(async move {
+            if loaded.wait_for(|l| *l).await.is_ok() {
+                for s in SERVICES {
+                    health.set_service_status(s, ServingStatus::Serving).await;
+                }
+                tracing::info!("serving");
+            }
+        })
+    };
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let limits = config.limits;
+    let checker = Checker::new(store.clone(), filter.clone());
+    let check = OptOutCheckServer::new(CheckService::new(checker, limits))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+    let admin = OptOutAdminServer::new(AdminService::new(store.clone(), filter.clone(), limits))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+
+    if let Some(addr) = local {
+        tracing::info!(%addr, store = store.kind(), "listening");
+    }
+    let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(check)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            shutdown.await;
+            for s in SERVICES {
+                health
+                    .set_service_status(s, ServingStatus::NotServing)
+                    .await;
+            }
+            tracing::info!("shutting down: draining in-flight requests");
+        })
+        .await;
+
+    let _ = stop_tx.send(true);
+    health_task.abort();
+    if let Err(e) = follower.await {
+        tracing::warn!(error = %e, "filter follower ended abnormally");
+    }
+    result?;
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! The consent store: the truth about who opted out.
+//!
+//! The check path asks it only about the numbers the filter could not rule out, in one batched
+//! call per request. Admin writes go through it and each returns the version it took effect at;
+//! the change feed lets every replica's filter follow those writes in order.
+//!
+//! Implementations: [`embedded::EmbeddedStore`] (redb, one replica, the default). The Redis store
+//! for many replicas slots in behind the same trait.
+
+pub mod embedded;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::core::{NhsNumber, OptOutSet, OptOutType, Version};
+
+/// What can go wrong in a store. Every variant turns into WITHHOLD on the check path.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or did not answer.
+    #[error("consent store unavailable: {0}")]
+    Unavailable(String),
+    /// The store holds no dataset marker: it was never initialised, or was reset.
+    #[error("consent store holds no initialised dataset: {0}")]
+    NotInitialised(String),
+    /// Data in the store does not have the expected shape.
+    #[error("consent store data is corrupt: {0}")]
+    Corrupt(String),
+    /// An import cannot be applied as asked.
+    #[error("{0}")]
+    ImportRefused(String),
+}
+
+/// One opt-out as recorded: its type, when and from where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OptOutRecord {
+    /// The type.
+    pub kind: OptOutType,
+    /// When it was recorded, ms since the Unix epoch.
+    pub recorded_at_ms: i64,
+    /// Where the change came from.
+    pub source: String,
+}
+
+/// The answer of a batched lookup.
+#[derive(Clone, Debug)]
+pub struct Lookup {
+    /// The types held, one per asked number, same order.
+    pub held: Vec<OptOutSet>,
+    /// The version the answer reflects.
+    pub version: Version,
+}
+
+/// Add or remove one type for a list of numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Record the opt-out.
+    Add,
+    /// Remove the opt-out.
+    Remove,
+}
+
+/// The result of an admin change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// The version the change took effect at.
+    pub version: Version,
+    /// Numbers that actually changed.
+    pub applied: u64,
+}
+
+/// How an import combines with what is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImportMode {
+    /// Add the imported numbers.
+    Merge,
+    /// The stored set of the type becomes the imported set.
+    Replace,
+}
+
+/// The result of a committed import.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImportOutcome {
+    /// Numbers that gained the type.
+    pub added: u64,
+    /// Numbers that lost the type.
+    pub removed: u64,
+    /// The version the import took effect at.
+    pub version: Version,
+}
+
+/// One entry of the change log, as much as a filter needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeEntry {
+    /// The version of this change.
+    pub version: Version,
+    /// Numbers that gained an opt-out: the filter must hold them before it claims this version.
+    pub added: Vec<NhsNumber>,
+    /// How many opt-outs were removed (stale "maybes" in the filter until the next generation).
+    pub removed: u64,
+}
+
+/// What the change feed has after a version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// The changes after the asked version, oldest first (possibly none: nothing new yet). Either
+    /// way, the store answered, which is what keeps a filter fresh.
+    Changes(Vec<ChangeEntry>),
+    /// The log no longer reaches back to the asked version: rebuild from a scan.
+    Trimmed,
+}
+
+/// Every opted-out number, consistent with one version.
+#[derive(Clone, Debug)]
+pub struct Scan {
+    /// Numbers holding any opt-out.
+    pub numbers: Vec<NhsNumber>,
+    /// The version the scan reflects.
+    pub version: Version,
+}
+
+/// Counts and identity of the stored dataset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// National data opt-outs.
+    pub national: u64,
+    /// Type 1 opt-outs.
+    pub type1: u64,
+    /// Numbers holding any opt-out.
+    pub patients: u64,
+    /// The current version.
+    pub version: Version,
+    /// The marker of the dataset the store holds.
+    pub dataset_id: String,
+}
+
+/// The consent store.
+#[async_trait]
+pub trait ConsentStore: Send + Sync + 'static {
+    /// A short name for status and logs ("embedded", "redis").
+    fn kind(&self) -> &'static str;
+
+    /// The opt-out types held by each number, in one round trip.
+    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError>;
+
+    /// Adds or removes one type for every number, atomically with its change-log entry.
+    async fn change(
+        &self,
+        kind: ChangeKind,
+        opt_out: OptOutType,
+        numbers: &[NhsNumber],
+        source: &str,
+    ) -> Result<WriteOutcome, StoreError>;
+
+    /// Starts a bulk import. Nothing is visible until the session commits.
+    async fn begin_import(
+        &self,
+        mode: ImportMode,
+        opt_out: OptOutType,
+        source: &str,
+    ) -> Result<Box<dyn ImportSession>, StoreError>;
+
+    /// The opt-outs recorded for one number.
+    async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError>;
+
+    /// Counts, version and dataset marker.
+    async fn status(&self) -> Result<StoreStatus, StoreError>;
+
+    /// The changes after `after`, at most `max` entries; waits up to `wait` for one if there is
+    /// none yet.
+    async fn changes_after(
+        &self,
+        after: Version,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Feed, StoreError>;
+
+    /// Every opted-out number with the version it reflects, to build a filter generation.
+    async fn scan(&self) -> Result<Scan, StoreError>;
+}
+
+/// A bulk import under way. Dropping it without commit changes nothing.
+#[async_trait]
+pub trait ImportSession: Send {
+    /// Stages valid numbers (duplicates are fine).
+    async fn stage(&mut self, numbers: &[NhsNumber]) -> Result<(), StoreError>;
+
+    /// Applies the staged set atomically.
+    async fn commit(self: Box<Self>) -> Result<ImportOutcome, StoreError>;
+}
+
+/// Wall-clock time in ms since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,431 @@
+//! Keeping the filter in step with the store.
+//!
+//! [`SyncedFilter`] is what the check path reads: the current filter generation, the store version
+//! it reflects, and when it was last proven caught up with the store. [`follow`] is the one task
+//! that writes it: it loads a generation from a scan, applies the change feed in order, and builds
+//! new generations in the background when the filter outgrows its capacity or carries too many
+//! stale "maybes" from removed opt-outs.
+//!
+//! The ordering that keeps invariant 1 (no released opt-out at a version the answer claims): a
+//! change's added numbers go into the filter *before* the filter's version moves past that change,
+//! and both happen under the write lock, so a reader sees either the old version or the new version
+//! with the numbers in.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use parking_lot::RwLock;
+use tokio::sync::watch;
+
+use crate::{
+    core::{FilterStats, NhsNumber, OptOutFilter, Version},
+    store::{ChangeEntry, ConsentStore, Feed, StoreError},
+};
+
+/// How the filter is sized and how fresh it must be.
+#[derive(Clone, Copy, Debug)]
+pub struct FilterConfig {
+    /// Items a generation is sized for at least.
+    pub capacity: u64,
+    /// The false-positive target.
+    pub fp_rate: f64,
+    /// Past this age without proof of being caught up, the filter's "absent" is not trusted.
+    pub freshness_bound: Duration,
+    /// How long one change-feed read waits for news; a read that returns proves freshness.
+    pub heartbeat: Duration,
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        FilterConfig {
+            capacity: 1_000_000,
+            fp_rate: 0.001,
+            freshness_bound: Duration::from_secs(2),
+            heartbeat: Duration::from_millis(250),
+        }
+    }
+}
+
+/// The filter state the check path reads.
+pub struct SyncedFilter {
+    state: RwLock<Generation>,
+    config: FilterConfig,
+    /// The version the filter reflects, for `at_least_version` waits.
+    version: watch::Sender<Version>,
+    /// Whether a generation has been loaded from the store.
+    loaded: watch::Sender<bool>,
+    /// When the filter was last proven caught up with the store (ms since `epoch`), or
+    /// `NEVER`.
+    caught_up_at: AtomicU64,
+    epoch: Instant,
+    /// Opt-outs removed since the current generation was built (stale "maybes").
+    removed_since_build: AtomicU64,
+}
+
+const NEVER: u64 = u64::MAX;
+
+/// One generation and the version it reflects.
+pub struct Generation {
+    filter: OptOutFilter,
+    version: Version,
+}
+
+/// A read of the filter for one check.
+pub struct FilterView<'a> {
+    guard: parking_lot::RwLockReadGuard<'a, Generation>,
+    /// Whether the filter's "absent" may be trusted (loaded and fresh).
+    pub trusted: bool,
+}
+
+impl FilterView<'_> {
+    /// The version the filter reflects.
+    pub fn version(&self) -> Version {
+        self.guard.version
+    }
+
+    /// False only when the number is certainly not opted out.
+    #[inline]
+    pub fn may_contain(&self, n: NhsNumber) -> bool {
+        self.guard.filter.may_contain(n)
+    }
+}
+
+/// A snapshot of the filter's state for status and metrics.
+#[derive(Clone, Debug)]
+pub struct SyncStatus {
+    /// The generation's numbers.
+    pub stats: FilterStats,
+    /// The version it reflects.
+    pub version: Version,
+    /// Since it was last proven caught up; `None` if never.
+    pub age: Option<Duration>,
+    /// Whether that is within the bound (and a generation is loaded).
+    pub fresh: bool,
+    /// The bound.
+    pub freshness_bound: Duration,
+}
+
+impl SyncedFilter {
+    /// An empty, unloaded filter: until [`follow`] loads it, every check asks the store.
+    pub fn new(config: FilterConfig) -> Result<Arc<Self>, crate::core::FilterError> {
+        let filter = OptOutFilter::new(crate::core::MIN_CAPACITY, config.fp_rate, 0)?;
+        Ok(Arc::new(SyncedFilter {
+            state: RwLock::new(Generation {
+                filter,
+                version: Version::ZERO,
+            }),
+            config,
+            version: watch::channel(Version::ZERO).0,
+            loaded: watch::channel(false).0,
+            caught_up_at: AtomicU64::new(NEVER),
+            epoch: Instant::now(),
+            removed_since_build: AtomicU64::new(0),
+        }))
+    }
+
+    /// Reads the filter for one check.
+    pub fn view(&self) -> FilterView<'_> {
+        let trusted = self.is_fresh();
+        FilterView {
+            guard: self.state.read(),
+            trusted,
+        }
+    }
+
+    /// The version the filter reflects.
+    pub fn version(&self) -> Version {
+        *self.version.borrow()
+    }
+
+    /// Waits until the filter reflects at least `v`, for at most `timeout`. True if it does.
+    pub async fn wait_for_version(&self, v: Version, timeout: Duration) -> bool {
+        let mut rx = self.version.subscribe();
+        matches!(
+            tokio::time::timeout(timeout, rx.wait_for(|current| *current >= v)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// A receiver that turns true once a generation is loaded.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.loaded.subscribe()
+    }
+
+    fn is_fresh(&self) -> bool {
+        self.age()
+            .is_some_and(|age| age <= self.config.freshness_bound)
+            && *self.loaded.borrow()
+    }
+
+    fn age(&self) -> Option<Duration> {
+        let at = self.caught_up_at.load(Ordering::Acquire);
+        if at == NEVER {
+            return None;
+        }
+        let now = self.now_ms();
+        Some(Duration::from_millis(now.saturating_sub(at)))
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(NEVER - 1)
+    }
+
+    /// Records that the filter was caught up with the store as of `at` (a time taken *before* the
+    /// store was asked, so the claim is never later than the truth).
+    fn mark_caught_up(&self, at: u64) {
+        self.caught_up_at.fetch_max(at, Ordering::AcqRel);
+        // fetch_max would keep NEVER (u64::MAX) forever; replace it on first proof.
+        let _ = self
+            .caught_up_at
+            .compare_exchange(NEVER, at, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Status for GetStatus and metrics.
+    pub fn status(&self) -> SyncStatus {
+        let g = self.state.read();
+        SyncStatus {
+            stats: g.filter.stats(),
+            version: g.version,
+            age: self.age(),
+            fresh: self.is_fresh(),
+            freshness_bound: self.config.freshness_bound,
+        }
+    }
+
+    /// Applies change-log entries in order. Large entries go in chunks, each under a short write
+    /// lock; the version moves only once all of an entry's numbers are in.
+    fn apply(&self, entries: &[ChangeEntry]) {
+        const CHUNK: usize = 16_384;
+        for entry in entries {
+            for chunk in entry.added.chunks(CHUNK) {
+                let mut g = self.state.write();
+                for n in chunk {
+                    g.filter.insert(*n);
+                }
+            }
+            let mut g = self.state.write();
+            if entry.version > g.version {
+                g.version = entry.version;
+            }
+            drop(g);
+            self.removed_since_build
+                .fetch_add(entry.removed, Ordering::Relaxed);
+            self.version.send_if_modified(|v| {
+                if entry.version > *v {
+                    *v = entry.version;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    /// Swaps in a new generation that reflects `version`.
+    fn install(&self, filter: OptOutFilter, version: Version) {
+        let mut g = self.state.write();
+        *g = Generation { filter, version };
+        drop(g);
+        self.removed_since_build.store(0, Ordering::Relaxed);
+        self.version.send_replace(version);
+        self.loaded.send_replace(true);
+    }
+
+    fn needs_new_generation(&self) -> bool {
+        let g = self.state.read();
+        let stats = g.filter.stats();
+        g.filter.is_over_capacity()
+            || self.removed_since_build.load(Ordering::Relaxed) > (stats.capacity / 10).max(1024)
+    }
+}
+
+/// Builds a generation from a full scan of the store, sized for what it holds plus room to grow.
+async fn build_generation(
+    store: &dyn ConsentStore,
+    config: FilterConfig,
+    generation: u64,
+) -> Result<(OptOutFilter, Version), StoreError> {
+    let scan = store.scan().await?;
+    let needed = (scan.numbers.len() as u64).saturating_mul(2);
+    let capacity = config.capacity.max(needed);
+    tokio::task::spawn_blocking(move || {
+        let mut filter = OptOutFilter::new(capacity, config.fp_rate, generation)
+            .map_err(|e| StoreError::Corrupt(format!("filter: {e}")))?;
+        for n in &scan.numbers {
+            filter.insert(*n);
+        }
+        Ok((filter, scan.version))
+    })
+    .await
+    .map_err(|e| StoreError::Unavailable(format!("filter build task failed: {e}")))?
+}
+
+/// Brings a freshly built generation up to the store's tip by replaying the change log.
+async fn catch_up(
+    store: &dyn ConsentStore,
+    mut filter: OptOutFilter,
+    mut version: Version,
+) -> Result<Option<(OptOutFilter, Version)>, StoreError> {
+    loop {
+        match store.changes_after(version, 1024, Duration::ZERO).await? {
+            Feed::Trimmed => return Ok(None),
+            Feed::Changes(entries) if entries.is_empty() => return Ok(Some((filter, version))),
+            Feed::Changes(entries) => {
+                for e in entries {
+                    for n in &e.added {
+                        filter.insert(*n);
+                    }
+                    version = version.max(e.version);
+                }
+            }
+        }
+    }
+}
+
+/// Follows the store until `shutdown` turns true: the only writer of `synced`.
+pub async fn follow(
+    store: Arc<dyn ConsentStore>,
+    synced: Arc<SyncedFilter>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let config = synced.config;
+    let mut backoff = Backoff::new();
+    let mut generation = 0u64;
+    let mut rebuild: Option<tokio::task::JoinHandle<Result<(OptOutFilter, Version), StoreError>>> =
+        None;
+    // Set when the log was trimmed past the filter's version: only a full build can catch up.
+    let mut must_rebuild = false;
+
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        // First load, or a log trimmed past our position: build a generation in the foreground.
+        let needs_load = !*synced.loaded.borrow() || must_rebuild;
+        if needs_load {
+            let started = synced.now_ms();
+            generation += 1;
+            let built = tokio::select! {
+                r = build_generation(store.as_ref(), config, generation) => r,
+                _ = shutdown.changed() => break,
+            };
+            match built {
+                Ok((filter, version)) => {
+                    let stats = filter.stats();
+                    synced.install(filter, version);
+                    must_rebuild = false;
+                    synced.mark_caught_up(started);
+                    tracing::info!(
+                        items = stats.items,
+                        bits = stats.bits,
+                        generation,
+                        %version,
+                        "filter loaded from the store"
+                    );
+                    backoff.reset();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot load the filter; checks ask the store meanwhile");
+                    if backoff.wait(&mut shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+        }
+
+        // A background generation finished: catch it up and swap it in.
+        if rebuild.as_ref().is_some_and(|h| h.is_finished()) {
+            if let Some(handle) = rebuild.take() {
+                match handle.await {
+                    Ok(Ok((filter, version))) => match catch_up(store.as_ref(), filter, version)
+                        .await
+                    {
+                        Ok(Some((filter, version))) if version >= synced.version() => {
+                            let stats = filter.stats();
+                            synced.install(filter, version);
+                            tracing::info!(
+                                items = stats.items,
+                                capacity = stats.capacity,
+                                generation = stats.generation,
+                                "new filter generation swapped in"
+                            );
+                        }
+                        Ok(_) => tracing::info!("new filter generation fell behind; will retry"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot catch up the new filter generation")
+                        }
+                    },
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot build a new filter generation")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "filter build task failed"),
+                }
+            }
+        }
+        if rebuild.is_none() && synced.needs_new_generation() {
+            generation += 1;
+            let store = store.clone();
+            let g = generation;
+            rebuild = Some(tokio::spawn(async move {
+                build_generation(store.as_ref(), config, g).await
+            }));
+        }
+
+        let asked_at = synced.now_ms();
+        let after = synced.version();
+        let feed = tokio::select! {
+            r = store.changes_after(after, 1024, config.heartbeat) => r,
+            _ = shutdown.changed() => break,
+        };
+        match feed {
+            Ok(Feed::Changes(entries)) => {
+                let caught_up = entries.len() < 1024;
+                synced.apply(&entries);
+                if caught_up {
+                    synced.mark_caught_up(asked_at);
+                }
+                backoff.reset();
+            }
+            Ok(Feed::Trimmed) => {
+                tracing::warn!(%after, "the change log no longer reaches this filter's version; rebuilding");
+                must_rebuild = true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "change feed read failed; the filter ages until it succeeds");
+                if backoff.wait(&mut shutdown).await {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(h) = rebuild {
+        h.abort();
+    }
+}
+
+/// Exponential backoff between failed store calls, 50 ms to 2 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(50))
+    }
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(50);
+    }
+    /// Sleeps; true if shutdown came first.
+    async fn wait(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = shutdown.changed() => true,
+        }
+    }
+}
