@@ -70,14 +70,19 @@ pub enum ServerError {
 
 const SERVICES: [&str; 3] = ["", "optout.v1.OptOutCheck", "optout.v1.OptOutAdmin"];
 
-/// Serves on `listener` until `shutdown` completes, then drains in-flight requests and returns
-/// once the store is closed.
+/// Opens the embedded store in `config.data_dir` and serves it on `listener` until `shutdown`
+/// completes; then drains in-flight requests and returns once the store is closed.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let local: Option<SocketAddr> = listener.local_addr().ok();
+    let store = open_embedded(&config).await?;
+    serve(listener, Arc::new(store), config, shutdown).await
+}
+
+/// Opens (or, for a data directory without a database, initialises) the embedded store.
+pub async fn open_embedded(config: &ServerConfig) -> Result<EmbeddedStore, ServerError> {
     let embedded = EmbeddedConfig {
         data_dir: config.data_dir.clone(),
         change_log_len: config.change_log_len,
@@ -97,7 +102,18 @@ pub async fn run(
             "opened the embedded store"
         ),
     }
-    let store: Arc<dyn ConsentStore> = Arc::new(store);
+    Ok(store)
+}
+
+/// Serves any consent store on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<dyn ConsentStore>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+
     let filter =
         SyncedFilter::new(config.filter).map_err(|e| ServerError::Config(e.to_string()))?;
 

@@ -1,0 +1,273 @@
+//! Test harness: the real server on 127.0.0.1 port 0, called through the generated clients.
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use optout::{
+    api::proto::{
+        self, ChangeOptOutsRequest, CheckRequest, opt_out_admin_client::OptOutAdminClient,
+        opt_out_check_client::OptOutCheckClient,
+    },
+    core::{NhsNumber, OptOutType, Version},
+    server::{ServerConfig, open_embedded, serve},
+    store::{
+        ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, Scan,
+        StoreError, StoreStatus, WriteOutcome,
+    },
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// A running server owned by a test.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub url: String,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), optout::server::ServerError>>>,
+}
+
+/// A small configuration suited to tests.
+pub fn test_config(data_dir: &Path) -> ServerConfig {
+    let mut c = ServerConfig::new(data_dir.to_path_buf());
+    c.filter.capacity = 10_000;
+    c
+}
+
+impl TestServer {
+    /// Starts the server on the embedded store in `data_dir` and waits until it is SERVING.
+    pub async fn start(data_dir: &Path) -> TestServer {
+        Self::start_with(test_config(data_dir)).await
+    }
+
+    /// Starts with a given configuration on the embedded store.
+    pub async fn start_with(config: ServerConfig) -> TestServer {
+        let store = open_embedded(&config).await.expect("embedded store opens");
+        Self::start_on(Arc::new(store), config).await
+    }
+
+    /// Starts over any store.
+    pub async fn start_on(store: Arc<dyn ConsentStore>, config: ServerConfig) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(serve(listener, store, config, async {
+            let _ = stopped.await;
+        }));
+        let server = TestServer {
+            addr,
+            url: format!("http://{addr}"),
+            stop: Some(stop),
+            handle: Some(handle),
+        };
+        server.wait_serving().await;
+        server
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn check_client(&self) -> OptOutCheckClient<Channel> {
+        OptOutCheckClient::new(self.channel().await)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    pub async fn admin_client(&self) -> OptOutAdminClient<Channel> {
+        OptOutAdminClient::new(self.channel().await)
+    }
+
+    /// Health status of the whole server ("").
+    pub async fn health(&self) -> i32 {
+        let mut h = HealthClient::new(self.channel().await);
+        h.check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+    }
+
+    async fn wait_serving(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(ch) = Channel::from_shared(self.url.clone())
+                .expect("url")
+                .connect()
+                .await
+            {
+                let mut h = HealthClient::new(ch);
+                if let Ok(r) = h
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    && r.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server did not become SERVING within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the server and waits until it has released its store.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("server task").expect("server ran cleanly");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// `count` valid NHS numbers from `from` upwards, as ten-digit strings.
+pub fn valid_numbers(from: u64, count: usize) -> Vec<String> {
+    (from..)
+        .filter_map(|v| NhsNumber::from_u64(v).ok())
+        .take(count)
+        .map(|n| n.to_string())
+        .collect()
+}
+
+pub fn check_request(numbers: Vec<String>, purpose: proto::Purpose) -> CheckRequest {
+    CheckRequest {
+        nhs_numbers: numbers,
+        purpose: purpose as i32,
+        origin: proto::DataOrigin::Unspecified as i32,
+        at_least_version: String::new(),
+        extract_id: "test-extract".into(),
+    }
+}
+
+pub fn change_request(numbers: Vec<String>, t: proto::OptOutType) -> ChangeOptOutsRequest {
+    ChangeOptOutsRequest {
+        nhs_numbers: numbers,
+        r#type: t as i32,
+        source: "test".into(),
+    }
+}
+
+pub fn outcome(d: &proto::Decision) -> (proto::Outcome, proto::Reason) {
+    (
+        proto::Outcome::try_from(d.outcome).expect("known outcome"),
+        proto::Reason::try_from(d.reason).expect("known reason"),
+    )
+}
+
+/// The real embedded store with switches that make parts of it fail or stall, to pin what the
+/// service does when its store cannot answer.
+pub struct FaultyStore {
+    pub inner: Arc<dyn ConsentStore>,
+    pub feed_down: AtomicBool,
+    pub lookup_down: AtomicBool,
+    pub lookup_delay_ms: AtomicU64,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn ConsentStore>) -> Arc<Self> {
+        Arc::new(FaultyStore {
+            inner,
+            feed_down: AtomicBool::new(false),
+            lookup_down: AtomicBool::new(false),
+            lookup_delay_ms: AtomicU64::new(0),
+        })
+    }
+}
+
+fn down() -> StoreError {
+    StoreError::Unavailable("switched off by the test".into())
+}
+
+#[async_trait]
+impl ConsentStore for FaultyStore {
+    fn kind(&self) -> &'static str {
+        "faulty-embedded"
+    }
+
+    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
+        let delay = self.lookup_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if self.lookup_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.lookup(numbers).await
+    }
+
+    async fn change(
+        &self,
+        kind: ChangeKind,
+        opt_out: OptOutType,
+        numbers: &[NhsNumber],
+        source: &str,
+    ) -> Result<WriteOutcome, StoreError> {
+        self.inner.change(kind, opt_out, numbers, source).await
+    }
+
+    async fn begin_import(
+        &self,
+        mode: ImportMode,
+        opt_out: OptOutType,
+        source: &str,
+    ) -> Result<Box<dyn ImportSession>, StoreError> {
+        self.inner.begin_import(mode, opt_out, source).await
+    }
+
+    async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
+        self.inner.get(number).await
+    }
+
+    async fn status(&self) -> Result<StoreStatus, StoreError> {
+        self.inner.status().await
+    }
+
+    async fn changes_after(
+        &self,
+        after: Version,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Feed, StoreError> {
+        if self.feed_down.load(Ordering::SeqCst) {
+            tokio::time::sleep(wait.min(Duration::from_millis(50))).await;
+            return Err(down());
+        }
+        self.inner.changes_after(after, max, wait).await
+    }
+
+    async fn scan(&self) -> Result<Scan, StoreError> {
+        if self.feed_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.scan().await
+    }
+}
