@@ -287,6 +287,35 @@ async fn catch_up(
     }
 }
 
+/// Catches a finished background generation up with the log and swaps it in.
+async fn swap_in(
+    store: &dyn ConsentStore,
+    synced: &SyncedFilter,
+    handle: tokio::task::JoinHandle<Result<(OptOutFilter, Version), StoreError>>,
+) {
+    let (filter, version) = match handle.await {
+        Ok(Ok(built)) => built,
+        Ok(Err(e)) => return tracing::warn!(error = %e, "cannot build a new filter generation"),
+        Err(e) => return tracing::warn!(error = %e, "filter build task failed"),
+    };
+    match catch_up(store, filter, version).await {
+        // Only the follower moves the version, so a generation caught up to at least the current
+        // version holds everything the current one does.
+        Ok(Some((filter, version))) if version >= synced.version() => {
+            let stats = filter.stats();
+            synced.install(filter, version);
+            tracing::info!(
+                items = stats.items,
+                capacity = stats.capacity,
+                generation = stats.generation,
+                "new filter generation swapped in"
+            );
+        }
+        Ok(_) => tracing::info!("new filter generation fell behind the log; will retry"),
+        Err(e) => tracing::warn!(error = %e, "cannot catch up the new filter generation"),
+    }
+}
+
 /// Follows the store until `shutdown` turns true: the only writer of `synced`.
 pub async fn follow(
     store: Arc<dyn ConsentStore>,
@@ -340,33 +369,10 @@ pub async fn follow(
         }
 
         // A background generation finished: catch it up and swap it in.
-        if rebuild.as_ref().is_some_and(|h| h.is_finished()) {
-            if let Some(handle) = rebuild.take() {
-                match handle.await {
-                    Ok(Ok((filter, version))) => match catch_up(store.as_ref(), filter, version)
-                        .await
-                    {
-                        Ok(Some((filter, version))) if version >= synced.version() => {
-                            let stats = filter.stats();
-                            synced.install(filter, version);
-                            tracing::info!(
-                                items = stats.items,
-                                capacity = stats.capacity,
-                                generation = stats.generation,
-                                "new filter generation swapped in"
-                            );
-                        }
-                        Ok(_) => tracing::info!("new filter generation fell behind; will retry"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot catch up the new filter generation")
-                        }
-                    },
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "cannot build a new filter generation")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "filter build task failed"),
-                }
-            }
+        if rebuild.as_ref().is_some_and(|h| h.is_finished())
+            && let Some(handle) = rebuild.take()
+        {
+            swap_in(store.as_ref(), &synced, handle).await;
         }
         if rebuild.is_none() && synced.needs_new_generation() {
             generation += 1;

@@ -263,9 +263,11 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| CliError::Usage(format!("--listen {}: {e}", args.listen)))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| CliError::Usage(format!("--listen {}: {e}", args.listen)))?;
     eprintln!(
-        "optout: listening on {} (gRPC, plaintext), embedded store in {}",
-        args.listen,
+        "optout: listening on {bound} (gRPC, plaintext), embedded store in {}",
         config.data_dir.display()
     );
     run(listener, config, shutdown_signal()).await?;

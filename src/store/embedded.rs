@@ -294,7 +294,7 @@ struct Entry {
 }
 
 fn decode_entries(bytes: &[u8]) -> Result<Vec<Entry>, StoreError> {
-    if bytes.len() % ENTRY_LEN != 0 {
+    if !bytes.len().is_multiple_of(ENTRY_LEN) {
         return Err(StoreError::Corrupt(format!(
             "opt-out record of {} bytes",
             bytes.len()
@@ -346,7 +346,7 @@ fn encode_change(added: &[NhsNumber], removed: u64) -> Vec<u8> {
 }
 
 fn decode_change(version: Version, bytes: &[u8]) -> Result<ChangeEntry, StoreError> {
-    if bytes.len() < 8 || bytes.len() % 8 != 0 {
+    if bytes.len() < 8 || !bytes.len().is_multiple_of(8) {
         return Err(StoreError::Corrupt(format!(
             "change-log entry {version} of {} bytes",
             bytes.len()

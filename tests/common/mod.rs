@@ -55,22 +55,27 @@ impl TestServer {
         Self::start_on(Arc::new(store), config).await
     }
 
-    /// Starts over any store.
+    /// Starts over any store and waits until it is SERVING.
     pub async fn start_on(store: Arc<dyn ConsentStore>, config: ServerConfig) -> TestServer {
+        let server = Self::start_unready(store, config).await;
+        server.wait_serving().await;
+        server
+    }
+
+    /// Starts over any store without waiting for SERVING.
+    pub async fn start_unready(store: Arc<dyn ConsentStore>, config: ServerConfig) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(serve(listener, store, config, async {
             let _ = stopped.await;
         }));
-        let server = TestServer {
+        TestServer {
             addr,
             url: format!("http://{addr}"),
             stop: Some(stop),
             handle: Some(handle),
-        };
-        server.wait_serving().await;
-        server
+        }
     }
 
     pub async fn channel(&self) -> Channel {
@@ -91,9 +96,16 @@ impl TestServer {
         OptOutAdminClient::new(self.channel().await)
     }
 
-    /// Health status of the whole server ("").
+    /// Health status of the whole server (""), or -1 if it cannot be asked.
     pub async fn health(&self) -> i32 {
-        let mut h = HealthClient::new(self.channel().await);
+        let Ok(ch) = Channel::from_shared(self.url.clone())
+            .expect("url")
+            .connect()
+            .await
+        else {
+            return -1;
+        };
+        let mut h = HealthClient::new(ch);
         h.check(HealthCheckRequest {
             service: String::new(),
         })
@@ -102,7 +114,7 @@ impl TestServer {
         .unwrap_or(-1)
     }
 
-    async fn wait_serving(&self) {
+    pub async fn wait_serving(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(ch) = Channel::from_shared(self.url.clone())

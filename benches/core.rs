@@ -1,0 +1,90 @@
+//! What the check path spends per NHS number before any store round trip: parsing the string the
+//! client sent, and asking the opted-out filter. Most numbers of real traffic (about 95%) are not
+//! opted out and end there, so these two set the ceiling of numbers per second per core.
+//!
+//! The filter is sized and filled like production: 5,000,000 opt-outs at a 0.1% false-positive
+//! target (set OPTOUT_BENCH_OPT_OUTS for another size; CI runs this once with a small one).
+//! Lookups are of numbers that were inserted ("present") and of numbers that were not ("absent",
+//! the common case); a bloom filter answers "absent" at the first unset bit, so it is cheaper.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use optout::core::{NhsNumber, OptOutFilter};
+
+fn valid(from: u64, count: usize) -> Vec<NhsNumber> {
+    (from..)
+        .filter_map(|v| NhsNumber::from_u64(v).ok())
+        .take(count)
+        .collect()
+}
+
+fn opt_outs() -> usize {
+    std::env::var("OPTOUT_BENCH_OPT_OUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000_000)
+}
+
+fn parse(c: &mut Criterion) {
+    let numbers = valid(4_000_000_000, 1000);
+    let plain: Vec<String> = numbers.iter().map(|n| n.to_string()).collect();
+    let spaced: Vec<String> = plain
+        .iter()
+        .map(|s| format!("{} {} {}", &s[..3], &s[3..6], &s[6..]))
+        .collect();
+    let mut g = c.benchmark_group("nhs_number_parse");
+    g.throughput(Throughput::Elements(plain.len() as u64));
+    g.bench_function("ten_digits", |b| {
+        b.iter(|| {
+            for s in &plain {
+                let _ = black_box(NhsNumber::parse(black_box(s)));
+            }
+        })
+    });
+    g.bench_function("spaced_3_3_4", |b| {
+        b.iter(|| {
+            for s in &spaced {
+                let _ = black_box(NhsNumber::parse(black_box(s)));
+            }
+        })
+    });
+    g.finish();
+}
+
+fn filter(c: &mut Criterion) {
+    let count = opt_outs();
+    let inserted = valid(4_000_000_000, count);
+    let mut f =
+        OptOutFilter::with_seed(count as u64, 0.001, 1, *b"0123456789abcdefFEDCBA9876543210")
+            .expect("valid rate");
+    for n in &inserted {
+        f.insert(*n);
+    }
+    let present: Vec<NhsNumber> = inserted
+        .iter()
+        .step_by((count / 1000).max(1))
+        .copied()
+        .collect();
+    let absent = valid(6_000_000_000, 1000);
+    let mut g = c.benchmark_group("filter_lookup");
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("absent", |b| {
+        b.iter(|| {
+            for n in &absent {
+                black_box(f.may_contain(black_box(*n)));
+            }
+        })
+    });
+    g.bench_function("present", |b| {
+        b.iter(|| {
+            for n in &present[..present.len().min(1000)] {
+                black_box(f.may_contain(black_box(*n)));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, parse, filter);
+criterion_main!(benches);

@@ -1,0 +1,289 @@
+//! The `optout` binary against the real server: filter, check, admin and serve.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use common::{TestServer, change_request, valid_numbers};
+use optout::api::proto::OptOutType;
+
+const BIN: &str = env!("CARGO_BIN_EXE_optout");
+
+async fn optout(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(&args)
+            .env("OPTOUT_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("optout runs")
+    })
+    .await
+    .expect("join")
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn filter_writes_only_releasable_rows_and_counts_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir.path().join("data")).await;
+    let n = valid_numbers(4_000_000_000, 4);
+    server
+        .admin_client()
+        .await
+        .add_opt_outs(change_request(vec![n[1].clone()], OptOutType::Type1))
+        .await
+        .expect("plant");
+    let spaced = format!("{} {} {}", &n[3][..3], &n[3][3..6], &n[3][6..]);
+    let csv = format!(
+        "id,nhs_number,diagnosis\n1,{},asthma\n2,{},\"diabetes, type 2\"\n3,987 654 4321,none\n4,{},gout\n5,{spaced},flu\n",
+        n[0], n[1], n[2]
+    );
+    let input = dir.path().join("extract.csv");
+    let output = dir.path().join("released.csv");
+    std::fs::write(&input, csv).expect("write input");
+    let out = optout(args(&[
+        "filter",
+        "--server",
+        &server.url,
+        "--column",
+        "nhs_number",
+        "--purpose",
+        "research",
+        "--origin",
+        "gp-practice",
+        "--input",
+        input.to_str().expect("utf8"),
+        "--output",
+        output.to_str().expect("utf8"),
+        "--batch",
+        "2",
+    ]))
+    .await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let written = std::fs::read_to_string(&output).expect("output written");
+    assert_eq!(
+        written,
+        format!(
+            "id,nhs_number,diagnosis\n1,{},asthma\n4,{},gout\n5,{spaced},flu\n",
+            n[0], n[2]
+        )
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("checked 5 rows: released 3, withheld 2"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("type 1 opt-out: 1"), "{stderr}");
+    assert!(stderr.contains("invalid NHS number: 1"), "{stderr}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn filter_stops_at_a_malformed_row_and_leaves_no_partial_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir.path().join("data")).await;
+    let n = valid_numbers(4_000_000_000, 3);
+    let csv = format!("id,nhs_number\n1,{}\n2,{}\n3,{},extra\n", n[0], n[1], n[2]);
+    let input = dir.path().join("bad.csv");
+    let output = dir.path().join("out.csv");
+    std::fs::write(&input, csv).expect("write");
+    let out = optout(args(&[
+        "filter",
+        "--server",
+        &server.url,
+        "--purpose",
+        "planning",
+        "--input",
+        input.to_str().expect("utf8"),
+        "--output",
+        output.to_str().expect("utf8"),
+        "--batch",
+        "1",
+    ]))
+    .await;
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("malformed CSV at line 4"), "{stderr}");
+    assert!(
+        stderr.contains("3 fields where the header has 2"),
+        "{stderr}"
+    );
+    assert!(!output.exists(), "no partial extract left behind");
+
+    let out = optout(args(&[
+        "filter",
+        "--server",
+        &server.url,
+        "--purpose",
+        "planning",
+        "--column",
+        "nhs",
+        "--input",
+        input.to_str().expect("utf8"),
+    ]))
+    .await;
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("column \"nhs\" is not in the CSV header; the columns are: id, nhs_number"),
+        "{stderr}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn admin_import_then_check_get_and_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir.path().join("data")).await;
+    let n = valid_numbers(4_000_000_000, 3);
+    let file = dir.path().join("national.txt");
+    std::fs::write(&file, format!("{}\n\n987 654 4321\n{}\n", n[0], n[1])).expect("write");
+    let out = optout(args(&[
+        "admin",
+        "--server",
+        &server.url,
+        "import",
+        "--type",
+        "national",
+        "--mode",
+        "merge",
+        file.to_str().expect("utf8"),
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("received 3, added 2, removed 0, rejected 1"),
+        "{stdout}"
+    );
+    assert!(
+        text(&out.stderr).contains("numbers 2 of the input"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = optout(args(&[
+        "check",
+        "--server",
+        &server.url,
+        "--purpose",
+        "research",
+        &n[0],
+        &n[1],
+        &n[2],
+        "12",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "{}\tWITHHOLD\tNATIONAL_DATA_OPT_OUT\n{}\tWITHHOLD\tNATIONAL_DATA_OPT_OUT\n{}\tRELEASE\tNO_OPT_OUT\n12\tWITHHOLD\tINVALID_NHS_NUMBER\n",
+            n[0], n[1], n[2]
+        )
+    );
+
+    let out = optout(args(&["admin", "--server", &server.url, "get", &n[0]])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("OPT_OUT_TYPE_NATIONAL_DATA_OPT_OUT"));
+    assert!(text(&out.stdout).contains("source national.txt"));
+
+    let out = optout(args(&[
+        "admin",
+        "--server",
+        &server.url,
+        "remove",
+        "--type",
+        "national",
+        "--source",
+        "ticket-1",
+        &n[0],
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("applied 1 at version "));
+
+    let out = optout(args(&["admin", "--server", &server.url, "status"])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("national data opt-outs:   1"), "{stdout}");
+    assert!(stdout.contains("fresh"), "{stdout}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn serve_refuses_non_loopback_addresses() {
+    let out = optout(args(&["serve", "--listen", "0.0.0.0:0"])).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("only on loopback"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn serve_answers_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("OPTOUT_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let addr = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        let line = lines
+            .find_map(|l| l.ok().filter(|l| l.contains("listening on")))
+            .expect("listening line");
+        // Keep draining so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        line.split_whitespace().nth(3).expect("address").to_string()
+    })
+    .await
+    .expect("join");
+    let url = format!("http://{addr}");
+    let mut ok = false;
+    for _ in 0..100 {
+        let out = optout(args(&[
+            "check",
+            "--server",
+            &url,
+            "--purpose",
+            "research",
+            "9434765919",
+        ]))
+        .await;
+        if out.status.success() && text(&out.stdout).contains("RELEASE") {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "serve answered a check");
+    let pid = child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+        .await
+        .expect("join");
+    assert!(exit.success(), "exit status {exit:?}");
+}
