@@ -234,13 +234,11 @@ async fn serve_refuses_non_loopback_addresses() {
     );
 }
 
-#[tokio::test]
-async fn serve_answers_and_exits_cleanly_on_sigterm() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
+/// Starts `optout serve` on a free loopback port; returns the child and its URL once it answers.
+async fn spawn_serve(data: &std::path::Path) -> (std::process::Child, String) {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
+        .arg(data)
         .env("OPTOUT_LOG", "warn")
         .stderr(Stdio::piped())
         .spawn()
@@ -258,24 +256,32 @@ async fn serve_answers_and_exits_cleanly_on_sigterm() {
     .await
     .expect("join");
     let url = format!("http://{addr}");
-    let mut ok = false;
     for _ in 0..100 {
-        let out = optout(args(&[
-            "check",
-            "--server",
-            &url,
-            "--purpose",
-            "research",
-            "9434765919",
-        ]))
-        .await;
-        if out.status.success() && text(&out.stdout).contains("RELEASE") {
-            ok = true;
-            break;
+        let out = optout(args(&["admin", "--server", &url, "status"])).await;
+        if out.status.success() && text(&out.stdout).contains("fresh") {
+            return (child, url);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(ok, "serve answered a check");
+    let _ = child.kill();
+    panic!("serve did not answer within 10 s");
+}
+
+#[tokio::test]
+async fn serve_answers_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, url) = spawn_serve(&dir.path().join("data")).await;
+    let out = optout(args(&[
+        "check",
+        "--server",
+        &url,
+        "--purpose",
+        "research",
+        "9434765919",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("RELEASE"));
     let pid = child.id().to_string();
     let status = Command::new("kill")
         .args(["-TERM", &pid])
@@ -286,4 +292,45 @@ async fn serve_answers_and_exits_cleanly_on_sigterm() {
         .await
         .expect("join");
     assert!(exit.success(), "exit status {exit:?}");
+}
+
+#[tokio::test]
+async fn an_acknowledged_opt_out_survives_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let (mut child, url) = spawn_serve(&data).await;
+    let out = optout(args(&[
+        "admin",
+        "--server",
+        &url,
+        "add",
+        "--type",
+        "national",
+        "--source",
+        "crash-test",
+        "9434765919",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // SIGKILL: no shutdown code runs.
+    child.kill().expect("kill -9");
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+
+    let (mut child, url) = spawn_serve(&data).await;
+    let out = optout(args(&[
+        "check",
+        "--server",
+        &url,
+        "--purpose",
+        "research",
+        "9434765919",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "9434765919\tWITHHOLD\tNATIONAL_DATA_OPT_OUT\n"
+    );
+    child.kill().expect("kill");
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
 }
