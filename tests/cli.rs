@@ -264,6 +264,7 @@ async fn spawn_serve(data: &std::path::Path) -> (std::process::Child, String) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("serve did not answer within 10 s");
 }
 
