@@ -8,10 +8,10 @@ use std::{
 
 use crate::{
     core::{
-        Applicable, DataOrigin, Decision, NhsNumber, Purpose, ReleaseReason, Version,
+        Applicable, DataOrigin, Decision, NhsNumber, OptOutSet, Purpose, ReleaseReason, Version,
         WithholdReason, applicable, decide,
     },
-    store::ConsentStore,
+    store::{ConsentStore, Lookup},
     sync::SyncedFilter,
 };
 
@@ -89,60 +89,131 @@ impl Checker {
             filter_behind = !self.filter.wait_for_version(want, budget).await;
         }
 
+        let valid: Vec<(usize, NhsNumber)> = parsed
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.map(|n| (i, n)))
+            .collect();
         let mut maybes: Vec<(usize, NhsNumber)> = Vec::new();
         let (filter_version, trusted) = {
             let view = self.filter.view();
             let trusted = view.trusted && !filter_behind;
-            for (i, p) in parsed.iter().enumerate() {
-                if let Some(n) = p {
-                    if trusted && !view.may_contain(*n) {
-                        decisions[i] = Decision::Release(ReleaseReason::NoOptOut);
-                    } else {
-                        maybes.push((i, *n));
-                    }
+            for &(i, n) in &valid {
+                if trusted && !view.may_contain(n) {
+                    decisions[i] = Decision::Release(ReleaseReason::NoOptOut);
+                } else {
+                    maybes.push((i, n));
                 }
             }
             (view.version(), trusted)
         };
+        if maybes.is_empty() {
+            return CheckOutput {
+                decisions,
+                version: filter_version,
+            };
+        }
 
-        let mut version = filter_version;
-        if !maybes.is_empty() {
-            let numbers: Vec<NhsNumber> = maybes.iter().map(|(_, n)| *n).collect();
-            let lookup =
-                tokio::time::timeout(remaining(input.deadline), self.store.lookup(&numbers)).await;
-            match lookup {
-                Ok(Ok(found)) if found.held.len() == maybes.len() => {
-                    let store_behind = input.at_least_version.is_some_and(|v| found.version < v);
-                    for ((i, _), held) in maybes.iter().zip(found.held) {
-                        decisions[*i] = if store_behind {
-                            STORE_UNAVAILABLE
-                        } else {
-                            decide(policy, held)
-                        };
-                    }
-                    if !trusted {
-                        version = found.version;
-                    }
+        let Some(found) = self.ask(&maybes, input.deadline).await else {
+            // The maybes stay withheld as STORE_UNAVAILABLE.
+            return CheckOutput {
+                decisions,
+                version: filter_version,
+            };
+        };
+        if !trusted || found.version <= filter_version {
+            // Either the store answered for every number, or it was at the filter's version: one
+            // consistent state either way.
+            self.apply(
+                &mut decisions,
+                &maybes,
+                found.held,
+                policy,
+                input.at_least_version,
+                found.version,
+            );
+            let version = if trusted {
+                filter_version
+            } else {
+                found.version
+            };
+            return CheckOutput { decisions, version };
+        }
+        // The store moved past the filter between the two reads, so the filter's "absent" answers
+        // and the store's answers come from different versions: a caller could see part of a
+        // change (half of a REPLACE import). Ask the store for every number, so the whole answer
+        // reflects one version; if it cannot answer, withhold everything rather than mix.
+        match self.ask(&valid, input.deadline).await {
+            Some(all) => {
+                let version = all.version;
+                self.apply(
+                    &mut decisions,
+                    &valid,
+                    all.held,
+                    policy,
+                    input.at_least_version,
+                    version,
+                );
+                CheckOutput { decisions, version }
+            }
+            None => {
+                for &(i, _) in &valid {
+                    decisions[i] = STORE_UNAVAILABLE;
                 }
-                Ok(Ok(found)) => {
-                    tracing::error!(
-                        asked = maybes.len(),
-                        answered = found.held.len(),
-                        "store answered a different number of lookups; withholding them"
-                    );
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, numbers = maybes.len(), "store lookup failed; withholding");
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        numbers = maybes.len(),
-                        "store lookup hit the deadline; withholding"
-                    );
+                CheckOutput {
+                    decisions,
+                    version: filter_version,
                 }
             }
         }
-        CheckOutput { decisions, version }
+    }
+
+    /// One batched store lookup within the deadline; `None` (logged) if it fails or runs out.
+    async fn ask(&self, numbers: &[(usize, NhsNumber)], deadline: Instant) -> Option<Lookup> {
+        let list: Vec<NhsNumber> = numbers.iter().map(|(_, n)| *n).collect();
+        match tokio::time::timeout(remaining(deadline), self.store.lookup(&list)).await {
+            Ok(Ok(found)) if found.held.len() == list.len() => Some(found),
+            Ok(Ok(found)) => {
+                tracing::error!(
+                    asked = list.len(),
+                    answered = found.held.len(),
+                    "store answered a different number of lookups; withholding them"
+                );
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, numbers = list.len(), "store lookup failed; withholding");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    numbers = list.len(),
+                    "store lookup hit the deadline; withholding"
+                );
+                None
+            }
+        }
+    }
+
+    /// Writes the store's answers into the decisions. A store behind the version the caller
+    /// asked for cannot prove anything: withheld.
+    fn apply(
+        &self,
+        decisions: &mut [Decision],
+        asked: &[(usize, NhsNumber)],
+        held: Vec<OptOutSet>,
+        policy: Applicable,
+        at_least: Option<Version>,
+        store_version: Version,
+    ) {
+        let store_behind = at_least.is_some_and(|v| store_version < v);
+        for (&(i, _), held) in asked.iter().zip(held) {
+            decisions[i] = if store_behind {
+                STORE_UNAVAILABLE
+            } else {
+                decide(policy, held)
+            };
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use crate::{
     store::{
         ConsentStore, StoreError,
         embedded::{EmbeddedConfig, EmbeddedStore, Opened},
+        redis::{RedisConfig, RedisStore, redact_url},
     },
     sync::{FilterConfig, SyncedFilter, follow},
 };
@@ -36,6 +37,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Concurrent HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
+    /// The shared Redis store; `None` runs on the embedded store in `data_dir`.
+    pub redis: Option<RedisConfig>,
 }
 
 impl ServerConfig {
@@ -47,6 +50,7 @@ impl ServerConfig {
             filter: FilterConfig::default(),
             limits: Limits::default(),
             max_concurrent_streams: 256,
+            redis: None,
         }
     }
 }
@@ -77,8 +81,14 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let store = open_embedded(&config).await?;
-    serve(listener, Arc::new(store), config, shutdown).await
+    let store: Arc<dyn ConsentStore> = match &config.redis {
+        Some(redis) => {
+            tracing::info!(url = %redact_url(&redis.url), prefix = %redis.prefix, "using the Redis store");
+            Arc::new(RedisStore::connect(redis)?)
+        }
+        None => Arc::new(open_embedded(&config).await?),
+    };
+    serve(listener, store, config, shutdown).await
 }
 
 /// Opens (or, for a data directory without a database, initialises) the embedded store.
@@ -127,15 +137,30 @@ pub async fn serve(
             .set_service_status(s, ServingStatus::NotServing)
             .await;
     }
+    // Health follows the filter both ways: SERVING once loaded, NOT_SERVING again if the store's
+    // dataset disappears (the follower unloads the filter).
     let mut loaded = filter.loaded();
     let health_task = {
         let health = health.clone();
         tokio::spawn(async move {
-            if loaded.wait_for(|l| *l).await.is_ok() {
-                for s in SERVICES {
-                    health.set_service_status(s, ServingStatus::Serving).await;
+            let mut serving = false;
+            loop {
+                let now = *loaded.borrow_and_update();
+                if now != serving {
+                    serving = now;
+                    let status = if now {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    for s in SERVICES {
+                        health.set_service_status(s, status).await;
+                    }
+                    tracing::info!(serving = now, "health changed");
                 }
-                tracing::info!("serving");
+                if loaded.changed().await.is_err() {
+                    break;
+                }
             }
         })
     };

@@ -38,6 +38,8 @@ pub struct FilterConfig {
     pub freshness_bound: Duration,
     /// How long one change-feed read waits for news; a read that returns proves freshness.
     pub heartbeat: Duration,
+    /// How often a replica on a shared store publishes a filter snapshot for new replicas.
+    pub snapshot_interval: Duration,
 }
 
 impl Default for FilterConfig {
@@ -47,6 +49,7 @@ impl Default for FilterConfig {
             fp_rate: 0.001,
             freshness_bound: Duration::from_secs(2),
             heartbeat: Duration::from_millis(250),
+            snapshot_interval: Duration::from_secs(60),
         }
     }
 }
@@ -65,6 +68,8 @@ pub struct SyncedFilter {
     epoch: Instant,
     /// Opt-outs removed since the current generation was built (stale "maybes").
     removed_since_build: AtomicU64,
+    /// Where the current generation came from ("scan" or "snapshot"), for status.
+    loaded_from: parking_lot::Mutex<&'static str>,
 }
 
 const NEVER: u64 = u64::MAX;
@@ -108,6 +113,10 @@ pub struct SyncStatus {
     pub fresh: bool,
     /// The bound.
     pub freshness_bound: Duration,
+    /// Whether a generation is loaded, and from where ("scan", "snapshot"; "none" before).
+    pub loaded_from: &'static str,
+    /// Whether a generation is loaded for the store's current dataset.
+    pub loaded: bool,
 }
 
 impl SyncedFilter {
@@ -125,6 +134,7 @@ impl SyncedFilter {
             caught_up_at: AtomicU64::new(NEVER),
             epoch: Instant::now(),
             removed_since_build: AtomicU64::new(0),
+            loaded_from: parking_lot::Mutex::new("none"),
         }))
     }
 
@@ -194,7 +204,16 @@ impl SyncedFilter {
             age: self.age(),
             fresh: self.is_fresh(),
             freshness_bound: self.config.freshness_bound,
+            loaded_from: *self.loaded_from.lock(),
+            loaded: *self.loaded.borrow(),
         }
+    }
+
+    /// Stops trusting the filter at once (the store's dataset is gone or changed): every check
+    /// asks the store, and health turns NOT_SERVING, until a generation is loaded again.
+    fn unload(&self) {
+        self.loaded.send_replace(false);
+        self.caught_up_at.store(NEVER, Ordering::Release);
     }
 
     /// Applies change-log entries in order. Large entries go in chunks, each under a short write
@@ -224,6 +243,12 @@ impl SyncedFilter {
                 }
             });
         }
+    }
+
+    /// The current generation as snapshot bytes, with the version it reflects.
+    fn snapshot(&self) -> (Version, Vec<u8>) {
+        let g = self.state.read();
+        (g.version, g.filter.to_snapshot(g.version))
     }
 
     /// Swaps in a new generation that reflects `version`.
@@ -263,6 +288,33 @@ async fn build_generation(
     })
     .await
     .map_err(|e| StoreError::Unavailable(format!("filter build task failed: {e}")))?
+}
+
+/// Loads a first generation for the store's current dataset: from the newest snapshot when the
+/// store shares them and the log still reaches back to it, else from a full scan.
+async fn load_generation(
+    store: &dyn ConsentStore,
+    config: FilterConfig,
+    generation: u64,
+) -> Result<(OptOutFilter, Version, &'static str), StoreError> {
+    store.open_dataset().await?;
+    if store.shares_snapshots() {
+        match store.load_snapshot().await? {
+            Some(bytes) => match OptOutFilter::from_snapshot(&bytes) {
+                Ok((filter, version)) => match catch_up(store, filter, version).await? {
+                    Some((filter, version)) => return Ok((filter, version, "snapshot")),
+                    None => tracing::info!(
+                        %version,
+                        "the change log no longer reaches back to the snapshot; scanning"
+                    ),
+                },
+                Err(e) => tracing::warn!(error = %e, "ignoring an unreadable filter snapshot"),
+            },
+            None => tracing::info!("no filter snapshot published yet; scanning"),
+        }
+    }
+    let (filter, version) = build_generation(store, config, generation).await?;
+    Ok((filter, version, "scan"))
 }
 
 /// Brings a freshly built generation up to the store's tip by replaying the change log.
@@ -327,8 +379,11 @@ pub async fn follow(
     let mut generation = 0u64;
     let mut rebuild: Option<tokio::task::JoinHandle<Result<(OptOutFilter, Version), StoreError>>> =
         None;
-    // Set when the log was trimmed past the filter's version: only a full build can catch up.
+    // Set when the log was trimmed past the filter's version, or the dataset changed: only a
+    // full load can catch up.
     let mut must_rebuild = false;
+    let mut last_snapshot = Instant::now();
+    let mut published = Version::ZERO;
 
     loop {
         if *shutdown.borrow() {
@@ -340,25 +395,30 @@ pub async fn follow(
             let started = synced.now_ms();
             generation += 1;
             let built = tokio::select! {
-                r = build_generation(store.as_ref(), config, generation) => r,
+                r = load_generation(store.as_ref(), config, generation) => r,
                 _ = shutdown.changed() => break,
             };
             match built {
-                Ok((filter, version)) => {
+                Ok((filter, version, from)) => {
                     let stats = filter.stats();
                     synced.install(filter, version);
+                    *synced.loaded_from.lock() = from;
                     must_rebuild = false;
                     synced.mark_caught_up(started);
                     tracing::info!(
                         items = stats.items,
                         bits = stats.bits,
-                        generation,
+                        generation = stats.generation,
                         %version,
+                        from,
                         "filter loaded from the store"
                     );
                     backoff.reset();
                 }
                 Err(e) => {
+                    if matches!(e, StoreError::NotInitialised(_)) {
+                        synced.unload();
+                    }
                     tracing::warn!(error = %e, "cannot load the filter; checks ask the store meanwhile");
                     if backoff.wait(&mut shutdown).await {
                         break;
@@ -402,11 +462,38 @@ pub async fn follow(
                 tracing::warn!(%after, "the change log no longer reaches this filter's version; rebuilding");
                 must_rebuild = true;
             }
+            Err(e @ StoreError::NotInitialised(_)) => {
+                // The store was reset, flushed or re-initialised: what the filter says is about a
+                // dataset the store no longer holds. Stop trusting it now; reload when a dataset
+                // marker is back.
+                tracing::error!(error = %e, "failing closed until the store's dataset is back");
+                synced.unload();
+                must_rebuild = true;
+                if backoff.wait(&mut shutdown).await {
+                    break;
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "change feed read failed; the filter ages until it succeeds");
                 if backoff.wait(&mut shutdown).await {
                     break;
                 }
+            }
+        }
+
+        if store.shares_snapshots()
+            && synced.is_fresh()
+            && last_snapshot.elapsed() >= config.snapshot_interval
+            && synced.version() > published
+        {
+            last_snapshot = Instant::now();
+            let (version, bytes) = synced.snapshot();
+            match store.publish_snapshot(version, &bytes).await {
+                Ok(()) => {
+                    published = version;
+                    tracing::debug!(%version, bytes = bytes.len(), "filter snapshot published");
+                }
+                Err(e) => tracing::warn!(error = %e, "could not publish a filter snapshot"),
             }
         }
     }

@@ -335,3 +335,56 @@ async fn an_acknowledged_opt_out_survives_a_crash() {
     child.kill().expect("kill");
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
 }
+
+#[tokio::test]
+async fn init_store_and_a_malformed_redis_url_say_what_is_wrong() {
+    let out = optout(args(&[
+        "serve",
+        "--redis-url",
+        "redis://user:hunter2@[::1:6379/0",
+    ]))
+    .await;
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--redis-url"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
+
+    let out = optout(args(&["init-store"])).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--redis-url"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let redis = common::RedisServer::start();
+    let url = redis.url();
+    let out = optout(args(&[
+        "init-store",
+        "--redis-url",
+        &url,
+        "--redis-prefix",
+        "t1:",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("initialised the opt-out store"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = optout(args(&[
+        "init-store",
+        "--redis-url",
+        &url,
+        "--redis-prefix",
+        "t1:",
+    ]))
+    .await;
+    assert!(!out.status.success(), "a second init is refused");
+    assert!(
+        text(&out.stderr).contains("already initialised"),
+        "{}",
+        text(&out.stderr)
+    );
+}

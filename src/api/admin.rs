@@ -287,6 +287,7 @@ impl OptOutAdmin for AdminService {
                 fresh: f.fresh,
                 freshness_bound_ms: u64::try_from(f.freshness_bound.as_millis())
                     .unwrap_or(u64::MAX),
+                loaded_from: f.loaded_from.to_string(),
             }),
         }))
     }

@@ -36,6 +36,50 @@ enum Command {
     Filter(filter::FilterArgs),
     /// Maintain the opt-out lists.
     Admin(admin::AdminArgs),
+    /// Initialise an empty Redis store: write its dataset marker (once, like a schema migration).
+    InitStore(InitStoreArgs),
+}
+
+#[derive(Args, Debug)]
+struct InitStoreArgs {
+    #[command(flatten)]
+    redis: RedisArgs,
+    /// Hash buckets per opt-out type. Keep opt-outs per bucket under 128 so Redis stores each
+    /// bucket compactly: the default suits up to about 8 million opt-outs of one type.
+    #[arg(long, default_value_t = 65_536)]
+    buckets: u64,
+}
+
+/// Where the Redis store is.
+#[derive(Args, Debug, Clone)]
+struct RedisArgs {
+    /// The shared Redis store (redis://, or rediss:// for TLS). Without it, serve uses the
+    /// embedded store.
+    #[arg(long, env = "OPTOUT_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of every key the service uses in Redis.
+    #[arg(long, env = "OPTOUT_REDIS_PREFIX", default_value = "optout:")]
+    redis_prefix: String,
+    /// Change-log entries kept in Redis; a replica further behind rebuilds its filter.
+    #[arg(long, env = "OPTOUT_REDIS_LOG_LEN", default_value_t = 100_000)]
+    redis_log_len: u64,
+    /// Timeout of one Redis call, in ms.
+    #[arg(long, env = "OPTOUT_REDIS_TIMEOUT_MS", default_value_t = 1000)]
+    redis_timeout_ms: u64,
+}
+
+impl RedisArgs {
+    fn config(&self) -> Option<crate::store::redis::RedisConfig> {
+        self.redis_url
+            .as_ref()
+            .map(|url| crate::store::redis::RedisConfig {
+                url: url.clone(),
+                prefix: self.redis_prefix.clone(),
+                log_len: self.redis_log_len.max(1),
+                response_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+                connect_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+            })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -70,6 +114,11 @@ struct ServeArgs {
     /// Change-log entries kept; a replica further behind rebuilds its filter from a scan.
     #[arg(long, env = "OPTOUT_CHANGE_LOG_LEN", default_value_t = 10_000)]
     change_log_len: u64,
+    /// How often a replica on Redis publishes a filter snapshot for new replicas, in seconds.
+    #[arg(long, env = "OPTOUT_SNAPSHOT_INTERVAL_SECS", default_value_t = 60)]
+    snapshot_interval_secs: u64,
+    #[command(flatten)]
+    redis: RedisArgs,
 }
 
 /// Where a client command finds the service.
@@ -181,6 +230,9 @@ impl From<tonic::Status> for CliError {
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // rustls (for rediss://) needs one process-wide crypto provider; ring builds from crates.io
+    // with a C compiler only. Installing fails only if one is already installed, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -216,7 +268,33 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Check(args) => check::run(args).await,
         Command::Filter(args) => filter::run(args).await,
         Command::Admin(args) => admin::run(args).await,
+        Command::InitStore(args) => init_store(args).await.map(|()| ExitCode::SUCCESS),
     }
+}
+
+async fn init_store(args: InitStoreArgs) -> Result<(), CliError> {
+    let Some(config) = args.redis.config() else {
+        return Err(CliError::Usage(
+            "--redis-url (or OPTOUT_REDIS_URL) is required: the embedded store initialises itself \
+             on first start"
+                .into(),
+        ));
+    };
+    if args.buckets == 0 {
+        return Err(CliError::Usage("--buckets must be at least 1".into()));
+    }
+    let shown = crate::store::redis::redact_url(&config.url);
+    let store = crate::store::redis::RedisStore::connect(&config)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let id = store
+        .init(args.buckets)
+        .await
+        .map_err(|e| CliError::Rpc(format!("{shown}: {e}")))?;
+    println!(
+        "initialised the opt-out store at {shown} (prefix {:?}): dataset {id}, {} buckets",
+        config.prefix, args.buckets
+    );
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
@@ -249,8 +327,10 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
             capacity: args.filter_capacity,
             fp_rate: args.filter_fp_rate,
             freshness_bound: Duration::from_millis(args.freshness_bound_ms),
+            snapshot_interval: Duration::from_secs(args.snapshot_interval_secs.max(1)),
             ..FilterConfig::default()
         },
+        redis: args.redis.config(),
         limits: Limits {
             max_batch: args.max_batch,
             max_admin_batch: args.max_admin_batch,
@@ -260,16 +340,26 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         },
         ..ServerConfig::new(PathBuf::new())
     };
+    // A malformed URL is a setting error: say so before listening. An unreachable Redis is not:
+    // the replica starts NOT_SERVING and keeps trying, so replicas may start before Redis.
+    if let Some(r) = &config.redis {
+        crate::store::redis::RedisStore::connect(r).map_err(|e| CliError::Usage(e.to_string()))?;
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| CliError::Usage(format!("--listen {}: {e}", args.listen)))?;
     let bound = listener
         .local_addr()
         .map_err(|e| CliError::Usage(format!("--listen {}: {e}", args.listen)))?;
-    eprintln!(
-        "optout: listening on {bound} (gRPC, plaintext), embedded store in {}",
-        config.data_dir.display()
-    );
+    let store = match &config.redis {
+        Some(r) => format!(
+            "Redis store at {} (prefix {:?})",
+            crate::store::redis::redact_url(&r.url),
+            r.prefix
+        ),
+        None => format!("embedded store in {}", config.data_dir.display()),
+    };
+    eprintln!("optout: listening on {bound} (gRPC, plaintext), {store}");
     run(listener, config, shutdown_signal()).await?;
     Ok(())
 }

@@ -719,6 +719,10 @@ impl ConsentStore for EmbeddedStore {
             .await
     }
 
+    async fn open_dataset(&self) -> Result<String, StoreError> {
+        Ok(self.inner.dataset_id.clone())
+    }
+
     async fn scan(&self) -> Result<Scan, StoreError> {
         self.blocking(move |inner| {
             let txn = inner.db.begin_read().map_err(storage)?;

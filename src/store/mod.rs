@@ -8,6 +8,7 @@
 //! for many replicas slots in behind the same trait.
 
 pub mod embedded;
+pub mod redis;
 
 use std::time::Duration;
 
@@ -178,6 +179,26 @@ pub trait ConsentStore: Send + Sync + 'static {
 
     /// Every opted-out number with the version it reflects, to build a filter generation.
     async fn scan(&self) -> Result<Scan, StoreError>;
+
+    /// Binds to the dataset the store holds now and returns its marker. Until a store is bound,
+    /// and whenever its marker is missing or differs from the bound one (a store that was reset,
+    /// flushed or re-initialised), every call fails with [`StoreError::NotInitialised`].
+    async fn open_dataset(&self) -> Result<String, StoreError>;
+
+    /// The newest published filter snapshot of the bound dataset, if any.
+    async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
+    }
+
+    /// Publishes a filter snapshot reflecting `version`, unless a newer one is already there.
+    async fn publish_snapshot(&self, _version: Version, _bytes: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Whether snapshots are worth publishing (a store shared by replicas).
+    fn shares_snapshots(&self) -> bool {
+        false
+    }
 }
 
 /// A bulk import under way. Dropping it without commit changes nothing.

@@ -64,6 +64,13 @@ impl TestServer {
 
     /// Starts over any store without waiting for SERVING.
     pub async fn start_unready(store: Arc<dyn ConsentStore>, config: ServerConfig) -> TestServer {
+        // OPTOUT_TEST_LOG=debug shows the servers' logs when a test needs looking into.
+        if let Ok(level) = std::env::var("OPTOUT_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+                .with_test_writer()
+                .try_init();
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -281,5 +288,188 @@ impl ConsentStore for FaultyStore {
             return Err(down());
         }
         self.inner.scan().await
+    }
+
+    async fn open_dataset(&self) -> Result<String, StoreError> {
+        if self.feed_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.open_dataset().await
+    }
+
+    async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.feed_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.load_snapshot().await
+    }
+
+    async fn publish_snapshot(&self, version: Version, bytes: &[u8]) -> Result<(), StoreError> {
+        self.inner.publish_snapshot(version, bytes).await
+    }
+
+    fn shares_snapshots(&self) -> bool {
+        self.inner.shares_snapshots()
+    }
+}
+
+/// A real redis-server owned by a test: its own free loopback port and temporary directory,
+/// append-only persistence (fsync on every write, so a kill loses nothing acknowledged), stopped
+/// by PID when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+fn redis_server_binary() -> String {
+    std::env::var("OPTOUT_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new(redis_server_binary())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--protected-mode",
+                "yes",
+                "--logfile",
+                "redis.log",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e}. Run the tests with `bash scripts/test.sh`, which \
+                     installs redis-server (Debian/Ubuntu: apt-get install redis-server)",
+                    redis_server_binary()
+                )
+            });
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let mut buf = [0u8; 64];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read(&mut buf)
+                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server on port {} did not answer PING within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port and data directory: the data comes back.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Starts again on the same port with its data gone (a restart without persistence).
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        for entry in std::fs::read_dir(self.dir.path())
+            .expect("read dir")
+            .flatten()
+        {
+            let p = entry.path();
+            if p.is_dir() {
+                let _ = std::fs::remove_dir_all(&p);
+            } else if p.file_name().is_some_and(|n| n != "redis.log") {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+        self.spawn();
+    }
+
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A server configuration on a Redis store under `prefix`.
+pub fn redis_config(redis: &RedisServer, prefix: &str, scratch: &Path) -> ServerConfig {
+    let mut c = test_config(scratch);
+    let mut r = optout::store::redis::RedisConfig::new(redis.url());
+    r.prefix = prefix.to_string();
+    r.response_timeout = Duration::from_millis(2000);
+    r.connect_timeout = Duration::from_millis(300);
+    c.redis = Some(r);
+    c.filter.snapshot_interval = Duration::from_millis(200);
+    c
+}
+
+/// Writes the dataset marker, as `optout init-store` does.
+pub async fn init_redis(config: &ServerConfig) -> String {
+    let store = optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+        .expect("connect");
+    store.init(64).await.expect("init")
+}
+
+impl TestServer {
+    /// Starts the server as the binary does: on Redis when configured.
+    pub async fn start_redis(config: ServerConfig) -> TestServer {
+        let store: Arc<dyn ConsentStore> = Arc::new(
+            optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+                .expect("connect"),
+        );
+        Self::start_on(store, config).await
     }
 }

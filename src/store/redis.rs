@@ -1,0 +1,1132 @@
+//! The Redis consent store, shared by every replica.
+//!
+//! Layout (every key under the configured prefix `P`, so foreign keys in the same Redis are never
+//! touched):
+//! - `P marker` (hash): the dataset marker (`dataset_id`, `buckets`, `created_at_ms`), written only
+//!   by `optout init-store`. A store without it (never initialised, or restarted empty, flushed, a
+//!   wrong database number) is never read as "nobody opted out": every call fails closed.
+//! - `P gen:{t}`: the current generation of opt-out type `t` (1 national, 2 type 1).
+//! - `P d:{t}:{g}:{b}` (hash): the opt-outs of type `t` in generation `g` whose NHS number falls in
+//!   bucket `b` (`number % buckets`); field = the number, value = `recorded_at_ms,source_id`.
+//!   Small hashes stay in Redis's compact listpack encoding, which is what keeps 5 million opt-outs
+//!   compact; `buckets` is chosen at init so buckets stay under 128 fields.
+//! - `P src` / `P srcid` / `P srcnext`: sources interned to small ids.
+//! - `P counts` (hash): per-type counts and distinct patients.
+//! - `P log` (stream): the change log; each entry's id is the version of that change, its `a`
+//!   field the numbers that gained an opt-out (what filters must add). `P version` is the latest
+//!   id, `P log_floor` the newest id trimmed away (a follower behind it must rebuild).
+//! - `P snapshot` / `P snapshot_version`: the newest published filter snapshot.
+//! - `P lock:{t}`: held while an import of type `t` is being applied.
+//!
+//! Every admin write is one Lua script: records, counts and the change-log entry change together
+//! or not at all. A check's "maybe" numbers are one script call: one round trip, one consistent
+//! version. An import is staged into a new generation of its type and swapped in by moving the
+//! generation pointer, so no check ever sees half of it.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use parking_lot::RwLock;
+use redis::{
+    AsyncCommands, Client, Script, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+
+use super::{
+    ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, ImportOutcome, ImportSession, Lookup,
+    OptOutRecord, Scan, StoreError, StoreStatus, WriteOutcome, now_ms,
+};
+use crate::core::{NhsNumber, OptOutSet, OptOutType, Version};
+
+/// Settings of the Redis store.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://` (TLS) URL.
+    pub url: String,
+    /// Prefix of every key this service uses.
+    pub prefix: String,
+    /// Change-log entries kept.
+    pub log_len: u64,
+    /// How long one Redis call may take before it is an error.
+    pub response_timeout: Duration,
+    /// How long a connection attempt may take.
+    pub connect_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults for a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            prefix: "optout:".into(),
+            log_len: 100_000,
+            response_timeout: Duration::from_millis(1000),
+            connect_timeout: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// The URL with any password replaced, fit for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match redis::parse_redis_url(url) {
+        Some(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        None => match url.rsplit_once('@') {
+            Some((_, host)) => format!("<redacted>@{host}"),
+            None => url.to_string(),
+        },
+    }
+}
+
+/// The Redis store. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Shared, multiplexed, short timeout: the check path's lookups and small reads.
+    conn: ConnectionManager,
+    /// Admin writes, imports, scans and snapshots: large replies and scripts that may run for
+    /// seconds at 5 million opt-outs, kept off the check path's connection so they never delay a
+    /// lookup behind them.
+    write: ConnectionManager,
+    /// Its own connection: a blocking XREAD must not stall everyone else's commands.
+    feed: ConnectionManager,
+    prefix: String,
+    log_len: u64,
+    /// The dataset this store is bound to, and its bucket count.
+    bound: RwLock<Option<Bound>>,
+    scripts: Scripts,
+}
+
+#[derive(Clone, Debug)]
+struct Bound {
+    dataset: String,
+    buckets: u64,
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    let text = e.to_string();
+    if text.contains("OPTOUTDATASET") {
+        StoreError::NotInitialised(
+            "the Redis store's dataset marker is missing or changed (reset, flushed or \
+             re-initialised); failing closed"
+                .into(),
+        )
+    } else if text.contains("OPTOUTLOCKED") {
+        StoreError::Unavailable(
+            "an import of this opt-out type is being applied; retry in a few seconds".into(),
+        )
+    } else {
+        StoreError::Unavailable(format!("redis: {text}"))
+    }
+}
+
+fn not_initialised() -> StoreError {
+    StoreError::NotInitialised(
+        "the Redis store holds no dataset marker: initialise it with `optout init-store`, or \
+         restore its data"
+            .into(),
+    )
+}
+
+fn changed() -> StoreError {
+    StoreError::NotInitialised(
+        "the Redis store's dataset marker is missing or differs from the one this replica \
+         loaded (reset, flushed or re-initialised); failing closed"
+            .into(),
+    )
+}
+
+impl RedisStore {
+    /// Connects lazily: an unreachable Redis is not an error here (the replica starts NOT_SERVING
+    /// and keeps trying); a malformed URL is.
+    pub fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
+        let shown = redact_url(&config.url);
+        let client = Client::open(config.url.as_str())
+            .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
+        let base = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            base.clone()
+                .set_response_timeout(Some(config.response_timeout)),
+        )
+        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
+        let write = ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            base.clone().set_response_timeout(Some(WRITE_TIMEOUT)),
+        )
+        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
+        let feed = ConnectionManager::new_lazy_with_config(
+            client,
+            base.set_response_timeout(Some(config.response_timeout + FEED_BLOCK)),
+        )
+        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                write,
+                feed,
+                prefix: config.prefix.clone(),
+                log_len: config.log_len.max(1),
+                bound: RwLock::new(None),
+                scripts: Scripts::new(),
+            }),
+        })
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.inner.prefix)
+    }
+
+    fn bound(&self) -> Result<Bound, StoreError> {
+        self.inner.bound.read().clone().ok_or_else(not_initialised)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    fn write_conn(&self) -> ConnectionManager {
+        self.inner.write.clone()
+    }
+
+    /// Unlinks every bucket of a generation nobody reads any more, in the background.
+    fn unlink_generation(&self, t: &'static str, generation: u64, buckets: u64) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let keys: Vec<String> = (0..buckets)
+            .map(|b| self.key(&format!("d:{t}:{generation}:{b}")))
+            .collect();
+        let mut conn = self.write_conn();
+        handle.spawn(async move {
+            for chunk in keys.chunks(1024) {
+                let r: Result<(), _> = redis::cmd("UNLINK").arg(chunk).query_async(&mut conn).await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "could not unlink an unused opt-out generation");
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Initialises an empty store: writes the dataset marker. Refuses a store that has one.
+    pub async fn init(&self, buckets: u64) -> Result<String, StoreError> {
+        let mut id = [0u8; 16];
+        rand::fill(&mut id);
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let created: i64 = self
+            .inner
+            .scripts
+            .init
+            .prepare_invoke()
+            .arg(&self.inner.prefix)
+            .arg(&id)
+            .arg(buckets.max(1))
+            .arg(now_ms())
+            .invoke_async(&mut self.write_conn())
+            .await
+            .map_err(unavailable)?;
+        if created == 0 {
+            return Err(StoreError::ImportRefused(format!(
+                "the Redis store under prefix {:?} is already initialised; nothing was changed",
+                self.inner.prefix
+            )));
+        }
+        Ok(id)
+    }
+
+    /// `(bucket, number)` argument pairs for a list of numbers.
+    fn pairs(&self, numbers: &[NhsNumber], buckets: u64) -> Vec<String> {
+        let mut args = Vec::with_capacity(numbers.len() * 2);
+        for n in numbers {
+            args.push((n.as_u64() % buckets).to_string());
+            args.push(n.as_u64().to_string());
+        }
+        args
+    }
+
+    /// Interns a source and returns its id (for staged import records).
+    async fn source_id(&self, source: &str) -> Result<i64, StoreError> {
+        self.inner
+            .scripts
+            .intern
+            .prepare_invoke()
+            .arg(&self.inner.prefix)
+            .arg(source)
+            .invoke_async(&mut self.write_conn())
+            .await
+            .map_err(unavailable)
+    }
+}
+
+/// How long one blocking read of the change log waits for news.
+const FEED_BLOCK: Duration = Duration::from_millis(250);
+/// How long an admin write, import step, scan chunk or snapshot may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn version_of(v: &Value) -> Result<Version, StoreError> {
+    match v {
+        Value::Nil => Ok(Version::ZERO),
+        Value::BulkString(b) => {
+            let s = String::from_utf8_lossy(b);
+            Version::parse(&s).map_err(|e| StoreError::Corrupt(e.to_string()))
+        }
+        Value::SimpleString(s) => Version::parse(s).map_err(|e| StoreError::Corrupt(e.to_string())),
+        other => Err(StoreError::Corrupt(format!(
+            "expected a version, got {other:?}"
+        ))),
+    }
+}
+
+fn text_of(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn int_of(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => text_of(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+fn array(v: Value) -> Result<Vec<Value>, StoreError> {
+    match v {
+        Value::Array(a) => Ok(a),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(StoreError::Corrupt(format!(
+            "expected an array, got {other:?}"
+        ))),
+    }
+}
+
+fn numbers_csv(s: &str) -> Result<Vec<NhsNumber>, StoreError> {
+    if s.is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|p| {
+            p.parse::<u64>()
+                .ok()
+                .and_then(|v| NhsNumber::from_u64(v).ok())
+                .ok_or_else(|| {
+                    StoreError::Corrupt("change-log entry holds an invalid number".into())
+                })
+        })
+        .collect()
+}
+
+fn type_code(t: OptOutType) -> &'static str {
+    match t {
+        OptOutType::NationalDataOptOut => "1",
+        OptOutType::Type1 => "2",
+    }
+}
+
+#[async_trait]
+impl ConsentStore for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
+        let bound = self.bound()?;
+        let mut inv = self.inner.scripts.lookup.prepare_invoke();
+        inv.arg(&self.inner.prefix);
+        inv.arg(self.pairs(numbers, bound.buckets));
+        let reply: Value = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let mut reply = array(reply)?.into_iter();
+        let marker = reply.next().as_ref().and_then(text_of).unwrap_or_default();
+        if marker != bound.dataset {
+            return Err(changed());
+        }
+        let version = version_of(&reply.next().unwrap_or(Value::Nil))?;
+        let held = reply
+            .map(|v| {
+                let m = int_of(&v).unwrap_or(0);
+                let mut s = OptOutSet::EMPTY;
+                if m & 1 != 0 {
+                    s.insert(OptOutType::NationalDataOptOut);
+                }
+                if m & 2 != 0 {
+                    s.insert(OptOutType::Type1);
+                }
+                s
+            })
+            .collect::<Vec<_>>();
+        if held.len() != numbers.len() {
+            return Err(StoreError::Corrupt(format!(
+                "lookup of {} numbers answered {}",
+                numbers.len(),
+                held.len()
+            )));
+        }
+        Ok(Lookup { held, version })
+    }
+
+    async fn change(
+        &self,
+        kind: ChangeKind,
+        opt_out: OptOutType,
+        numbers: &[NhsNumber],
+        source: &str,
+    ) -> Result<WriteOutcome, StoreError> {
+        let bound = self.bound()?;
+        let mut inv = self.inner.scripts.change.prepare_invoke();
+        inv.arg(&self.inner.prefix)
+            .arg(&bound.dataset)
+            .arg(match kind {
+                ChangeKind::Add => "a",
+                ChangeKind::Remove => "r",
+            })
+            .arg(type_code(opt_out))
+            .arg(now_ms())
+            .arg(source)
+            .arg(self.inner.log_len)
+            .arg(self.pairs(numbers, bound.buckets));
+        let (id, applied): (String, u64) = inv
+            .invoke_async(&mut self.write_conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(WriteOutcome {
+            version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            applied,
+        })
+    }
+
+    async fn begin_import(
+        &self,
+        mode: ImportMode,
+        opt_out: OptOutType,
+        source: &str,
+    ) -> Result<Box<dyn ImportSession>, StoreError> {
+        let bound = self.bound()?;
+        let mut conn = self.write_conn();
+        let generation: u64 = conn
+            .incr(self.key(&format!("gennext:{}", type_code(opt_out))), 1)
+            .await
+            .map_err(unavailable)?;
+        let source_id = self.source_id(source).await?;
+        Ok(Box::new(RedisImport {
+            store: self.clone(),
+            bound,
+            mode,
+            opt_out,
+            generation,
+            value: format!("{},{source_id}", now_ms()),
+            committed: false,
+        }))
+    }
+
+    async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
+        let bound = self.bound()?;
+        let reply: Value = self
+            .inner
+            .scripts
+            .get
+            .prepare_invoke()
+            .arg(&self.inner.prefix)
+            .arg(number.as_u64() % bound.buckets)
+            .arg(number.as_u64())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let reply = array(reply)?;
+        if reply.first().and_then(text_of).unwrap_or_default() != bound.dataset {
+            return Err(changed());
+        }
+        let version = version_of(reply.get(1).unwrap_or(&Value::Nil))?;
+        let mut records = Vec::new();
+        for (t, i) in OptOutType::ALL.into_iter().zip([2usize, 4]) {
+            let Some(value) = reply.get(i).and_then(text_of).filter(|s| !s.is_empty()) else {
+                continue;
+            };
+            let at = value
+                .split(',')
+                .next()
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or(0);
+            records.push(OptOutRecord {
+                kind: t,
+                recorded_at_ms: at,
+                source: reply.get(i + 1).and_then(text_of).unwrap_or_default(),
+            });
+        }
+        Ok((records, version))
+    }
+
+    async fn status(&self) -> Result<StoreStatus, StoreError> {
+        let bound = self.bound()?;
+        let (marker, version, counts): (Option<String>, Value, HashMap<String, i64>) =
+            redis::pipe()
+                .hget(self.key("marker"), "dataset_id")
+                .get(self.key("version"))
+                .hgetall(self.key("counts"))
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+        if marker.as_deref() != Some(bound.dataset.as_str()) {
+            return Err(changed());
+        }
+        let count = |k: &str| u64::try_from(counts.get(k).copied().unwrap_or(0)).unwrap_or(0);
+        Ok(StoreStatus {
+            national: count("1"),
+            type1: count("2"),
+            patients: count("patients"),
+            version: version_of(&version)?,
+            dataset_id: bound.dataset,
+        })
+    }
+
+    async fn changes_after(
+        &self,
+        after: Version,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Feed, StoreError> {
+        let bound = self.bound()?;
+        let block = u64::try_from(wait.min(FEED_BLOCK).as_millis()).unwrap_or(250);
+        let mut read = redis::cmd("XREAD");
+        read.arg("COUNT").arg(max.max(1));
+        if block > 0 {
+            read.arg("BLOCK").arg(block);
+        }
+        read.arg("STREAMS")
+            .arg(self.key("log"))
+            .arg(after.to_string());
+        // The marker and the floor are read after the log, in the same round trip: if both still
+        // hold once the entries are in hand, nothing between `after` and them was trimmed, and
+        // they belong to the dataset this replica loaded.
+        let (entries, marker, floor): (Value, Option<String>, Value) = redis::pipe()
+            .add_command(read)
+            .hget(self.key("marker"), "dataset_id")
+            .get(self.key("log_floor"))
+            .query_async(&mut self.inner.feed.clone())
+            .await
+            .map_err(unavailable)?;
+        if marker.as_deref() != Some(bound.dataset.as_str()) {
+            return Err(changed());
+        }
+        if after < version_of(&floor)? {
+            return Ok(Feed::Trimmed);
+        }
+        let mut out = Vec::new();
+        // XREAD reply: [[stream, [[id, [field, value, ...]], ...]]] (RESP2), or nil on timeout.
+        for stream in array(entries)? {
+            let mut parts = array(stream)?.into_iter();
+            let _name = parts.next();
+            for entry in array(parts.next().unwrap_or(Value::Nil))? {
+                let mut e = array(entry)?.into_iter();
+                let version = version_of(&e.next().unwrap_or(Value::Nil))?;
+                let fields = array(e.next().unwrap_or(Value::Nil))?;
+                let mut added = Vec::new();
+                let mut removed = 0u64;
+                for pair in fields.chunks(2) {
+                    match (pair.first().and_then(text_of).as_deref(), pair.get(1)) {
+                        (Some("a"), Some(v)) => {
+                            added = numbers_csv(&text_of(v).unwrap_or_default())?
+                        }
+                        (Some("r"), Some(v)) => {
+                            removed = int_of(v).and_then(|i| u64::try_from(i).ok()).unwrap_or(0)
+                        }
+                        _ => {}
+                    }
+                }
+                out.push(ChangeEntry {
+                    version,
+                    added,
+                    removed,
+                });
+            }
+        }
+        Ok(Feed::Changes(out))
+    }
+
+    async fn scan(&self) -> Result<Scan, StoreError> {
+        let bound = self.bound()?;
+        let (marker, version): (Option<String>, Value) = redis::pipe()
+            .hget(self.key("marker"), "dataset_id")
+            .get(self.key("version"))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        if marker.as_deref() != Some(bound.dataset.as_str()) {
+            return Err(changed());
+        }
+        // Read before the records: the follower replays the log from here, which adds whatever
+        // the scan misses of later changes.
+        let version = version_of(&version)?;
+        const CHUNK: u64 = 256;
+        let mut numbers = Vec::new();
+        let mut seen = HashSet::new();
+        let mut from = 0;
+        while from < bound.buckets {
+            let to = (from + CHUNK).min(bound.buckets) - 1;
+            // Each chunk resolves the current generations itself, atomically, so an import swapped
+            // in mid-scan is read from whichever generation is current for that chunk (its new
+            // numbers are in the log entry the follower replays).
+            let reply: Value = self
+                .inner
+                .scripts
+                .scan
+                .prepare_invoke()
+                .arg(&self.inner.prefix)
+                .arg(&bound.dataset)
+                .arg(from)
+                .arg(to)
+                .invoke_async(&mut self.write_conn())
+                .await
+                .map_err(unavailable)?;
+            for v in array(reply)? {
+                let n = int_of(&v)
+                    .and_then(|i| u64::try_from(i).ok())
+                    .and_then(|i| NhsNumber::from_u64(i).ok())
+                    .ok_or_else(|| {
+                        StoreError::Corrupt("stored field is not an NHS number".into())
+                    })?;
+                if seen.insert(n) {
+                    numbers.push(n);
+                }
+            }
+            from = to + 1;
+        }
+        Ok(Scan { numbers, version })
+    }
+
+    async fn open_dataset(&self) -> Result<String, StoreError> {
+        let (id, buckets): (Option<String>, Option<u64>) = redis::pipe()
+            .hget(self.key("marker"), "dataset_id")
+            .hget(self.key("marker"), "buckets")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let (Some(dataset), Some(buckets)) = (id, buckets) else {
+            *self.inner.bound.write() = None;
+            return Err(not_initialised());
+        };
+        *self.inner.bound.write() = Some(Bound {
+            dataset: dataset.clone(),
+            buckets: buckets.max(1),
+        });
+        Ok(dataset)
+    }
+
+    async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let bound = self.bound()?;
+        let bytes: Option<Vec<u8>> = self
+            .conn()
+            .get(self.key("snapshot"))
+            .await
+            .map_err(unavailable)?;
+        Ok(bytes.and_then(|b| {
+            let id = bound.dataset.as_bytes();
+            (b.len() > id.len() && &b[..id.len()] == id).then(|| b[id.len()..].to_vec())
+        }))
+    }
+
+    async fn publish_snapshot(&self, version: Version, bytes: &[u8]) -> Result<(), StoreError> {
+        let bound = self.bound()?;
+        let mut value = Vec::with_capacity(bound.dataset.len() + bytes.len());
+        value.extend_from_slice(bound.dataset.as_bytes());
+        value.extend_from_slice(bytes);
+        let _: i64 = self
+            .inner
+            .scripts
+            .snapshot
+            .prepare_invoke()
+            .arg(&self.inner.prefix)
+            .arg(&bound.dataset)
+            .arg(version.ms)
+            .arg(version.seq)
+            .arg(value)
+            .invoke_async(&mut self.write_conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn shares_snapshots(&self) -> bool {
+        true
+    }
+}
+
+/// An import staged into a new generation of its type.
+struct RedisImport {
+    store: RedisStore,
+    bound: Bound,
+    mode: ImportMode,
+    opt_out: OptOutType,
+    generation: u64,
+    /// The record value of every staged number: `recorded_at_ms,source_id`.
+    value: String,
+    committed: bool,
+}
+
+impl RedisImport {
+    fn bucket_key(&self, generation: &str, b: u64) -> String {
+        self.store
+            .key(&format!("d:{}:{generation}:{b}", type_code(self.opt_out)))
+    }
+}
+
+#[async_trait]
+impl ImportSession for RedisImport {
+    async fn stage(&mut self, numbers: &[NhsNumber]) -> Result<(), StoreError> {
+        let g = self.generation.to_string();
+        let mut pipe = redis::pipe();
+        for n in numbers {
+            let b = n.as_u64() % self.bound.buckets;
+            pipe.hset(self.bucket_key(&g, b), n.as_u64(), &self.value)
+                .ignore();
+        }
+        let _: () = pipe
+            .query_async(&mut self.store.write_conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Under the type's lock (admin changes of that type wait), compares the staged generation
+    /// with the current one bucket by bucket, carries over the records that stay (so they keep
+    /// their original date and source; for MERGE, every current record stays), then one script
+    /// moves the generation pointer, the counts and the change log together.
+    async fn commit(mut self: Box<Self>) -> Result<ImportOutcome, StoreError> {
+        let store = self.store.clone();
+        let mut conn = store.write_conn();
+        let t = type_code(self.opt_out);
+        let other = match self.opt_out {
+            OptOutType::NationalDataOptOut => "2",
+            OptOutType::Type1 => "1",
+        };
+        let mut token = [0u8; 8];
+        rand::fill(&mut token);
+        let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+        let lock = store.key(&format!("lock:{t}"));
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(&lock)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(600_000)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if locked.is_none() {
+            return Err(StoreError::Unavailable(
+                "another import of this opt-out type is being applied; retry".into(),
+            ));
+        }
+        let result = self.diff_and_swap(&mut conn, t, other, &token).await;
+        if result.is_err() {
+            let _: Result<i64, _> = store
+                .inner
+                .scripts
+                .unlock
+                .prepare_invoke()
+                .arg(&lock)
+                .arg(&token)
+                .invoke_async(&mut conn)
+                .await;
+        }
+        let (outcome, old_generation) = result?;
+        self.committed = true;
+        // The old generation is unreachable now.
+        store.unlink_generation(t, old_generation, self.bound.buckets);
+        Ok(outcome)
+    }
+}
+
+impl RedisImport {
+    async fn diff_and_swap(
+        &self,
+        conn: &mut ConnectionManager,
+        t: &str,
+        other: &str,
+        token: &str,
+    ) -> Result<(ImportOutcome, u64), StoreError> {
+        let store = &self.store;
+        let (current, other_gen): (Option<u64>, Option<u64>) = redis::pipe()
+            .get(store.key(&format!("gen:{t}")))
+            .get(store.key(&format!("gen:{other}")))
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        let (current, other_gen) = (
+            current.unwrap_or(0).to_string(),
+            other_gen.unwrap_or(0).to_string(),
+        );
+        let staged_gen = self.generation.to_string();
+        let mut added: Vec<String> = Vec::new();
+        let mut removed = 0u64;
+        let mut total = 0u64;
+        let mut patients: i64 = 0;
+        const CHUNK: u64 = 256;
+        let mut from = 0;
+        while from < self.bound.buckets {
+            let to = (from + CHUNK).min(self.bound.buckets);
+            let mut read = redis::pipe();
+            for b in from..to {
+                read.hgetall(self.bucket_key(&current, b))
+                    .hkeys(self.bucket_key(&staged_gen, b))
+                    .hkeys(store.key(&format!("d:{other}:{other_gen}:{b}")));
+            }
+            let replies: Vec<Value> = read.query_async(conn).await.map_err(unavailable)?;
+            let mut carry = redis::pipe();
+            let mut carrying = false;
+            for (i, b) in (from..to).enumerate() {
+                let old = pairs_map(replies.get(i * 3).cloned().unwrap_or(Value::Nil))?;
+                let new: HashSet<String> =
+                    array(replies.get(i * 3 + 1).cloned().unwrap_or(Value::Nil))?
+                        .iter()
+                        .filter_map(text_of)
+                        .collect();
+                let in_other: HashSet<String> =
+                    array(replies.get(i * 3 + 2).cloned().unwrap_or(Value::Nil))?
+                        .iter()
+                        .filter_map(text_of)
+                        .collect();
+                for n in &new {
+                    if !old.contains_key(n) {
+                        added.push(n.clone());
+                        if !in_other.contains(n) {
+                            patients += 1;
+                        }
+                    }
+                }
+                let key = self.bucket_key(&staged_gen, b);
+                for (n, v) in &old {
+                    let stays = self.mode == ImportMode::Merge || new.contains(n);
+                    if stays {
+                        carry.hset(&key, n, v).ignore();
+                        carrying = true;
+                    } else {
+                        removed += 1;
+                        if !in_other.contains(n) {
+                            patients -= 1;
+                        }
+                    }
+                }
+                total += u64::try_from(new.len()).unwrap_or(0);
+                if self.mode == ImportMode::Merge {
+                    total += u64::try_from(old.keys().filter(|n| !new.contains(*n)).count())
+                        .unwrap_or(0);
+                }
+            }
+            if carrying {
+                let _: () = carry.query_async(conn).await.map_err(unavailable)?;
+            }
+            from = to;
+        }
+        if self.mode == ImportMode::Replace && total == 0 {
+            return Err(StoreError::ImportRefused(format!(
+                "a REPLACE import with no valid numbers would remove every {} opt-out; use \
+                 RemoveOptOuts to remove opt-outs explicitly",
+                self.opt_out.name()
+            )));
+        }
+        let reply: (String, u64) = store
+            .inner
+            .scripts
+            .swap
+            .prepare_invoke()
+            .arg(&store.inner.prefix)
+            .arg(&self.bound.dataset)
+            .arg(t)
+            .arg(token)
+            .arg(&staged_gen)
+            .arg(added.join(","))
+            .arg(removed)
+            .arg(total)
+            .arg(patients)
+            .arg(store.inner.log_len)
+            .invoke_async(conn)
+            .await
+            .map_err(unavailable)?;
+        let version = Version::parse(&reply.0).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok((
+            ImportOutcome {
+                added: added.len() as u64,
+                removed,
+                version,
+            },
+            reply.1,
+        ))
+    }
+}
+
+fn pairs_map(v: Value) -> Result<HashMap<String, String>, StoreError> {
+    match v {
+        Value::Map(m) => Ok(m
+            .iter()
+            .filter_map(|(k, v)| Some((text_of(k)?, text_of(v)?)))
+            .collect()),
+        other => {
+            let a = array(other)?;
+            Ok(a.chunks(2)
+                .filter_map(|p| Some((text_of(p.first()?)?, text_of(p.get(1)?)?)))
+                .collect())
+        }
+    }
+}
+
+impl Drop for RedisImport {
+    /// An import that was not committed leaves a generation nobody reads: unlink it. If this
+    /// process dies first, its keys stay until removed by hand (they are never read).
+    fn drop(&mut self) {
+        if !self.committed {
+            self.store.unlink_generation(
+                type_code(self.opt_out),
+                self.generation,
+                self.bound.buckets,
+            );
+        }
+    }
+}
+
+/// The Lua scripts. Each runs atomically in Redis; `redis::Script` sends EVALSHA and falls back to
+/// EVAL once per connection, so a call is one round trip.
+struct Scripts {
+    init: Script,
+    intern: Script,
+    lookup: Script,
+    get: Script,
+    change: Script,
+    swap: Script,
+    unlock: Script,
+    scan: Script,
+    snapshot: Script,
+}
+
+const TRIM: &str = r#"
+local function trim(p, maxlen)
+  local len = redis.call('XLEN', p..'log')
+  if len <= maxlen then return end
+  local old = redis.call('XRANGE', p..'log', '-', '+', 'COUNT', len - maxlen)
+  for _, e in ipairs(old) do redis.call('XDEL', p..'log', e[1]) end
+  redis.call('SET', p..'log_floor', old[#old][1])
+end
+"#;
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            // ARGV: prefix, dataset id, buckets, now. Returns 1 if initialised, 0 if it already was.
+            init: Script::new(
+                r#"
+local p = ARGV[1]
+if redis.call('EXISTS', p..'marker') == 1 then return 0 end
+redis.call('HSET', p..'marker', 'dataset_id', ARGV[2], 'buckets', ARGV[3], 'created_at_ms', ARGV[4])
+redis.call('SET', p..'version', '0-0')
+redis.call('SET', p..'log_floor', '0-0')
+return 1
+"#,
+            ),
+            // ARGV: prefix, source. Returns the source's id.
+            intern: Script::new(
+                r#"
+local p = ARGV[1]
+local sid = redis.call('HGET', p..'srcid', ARGV[2])
+if sid then return tonumber(sid) end
+sid = redis.call('INCR', p..'srcnext')
+redis.call('HSET', p..'srcid', ARGV[2], sid)
+redis.call('HSET', p..'src', sid, ARGV[2])
+return sid
+"#,
+            ),
+            // ARGV: prefix, then bucket/number pairs. Returns marker, version, then per number a
+            // bit set of types held (1 national, 2 type 1).
+            lookup: Script::new(
+                r#"
+local p = ARGV[1]
+local marker = redis.call('HGET', p..'marker', 'dataset_id')
+if not marker then return {''} end
+local version = redis.call('GET', p..'version') or '0-0'
+local g1 = redis.call('GET', p..'gen:1') or '0'
+local g2 = redis.call('GET', p..'gen:2') or '0'
+local out = {marker, version}
+for i = 2, #ARGV, 2 do
+  local b, n = ARGV[i], ARGV[i + 1]
+  local m = 0
+  if redis.call('HEXISTS', p..'d:1:'..g1..':'..b, n) == 1 then m = m + 1 end
+  if redis.call('HEXISTS', p..'d:2:'..g2..':'..b, n) == 1 then m = m + 2 end
+  out[#out + 1] = m
+end
+return out
+"#,
+            ),
+            // ARGV: prefix, bucket, number. Returns marker, version, then value and source name
+            // for national, then for type 1 ('' when absent).
+            get: Script::new(
+                r#"
+local p, b, n = ARGV[1], ARGV[2], ARGV[3]
+local marker = redis.call('HGET', p..'marker', 'dataset_id') or ''
+local out = {marker, redis.call('GET', p..'version') or '0-0'}
+for t = 1, 2 do
+  local g = redis.call('GET', p..'gen:'..t) or '0'
+  local v = redis.call('HGET', p..'d:'..t..':'..g..':'..b, n)
+  if v then
+    local sid = string.match(v, ',(%d+)$')
+    out[#out + 1] = v
+    out[#out + 1] = (sid and redis.call('HGET', p..'src', sid)) or ''
+  else
+    out[#out + 1] = ''
+    out[#out + 1] = ''
+  end
+end
+return out
+"#,
+            ),
+            // ARGV: prefix, dataset, 'a'|'r', type, now, source, maxlen, bucket/number pairs.
+            // Returns {version, applied}.
+            change: Script::new(&format!(
+                r#"{TRIM}
+local p = ARGV[1]
+if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
+  return redis.error_reply('OPTOUTDATASET marker missing or changed')
+end
+local t = ARGV[4]
+if redis.call('EXISTS', p..'lock:'..t) == 1 then
+  return redis.error_reply('OPTOUTLOCKED an import of this type is being applied')
+end
+local other = (t == '1') and '2' or '1'
+local g = redis.call('GET', p..'gen:'..t) or '0'
+local go = redis.call('GET', p..'gen:'..other) or '0'
+local sid = redis.call('HGET', p..'srcid', ARGV[6])
+if not sid then
+  sid = redis.call('INCR', p..'srcnext')
+  redis.call('HSET', p..'srcid', ARGV[6], sid)
+  redis.call('HSET', p..'src', sid, ARGV[6])
+end
+local value = ARGV[5]..','..sid
+local add = ARGV[3] == 'a'
+local applied, patients = 0, 0
+local added = {{}}
+for i = 8, #ARGV, 2 do
+  local b, n = ARGV[i], ARGV[i + 1]
+  local key = p..'d:'..t..':'..g..':'..b
+  local changed
+  if add then changed = redis.call('HSETNX', key, n, value) else changed = redis.call('HDEL', key, n) end
+  if changed == 1 then
+    applied = applied + 1
+    if add then added[#added + 1] = n end
+    if redis.call('HEXISTS', p..'d:'..other..':'..go..':'..b, n) == 0 then
+      if add then patients = patients + 1 else patients = patients - 1 end
+    end
+  end
+end
+redis.call('HINCRBY', p..'counts', t, add and applied or -applied)
+redis.call('HINCRBY', p..'counts', 'patients', patients)
+local id = redis.call('XADD', p..'log', '*', 'a', table.concat(added, ','), 'r', add and 0 or applied)
+redis.call('SET', p..'version', id)
+trim(p, tonumber(ARGV[7]))
+return {{id, applied}}
+"#
+            )),
+            // ARGV: prefix, dataset, type, lock token, new generation, added csv, removed, new
+            // count, patients delta, maxlen. Returns {version, old generation}.
+            swap: Script::new(&format!(
+                r#"{TRIM}
+local p, t = ARGV[1], ARGV[3]
+if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
+  return redis.error_reply('OPTOUTDATASET marker missing or changed')
+end
+if redis.call('GET', p..'lock:'..t) ~= ARGV[4] then
+  return redis.error_reply('OPTOUTLOCKED the import lock was lost')
+end
+local old = redis.call('GET', p..'gen:'..t) or '0'
+redis.call('SET', p..'gen:'..t, ARGV[5])
+redis.call('HSET', p..'counts', t, ARGV[8])
+redis.call('HINCRBY', p..'counts', 'patients', ARGV[9])
+local id = redis.call('XADD', p..'log', '*', 'a', ARGV[6], 'r', ARGV[7])
+redis.call('SET', p..'version', id)
+trim(p, tonumber(ARGV[10]))
+redis.call('DEL', p..'lock:'..t)
+return {{id, tonumber(old)}}
+"#
+            )),
+            // KEYS-free: ARGV lock key, token. Deletes the lock if still ours.
+            unlock: Script::new(
+                r#"
+if redis.call('GET', ARGV[1]) == ARGV[2] then return redis.call('DEL', ARGV[1]) end
+return 0
+"#,
+            ),
+            // ARGV: prefix, dataset, first bucket, last bucket. Returns the numbers of both
+            // current generations in those buckets.
+            scan: Script::new(
+                r#"
+local p = ARGV[1]
+if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
+  return redis.error_reply('OPTOUTDATASET marker missing or changed')
+end
+local g1 = redis.call('GET', p..'gen:1') or '0'
+local g2 = redis.call('GET', p..'gen:2') or '0'
+local out = {}
+for b = tonumber(ARGV[3]), tonumber(ARGV[4]) do
+  for _, n in ipairs(redis.call('HKEYS', p..'d:1:'..g1..':'..b)) do out[#out + 1] = n end
+  for _, n in ipairs(redis.call('HKEYS', p..'d:2:'..g2..':'..b)) do out[#out + 1] = n end
+end
+return out
+"#,
+            ),
+            // ARGV: prefix, dataset, version ms, version seq, bytes. Keeps the newest snapshot.
+            snapshot: Script::new(
+                r#"
+local p = ARGV[1]
+if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
+  return redis.error_reply('OPTOUTDATASET marker missing or changed')
+end
+local cur = redis.call('GET', p..'snapshot_version')
+if cur then
+  local ms, seq = string.match(cur, '^(%d+)-(%d+)$')
+  ms, seq = tonumber(ms), tonumber(seq)
+  local nms, nseq = tonumber(ARGV[3]), tonumber(ARGV[4])
+  if ms and (ms > nms or (ms == nms and seq >= nseq)) then return 0 end
+end
+redis.call('SET', p..'snapshot', ARGV[5])
+redis.call('SET', p..'snapshot_version', ARGV[3]..'-'..ARGV[4])
+return 1
+"#,
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        assert_eq!(
+            redact_url("redis://user:secret@cache.example:6380/2"),
+            "redis://user:***@cache.example:6380/2"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert!(!redact_url("not a url:secret@host").contains("secret"));
+    }
+}

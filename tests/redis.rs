@@ -1,0 +1,567 @@
+//! Replicas on a shared Redis store: real redis-server processes on free loopback ports, owned and
+//! stopped by each test; the real server on 127.0.0.1 port 0; generated gRPC clients.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{
+    FaultyStore, RedisServer, TestServer, change_request, check_request, init_redis, outcome,
+    redis_config, valid_numbers,
+};
+use optout::api::proto::{
+    GetStatusRequest, ImportMode, ImportOptOutsRequest, OptOutType, Outcome, Purpose, Reason,
+};
+use redis::AsyncCommands;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const RESEARCH: Purpose = Purpose::Research;
+
+async fn decide(server: &TestServer, numbers: &[String], at_least: &str) -> Vec<(Outcome, Reason)> {
+    let mut client = server.check_client().await;
+    let mut req = check_request(numbers.to_vec(), RESEARCH);
+    req.at_least_version = at_least.to_string();
+    let r = client.check(req).await.expect("check").into_inner();
+    r.decisions.iter().map(outcome).collect()
+}
+
+async fn status(server: &TestServer) -> optout::api::proto::GetStatusResponse {
+    server
+        .admin_client()
+        .await
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+const WITHHELD: (Outcome, Reason) = (Outcome::Withhold, Reason::NationalDataOptOut);
+const RELEASED: (Outcome, Reason) = (Outcome::Release, Reason::NoOptOut);
+
+#[tokio::test]
+async fn an_opt_out_added_through_one_replica_is_withheld_by_the_other() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    init_redis(&config).await;
+    let a = TestServer::start_redis(config.clone()).await;
+    let b = TestServer::start_redis(config.clone()).await;
+    let n = valid_numbers(4_000_000_000, 3);
+
+    let added = a
+        .admin_client()
+        .await
+        .add_opt_outs(change_request(
+            vec![n[0].clone()],
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add through A")
+        .into_inner();
+    // With the version A returned: B answers for it at once.
+    assert_eq!(
+        decide(&b, &n[..1], &added.version).await,
+        vec![WITHHELD],
+        "B with at_least_version"
+    );
+    // Without it: within the freshness bound.
+    let n2 = n[1].clone();
+    let started = Instant::now();
+    a.admin_client()
+        .await
+        .add_opt_outs(change_request(
+            vec![n2.clone()],
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add through A");
+    loop {
+        if decide(&b, std::slice::from_ref(&n2), "").await == vec![WITHHELD] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(2000),
+            "B withheld the new opt-out within the 2 s freshness bound"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(decide(&b, &n[2..], "").await, vec![RELEASED]);
+    let s = status(&b).await;
+    assert_eq!(s.store_kind, "redis");
+    assert_eq!(s.national_data_opt_outs, 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn redis_killed_while_checks_run_never_releases_an_opt_out_and_recovers() {
+    let mut redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    init_redis(&config).await;
+    let server = Arc::new(TestServer::start_redis(config.clone()).await);
+    let opted = valid_numbers(4_100_000_000, 50);
+    let clean = valid_numbers(4_200_000_000, 50);
+    server
+        .admin_client()
+        .await
+        .add_opt_outs(change_request(
+            opted.clone(),
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("seed");
+    let mut batch = opted.clone();
+    batch.extend(clean.iter().cloned());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let checks = Arc::new(AtomicU64::new(0));
+    let clean_released = Arc::new(AtomicU64::new(0));
+    let worker = {
+        let (server, stop, checks, clean_released) = (
+            server.clone(),
+            stop.clone(),
+            checks.clone(),
+            clean_released.clone(),
+        );
+        let batch = batch.clone();
+        tokio::spawn(async move {
+            let mut client = server.check_client().await;
+            let mut slowest = Duration::ZERO;
+            while !stop.load(Ordering::SeqCst) {
+                let mut req = tonic::Request::new(check_request(batch.clone(), RESEARCH));
+                req.set_timeout(Duration::from_millis(500));
+                let started = Instant::now();
+                let r = client
+                    .check(req)
+                    .await
+                    .expect("every check is answered")
+                    .into_inner();
+                slowest = slowest.max(started.elapsed());
+                for (i, d) in r.decisions.iter().enumerate() {
+                    let (o, _) = outcome(d);
+                    if i < 50 {
+                        assert_eq!(o, Outcome::Withhold, "opted-out number {i} released");
+                    } else if o == Outcome::Release {
+                        clean_released.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                checks.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            slowest
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // Well past the freshness bound with Redis dead: nothing at all is released now.
+    let before = clean_released.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        clean_released.load(Ordering::SeqCst),
+        before,
+        "nothing released while unprovable"
+    );
+    let during = checks.load(Ordering::SeqCst);
+
+    redis.restart();
+    let back = Instant::now();
+    loop {
+        if decide(&server, &clean[..1], "").await == vec![RELEASED]
+            && server.health().await == ServingStatus::Serving as i32
+        {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "recovered within 10 s of Redis returning"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let slowest = worker.await.expect("no opted-out number was released");
+    assert!(checks.load(Ordering::SeqCst) > during, "checks kept coming");
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "slowest answer {slowest:?}"
+    );
+    assert_eq!(decide(&server, &opted[..1], "").await, vec![WITHHELD]);
+    Arc::try_unwrap(server)
+        .ok()
+        .expect("sole owner")
+        .stop()
+        .await;
+}
+
+#[tokio::test]
+async fn a_redis_that_comes_back_empty_or_is_flushed_fails_closed() {
+    for flush in [false, true] {
+        let mut redis = RedisServer::start();
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let config = redis_config(&redis, "optout:", scratch.path());
+        init_redis(&config).await;
+        let server = TestServer::start_redis(config.clone()).await;
+        let n = valid_numbers(4_300_000_000, 2);
+        server
+            .admin_client()
+            .await
+            .add_opt_outs(change_request(
+                vec![n[0].clone()],
+                OptOutType::NationalDataOptOut,
+            ))
+            .await
+            .expect("add");
+
+        if flush {
+            let mut c = redis.connection().await;
+            let _: () = redis::cmd("FLUSHALL")
+                .query_async(&mut c)
+                .await
+                .expect("flushall");
+        } else {
+            redis.restart_empty();
+        }
+        // From the moment the data is gone, the opt-out is never released.
+        let started = Instant::now();
+        let mut not_serving = false;
+        while started.elapsed() < Duration::from_secs(4) {
+            let got = decide(&server, &n, "").await;
+            assert_eq!(
+                got[0].0,
+                Outcome::Withhold,
+                "flush={flush}: opted-out number released"
+            );
+            if server.health().await == ServingStatus::NotServing as i32 {
+                not_serving = true;
+                // Once it fails closed, nothing is released, even the number with no opt-out.
+                let after = decide(&server, &n, "").await;
+                assert_eq!(after[0].0, Outcome::Withhold, "flush={flush}");
+                assert_eq!(after[1].0, Outcome::Withhold, "flush={flush}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(not_serving, "flush={flush}: health turned NOT_SERVING");
+        // A replica started now also refuses to serve from the empty store.
+        let late = TestServer::start_unready(
+            Arc::new(
+                optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+                    .expect("connect"),
+            ),
+            config.clone(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(late.health().await, ServingStatus::NotServing as i32);
+        assert_eq!(decide(&late, &n, "").await[0].0, Outcome::Withhold);
+        late.stop().await;
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_new_replica_starts_from_the_snapshot_and_a_replica_behind_a_trimmed_log_rebuilds() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut config = redis_config(&redis, "optout:", scratch.path());
+    config.redis.as_mut().expect("redis").log_len = 50;
+    init_redis(&config).await;
+    let a = TestServer::start_redis(config.clone()).await;
+
+    // A replica whose change feed is cut off.
+    let faulty = FaultyStore::new(Arc::new(
+        optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+            .expect("connect"),
+    ));
+    let behind = TestServer::start_on(faulty.clone(), config.clone()).await;
+    faulty.feed_down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let generation_before = status(&behind).await.filter.expect("filter").generation;
+
+    // 100,000 opt-outs in 100 changes through A: far past the 50 entries the log keeps.
+    let all = valid_numbers(5_000_000_000, 100_000);
+    let mut admin = a.admin_client().await;
+    let mut last = String::new();
+    for chunk in all.chunks(1000) {
+        last = admin
+            .add_opt_outs(change_request(
+                chunk.to_vec(),
+                OptOutType::NationalDataOptOut,
+            ))
+            .await
+            .expect("add")
+            .into_inner()
+            .version;
+    }
+    // A publishes a snapshot (every 200 ms here); wait until it covers the last change.
+    let mut conn = redis.connection().await;
+    let started = Instant::now();
+    loop {
+        let v: Option<String> = conn.get("optout:snapshot_version").await.expect("get");
+        if v.as_deref() == Some(last.as_str()) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "snapshot published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = TestServer::start_redis(config.clone()).await;
+    let s = status(&c).await;
+    let f = s.filter.expect("filter");
+    assert_eq!(f.loaded_from, "snapshot");
+    assert_eq!(f.version, last);
+    let sample: Vec<String> = all.iter().step_by(997).cloned().collect();
+    assert!(decide(&c, &sample, "").await.iter().all(|d| *d == WITHHELD));
+
+    // The replica that was cut off finds its position trimmed away and rebuilds.
+    faulty.feed_down.store(false, Ordering::SeqCst);
+    let started = Instant::now();
+    loop {
+        let f = status(&behind).await.filter.expect("filter");
+        if f.generation > generation_before && f.version >= last && f.fresh {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the replica behind rebuilt"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        decide(&behind, &sample, "")
+            .await
+            .iter()
+            .all(|d| *d == WITHHELD)
+    );
+    a.stop().await;
+    behind.stop().await;
+    c.stop().await;
+}
+
+fn import(numbers: &[String], commit: bool) -> ImportOptOutsRequest {
+    ImportOptOutsRequest {
+        mode: ImportMode::Replace as i32,
+        r#type: OptOutType::NationalDataOptOut as i32,
+        source: "replace".into(),
+        nhs_numbers: numbers.to_vec(),
+        commit,
+    }
+}
+
+#[tokio::test]
+async fn a_replace_import_racing_with_checks_never_shows_half_a_list() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    init_redis(&config).await;
+    let writer = TestServer::start_redis(config.clone()).await;
+    let reader = Arc::new(TestServer::start_redis(config.clone()).await);
+    let old = valid_numbers(4_400_000_000, 3000);
+    let new = valid_numbers(4_500_000_000, 3000);
+    let mut admin = writer.admin_client().await;
+    admin
+        .import_opt_outs(tokio_stream::iter(vec![import(&old, true)]))
+        .await
+        .expect("first list");
+    let mut both: Vec<String> = old.iter().step_by(10).cloned().collect();
+    let probe_new: Vec<String> = new.iter().step_by(10).cloned().collect();
+    let split = both.len();
+    both.extend(probe_new);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let states = {
+        let (reader, stop, both) = (reader.clone(), stop.clone(), both.clone());
+        tokio::spawn(async move {
+            let mut seen = HashSet::new();
+            let mut client = reader.check_client().await;
+            while !stop.load(Ordering::SeqCst) {
+                let r = client
+                    .check(check_request(both.clone(), RESEARCH))
+                    .await
+                    .expect("check")
+                    .into_inner();
+                let w: Vec<bool> = r
+                    .decisions
+                    .iter()
+                    .map(|d| outcome(d).0 == Outcome::Withhold)
+                    .collect();
+                let old_state = w[..split].iter().all(|x| *x) && w[split..].iter().all(|x| !*x);
+                let new_state = w[..split].iter().all(|x| !*x) && w[split..].iter().all(|x| *x);
+                assert!(
+                    old_state || new_state,
+                    "a check saw half a list: {} of {} old withheld, {} of {} new withheld",
+                    w[..split].iter().filter(|x| **x).count(),
+                    split,
+                    w[split..].iter().filter(|x| **x).count(),
+                    w.len() - split
+                );
+                seen.insert(new_state);
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let chunks: Vec<ImportOptOutsRequest> = new
+        .chunks(500)
+        .enumerate()
+        .map(|(i, c)| import(c, i == new.len() / 500 - 1))
+        .collect();
+    let r = admin
+        .import_opt_outs(tokio_stream::iter(chunks))
+        .await
+        .expect("replace")
+        .into_inner();
+    assert_eq!((r.added, r.removed), (3000, 3000));
+    let done = Instant::now();
+    while done.elapsed() < Duration::from_millis(2500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let seen = states.await.expect("never half a list");
+    assert!(seen.contains(&true), "checks saw the new list");
+    let s = status(&reader).await;
+    assert_eq!(s.national_data_opt_outs, 3000);
+    writer.stop().await;
+    Arc::try_unwrap(reader)
+        .ok()
+        .expect("sole owner")
+        .stop()
+        .await;
+}
+
+#[tokio::test]
+async fn foreign_keys_are_never_touched_and_a_store_is_initialised_once() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    let mut conn = redis.connection().await;
+    let _: () = conn.set("other-app:key", "mine").await.expect("set");
+    let _: () = conn
+        .set("optout", "not under the prefix")
+        .await
+        .expect("set");
+    let _: () = conn.hset("other-app:hash", "f", "v").await.expect("hset");
+
+    // Before initialisation, a replica does not serve.
+    let early = TestServer::start_unready(
+        Arc::new(
+            optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+                .expect("connect"),
+        ),
+        config.clone(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(early.health().await, ServingStatus::NotServing as i32);
+
+    init_redis(&config).await;
+    let again = optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+        .expect("connect")
+        .init(64)
+        .await;
+    assert!(again.is_err(), "a second init is refused");
+    early.wait_serving().await;
+
+    let n = valid_numbers(4_600_000_000, 200);
+    let mut admin = early.admin_client().await;
+    admin
+        .add_opt_outs(change_request(n.clone(), OptOutType::Type1))
+        .await
+        .expect("add");
+    admin
+        .remove_opt_outs(change_request(n[..50].to_vec(), OptOutType::Type1))
+        .await
+        .expect("remove");
+    let r = admin
+        .import_opt_outs(tokio_stream::iter(vec![ImportOptOutsRequest {
+            r#type: OptOutType::Type1 as i32,
+            ..import(&n[100..], true)
+        }]))
+        .await
+        .expect("import")
+        .into_inner();
+    assert_eq!((r.added, r.removed), (0, 50));
+    let s = status(&early).await;
+    assert_eq!((s.type_1_opt_outs, s.patients), (100, 100));
+
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    for k in &keys {
+        assert!(
+            k.starts_with("optout:")
+                || ["other-app:key", "optout", "other-app:hash"].contains(&k.as_str()),
+            "unexpected key {k}"
+        );
+    }
+    let v: String = conn.get("other-app:key").await.expect("get");
+    assert_eq!(v, "mine");
+    let v: String = conn.get("optout").await.expect("get");
+    assert_eq!(v, "not under the prefix");
+    let v: String = conn.hget("other-app:hash", "f").await.expect("hget");
+    assert_eq!(v, "v");
+    early.stop().await;
+}
+
+#[tokio::test]
+async fn checks_answer_from_redis_in_one_round_trip_per_request() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    init_redis(&config).await;
+    let server = TestServer::start_redis(config.clone()).await;
+    let n = valid_numbers(4_700_000_000, 1000);
+    server
+        .admin_client()
+        .await
+        .add_opt_outs(change_request(
+            n[..100].to_vec(),
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut conn = redis.connection().await;
+    let before: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("info");
+    let got = decide(&server, &n, "").await;
+    let after: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("info");
+    assert!(got[..100].iter().all(|d| *d == WITHHELD));
+    assert!(got[100..].iter().all(|d| *d == RELEASED));
+    let calls = |info: &str, cmd: &str| -> u64 {
+        info.lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|s| s.split(',').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    let scripts = calls(&after, "evalsha") + calls(&after, "eval")
+        - calls(&before, "evalsha")
+        - calls(&before, "eval");
+    // One script call for the 100+ maybes (the follower and snapshot publisher may add a few
+    // of their own, but not one per number).
+    assert!(
+        (1..=3).contains(&scripts),
+        "{scripts} script calls for one check of 1000 numbers"
+    );
+    server.stop().await;
+}
