@@ -116,7 +116,17 @@ async fn main() -> Result<(), Error> {
         import.stage(chunk).await?;
     }
     let staged = started.elapsed();
-    let outcome = import.commit().await?;
+    let audit_key = optout::core::AuditKey::new(&[7u8; 32])?;
+    let outcome = import
+        .commit(
+            optout::core::AuditRecord {
+                organisation: "scale-run".into(),
+                action: "import-replace".into(),
+                ..Default::default()
+            },
+            &audit_key,
+        )
+        .await?;
     let took = started.elapsed();
     drop(numbers);
     let after = used_memory(&url).await?;

@@ -15,6 +15,8 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod check;
 pub mod cli;
 pub mod core;

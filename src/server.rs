@@ -10,12 +10,16 @@ use tonic_health::ServingStatus;
 use crate::{
     api::{
         AdminService, CheckService, Limits,
+        gate::{Gate, GateState, RateLimit},
         proto::{
             FILE_DESCRIPTOR_SET, opt_out_admin_server::OptOutAdminServer,
             opt_out_check_server::OptOutCheckServer,
         },
     },
+    audit::AuditWriter,
+    auth::{Keyring, Role},
     check::Checker,
+    core::AuditKey,
     store::{
         ConsentStore, StoreError,
         embedded::{EmbeddedConfig, EmbeddedStore, Opened},
@@ -39,6 +43,31 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// The shared Redis store; `None` runs on the embedded store in `data_dir`.
     pub redis: Option<RedisConfig>,
+    /// API keys; `None` runs open (the CLI allows that on loopback only).
+    pub keys_file: Option<PathBuf>,
+    /// How often the keys file is checked for changes.
+    pub keys_reload: Duration,
+    /// TLS for the gRPC port.
+    pub tls: Option<TlsFiles>,
+    /// The key of audit digests; `None` makes a random one for this process (development only:
+    /// digests then do not match across restarts).
+    pub audit_key: Option<AuditKey>,
+    /// How long check records may fail to be written before checks withhold everything.
+    pub audit_bound: Duration,
+    /// Per-organisation request rate.
+    pub rate_limit: RateLimit,
+}
+
+/// PEM material for TLS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Server certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// Server private key.
+    pub key_pem: Vec<u8>,
+    /// CA that signs client certificates: set for mutual TLS, where a client certificate is
+    /// required and must name the key's organisation (subject O, else CN).
+    pub client_ca_pem: Option<Vec<u8>>,
 }
 
 impl ServerConfig {
@@ -51,6 +80,15 @@ impl ServerConfig {
             limits: Limits::default(),
             max_concurrent_streams: 256,
             redis: None,
+            keys_file: None,
+            keys_reload: Duration::from_secs(2),
+            tls: None,
+            audit_key: None,
+            audit_bound: Duration::from_secs(5),
+            rate_limit: RateLimit {
+                per_second: 1000,
+                burst: 2000,
+            },
         }
     }
 }
@@ -70,6 +108,9 @@ pub enum ServerError {
     /// The reflection service could not be built.
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The keys file could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] crate::auth::KeysFileError),
 }
 
 const SERVICES: [&str; 3] = ["", "optout.v1.OptOutCheck", "optout.v1.OptOutAdmin"];
@@ -174,19 +215,68 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let keyring = match &config.keys_file {
+        Some(path) => Some(Keyring::load(path)?),
+        None => None,
+    };
+    let keys_task = keyring.as_ref().map(|k| k.watch(config.keys_reload));
+    let audit_key = match config.audit_key.clone() {
+        Some(k) => k,
+        None => {
+            tracing::warn!(
+                "no audit key configured: using a random one for this process; audit digests \
+                 will not match records written by other replicas or after a restart"
+            );
+            let mut secret = [0u8; 32];
+            rand::fill(&mut secret);
+            AuditKey::new(&secret).map_err(|e| ServerError::Config(e.to_string()))?
+        }
+    };
+    let (audit, audit_task) =
+        AuditWriter::start(store.clone(), audit_key.clone(), config.audit_bound);
+    let gates = GateState::new(
+        keyring,
+        config.rate_limit,
+        config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_pem.is_some()),
+    );
+
     let limits = config.limits;
     let checker = Checker::new(store.clone(), filter.clone());
-    let check = OptOutCheckServer::new(CheckService::new(checker, limits))
+    let check = OptOutCheckServer::new(CheckService::new(checker, limits, audit))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
-    let admin = OptOutAdminServer::new(AdminService::new(store.clone(), filter.clone(), limits))
-        .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(limits.max_message_bytes);
+    let check = tonic::service::interceptor::InterceptedService::new(
+        check,
+        Gate::new(gates.clone(), Role::Checker),
+    );
+    let admin = OptOutAdminServer::new(AdminService::new(
+        store.clone(),
+        filter.clone(),
+        limits,
+        audit_key,
+    ))
+    .max_decoding_message_size(limits.max_message_bytes)
+    .max_encoding_message_size(limits.max_message_bytes);
+    let admin =
+        tonic::service::interceptor::InterceptedService::new(admin, Gate::new(gates, Role::Admin));
 
     if let Some(addr) = local {
         tracing::info!(%addr, store = store.kind(), "listening");
     }
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        let mut t = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        );
+        if let Some(ca) = &tls.client_ca_pem {
+            t = t.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(t)?;
+    }
+    let result = builder
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -209,6 +299,14 @@ pub async fn serve(
 
     let _ = stop_tx.send(true);
     health_task.abort();
+    if let Some(k) = keys_task {
+        k.abort();
+    }
+    // The services (and their audit handles) are gone: the writer flushes what is queued.
+    match tokio::time::timeout(Duration::from_secs(5), audit_task).await {
+        Ok(_) => {}
+        Err(_) => tracing::error!("audit records still unwritten at shutdown after 5 s"),
+    }
     if let Err(e) = follower.await {
         tracing::warn!(error = %e, "filter follower ended abnormally");
     }

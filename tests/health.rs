@@ -34,6 +34,7 @@ async fn not_serving_until_the_filter_loads_yet_checks_answer_from_the_store() {
             optout::core::OptOutType::NationalDataOptOut,
             &[opted],
             "seed",
+            &optout::core::AuditRecord::default(),
         )
         .await
         .expect("seed");

@@ -5,16 +5,20 @@ use std::{sync::Arc, time::Duration};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    Limits, Rejections, all_valid, deadline, opt_out_type, opt_out_type_to_proto,
+    Limits, Rejections, all_valid, deadline,
+    gate::caller_of,
+    opt_out_type, opt_out_type_to_proto,
     proto::{
-        ChangeOptOutsRequest, ChangeOptOutsResponse, FilterStatus, GetOptOutRequest,
+        AuditEntry, ChangeOptOutsRequest, ChangeOptOutsResponse, FilterStatus, GetOptOutRequest,
         GetOptOutResponse, GetStatusRequest, GetStatusResponse, ImportOptOutsRequest,
-        ImportOptOutsResponse, OptOutRecord, opt_out_admin_server::OptOutAdmin,
+        ImportOptOutsResponse, OptOutRecord, ReadAuditRequest, ReadAuditResponse,
+        opt_out_admin_server::OptOutAdmin,
     },
     source_field, store_status,
 };
 use crate::{
-    core::{NhsNumber, OptOutType},
+    auth::Caller,
+    core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutType},
     store::{ChangeKind, ConsentStore, ImportMode},
     sync::SyncedFilter,
 };
@@ -31,15 +35,35 @@ pub struct AdminService {
     store: Arc<dyn ConsentStore>,
     filter: Arc<SyncedFilter>,
     limits: Limits,
+    audit_key: AuditKey,
+}
+
+fn record(caller: &Caller, action: &str, t: OptOutType, source: &str, count: usize) -> AuditRecord {
+    AuditRecord {
+        at_ms: i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX),
+        organisation: caller.organisation.clone(),
+        key_id: caller.key_id.clone(),
+        action: action.into(),
+        opt_out_type: Some(t.name().into()),
+        source: Some(source.into()),
+        count: count as u64,
+        ..AuditRecord::default()
+    }
 }
 
 impl AdminService {
-    /// A service over a store and this replica's filter.
-    pub fn new(store: Arc<dyn ConsentStore>, filter: Arc<SyncedFilter>, limits: Limits) -> Self {
+    /// A service over a store and this replica's filter; changes are audited under `audit_key`.
+    pub fn new(
+        store: Arc<dyn ConsentStore>,
+        filter: Arc<SyncedFilter>,
+        limits: Limits,
+        audit_key: AuditKey,
+    ) -> Self {
         AdminService {
             store,
             filter,
             limits,
+            audit_key,
         }
     }
 
@@ -49,6 +73,7 @@ impl AdminService {
         request: Request<ChangeOptOutsRequest>,
     ) -> Result<Response<ChangeOptOutsResponse>, Status> {
         let deadline = deadline(request.metadata(), self.limits.default_deadline);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let t = opt_out_type(req.r#type)?;
         let source = source_field(&req.source)?;
@@ -66,11 +91,20 @@ impl AdminService {
             )));
         }
         let numbers = all_valid("nhs_numbers", &req.nhs_numbers)?;
+        let action = match kind {
+            ChangeKind::Add => "add",
+            ChangeKind::Remove => "remove",
+        };
+        let audit = AuditRecord {
+            digests: self.audit_key.digests(numbers.iter().copied()),
+            ..record(&caller, action, t, source, numbers.len())
+        };
         // No deadline on the write itself: once sent to the store it either commits or fails,
-        // and cutting it off would leave the caller unsure which.
+        // and cutting it off would leave the caller unsure which. The audit record is written in
+        // the same transaction: no record, no change.
         let outcome = self
             .store
-            .change(kind, t, &numbers, source)
+            .change(kind, t, &numbers, source, &audit)
             .await
             .map_err(store_status)?;
         tracing::info!(
@@ -167,6 +201,7 @@ impl OptOutAdmin for AdminService {
         &self,
         request: Request<Streaming<ImportOptOutsRequest>>,
     ) -> Result<Response<ImportOptOutsResponse>, Status> {
+        let caller = caller_of(&request);
         let mut inbound = request.into_inner();
         let Some(first) = inbound.message().await? else {
             return Err(Status::invalid_argument("the import stream is empty"));
@@ -213,7 +248,21 @@ impl OptOutAdmin for AdminService {
         if !pending.is_empty() {
             session.stage(&pending).await.map_err(store_status)?;
         }
-        let outcome = session.commit().await.map_err(store_status)?;
+        let action = match header.mode {
+            ImportMode::Merge => "import-merge",
+            ImportMode::Replace => "import-replace",
+        };
+        let audit = record(
+            &caller,
+            action,
+            header.t,
+            &header.source,
+            usize::try_from(received).unwrap_or(usize::MAX),
+        );
+        let outcome = session
+            .commit(audit, &self.audit_key)
+            .await
+            .map_err(store_status)?;
         tracing::info!(
             mode = ?header.mode,
             opt_out = header.t.name(),
@@ -256,6 +305,54 @@ impl OptOutAdmin for AdminService {
                 })
                 .collect(),
             version: version.to_string(),
+        }))
+    }
+
+    async fn read_audit(
+        &self,
+        request: Request<ReadAuditRequest>,
+    ) -> Result<Response<ReadAuditResponse>, Status> {
+        let req = request.into_inner();
+        let digest = if req.nhs_number.is_empty() {
+            None
+        } else {
+            let n = NhsNumber::parse(&req.nhs_number)
+                .map_err(|e| Status::invalid_argument(format!("nhs_number: {e}")))?;
+            Some(self.audit_key.digest(n))
+        };
+        let limit = match req.limit {
+            0 => 10_000,
+            n => usize::try_from(n).unwrap_or(10_000).min(10_000),
+        };
+        let query = AuditQuery {
+            from_ms: req.from_unix_ms,
+            to_ms: req.to_unix_ms,
+            organisation: Some(req.organisation).filter(|o| !o.is_empty()),
+            extract_id: Some(req.extract_id).filter(|e| !e.is_empty()),
+            digest,
+            limit,
+        };
+        let records = self.store.read_audit(&query).await.map_err(store_status)?;
+        Ok(Response::new(ReadAuditResponse {
+            records: records
+                .into_iter()
+                .map(|r| AuditEntry {
+                    digests: r.digest_count() as u64,
+                    at_unix_ms: r.at_ms,
+                    organisation: r.organisation,
+                    key_id: r.key_id,
+                    action: r.action,
+                    opt_out_type: r.opt_out_type.unwrap_or_default(),
+                    source: r.source.unwrap_or_default(),
+                    extract_id: r.extract_id.unwrap_or_default(),
+                    purpose: r.purpose.unwrap_or_default(),
+                    origin: r.origin.unwrap_or_default(),
+                    count: r.count,
+                    applied: r.applied,
+                    withheld: r.withheld.into_iter().collect(),
+                    version: r.version,
+                })
+                .collect(),
         }))
     }
 

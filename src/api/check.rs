@@ -1,31 +1,48 @@
 //! The OptOutCheck service.
 
-use std::{pin::Pin, time::Instant};
+use std::{pin::Pin, sync::Arc, time::Instant};
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    Limits, deadline, decision_to_proto, origin,
+    Limits, deadline, decision_to_proto,
+    gate::caller_of,
+    origin,
     proto::{CheckRequest, CheckResponse, opt_out_check_server::OptOutCheck},
     purpose, version_field,
 };
-use crate::check::{CheckInput, Checker};
+use crate::{
+    audit::{AuditWriter, PendingCheck},
+    auth::Caller,
+    check::{CheckInput, Checker},
+    core::{AuditRecord, Decision, NhsNumber, WithholdReason},
+};
 
 /// Answers Check and CheckStream.
 #[derive(Clone)]
 pub struct CheckService {
     checker: Checker,
     limits: Limits,
+    audit: Arc<AuditWriter>,
 }
 
 impl CheckService {
-    /// A service over a check engine.
-    pub fn new(checker: Checker, limits: Limits) -> Self {
-        CheckService { checker, limits }
+    /// A service over a check engine; every answered request is recorded through `audit`.
+    pub fn new(checker: Checker, limits: Limits, audit: Arc<AuditWriter>) -> Self {
+        CheckService {
+            checker,
+            limits,
+            audit,
+        }
     }
 
-    async fn answer(&self, req: CheckRequest, deadline: Instant) -> Result<CheckResponse, Status> {
+    async fn answer(
+        &self,
+        caller: &Caller,
+        req: CheckRequest,
+        deadline: Instant,
+    ) -> Result<CheckResponse, Status> {
         if req.nhs_numbers.is_empty() {
             return Err(Status::invalid_argument(
                 "nhs_numbers is empty: nothing to check",
@@ -46,11 +63,55 @@ impl CheckService {
             at_least_version: version_field("at_least_version", &req.at_least_version)?,
             deadline,
         };
-        let out = self.checker.check(input).await;
+        let (purpose, origin) = (input.purpose, input.origin);
+        let mut out = self.checker.check(input).await;
+        // Nothing is released unrecorded: if the audit log cannot keep up or is failing past its
+        // bound, everything is withheld (and that is recorded when it can be).
+        if !self.audit.accepting() {
+            withhold_all(&mut out.decisions);
+        }
+        let record = AuditRecord {
+            at_ms: i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX),
+            organisation: caller.organisation.clone(),
+            key_id: caller.key_id.clone(),
+            action: "check".into(),
+            extract_id: Some(req.extract_id.clone()).filter(|e| !e.is_empty()),
+            purpose: Some(format!("{purpose:?}")),
+            origin: Some(format!("{origin:?}")),
+            count: req.nhs_numbers.len() as u64,
+            version: out.version.to_string(),
+            ..AuditRecord::default()
+        };
+        let mut record = record;
+        let mut released = Vec::new();
+        for (d, s) in out.decisions.iter().zip(&req.nhs_numbers) {
+            match d {
+                Decision::Release(_) => {
+                    if let Ok(n) = NhsNumber::parse(s) {
+                        released.push(n);
+                    }
+                }
+                Decision::Withhold(r) => {
+                    *record.withheld.entry(format!("{r:?}")).or_default() += 1;
+                }
+            }
+        }
+        record.applied = released.len() as u64;
+        if !self.audit.submit(PendingCheck { record, released }) {
+            withhold_all(&mut out.decisions);
+        }
         Ok(CheckResponse {
             decisions: out.decisions.into_iter().map(decision_to_proto).collect(),
             version: out.version.to_string(),
         })
+    }
+}
+
+fn withhold_all(decisions: &mut [Decision]) {
+    for d in decisions.iter_mut() {
+        if matches!(d, Decision::Release(_)) {
+            *d = Decision::Withhold(WithholdReason::StoreUnavailable);
+        }
     }
 }
 
@@ -63,7 +124,8 @@ impl OptOutCheck for CheckService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let deadline = deadline(request.metadata(), self.limits.default_deadline);
-        let response = self.answer(request.into_inner(), deadline).await?;
+        let caller = caller_of(&request);
+        let response = self.answer(&caller, request.into_inner(), deadline).await?;
         Ok(Response::new(response))
     }
 
@@ -79,14 +141,16 @@ impl OptOutCheck for CheckService {
         let service = self.clone();
         let default_deadline = self.limits.default_deadline;
         let concurrency = self.limits.stream_concurrency.max(1);
+        let caller = caller_of(&request);
         let inbound = request.into_inner();
         let responses = inbound
             .map(move |message| {
                 let service = service.clone();
+                let caller = caller.clone();
                 async move {
                     let message = message?;
                     let deadline = Instant::now() + default_deadline;
-                    service.answer(message, deadline).await
+                    service.answer(&caller, message, deadline).await
                 }
             })
             .buffered(concurrency)

@@ -3,6 +3,7 @@
 
 mod admin;
 mod check;
+pub mod gate;
 
 use std::time::{Duration, Instant};
 

@@ -11,7 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{CliError, ClientArgs, TypeArg, progress};
+use super::{AuthChannel, CliError, ClientArgs, TypeArg, progress};
 use crate::api::proto::{
     self, ChangeOptOutsRequest, GetOptOutRequest, GetStatusRequest, ImportOptOutsRequest,
     opt_out_admin_client::OptOutAdminClient,
@@ -84,7 +84,8 @@ struct ImportArgs {
 }
 
 pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
-    let mut client = OptOutAdminClient::new(args.client.channel().await?)
+    let (channel, bearer) = args.client.authed().await?;
+    let mut client = OptOutAdminClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(64 * 1024 * 1024);
     let timeout = args.client.timeout();
     match args.command {
@@ -155,7 +156,7 @@ fn format_ms(ms: i64) -> String {
 }
 
 async fn change(
-    client: &mut OptOutAdminClient<tonic::transport::Channel>,
+    client: &mut OptOutAdminClient<AuthChannel>,
     args: ChangeArgs,
     timeout: std::time::Duration,
     add: bool,
@@ -196,7 +197,7 @@ fn read_lines(input: impl BufRead, what: &str) -> Result<Vec<String>, CliError> 
 /// Streams the file in messages of `IMPORT_CHUNK` numbers and a final empty message marked
 /// commit. A read error stops the stream without the commit, so the service changes nothing.
 async fn import(
-    client: &mut OptOutAdminClient<tonic::transport::Channel>,
+    client: &mut OptOutAdminClient<AuthChannel>,
     args: ImportArgs,
 ) -> Result<ExitCode, CliError> {
     let (input, name): (Box<dyn Read + Send>, String) = match args.file.as_deref() {

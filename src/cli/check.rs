@@ -49,7 +49,8 @@ pub(crate) async fn run(args: CheckArgs) -> Result<ExitCode, CliError> {
     if numbers.is_empty() {
         return Err(CliError::Usage("no NHS numbers given".into()));
     }
-    let mut client = OptOutCheckClient::new(args.client.channel().await?);
+    let (channel, bearer) = args.client.authed().await?;
+    let mut client = OptOutCheckClient::with_interceptor(channel, bearer);
     let mut stdout = std::io::stdout().lock();
     let write_err = |e: std::io::Error| CliError::Output(format!("stdout: {e}"));
     for chunk in numbers.chunks(CHUNK) {

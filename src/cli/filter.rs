@@ -100,7 +100,8 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         read_rows(reader, column, batch, template, &req_tx, &rows_tx)
     });
 
-    let mut client = OptOutCheckClient::new(args.client.channel().await?)
+    let (channel, bearer) = args.client.authed().await?;
+    let mut client = OptOutCheckClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
     let bar = progress("rows checked");

@@ -38,6 +38,36 @@ enum Command {
     Admin(admin::AdminArgs),
     /// Initialise an empty Redis store: write its dataset marker (once, like a schema migration).
     InitStore(InitStoreArgs),
+    /// Manage API keys.
+    Keys(KeysArgs),
+}
+
+#[derive(Args, Debug)]
+struct KeysArgs {
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Make a key: prints it once, appends only its hash to the keys file.
+    New {
+        /// The keys file (created if missing).
+        #[arg(long, env = "OPTOUT_KEYS_FILE")]
+        keys_file: PathBuf,
+        /// The organisation the key belongs to (ODS code).
+        #[arg(long)]
+        organisation: String,
+        /// Roles: checker (OptOutCheck), admin (OptOutAdmin and checks).
+        #[arg(long = "role", value_enum, required = true)]
+        roles: Vec<RoleArg>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum RoleArg {
+    Checker,
+    Admin,
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +96,10 @@ struct RedisArgs {
     /// Timeout of one Redis call, in ms.
     #[arg(long, env = "OPTOUT_REDIS_TIMEOUT_MS", default_value_t = 1000)]
     redis_timeout_ms: u64,
+    /// Audit records kept in Redis (approximately; the oldest are trimmed). Size this for the
+    /// retention your information governance requires.
+    #[arg(long, env = "OPTOUT_REDIS_AUDIT_LEN", default_value_t = 10_000_000)]
+    redis_audit_len: u64,
 }
 
 impl RedisArgs {
@@ -78,6 +112,7 @@ impl RedisArgs {
                 log_len: self.redis_log_len.max(1),
                 response_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
                 connect_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+                audit_len: self.redis_audit_len.max(1),
             })
     }
 }
@@ -117,6 +152,35 @@ struct ServeArgs {
     /// How often a replica on Redis publishes a filter snapshot for new replicas, in seconds.
     #[arg(long, env = "OPTOUT_SNAPSHOT_INTERVAL_SECS", default_value_t = 60)]
     snapshot_interval_secs: u64,
+    /// API keys (TOML; see `optout keys new`). Reloaded when it changes. Without it the service
+    /// runs open, which is allowed on loopback only.
+    #[arg(long, env = "OPTOUT_KEYS_FILE")]
+    keys_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for the gRPC port.
+    #[arg(long, env = "OPTOUT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "OPTOUT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) of client certificates: turns on mutual TLS; each client certificate must name the
+    /// organisation of the key it presents (subject O, else CN).
+    #[arg(long, env = "OPTOUT_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// File holding the audit key (at least 32 bytes of secret), shared by every replica.
+    #[arg(long, env = "OPTOUT_AUDIT_KEY_FILE")]
+    audit_key_file: Option<PathBuf>,
+    /// How long check records may fail to be written before every check is withheld, in ms.
+    #[arg(long, env = "OPTOUT_AUDIT_BOUND_MS", default_value_t = 5000)]
+    audit_bound_ms: u64,
+    /// Requests per second per organisation (0: no limit).
+    #[arg(long, env = "OPTOUT_RATE_LIMIT", default_value_t = 1000)]
+    rate_limit: u32,
+    /// Requests an organisation may send at once above its rate.
+    #[arg(long, env = "OPTOUT_RATE_BURST", default_value_t = 2000)]
+    rate_burst: u32,
+    /// Concurrent streams (requests) per client connection.
+    #[arg(long, env = "OPTOUT_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    max_concurrent_streams: u32,
     #[command(flatten)]
     redis: RedisArgs,
 }
@@ -130,17 +194,84 @@ pub(crate) struct ClientArgs {
     /// Deadline of each unary call, in ms.
     #[arg(long, env = "OPTOUT_TIMEOUT_MS", default_value_t = 10_000)]
     timeout_ms: u64,
+    /// API key, sent as `authorization: Bearer <key>`. Prefer the environment variable: a key on
+    /// the command line is visible to other users of the machine.
+    #[arg(long, env = "OPTOUT_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate, for https:// servers.
+    #[arg(long, env = "OPTOUT_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "OPTOUT_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(long, env = "OPTOUT_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+}
+
+/// Adds the API key to every call.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// A channel that authenticates each call.
+pub(crate) type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+fn read_file(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path).map_err(|e| CliError::Usage(format!("{flag} {}: {e}", path.display())))
 }
 
 impl ClientArgs {
     pub(crate) async fn channel(&self) -> Result<Channel, CliError> {
-        Endpoint::from_shared(self.server.clone())
+        let mut endpoint = Endpoint::from_shared(self.server.clone())
             .map_err(|e| CliError::Usage(format!("--server {:?}: {e}", self.server)))?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if self.server.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = &self.ca_cert {
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read_file(
+                    "--ca-cert",
+                    ca,
+                )?));
+            } else {
+                tls = tls.with_enabled_roots();
+            }
+            if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read_file("--client-cert", cert)?,
+                    read_file("--client-key", key)?,
+                ));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| CliError::Usage(format!("TLS settings: {e}")))?;
+        }
+        endpoint
             .connect()
             .await
             .map_err(|e| CliError::Connect(format!("{}: {e}", self.server)))
+    }
+
+    /// The channel with the API key attached.
+    pub(crate) async fn authed(&self) -> Result<(Channel, Bearer), CliError> {
+        let bearer = match &self.api_key {
+            Some(k) => Some(
+                format!("Bearer {}", k.trim())
+                    .parse()
+                    .map_err(|_| CliError::Usage("--api-key is not a valid key".into()))?,
+            ),
+            None => None,
+        };
+        Ok((self.channel().await?, Bearer(bearer)))
     }
 
     pub(crate) fn timeout(&self) -> Duration {
@@ -269,7 +400,44 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Filter(args) => filter::run(args).await,
         Command::Admin(args) => admin::run(args).await,
         Command::InitStore(args) => init_store(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Keys(KeysArgs {
+            command:
+                KeysCommand::New {
+                    keys_file,
+                    organisation,
+                    roles,
+                },
+        }) => new_key(&keys_file, &organisation, &roles).map(|()| ExitCode::SUCCESS),
     }
+}
+
+fn new_key(path: &std::path::Path, organisation: &str, roles: &[RoleArg]) -> Result<(), CliError> {
+    use std::io::Write;
+    let roles: Vec<crate::auth::Role> = roles
+        .iter()
+        .map(|r| match r {
+            RoleArg::Checker => crate::auth::Role::Checker,
+            RoleArg::Admin => crate::auth::Role::Admin,
+        })
+        .collect();
+    let (key, entry) = crate::auth::new_key(organisation, &roles);
+    // Check the entry the way the server will, before touching the file.
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    crate::auth::parse_keys_file(&format!("{existing}\n{entry}"))
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| CliError::Output(format!("{}: {e}", path.display())))?;
+    writeln!(file, "\n{entry}")
+        .map_err(|e| CliError::Output(format!("{}: {e}", path.display())))?;
+    eprintln!(
+        "added a key for {organisation} to {}; it is shown once, store it now:",
+        path.display()
+    );
+    println!("{key}");
+    Ok(())
 }
 
 async fn init_store(args: InitStoreArgs) -> Result<(), CliError> {
@@ -298,13 +466,54 @@ async fn init_store(args: InitStoreArgs) -> Result<(), CliError> {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    // Secure by default: beyond loopback, callers must authenticate, traffic must be encrypted,
+    // and audit digests must be stable across replicas.
     if !args.listen.ip().is_loopback() {
-        return Err(CliError::Usage(format!(
-            "--listen {}: this build has no authentication or TLS yet, so it listens only on \
-             loopback addresses (127.0.0.1, ::1)",
-            args.listen
-        )));
+        let mut missing = Vec::new();
+        if args.keys_file.is_none() {
+            missing.push("--keys-file");
+        }
+        if args.tls_cert.is_none() {
+            missing.push("--tls-cert/--tls-key");
+        }
+        if args.audit_key_file.is_none() {
+            missing.push("--audit-key-file");
+        }
+        if !missing.is_empty() {
+            return Err(CliError::Usage(format!(
+                "--listen {}: listening beyond loopback needs {}; without them the service \
+                 listens only on loopback addresses (127.0.0.1, ::1)",
+                args.listen,
+                missing.join(", ")
+            )));
+        }
+    } else if args.keys_file.is_none() {
+        eprintln!(
+            "optout: WARNING: no --keys-file: running WITHOUT authentication; any local process \
+             can call every RPC (development only)"
+        );
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::server::TlsFiles {
+            cert_pem: read_file("--tls-cert", cert)?,
+            key_pem: read_file("--tls-key", key)?,
+            client_ca_pem: match &args.tls_client_ca {
+                Some(ca) => Some(read_file("--tls-client-ca", ca)?),
+                None => None,
+            },
+        }),
+        _ => None,
+    };
+    let audit_key = match &args.audit_key_file {
+        Some(path) => {
+            let raw = read_file("--audit-key-file", path)?;
+            let trimmed = String::from_utf8_lossy(&raw).trim().as_bytes().to_vec();
+            Some(crate::core::AuditKey::new(&trimmed).map_err(|e| {
+                CliError::Usage(format!("--audit-key-file {}: {e}", path.display()))
+            })?)
+        }
+        None => None,
+    };
     if !(args.filter_fp_rate > 0.0 && args.filter_fp_rate < 1.0) {
         return Err(CliError::Usage(format!(
             "--filter-fp-rate {}: must be strictly between 0 and 1",
@@ -331,6 +540,15 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
             ..FilterConfig::default()
         },
         redis: args.redis.config(),
+        keys_file: args.keys_file.clone(),
+        tls,
+        audit_key,
+        audit_bound: Duration::from_millis(args.audit_bound_ms.max(1)),
+        rate_limit: crate::api::gate::RateLimit {
+            per_second: args.rate_limit,
+            burst: args.rate_burst,
+        },
+        max_concurrent_streams: args.max_concurrent_streams.max(1),
         limits: Limits {
             max_batch: args.max_batch,
             max_admin_batch: args.max_admin_batch,
@@ -359,7 +577,12 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         ),
         None => format!("embedded store in {}", config.data_dir.display()),
     };
-    eprintln!("optout: listening on {bound} (gRPC, plaintext), {store}");
+    let transport = match &config.tls {
+        Some(t) if t.client_ca_pem.is_some() => "gRPC over mutual TLS",
+        Some(_) => "gRPC over TLS",
+        None => "gRPC, plaintext",
+    };
+    eprintln!("optout: listening on {bound} ({transport}), {store}");
     run(listener, config, shutdown_signal()).await?;
     Ok(())
 }

@@ -2,11 +2,13 @@
 //! filter with its snapshot format. No tokio, tonic or redis types in here; unit tests and the
 //! criterion benches exercise it directly.
 
+mod audit;
 mod filter;
 mod nhs;
 mod policy;
 mod version;
 
+pub use audit::{AuditKey, AuditKeyError, AuditQuery, AuditRecord, DIGEST_LEN};
 pub use filter::{FilterError, FilterStats, MIN_CAPACITY, OptOutFilter};
 pub use nhs::{NhsNumber, NhsNumberError};
 pub use policy::{

@@ -31,13 +31,15 @@ use super::{
     ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, ImportOutcome, ImportSession, Lookup,
     OptOutRecord, Scan, StoreError, StoreStatus, WriteOutcome, now_ms,
 };
-use crate::core::{NhsNumber, OptOutSet, OptOutType, Version};
+use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const OPTOUTS: TableDefinition<u64, &[u8]> = TableDefinition::new("optouts");
 const SOURCES: TableDefinition<u32, &str> = TableDefinition::new("sources");
 const SOURCE_IDS: TableDefinition<&str, u32> = TableDefinition::new("source_ids");
 const CHANGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("changes");
+/// Audit records: (ms, sequence) -> JSON.
+const AUDIT: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("audit");
 
 const DB_FILE: &str = "optout.redb";
 const STAGING_PREFIX: &str = "import-";
@@ -51,6 +53,7 @@ const K_LOG_FLOOR: &str = "log_floor";
 const K_LOG_LEN: &str = "log_len";
 const K_PATIENTS: &str = "patients";
 const K_NEXT_SOURCE: &str = "next_source_id";
+const K_AUDIT_SEQ: &str = "audit_seq";
 
 fn count_key(t: OptOutType) -> &'static str {
     match t {
@@ -181,8 +184,25 @@ fn initialise(db: &Database) -> Result<(), StoreError> {
         txn.open_table(SOURCES).map_err(storage)?;
         txn.open_table(SOURCE_IDS).map_err(storage)?;
         txn.open_table(CHANGES).map_err(storage)?;
+        txn.open_table(AUDIT).map_err(storage)?;
     }
     txn.commit().map_err(storage)
+}
+
+/// Writes audit records in a transaction; each gets the next sequence number.
+fn write_audit(txn: &WriteTransaction, records: &[AuditRecord]) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    let mut seq = get_u64(&meta, K_AUDIT_SEQ)?;
+    let mut audit = txn.open_table(AUDIT).map_err(storage)?;
+    for r in records {
+        let json =
+            serde_json::to_vec(r).map_err(|e| StoreError::Corrupt(format!("audit record: {e}")))?;
+        seq += 1;
+        audit
+            .insert((u64::try_from(r.at_ms).unwrap_or(0), seq), json.as_slice())
+            .map_err(storage)?;
+    }
+    put_u64(&mut meta, K_AUDIT_SEQ, seq)
 }
 
 fn read_marker(db: &Database, path: &Path) -> Result<(String, Version), StoreError> {
@@ -586,9 +606,11 @@ impl ConsentStore for EmbeddedStore {
         opt_out: OptOutType,
         numbers: &[NhsNumber],
         source: &str,
+        audit: &AuditRecord,
     ) -> Result<WriteOutcome, StoreError> {
         let numbers = numbers.to_vec();
         let source = source.to_string();
+        let mut audit = audit.clone();
         let outcome = self
             .blocking(move |inner| {
                 let txn = inner.db.begin_write().map_err(storage)?;
@@ -616,6 +638,9 @@ impl ConsentStore for EmbeddedStore {
                     0
                 };
                 let version = writer.finish(&added, removed, inner.change_log_len)?;
+                audit.version = version.to_string();
+                audit.applied = applied;
+                write_audit(&txn, std::slice::from_ref(&audit))?;
                 txn.commit().map_err(storage)?;
                 inner.notify(version);
                 Ok(WriteOutcome { version, applied })
@@ -723,6 +748,48 @@ impl ConsentStore for EmbeddedStore {
         Ok(self.inner.dataset_id.clone())
     }
 
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        let records = records.to_vec();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(storage)?;
+            write_audit(&txn, &records)?;
+            txn.commit().map_err(storage)
+        })
+        .await
+    }
+
+    async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let query = query.clone();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(storage)?;
+            let audit = match txn.open_table(AUDIT) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(storage(e)),
+            };
+            let from = u64::try_from(query.from_ms).unwrap_or(0);
+            let to = if query.to_ms <= 0 {
+                u64::MAX
+            } else {
+                u64::try_from(query.to_ms).unwrap_or(u64::MAX)
+            };
+            let mut out = Vec::new();
+            for item in audit.range((from, 0)..=(to, u64::MAX)).map_err(storage)? {
+                let (_, v) = item.map_err(storage)?;
+                let r: AuditRecord = serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt(format!("audit record: {e}")))?;
+                if query.matches(&r) {
+                    out.push(r);
+                    if out.len() >= query.limit.max(1) {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn scan(&self) -> Result<Scan, StoreError> {
         self.blocking(move |inner| {
             let txn = inner.db.begin_read().map_err(storage)?;
@@ -776,8 +843,14 @@ impl ImportSession for EmbeddedImport {
             .await
     }
 
-    async fn commit(mut self: Box<Self>) -> Result<ImportOutcome, StoreError> {
+    async fn commit(
+        mut self: Box<Self>,
+        audit: AuditRecord,
+        key: &AuditKey,
+    ) -> Result<ImportOutcome, StoreError> {
         let name = self.table.clone();
+        let key = key.clone();
+        let mut audit = audit;
         let (mode, t, source) = (self.mode, self.opt_out, self.source.clone());
         let outcome = self
             .store
@@ -787,6 +860,7 @@ impl ImportSession for EmbeddedImport {
                 let mut writer = Writer::new(&txn, &source)?;
                 let mut added = Vec::new();
                 let mut removed = 0u64;
+                let mut removed_numbers = Vec::new();
                 {
                     let staging = txn.open_table(staging_def).map_err(storage)?;
                     if mode == ImportMode::Replace && staging.is_empty().map_err(storage)? {
@@ -810,6 +884,9 @@ impl ImportSession for EmbeddedImport {
                         for n in gone {
                             if writer.remove(&mut table, n, t)? {
                                 removed += 1;
+                                if let Ok(n) = NhsNumber::from_u64(n) {
+                                    removed_numbers.push(n);
+                                }
                             }
                         }
                     }
@@ -825,6 +902,10 @@ impl ImportSession for EmbeddedImport {
                 }
                 txn.delete_table(staging_def).map_err(storage)?;
                 let version = writer.finish(&added, removed, inner.change_log_len)?;
+                audit.version = version.to_string();
+                audit.applied = added.len() as u64 + removed;
+                audit.digests = key.digests(added.iter().chain(&removed_numbers).copied());
+                write_audit(&txn, std::slice::from_ref(&audit))?;
                 txn.commit().map_err(storage)?;
                 inner.notify(version);
                 Ok(ImportOutcome {
@@ -895,12 +976,24 @@ mod tests {
         let store = open(dir.path(), 100);
         let ns = numbers(3);
         let a = store
-            .change(ChangeKind::Add, OptOutType::Type1, &ns, "t1")
+            .change(
+                ChangeKind::Add,
+                OptOutType::Type1,
+                &ns,
+                "t1",
+                &AuditRecord::default(),
+            )
             .await
             .expect("add");
         assert_eq!(a.applied, 3);
         let again = store
-            .change(ChangeKind::Add, OptOutType::Type1, &ns[..1], "t1")
+            .change(
+                ChangeKind::Add,
+                OptOutType::Type1,
+                &ns[..1],
+                "t1",
+                &AuditRecord::default(),
+            )
             .await
             .expect("add again");
         assert_eq!(again.applied, 0);
@@ -925,7 +1018,13 @@ mod tests {
         let store = open(dir.path(), 2);
         for n in numbers(5) {
             store
-                .change(ChangeKind::Add, OptOutType::NationalDataOptOut, &[n], "s")
+                .change(
+                    ChangeKind::Add,
+                    OptOutType::NationalDataOptOut,
+                    &[n],
+                    "s",
+                    &AuditRecord::default(),
+                )
                 .await
                 .expect("add");
         }
@@ -966,7 +1065,13 @@ mod tests {
         let store = open(dir.path(), 10);
         let n = numbers(1)[0];
         store
-            .change(ChangeKind::Add, OptOutType::Type1, &[n], "practice-A.csv")
+            .change(
+                ChangeKind::Add,
+                OptOutType::Type1,
+                &[n],
+                "practice-A.csv",
+                &AuditRecord::default(),
+            )
             .await
             .expect("add");
         store
@@ -975,6 +1080,7 @@ mod tests {
                 OptOutType::NationalDataOptOut,
                 &[n],
                 "ticket-9",
+                &AuditRecord::default(),
             )
             .await
             .expect("add");
@@ -990,6 +1096,7 @@ mod tests {
                 OptOutType::NationalDataOptOut,
                 &[n],
                 "t",
+                &AuditRecord::default(),
             )
             .await
             .expect("remove");

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::core::{NhsNumber, OptOutSet, OptOutType, Version};
+use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
 
 /// What can go wrong in a store. Every variant turns into WITHHOLD on the check path.
 #[derive(Debug, thiserror::Error)]
@@ -145,13 +145,16 @@ pub trait ConsentStore: Send + Sync + 'static {
     /// The opt-out types held by each number, in one round trip.
     async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError>;
 
-    /// Adds or removes one type for every number, atomically with its change-log entry.
+    /// Adds or removes one type for every number, atomically with its change-log entry and its
+    /// audit record (whose `version` and `applied` the store fills in): if the audit record cannot
+    /// be written, the change does not happen.
     async fn change(
         &self,
         kind: ChangeKind,
         opt_out: OptOutType,
         numbers: &[NhsNumber],
         source: &str,
+        audit: &AuditRecord,
     ) -> Result<WriteOutcome, StoreError>;
 
     /// Starts a bulk import. Nothing is visible until the session commits.
@@ -199,6 +202,12 @@ pub trait ConsentStore: Send + Sync + 'static {
     fn shares_snapshots(&self) -> bool {
         false
     }
+
+    /// Appends audit records (of checks) durably.
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+
+    /// Reads audit records, oldest first.
+    async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
 }
 
 /// A bulk import under way. Dropping it without commit changes nothing.
@@ -207,8 +216,13 @@ pub trait ImportSession: Send {
     /// Stages valid numbers (duplicates are fine).
     async fn stage(&mut self, numbers: &[NhsNumber]) -> Result<(), StoreError>;
 
-    /// Applies the staged set atomically.
-    async fn commit(self: Box<Self>) -> Result<ImportOutcome, StoreError>;
+    /// Applies the staged set atomically, with its audit record: the store fills in the version,
+    /// the number of changes and the digests of the numbers added and removed.
+    async fn commit(
+        self: Box<Self>,
+        audit: AuditRecord,
+        key: &AuditKey,
+    ) -> Result<ImportOutcome, StoreError>;
 }
 
 /// Wall-clock time in ms since the Unix epoch.

@@ -40,7 +40,7 @@ use super::{
     ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, ImportOutcome, ImportSession, Lookup,
     OptOutRecord, Scan, StoreError, StoreStatus, WriteOutcome, now_ms,
 };
-use crate::core::{NhsNumber, OptOutSet, OptOutType, Version};
+use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
 
 /// Settings of the Redis store.
 #[derive(Clone, Debug)]
@@ -55,6 +55,8 @@ pub struct RedisConfig {
     pub response_timeout: Duration,
     /// How long a connection attempt may take.
     pub connect_timeout: Duration,
+    /// Audit records kept (approximately; the oldest are trimmed past it).
+    pub audit_len: u64,
 }
 
 impl RedisConfig {
@@ -66,6 +68,7 @@ impl RedisConfig {
             log_len: 100_000,
             response_timeout: Duration::from_millis(1000),
             connect_timeout: Duration::from_millis(1000),
+            audit_len: 10_000_000,
         }
     }
 }
@@ -103,6 +106,7 @@ struct Inner {
     feed: ConnectionManager,
     prefix: String,
     log_len: u64,
+    audit_len: u64,
     /// The dataset this store is bound to, and its bucket count.
     bound: RwLock<Option<Bound>>,
     scripts: Scripts,
@@ -181,6 +185,7 @@ impl RedisStore {
                 feed,
                 prefix: config.prefix.clone(),
                 log_len: config.log_len.max(1),
+                audit_len: config.audit_len.max(1),
                 bound: RwLock::new(None),
                 scripts: Scripts::new(),
             }),
@@ -334,6 +339,10 @@ fn numbers_csv(s: &str) -> Result<Vec<NhsNumber>, StoreError> {
         .collect()
 }
 
+fn audit_json(r: &AuditRecord) -> Result<String, StoreError> {
+    serde_json::to_string(r).map_err(|e| StoreError::Corrupt(format!("audit record: {e}")))
+}
+
 fn type_code(t: OptOutType) -> &'static str {
     match t {
         OptOutType::NationalDataOptOut => "1",
@@ -391,6 +400,7 @@ impl ConsentStore for RedisStore {
         opt_out: OptOutType,
         numbers: &[NhsNumber],
         source: &str,
+        audit: &AuditRecord,
     ) -> Result<WriteOutcome, StoreError> {
         let bound = self.bound()?;
         let mut inv = self.inner.scripts.change.prepare_invoke();
@@ -404,6 +414,8 @@ impl ConsentStore for RedisStore {
             .arg(now_ms())
             .arg(source)
             .arg(self.inner.log_len)
+            .arg(audit_json(audit)?)
+            .arg(self.inner.audit_len)
             .arg(self.pairs(numbers, bound.buckets));
         let (id, applied): (String, u64) = inv
             .invoke_async(&mut self.write_conn())
@@ -669,6 +681,97 @@ impl ConsentStore for RedisStore {
     fn shares_snapshots(&self) -> bool {
         true
     }
+
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        let bound = self.bound()?;
+        let mut pipe = redis::pipe();
+        // MULTI/EXEC: the batch is written whole or not at all, and only while the marker holds.
+        pipe.atomic();
+        pipe.hget(self.key("marker"), "dataset_id");
+        for r in records {
+            pipe.cmd("XADD")
+                .arg(self.key("audit"))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.inner.audit_len)
+                .arg("*")
+                .arg("r")
+                .arg(audit_json(r)?)
+                .arg("v")
+                .arg(&r.version)
+                .ignore();
+        }
+        let (marker,): (Option<String>,) = pipe
+            .query_async(&mut self.write_conn())
+            .await
+            .map_err(unavailable)?;
+        if marker.as_deref() != Some(bound.dataset.as_str()) {
+            return Err(changed());
+        }
+        Ok(())
+    }
+
+    async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.bound()?;
+        let mut out = Vec::new();
+        let mut start = format!("{}-0", query.from_ms.max(0));
+        let end = if query.to_ms <= 0 {
+            "+".to_string()
+        } else {
+            format!("{}-{}", query.to_ms, u64::MAX)
+        };
+        loop {
+            let page: Value = redis::cmd("XRANGE")
+                .arg(self.key("audit"))
+                .arg(&start)
+                .arg(&end)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut self.write_conn())
+                .await
+                .map_err(unavailable)?;
+            let entries = array(page)?;
+            let n = entries.len();
+            let mut last = None;
+            for entry in entries {
+                let mut e = array(entry)?.into_iter();
+                let id = e.next().as_ref().and_then(text_of).unwrap_or_default();
+                let fields = array(e.next().unwrap_or(Value::Nil))?;
+                let mut record: Option<AuditRecord> = None;
+                let mut version = String::new();
+                for pair in fields.chunks(2) {
+                    match (
+                        pair.first().and_then(text_of).as_deref(),
+                        pair.get(1).and_then(text_of),
+                    ) {
+                        (Some("r"), Some(json)) => {
+                            record = Some(serde_json::from_str(&json).map_err(|e| {
+                                StoreError::Corrupt(format!("audit record {id}: {e}"))
+                            })?)
+                        }
+                        (Some("v"), Some(v)) => version = v,
+                        _ => {}
+                    }
+                }
+                if let Some(mut r) = record {
+                    if r.version.is_empty() {
+                        r.version = version;
+                    }
+                    if query.matches(&r) {
+                        out.push(r);
+                        if out.len() >= query.limit.max(1) {
+                            return Ok(out);
+                        }
+                    }
+                }
+                last = Some(id);
+            }
+            match last {
+                Some(id) if n == 1000 => start = format!("({id}"),
+                _ => return Ok(out),
+            }
+        }
+    }
 }
 
 /// An import staged into a new generation of its type.
@@ -711,7 +814,11 @@ impl ImportSession for RedisImport {
     /// with the current one bucket by bucket, carries over the records that stay (so they keep
     /// their original date and source; for MERGE, every current record stays), then one script
     /// moves the generation pointer, the counts and the change log together.
-    async fn commit(mut self: Box<Self>) -> Result<ImportOutcome, StoreError> {
+    async fn commit(
+        mut self: Box<Self>,
+        audit: AuditRecord,
+        key: &AuditKey,
+    ) -> Result<ImportOutcome, StoreError> {
         let store = self.store.clone();
         let mut conn = store.write_conn();
         let t = type_code(self.opt_out);
@@ -737,7 +844,9 @@ impl ImportSession for RedisImport {
                 "another import of this opt-out type is being applied; retry".into(),
             ));
         }
-        let result = self.diff_and_swap(&mut conn, t, other, &token).await;
+        let result = self
+            .diff_and_swap(&mut conn, t, other, &token, audit, key)
+            .await;
         if result.is_err() {
             let _: Result<i64, _> = store
                 .inner
@@ -764,6 +873,8 @@ impl RedisImport {
         t: &str,
         other: &str,
         token: &str,
+        mut audit: AuditRecord,
+        key: &AuditKey,
     ) -> Result<(ImportOutcome, u64), StoreError> {
         let store = &self.store;
         let (current, other_gen): (Option<u64>, Option<u64>) = redis::pipe()
@@ -779,6 +890,7 @@ impl RedisImport {
         let staged_gen = self.generation.to_string();
         let mut added: Vec<String> = Vec::new();
         let mut removed = 0u64;
+        let mut removed_numbers: Vec<NhsNumber> = Vec::new();
         let mut total = 0u64;
         let mut patients: i64 = 0;
         const CHUNK: u64 = 256;
@@ -822,6 +934,9 @@ impl RedisImport {
                         carrying = true;
                     } else {
                         removed += 1;
+                        if let Some(n) = n.parse().ok().and_then(|v| NhsNumber::from_u64(v).ok()) {
+                            removed_numbers.push(n);
+                        }
                         if !in_other.contains(n) {
                             patients -= 1;
                         }
@@ -845,6 +960,9 @@ impl RedisImport {
                 self.opt_out.name()
             )));
         }
+        let added_numbers = numbers_csv(&added.join(","))?;
+        audit.applied = added.len() as u64 + removed;
+        audit.digests = key.digests(added_numbers.iter().chain(&removed_numbers).copied());
         let reply: (String, u64) = store
             .inner
             .scripts
@@ -860,6 +978,9 @@ impl RedisImport {
             .arg(total)
             .arg(patients)
             .arg(store.inner.log_len)
+            .arg(audit_json(&audit)?)
+            .arg(store.inner.audit_len)
+            .arg(audit.applied)
             .invoke_async(conn)
             .await
             .map_err(unavailable)?;
@@ -997,7 +1118,8 @@ end
 return out
 "#,
             ),
-            // ARGV: prefix, dataset, 'a'|'r', type, now, source, maxlen, bucket/number pairs.
+            // ARGV: prefix, dataset, 'a'|'r', type, now, source, maxlen, audit json, audit maxlen,
+            // bucket/number pairs.
             // Returns {version, applied}.
             change: Script::new(&format!(
                 r#"{TRIM}
@@ -1022,7 +1144,7 @@ local value = ARGV[5]..','..sid
 local add = ARGV[3] == 'a'
 local applied, patients = 0, 0
 local added = {{}}
-for i = 8, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   local b, n = ARGV[i], ARGV[i + 1]
   local key = p..'d:'..t..':'..g..':'..b
   local changed
@@ -1040,11 +1162,13 @@ redis.call('HINCRBY', p..'counts', 'patients', patients)
 local id = redis.call('XADD', p..'log', '*', 'a', table.concat(added, ','), 'r', add and 0 or applied)
 redis.call('SET', p..'version', id)
 trim(p, tonumber(ARGV[7]))
+redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[9], '*', 'r', ARGV[8], 'v', id, 'n', applied)
 return {{id, applied}}
 "#
             )),
             // ARGV: prefix, dataset, type, lock token, new generation, added csv, removed, new
-            // count, patients delta, maxlen. Returns {version, old generation}.
+            // count, patients delta, maxlen, audit json, audit maxlen, changes. Returns
+            // {version, old generation}.
             swap: Script::new(&format!(
                 r#"{TRIM}
 local p, t = ARGV[1], ARGV[3]
@@ -1062,6 +1186,7 @@ local id = redis.call('XADD', p..'log', '*', 'a', ARGV[6], 'r', ARGV[7])
 redis.call('SET', p..'version', id)
 trim(p, tonumber(ARGV[10]))
 redis.call('DEL', p..'lock:'..t)
+redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[12], '*', 'r', ARGV[11], 'v', id, 'n', ARGV[13])
 return {{id, tonumber(old)}}
 "#
             )),

@@ -17,7 +17,7 @@ use optout::{
         self, ChangeOptOutsRequest, CheckRequest, opt_out_admin_client::OptOutAdminClient,
         opt_out_check_client::OptOutCheckClient,
     },
-    core::{NhsNumber, OptOutType, Version},
+    core::{AuditQuery, AuditRecord, NhsNumber, OptOutType, Version},
     server::{ServerConfig, open_embedded, serve},
     store::{
         ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, Scan,
@@ -209,6 +209,8 @@ pub struct FaultyStore {
     pub feed_down: AtomicBool,
     pub lookup_down: AtomicBool,
     pub lookup_delay_ms: AtomicU64,
+    /// Audit writes fail (and so do admin changes, which write their audit record with them).
+    pub audit_down: AtomicBool,
 }
 
 impl FaultyStore {
@@ -218,6 +220,7 @@ impl FaultyStore {
             feed_down: AtomicBool::new(false),
             lookup_down: AtomicBool::new(false),
             lookup_delay_ms: AtomicU64::new(0),
+            audit_down: AtomicBool::new(false),
         })
     }
 }
@@ -249,8 +252,14 @@ impl ConsentStore for FaultyStore {
         opt_out: OptOutType,
         numbers: &[NhsNumber],
         source: &str,
+        audit: &AuditRecord,
     ) -> Result<WriteOutcome, StoreError> {
-        self.inner.change(kind, opt_out, numbers, source).await
+        if self.audit_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner
+            .change(kind, opt_out, numbers, source, audit)
+            .await
     }
 
     async fn begin_import(
@@ -310,6 +319,17 @@ impl ConsentStore for FaultyStore {
 
     fn shares_snapshots(&self) -> bool {
         self.inner.shares_snapshots()
+    }
+
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        if self.audit_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.append_audit(records).await
+    }
+
+    async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.inner.read_audit(query).await
     }
 }
 

@@ -1,0 +1,172 @@
+//! Recording checks off the hot path.
+//!
+//! A check hands its record (and the numbers it released) to [`AuditWriter`] and answers without
+//! waiting; a background task computes the digests and appends records to the store in batches
+//! (every 100 ms, or 1,000 records). If records cannot be written for longer than the configured
+//! bound, or the queue is full, [`AuditWriter::accepting`] turns false and checks WITHHOLD
+//! everything with `REASON_STORE_UNAVAILABLE` rather than release data unrecorded.
+//!
+//! Crash window: records queued or in a batch being written when the process dies are lost: at
+//! most the last ~100 ms of checks plus whatever queued up while the store was failing (up to the
+//! bound). Admin changes are not in this window: they are written with the change itself.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    core::{AuditKey, AuditRecord, NhsNumber},
+    store::ConsentStore,
+};
+
+/// One check waiting to be recorded.
+pub struct PendingCheck {
+    /// The record without digests.
+    pub record: AuditRecord,
+    /// The numbers released, digested by the writer task.
+    pub released: Vec<NhsNumber>,
+}
+
+/// The queue between checks and the store. When every handle is dropped, the task writes what is
+/// queued and ends.
+pub struct AuditWriter {
+    tx: mpsc::Sender<PendingCheck>,
+    state: Arc<WriterState>,
+}
+
+/// What the writer task and the handles share (not the sender, so the queue can close).
+struct WriterState {
+    /// Ms since `epoch` when writing started failing, or 0 while it works.
+    failing_since: AtomicU64,
+    /// Records handed over and not yet written.
+    backlog: AtomicU64,
+    epoch: Instant,
+    bound: Duration,
+}
+
+const BATCH: usize = 1000;
+const QUEUE: usize = 65_536;
+
+impl AuditWriter {
+    /// Starts the writer task. It ends when every sender is gone and the queue is drained.
+    pub fn start(
+        store: Arc<dyn ConsentStore>,
+        key: AuditKey,
+        bound: Duration,
+    ) -> (Arc<AuditWriter>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let state = Arc::new(WriterState {
+            failing_since: AtomicU64::new(0),
+            backlog: AtomicU64::new(0),
+            epoch: Instant::now(),
+            bound,
+        });
+        let task = tokio::spawn(run(state.clone(), store, key, rx));
+        (Arc::new(AuditWriter { tx, state }), task)
+    }
+
+    /// Whether checks may release data: records are being written, or have failed for less than
+    /// the bound.
+    pub fn accepting(&self) -> bool {
+        let s = &self.state;
+        let since = s.failing_since.load(Ordering::Acquire);
+        since == 0
+            || s.now_ms().saturating_sub(since)
+                <= u64::try_from(s.bound.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records not yet written.
+    pub fn backlog(&self) -> u64 {
+        self.state.backlog.load(Ordering::Relaxed)
+    }
+
+    /// Queues a record. False if the queue is full (the check must then withhold).
+    pub fn submit(&self, pending: PendingCheck) -> bool {
+        match self.tx.try_send(pending) {
+            Ok(()) => {
+                self.state.backlog.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                self.state.mark_failing();
+                false
+            }
+        }
+    }
+}
+
+impl WriterState {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn mark_failing(&self) {
+        let _ = self.failing_since.compare_exchange(
+            0,
+            self.now_ms(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+}
+
+async fn run(
+    writer: Arc<WriterState>,
+    store: Arc<dyn ConsentStore>,
+    key: AuditKey,
+    mut rx: mpsc::Receiver<PendingCheck>,
+) {
+    loop {
+        // Wait for one record, then gather what else arrives within 100 ms.
+        let Some(first) = rx.recv().await else {
+            break;
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        let mut pending = vec![first];
+        while pending.len() < BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(p)) => pending.push(p),
+                _ => break,
+            }
+        }
+        let key2 = key.clone();
+        let batch: Vec<AuditRecord> = tokio::task::spawn_blocking(move || {
+            pending
+                .into_iter()
+                .map(|p| AuditRecord {
+                    digests: key2.digests(p.released),
+                    ..p.record
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        // Retry the batch until it is written: records are never dropped while the process lives.
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match store.append_audit(&batch).await {
+                Ok(()) => {
+                    writer.failing_since.store(0, Ordering::Release);
+                    writer
+                        .backlog
+                        .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    writer.mark_failing();
+                    tracing::warn!(error = %e, records = batch.len(), "cannot write audit records; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}

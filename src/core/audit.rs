@@ -1,0 +1,192 @@
+//! Audit records and the keyed digest that stands in for an NHS number in them.
+//!
+//! An audit record says who (organisation and key id) did what (a change of opt-outs, or a check),
+//! when, about how many numbers, and at which store version. It never holds an NHS number: each is
+//! replaced by an HMAC-SHA-256 under the audit key from configuration, truncated to 8 bytes. Without
+//! the key the digests cannot be reversed by enumerating the ten-digit space; with it, the service
+//! can answer "which records concern this patient?" by computing the digest of the number asked.
+//! 8 bytes keep a check of millions of numbers affordable; a false match between two patients is
+//! about one in 2^64 per pair.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use super::NhsNumber;
+
+/// The secret that keys audit digests. Configuration, never in the repository.
+#[derive(Clone)]
+pub struct AuditKey(Vec<u8>);
+
+/// An audit key that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("the audit key must be at least 32 bytes of secret material, got {0}")]
+pub struct AuditKeyError(pub usize);
+
+/// Length of one digest in bytes.
+pub const DIGEST_LEN: usize = 8;
+
+impl AuditKey {
+    /// A key from secret bytes (at least 32).
+    pub fn new(secret: &[u8]) -> Result<Self, AuditKeyError> {
+        if secret.len() < 32 {
+            return Err(AuditKeyError(secret.len()));
+        }
+        Ok(AuditKey(secret.to_vec()))
+    }
+
+    /// The digest of one NHS number.
+    pub fn digest(&self, n: NhsNumber) -> [u8; DIGEST_LEN] {
+        // new_from_slice accepts keys of any length for HMAC; the fallback cannot happen.
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.0) else {
+            return [0; DIGEST_LEN];
+        };
+        mac.update(b"optout-nhs-number:");
+        mac.update(&n.as_u64().to_be_bytes());
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; DIGEST_LEN];
+        out.copy_from_slice(&full[..DIGEST_LEN]);
+        out
+    }
+
+    /// The digests of many numbers, concatenated and base64-encoded, as stored in a record.
+    pub fn digests(&self, numbers: impl IntoIterator<Item = NhsNumber>) -> String {
+        let mut raw = Vec::new();
+        for n in numbers {
+            raw.extend_from_slice(&self.digest(n));
+        }
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw)
+    }
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey(<secret>)")
+    }
+}
+
+/// One audit record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When, ms since the Unix epoch.
+    pub at_ms: i64,
+    /// The calling organisation (ODS code, or "anonymous" when the service runs without keys).
+    pub organisation: String,
+    /// The id of the API key used ("-" without keys).
+    pub key_id: String,
+    /// "add", "remove", "import-merge", "import-replace" or "check".
+    pub action: String,
+    /// The opt-out type changed (admin changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opt_out_type: Option<String>,
+    /// Where the change came from (admin changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The caller's extract reference (checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extract_id: Option<String>,
+    /// Purpose (checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    /// Data origin (checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// NHS numbers in the request (valid and invalid).
+    pub count: u64,
+    /// Numbers actually changed (admin changes), or released (checks).
+    pub applied: u64,
+    /// Numbers withheld, by reason (checks).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub withheld: BTreeMap<String, u64>,
+    /// The store version the change took effect at, or the check's answer reflects.
+    #[serde(default)]
+    pub version: String,
+    /// Base64 of the 8-byte digests: every number of an admin change request, the numbers an import
+    /// added or removed, the numbers a check released.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digests: String,
+}
+
+impl AuditRecord {
+    /// Whether the record concerns the number with this digest.
+    pub fn mentions(&self, digest: &[u8; DIGEST_LEN]) -> bool {
+        base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(&self.digests)
+            .map(|raw| raw.chunks_exact(DIGEST_LEN).any(|d| d == digest))
+            .unwrap_or(false)
+    }
+
+    /// How many digests the record holds.
+    pub fn digest_count(&self) -> usize {
+        base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(&self.digests)
+            .map(|raw| raw.len() / DIGEST_LEN)
+            .unwrap_or(0)
+    }
+}
+
+/// What to read from the audit log.
+#[derive(Clone, Debug, Default)]
+pub struct AuditQuery {
+    /// From this time (ms since the epoch, inclusive).
+    pub from_ms: i64,
+    /// To this time (inclusive); 0 means now.
+    pub to_ms: i64,
+    /// Only this organisation.
+    pub organisation: Option<String>,
+    /// Only this extract reference.
+    pub extract_id: Option<String>,
+    /// Only records that mention this number's digest.
+    pub digest: Option<[u8; DIGEST_LEN]>,
+    /// At most this many records, oldest first.
+    pub limit: usize,
+}
+
+impl AuditQuery {
+    /// Whether a record passes the filters other than time.
+    pub fn matches(&self, r: &AuditRecord) -> bool {
+        self.organisation
+            .as_ref()
+            .is_none_or(|o| *o == r.organisation)
+            && self
+                .extract_id
+                .as_ref()
+                .is_none_or(|e| r.extract_id.as_ref() == Some(e))
+            && self.digest.as_ref().is_none_or(|d| r.mentions(d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_keyed_and_findable() {
+        let a = AuditKey::new(&[1u8; 32]).expect("key");
+        let b = AuditKey::new(&[2u8; 32]).expect("key");
+        let n = NhsNumber::parse("9434765919").expect("valid");
+        let m = NhsNumber::parse("4010232137").expect("valid");
+        assert_ne!(a.digest(n), b.digest(n), "another key, another digest");
+        assert_ne!(a.digest(n), a.digest(m));
+        let r = AuditRecord {
+            digests: a.digests([n]),
+            ..AuditRecord::default()
+        };
+        assert!(r.mentions(&a.digest(n)));
+        assert!(!r.mentions(&a.digest(m)));
+        assert_eq!(r.digest_count(), 1);
+        assert!(
+            !serde_json::to_string(&r)
+                .expect("json")
+                .contains("9434765919")
+        );
+    }
+
+    #[test]
+    fn short_keys_are_refused() {
+        assert!(AuditKey::new(b"too short").is_err());
+    }
+}
