@@ -565,3 +565,85 @@ async fn checks_answer_from_redis_in_one_round_trip_per_request() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn audit_records_live_in_redis_with_the_change_and_hold_digests_only() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut config = redis_config(&redis, "optout:", scratch.path());
+    config.audit_key = Some(optout::core::AuditKey::new(&[9u8; 32]).expect("key"));
+    init_redis(&config).await;
+    let a = TestServer::start_redis(config.clone()).await;
+    let b = TestServer::start_redis(config.clone()).await;
+    let n = valid_numbers(4_800_000_000, 3);
+    a.admin_client()
+        .await
+        .add_opt_outs(change_request(
+            vec![n[0].clone()],
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add");
+    let mut req = check_request(n.clone(), RESEARCH);
+    req.extract_id = "extract-7".into();
+    b.check_client().await.check(req).await.expect("check");
+    let started = Instant::now();
+    let about = |nhs: &str| optout::api::proto::ReadAuditRequest {
+        nhs_number: nhs.to_string(),
+        ..Default::default()
+    };
+    // Records written by either replica are read by the other (shared store, shared key).
+    loop {
+        let records = a
+            .admin_client()
+            .await
+            .read_audit(about(&n[1]))
+            .await
+            .expect("read")
+            .into_inner()
+            .records;
+        if records
+            .iter()
+            .any(|r| r.action == "check" && r.extract_id == "extract-7")
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "check recorded in Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let changed = b
+        .admin_client()
+        .await
+        .read_audit(about(&n[0]))
+        .await
+        .expect("read")
+        .into_inner()
+        .records;
+    assert_eq!(
+        changed.len(),
+        1,
+        "n0 was changed, and withheld (not released) by the check"
+    );
+    assert_eq!(changed[0].action, "add");
+    assert!(!changed[0].version.is_empty());
+    let mut conn = redis.connection().await;
+    let raw: redis::Value = redis::cmd("XRANGE")
+        .arg("optout:audit")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("xrange");
+    let raw = format!("{raw:?}");
+    for number in &n {
+        assert!(
+            !raw.contains(number.as_str()),
+            "plain NHS number in the Redis audit stream"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}

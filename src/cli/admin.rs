@@ -43,6 +43,27 @@ enum AdminCommand {
     },
     /// Show counts, version, filter and freshness.
     Status,
+    /// Read the audit log: who changed or checked what, when. Filters combine.
+    Audit {
+        /// From this time, ms since the Unix epoch.
+        #[arg(long, default_value_t = 0)]
+        from_ms: i64,
+        /// Until this time, ms since the Unix epoch (0: now).
+        #[arg(long, default_value_t = 0)]
+        to_ms: i64,
+        /// Only this organisation.
+        #[arg(long)]
+        organisation: Option<String>,
+        /// Only this extract reference.
+        #[arg(long)]
+        extract_id: Option<String>,
+        /// Only records about this patient ("who released data about this patient?").
+        #[arg(long)]
+        nhs_number: Option<String>,
+        /// At most this many records.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -107,6 +128,50 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
                     "{t}\trecorded {}\tsource {}",
                     format_ms(o.recorded_at_unix_ms),
                     o.source
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::Audit {
+            from_ms,
+            to_ms,
+            organisation,
+            extract_id,
+            nhs_number,
+            limit,
+        } => {
+            let mut request = tonic::Request::new(proto::ReadAuditRequest {
+                from_unix_ms: from_ms,
+                to_unix_ms: to_ms,
+                organisation: organisation.unwrap_or_default(),
+                extract_id: extract_id.unwrap_or_default(),
+                nhs_number: nhs_number.unwrap_or_default(),
+                limit,
+            });
+            request.set_timeout(timeout);
+            let r = client.read_audit(request).await?.into_inner();
+            for e in r.records {
+                let withheld: Vec<String> =
+                    e.withheld.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{}\t{}\tkey {}\t{}\t{}\tcount {}\tapplied {}\t{}\tversion {}",
+                    format_ms(e.at_unix_ms),
+                    e.organisation,
+                    e.key_id,
+                    e.action,
+                    [e.opt_out_type, e.source, e.extract_id, e.purpose, e.origin]
+                        .into_iter()
+                        .filter(|s| !s.is_empty())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    e.count,
+                    e.applied,
+                    if withheld.is_empty() {
+                        String::new()
+                    } else {
+                        format!("withheld {}", withheld.join(","))
+                    },
+                    e.version
                 );
             }
             Ok(ExitCode::SUCCESS)

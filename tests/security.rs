@@ -1,0 +1,677 @@
+//! Callers, roles, TLS, rate limits and the audit log, against the real server.
+
+mod common;
+
+use std::{
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use common::{
+    FaultyStore, TestServer, change_request, check_request, outcome, test_config, valid_numbers,
+};
+use optout::{
+    api::{
+        gate::RateLimit,
+        proto::{
+            GetOptOutRequest, GetStatusRequest, ImportMode, ImportOptOutsRequest, OptOutType,
+            Outcome, Purpose, ReadAuditRequest, Reason, opt_out_admin_client::OptOutAdminClient,
+            opt_out_check_client::OptOutCheckClient,
+        },
+    },
+    auth::{Role, new_key},
+    core::AuditKey,
+    server::{ServerConfig, TlsFiles, open_embedded},
+    store::ConsentStore,
+};
+use tonic::{
+    Code, Request, Status,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, ClientTlsConfig},
+};
+
+/// Sends a fixed `authorization` header (or none).
+#[derive(Clone)]
+struct Key(Option<String>);
+
+impl Interceptor for Key {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(k) = &self.0 {
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {k}")
+                    .parse()
+                    .map_err(|_| Status::internal("key"))?,
+            );
+        }
+        Ok(r)
+    }
+}
+
+type Authed = InterceptedService<Channel, Key>;
+
+fn check_client(ch: Channel, key: Option<&str>) -> OptOutCheckClient<Authed> {
+    OptOutCheckClient::with_interceptor(ch, Key(key.map(str::to_string)))
+}
+
+fn admin_client(ch: Channel, key: Option<&str>) -> OptOutAdminClient<Authed> {
+    OptOutAdminClient::with_interceptor(ch, Key(key.map(str::to_string)))
+}
+
+struct Keys {
+    checker: String,
+    admin: String,
+    other_checker: String,
+}
+
+/// Writes a keys file with a checker and an admin of RX1, and a checker of RX2.
+fn write_keys(path: &Path) -> Keys {
+    let (checker, e1) = new_key("RX1", &[Role::Checker]);
+    let (admin, e2) = new_key("RX1", &[Role::Admin]);
+    let (other_checker, e3) = new_key("RX2", &[Role::Checker]);
+    std::fs::write(path, format!("{e1}\n{e2}\n{e3}")).expect("write keys");
+    Keys {
+        checker,
+        admin,
+        other_checker,
+    }
+}
+
+fn secured(dir: &Path) -> (ServerConfig, Keys) {
+    let mut config = test_config(&dir.join("data"));
+    let keys_path = dir.join("keys.toml");
+    let keys = write_keys(&keys_path);
+    config.keys_file = Some(keys_path);
+    config.keys_reload = Duration::from_millis(100);
+    config.audit_key = Some(AuditKey::new(&[42u8; 32]).expect("key"));
+    config.audit_bound = Duration::from_millis(500);
+    (config, keys)
+}
+
+/// Calls every RPC once with `key`; returns the code of each (Ok as `Code::Ok`).
+async fn every_rpc(ch: Channel, key: Option<&str>) -> Vec<(&'static str, Code)> {
+    let code = |r: Result<(), Status>| r.map_or_else(|s| s.code(), |()| Code::Ok);
+    let n = valid_numbers(4_000_000_000, 2);
+    let mut c = check_client(ch.clone(), key);
+    let mut a = admin_client(ch, key);
+    let mut out = Vec::new();
+    out.push((
+        "Check",
+        code(
+            c.check(check_request(n.clone(), Purpose::Research))
+                .await
+                .map(|_| ()),
+        ),
+    ));
+    let stream = c
+        .check_stream(tokio_stream::iter(vec![check_request(
+            n.clone(),
+            Purpose::Research,
+        )]))
+        .await;
+    let stream_code = match stream {
+        Err(s) => s.code(),
+        Ok(r) => {
+            let mut s = r.into_inner();
+            match s.message().await {
+                Ok(_) => Code::Ok,
+                Err(e) => e.code(),
+            }
+        }
+    };
+    out.push(("CheckStream", stream_code));
+    out.push((
+        "AddOptOuts",
+        code(
+            a.add_opt_outs(change_request(vec![n[0].clone()], OptOutType::Type1))
+                .await
+                .map(|_| ()),
+        ),
+    ));
+    out.push((
+        "RemoveOptOuts",
+        code(
+            a.remove_opt_outs(change_request(vec![n[0].clone()], OptOutType::Type1))
+                .await
+                .map(|_| ()),
+        ),
+    ));
+    out.push((
+        "ImportOptOuts",
+        code(
+            a.import_opt_outs(tokio_stream::iter(vec![ImportOptOutsRequest {
+                mode: ImportMode::Merge as i32,
+                r#type: OptOutType::Type1 as i32,
+                source: "matrix".into(),
+                nhs_numbers: vec![n[1].clone()],
+                commit: true,
+            }]))
+            .await
+            .map(|_| ()),
+        ),
+    ));
+    out.push((
+        "GetOptOut",
+        code(
+            a.get_opt_out(GetOptOutRequest {
+                nhs_number: n[0].clone(),
+            })
+            .await
+            .map(|_| ()),
+        ),
+    ));
+    out.push((
+        "GetStatus",
+        code(a.get_status(GetStatusRequest {}).await.map(|_| ())),
+    ));
+    out.push((
+        "ReadAudit",
+        code(a.read_audit(ReadAuditRequest::default()).await.map(|_| ())),
+    ));
+    out
+}
+
+#[tokio::test]
+async fn every_rpc_admits_exactly_the_roles_it_should() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, keys) = secured(dir.path());
+    let server = TestServer::start_with(config).await;
+    let ch = server.channel().await;
+    let unknown = new_key("RX9", &[Role::Admin]).0;
+    let checks = ["Check", "CheckStream"];
+    for (who, key) in [
+        ("no key", None),
+        ("unknown key", Some(unknown.as_str())),
+        ("checker", Some(keys.checker.as_str())),
+        ("admin", Some(keys.admin.as_str())),
+    ] {
+        for (rpc, code) in every_rpc(ch.clone(), key).await {
+            let want = match who {
+                "no key" | "unknown key" => Code::Unauthenticated,
+                "checker" if checks.contains(&rpc) => Code::Ok,
+                "checker" => Code::PermissionDenied,
+                _ => Code::Ok,
+            };
+            assert_eq!(code, want, "{who} calling {rpc}");
+        }
+    }
+    // Health stays open for probes.
+    assert_eq!(server.health().await, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_added_to_or_removed_from_the_keys_file_takes_effect_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, keys) = secured(dir.path());
+    let path = config.keys_file.clone().expect("keys file");
+    let server = TestServer::start_with(config).await;
+    let ch = server.channel().await;
+    let (new, entry) = new_key("RX3", &[Role::Checker]);
+    let req = || check_request(valid_numbers(4_000_000_000, 1), Purpose::Research);
+    let err = check_client(ch.clone(), Some(&new))
+        .check(req())
+        .await
+        .expect_err("not yet");
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let before = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(&path, format!("{before}\n{entry}")).expect("append");
+    let started = Instant::now();
+    while check_client(ch.clone(), Some(&new))
+        .check(req())
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "new key accepted after reload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An invalid file keeps the keys in force.
+    std::fs::write(&path, "this is not toml [[").expect("write");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    check_client(ch.clone(), Some(&keys.checker))
+        .check(req())
+        .await
+        .expect("old keys still in force");
+    // Removing a key revokes it.
+    std::fs::write(&path, &before).expect("write");
+    let started = Instant::now();
+    loop {
+        match check_client(ch.clone(), Some(&new)).check(req()).await {
+            Err(e) if e.code() == Code::Unauthenticated => break,
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "removed key refused after reload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_organisation_over_its_rate_limit_does_not_starve_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut config, keys) = secured(dir.path());
+    config.rate_limit = RateLimit {
+        per_second: 5,
+        burst: 5,
+    };
+    let server = TestServer::start_with(config).await;
+    let ch = server.channel().await;
+    let req = || check_request(valid_numbers(4_000_000_000, 1), Purpose::Research);
+    let mut greedy = check_client(ch.clone(), Some(&keys.checker));
+    let mut exhausted = None;
+    for _ in 0..50 {
+        if let Err(e) = greedy.check(req()).await {
+            exhausted = Some(e);
+            break;
+        }
+    }
+    let e = exhausted.expect("RX1 hit its limit");
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("RX1"), "{}", e.message());
+    check_client(ch, Some(&keys.other_checker))
+        .check(req())
+        .await
+        .expect("RX2 is still served");
+    server.stop().await;
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate naming `org`.
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+fn pki(org: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "optout test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().expect("key");
+    let mut sp = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    sp.subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    let server_cert = sp.signed_by(&server_key, &issuer).expect("server cert");
+
+    let client_key = KeyPair::generate().expect("key");
+    let mut cp = CertificateParams::new(Vec::<String>::new()).expect("params");
+    cp.distinguished_name.push(DnType::OrganizationName, org);
+    cp.distinguished_name
+        .push(DnType::CommonName, "extract-system");
+    let client_cert = cp.signed_by(&client_key, &issuer).expect("client cert");
+    Pki {
+        ca: ca_cert.pem(),
+        server_cert: server_cert.pem(),
+        server_key: server_key.serialize_pem(),
+        client_cert: client_cert.pem(),
+        client_key: client_key.serialize_pem(),
+    }
+}
+
+async fn tls_channel(url: &str, pki: &Pki, with_client_cert: bool) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    if with_client_cert {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            &pki.client_cert,
+            &pki.client_key,
+        ));
+    }
+    Channel::from_shared(url.replace("http://", "https://"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn tls_and_mutual_tls_with_certificates_made_at_test_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = pki("RX1");
+
+    // TLS: a client that trusts the CA is served; a plaintext client is not.
+    let (mut config, keys) = secured(dir.path());
+    config.tls = Some(TlsFiles {
+        cert_pem: pki.server_cert.clone().into_bytes(),
+        key_pem: pki.server_key.clone().into_bytes(),
+        client_ca_pem: None,
+    });
+    let server = TestServer::start_unready(
+        Arc::new(open_embedded(&config).await.expect("store")),
+        config,
+    )
+    .await;
+    let ch = tls_channel(&server.url, &pki, false)
+        .await
+        .expect("TLS connects");
+    let r = check_client(ch, Some(&keys.checker))
+        .check(check_request(
+            valid_numbers(4_000_000_000, 1),
+            Purpose::Research,
+        ))
+        .await
+        .expect("check over TLS")
+        .into_inner();
+    assert_eq!(outcome(&r.decisions[0]).0, Outcome::Release);
+    let plain = Channel::from_shared(server.url.clone())
+        .expect("url")
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        assert!(
+            check_client(ch, Some(&keys.checker))
+                .check(check_request(
+                    valid_numbers(4_000_000_000, 1),
+                    Purpose::Research
+                ))
+                .await
+                .is_err(),
+            "plaintext must not be served"
+        );
+    }
+    server.stop().await;
+
+    // Mutual TLS: the client certificate is required and must name the key's organisation.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let (mut config, keys) = secured(dir2.path());
+    config.tls = Some(TlsFiles {
+        cert_pem: pki.server_cert.clone().into_bytes(),
+        key_pem: pki.server_key.clone().into_bytes(),
+        client_ca_pem: Some(pki.ca.clone().into_bytes()),
+    });
+    let server = TestServer::start_unready(
+        Arc::new(open_embedded(&config).await.expect("store")),
+        config,
+    )
+    .await;
+    let req = || check_request(valid_numbers(4_000_000_000, 1), Purpose::Research);
+    let ch = tls_channel(&server.url, &pki, true)
+        .await
+        .expect("mTLS connects");
+    check_client(ch.clone(), Some(&keys.checker))
+        .check(req())
+        .await
+        .expect("RX1 key with an RX1 certificate");
+    let err = check_client(ch, Some(&keys.other_checker))
+        .check(req())
+        .await
+        .expect_err("RX2 key with an RX1 certificate");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    match tls_channel(&server.url, &pki, false).await {
+        Err(_) => {}
+        Ok(ch) => assert!(
+            check_client(ch, Some(&keys.checker))
+                .check(req())
+                .await
+                .is_err(),
+            "no client certificate, no service"
+        ),
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn audit_records_every_change_and_check_and_holds_no_nhs_number() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, keys) = secured(dir.path());
+    let data_dir = config.data_dir.clone();
+    let server = TestServer::start_with(config).await;
+    let ch = server.channel().await;
+    let mut admin = admin_client(ch.clone(), Some(&keys.admin));
+    let mut checker = check_client(ch, Some(&keys.checker));
+    let n = valid_numbers(4_400_000_000, 6);
+
+    admin
+        .add_opt_outs(change_request(
+            n[..3].to_vec(),
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add");
+    admin
+        .remove_opt_outs(change_request(
+            vec![n[2].clone()],
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("remove");
+    admin
+        .import_opt_outs(tokio_stream::iter(vec![ImportOptOutsRequest {
+            mode: ImportMode::Replace as i32,
+            r#type: OptOutType::Type1 as i32,
+            source: "practice.csv".into(),
+            nhs_numbers: n[3..5].to_vec(),
+            commit: true,
+        }]))
+        .await
+        .expect("import");
+    let mut req = check_request(n.clone(), Purpose::Research);
+    req.extract_id = "study-42".into();
+    checker.check(req).await.expect("check");
+
+    // Check records are written in batches: wait for it.
+    let started = Instant::now();
+    let all = loop {
+        let r = admin
+            .read_audit(ReadAuditRequest::default())
+            .await
+            .expect("read")
+            .into_inner()
+            .records;
+        if r.iter().any(|e| e.action == "check") {
+            break r;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "check recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let actions: Vec<&str> = all.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, vec!["add", "remove", "import-replace", "check"]);
+    let add = &all[0];
+    assert_eq!(
+        (
+            add.organisation.as_str(),
+            add.count,
+            add.applied,
+            add.digests
+        ),
+        ("RX1", 3, 3, 3)
+    );
+    assert_eq!(add.opt_out_type, "national");
+    assert_eq!(add.source, "test");
+    assert!(!add.version.is_empty() && !add.key_id.is_empty());
+    let import = &all[2];
+    assert_eq!((import.count, import.applied, import.digests), (2, 2, 2));
+    let check = &all[3];
+    assert_eq!(check.extract_id, "study-42");
+    assert_eq!(check.count, 6);
+    assert_eq!(check.purpose, "Research");
+    // n0, n1 national; n3, n4 type 1 (unspecified origin applies both): 4 withheld, 2 released.
+    assert_eq!(check.applied, 2);
+    assert_eq!(check.withheld.values().sum::<u64>(), 4);
+
+    // "Who released data about this patient?"
+    let about = |nhs: &str| ReadAuditRequest {
+        nhs_number: nhs.to_string(),
+        ..ReadAuditRequest::default()
+    };
+    let released = admin
+        .read_audit(about(&n[5]))
+        .await
+        .expect("read")
+        .into_inner()
+        .records;
+    assert_eq!(
+        released
+            .iter()
+            .map(|e| e.action.as_str())
+            .collect::<Vec<_>>(),
+        vec!["check"]
+    );
+    let changed = admin
+        .read_audit(about(&n[2]))
+        .await
+        .expect("read")
+        .into_inner()
+        .records;
+    let changed: Vec<&str> = changed.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(changed, vec!["add", "remove", "check"]);
+    let by_org = admin
+        .read_audit(ReadAuditRequest {
+            organisation: "RX2".into(),
+            ..ReadAuditRequest::default()
+        })
+        .await
+        .expect("read")
+        .into_inner()
+        .records;
+    assert!(by_org.is_empty());
+    let by_extract = admin
+        .read_audit(ReadAuditRequest {
+            extract_id: "study-42".into(),
+            ..ReadAuditRequest::default()
+        })
+        .await
+        .expect("read")
+        .into_inner()
+        .records;
+    assert_eq!(by_extract.len(), 1);
+    server.stop().await;
+
+    // The stored audit bytes hold digests, never the numbers: read the raw records.
+    let store = open_embedded(&test_config(&data_dir))
+        .await
+        .expect("reopen");
+    let raw = store
+        .read_audit(&optout::core::AuditQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("raw audit");
+    let json = serde_json::to_string(&raw).expect("json");
+    for number in &n {
+        assert!(
+            !json.contains(number.as_str()),
+            "plain NHS number in the audit log"
+        );
+    }
+    assert!(json.contains("digests"));
+}
+
+#[tokio::test]
+async fn when_the_audit_cannot_be_written_admin_changes_are_refused_and_checks_withheld() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, keys) = secured(dir.path());
+    let inner: Arc<dyn ConsentStore> = Arc::new(open_embedded(&config).await.expect("store"));
+    let faulty = FaultyStore::new(inner);
+    let server = TestServer::start_on(faulty.clone(), config).await;
+    let ch = server.channel().await;
+    let n = valid_numbers(4_500_000_000, 3);
+    let mut checker = check_client(ch.clone(), Some(&keys.checker));
+    let mut admin = admin_client(ch, Some(&keys.admin));
+
+    faulty.audit_down.store(true, Ordering::SeqCst);
+    let err = admin
+        .add_opt_outs(change_request(
+            vec![n[0].clone()],
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect_err("no audit, no change");
+    assert_eq!(err.code(), Code::Unavailable);
+
+    // Checks go on being answered, released where provable, until the bound (500 ms) passes...
+    let first = checker
+        .check(check_request(n.clone(), Purpose::Research))
+        .await
+        .expect("check")
+        .into_inner();
+    assert!(
+        first
+            .decisions
+            .iter()
+            .all(|d| outcome(d).0 == Outcome::Release)
+    );
+    // ...then everything is withheld rather than released unrecorded.
+    let started = Instant::now();
+    loop {
+        let r = checker
+            .check(check_request(n.clone(), Purpose::Research))
+            .await
+            .expect("check")
+            .into_inner();
+        if r.decisions
+            .iter()
+            .all(|d| outcome(d) == (Outcome::Withhold, Reason::StoreUnavailable))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "checks withheld after the bound"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Back: checks are released again, and the records queued meanwhile are written.
+    faulty.audit_down.store(false, Ordering::SeqCst);
+    let started = Instant::now();
+    loop {
+        let r = checker
+            .check(check_request(n.clone(), Purpose::Research))
+            .await
+            .expect("check")
+            .into_inner();
+        if r.decisions.iter().all(|d| outcome(d).0 == Outcome::Release) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let records = loop {
+        let records = admin
+            .read_audit(ReadAuditRequest::default())
+            .await
+            .expect("read")
+            .into_inner()
+            .records;
+        if records.len() >= 3 {
+            break records;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "queued records written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        records.iter().all(|r| r.action == "check"),
+        "the refused add left no record"
+    );
+    let s = admin
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(s.national_data_opt_outs, 0);
+    server.stop().await;
+}
