@@ -61,27 +61,7 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
             Box::new(File::open(p).map_err(|e| CliError::Input(format!("{}: {e}", p.display())))?)
         }
     };
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .from_reader(input);
-    let header = reader
-        .byte_headers()
-        .map_err(|e| CliError::Input(format!("reading the CSV header: {e}")))?
-        .clone();
-    let column = header
-        .iter()
-        .position(|h| String::from_utf8_lossy(h).trim() == args.column)
-        .ok_or_else(|| {
-            let names: Vec<String> = header
-                .iter()
-                .map(|h| String::from_utf8_lossy(h).into_owned())
-                .collect();
-            CliError::Input(format!(
-                "column {:?} is not in the CSV header; the columns are: {}",
-                args.column,
-                names.join(", ")
-            ))
-        })?;
+    let (reader, header, column) = open_csv(input, &args.column).map_err(CliError::Input)?;
 
     let mut output = Output::open(args.output.as_ref())?;
     output.write(&header)?;
@@ -171,20 +151,14 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
 /// stream. On a malformed row it queues the error (with the line number) and stops, which ends the
 /// request stream.
 fn read_rows(
-    mut reader: csv::Reader<Box<dyn Read + Send>>,
+    reader: csv::Reader<Box<dyn Read + Send>>,
     column: usize,
     batch: usize,
     template: CheckRequest,
     req_tx: &mpsc::Sender<CheckRequest>,
     rows_tx: &mpsc::Sender<Result<Rows, String>>,
 ) -> Result<(), String> {
-    let mut rows: Rows = Vec::with_capacity(batch);
-    let mut record = csv::ByteRecord::new();
-    let send = |rows: Rows| -> Result<(), String> {
-        let numbers = rows
-            .iter()
-            .map(|r| String::from_utf8_lossy(r.get(column).unwrap_or_default()).into_owned())
-            .collect();
+    let result = for_each_chunk(reader, column, batch, |rows, numbers| {
         rows_tx
             .blocking_send(Ok(rows))
             .map_err(|_| "the response side stopped".to_string())?;
@@ -194,6 +168,58 @@ fn read_rows(
                 ..template.clone()
             })
             .map_err(|_| "the request stream closed".to_string())
+    });
+    if let Err(message) = &result {
+        let _ = rows_tx.blocking_send(Err(message.clone()));
+    }
+    result
+}
+
+/// Opens a CSV extract: reads its header and finds the NHS-number column by name.
+pub fn open_csv<R: Read>(
+    input: R,
+    column_name: &str,
+) -> Result<(csv::Reader<R>, csv::ByteRecord, usize), String> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(input);
+    let header = reader
+        .byte_headers()
+        .map_err(|e| format!("reading the CSV header: {e}"))?
+        .clone();
+    let column = header
+        .iter()
+        .position(|h| String::from_utf8_lossy(h).trim() == column_name)
+        .ok_or_else(|| {
+            let names: Vec<String> = header
+                .iter()
+                .map(|h| String::from_utf8_lossy(h).into_owned())
+                .collect();
+            format!(
+                "column {column_name:?} is not in the CSV header; the columns are: {}",
+                names.join(", ")
+            )
+        })?;
+    Ok((reader, header, column))
+}
+
+/// Reads every row, handing `sink` chunks of up to `batch` rows with their NHS-number cells, in
+/// order. Stops at the first malformed row with its line number; rows before it were handed over.
+pub fn for_each_chunk<R: Read>(
+    mut reader: csv::Reader<R>,
+    column: usize,
+    batch: usize,
+    mut sink: impl FnMut(Vec<csv::ByteRecord>, Vec<String>) -> Result<(), String>,
+) -> Result<(), String> {
+    let batch = batch.max(1);
+    let mut rows: Vec<csv::ByteRecord> = Vec::with_capacity(batch);
+    let mut record = csv::ByteRecord::new();
+    let mut send = |rows: Vec<csv::ByteRecord>| {
+        let numbers = rows
+            .iter()
+            .map(|r| String::from_utf8_lossy(r.get(column).unwrap_or_default()).into_owned())
+            .collect();
+        sink(rows, numbers)
     };
     loop {
         match reader.read_byte_record(&mut record) {
@@ -208,9 +234,7 @@ fn read_rows(
                 let line = e
                     .position()
                     .map_or_else(|| "?".to_string(), |p| p.line().to_string());
-                let message = format!("malformed CSV at line {line}: {}", describe(&e));
-                let _ = rows_tx.blocking_send(Err(message.clone()));
-                return Err(message);
+                return Err(format!("malformed CSV at line {line}: {}", describe(&e)));
             }
         }
     }

@@ -5,7 +5,7 @@
 
 mod admin;
 mod check;
-mod filter;
+pub mod filter;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
