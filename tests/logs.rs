@@ -88,8 +88,13 @@ fn no_nhs_number_reaches_the_logs_at_any_level() {
             }
             all.extend_from_slice(&buf[..n]);
             if !announced {
-                let text = String::from_utf8_lossy(&all);
-                if let Some(line) = text.lines().find(|l| l.contains("listening on")) {
+                // Only complete lines: a read may end in the middle of one.
+                let complete = all
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(&all[..0], |i| &all[..i]);
+                let text = String::from_utf8_lossy(complete);
+                if let Some(line) = text.lines().find(|l| l.starts_with("optout: listening on")) {
                     let addr = line
                         .split_whitespace()
                         .nth(3)
