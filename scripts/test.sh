@@ -50,13 +50,13 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 
 echo "== cargo clippy --all-targets -- -D warnings"
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 echo "== cargo test (unit, property, black-box, benches once on small data)"
 # The core benchmark fills a filter with 5 million opt-outs; in test mode a smaller one will do.
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-OPTOUT_BENCH_OPT_OUTS="${OPTOUT_BENCH_OPT_OUTS:-100000}" cargo test --locked --all-targets 2>&1 | tee "$log"
+OPTOUT_BENCH_OPT_OUTS="${OPTOUT_BENCH_OPT_OUTS:-100000}" cargo test --locked --workspace --all-targets 2>&1 | tee "$log"
 
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }

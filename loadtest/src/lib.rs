@@ -1,0 +1,632 @@
+//! Load test harness for the optout service. It talks to the service only through its gRPC API:
+//! `seed` plants opt-outs with ImportOptOuts, `run` drives Check / CheckStream / single-number
+//! checks (closed or open loop) and measures, `--baseline redis` runs the same workload straight
+//! against Redis, and `echo-server` serves the same API doing no work, to measure the floor of gRPC
+//! itself on the machine.
+
+pub mod echo;
+pub mod population;
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use optout::api::proto::{
+    CheckRequest, DataOrigin, ImportMode, ImportOptOutsRequest, OptOutType, Outcome, Purpose,
+    opt_out_admin_client::OptOutAdminClient, opt_out_check_client::OptOutCheckClient,
+};
+use population::Population;
+use rand::SeedableRng;
+use serde::Serialize;
+use tonic::{
+    Request, Status,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+
+/// Errors of the harness.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A setting is wrong.
+    #[error("{0}")]
+    Usage(String),
+    /// The service or Redis failed.
+    #[error("{0}")]
+    Remote(String),
+}
+
+impl From<Status> for Error {
+    fn from(s: Status) -> Self {
+        Error::Remote(format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
+impl From<tonic::transport::Error> for Error {
+    fn from(e: tonic::transport::Error) -> Self {
+        Error::Remote(format!("connect: {e}"))
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        Error::Remote(format!("redis: {e}"))
+    }
+}
+
+/// Adds `authorization: Bearer <key>` when a key is set.
+#[derive(Clone)]
+pub struct Bearer(pub Option<String>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(k) = &self.0 {
+            let v = format!("Bearer {k}")
+                .parse()
+                .map_err(|_| Status::invalid_argument("API key is not ASCII"))?;
+            r.metadata_mut().insert("authorization", v);
+        }
+        Ok(r)
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+async fn connect(url: &str) -> Result<Channel, Error> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|e| Error::Usage(format!("--server {url}: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?)
+}
+
+/// Plants `population`'s opt-outs through ImportOptOuts (REPLACE of national opt-outs), and, if
+/// given, the same numbers into a plain Redis set for the baseline.
+pub async fn seed(
+    server: &str,
+    api_key: Option<String>,
+    population: &Population,
+    baseline: Option<(&str, &str)>,
+    progress: &indicatif::ProgressBar,
+) -> Result<(u64, Duration), Error> {
+    let started = Instant::now();
+    let mut admin = OptOutAdminClient::with_interceptor(connect(server).await?, Bearer(api_key))
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let (tx, rx) = tokio::sync::mpsc::channel::<ImportOptOutsRequest>(8);
+    let pop = population.clone();
+    let bar = progress.clone();
+    let producer = tokio::spawn(async move {
+        let mut chunk = Vec::with_capacity(10_000);
+        let mut first = true;
+        for n in pop.planted() {
+            chunk.push(n.to_string());
+            if chunk.len() == 10_000 {
+                let numbers = std::mem::replace(&mut chunk, Vec::with_capacity(10_000));
+                bar.inc(numbers.len() as u64);
+                if tx.send(message(numbers, first, false)).await.is_err() {
+                    return;
+                }
+                first = false;
+            }
+        }
+        bar.inc(chunk.len() as u64);
+        let _ = tx.send(message(chunk, first, true)).await;
+    });
+    let r = admin
+        .import_opt_outs(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let _ = producer.await;
+    if let Some((url, key)) = baseline {
+        let mut conn = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
+        let _: () = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
+        let numbers: Vec<u64> = population.planted().map(|n| n.as_u64()).collect();
+        for chunk in numbers.chunks(10_000) {
+            let _: () = redis::cmd("SADD")
+                .arg(key)
+                .arg(chunk)
+                .query_async(&mut conn)
+                .await?;
+        }
+    }
+    Ok((r.received, started.elapsed()))
+}
+
+fn message(numbers: Vec<String>, first: bool, commit: bool) -> ImportOptOutsRequest {
+    ImportOptOutsRequest {
+        mode: if first { ImportMode::Replace as i32 } else { 0 },
+        r#type: if first {
+            OptOutType::NationalDataOptOut as i32
+        } else {
+            0
+        },
+        source: if first {
+            "optout-loadtest seed".into()
+        } else {
+            String::new()
+        },
+        nhs_numbers: numbers,
+        commit,
+    }
+}
+
+/// What to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Check with `batch` numbers per request.
+    Batch,
+    /// One number per Check.
+    Single,
+    /// CheckStream messages of `batch` numbers, a few in flight per stream.
+    Stream,
+}
+
+/// Where to send it.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// The service (or the echo server) over gRPC.
+    Grpc {
+        /// URL.
+        url: String,
+        /// API key.
+        api_key: Option<String>,
+    },
+    /// A plain Redis set: SMISMEMBER per batch, SISMEMBER per single number.
+    Redis {
+        /// URL.
+        url: String,
+        /// The set's key.
+        key: String,
+    },
+}
+
+/// The workload.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    /// Request shape.
+    pub mode: Mode,
+    /// Numbers per request (Batch, Stream).
+    pub batch: usize,
+    /// Requests in flight (closed loop) or workers (open loop).
+    pub concurrency: usize,
+    /// Connections the workers share.
+    pub connections: usize,
+    /// How long to measure.
+    pub duration: Duration,
+    /// Stop after this many requests instead (0: no limit).
+    pub count: u64,
+    /// Open loop at this many requests per second (0: closed loop).
+    pub rate: f64,
+    /// Share of planted (opted-out) numbers in the traffic.
+    pub opted_share: f64,
+    /// Run this long first without measuring.
+    pub warmup: Duration,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th.
+    pub p99: u64,
+    /// 99.9th.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+/// The outcome of one run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// "service", "redis" or "echo", as labelled by the caller.
+    pub target: String,
+    /// The workload's mode.
+    pub mode: String,
+    /// Numbers per request.
+    pub batch: usize,
+    /// Concurrency.
+    pub concurrency: usize,
+    /// Connections.
+    pub connections: usize,
+    /// Open-loop rate (0: closed loop).
+    pub rate: f64,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Numbers answered.
+    pub numbers: u64,
+    /// Requests per second.
+    pub requests_per_second: f64,
+    /// Numbers per second.
+    pub numbers_per_second: f64,
+    /// Latency of requests (open loop: from the intended send time).
+    pub latency_us: Latency,
+    /// Failed requests by gRPC code (or "redis").
+    pub errors: BTreeMap<String, u64>,
+    /// Planted (opted-out) numbers in the traffic that were answered.
+    pub planted_seen: u64,
+    /// Planted numbers answered RELEASE: must be 0.
+    pub leaks: u64,
+}
+
+struct Shared {
+    population: Population,
+    workload: Workload,
+    stop: AtomicBool,
+    measuring: AtomicBool,
+    sent: AtomicU64,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct Tally {
+    requests: u64,
+    numbers: u64,
+    planted_seen: u64,
+    leaks: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+enum Conn {
+    Grpc(OptOutCheckClient<Authed>),
+    Redis(redis::aio::MultiplexedConnection, String),
+}
+
+/// Runs a workload against a target and reports.
+pub async fn run(
+    target: &Target,
+    population: &Population,
+    workload: &Workload,
+) -> Result<Report, Error> {
+    if workload.concurrency == 0 || workload.connections == 0 || workload.batch == 0 {
+        return Err(Error::Usage(
+            "--concurrency, --connections and --batch must be at least 1".into(),
+        ));
+    }
+    let mut conns = Vec::new();
+    for _ in 0..workload.connections {
+        conns.push(match target {
+            Target::Grpc { url, api_key } => Conn::Grpc(
+                OptOutCheckClient::with_interceptor(connect(url).await?, Bearer(api_key.clone()))
+                    .max_decoding_message_size(64 * 1024 * 1024)
+                    .max_encoding_message_size(64 * 1024 * 1024),
+            ),
+            Target::Redis { url, key } => Conn::Redis(
+                redis::Client::open(url.as_str())?
+                    .get_multiplexed_async_connection()
+                    .await?,
+                key.clone(),
+            ),
+        });
+    }
+    let shared = Arc::new(Shared {
+        population: population.clone(),
+        workload: workload.clone(),
+        stop: AtomicBool::new(false),
+        measuring: AtomicBool::new(workload.warmup.is_zero()),
+        sent: AtomicU64::new(0),
+        started: Instant::now() + workload.warmup,
+    });
+    let empty = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| Error::Usage(format!("histogram: {e}")))?;
+    let mut workers = Vec::new();
+    for w in 0..workload.concurrency {
+        let conn = match &conns[w % conns.len()] {
+            Conn::Grpc(c) => Conn::Grpc(c.clone()),
+            Conn::Redis(c, k) => Conn::Redis(c.clone(), k.clone()),
+        };
+        workers.push(tokio::spawn(worker(shared.clone(), conn, empty.clone())));
+    }
+    if !workload.warmup.is_zero() {
+        tokio::time::sleep(workload.warmup).await;
+        shared.measuring.store(true, Ordering::SeqCst);
+    }
+    let measure_start = Instant::now();
+    // Stop at the duration, or when the request count is reached.
+    loop {
+        let done_count =
+            workload.count > 0 && shared.sent.load(Ordering::Relaxed) >= workload.count;
+        if done_count || measure_start.elapsed() >= workload.duration {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    shared.stop.store(true, Ordering::SeqCst);
+    let mut hist = empty;
+    let mut tally = Tally::default();
+    for w in workers {
+        let (h, t) = w.await.map_err(|e| Error::Remote(format!("worker: {e}")))?;
+        hist.add(&h)
+            .map_err(|e| Error::Usage(format!("histogram: {e}")))?;
+        tally.requests += t.requests;
+        tally.numbers += t.numbers;
+        tally.planted_seen += t.planted_seen;
+        tally.leaks += t.leaks;
+        for (k, v) in t.errors {
+            *tally.errors.entry(k).or_default() += v;
+        }
+    }
+    let seconds = measure_start.elapsed().as_secs_f64();
+    Ok(Report {
+        target: String::new(),
+        mode: format!("{:?}", workload.mode).to_lowercase(),
+        batch: if workload.mode == Mode::Single {
+            1
+        } else {
+            workload.batch
+        },
+        concurrency: workload.concurrency,
+        connections: workload.connections,
+        rate: workload.rate,
+        seconds,
+        requests: tally.requests,
+        numbers: tally.numbers,
+        requests_per_second: tally.requests as f64 / seconds,
+        numbers_per_second: tally.numbers as f64 / seconds,
+        latency_us: Latency {
+            p50: hist.value_at_quantile(0.5),
+            p90: hist.value_at_quantile(0.9),
+            p99: hist.value_at_quantile(0.99),
+            p999: hist.value_at_quantile(0.999),
+            max: hist.max(),
+        },
+        errors: tally.errors,
+        planted_seen: tally.planted_seen,
+        leaks: tally.leaks,
+    })
+}
+
+fn request(
+    shared: &Shared,
+    rng: &mut impl rand::Rng,
+) -> (Vec<optout::core::NhsNumber>, CheckRequest) {
+    let n = if shared.workload.mode == Mode::Single {
+        1
+    } else {
+        shared.workload.batch
+    };
+    let numbers: Vec<_> = (0..n)
+        .map(|_| shared.population.draw(rng, shared.workload.opted_share))
+        .collect();
+    let req = CheckRequest {
+        nhs_numbers: numbers.iter().map(|n| n.to_string()).collect(),
+        purpose: Purpose::Research as i32,
+        origin: DataOrigin::Other as i32,
+        at_least_version: String::new(),
+        extract_id: "optout-loadtest".into(),
+    };
+    (numbers, req)
+}
+
+async fn worker(
+    shared: Arc<Shared>,
+    mut conn: Conn,
+    mut hist: Histogram<u64>,
+) -> (Histogram<u64>, Tally) {
+    let mut tally = Tally::default();
+    let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
+    let rate = shared.workload.rate;
+    if shared.workload.mode == Mode::Stream {
+        if let Conn::Grpc(client) = &mut conn {
+            stream_worker(&shared, client, &mut hist, &mut tally).await;
+        }
+        return (hist, tally);
+    }
+    while !shared.stop.load(Ordering::Relaxed) {
+        // Open loop: each request has an intended send time; latency counts from it, so a stalled
+        // server shows up as latency instead of silently sending less (no coordinated omission).
+        let k = shared.sent.fetch_add(1, Ordering::Relaxed);
+        let intended = if rate > 0.0 {
+            let at = shared.started + Duration::from_secs_f64(k as f64 / rate);
+            tokio::time::sleep_until(at.into()).await;
+            at
+        } else {
+            Instant::now()
+        };
+        let (numbers, req) = request(&shared, &mut rng);
+        let answers: Result<Vec<bool>, String> = match &mut conn {
+            Conn::Grpc(client) => match client.check(req).await {
+                Ok(r) => Ok(r
+                    .into_inner()
+                    .decisions
+                    .iter()
+                    .map(|d| d.outcome == Outcome::Release as i32)
+                    .collect()),
+                Err(s) => Err(format!("{:?}", s.code())),
+            },
+            Conn::Redis(c, key) => redis_check(c, key, &numbers).await,
+        };
+        let elapsed = intended.elapsed();
+        if !shared.measuring.load(Ordering::Relaxed) {
+            continue;
+        }
+        match answers {
+            Ok(released) => {
+                record(&shared, &numbers, &released, &mut tally);
+                let _ = hist.record(
+                    u64::try_from(elapsed.as_micros())
+                        .unwrap_or(u64::MAX)
+                        .max(1),
+                );
+            }
+            Err(code) => *tally.errors.entry(code).or_default() += 1,
+        }
+    }
+    (hist, tally)
+}
+
+fn record(
+    shared: &Shared,
+    numbers: &[optout::core::NhsNumber],
+    released: &[bool],
+    tally: &mut Tally,
+) {
+    tally.requests += 1;
+    tally.numbers += numbers.len() as u64;
+    for (n, r) in numbers.iter().zip(released) {
+        if shared.population.is_planted(*n) {
+            tally.planted_seen += 1;
+            if *r {
+                tally.leaks += 1;
+            }
+        }
+    }
+    if released.len() != numbers.len() {
+        *tally.errors.entry("short-answer".into()).or_default() += 1;
+    }
+}
+
+async fn redis_check(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    numbers: &[optout::core::NhsNumber],
+) -> Result<Vec<bool>, String> {
+    if numbers.len() == 1 {
+        let member: i64 = redis::cmd("SISMEMBER")
+            .arg(key)
+            .arg(numbers[0].as_u64())
+            .query_async(conn)
+            .await
+            .map_err(|_| "redis".to_string())?;
+        return Ok(vec![member == 0]);
+    }
+    let members: Vec<i64> = redis::cmd("SMISMEMBER")
+        .arg(key)
+        .arg(numbers.iter().map(|n| n.as_u64()).collect::<Vec<_>>())
+        .query_async(conn)
+        .await
+        .map_err(|_| "redis".to_string())?;
+    Ok(members.into_iter().map(|m| m == 0).collect())
+}
+
+/// One CheckStream per worker, with up to 8 messages in flight; latency per message from its send.
+async fn stream_worker(
+    shared: &Shared,
+    client: &mut OptOutCheckClient<Authed>,
+    hist: &mut Histogram<u64>,
+    tally: &mut Tally,
+) {
+    const WINDOW: usize = 8;
+    let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(WINDOW);
+    let (sent_tx, mut sent_rx) =
+        tokio::sync::mpsc::channel::<(Instant, Vec<optout::core::NhsNumber>)>(WINDOW * 2);
+    let permits = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+    let mut responses = match client
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            *tally.errors.entry(format!("{:?}", s.code())).or_default() += 1;
+            return;
+        }
+    };
+    let producer = {
+        let permits = permits.clone();
+        let population = shared.population.clone();
+        let workload = shared.workload.clone();
+        async move {
+            let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                permit.forget();
+                let numbers: Vec<_> = (0..workload.batch)
+                    .map(|_| population.draw(&mut rng, workload.opted_share))
+                    .collect();
+                let req = CheckRequest {
+                    nhs_numbers: numbers.iter().map(|n| n.to_string()).collect(),
+                    purpose: Purpose::Research as i32,
+                    origin: DataOrigin::Other as i32,
+                    at_least_version: String::new(),
+                    extract_id: "optout-loadtest-stream".into(),
+                };
+                if sent_tx.send((Instant::now(), numbers)).await.is_err()
+                    || tx.send(req).await.is_err()
+                {
+                    break;
+                }
+            }
+        }
+    };
+    let producer = tokio::spawn(producer);
+    while !shared.stop.load(Ordering::Relaxed) {
+        if shared.workload.count > 0 && shared.sent.load(Ordering::Relaxed) >= shared.workload.count
+        {
+            break;
+        }
+        match responses.message().await {
+            Ok(Some(r)) => {
+                permits.add_permits(1);
+                shared.sent.fetch_add(1, Ordering::Relaxed);
+                let Some((at, numbers)) = sent_rx.recv().await else {
+                    break;
+                };
+                if shared.measuring.load(Ordering::Relaxed) {
+                    let released: Vec<bool> = r
+                        .decisions
+                        .iter()
+                        .map(|d| d.outcome == Outcome::Release as i32)
+                        .collect();
+                    record(shared, &numbers, &released, tally);
+                    let _ = hist.record(
+                        u64::try_from(at.elapsed().as_micros())
+                            .unwrap_or(u64::MAX)
+                            .max(1),
+                    );
+                }
+            }
+            Ok(None) => break,
+            Err(s) => {
+                *tally.errors.entry(format!("{:?}", s.code())).or_default() += 1;
+                break;
+            }
+        }
+    }
+    permits.close();
+    producer.abort();
+}
+
+/// Prints a report for people.
+pub fn summary(r: &Report) -> String {
+    let errors: u64 = r.errors.values().sum();
+    format!(
+        "{:<8} {:<6} batch {:>5} conc {:>3} conn {:>2}{}: {:>10.0} numbers/s {:>9.0} req/s  \
+         p50 {:>6} us p90 {:>6} us p99 {:>6} us p99.9 {:>6} us max {:>7} us  errors {} leaks {} \
+         (planted seen {})",
+        r.target,
+        r.mode,
+        r.batch,
+        r.concurrency,
+        r.connections,
+        if r.rate > 0.0 {
+            format!(" rate {:.0}/s", r.rate)
+        } else {
+            String::new()
+        },
+        r.numbers_per_second,
+        r.requests_per_second,
+        r.latency_us.p50,
+        r.latency_us.p90,
+        r.latency_us.p99,
+        r.latency_us.p999,
+        r.latency_us.max,
+        errors,
+        r.leaks,
+        r.planted_seen
+    )
+}

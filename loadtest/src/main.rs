@@ -1,0 +1,244 @@
+//! `optout-loadtest`: seed, run, echo-server. See the README's "Load testing" section.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use optout_loadtest::{Mode, Report, Target, Workload, population::Population, run, seed, summary};
+
+#[derive(Parser)]
+#[command(
+    name = "optout-loadtest",
+    about = "Drive and measure the optout service through its API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct PopulationArgs {
+    /// Planted opt-outs.
+    #[arg(long, default_value_t = 5_000_000)]
+    count: u64,
+    /// Seed of the population (the same seed regenerates the same planted numbers).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Plant synthetic opt-outs through ImportOptOuts.
+    Seed {
+        #[command(flatten)]
+        population: PopulationArgs,
+        /// The service.
+        #[arg(long, env = "OPTOUT_SERVER", default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// API key with the admin role.
+        #[arg(long, env = "OPTOUT_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Also load the numbers into a plain Redis set for `run --baseline redis`.
+        #[arg(long)]
+        baseline_redis_url: Option<String>,
+        /// The baseline set's key.
+        #[arg(long, default_value = "optout-loadtest:baseline")]
+        baseline_key: String,
+    },
+    /// Run a workload and report (and, with --baseline redis, the same workload against Redis).
+    Run(RunArgs),
+    /// Serve the OptOutCheck API doing no work, to measure the transport floor.
+    EchoServer {
+        /// Loopback address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50151")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    population: PopulationArgs,
+    /// The service (or echo server).
+    #[arg(long, env = "OPTOUT_SERVER", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// API key with the checker role.
+    #[arg(long, env = "OPTOUT_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Label of the target in reports.
+    #[arg(long, default_value = "service")]
+    label: String,
+    #[arg(long, value_enum, default_value = "batch")]
+    mode: Mode,
+    /// Numbers per request (batch, stream).
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Requests in flight (closed loop), or workers (open loop).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Connections shared by the workers.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop after this many requests (messages in stream mode) instead; 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    count_requests: u64,
+    /// Open loop at this many requests per second (0: closed loop).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Share of planted (opted-out) numbers in the traffic.
+    #[arg(long, default_value_t = 0.05)]
+    opted_share: f64,
+    /// Seconds of warm-up before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Also run the same workload straight against Redis ("redis").
+    #[arg(long)]
+    baseline: Option<String>,
+    /// Redis of the baseline set.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    baseline_redis_url: String,
+    /// The baseline set's key.
+    #[arg(long, default_value = "optout-loadtest:baseline")]
+    baseline_key: String,
+    /// Write the report(s) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match real_main().await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
+    match Cli::parse().command {
+        Command::Seed {
+            population,
+            server,
+            api_key,
+            baseline_redis_url,
+            baseline_key,
+        } => {
+            let pop = Population::new(population.seed, population.count);
+            let bar = indicatif::ProgressBar::new(pop.count());
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:40} {human_pos}/{human_len} opt-outs ({per_sec}, eta {eta})",
+            ) {
+                bar.set_style(style);
+            }
+            let (received, took) = seed(
+                &server,
+                api_key,
+                &pop,
+                baseline_redis_url
+                    .as_deref()
+                    .map(|u| (u, baseline_key.as_str())),
+                &bar,
+            )
+            .await?;
+            bar.finish_and_clear();
+            println!(
+                "seeded {received} opt-outs in {:.2} s ({:.0}/s) with seed {}",
+                took.as_secs_f64(),
+                received as f64 / took.as_secs_f64(),
+                population.seed
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::EchoServer { listen } => {
+            if !listen.ip().is_loopback() {
+                return Err(optout_loadtest::Error::Usage(
+                    "the echo server listens on loopback only".into(),
+                ));
+            }
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| optout_loadtest::Error::Usage(format!("--listen {listen}: {e}")))?;
+            eprintln!(
+                "echo server listening on {}",
+                listener
+                    .local_addr()
+                    .map_err(|e| optout_loadtest::Error::Usage(e.to_string()))?
+            );
+            optout_loadtest::echo::serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .map_err(|e| optout_loadtest::Error::Remote(e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => {
+            let pop = Population::new(args.population.seed, args.population.count);
+            let workload = Workload {
+                mode: args.mode,
+                batch: args.batch,
+                concurrency: args.concurrency,
+                connections: args.connections,
+                duration: Duration::from_secs_f64(args.duration.max(0.1)),
+                count: args.count_requests,
+                rate: args.rate,
+                opted_share: args.opted_share,
+                warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
+            };
+            let mut reports: Vec<Report> = Vec::new();
+            let mut r = run(
+                &Target::Grpc {
+                    url: args.server.clone(),
+                    api_key: args.api_key.clone(),
+                },
+                &pop,
+                &workload,
+            )
+            .await?;
+            r.target = args.label.clone();
+            println!("{}", summary(&r));
+            reports.push(r);
+            if args.baseline.as_deref() == Some("redis") {
+                let mut b = run(
+                    &Target::Redis {
+                        url: args.baseline_redis_url.clone(),
+                        key: args.baseline_key.clone(),
+                    },
+                    &pop,
+                    &workload,
+                )
+                .await?;
+                b.target = "redis".into();
+                println!("{}", summary(&b));
+                if b.numbers_per_second > 0.0 {
+                    println!(
+                        "ratio {} / redis: {:.2}x numbers per second",
+                        args.label,
+                        reports[0].numbers_per_second / b.numbers_per_second
+                    );
+                }
+                reports.push(b);
+            } else if let Some(other) = &args.baseline {
+                return Err(optout_loadtest::Error::Usage(format!(
+                    "--baseline {other}: the only baseline is \"redis\""
+                )));
+            }
+            if let Some(path) = &args.json {
+                let json = serde_json::to_string_pretty(&reports)
+                    .map_err(|e| optout_loadtest::Error::Usage(e.to_string()))?;
+                std::fs::write(path, json).map_err(|e| {
+                    optout_loadtest::Error::Usage(format!("{}: {e}", path.display()))
+                })?;
+            }
+            let leaks: u64 = reports.iter().map(|r| r.leaks).sum();
+            if leaks > 0 {
+                eprintln!("FAIL: {leaks} opted-out numbers were released");
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The harness against the real service (embedded store, 127.0.0.1 port 0) and the echo server,
+//! briefly, so it never rots: a few thousand opt-outs, a second per workload.
+
+use std::time::Duration;
+
+use optout::server::{ServerConfig, open_embedded, serve};
+use optout_loadtest::{Mode, Target, Workload, population::Population, run, seed};
+
+async fn start_service(dir: &std::path::Path) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let mut config = ServerConfig::new(dir.to_path_buf());
+    config.rate_limit.per_second = 0;
+    config.filter.capacity = 10_000;
+    let store = std::sync::Arc::new(open_embedded(&config).await.expect("store"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(listener, store, config, async {
+        let _ = stopped.await;
+    }));
+    (url, stop)
+}
+
+fn workload(mode: Mode) -> Workload {
+    Workload {
+        mode,
+        batch: 200,
+        concurrency: 4,
+        connections: 2,
+        duration: Duration::from_millis(800),
+        count: 0,
+        rate: 0.0,
+        opted_share: 0.05,
+        warmup: Duration::from_millis(200),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeds_and_runs_every_mode_with_no_leak() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, stop) = start_service(dir.path()).await;
+    let pop = Population::new(7, 3000);
+    let bar = indicatif::ProgressBar::hidden();
+    let mut seeded = None;
+    for _ in 0..100 {
+        if let Ok(s) = seed(&url, None, &pop, None, &bar).await {
+            seeded = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seeded.expect("seeded").0, 3000);
+    let target = Target::Grpc {
+        url: url.clone(),
+        api_key: None,
+    };
+    for mode in [Mode::Batch, Mode::Single, Mode::Stream] {
+        let r = run(&target, &pop, &workload(mode)).await.expect("run");
+        assert!(r.requests > 0, "{mode:?}: {r:?}");
+        assert!(
+            r.planted_seen > 0 || mode == Mode::Single,
+            "{mode:?}: {r:?}"
+        );
+        assert_eq!(r.leaks, 0, "{mode:?}");
+        assert!(r.errors.is_empty(), "{mode:?}: {:?}", r.errors);
+        assert!(r.latency_us.p50 > 0 && r.latency_us.p50 <= r.latency_us.max);
+    }
+    // Open loop at a modest rate sends about rate x duration requests.
+    let mut open = workload(Mode::Batch);
+    open.rate = 100.0;
+    let r = run(&target, &pop, &open).await.expect("open loop");
+    assert!((40..=120).contains(&r.requests), "{}", r.requests);
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_server_releases_everything_so_the_harness_counts_leaks() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(optout_loadtest::echo::serve(listener, async {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pop = Population::new(7, 3000);
+    let r = run(
+        &Target::Grpc { url, api_key: None },
+        &pop,
+        &workload(Mode::Batch),
+    )
+    .await
+    .expect("run");
+    // The echo server releases planted numbers too: the leak counter must see every one.
+    assert!(r.planted_seen > 0);
+    assert_eq!(r.leaks, r.planted_seen);
+    let _ = stop.send(());
+}
