@@ -59,6 +59,7 @@ impl AuditWriter {
         store: Arc<dyn ConsentStore>,
         key: AuditKey,
         bound: Duration,
+        stop: tokio::sync::watch::Receiver<bool>,
     ) -> (Arc<AuditWriter>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let state = Arc::new(WriterState {
@@ -67,7 +68,7 @@ impl AuditWriter {
             epoch: Instant::now(),
             bound,
         });
-        let task = tokio::spawn(run(state.clone(), store, key, rx));
+        let task = tokio::spawn(run(state.clone(), store, key, rx, stop));
         (Arc::new(AuditWriter { tx, state }), task)
     }
 
@@ -123,11 +124,24 @@ async fn run(
     store: Arc<dyn ConsentStore>,
     key: AuditKey,
     mut rx: mpsc::Receiver<PendingCheck>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        // Wait for one record, then gather what else arrives within 100 ms.
-        let Some(first) = rx.recv().await else {
-            break;
+        // Wait for one record, then gather what else arrives within 100 ms. Once the server has
+        // stopped, write what is queued and end (handles may outlive the server in a test).
+        let first = if *stop.borrow() {
+            match rx.try_recv() {
+                Ok(p) => p,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                p = rx.recv() => match p {
+                    Some(p) => p,
+                    None => break,
+                },
+                _ = stop.changed() => continue,
+            }
         };
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
         let mut pending = vec![first];

@@ -4,7 +4,6 @@
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -169,7 +168,7 @@ pub async fn serve(
         SyncedFilter::new(config.filter).map_err(|e| ServerError::Config(e.to_string()))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let follower = tokio::spawn(follow(store.clone(), filter.clone(), stop_rx));
+    let follower = tokio::spawn(follow(store.clone(), filter.clone(), stop_rx.clone()));
 
     // Health: NOT_SERVING until the filter is loaded.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -232,8 +231,12 @@ pub async fn serve(
             AuditKey::new(&secret).map_err(|e| ServerError::Config(e.to_string()))?
         }
     };
-    let (audit, audit_task) =
-        AuditWriter::start(store.clone(), audit_key.clone(), config.audit_bound);
+    let (audit, audit_task) = AuditWriter::start(
+        store.clone(),
+        audit_key.clone(),
+        config.audit_bound,
+        stop_rx.clone(),
+    );
     let gates = GateState::new(
         keyring,
         config.rate_limit,
@@ -286,7 +289,7 @@ pub async fn serve(
         .add_service(reflection_alpha)
         .add_service(check)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming(listener), async {
             shutdown.await;
             for s in SERVICES {
                 health
@@ -302,7 +305,7 @@ pub async fn serve(
     if let Some(k) = keys_task {
         k.abort();
     }
-    // The services (and their audit handles) are gone: the writer flushes what is queued.
+    // The writer flushes what is queued, then ends.
     match tokio::time::timeout(Duration::from_secs(5), audit_task).await {
         Ok(_) => {}
         Err(_) => tracing::error!("audit records still unwritten at shutdown after 5 s"),
@@ -312,4 +315,13 @@ pub async fn serve(
     }
     result?;
     Ok(())
+}
+
+/// The listener's connections with TCP_NODELAY set. With its own incoming stream, tonic's
+/// `Server::tcp_nodelay` does not apply; without it, Nagle's algorithm and delayed ACKs held every
+/// multi-segment response back about 40 ms.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
 }

@@ -276,7 +276,9 @@ async fn build_generation(
     generation: u64,
 ) -> Result<(OptOutFilter, Version), StoreError> {
     let scan = store.scan().await?;
-    let needed = (scan.numbers.len() as u64).saturating_mul(2);
+    // Sized for what the store holds plus 4% to grow: within 5% of the bloom optimum (1.44 log2(1/p)
+    // bits per opt-out) at the target rate. Outgrowing it triggers another background build.
+    let needed = scan.numbers.len() as u64 + scan.numbers.len() as u64 / 25;
     let capacity = config.capacity.max(needed);
     tokio::task::spawn_blocking(move || {
         let mut filter = OptOutFilter::new(capacity, config.fp_rate, generation)

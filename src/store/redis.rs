@@ -590,8 +590,9 @@ impl ConsentStore for RedisStore {
         // the scan misses of later changes.
         let version = version_of(&version)?;
         const CHUNK: u64 = 256;
+        // No de-duplication: a number in both types is inserted twice, which a bloom filter
+        // absorbs, and a set of 5 million would cost far more memory than the duplicates.
         let mut numbers = Vec::new();
-        let mut seen = HashSet::new();
         let mut from = 0;
         while from < bound.buckets {
             let to = (from + CHUNK).min(bound.buckets) - 1;
@@ -617,9 +618,7 @@ impl ConsentStore for RedisStore {
                     .ok_or_else(|| {
                         StoreError::Corrupt("stored field is not an NHS number".into())
                     })?;
-                if seen.insert(n) {
-                    numbers.push(n);
-                }
+                numbers.push(n);
             }
             from = to + 1;
         }
@@ -888,7 +887,7 @@ impl RedisImport {
             other_gen.unwrap_or(0).to_string(),
         );
         let staged_gen = self.generation.to_string();
-        let mut added: Vec<String> = Vec::new();
+        let mut added: Vec<NhsNumber> = Vec::new();
         let mut removed = 0u64;
         let mut removed_numbers: Vec<NhsNumber> = Vec::new();
         let mut total = 0u64;
@@ -920,7 +919,9 @@ impl RedisImport {
                         .collect();
                 for n in &new {
                     if !old.contains_key(n) {
-                        added.push(n.clone());
+                        if let Some(v) = n.parse().ok().and_then(|v| NhsNumber::from_u64(v).ok()) {
+                            added.push(v);
+                        }
                         if !in_other.contains(n) {
                             patients += 1;
                         }
@@ -960,9 +961,16 @@ impl RedisImport {
                 self.opt_out.name()
             )));
         }
-        let added_numbers = numbers_csv(&added.join(","))?;
         audit.applied = added.len() as u64 + removed;
-        audit.digests = key.digests(added_numbers.iter().chain(&removed_numbers).copied());
+        audit.digests = key.digests(added.iter().chain(&removed_numbers).copied());
+        let mut added_csv = String::with_capacity(added.len() * 11);
+        for (i, n) in added.iter().enumerate() {
+            if i > 0 {
+                added_csv.push(',');
+            }
+            added_csv.push_str(&n.as_u64().to_string());
+        }
+        drop(removed_numbers);
         let reply: (String, u64) = store
             .inner
             .scripts
@@ -973,7 +981,7 @@ impl RedisImport {
             .arg(t)
             .arg(token)
             .arg(&staged_gen)
-            .arg(added.join(","))
+            .arg(added_csv)
             .arg(removed)
             .arg(total)
             .arg(patients)

@@ -51,7 +51,22 @@ impl TestServer {
 
     /// Starts with a given configuration on the embedded store.
     pub async fn start_with(config: ServerConfig) -> TestServer {
-        let store = open_embedded(&config).await.expect("embedded store opens");
+        // After a stop in the same process, a store call that was cut off mid-way may still be
+        // finishing on tokio's blocking pool (which cannot be cancelled) and hold the database
+        // for a moment; a process restart, the real case, has no such overlap.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let store = loop {
+            match open_embedded(&config).await {
+                Ok(store) => break store,
+                Err(e)
+                    if e.to_string().contains("already open")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("embedded store opens: {e}"),
+            }
+        };
         Self::start_on(Arc::new(store), config).await
     }
 

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The load-test matrix: starts redis-server and the service (release build) on loopback, seeds
+# synthetic opt-outs, runs each workload against the service, the Redis baseline and the echo
+# server (the transport floor), and writes BENCHMARKS.md with the figures and the ratios.
+#
+#   bash scripts/bench.sh                 # 5,000,000 opt-outs, 10 s per workload
+#   COUNT=200000 SECONDS_EACH=3 bash scripts/bench.sh   # a quick look
+#
+# Everything listens on 127.0.0.1 and is stopped at the end. Not part of CI (minutes of CPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+COUNT="${COUNT:-5000000}"
+SECONDS_EACH="${SECONDS_EACH:-10}"
+REDIS_PORT="${REDIS_PORT:-6399}"
+SERVICE="127.0.0.1:${SERVICE_PORT:-50251}"
+ECHO="127.0.0.1:${ECHO_PORT:-50252}"
+OUT="${OUT:-BENCHMARKS.md}"
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build --release --locked -p optout --bin optout >/dev/null
+cargo build --release --locked -p optout-loadtest --bin optout-loadtest >/dev/null
+bin=target/release
+command -v redis-server >/dev/null || { echo "redis-server is missing: bash scripts/test.sh installs it" >&2; exit 1; }
+
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
+    --logfile "$work/redis.log" --daemonize no &
+pids+=($!)
+until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
+redis_url="redis://127.0.0.1:$REDIS_PORT"
+"$bin/optout" init-store --redis-url "$redis_url" >/dev/null
+
+OPTOUT_LOG=warn "$bin/optout" serve --listen "$SERVICE" --redis-url "$redis_url" \
+    --rate-limit 0 --filter-capacity "$COUNT" --snapshot-interval-secs 2 \
+    --max-message-bytes 67108864 2>"$work/service.log" &
+service_pid=$!
+pids+=($service_pid)
+OPTOUT_LOG=warn "$bin/optout-loadtest" echo-server --listen "$ECHO" 2>"$work/echo.log" &
+pids+=($!)
+until "$bin/optout" admin --server "http://$SERVICE" status >/dev/null 2>&1; do sleep 0.2; done
+
+base_mem=$(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r')
+seed_out=$("$bin/optout-loadtest" seed --server "http://$SERVICE" --count "$COUNT" \
+    --baseline-redis-url "$redis_url")
+echo "$seed_out"
+
+run() { # label server extra-args...
+    local label=$1 server=$2
+    shift 2
+    "$bin/optout-loadtest" run --server "$server" --label "$label" --count "$COUNT" \
+        --duration "${DURATION:-$SECONDS_EACH}" --json "$work/$label-$RANDOM.json" "$@"
+}
+results="$work/results.txt"
+: >"$results"
+{
+    run service "http://$SERVICE" --mode batch --batch 1000 --concurrency 16 --connections 4 \
+        --baseline redis --baseline-redis-url "$redis_url"
+    run echo "http://$ECHO" --mode batch --batch 1000 --concurrency 16 --connections 4 --no-leak-check
+    run service "http://$SERVICE" --mode single --concurrency 64 --connections 4 \
+        --baseline redis --baseline-redis-url "$redis_url"
+    run echo "http://$ECHO" --mode single --concurrency 64 --connections 4 --no-leak-check
+} | tee -a "$results"
+
+peak_batch=$(grep -E '^service +batch' "$results" | head -1 | awk '{for(i=1;i<=NF;i++) if($i=="req/s") print $(i-1)}')
+peak_single=$(grep -E '^service +single' "$results" | head -1 | awk '{for(i=1;i<=NF;i++) if($i=="req/s") print $(i-1)}')
+half_batch=$(awk -v r="$peak_batch" 'BEGIN {printf "%.0f", r/2}')
+half_single=$(awk -v r="$peak_single" 'BEGIN {printf "%.0f", r/2}')
+{
+    run service "http://$SERVICE" --mode batch --batch 1000 --concurrency 64 --connections 4 \
+        --rate "$half_batch"
+    run service "http://$SERVICE" --mode single --concurrency 128 --connections 4 \
+        --rate "$half_single"
+    # CheckStream: 10 million numbers (1,000 messages of 10,000) end to end, no warm-up.
+    DURATION=120 run service "http://$SERVICE" --mode stream --batch 10000 --concurrency 1 \
+        --connections 1 --count-requests 1000 --warmup 0
+} | tee -a "$results"
+
+rss_kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$service_pid/status")
+status=$("$bin/optout" admin --server "http://$SERVICE" status)
+redis_mem=$(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r')
+
+# A second replica: time to SERVING from the snapshot the first one published.
+sleep 3
+second="127.0.0.1:$((${SERVICE_PORT:-50251} + 10))"
+t0=$(date +%s.%N)
+OPTOUT_LOG=info "$bin/optout" serve --listen "$second" --redis-url "$redis_url" --rate-limit 0 \
+    --filter-capacity "$COUNT" 2>"$work/second.log" &
+pids+=($!)
+until "$bin/optout" admin --server "http://$second" status 2>/dev/null | grep -q "fresh,"; do sleep 0.02; done
+t1=$(date +%s.%N)
+serving=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b-a}')
+second_from=$(grep -o 'from="[a-z]*"' "$work/second.log" | head -1 || true)
+
+{
+    echo "# Benchmarks"
+    echo
+    echo "Written by \`scripts/bench.sh\` on $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD),"
+    echo "$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), client and"
+    echo "server sharing the machine; Redis $(redis-server --version | awk '{print $3}' | cut -d= -f2),"
+    echo "$COUNT opt-outs, 5% opted-out traffic, $SECONDS_EACH s per workload after 2 s warm-up."
+    echo
+    echo "## Seeding"
+    echo
+    echo "    $seed_out"
+    echo
+    echo "## Workloads (numbers/s, requests/s, latency in microseconds)"
+    echo
+    echo '```'
+    cat "$results"
+    echo '```'
+    echo
+    echo "## Service"
+    echo
+    echo "- resident memory with $COUNT opt-outs: $((rss_kb / 1024)) MiB"
+    echo "- Redis used_memory: $base_mem -> $redis_mem bytes (includes the baseline set and the seed's log entry)"
+    echo "- second replica to SERVING: $serving s ($second_from)"
+    echo
+    echo '```'
+    echo "$status"
+    echo '```'
+} >"$OUT"
+echo "wrote $OUT"
