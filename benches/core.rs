@@ -1,5 +1,5 @@
 //! What the check path spends per NHS number before any store round trip: parsing the string the
-//! client sent, and asking the opted-out filter. Most numbers of real traffic (about 95%) are not
+//! client sent, and asking the opted-out filter; and the audit digest of each released number. Most numbers of real traffic (about 95%) are not
 //! opted out and end there, so these two set the ceiling of numbers per second per core.
 //!
 //! The filter is sized and filled like production: 5,000,000 opt-outs at a 0.1% false-positive
@@ -86,5 +86,17 @@ fn filter(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse, filter);
+/// The audit digest computed (off the hot path, but on the same cores) for every released number.
+fn audit_digest(c: &mut Criterion) {
+    let key = optout::core::AuditKey::new(&[7u8; 32]).expect("key");
+    let numbers = valid(4_000_000_000, 1000);
+    let mut g = c.benchmark_group("audit_digest");
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("hmac_sha256_truncated", |b| {
+        b.iter(|| black_box(key.digests(black_box(numbers.iter().copied()))))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, parse, filter, audit_digest);
 criterion_main!(benches);

@@ -389,18 +389,14 @@ pub async fn run(
     })
 }
 
-fn request(
-    shared: &Shared,
+/// `count` numbers of the traffic and the Check request carrying them.
+fn draw_request(
+    population: &Population,
     rng: &mut impl rand::Rng,
+    count: usize,
+    share: f64,
 ) -> (Vec<optout::core::NhsNumber>, CheckRequest) {
-    let n = if shared.workload.mode == Mode::Single {
-        1
-    } else {
-        shared.workload.batch
-    };
-    let numbers: Vec<_> = (0..n)
-        .map(|_| shared.population.draw(rng, shared.workload.opted_share))
-        .collect();
+    let numbers: Vec<_> = (0..count).map(|_| population.draw(rng, share)).collect();
     let req = CheckRequest {
         nhs_numbers: numbers.iter().map(|n| n.to_string()).collect(),
         purpose: Purpose::Research as i32,
@@ -436,7 +432,17 @@ async fn worker(
         } else {
             Instant::now()
         };
-        let (numbers, req) = request(&shared, &mut rng);
+        let count = if shared.workload.mode == Mode::Single {
+            1
+        } else {
+            shared.workload.batch
+        };
+        let (numbers, req) = draw_request(
+            &shared.population,
+            &mut rng,
+            count,
+            shared.workload.opted_share,
+        );
         let answers: Result<Vec<bool>, String> = match &mut conn {
             Conn::Grpc(client) => match client.check(req).await {
                 Ok(r) => Ok(r
@@ -545,16 +551,8 @@ async fn stream_worker(
                     break;
                 };
                 permit.forget();
-                let numbers: Vec<_> = (0..workload.batch)
-                    .map(|_| population.draw(&mut rng, workload.opted_share))
-                    .collect();
-                let req = CheckRequest {
-                    nhs_numbers: numbers.iter().map(|n| n.to_string()).collect(),
-                    purpose: Purpose::Research as i32,
-                    origin: DataOrigin::Other as i32,
-                    at_least_version: String::new(),
-                    extract_id: "optout-loadtest-stream".into(),
-                };
+                let (numbers, req) =
+                    draw_request(&population, &mut rng, workload.batch, workload.opted_share);
                 if sent_tx.send((Instant::now(), numbers)).await.is_err()
                     || tx.send(req).await.is_err()
                 {
