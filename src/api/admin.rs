@@ -38,7 +38,13 @@ pub struct AdminService {
     audit_key: AuditKey,
 }
 
-fn record(caller: &Caller, action: &str, t: OptOutType, source: &str, count: usize) -> AuditRecord {
+fn audit_record(
+    caller: &Caller,
+    action: &str,
+    t: OptOutType,
+    source: &str,
+    count: usize,
+) -> AuditRecord {
     AuditRecord {
         at_ms: i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX),
         organisation: caller.organisation.clone(),
@@ -97,7 +103,7 @@ impl AdminService {
         };
         let audit = AuditRecord {
             digests: self.audit_key.digests(numbers.iter().copied()),
-            ..record(&caller, action, t, source, numbers.len())
+            ..audit_record(&caller, action, t, source, numbers.len())
         };
         // No deadline on the write itself: once sent to the store it either commits or fails,
         // and cutting it off would leave the caller unsure which. The audit record is written in
@@ -252,7 +258,7 @@ impl OptOutAdmin for AdminService {
             ImportMode::Merge => "import-merge",
             ImportMode::Replace => "import-replace",
         };
-        let audit = record(
+        let audit = audit_record(
             &caller,
             action,
             header.t,

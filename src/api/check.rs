@@ -70,7 +70,7 @@ impl CheckService {
         if !self.audit.accepting() {
             withhold_all(&mut out.decisions);
         }
-        let record = AuditRecord {
+        let mut record = AuditRecord {
             at_ms: i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX),
             organisation: caller.organisation.clone(),
             key_id: caller.key_id.clone(),
@@ -82,7 +82,6 @@ impl CheckService {
             version: out.version.to_string(),
             ..AuditRecord::default()
         };
-        let mut record = record;
         let mut released = Vec::new();
         for (d, s) in out.decisions.iter().zip(&req.nhs_numbers) {
             match d {
