@@ -17,8 +17,9 @@ use crate::{
 
 /// One batch to check.
 pub struct CheckInput<'a> {
-    /// The numbers as sent.
-    pub numbers: &'a [String],
+    /// The numbers as sent, parsed by the caller (`None`: not a valid NHS number), so that the
+    /// transport layer can reuse the parse (it records the released numbers).
+    pub numbers: &'a [Option<NhsNumber>],
     /// Why the data is extracted.
     pub purpose: Purpose,
     /// Who holds it.
@@ -56,11 +57,7 @@ impl Checker {
     /// Checks one batch. Never fails: what cannot be proven releasable is withheld.
     pub async fn check(&self, input: CheckInput<'_>) -> CheckOutput {
         let policy = applicable(input.purpose, input.origin);
-        let parsed: Vec<Option<NhsNumber>> = input
-            .numbers
-            .iter()
-            .map(|s| NhsNumber::parse(s).ok())
-            .collect();
+        let parsed = input.numbers;
         let mut decisions: Vec<Decision> = parsed
             .iter()
             .map(|p| match p {

@@ -62,8 +62,8 @@ pub struct SyncedFilter {
     version: watch::Sender<Version>,
     /// Whether a generation has been loaded from the store.
     loaded: watch::Sender<bool>,
-    /// When the filter was last proven caught up with the store (ms since `epoch`), or
-    /// `NEVER`.
+    /// When the filter was last proven caught up with the store, as ms since `epoch` plus one, so
+    /// that `NEVER` (0) sorts first and `fetch_max` keeps the latest proof.
     caught_up_at: AtomicU64,
     epoch: Instant,
     /// Opt-outs removed since the current generation was built (stale "maybes").
@@ -72,7 +72,7 @@ pub struct SyncedFilter {
     loaded_from: parking_lot::Mutex<&'static str>,
 }
 
-const NEVER: u64 = u64::MAX;
+const NEVER: u64 = 0;
 
 /// One generation and the version it reflects.
 pub struct Generation {
@@ -178,21 +178,17 @@ impl SyncedFilter {
             return None;
         }
         let now = self.now_ms();
-        Some(Duration::from_millis(now.saturating_sub(at)))
+        Some(Duration::from_millis(now.saturating_sub(at - 1)))
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(NEVER - 1)
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 
     /// Records that the filter was caught up with the store as of `at` (a time taken *before* the
     /// store was asked, so the claim is never later than the truth).
     fn mark_caught_up(&self, at: u64) {
-        self.caught_up_at.fetch_max(at, Ordering::AcqRel);
-        // fetch_max would keep NEVER (u64::MAX) forever; replace it on first proof.
-        let _ = self
-            .caught_up_at
-            .compare_exchange(NEVER, at, Ordering::AcqRel, Ordering::Acquire);
+        self.caught_up_at.fetch_max(at + 1, Ordering::AcqRel);
     }
 
     /// Status for GetStatus and metrics.

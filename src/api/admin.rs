@@ -139,22 +139,15 @@ struct ImportHeader {
 }
 
 fn import_header(first: &ImportOptOutsRequest) -> Result<ImportHeader, Status> {
-    use super::proto::ImportMode as P;
-    let mode = match P::try_from(first.mode) {
-        Ok(P::Merge) => ImportMode::Merge,
-        Ok(P::Replace) => ImportMode::Replace,
-        Ok(P::Unspecified) => {
-            return Err(Status::invalid_argument(
+    let mode = import_header_mode(first.mode).ok_or_else(|| {
+        if first.mode == super::proto::ImportMode::Unspecified as i32 {
+            Status::invalid_argument(
                 "mode is required on the first message: IMPORT_MODE_MERGE or IMPORT_MODE_REPLACE",
-            ));
+            )
+        } else {
+            Status::invalid_argument(format!("mode {} is not a known ImportMode", first.mode))
         }
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "mode {} is not a known ImportMode",
-                first.mode
-            )));
-        }
-    };
+    })?;
     Ok(ImportHeader {
         mode,
         t: opt_out_type(first.r#type)?,

@@ -56,8 +56,13 @@ impl CheckService {
                 self.limits.max_batch
             )));
         }
+        let parsed: Vec<Option<NhsNumber>> = req
+            .nhs_numbers
+            .iter()
+            .map(|s| NhsNumber::parse(s).ok())
+            .collect();
         let input = CheckInput {
-            numbers: &req.nhs_numbers,
+            numbers: &parsed,
             purpose: purpose(req.purpose)?,
             origin: origin(req.origin)?,
             at_least_version: version_field("at_least_version", &req.at_least_version)?,
@@ -83,13 +88,9 @@ impl CheckService {
             ..AuditRecord::default()
         };
         let mut released = Vec::new();
-        for (d, s) in out.decisions.iter().zip(&req.nhs_numbers) {
+        for (d, n) in out.decisions.iter().zip(&parsed) {
             match d {
-                Decision::Release(_) => {
-                    if let Ok(n) = NhsNumber::parse(s) {
-                        released.push(n);
-                    }
-                }
+                Decision::Release(_) => released.extend(*n),
                 Decision::Withhold(r) => {
                     *record.withheld.entry(format!("{r:?}")).or_default() += 1;
                 }

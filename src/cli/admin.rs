@@ -247,7 +247,7 @@ async fn change(
     Ok(ExitCode::SUCCESS)
 }
 
-fn read_lines(input: impl BufRead, what: &str) -> Result<Vec<String>, CliError> {
+pub(crate) fn read_lines(input: impl BufRead, what: &str) -> Result<Vec<String>, CliError> {
     let mut out = Vec::new();
     for (i, line) in input.lines().enumerate() {
         let line = line.map_err(|e| CliError::Input(format!("{what} line {}: {e}", i + 1)))?;
@@ -372,34 +372,17 @@ fn read_import(
             }
         }
         Some(column) => {
-            let mut reader = csv::ReaderBuilder::new()
-                .has_headers(true)
-                .from_reader(input);
-            let headers = reader
-                .headers()
-                .map_err(|e| format!("{name}: reading the CSV header: {e}"))?
-                .clone();
-            let index = headers
-                .iter()
-                .position(|h| h.trim() == column)
-                .ok_or_else(|| {
-                    format!(
-                        "{name}: column {column:?} is not in the CSV header; the columns are: {}",
-                        headers.iter().collect::<Vec<_>>().join(", ")
-                    )
-                })?;
-            for record in reader.records() {
-                let record = record.map_err(|e| {
-                    let line = e
-                        .position()
-                        .map_or_else(|| "?".to_string(), |p| p.line().to_string());
-                    format!("{name}: malformed CSV at line {line}: {e}")
-                })?;
-                chunk.push(record.get(index).unwrap_or_default().trim().to_string());
-                if chunk.len() == IMPORT_CHUNK {
+            // The same CSV reading as `optout filter`: header lookup, malformed rows by line.
+            let (reader, _, index) =
+                super::filter::open_csv(input, column).map_err(|e| format!("{name}: {e}"))?;
+            super::filter::for_each_chunk(reader, index, IMPORT_CHUNK, |_, numbers| {
+                chunk.extend(numbers.into_iter().map(|n| n.trim().to_string()));
+                if chunk.len() >= IMPORT_CHUNK {
                     send(std::mem::take(&mut chunk), false)?;
                 }
-            }
+                Ok(())
+            })
+            .map_err(|e| format!("{name}: {e}"))?;
         }
     }
     send(chunk, true)

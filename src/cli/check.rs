@@ -1,9 +1,6 @@
 //! `optout check`: decisions for numbers on the command line or stdin, one line each.
 
-use std::{
-    io::{BufRead, Write},
-    process::ExitCode,
-};
+use std::{io::Write, process::ExitCode};
 
 use clap::Args;
 
@@ -35,14 +32,7 @@ pub(crate) struct CheckArgs {
 
 pub(crate) async fn run(args: CheckArgs) -> Result<ExitCode, CliError> {
     let numbers = if args.numbers.is_empty() {
-        let mut out = Vec::new();
-        for (i, line) in std::io::stdin().lock().lines().enumerate() {
-            let line = line.map_err(|e| CliError::Input(format!("stdin line {}: {e}", i + 1)))?;
-            if !line.trim().is_empty() {
-                out.push(line.trim().to_string());
-            }
-        }
-        out
+        super::admin::read_lines(std::io::stdin().lock(), "stdin")?
     } else {
         args.numbers.clone()
     };
