@@ -153,6 +153,19 @@ async fn invalid_numbers_are_withheld_one_by_one_in_input_order() {
     let direct = decisions(&server, &numbers, Purpose::DirectCare).await;
     assert_eq!(direct[1], invalid);
     assert_eq!(direct[0], (Outcome::Release, Reason::PurposeExempt));
+
+    // The server decodes numbers as raw bytes (no String per number): bytes that are not UTF-8
+    // are one invalid number, not a failed request, and the numbers around them are answered.
+    let mut raw = check_request(vec!["9434765919".into(), String::new()], RESEARCH);
+    raw.nhs_numbers[1] = bytes::Bytes::from_static(b"943\xff765919");
+    let mut client = server.check_client().await;
+    let r = client
+        .check(raw)
+        .await
+        .expect("check succeeds")
+        .into_inner();
+    let got: Vec<_> = r.decisions.iter().map(outcome).collect();
+    assert_eq!(got, vec![release, invalid]);
     server.stop().await;
 }
 

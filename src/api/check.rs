@@ -59,7 +59,7 @@ impl CheckService {
         let parsed: Vec<Option<NhsNumber>> = req
             .nhs_numbers
             .iter()
-            .map(|s| NhsNumber::parse(s).ok())
+            .map(|s| NhsNumber::parse_bytes(s).ok())
             .collect();
         let input = CheckInput {
             numbers: &parsed,

@@ -1,5 +1,6 @@
 //! `optout check`: decisions for numbers on the command line or stdin, one line each.
 
+use bytes::Bytes;
 use std::{io::Write, process::ExitCode};
 
 use clap::Args;
@@ -45,7 +46,7 @@ pub(crate) async fn run(args: CheckArgs) -> Result<ExitCode, CliError> {
     let write_err = |e: std::io::Error| CliError::Output(format!("stdout: {e}"));
     for chunk in numbers.chunks(CHUNK) {
         let mut request = tonic::Request::new(CheckRequest {
-            nhs_numbers: chunk.to_vec(),
+            nhs_numbers: chunk.iter().cloned().map(Bytes::from).collect(),
             purpose: proto::Purpose::from(args.purpose) as i32,
             origin: proto::DataOrigin::from(args.origin) as i32,
             at_least_version: args.at_least_version.clone().unwrap_or_default(),

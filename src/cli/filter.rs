@@ -6,6 +6,7 @@
 //! When the output is a file, it is written to a temporary file beside it and renamed only once
 //! the whole extract was checked, so a failed run never leaves a partial extract that looks whole.
 
+use bytes::Bytes;
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -164,7 +165,7 @@ fn read_rows(
             .map_err(|_| "the response side stopped".to_string())?;
         req_tx
             .blocking_send(CheckRequest {
-                nhs_numbers: numbers,
+                nhs_numbers: numbers.into_iter().map(Bytes::from).collect(),
                 ..template.clone()
             })
             .map_err(|_| "the request stream closed".to_string())

@@ -2,14 +2,18 @@
 //!
 //! An audit record says who (organisation and key id) did what (a change of opt-outs, or a check),
 //! when, about how many numbers, and at which store version. It never holds an NHS number: each is
-//! replaced by an HMAC-SHA-256 under the audit key from configuration, truncated to 8 bytes. Without
-//! the key the digests cannot be reversed by enumerating the ten-digit space; with it, the service
-//! can answer "which records concern this patient?" by computing the digest of the number asked.
+//! replaced by a keyed pseudorandom digest (see [`AuditKey`]) under the audit key from
+//! configuration, truncated to 8 bytes. Without the key the digests cannot be reversed by
+//! enumerating the ten-digit space; with it, the service can answer "which records concern this patient?" by computing the digest of the number asked.
 //! 8 bytes keep a check of millions of numbers affordable; a false match between two patients is
 //! about one in 2^64 per pair.
 
 use std::collections::BTreeMap;
 
+use aes::{
+    Aes256, Block,
+    cipher::{BlockEncrypt, KeyInit},
+};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -19,10 +23,14 @@ use super::NhsNumber;
 
 /// The secret that keys audit digests. Configuration, never in the repository.
 ///
-/// Holds the HMAC already keyed (its inner and outer pads hashed once), so each digest costs two
-/// SHA-256 compressions instead of four: digests are computed for every released number.
+/// A digest is AES-256 of one block (a fixed domain tag and the number) under a key derived from
+/// the secret with HMAC-SHA-256, truncated to 8 bytes. AES under a secret key is a pseudorandom
+/// permutation, so on the at most 10^10 possible inputs it is a keyed pseudorandom function just
+/// as HMAC is (the PRP/PRF distance is about q^2 / 2^129, nothing for q = 10^10), at a tenth of the
+/// cost with AES-NI (criterion: 16 ns against 157 ns per number, base64 included). Digests are
+/// computed for every released number; HMAC-SHA-256 was a fifth of the server's CPU under load.
 #[derive(Clone)]
-pub struct AuditKey(Hmac<Sha256>);
+pub struct AuditKey(Aes256);
 
 /// An audit key that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +40,9 @@ pub struct AuditKeyError(pub usize);
 /// Length of one digest in bytes.
 pub const DIGEST_LEN: usize = 8;
 
+/// The first half of every block: keeps digests of NHS numbers apart from any other use of the key.
+const DOMAIN: &[u8; 8] = b"optoutN1";
+
 impl AuditKey {
     /// A key from secret bytes (at least 32).
     pub fn new(secret: &[u8]) -> Result<Self, AuditKeyError> {
@@ -39,27 +50,37 @@ impl AuditKey {
             return Err(AuditKeyError(secret.len()));
         }
         // HMAC takes keys of any length; the error arm cannot happen.
-        let mac =
-            Hmac::<Sha256>::new_from_slice(secret).map_err(|_| AuditKeyError(secret.len()))?;
-        Ok(AuditKey(mac))
+        let mut kdf = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+            .map_err(|_| AuditKeyError(secret.len()))?;
+        kdf.update(b"optout audit digest key, AES-256, v2");
+        let derived = kdf.finalize().into_bytes();
+        Ok(AuditKey(Aes256::new(&derived)))
+    }
+
+    fn block(n: NhsNumber) -> Block {
+        let mut b = Block::default();
+        b[..8].copy_from_slice(DOMAIN);
+        b[8..].copy_from_slice(&n.as_u64().to_be_bytes());
+        b
     }
 
     /// The digest of one NHS number.
     pub fn digest(&self, n: NhsNumber) -> [u8; DIGEST_LEN] {
-        let mut mac = self.0.clone();
-        mac.update(b"optout-nhs-number:");
-        mac.update(&n.as_u64().to_be_bytes());
-        let full = mac.finalize().into_bytes();
+        let mut b = Self::block(n);
+        self.0.encrypt_block(&mut b);
         let mut out = [0u8; DIGEST_LEN];
-        out.copy_from_slice(&full[..DIGEST_LEN]);
+        out.copy_from_slice(&b[..DIGEST_LEN]);
         out
     }
 
     /// The digests of many numbers, concatenated and base64-encoded, as stored in a record.
     pub fn digests(&self, numbers: impl IntoIterator<Item = NhsNumber>) -> String {
-        let mut raw = Vec::new();
-        for n in numbers {
-            raw.extend_from_slice(&self.digest(n));
+        let mut blocks: Vec<Block> = numbers.into_iter().map(Self::block).collect();
+        // Many blocks at once: AES-NI pipelines them.
+        self.0.encrypt_blocks(&mut blocks);
+        let mut raw = Vec::with_capacity(blocks.len() * DIGEST_LEN);
+        for b in &blocks {
+            raw.extend_from_slice(&b[..DIGEST_LEN]);
         }
         base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw)
     }

@@ -66,6 +66,13 @@ impl NhsNumber {
         Self::from_digits(&digits)
     }
 
+    /// As [`NhsNumber::parse`], from bytes as received; bytes that are not UTF-8 are a format error.
+    pub fn parse_bytes(input: &[u8]) -> Result<Self, NhsNumberError> {
+        std::str::from_utf8(input)
+            .map_err(|_| NhsNumberError::Format)
+            .and_then(Self::parse)
+    }
+
     /// Checks a ten-digit value (as stored) against the rule.
     pub fn from_u64(value: u64) -> Result<Self, NhsNumberError> {
         if value > 9_999_999_999 {
