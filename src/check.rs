@@ -118,6 +118,8 @@ impl Checker {
                 version: filter_version,
             };
         };
+        let lag_ms = found.version.ms.saturating_sub(filter_version.ms);
+        metrics::gauge!("optout_filter_version_lag_seconds").set(lag_ms as f64 / 1000.0);
         if !trusted || found.version <= filter_version {
             // Either the store answered for every number, or it was at the filter's version: one
             // consistent state either way.
@@ -168,7 +170,18 @@ impl Checker {
     /// One batched store lookup within the deadline; `None` (logged) if it fails or runs out.
     async fn ask(&self, numbers: &[(usize, NhsNumber)], deadline: Instant) -> Option<Lookup> {
         let list: Vec<NhsNumber> = numbers.iter().map(|(_, n)| *n).collect();
-        match tokio::time::timeout(remaining(deadline), self.store.lookup(&list)).await {
+        let started = Instant::now();
+        let result = tokio::time::timeout(remaining(deadline), self.store.lookup(&list)).await;
+        let label = match &result {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
+        };
+        metrics::counter!("optout_store_lookups_total", "result" => label).increment(1);
+        metrics::counter!("optout_store_lookup_numbers_total").increment(list.len() as u64);
+        metrics::histogram!("optout_store_lookup_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match result {
             Ok(Ok(found)) if found.held.len() == list.len() => Some(found),
             Ok(Ok(found)) => {
                 tracing::error!(

@@ -20,6 +20,7 @@ pub mod auth;
 pub mod check;
 pub mod cli;
 pub mod core;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod sync;

@@ -55,6 +55,15 @@ pub struct ServerConfig {
     pub audit_bound: Duration,
     /// Per-organisation request rate.
     pub rate_limit: RateLimit,
+    /// A plaintext port serving only `grpc.health.v1` (Kubernetes' gRPC probes cannot use TLS).
+    /// Besides the services' own statuses it answers `liveness`: SERVING while the process runs,
+    /// so a replica that cannot reach Redis is taken out of traffic but not restarted.
+    pub health_listener: Option<Arc<std::net::TcpListener>>,
+    /// The Prometheus scrape endpoint (`GET /metrics`, plain HTTP).
+    pub metrics_listener: Option<Arc<std::net::TcpListener>>,
+    /// After the shutdown signal: how long in-flight requests and streams may take to finish
+    /// before they are cut off.
+    pub shutdown_grace: Duration,
 }
 
 /// PEM material for TLS.
@@ -88,6 +97,9 @@ impl ServerConfig {
                 per_second: 1000,
                 burst: 2000,
             },
+            health_listener: None,
+            metrics_listener: None,
+            shutdown_grace: Duration::from_secs(20),
         }
     }
 }
@@ -110,7 +122,13 @@ pub enum ServerError {
     /// The keys file could not be loaded.
     #[error(transparent)]
     Keys(#[from] crate::auth::KeysFileError),
+    /// The health or metrics listener could not be used.
+    #[error("{0}")]
+    Listener(String),
 }
+
+/// The health "service" that says only that the process is up (for liveness probes).
+pub const LIVENESS: &str = "liveness";
 
 const SERVICES: [&str; 3] = ["", "optout.v1.OptOutCheck", "optout.v1.OptOutAdmin"];
 
@@ -177,6 +195,9 @@ pub async fn serve(
             .set_service_status(s, ServingStatus::NotServing)
             .await;
     }
+    health
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
     // Health follows the filter both ways: SERVING once loaded, NOT_SERVING again if the store's
     // dataset disappears (the follower unloads the filter).
     let mut loaded = filter.loaded();
@@ -248,7 +269,7 @@ pub async fn serve(
 
     let limits = config.limits;
     let checker = Checker::new(store.clone(), filter.clone());
-    let check = OptOutCheckServer::new(CheckService::new(checker, limits, audit))
+    let check = OptOutCheckServer::new(CheckService::new(checker, limits, audit.clone()))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
     let check = tonic::service::interceptor::InterceptedService::new(
@@ -269,6 +290,58 @@ pub async fn serve(
     if let Some(addr) = local {
         tracing::info!(%addr, store = store.kind(), "listening");
     }
+
+    // Stops the side listeners (health, metrics) once the main server is done.
+    let (side_stop_tx, side_stop_rx) = watch::channel(false);
+    let metrics_task = match &config.metrics_listener {
+        Some(l) => {
+            let listener = tokio_listener(l, "metrics")?;
+            let handle = crate::metrics::install().map_err(ServerError::Listener)?;
+            let refresh = {
+                let filter = filter.clone();
+                let audit = audit.clone();
+                Arc::new(move || {
+                    let st = filter.status();
+                    metrics::gauge!("optout_filter_items").set(st.stats.items as f64);
+                    metrics::gauge!("optout_filter_capacity").set(st.stats.capacity as f64);
+                    metrics::gauge!("optout_filter_bits").set(st.stats.bits as f64);
+                    metrics::gauge!("optout_filter_generation").set(st.stats.generation as f64);
+                    metrics::gauge!("optout_filter_estimated_fp_rate")
+                        .set(st.stats.estimated_fp_rate);
+                    metrics::gauge!("optout_filter_loaded").set(f64::from(u8::from(st.loaded)));
+                    metrics::gauge!("optout_filter_fresh").set(f64::from(u8::from(st.fresh)));
+                    // Never caught up: as stale as can be said, rather than a reassuring zero.
+                    let age = st.age.map_or(f64::INFINITY, |a| a.as_secs_f64());
+                    metrics::gauge!("optout_filter_freshness_age_seconds").set(age);
+                    metrics::gauge!("optout_audit_backlog").set(audit.backlog() as f64);
+                }) as Arc<dyn Fn() + Send + Sync>
+            };
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                handle,
+                refresh,
+                side_stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
+    let health_task_server = match &config.health_listener {
+        Some(l) => {
+            let listener = tokio_listener(l, "health")?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "health listening (plaintext, grpc.health.v1 only)");
+            }
+            let mut stop = side_stop_rx.clone();
+            let server = tonic::transport::Server::builder()
+                .add_service(health_service.clone())
+                .serve_with_incoming_shutdown(incoming(listener), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
+            Some(tokio::spawn(server))
+        }
+        None => None,
+    };
+
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         let mut t = tonic::transport::ServerTlsConfig::new().identity(
@@ -279,11 +352,14 @@ pub async fn serve(
         }
         builder = builder.tls_config(t)?;
     }
-    let result = builder
+    let grace = config.shutdown_grace;
+    let (draining_tx, mut draining_rx) = watch::channel(false);
+    let server = builder
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
+        .trace_fn(request_span)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -296,9 +372,33 @@ pub async fn serve(
                     .set_service_status(s, ServingStatus::NotServing)
                     .await;
             }
-            tracing::info!("shutting down: draining in-flight requests");
-        })
-        .await;
+            tracing::info!(
+                grace_secs = grace.as_secs_f64(),
+                "shutting down: NOT_SERVING, no new connections, draining in-flight requests"
+            );
+            let _ = draining_tx.send(true);
+        });
+    // In-flight requests and streams get the grace period; then they are cut off.
+    let result = tokio::select! {
+        r = server => r,
+        _ = async {
+            let _ = draining_rx.wait_for(|d| *d).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(
+                grace_secs = grace.as_secs_f64(),
+                "grace period over: cutting off the requests still in flight"
+            );
+            Ok(())
+        }
+    };
+    let _ = side_stop_tx.send(true);
+    if let Some(t) = health_task_server {
+        let _ = t.await;
+    }
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
 
     let _ = stop_tx.send(true);
     health_task.abort();
@@ -315,6 +415,36 @@ pub async fn serve(
     }
     result?;
     Ok(())
+}
+
+/// A tokio listener on a copy of a bound std listener (the config keeps the original).
+fn tokio_listener(l: &std::net::TcpListener, what: &str) -> Result<TcpListener, ServerError> {
+    l.try_clone()
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)
+        })
+        .map_err(|e| ServerError::Listener(format!("{what} listener: {e}")))
+}
+
+/// Every request runs in a span carrying its id: the caller's `x-request-id` when it sent a sane
+/// one (so its logs and ours can be joined), else a fresh random one. No NHS number is in a span.
+fn request_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let sent = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        });
+    let id = match sent {
+        Some(v) => v.to_string(),
+        None => format!("{:016x}", rand::random::<u64>()),
+    };
+    tracing::info_span!("request", id = %id, method = %req.uri().path())
 }
 
 /// The listener's connections with TCP_NODELAY set. With its own incoming stream, tonic's

@@ -37,7 +37,28 @@ impl CheckService {
         }
     }
 
+    /// Answers one message and records it in the metrics.
     async fn answer(
+        &self,
+        rpc: &'static str,
+        caller: &Caller,
+        req: CheckRequest,
+        deadline: Instant,
+    ) -> Result<CheckResponse, Status> {
+        let started = Instant::now();
+        let result = self.answer_inner(caller, req, deadline).await;
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        metrics::counter!("optout_check_requests_total", "rpc" => rpc, "code" => crate::metrics::code_label(code))
+            .increment(1);
+        metrics::histogram!("optout_check_duration_seconds", "rpc" => rpc)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn answer_inner(
         &self,
         caller: &Caller,
         req: CheckRequest,
@@ -100,6 +121,7 @@ impl CheckService {
         if !self.audit.submit(PendingCheck { record, released }) {
             withhold_all(&mut out.decisions);
         }
+        crate::metrics::record_decisions(&out.decisions);
         Ok(CheckResponse {
             decisions: out.decisions.into_iter().map(decision_to_proto).collect(),
             version: out.version.to_string(),
@@ -125,7 +147,9 @@ impl OptOutCheck for CheckService {
     ) -> Result<Response<CheckResponse>, Status> {
         let deadline = deadline(request.metadata(), self.limits.default_deadline);
         let caller = caller_of(&request);
-        let response = self.answer(&caller, request.into_inner(), deadline).await?;
+        let response = self
+            .answer("check", &caller, request.into_inner(), deadline)
+            .await?;
         Ok(Response::new(response))
     }
 
@@ -150,7 +174,9 @@ impl OptOutCheck for CheckService {
                 async move {
                     let message = message?;
                     let deadline = Instant::now() + default_deadline;
-                    service.answer(&caller, message, deadline).await
+                    service
+                        .answer("check_stream", &caller, message, deadline)
+                        .await
                 }
             })
             .buffered(concurrency)

@@ -69,7 +69,22 @@ fn certificate_org(der: &[u8]) -> Option<String> {
 }
 
 impl Interceptor for Gate {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let result = self.admit(request);
+        if let Err(s) = &result {
+            if s.code() == tonic::Code::ResourceExhausted {
+                metrics::counter!("optout_rate_limited_total").increment(1);
+            } else {
+                metrics::counter!("optout_auth_refused_total", "code" => crate::metrics::code_label(s.code()))
+                    .increment(1);
+            }
+        }
+        result
+    }
+}
+
+impl Gate {
+    fn admit(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let caller = match &self.state.keyring {
             None => Caller::anonymous(),
             Some(keyring) => {

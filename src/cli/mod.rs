@@ -1,10 +1,12 @@
 //! The command line: one binary, `optout`, with `serve`, `check`, `filter` and `admin`.
 //!
-//! Every setting is a flag with an `OPTOUT_…` environment variable; a flag wins over the
-//! environment, and both win over the default.
+//! Every setting is a flag with an `OPTOUT_…` environment variable; `serve` also reads an optional
+//! TOML file (`--config`). A flag wins over the environment, which wins over the file, which wins
+//! over the default.
 
 mod admin;
 mod check;
+pub mod config;
 pub mod filter;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
@@ -24,6 +26,21 @@ use crate::{
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: text (for people) or json (one object per line, for collectors).
+    #[arg(
+        long,
+        global = true,
+        env = "OPTOUT_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -178,6 +195,21 @@ struct ServeArgs {
     /// Requests an organisation may send at once above its rate.
     #[arg(long, env = "OPTOUT_RATE_BURST", default_value_t = 2000)]
     rate_burst: u32,
+    /// Settings file (TOML; keys are the long flag names, e.g. `filter-capacity = 5000000`).
+    /// Flags and environment variables win over it.
+    #[arg(long, env = "OPTOUT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Plaintext port serving only grpc.health.v1, for Kubernetes probes (which cannot use TLS).
+    /// Also answers the service `liveness`: SERVING while the process runs.
+    #[arg(long, env = "OPTOUT_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
+    /// Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "OPTOUT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM or SIGINT: seconds in-flight requests and streams may take to finish before they
+    /// are cut off. Keep it below the orchestrator's own grace period.
+    #[arg(long, env = "OPTOUT_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    shutdown_grace_secs: u64,
     /// Concurrent streams (requests) per client connection.
     #[arg(long, env = "OPTOUT_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     max_concurrent_streams: u32,
@@ -360,11 +392,18 @@ impl From<tonic::Status> for CliError {
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match config::parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(config::ConfigError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // rustls (for rediss://) needs one process-wide crypto provider; ring builds from crates.io
     // with a C compiler only. Installing fails only if one is already installed, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    init_tracing();
+    init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -384,16 +423,44 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Whether logs are JSON lines (then nothing else may be written to stderr).
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A line for the operator at start: plain on stderr, or a JSON log event when logs are JSON, so a
+/// log collector never meets a line it cannot parse.
+fn announce(warning: bool, text: &str) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        if warning {
+            tracing::warn!(target: "optout", "{text}");
+        } else {
+            tracing::info!(target: "optout", "{text}");
+        }
+    } else {
+        eprintln!("optout: {text}");
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    JSON_LOGS.store(
+        format == LogFormat::Json,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let filter = tracing_subscriber::EnvFilter::try_from_env("OPTOUT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match format {
         // Colour codes only on a terminal: in files and log collectors they are noise.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One JSON object per line, with the request span (its id) on every event inside it.
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
@@ -491,9 +558,10 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
             )));
         }
     } else if args.keys_file.is_none() {
-        eprintln!(
-            "optout: WARNING: no --keys-file: running WITHOUT authentication; any local process \
-             can call every RPC (development only)"
+        announce(
+            true,
+            "WARNING: no --keys-file: running WITHOUT authentication; any local process can call \
+             every RPC (development only)",
         );
     }
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -566,6 +634,33 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if let Some(r) = &config.redis {
         crate::store::redis::RedisStore::connect(r).map_err(|e| CliError::Usage(e.to_string()))?;
     }
+    let side = |flag: &str, addr: Option<SocketAddr>| -> Result<_, CliError> {
+        addr.map(|a| {
+            std::net::TcpListener::bind(a)
+                .map(std::sync::Arc::new)
+                .map_err(|e| CliError::Usage(format!("{flag} {a}: {e}")))
+        })
+        .transpose()
+    };
+    let mut config = config;
+    config.health_listener = side("--health-listen", args.health_listen)?;
+    config.metrics_listener = side("--metrics-listen", args.metrics_listen)?;
+    config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    let mut extra = String::new();
+    if let Some(a) = config
+        .health_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+    {
+        extra.push_str(&format!(", health on {a}"));
+    }
+    if let Some(a) = config
+        .metrics_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+    {
+        extra.push_str(&format!(", metrics on http://{a}/metrics"));
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| CliError::Usage(format!("--listen {}: {e}", args.listen)))?;
@@ -585,7 +680,10 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         Some(_) => "gRPC over TLS",
         None => "gRPC, plaintext",
     };
-    eprintln!("optout: listening on {bound} ({transport}), {store}");
+    announce(
+        false,
+        &format!("listening on {bound} ({transport}), {store}{extra}"),
+    );
     run(listener, config, shutdown_signal()).await?;
     Ok(())
 }

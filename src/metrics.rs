@@ -1,0 +1,231 @@
+//! Prometheus metrics, served as text on their own port (`serve --metrics-listen`).
+//!
+//! Recorded through the `metrics` facade, exported by `metrics-exporter-prometheus` (default
+//! features off: no HTTP server or push gateway of its own; the scrape endpoint below is a few lines
+//! of hyper on a listener we bind, so tests can use port 0). Without `--metrics-listen` no recorder
+//! is installed and every macro is a no-op.
+//!
+//! Labels take only values from small fixed sets (outcome, reason, rpc, gRPC code, result). No NHS
+//! number, organisation, key id or extract id is ever a label: they are unbounded, and the
+//! organisations calling are not for every scraper to see.
+//!
+//! Gauges that describe state (filter size, freshness, audit backlog) are read when scraped.
+
+use std::{sync::Arc, time::Duration};
+
+use http_body_util::Full;
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+use crate::core::{Decision, ReleaseReason, WithholdReason};
+
+/// Buckets of every latency histogram, in seconds: 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Installs the process-wide recorder once; later calls get the same handle.
+pub fn install() -> Result<PrometheusHandle, String> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets(LATENCY_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .build_recorder();
+    let handle = recorder.handle();
+    // Fails only if another recorder is installed already (a second server in one process).
+    let _ = metrics::set_global_recorder(recorder);
+    let _ = HANDLE.set(handle.clone());
+    describe();
+    Ok(HANDLE.get().cloned().unwrap_or(handle))
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "optout_check_requests_total",
+        "Check and CheckStream messages answered or refused, by rpc and gRPC code"
+    );
+    describe_counter!(
+        "optout_check_numbers_total",
+        "NHS numbers answered, by outcome and reason"
+    );
+    describe_histogram!(
+        "optout_check_duration_seconds",
+        Unit::Seconds,
+        "Time to answer one Check (or one CheckStream message), by rpc"
+    );
+    describe_counter!(
+        "optout_store_lookups_total",
+        "Batched store lookups of the check path, by result (ok, error, timeout)"
+    );
+    describe_histogram!(
+        "optout_store_lookup_duration_seconds",
+        Unit::Seconds,
+        "Time of one batched store lookup (one round trip to Redis)"
+    );
+    describe_counter!(
+        "optout_store_lookup_numbers_total",
+        "NHS numbers sent to the store (the filter's maybes)"
+    );
+    describe_gauge!("optout_filter_items", "Opt-outs in the filter generation");
+    describe_gauge!(
+        "optout_filter_capacity",
+        "Items the generation is sized for"
+    );
+    describe_gauge!("optout_filter_bits", "Bits of the filter generation");
+    describe_gauge!("optout_filter_generation", "Filter generation number");
+    describe_gauge!(
+        "optout_filter_estimated_fp_rate",
+        "Expected false-positive rate at the current number of items"
+    );
+    describe_gauge!(
+        "optout_filter_loaded",
+        "1 when a filter generation is loaded for the store's dataset"
+    );
+    describe_gauge!(
+        "optout_filter_fresh",
+        "1 when the filter is proven caught up within the freshness bound"
+    );
+    describe_gauge!(
+        "optout_filter_freshness_age_seconds",
+        Unit::Seconds,
+        "Since the filter was last proven caught up with the store"
+    );
+    describe_gauge!(
+        "optout_filter_version_lag_seconds",
+        Unit::Seconds,
+        "How far the store's version was ahead of the filter's at the last store lookup"
+    );
+    describe_gauge!(
+        "optout_audit_backlog",
+        "Check audit records queued and not yet written"
+    );
+    describe_counter!(
+        "optout_rate_limited_total",
+        "Requests refused with RESOURCE_EXHAUSTED by the per-organisation rate limit"
+    );
+    describe_counter!(
+        "optout_auth_refused_total",
+        "Requests refused by authentication or role, by gRPC code"
+    );
+}
+
+/// Counts one answered batch's decisions, one counter increment per reason present.
+pub fn record_decisions(decisions: &[Decision]) {
+    let mut counts = [0u64; 6];
+    for d in decisions {
+        counts[reason_index(d)] += 1;
+    }
+    for (i, n) in counts.iter().enumerate() {
+        if *n > 0 {
+            let (outcome, reason) = REASONS[i];
+            metrics::counter!("optout_check_numbers_total", "outcome" => outcome, "reason" => reason)
+                .increment(*n);
+        }
+    }
+}
+
+const REASONS: [(&str, &str); 6] = [
+    ("release", "no_opt_out"),
+    ("release", "purpose_exempt"),
+    ("withhold", "national_data_opt_out"),
+    ("withhold", "type1_opt_out"),
+    ("withhold", "invalid_nhs_number"),
+    ("withhold", "store_unavailable"),
+];
+
+fn reason_index(d: &Decision) -> usize {
+    match d {
+        Decision::Release(ReleaseReason::NoOptOut) => 0,
+        Decision::Release(ReleaseReason::PurposeExempt) => 1,
+        Decision::Withhold(WithholdReason::NationalDataOptOut) => 2,
+        Decision::Withhold(WithholdReason::Type1OptOut) => 3,
+        Decision::Withhold(WithholdReason::InvalidNhsNumber) => 4,
+        Decision::Withhold(WithholdReason::StoreUnavailable) => 5,
+    }
+}
+
+/// The gRPC code as a label value.
+pub fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        Unknown => "unknown",
+        InvalidArgument => "invalid_argument",
+        DeadlineExceeded => "deadline_exceeded",
+        NotFound => "not_found",
+        AlreadyExists => "already_exists",
+        PermissionDenied => "permission_denied",
+        ResourceExhausted => "resource_exhausted",
+        FailedPrecondition => "failed_precondition",
+        Aborted => "aborted",
+        OutOfRange => "out_of_range",
+        Unimplemented => "unimplemented",
+        Internal => "internal",
+        Unavailable => "unavailable",
+        DataLoss => "data_loss",
+        Unauthenticated => "unauthenticated",
+    }
+}
+
+/// Serves the scrape endpoint on `listener` until `stop` turns true. `refresh` sets the state
+/// gauges just before each scrape is rendered.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    refresh: Arc<dyn Fn() + Send + Sync>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics listening");
+    }
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        let refresh = refresh.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let body = if req.uri().path() == "/metrics" {
+                    refresh();
+                    Ok(handle.render())
+                } else {
+                    Err(())
+                };
+                async move {
+                    match body {
+                        Ok(text) => Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(Full::new(Bytes::from(text))),
+                        Err(()) => Response::builder()
+                            .status(404)
+                            .body(Full::new(Bytes::from_static(b"metrics are at /metrics\n"))),
+                    }
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            // A scrape that stalls is dropped after a minute rather than held forever.
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+        });
+    }
+}

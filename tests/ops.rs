@@ -1,0 +1,506 @@
+//! Running it like production, through the real binary: the health port, Prometheus metrics, JSON
+//! logs with request ids, the config file's order of precedence, and graceful shutdown.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use common::{change_request, check_request, valid_numbers};
+use optout::api::proto::{
+    OptOutType, Purpose, opt_out_admin_client::OptOutAdminClient,
+    opt_out_check_client::OptOutCheckClient,
+};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_optout");
+
+/// A running `optout serve` and everything it wrote to stderr so far.
+struct Served {
+    child: Child,
+    grpc: String,
+    health: String,
+    metrics: String,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Served {
+    /// Starts serve on free loopback ports (gRPC, health, metrics) with extra args and env, and
+    /// waits until it is SERVING.
+    async fn start(data: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Served {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--health-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .env("OPTOUT_LOG", "info")
+        .env_remove("OPTOUT_MAX_BATCH")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("serve starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("listening on") {
+                        let _ = tx.send(line.clone());
+                    }
+                    lines.lock().expect("lock").push(line);
+                }
+            });
+        }
+        let banner = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+            .await
+            .expect("join")
+            .expect("a `listening on` line within 20 s");
+        let after = |what: &str| -> String {
+            let at = banner.find(what).expect(what) + what.len();
+            banner[at..]
+                .split(|c: char| c.is_whitespace() || c == ',' || c == '"' || c == '/')
+                .find(|s| !s.is_empty())
+                .expect("address")
+                .to_string()
+        };
+        let grpc = format!("http://{}", after("listening on "));
+        let health = format!("http://{}", after("health on "));
+        let metrics = format!("http://{}/metrics", after("metrics on http://"));
+        let served = Served {
+            child,
+            grpc,
+            health,
+            metrics,
+            stderr: lines,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while served.health_of("optout.v1.OptOutCheck").await != Some(ServingStatus::Serving) {
+            assert!(Instant::now() < deadline, "not SERVING within 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        served
+    }
+
+    async fn channel(url: &str) -> Channel {
+        Channel::from_shared(url.to_string())
+            .expect("url")
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .expect("connects")
+    }
+
+    /// The status the health port gives `service`, or `None` if it cannot be asked.
+    async fn health_of(&self, service: &str) -> Option<ServingStatus> {
+        let channel = Channel::from_shared(self.health.clone())
+            .ok()?
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .ok()?;
+        let r = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .ok()?;
+        ServingStatus::try_from(r.into_inner().status).ok()
+    }
+
+    /// GET /metrics with a plain HTTP/1.1 request (what Prometheus does).
+    async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self
+            .metrics
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .to_string();
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connects");
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("request");
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+            .await
+            .expect("answered within 5 s")
+            .expect("read");
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok);
+    }
+
+    async fn wait(mut self, within: Duration) -> (std::process::ExitStatus, Vec<String>) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Let the reader thread take the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let lines = self.stderr.lock().expect("lock").clone();
+                return (status, lines);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the process did not exit within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of one sample line of a Prometheus text page, e.g. `name{a="b"}`.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn health_port_metrics_and_json_logs_with_request_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = Served::start(&dir.path().join("data"), &["--log-format", "json"], &[]).await;
+    assert_eq!(
+        served.health_of("liveness").await,
+        Some(ServingStatus::Serving)
+    );
+
+    let numbers = valid_numbers(4_100_000_000, 4);
+    let channel = Served::channel(&served.grpc).await;
+    let mut add = tonic::Request::new(change_request(
+        vec![numbers[0].clone()],
+        OptOutType::NationalDataOptOut,
+    ));
+    add.metadata_mut()
+        .insert("x-request-id", "ops-test-7".parse().expect("ascii"));
+    let added = OptOutAdminClient::new(channel.clone())
+        .add_opt_outs(add)
+        .await
+        .expect("add")
+        .into_inner();
+    let mut check = check_request(numbers.clone(), Purpose::Research);
+    check.at_least_version = added.version;
+    OptOutCheckClient::new(channel.clone())
+        .check(check)
+        .await
+        .expect("check");
+    // One refused request: a batch with nothing in it.
+    let refused = OptOutCheckClient::new(channel)
+        .check(check_request(vec![], Purpose::Research))
+        .await;
+    assert!(refused.is_err());
+
+    let page = served.scrape().await;
+    assert_eq!(
+        sample(
+            &page,
+            r#"optout_check_numbers_total{outcome="withhold",reason="national_data_opt_out"}"#
+        ),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(
+            &page,
+            r#"optout_check_numbers_total{outcome="release",reason="no_opt_out"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &page,
+            r#"optout_check_requests_total{rpc="check",code="ok"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &page,
+            r#"optout_check_requests_total{rpc="check",code="invalid_argument"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&page, r#"optout_check_duration_seconds_count{rpc="check"}"#),
+        Some(2.0)
+    );
+    assert_eq!(sample(&page, "optout_filter_items"), Some(1.0));
+    assert_eq!(sample(&page, "optout_filter_loaded"), Some(1.0));
+    assert_eq!(sample(&page, "optout_filter_fresh"), Some(1.0));
+    assert!(sample(&page, "optout_filter_bits").is_some_and(|b| b > 0.0));
+    assert!(sample(&page, "optout_filter_freshness_age_seconds").is_some_and(|a| a < 5.0));
+    assert!(sample(&page, "optout_audit_backlog").is_some());
+    for n in &numbers {
+        assert!(!page.contains(n.as_str()), "an NHS number in the metrics");
+    }
+
+    served.sigterm();
+    let (status, lines) = served.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status:?}");
+    // JSON mode: every line on stderr is one JSON object, so a collector never meets a stray line.
+    let mut request_events = 0;
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("fields").is_some(),
+            "{line}"
+        );
+        if v.pointer("/span/id").and_then(|i| i.as_str()) == Some("ops-test-7") {
+            request_events += 1;
+        }
+        for n in &numbers {
+            assert!(
+                !line.contains(n.as_str()),
+                "an NHS number in the logs: {line}"
+            );
+        }
+    }
+    assert!(
+        request_events >= 1,
+        "the add's log event carries its request id: {lines:#?}"
+    );
+}
+
+/// The limit the server applies to one Check, read from its refusal of an oversized batch.
+async fn max_batch_of(served: &Served) -> String {
+    let channel = Served::channel(&served.grpc).await;
+    let err = OptOutCheckClient::new(channel)
+        .check(check_request(
+            valid_numbers(4_200_000_000, 20),
+            Purpose::Research,
+        ))
+        .await
+        .expect_err("20 numbers are over every limit in this test");
+    let msg = err.message();
+    let at = msg.find("at most ").expect("names the limit") + "at most ".len();
+    msg[at..]
+        .split_whitespace()
+        .next()
+        .expect("number")
+        .to_string()
+}
+
+#[tokio::test]
+async fn config_file_is_beneath_environment_which_is_beneath_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("optout.toml");
+    std::fs::write(&file, "max-batch = 5\nfreshness-bound-ms = 3000\n").expect("write");
+    let f = file.to_str().expect("utf-8");
+
+    let served = Served::start(&dir.path().join("a"), &["--config", f], &[]).await;
+    assert_eq!(
+        max_batch_of(&served).await,
+        "5",
+        "the file beats the default"
+    );
+    drop(served);
+
+    let served = Served::start(
+        &dir.path().join("b"),
+        &["--config", f],
+        &[("OPTOUT_MAX_BATCH", "7")],
+    )
+    .await;
+    assert_eq!(
+        max_batch_of(&served).await,
+        "7",
+        "the environment beats the file"
+    );
+    drop(served);
+
+    let served = Served::start(
+        &dir.path().join("c"),
+        &["--config", f, "--max-batch", "9"],
+        &[("OPTOUT_MAX_BATCH", "7")],
+    )
+    .await;
+    assert_eq!(max_batch_of(&served).await, "9", "a flag beats both");
+    drop(served);
+
+    // Mistakes name the file and the setting, and nothing starts.
+    for (body, must_name) in [
+        (
+            "max_batch = 5\n",
+            vec!["max_batch", "max-batch", "optout.toml"],
+        ),
+        (
+            "max-batch = \"lots\"\n",
+            vec!["--max-batch", "lots", "optout.toml"],
+        ),
+        (
+            "filter-capacity = [1, 2]\n",
+            vec!["filter-capacity", "optout.toml"],
+        ),
+        ("max-batch = \n", vec!["optout.toml"]),
+    ] {
+        std::fs::write(&file, body).expect("write");
+        let out = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                f,
+                "--data-dir",
+            ])
+            .arg(dir.path().join("never"))
+            .env_remove("OPTOUT_MAX_BATCH")
+            .stdin(Stdio::null())
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{body}: {err}");
+        for name in must_name {
+            assert!(err.contains(name), "{body}: the error names {name}: {err}");
+        }
+        assert!(!dir.path().join("never").exists(), "nothing started");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_long_check_stream_finish_and_refuses_new_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = Served::start(
+        &dir.path().join("data"),
+        &["--shutdown-grace-secs", "30"],
+        &[],
+    )
+    .await;
+    let channel = Served::channel(&served.grpc).await;
+    const MESSAGES: usize = 120;
+    const PER: usize = 500;
+    let numbers = valid_numbers(4_300_000_000, PER);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let sender = tokio::spawn(async move {
+        for _ in 0..MESSAGES {
+            if tx
+                .send(check_request(numbers.clone(), Purpose::Research))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+    let mut responses = OptOutCheckClient::new(channel)
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let mut answered = 0;
+    let mut decisions = 0;
+    while answered < 10 {
+        let r = responses.next().await.expect("a response").expect("ok");
+        answered += 1;
+        decisions += r.decisions.len();
+    }
+
+    served.sigterm();
+    // Health goes NOT_SERVING while the stream is still going.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while served.health_of("optout.v1.OptOutCheck").await != Some(ServingStatus::NotServing) {
+        assert!(
+            Instant::now() < deadline,
+            "health still SERVING 5 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The listener takes no new connections.
+    let fresh = Channel::from_shared(served.grpc.clone())
+        .expect("url")
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await;
+    assert!(
+        fresh.is_err(),
+        "a new connection was accepted while draining"
+    );
+
+    // Every message of the stream is still answered, in full, and the stream ends cleanly.
+    while let Some(r) = responses.next().await {
+        let r = r.expect("no message is cut off");
+        assert_eq!(r.decisions.len(), PER);
+        answered += 1;
+        decisions += r.decisions.len();
+    }
+    sender.await.expect("sender");
+    assert_eq!(answered, MESSAGES);
+    assert_eq!(decisions, MESSAGES * PER);
+    let (status, _) = served.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "exit {status:?}");
+}
+
+#[tokio::test]
+async fn a_stream_that_outlives_the_grace_period_is_cut_and_the_process_still_exits_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = Served::start(
+        &dir.path().join("data"),
+        &["--shutdown-grace-secs", "1"],
+        &[],
+    )
+    .await;
+    let channel = Served::channel(&served.grpc).await;
+    // A stream whose client never finishes sending.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(check_request(
+        valid_numbers(4_400_000_000, 10),
+        Purpose::Research,
+    ))
+    .await
+    .expect("send");
+    let mut responses = OptOutCheckClient::new(channel)
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    responses.next().await.expect("a response").expect("ok");
+    let t0 = Instant::now();
+    served.sigterm();
+    let (status, _) = served.wait(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit {status:?}");
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited before the grace period: {took:?}"
+    );
+    drop(tx);
+}
