@@ -97,6 +97,12 @@ until "$bin/optout" admin --server "http://$second" status 2>/dev/null | grep -q
 t1=$(date +%s.%N)
 serving=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b-a}')
 second_from=$(grep -o 'from="[a-z]*"' "$work/second.log" | head -1 || true)
+second_pid=$(pgrep -f -- "--listen $second" | head -1)
+second_rss_loaded=$(awk '/^VmRSS:/ {print $2}' "/proc/$second_pid/status")
+# The second replica under the batch workload: memory of a replica that serves but did not import.
+DURATION=5 run service "http://$second" --mode batch --batch 1000 --concurrency 16 --connections 4 \
+    >/dev/null
+second_rss_loaded_run=$(awk '/^VmRSS:/ {print $2}' "/proc/$second_pid/status")
 
 {
     echo "# Benchmarks"
@@ -118,7 +124,10 @@ second_from=$(grep -o 'from="[a-z]*"' "$work/second.log" | head -1 || true)
     echo
     echo "## Service"
     echo
-    echo "- resident memory with $COUNT opt-outs: $((rss_kb / 1024)) MiB"
+    echo "- resident memory with $COUNT opt-outs, the replica that applied the seed import and ran"
+    echo "  every workload: $((rss_kb / 1024)) MiB"
+    echo "- resident memory of a second replica (loaded from the snapshot, imported nothing): at"
+    echo "  SERVING $((second_rss_loaded / 1024)) MiB, after 5 s of the batch workload $((second_rss_loaded_run / 1024)) MiB"
     echo "- Redis used_memory: $base_mem -> $redis_mem bytes (includes the baseline set and the seed's log entry)"
     echo "- second replica to SERVING: $serving s ($second_from)"
     echo
