@@ -166,7 +166,13 @@ async fn run(
         // Retry the batch until it is written: records are never dropped while the process lives.
         let mut backoff = Duration::from_millis(50);
         loop {
-            match store.append_audit(&batch).await {
+            let started = Instant::now();
+            let written = store.append_audit(&batch).await;
+            metrics::histogram!("optout_store_audit_write_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            let label = if written.is_ok() { "ok" } else { "error" };
+            metrics::counter!("optout_store_audit_writes_total", "result" => label).increment(1);
+            match written {
                 Ok(()) => {
                     writer.failing_since.store(0, Ordering::Release);
                     writer

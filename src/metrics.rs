@@ -73,6 +73,19 @@ fn describe() {
         "optout_store_lookup_numbers_total",
         "NHS numbers sent to the store (the filter's maybes)"
     );
+    describe_counter!(
+        "optout_store_feed_reads_total",
+        "Reads of the store's change feed by the filter follower, by result"
+    );
+    describe_counter!(
+        "optout_store_audit_writes_total",
+        "Batched writes of check audit records to the store, by result (ok, error)"
+    );
+    describe_histogram!(
+        "optout_store_audit_write_duration_seconds",
+        Unit::Seconds,
+        "Time of one batched audit write (one round trip to Redis)"
+    );
     describe_gauge!("optout_filter_items", "Opt-outs in the filter generation");
     describe_gauge!(
         "optout_filter_capacity",

@@ -447,6 +447,12 @@ pub async fn follow(
             r = store.changes_after(after, 1024, config.heartbeat) => r,
             _ = shutdown.changed() => break,
         };
+        let result = match &feed {
+            Ok(_) => "ok",
+            Err(StoreError::NotInitialised(_)) => "not_initialised",
+            Err(_) => "error",
+        };
+        metrics::counter!("optout_store_feed_reads_total", "result" => result).increment(1);
         match feed {
             Ok(Feed::Changes(entries)) => {
                 let caught_up = entries.len() < 1024;

@@ -227,7 +227,25 @@ async fn health_port_metrics_and_json_logs_with_request_ids() {
         .await;
     assert!(refused.is_err());
 
-    let page = served.scrape().await;
+    // The check's audit record is written within about 100 ms; the store metrics count it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let page = loop {
+        let page = served.scrape().await;
+        if sample(&page, r#"optout_store_audit_writes_total{result="ok"}"#).is_some() {
+            break page;
+        }
+        assert!(Instant::now() < deadline, "no audit write counted: {page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        sample(&page, r#"optout_store_feed_reads_total{result="ok"}"#).is_some_and(|n| n >= 1.0)
+    );
+    // The opted-out number was a "maybe": one batched store lookup, not one per number.
+    assert_eq!(
+        sample(&page, r#"optout_store_lookups_total{result="ok"}"#),
+        Some(1.0)
+    );
+    assert!(sample(&page, "optout_store_lookup_numbers_total").is_some_and(|n| n >= 1.0));
     assert_eq!(
         sample(
             &page,
