@@ -77,6 +77,20 @@ fn filter(c: &mut Criterion) {
             }
         })
     });
+    // As the check path does it: the first probes of the number 8 ahead are prefetched.
+    let mut at = 0;
+    g.bench_function("absent_prefetched", |b| {
+        b.iter(|| {
+            at = (at + 1000) % absent.len();
+            let batch = &absent[at..at + 1000];
+            for (i, n) in batch.iter().enumerate() {
+                if let Some(next) = batch.get(i + 8) {
+                    f.prefetch(*next);
+                }
+                black_box(f.may_contain(black_box(*n)));
+            }
+        })
+    });
     let mut at = 0;
     g.bench_function("present", |b| {
         b.iter(|| {

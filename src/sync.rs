@@ -93,6 +93,13 @@ impl FilterView<'_> {
         self.guard.version
     }
 
+    /// Starts loading the memory a later `may_contain(n)` will read (a hint; see
+    /// [`crate::core::OptOutFilter::prefetch`]).
+    #[inline]
+    pub fn prefetch(&self, n: NhsNumber) {
+        self.guard.filter.prefetch(n)
+    }
+
     /// False only when the number is certainly not opted out.
     #[inline]
     pub fn may_contain(&self, n: NhsNumber) -> bool {
