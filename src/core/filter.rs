@@ -152,7 +152,7 @@ impl OptOutFilter {
     #[inline]
     fn first_probes(&self, n: NhsNumber) -> [u64; 2] {
         let bits = self.bloom.len();
-        self.probes.clone().map(|mut h| {
+        self.probes.map(|mut h| {
             n.as_u64().hash(&mut h);
             h.finish() % bits
         })
@@ -337,7 +337,7 @@ mod tests {
             f.insert(n);
             // The crate's whole probe sequence from the two hashes: h0, h1, then (h0 + i*h1) mod
             // the largest 64-bit prime, each mod the number of bits.
-            let [h0, h1] = f.probes.clone().map(|mut h| {
+            let [h0, h1] = f.probes.map(|mut h| {
                 n.as_u64().hash(&mut h);
                 h.finish()
             });
