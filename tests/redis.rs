@@ -649,3 +649,51 @@ async fn audit_records_live_in_redis_with_the_change_and_hold_digests_only() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A Redis that may evict any key when full could silently delete opt-out records (and release
+/// those patients): init refuses it, a replica stays NOT_SERVING and withholds, and once the
+/// policy is noeviction the replica serves by itself.
+#[tokio::test]
+async fn a_redis_that_may_evict_opt_outs_is_refused() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    let mut c = redis.connection().await;
+    let set_policy = |policy: &'static str| {
+        let mut c = c.clone();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory-policy")
+                .arg(policy)
+                .query_async(&mut c)
+                .await
+                .expect("config set");
+        }
+    };
+    set_policy("allkeys-lru").await;
+    let store = optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+        .expect("connect");
+    let refused = store.init(64).await.expect_err("init refuses allkeys-lru");
+    assert!(refused.to_string().contains("allkeys-lru"), "{refused}");
+    assert!(refused.to_string().contains("noeviction"), "{refused}");
+
+    // Initialised while safe, then switched to an evicting policy before a replica starts.
+    set_policy("noeviction").await;
+    init_redis(&config).await;
+    set_policy("allkeys-lfu").await;
+    let replica = TestServer::start_unready(Arc::new(store), config.clone()).await;
+    let n = valid_numbers(4_700_000_000, 3);
+    for _ in 0..10 {
+        assert_eq!(replica.health().await, ServingStatus::NotServing as i32);
+        for (o, _) in decide(&replica, &n, "").await {
+            assert_eq!(o, Outcome::Withhold, "answered from a Redis that may evict");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    set_policy("volatile-lru").await;
+    replica.wait_serving().await;
+    assert_eq!(decide(&replica, &n, "").await, vec![RELEASED; 3]);
+    let _: () = redis::cmd("PING").query_async(&mut c).await.expect("ping");
+    replica.stop().await;
+}

@@ -151,6 +151,33 @@ fn changed() -> StoreError {
     )
 }
 
+/// Refuses a Redis that may evict keys without an expiry when it runs out of memory.
+///
+/// With `allkeys-lru`, `allkeys-lfu` or `allkeys-random`, a full Redis silently deletes opt-out
+/// records; a deleted record answers "no opt-out" and the patient's data would be released. The
+/// `volatile-*` policies evict only keys with an expiry (none of the opt-out data has one) and
+/// `noeviction` refuses writes instead; both fail closed. Read from `INFO memory`, which managed
+/// Redis services keep even where they disable `CONFIG`. Checked whenever the dataset is opened
+/// (start, and after the store was reset); a policy changed at run time is not watched.
+fn check_eviction_policy(info_memory: &str) -> Result<(), StoreError> {
+    let policy = info_memory
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("maxmemory_policy:"))
+        .map(str::trim);
+    match policy {
+        Some(p) if p.starts_with("allkeys-") => Err(StoreError::Unavailable(format!(
+            "Redis maxmemory-policy is {p}: a full Redis would evict opt-out records and their \
+             patients' data would be released; set maxmemory-policy to noeviction"
+        ))),
+        Some(_) => Ok(()),
+        None => Err(StoreError::Unavailable(
+            "Redis INFO memory does not say maxmemory_policy, so evicting opt-out records \
+             cannot be ruled out; refusing to serve"
+                .into(),
+        )),
+    }
+}
+
 impl RedisStore {
     /// Connects lazily: an unreachable Redis is not an error here (the replica starts NOT_SERVING
     /// and keeps trying); a malformed URL is.
@@ -230,6 +257,12 @@ impl RedisStore {
 
     /// Initialises an empty store: writes the dataset marker. Refuses a store that has one.
     pub async fn init(&self, buckets: u64) -> Result<String, StoreError> {
+        let memory: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut self.write_conn())
+            .await
+            .map_err(unavailable)?;
+        check_eviction_policy(&memory)?;
         let mut id = [0u8; 16];
         rand::fill(&mut id);
         let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -626,12 +659,15 @@ impl ConsentStore for RedisStore {
     }
 
     async fn open_dataset(&self) -> Result<String, StoreError> {
-        let (id, buckets): (Option<String>, Option<u64>) = redis::pipe()
+        let (id, buckets, memory): (Option<String>, Option<u64>, String) = redis::pipe()
             .hget(self.key("marker"), "dataset_id")
             .hget(self.key("marker"), "buckets")
+            .cmd("INFO")
+            .arg("memory")
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
+        check_eviction_policy(&memory)?;
         let (Some(dataset), Some(buckets)) = (id, buckets) else {
             *self.inner.bound.write() = None;
             return Err(not_initialised());
