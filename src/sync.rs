@@ -40,6 +40,8 @@ pub struct FilterConfig {
     pub heartbeat: Duration,
     /// How often a replica on a shared store publishes a filter snapshot for new replicas.
     pub snapshot_interval: Duration,
+    /// How often the store is asked whether it is still safe (e.g. Redis's eviction policy).
+    pub safety_check: Duration,
 }
 
 impl Default for FilterConfig {
@@ -50,6 +52,7 @@ impl Default for FilterConfig {
             freshness_bound: Duration::from_secs(2),
             heartbeat: Duration::from_millis(250),
             snapshot_interval: Duration::from_secs(60),
+            safety_check: Duration::from_secs(5),
         }
     }
 }
@@ -387,6 +390,7 @@ pub async fn follow(
     // Set when the log was trimmed past the filter's version, or the dataset changed: only a
     // full load can catch up.
     let mut must_rebuild = false;
+    let mut last_safety_check = tokio::time::Instant::now();
     let mut last_snapshot = Instant::now();
     let mut published = Version::ZERO;
 
@@ -421,7 +425,7 @@ pub async fn follow(
                     backoff.reset();
                 }
                 Err(e) => {
-                    if matches!(e, StoreError::NotInitialised(_)) {
+                    if matches!(e, StoreError::NotInitialised(_) | StoreError::Unsafe(_)) {
                         synced.unload();
                     }
                     tracing::warn!(error = %e, "cannot load the filter; checks ask the store meanwhile");
@@ -446,6 +450,21 @@ pub async fn follow(
             rebuild = Some(tokio::spawn(async move {
                 build_generation(store.as_ref(), config, g).await
             }));
+        }
+
+        // A store that became unsafe (someone set an evicting policy) stops being trusted: the
+        // filter unloads, the store has unbound itself, everything withholds until it is safe.
+        if last_safety_check.elapsed() >= config.safety_check {
+            last_safety_check = tokio::time::Instant::now();
+            if let Err(e @ StoreError::Unsafe(_)) = store.check_safe().await {
+                tracing::error!(error = %e, "failing closed until the store is safe again");
+                synced.unload();
+                must_rebuild = true;
+                if backoff.wait(&mut shutdown).await {
+                    break;
+                }
+                continue;
+            }
         }
 
         let asked_at = synced.now_ms();

@@ -694,6 +694,46 @@ async fn a_redis_that_may_evict_opt_outs_is_refused() {
     set_policy("volatile-lru").await;
     replica.wait_serving().await;
     assert_eq!(decide(&replica, &n, "").await, vec![RELEASED; 3]);
+
+    // Switched to an evicting policy while serving: within the safety check (5 s) the replica
+    // stops answering from that Redis; the opted-out number is never released meanwhile.
+    let added = replica
+        .admin_client()
+        .await
+        .add_opt_outs(change_request(
+            vec![n[0].clone()],
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add")
+        .into_inner();
+    assert_eq!(decide(&replica, &n, &added.version).await[0], WITHHELD);
+    set_policy("allkeys-random").await;
+    let started = Instant::now();
+    loop {
+        let got = decide(&replica, &n, "").await;
+        assert_eq!(got[0].0, Outcome::Withhold, "opted-out number released");
+        if replica.health().await == ServingStatus::NotServing as i32 {
+            // Failed closed: nothing at all is released now.
+            let after = decide(&replica, &n, "").await;
+            assert!(
+                after.iter().all(|(o, _)| *o == Outcome::Withhold),
+                "{after:?}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still SERVING 10 s after the policy became allkeys-random"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    set_policy("noeviction").await;
+    replica.wait_serving().await;
+    assert_eq!(
+        decide(&replica, &n, "").await,
+        vec![WITHHELD, RELEASED, RELEASED]
+    );
     let _: () = redis::cmd("PING").query_async(&mut c).await.expect("ping");
     replica.stop().await;
 }

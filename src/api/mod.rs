@@ -116,6 +116,7 @@ pub(crate) fn store_status(e: StoreError) -> Status {
         StoreError::Unavailable(m) => Status::unavailable(m),
         StoreError::NotInitialised(m) => Status::failed_precondition(m),
         StoreError::Corrupt(m) => Status::data_loss(m),
+        StoreError::Unsafe(m) => Status::unavailable(m),
         StoreError::ImportRefused(m) => Status::failed_precondition(m),
     }
 }

@@ -28,6 +28,9 @@ pub enum StoreError {
     /// Data in the store does not have the expected shape.
     #[error("consent store data is corrupt: {0}")]
     Corrupt(String),
+    /// The store is configured so that it could lose opt-outs (a Redis that evicts keys).
+    #[error("consent store is not safe to answer from: {0}")]
+    Unsafe(String),
     /// An import cannot be applied as asked.
     #[error("{0}")]
     ImportRefused(String),
@@ -187,6 +190,13 @@ pub trait ConsentStore: Send + Sync + 'static {
     /// and whenever its marker is missing or differs from the bound one (a store that was reset,
     /// flushed or re-initialised), every call fails with [`StoreError::NotInitialised`].
     async fn open_dataset(&self) -> Result<String, StoreError>;
+
+    /// Whether the store is still configured so that it cannot silently lose opt-outs. On
+    /// [`StoreError::Unsafe`] the store has also unbound itself (every call fails until
+    /// [`ConsentStore::open_dataset`] succeeds again). Called periodically by the filter follower.
+    async fn check_safe(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// The newest published filter snapshot of the bound dataset, if any.
     async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {

@@ -158,19 +158,19 @@ fn changed() -> StoreError {
 /// `volatile-*` policies evict only keys with an expiry (none of the opt-out data has one) and
 /// `noeviction` refuses writes instead; both fail closed. Read from `INFO memory`, which managed
 /// Redis services keep even where they disable `CONFIG`. Checked whenever the dataset is opened
-/// (start, and after the store was reset); a policy changed at run time is not watched.
+/// (start, and after the store was reset) and every few seconds by the filter follower.
 fn check_eviction_policy(info_memory: &str) -> Result<(), StoreError> {
     let policy = info_memory
         .lines()
         .find_map(|l| l.trim().strip_prefix("maxmemory_policy:"))
         .map(str::trim);
     match policy {
-        Some(p) if p.starts_with("allkeys-") => Err(StoreError::Unavailable(format!(
+        Some(p) if p.starts_with("allkeys-") => Err(StoreError::Unsafe(format!(
             "Redis maxmemory-policy is {p}: a full Redis would evict opt-out records and their \
              patients' data would be released; set maxmemory-policy to noeviction"
         ))),
         Some(_) => Ok(()),
-        None => Err(StoreError::Unavailable(
+        None => Err(StoreError::Unsafe(
             "Redis INFO memory does not say maxmemory_policy, so evicting opt-out records \
              cannot be ruled out; refusing to serve"
                 .into(),
@@ -667,7 +667,10 @@ impl ConsentStore for RedisStore {
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        check_eviction_policy(&memory)?;
+        if let Err(e) = check_eviction_policy(&memory) {
+            *self.inner.bound.write() = None;
+            return Err(e);
+        }
         let (Some(dataset), Some(buckets)) = (id, buckets) else {
             *self.inner.bound.write() = None;
             return Err(not_initialised());
@@ -677,6 +680,17 @@ impl ConsentStore for RedisStore {
             buckets: buckets.max(1),
         });
         Ok(dataset)
+    }
+
+    async fn check_safe(&self) -> Result<(), StoreError> {
+        let memory: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        check_eviction_policy(&memory).inspect_err(|_| {
+            *self.inner.bound.write() = None;
+        })
     }
 
     async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
