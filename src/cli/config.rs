@@ -4,8 +4,8 @@
 //! environment variable, which wins over the config file, which wins over the built-in default.
 //! The file's keys are the long flag names without the dashes in front (`filter-capacity = 5000000`,
 //! `listen = "0.0.0.0:50051"`); a key that names no flag, or a value the flag would refuse, is an
-//! error that names the file and the key. Flags that take no value (`tls-…` have values; there are
-//! few) take `true` or `false`; a list gives the flag once per element.
+//! error that names the file and the key. A flag that takes no value would take `true` or `false`
+//! (serve has none today); a list gives the flag once per element.
 //!
 //! How: the command line is parsed once; every key of the file whose setting came from neither the
 //! command line nor the environment is appended as `--key=value`, and the whole is parsed again, so
