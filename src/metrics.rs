@@ -129,20 +129,55 @@ fn describe() {
     );
 }
 
-/// Counts one answered batch's decisions, one counter increment per reason present.
-pub fn record_decisions(decisions: &[Decision]) {
-    let mut counts = [0u64; 6];
-    for d in decisions {
-        counts[reason_index(d)] += 1;
+/// How many decisions of one batch fell on each outcome and reason: counted once per batch, for
+/// both the metrics and the audit record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecisionCounts([u64; 6]);
+
+impl DecisionCounts {
+    /// The counts of a whole batch.
+    pub fn of(decisions: &[Decision]) -> Self {
+        let mut c = DecisionCounts::default();
+        for d in decisions {
+            c.add(d);
+        }
+        c
     }
-    for (i, n) in counts.iter().enumerate() {
-        if *n > 0 {
-            let (outcome, reason) = REASONS[i];
-            metrics::counter!("optout_check_numbers_total", "outcome" => outcome, "reason" => reason)
-                .increment(*n);
+
+    /// Counts one decision.
+    #[inline]
+    pub fn add(&mut self, d: &Decision) {
+        self.0[reason_index(d)] += 1;
+    }
+
+    /// The withheld numbers by reason, for reasons that occurred.
+    pub fn withheld(&self) -> impl Iterator<Item = (WithholdReason, u64)> + '_ {
+        WITHHELD
+            .iter()
+            .zip(&self.0[2..])
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| (*r, *n))
+    }
+
+    /// Adds the batch to `optout_check_numbers_total`: one increment per reason present.
+    pub fn record(&self) {
+        for (i, n) in self.0.iter().enumerate() {
+            if *n > 0 {
+                let (outcome, reason) = REASONS[i];
+                metrics::counter!("optout_check_numbers_total", "outcome" => outcome, "reason" => reason)
+                    .increment(*n);
+            }
         }
     }
 }
+
+/// The withhold reasons in the order of indices 2.. of [`REASONS`].
+const WITHHELD: [WithholdReason; 4] = [
+    WithholdReason::NationalDataOptOut,
+    WithholdReason::Type1OptOut,
+    WithholdReason::InvalidNhsNumber,
+    WithholdReason::StoreUnavailable,
+];
 
 const REASONS: [(&str, &str); 6] = [
     ("release", "no_opt_out"),
@@ -162,6 +197,21 @@ fn reason_index(d: &Decision) -> usize {
         Decision::Withhold(WithholdReason::InvalidNhsNumber) => 4,
         Decision::Withhold(WithholdReason::StoreUnavailable) => 5,
     }
+}
+
+/// Sets the gauges that describe the filter and the audit queue (just before a scrape).
+pub fn set_state_gauges(st: &crate::sync::SyncStatus, audit_backlog: u64) {
+    metrics::gauge!("optout_filter_items").set(st.stats.items as f64);
+    metrics::gauge!("optout_filter_capacity").set(st.stats.capacity as f64);
+    metrics::gauge!("optout_filter_bits").set(st.stats.bits as f64);
+    metrics::gauge!("optout_filter_generation").set(st.stats.generation as f64);
+    metrics::gauge!("optout_filter_estimated_fp_rate").set(st.stats.estimated_fp_rate);
+    metrics::gauge!("optout_filter_loaded").set(f64::from(u8::from(st.loaded)));
+    metrics::gauge!("optout_filter_fresh").set(f64::from(u8::from(st.fresh)));
+    // Never caught up: as stale as can be said, rather than a reassuring zero.
+    let age = st.age.map_or(f64::INFINITY, |a| a.as_secs_f64());
+    metrics::gauge!("optout_filter_freshness_age_seconds").set(age);
+    metrics::gauge!("optout_audit_backlog").set(audit_backlog as f64);
 }
 
 /// The gRPC code as a label value.

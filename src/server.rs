@@ -301,19 +301,7 @@ pub async fn serve(
                 let filter = filter.clone();
                 let audit = audit.clone();
                 Arc::new(move || {
-                    let st = filter.status();
-                    metrics::gauge!("optout_filter_items").set(st.stats.items as f64);
-                    metrics::gauge!("optout_filter_capacity").set(st.stats.capacity as f64);
-                    metrics::gauge!("optout_filter_bits").set(st.stats.bits as f64);
-                    metrics::gauge!("optout_filter_generation").set(st.stats.generation as f64);
-                    metrics::gauge!("optout_filter_estimated_fp_rate")
-                        .set(st.stats.estimated_fp_rate);
-                    metrics::gauge!("optout_filter_loaded").set(f64::from(u8::from(st.loaded)));
-                    metrics::gauge!("optout_filter_fresh").set(f64::from(u8::from(st.fresh)));
-                    // Never caught up: as stale as can be said, rather than a reassuring zero.
-                    let age = st.age.map_or(f64::INFINITY, |a| a.as_secs_f64());
-                    metrics::gauge!("optout_filter_freshness_age_seconds").set(age);
-                    metrics::gauge!("optout_audit_backlog").set(audit.backlog() as f64);
+                    crate::metrics::set_state_gauges(&filter.status(), audit.backlog());
                 }) as Arc<dyn Fn() + Send + Sync>
             };
             Some(tokio::spawn(crate::metrics::serve(

@@ -390,7 +390,7 @@ pub async fn follow(
     // Set when the log was trimmed past the filter's version, or the dataset changed: only a
     // full load can catch up.
     let mut must_rebuild = false;
-    let mut last_safety_check = tokio::time::Instant::now();
+    let mut last_safety_check = Instant::now();
     let mut last_snapshot = Instant::now();
     let mut published = Version::ZERO;
 
@@ -455,7 +455,7 @@ pub async fn follow(
         // A store that became unsafe (someone set an evicting policy) stops being trusted: the
         // filter unloads, the store has unbound itself, everything withholds until it is safe.
         if last_safety_check.elapsed() >= config.safety_check {
-            last_safety_check = tokio::time::Instant::now();
+            last_safety_check = Instant::now();
             if let Err(e @ StoreError::Unsafe(_)) = store.check_safe().await {
                 tracing::error!(error = %e, "failing closed until the store is safe again");
                 synced.unload();

@@ -17,6 +17,7 @@ use crate::{
     auth::Caller,
     check::{CheckInput, Checker},
     core::{AuditRecord, Decision, NhsNumber, WithholdReason},
+    metrics::DecisionCounts,
 };
 
 /// Answers Check and CheckStream.
@@ -108,20 +109,25 @@ impl CheckService {
             version: out.version.to_string(),
             ..AuditRecord::default()
         };
+        // One pass: the released numbers for the audit, and the counts by reason for both the
+        // audit record and the metrics.
         let mut released = Vec::new();
+        let mut counts = DecisionCounts::default();
         for (d, n) in out.decisions.iter().zip(&parsed) {
-            match d {
-                Decision::Release(_) => released.extend(*n),
-                Decision::Withhold(r) => {
-                    *record.withheld.entry(format!("{r:?}")).or_default() += 1;
-                }
+            counts.add(d);
+            if matches!(d, Decision::Release(_)) {
+                released.extend(*n);
             }
+        }
+        for (r, n) in counts.withheld() {
+            record.withheld.insert(format!("{r:?}"), n);
         }
         record.applied = released.len() as u64;
         if !self.audit.submit(PendingCheck { record, released }) {
             withhold_all(&mut out.decisions);
+            counts = DecisionCounts::of(&out.decisions);
         }
-        crate::metrics::record_decisions(&out.decisions);
+        counts.record();
         Ok(CheckResponse {
             decisions: out.decisions.into_iter().map(decision_to_proto).collect(),
             version: out.version.to_string(),

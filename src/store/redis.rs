@@ -255,14 +255,19 @@ impl RedisStore {
         });
     }
 
-    /// Initialises an empty store: writes the dataset marker. Refuses a store that has one.
-    pub async fn init(&self, buckets: u64) -> Result<String, StoreError> {
+    /// Reads the eviction policy (see [`check_eviction_policy`]).
+    async fn eviction_policy_ok(&self) -> Result<(), StoreError> {
         let memory: String = redis::cmd("INFO")
             .arg("memory")
-            .query_async(&mut self.write_conn())
+            .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        check_eviction_policy(&memory)?;
+        check_eviction_policy(&memory)
+    }
+
+    /// Initialises an empty store: writes the dataset marker. Refuses a store that has one.
+    pub async fn init(&self, buckets: u64) -> Result<String, StoreError> {
+        self.eviction_policy_ok().await?;
         let mut id = [0u8; 16];
         rand::fill(&mut id);
         let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -683,13 +688,10 @@ impl ConsentStore for RedisStore {
     }
 
     async fn check_safe(&self) -> Result<(), StoreError> {
-        let memory: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
-        check_eviction_policy(&memory).inspect_err(|_| {
-            *self.inner.bound.write() = None;
+        self.eviction_policy_ok().await.inspect_err(|e| {
+            if matches!(e, StoreError::Unsafe(_)) {
+                *self.inner.bound.write() = None;
+            }
         })
     }
 
