@@ -22,7 +22,7 @@ use crate::{
     store::{
         ConsentStore, StoreError,
         embedded::{EmbeddedConfig, EmbeddedStore, Opened},
-        redis::{RedisConfig, RedisStore, redact_url},
+        redis::{RedisConfig, RedisStore},
     },
     sync::{FilterConfig, SyncedFilter, follow},
 };
@@ -141,7 +141,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let store: Arc<dyn ConsentStore> = match &config.redis {
         Some(redis) => {
-            tracing::info!(url = %redact_url(&redis.url), prefix = %redis.prefix, "using the Redis store");
+            tracing::info!(store = %redis.describe(), prefix = %redis.prefix, "using the Redis store");
             Arc::new(RedisStore::connect(redis)?)
         }
         None => Arc::new(open_embedded(&config).await?),

@@ -117,6 +117,7 @@ pub(crate) fn store_status(e: StoreError) -> Status {
         StoreError::NotInitialised(m) => Status::failed_precondition(m),
         StoreError::Corrupt(m) => Status::data_loss(m),
         StoreError::Unsafe(m) => Status::unavailable(m),
+        StoreError::Unconfirmed(m) => Status::unavailable(m),
         StoreError::ImportRefused(m) => Status::failed_precondition(m),
     }
 }

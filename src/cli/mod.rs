@@ -46,7 +46,7 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the gRPC service on the embedded store.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check NHS numbers given as arguments, or one per line on stdin.
     Check(check::CheckArgs),
     /// Filter a CSV extract: write only the rows whose patient may be released.
@@ -100,10 +100,25 @@ struct InitStoreArgs {
 /// Where the Redis store is.
 #[derive(Args, Debug, Clone)]
 struct RedisArgs {
-    /// The shared Redis store (redis://, or rediss:// for TLS). Without it, serve uses the
-    /// embedded store.
+    /// The shared Redis store (redis://, or rediss:// for TLS). Without it (and without
+    /// --redis-sentinel), serve uses the embedded store. Behind Sentinel its host is not used: it
+    /// only carries the password, database and TLS mode of the Redis nodes.
     #[arg(long, env = "OPTOUT_REDIS_URL")]
     redis_url: Option<String>,
+    /// Redis Sentinel: the sentinels' host:port, comma-separated. The store follows the master
+    /// they name through failovers.
+    #[arg(long, env = "OPTOUT_REDIS_SENTINEL", value_delimiter = ',')]
+    redis_sentinel: Vec<String>,
+    /// The master's name in the sentinels' configuration (`sentinel monitor NAME ...`).
+    #[arg(long, env = "OPTOUT_REDIS_SENTINEL_MASTER", default_value = "mymaster")]
+    redis_sentinel_master: String,
+    /// Replicas that must confirm each opt-out change (Redis WAIT) before it is acknowledged, so a
+    /// failover cannot lose it. Default: 1 behind Sentinel, 0 for a single Redis.
+    #[arg(long, env = "OPTOUT_REDIS_REPLICAS_ACK")]
+    redis_replicas_ack: Option<u32>,
+    /// How long a change waits for those confirmations, in ms, before it fails unacknowledged.
+    #[arg(long, env = "OPTOUT_REDIS_REPLICAS_ACK_MS", default_value_t = 2000)]
+    redis_replicas_ack_ms: u64,
     /// Prefix of every key the service uses in Redis.
     #[arg(long, env = "OPTOUT_REDIS_PREFIX", default_value = "optout:")]
     redis_prefix: String,
@@ -121,16 +136,28 @@ struct RedisArgs {
 
 impl RedisArgs {
     fn config(&self) -> Option<crate::store::redis::RedisConfig> {
-        self.redis_url
-            .as_ref()
-            .map(|url| crate::store::redis::RedisConfig {
-                url: url.clone(),
-                prefix: self.redis_prefix.clone(),
-                log_len: self.redis_log_len.max(1),
-                response_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
-                connect_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
-                audit_len: self.redis_audit_len.max(1),
-            })
+        let sentinel =
+            (!self.redis_sentinel.is_empty()).then(|| crate::store::redis::SentinelConfig {
+                addrs: self.redis_sentinel.clone(),
+                master_name: self.redis_sentinel_master.clone(),
+            });
+        let url = match (&self.redis_url, &sentinel) {
+            (Some(url), _) => url.clone(),
+            (None, Some(_)) => "redis://sentinel-named-master".to_string(),
+            (None, None) => return None,
+        };
+        let default_acks = u32::from(sentinel.is_some());
+        Some(crate::store::redis::RedisConfig {
+            url,
+            replicas_ack: self.redis_replicas_ack.unwrap_or(default_acks),
+            replicas_ack_timeout: Duration::from_millis(self.redis_replicas_ack_ms.max(1)),
+            sentinel,
+            prefix: self.redis_prefix.clone(),
+            log_len: self.redis_log_len.max(1),
+            response_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+            connect_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+            audit_len: self.redis_audit_len.max(1),
+        })
     }
 }
 
@@ -465,7 +492,7 @@ fn init_tracing(format: LogFormat) {
 
 async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
-        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check::run(args).await,
         Command::Filter(args) => filter::run(args).await,
         Command::Admin(args) => admin::run(args).await,
@@ -513,15 +540,15 @@ fn new_key(path: &std::path::Path, organisation: &str, roles: &[RoleArg]) -> Res
 async fn init_store(args: InitStoreArgs) -> Result<(), CliError> {
     let Some(config) = args.redis.config() else {
         return Err(CliError::Usage(
-            "--redis-url (or OPTOUT_REDIS_URL) is required: the embedded store initialises itself \
-             on first start"
+            "--redis-url or --redis-sentinel (or OPTOUT_REDIS_URL, OPTOUT_REDIS_SENTINEL) is \
+             required: the embedded store initialises itself on first start"
                 .into(),
         ));
     };
     if args.buckets == 0 {
         return Err(CliError::Usage("--buckets must be at least 1".into()));
     }
-    let shown = crate::store::redis::redact_url(&config.url);
+    let shown = config.describe();
     let store = crate::store::redis::RedisStore::connect(&config)
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let id = store
@@ -668,11 +695,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         .local_addr()
         .map_err(|e| CliError::Usage(format!("--listen {}: {e}", args.listen)))?;
     let store = match &config.redis {
-        Some(r) => format!(
-            "Redis store at {} (prefix {:?})",
-            crate::store::redis::redact_url(&r.url),
-            r.prefix
-        ),
+        Some(r) => format!("Redis store at {} (prefix {:?})", r.describe(), r.prefix),
         None => format!("embedded store in {}", config.data_dir.display()),
     };
     let transport = match &config.tls {

@@ -9,6 +9,7 @@
 
 pub mod embedded;
 pub mod redis;
+pub mod topology;
 
 use std::time::Duration;
 
@@ -31,6 +32,10 @@ pub enum StoreError {
     /// The store is configured so that it could lose opt-outs (a Redis that evicts keys).
     #[error("consent store is not safe to answer from: {0}")]
     Unsafe(String),
+    /// A change was applied on the Redis master but too few replicas confirmed it in time, so a
+    /// failover could still lose it: not acknowledged, the caller should retry.
+    #[error("consent store change not confirmed by its replicas: {0}")]
+    Unconfirmed(String),
     /// An import cannot be applied as asked.
     #[error("{0}")]
     ImportRefused(String),

@@ -32,10 +32,12 @@ use std::{
 use async_trait::async_trait;
 use parking_lot::RwLock;
 use redis::{
-    AsyncCommands, Client, Script, Value,
+    AsyncCommands, Client, FromRedisValue, IntoConnectionInfo, Script, ScriptInvocation, Value,
     aio::{ConnectionManager, ConnectionManagerConfig},
+    sentinel::SentinelNodeConnectionInfo,
 };
 
+use super::topology::{Conn, SentinelConn, Sentinels};
 use super::{
     ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, ImportOutcome, ImportSession, Lookup,
     OptOutRecord, Scan, StoreError, StoreStatus, WriteOutcome, now_ms,
@@ -45,8 +47,15 @@ use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOu
 /// Settings of the Redis store.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://` or `rediss://` (TLS) URL.
+    /// `redis://` or `rediss://` (TLS) URL. Behind Sentinel its host is not used: it carries the
+    /// credentials, database and TLS mode for the Redis nodes the sentinels name.
     pub url: String,
+    /// Redis Sentinel: when set, the store follows the master the sentinels name.
+    pub sentinel: Option<SentinelConfig>,
+    /// Replicas that must confirm an opt-out change (`WAIT`) before it is acknowledged.
+    pub replicas_ack: u32,
+    /// How long to wait for those confirmations.
+    pub replicas_ack_timeout: Duration,
     /// Prefix of every key this service uses.
     pub prefix: String,
     /// Change-log entries kept.
@@ -69,8 +78,32 @@ impl RedisConfig {
             response_timeout: Duration::from_millis(1000),
             connect_timeout: Duration::from_millis(1000),
             audit_len: 10_000_000,
+            sentinel: None,
+            replicas_ack: 0,
+            replicas_ack_timeout: Duration::from_millis(2000),
         }
     }
+
+    /// Where the store is, for messages and logs (no password).
+    pub fn describe(&self) -> String {
+        match &self.sentinel {
+            Some(s) => format!(
+                "Redis master {:?} via sentinels {}",
+                s.master_name,
+                s.addrs.join(",")
+            ),
+            None => redact_url(&self.url),
+        }
+    }
+}
+
+/// Where the sentinels are and which master they watch.
+#[derive(Clone, Debug)]
+pub struct SentinelConfig {
+    /// `host:port` of each sentinel (or a full `redis://` URL, with the sentinel's password).
+    pub addrs: Vec<String>,
+    /// The master's name in the sentinels' configuration (`sentinel monitor NAME ...`).
+    pub master_name: String,
 }
 
 /// The URL with any password replaced, fit for messages and logs.
@@ -97,13 +130,16 @@ pub struct RedisStore {
 
 struct Inner {
     /// Shared, multiplexed, short timeout: the check path's lookups and small reads.
-    conn: ConnectionManager,
+    conn: Conn,
     /// Admin writes, imports, scans and snapshots: large replies and scripts that may run for
     /// seconds at 5 million opt-outs, kept off the check path's connection so they never delay a
     /// lookup behind them.
-    write: ConnectionManager,
+    write: Conn,
     /// Its own connection: a blocking XREAD must not stall everyone else's commands.
-    feed: ConnectionManager,
+    feed: Conn,
+    /// Replicas that must confirm an opt-out change, and how long to wait for them.
+    replicas_ack: u32,
+    replicas_ack_timeout: Duration,
     prefix: String,
     log_len: u64,
     audit_len: u64,
@@ -180,36 +216,76 @@ fn check_eviction_policy(info_memory: &str) -> Result<(), StoreError> {
 
 impl RedisStore {
     /// Connects lazily: an unreachable Redis is not an error here (the replica starts NOT_SERVING
-    /// and keeps trying); a malformed URL is.
+    /// and keeps trying); a malformed URL or sentinel address is.
     pub fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
         let shown = redact_url(&config.url);
         let client = Client::open(config.url.as_str())
             .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
-        let base = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            base.clone()
-                .set_response_timeout(Some(config.response_timeout)),
-        )
-        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
-        let write = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            base.clone().set_response_timeout(Some(WRITE_TIMEOUT)),
-        )
-        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
-        let feed = ConnectionManager::new_lazy_with_config(
-            client,
-            base.set_response_timeout(Some(config.response_timeout + FEED_BLOCK)),
-        )
-        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
+        let timeouts = [
+            config.response_timeout,
+            WRITE_TIMEOUT,
+            config.response_timeout + FEED_BLOCK,
+        ];
+        let [conn, write, feed] = match &config.sentinel {
+            None => {
+                let base = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(config.connect_timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_millis(500));
+                let mut conns = Vec::with_capacity(3);
+                for t in timeouts {
+                    conns.push(Conn::Direct(
+                        ConnectionManager::new_lazy_with_config(
+                            client.clone(),
+                            base.clone().set_response_timeout(Some(t)),
+                        )
+                        .map_err(|e| {
+                            StoreError::Unavailable(format!("--redis-url {shown}: {e}"))
+                        })?,
+                    ));
+                }
+                let [a, b, c]: [Conn; 3] = conns
+                    .try_into()
+                    .map_err(|_| StoreError::Unavailable("three connections".into()))?;
+                [a, b, c]
+            }
+            Some(s) => {
+                let info =
+                    config.url.as_str().into_connection_info().map_err(|e| {
+                        StoreError::Unavailable(format!("--redis-url {shown}: {e}"))
+                    })?;
+                let mut node = SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(info.redis_settings().clone());
+                if let redis::ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
+                    node = node.set_tls_mode(if *insecure {
+                        redis::TlsMode::Insecure
+                    } else {
+                        redis::TlsMode::Secure
+                    });
+                }
+                let db = info.redis_settings().db();
+                let sentinels = Sentinels::new(&s.addrs, &s.master_name, node).map_err(|e| {
+                    StoreError::Unavailable(format!("--redis-sentinel {}: {e}", s.addrs.join(",")))
+                })?;
+                timeouts.map(|t| {
+                    Conn::Sentinel(SentinelConn::new(
+                        sentinels.clone(),
+                        redis::AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(config.connect_timeout))
+                            .set_response_timeout(Some(t)),
+                        config.connect_timeout * 3,
+                        db,
+                    ))
+                })
+            }
+        };
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
                 write,
                 feed,
+                replicas_ack: config.replicas_ack,
+                replicas_ack_timeout: config.replicas_ack_timeout,
                 prefix: config.prefix.clone(),
                 log_len: config.log_len.max(1),
                 audit_len: config.audit_len.max(1),
@@ -217,6 +293,44 @@ impl RedisStore {
                 scripts: Scripts::new(),
             }),
         })
+    }
+
+    /// Runs a script that changes opt-outs and, when replicas must confirm it, `WAIT` in the same
+    /// round trip on the same connection, so the confirmation is for this change. A change that
+    /// too few replicas confirmed in time is applied on the master but is not acknowledged: a
+    /// failover now could lose it, so the caller gets an error and retries (changes are
+    /// idempotent).
+    async fn invoke_durable<T: FromRedisValue>(
+        &self,
+        inv: &ScriptInvocation<'_>,
+        conn: &mut Conn,
+    ) -> Result<T, StoreError> {
+        let want = self.inner.replicas_ack;
+        if want == 0 {
+            return inv.invoke_async(conn).await.map_err(unavailable);
+        }
+        let timeout_ms = u64::try_from(self.inner.replicas_ack_timeout.as_millis()).unwrap_or(1);
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(inv)
+            .cmd("WAIT")
+            .arg(want)
+            .arg(timeout_ms.max(1));
+        let reply: Result<(T, i64), _> = match pipe.query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                inv.load_async(conn).await.map_err(unavailable)?;
+                pipe.query_async(conn).await
+            }
+            other => other,
+        };
+        let (value, acked) = reply.map_err(unavailable)?;
+        if acked < i64::from(want) {
+            return Err(StoreError::Unconfirmed(format!(
+                "the change was applied on the Redis master but only {acked} of {want} replicas \
+                 confirmed it within {timeout_ms} ms, so a failover now could lose it; it is not \
+                 acknowledged: retry (changes are idempotent)"
+            )));
+        }
+        Ok(value)
     }
 
     fn key(&self, name: &str) -> String {
@@ -227,11 +341,11 @@ impl RedisStore {
         self.inner.bound.read().clone().ok_or_else(not_initialised)
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.inner.conn.clone()
     }
 
-    fn write_conn(&self) -> ConnectionManager {
+    fn write_conn(&self) -> Conn {
         self.inner.write.clone()
     }
 
@@ -271,18 +385,12 @@ impl RedisStore {
         let mut id = [0u8; 16];
         rand::fill(&mut id);
         let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        let created: i64 = self
-            .inner
-            .scripts
-            .init
-            .prepare_invoke()
-            .arg(&self.inner.prefix)
+        let mut inv = self.inner.scripts.init.prepare_invoke();
+        inv.arg(&self.inner.prefix)
             .arg(&id)
             .arg(buckets.max(1))
-            .arg(now_ms())
-            .invoke_async(&mut self.write_conn())
-            .await
-            .map_err(unavailable)?;
+            .arg(now_ms());
+        let created: i64 = self.invoke_durable(&inv, &mut self.write_conn()).await?;
         if created == 0 {
             return Err(StoreError::ImportRefused(format!(
                 "the Redis store under prefix {:?} is already initialised; nothing was changed",
@@ -455,10 +563,8 @@ impl ConsentStore for RedisStore {
             .arg(audit_json(audit)?)
             .arg(self.inner.audit_len)
             .arg(self.pairs(numbers, bound.buckets));
-        let (id, applied): (String, u64) = inv
-            .invoke_async(&mut self.write_conn())
-            .await
-            .map_err(unavailable)?;
+        let (id, applied): (String, u64) =
+            self.invoke_durable(&inv, &mut self.write_conn()).await?;
         Ok(WriteOutcome {
             version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
             applied,
@@ -568,10 +674,11 @@ impl ConsentStore for RedisStore {
         // The marker and the floor are read after the log, in the same round trip: if both still
         // hold once the entries are in hand, nothing between `after` and them was trimmed, and
         // they belong to the dataset this replica loaded.
-        let (entries, marker, floor): (Value, Option<String>, Value) = redis::pipe()
+        let (entries, marker, floor, latest): (Value, Option<String>, Value, Value) = redis::pipe()
             .add_command(read)
             .hget(self.key("marker"), "dataset_id")
             .get(self.key("log_floor"))
+            .get(self.key("version"))
             .query_async(&mut self.inner.feed.clone())
             .await
             .map_err(unavailable)?;
@@ -579,6 +686,13 @@ impl ConsentStore for RedisStore {
             return Err(changed());
         }
         if after < version_of(&floor)? {
+            return Ok(Feed::Trimmed);
+        }
+        if after > version_of(&latest)? {
+            // The store is behind what this replica already read: a failover to a replica that
+            // had not received the newest changes (never acknowledged, see `invoke_durable`).
+            // Rebuild from what the store holds now rather than wait for versions to catch up.
+            tracing::warn!(%after, "the store's change log went back in time (failover?)");
             return Ok(Feed::Trimmed);
         }
         let mut out = Vec::new();
@@ -692,7 +806,28 @@ impl ConsentStore for RedisStore {
             if matches!(e, StoreError::Unsafe(_)) {
                 *self.inner.bound.write() = None;
             }
-        })
+        })?;
+        if let Conn::Sentinel(_) = &self.inner.conn {
+            // Sentinel closes clients' connections when it demotes a master, but do not rely on
+            // it: a connection to a node that is no longer the master is dropped here, so no read
+            // is served from a replica that may lag.
+            let role: Value = redis::cmd("ROLE")
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            let is_master = array(role)?.first().and_then(text_of).as_deref() == Some("master");
+            if !is_master {
+                for c in [&self.inner.conn, &self.inner.write, &self.inner.feed] {
+                    if let Conn::Sentinel(s) = c {
+                        s.reset();
+                    }
+                }
+                return Err(StoreError::Unavailable(
+                    "the Redis node Sentinel named is no longer the master; asking again".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
@@ -909,6 +1044,11 @@ impl ImportSession for RedisImport {
                 .invoke_async(&mut conn)
                 .await;
         }
+        if matches!(result, Err(StoreError::Unconfirmed(_))) {
+            // The swap is applied: the staged generation is the current one now and must not be
+            // unlinked. The old one is kept too (a failover that loses the swap needs it).
+            self.committed = true;
+        }
         let (outcome, old_generation) = result?;
         self.committed = true;
         // The old generation is unreachable now.
@@ -920,7 +1060,7 @@ impl ImportSession for RedisImport {
 impl RedisImport {
     async fn diff_and_swap(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         t: &str,
         other: &str,
         token: &str,
@@ -1023,12 +1163,8 @@ impl RedisImport {
             added_csv.push_str(&n.as_u64().to_string());
         }
         drop(removed_numbers);
-        let reply: (String, u64) = store
-            .inner
-            .scripts
-            .swap
-            .prepare_invoke()
-            .arg(&store.inner.prefix)
+        let mut inv = store.inner.scripts.swap.prepare_invoke();
+        inv.arg(&store.inner.prefix)
             .arg(&self.bound.dataset)
             .arg(t)
             .arg(token)
@@ -1040,10 +1176,8 @@ impl RedisImport {
             .arg(store.inner.log_len)
             .arg(audit_json(&audit)?)
             .arg(store.inner.audit_len)
-            .arg(audit.applied)
-            .invoke_async(conn)
-            .await
-            .map_err(unavailable)?;
+            .arg(audit.applied);
+        let reply: (String, u64) = store.invoke_durable(&inv, conn).await?;
         let version = Version::parse(&reply.0).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok((
             ImportOutcome {

@@ -355,6 +355,10 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<std::process::Child>,
+    /// Arguments after the common ones (replication, cluster mode).
+    extra: Vec<String>,
+    /// A sentinel: this configuration file (which Sentinel rewrites) comes first.
+    sentinel_conf: Option<std::path::PathBuf>,
 }
 
 fn redis_server_binary() -> String {
@@ -370,13 +374,59 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(Vec::new())
+    }
+
+    /// A Redis node with extra command-line arguments.
+    pub fn start_with(extra: Vec<String>) -> RedisServer {
         let mut server = RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
+            extra,
+            sentinel_conf: None,
         };
         server.spawn();
         server
+    }
+
+    /// A replica of the node on `master_port`.
+    pub fn start_replica_of(master_port: u16) -> RedisServer {
+        Self::start_with(vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            master_port.to_string(),
+        ])
+    }
+
+    /// A sentinel watching the master on `master_port` as `name`, with quorum 2 and timings short
+    /// enough for a test: down after 1 s of silence.
+    pub fn start_sentinel(master_port: u16, name: &str) -> RedisServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "sentinel monitor {name} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 4000\n\
+                 sentinel parallel-syncs {name} 1\n"
+            ),
+        )
+        .expect("write sentinel.conf");
+        let mut server = RedisServer {
+            port: free_port(),
+            dir,
+            child: None,
+            extra: Vec::new(),
+            sentinel_conf: Some(conf),
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn url(&self) -> String {
@@ -384,22 +434,27 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let child = std::process::Command::new(redis_server_binary())
+        let mut command = std::process::Command::new(redis_server_binary());
+        if let Some(conf) = &self.sentinel_conf {
+            command.arg(conf).arg("--sentinel");
+        }
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
-            .args([
+            .args(["--protected-mode", "yes", "--logfile", "redis.log"]);
+        if self.sentinel_conf.is_none() {
+            command.args([
                 "--appendonly",
                 "yes",
                 "--appendfsync",
                 "always",
                 "--save",
                 "",
-                "--protected-mode",
-                "yes",
-                "--logfile",
-                "redis.log",
-            ])
+            ]);
+        }
+        let child = command
+            .args(&self.extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

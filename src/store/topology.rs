@@ -1,0 +1,291 @@
+//! How the Redis store reaches Redis: one node, or the master that Redis Sentinel names.
+//!
+//! A single node is reached through the redis crate's `ConnectionManager`, which reconnects to the
+//! same address. Behind Sentinel the address itself changes on failover, and the crate has no
+//! connection manager over a `SentinelClient`; [`SentinelConn`] is that manager: it asks the
+//! sentinels for the master (the crate checks the node's `ROLE` before handing it out), keeps one
+//! multiplexed connection to it, and drops it on any error that says the node is gone or is no
+//! longer the master (I/O errors, timeouts, `READONLY`, `MASTERDOWN`, `LOADING`), so the next call
+//! asks the sentinels again. The failing call itself fails: on the check path that is a WITHHOLD,
+//! and callers that write retry.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use redis::{
+    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
+    aio::{ConnectionLike, ConnectionManager, MultiplexedConnection},
+    sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
+};
+
+/// A connection to wherever the store's Redis currently is. Cheap to clone; clones share the
+/// underlying connection.
+#[derive(Clone)]
+pub enum Conn {
+    /// One Redis node at a fixed address.
+    Direct(ConnectionManager),
+    /// The master named by Redis Sentinel.
+    Sentinel(SentinelConn),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Direct(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Direct(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
+        }
+    }
+}
+
+/// The sentinels shared by every [`SentinelConn`] of one store: asking them is serialised, and a
+/// failed answer is not asked again for [`RESOLVE_BACKOFF`], so a dead master under load costs
+/// one attempt per back-off, not one per request.
+pub struct Sentinels {
+    client: tokio::sync::Mutex<SentinelClient>,
+    /// When resolving last failed (to back off), and why.
+    failed: parking_lot::Mutex<Option<(Instant, String)>>,
+    master_name: String,
+}
+
+/// How long a failed master resolution is remembered before the sentinels are asked again.
+const RESOLVE_BACKOFF: Duration = Duration::from_millis(100);
+
+impl Sentinels {
+    /// `addrs` are the sentinels' `host:port` (or full `redis://` URLs); `node` carries the
+    /// credentials, database and TLS mode for the Redis nodes themselves.
+    pub fn new(
+        addrs: &[String],
+        master_name: &str,
+        node: SentinelNodeConnectionInfo,
+    ) -> RedisResult<Arc<Self>> {
+        let urls: Vec<String> = addrs
+            .iter()
+            .map(|a| {
+                if a.contains("://") {
+                    a.clone()
+                } else {
+                    format!("redis://{a}")
+                }
+            })
+            .collect();
+        let client =
+            SentinelClient::build(urls, master_name, Some(node), SentinelServerType::Master)?;
+        Ok(Arc::new(Sentinels {
+            client: tokio::sync::Mutex::new(client),
+            failed: parking_lot::Mutex::new(None),
+            master_name: master_name.to_string(),
+        }))
+    }
+
+    /// A new connection to the current master, verified by role.
+    async fn connect(
+        &self,
+        config: &redis::AsyncConnectionConfig,
+        timeout: Duration,
+    ) -> RedisResult<MultiplexedConnection> {
+        if let Some((at, why)) = self.failed.lock().clone()
+            && at.elapsed() < RESOLVE_BACKOFF
+        {
+            return Err(RedisError::from((
+                ErrorKind::Io,
+                "no Redis master (asked the sentinels a moment ago)",
+                why,
+            )));
+        }
+        let mut client = self.client.lock().await;
+        let attempt = async {
+            client
+                .async_get_client()
+                .await?
+                .get_multiplexed_async_connection_with_config(config)
+                .await
+        };
+        let result = match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisError::from((
+                ErrorKind::Io,
+                "asking the sentinels for the master timed out",
+                format!("{} ms", timeout.as_millis()),
+            ))),
+        };
+        match &result {
+            Ok(_) => *self.failed.lock() = None,
+            Err(e) => {
+                *self.failed.lock() = Some((Instant::now(), e.to_string()));
+                tracing::warn!(master = %self.master_name, error = %e, "no Redis master from the sentinels");
+            }
+        }
+        result
+    }
+}
+
+/// One multiplexed connection to the master Sentinel names, re-resolved after a failure.
+#[derive(Clone)]
+pub struct SentinelConn {
+    shared: Arc<SentinelShared>,
+}
+
+struct SentinelShared {
+    sentinels: Arc<Sentinels>,
+    config: redis::AsyncConnectionConfig,
+    resolve_timeout: Duration,
+    /// The live connection and its serial number (so a failure only drops the connection it
+    /// happened on, not a newer one another task already made).
+    current: parking_lot::Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Serialises reconnecting, so concurrent callers share one new connection.
+    connecting: tokio::sync::Mutex<()>,
+    serial: AtomicU64,
+    db: i64,
+}
+
+impl SentinelConn {
+    /// A connection that resolves the master on first use.
+    pub fn new(
+        sentinels: Arc<Sentinels>,
+        config: redis::AsyncConnectionConfig,
+        resolve_timeout: Duration,
+        db: i64,
+    ) -> Self {
+        SentinelConn {
+            shared: Arc::new(SentinelShared {
+                sentinels,
+                config,
+                resolve_timeout,
+                current: parking_lot::Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                serial: AtomicU64::new(0),
+                db,
+            }),
+        }
+    }
+
+    async fn get(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+        if let Some(c) = self.shared.current.lock().clone() {
+            return Ok(c);
+        }
+        let _one = self.shared.connecting.lock().await;
+        if let Some(c) = self.shared.current.lock().clone() {
+            return Ok(c);
+        }
+        let conn = self
+            .shared
+            .sentinels
+            .connect(&self.shared.config, self.shared.resolve_timeout)
+            .await?;
+        let serial = self.shared.serial.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.shared.current.lock() = Some((serial, conn.clone()));
+        Ok((serial, conn))
+    }
+
+    /// Drops the connection `serial` if `e` says its node is gone or no longer the master.
+    fn judge(&self, serial: u64, e: &RedisError) {
+        if must_reresolve(e) {
+            let mut current = self.shared.current.lock();
+            if current.as_ref().is_some_and(|(s, _)| *s == serial) {
+                *current = None;
+            }
+        }
+    }
+
+    /// Drops the current connection, so the next call asks the sentinels again.
+    pub fn reset(&self) {
+        *self.shared.current.lock() = None;
+    }
+}
+
+/// Errors after which the connection may point at the wrong node, or at none.
+fn must_reresolve(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            ErrorKind::Io
+                | ErrorKind::Server(
+                    ServerErrorKind::ReadOnly
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::BusyLoading
+                )
+        )
+}
+
+impl ConnectionLike for SentinelConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let (serial, mut conn) = self.get().await?;
+            let r = conn.req_packed_command(cmd).await;
+            if let Err(e) = &r {
+                self.judge(serial, e);
+            }
+            r
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let (serial, mut conn) = self.get().await?;
+            let r = conn.req_packed_commands(pipeline, offset, count).await;
+            if let Err(e) = &r {
+                self.judge(serial, e);
+            }
+            r
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.shared.db
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_errors_force_a_new_master() {
+        let readonly = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ReadOnly),
+            "READONLY",
+            "You can't write against a read only replica.".to_string(),
+        ));
+        assert!(must_reresolve(&readonly));
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(must_reresolve(&io));
+        let script = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "OPTOUTDATASET",
+            "marker missing".to_string(),
+        ));
+        assert!(!must_reresolve(&script));
+    }
+}
