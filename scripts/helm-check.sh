@@ -68,7 +68,12 @@ cm = by_kind["ConfigMap"][0]
 config = tomllib.loads(cm["data"]["config.toml"])
 for key in config:
     assert f"--{key} " in help_text or f"--{key}\n" in help_text, f"config.toml: `{key}` is not a flag of optout serve"
-print(f"  ServiceMonitor and config.toml ({len(config)} settings) consistent")
+for c in by_kind["Deployment"][0]["spec"]["template"]["spec"]["containers"]:
+    for arg in c.get("args", []):
+        if arg.startswith("--"):
+            flag = arg.split("=", 1)[0]
+            assert f"{flag} " in help_text or f"{flag}\n" in help_text, f"Deployment arg `{flag}` is not a flag of optout serve"
+print(f"  ServiceMonitor, Deployment args and config.toml ({len(config)} settings) consistent")
 PY
 done
 
@@ -78,4 +83,9 @@ if "$helm" template optout "$chart" --set redis.existingSecret= >/dev/null 2>"$o
     exit 1
 fi
 grep -q "redis.existingSecret is required" "$out/err"
+if "$helm" template optout "$chart" --set redis.sentinel.enabled=true >/dev/null 2>"$out/err"; then
+    echo "error: the chart rendered Sentinel without sentinel nodes" >&2
+    exit 1
+fi
+grep -q "redis.sentinel.nodes is required" "$out/err"
 echo "helm chart: rendered and valid for default and production values"
