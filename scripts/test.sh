@@ -27,7 +27,9 @@ for component in rustfmt clippy; do
     fi
 done
 
-if ! command -v "${OPTOUT_TEST_REDIS_SERVER:-redis-server}" >/dev/null 2>&1; then
+# redis-cli (Debian's redis-tools, a dependency of redis-server) builds the test Redis Cluster.
+if ! command -v "${OPTOUT_TEST_REDIS_SERVER:-redis-server}" >/dev/null 2>&1 \
+    || ! command -v "${OPTOUT_TEST_REDIS_CLI:-redis-cli}" >/dev/null 2>&1; then
     echo "== installing redis-server (the Redis tests start their own on loopback ports)"
     if command -v apt-get >/dev/null 2>&1; then
         sudo=""
@@ -39,7 +41,7 @@ if ! command -v "${OPTOUT_TEST_REDIS_SERVER:-redis-server}" >/dev/null 2>&1; the
         fi
         $sudo apt-get update -qq
         # Only the binary is needed; no service is started or left running by the tests.
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server redis-tools >/dev/null
     else
         echo "error: redis-server is missing. Install Redis 7 or later (for example 'brew install redis'" >&2
         echo "       or your distribution's redis package), or point OPTOUT_TEST_REDIS_SERVER at the binary." >&2
@@ -47,6 +49,7 @@ if ! command -v "${OPTOUT_TEST_REDIS_SERVER:-redis-server}" >/dev/null 2>&1; the
     fi
 fi
 "${OPTOUT_TEST_REDIS_SERVER:-redis-server}" --version
+"${OPTOUT_TEST_REDIS_CLI:-redis-cli}" --version
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

@@ -20,7 +20,10 @@ use common::{
 use optout::{
     api::proto::{OptOutType, Outcome, Purpose, Reason},
     server::ServerConfig,
-    store::redis::SentinelConfig,
+    store::{
+        redis::SentinelConfig,
+        topology::{key_slot, shard_tags},
+    },
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -284,6 +287,267 @@ async fn a_sentinel_failover_releases_no_opt_out_and_the_service_follows_the_new
 
     // The old master comes back; Sentinel turns it into a replica and changes are confirmed again.
     set.master.restart();
+    eventually(
+        "a change is confirmed once the old master rejoins as a replica",
+        Duration::from_secs(30),
+        || async { add(&server, &later).await.is_ok() },
+    )
+    .await;
+    assert_eq!(decide(&server, &later).await, vec![WITHHELD]);
+    assert_eq!(decide(&server, &clean[..1]).await, vec![RELEASED]);
+
+    let (checks, slowest) = load.finish().await;
+    assert!(checks > 20, "checks kept coming: {checks}");
+    assert!(
+        slowest < Duration::from_millis(1000),
+        "slowest answer {slowest:?}"
+    );
+    Arc::try_unwrap(server)
+        .ok()
+        .expect("sole owner")
+        .stop()
+        .await;
+}
+
+/// Three masters and three replicas in a Redis Cluster made by `redis-cli --cluster create`.
+struct Cluster {
+    nodes: Vec<RedisServer>,
+}
+
+fn redis_cli() -> String {
+    std::env::var("OPTOUT_TEST_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into())
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                RedisServer::start_cluster_node(
+                    [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--repl-diskless-sync-delay",
+                        "0",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                )
+            })
+            .collect();
+        let created = std::process::Command::new(redis_cli())
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {}: {e}. Run the tests with `bash scripts/test.sh`, which installs \
+                     it with redis-server (Debian/Ubuntu: apt-get install redis-tools)",
+                    redis_cli()
+                )
+            });
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&created.stdout),
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let cluster = Cluster { nodes };
+        // Every node agrees the cluster is up, and every master's replica confirms a write.
+        let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ok = true;
+            for n in &cluster.nodes {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut n.connection().await)
+                    .await
+                    .unwrap_or_default();
+                ok &= info.contains("cluster_state:ok");
+            }
+            if ok && let Ok(mut conn) = client.get_async_connection().await {
+                for tag in shard_tags(16) {
+                    let _: Result<(), _> = redis::cmd("SET")
+                        .arg(format!("probe{{{tag}}}"))
+                        .arg(1)
+                        .query_async(&mut conn)
+                        .await;
+                }
+                let acked: i64 = redis::cmd("WAIT")
+                    .arg(1)
+                    .arg(200)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or(0);
+                if acked >= 1 {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not come up with replicas in sync within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        cluster
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
+    }
+
+    /// `CLUSTER NODES` as one live node sees it: (port, is master, master's id or own id, slots).
+    async fn roles(&self) -> Vec<(u16, bool, String, Vec<(u16, u16)>)> {
+        for n in &self.nodes {
+            let Ok(client) = redis::Client::open(n.url()) else {
+                continue;
+            };
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                continue;
+            };
+            let Ok(text) = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async::<String>(&mut conn)
+                .await
+            else {
+                continue;
+            };
+            return text
+                .lines()
+                .filter_map(|line| {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    let port = f.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+                    let master = f.get(2)?.contains("master") && !f.get(2)?.contains("fail");
+                    let owner = if master { f[0] } else { f.get(3)? }.to_string();
+                    let slots = f
+                        .iter()
+                        .skip(8)
+                        .filter_map(|r| {
+                            let (a, b) = r.split_once('-').unwrap_or((r, r));
+                            Some((a.parse().ok()?, b.parse().ok()?))
+                        })
+                        .collect();
+                    Some((port, master, owner, slots))
+                })
+                .collect();
+        }
+        Vec::new()
+    }
+
+    /// The port of the live master serving `slot`, and of its replica.
+    async fn master_of(&self, slot: u16) -> Option<(u16, Option<u16>)> {
+        let roles = self.roles().await;
+        let (port, _, id, _) = roles
+            .iter()
+            .find(|(_, m, _, slots)| *m && slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))?;
+        let replica = roles
+            .iter()
+            .find(|(p, m, owner, _)| !*m && owner == id && p != port)
+            .map(|r| r.0);
+        Some((*port, replica))
+    }
+
+    fn node(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node of the cluster")
+    }
+
+    fn config(&self, scratch: &std::path::Path) -> ServerConfig {
+        let mut config = redis_config(&self.nodes[0], "optout:", scratch);
+        let r = config.redis.as_mut().expect("redis");
+        r.cluster = Some(
+            self.nodes
+                .iter()
+                .take(3)
+                .map(|n| format!("127.0.0.1:{}", n.port))
+                .collect(),
+        );
+        r.replicas_ack = 1;
+        r.replicas_ack_timeout = Duration::from_millis(500);
+        r.response_timeout = Duration::from_millis(500);
+        config
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_shards_the_opt_outs_and_a_master_failover_releases_none() {
+    let mut cluster = Cluster::start().await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = cluster.config(scratch.path());
+    init_redis(&config).await;
+    let server = Arc::new(TestServer::start_redis(config.clone()).await);
+    let opted = valid_numbers(4_100_000_000, 300);
+    let clean = valid_numbers(4_200_000_000, 50);
+    add(&server, &opted).await.expect("seed opt-outs");
+
+    // The opt-outs are spread over every master.
+    for (port, master, _, _) in cluster.roles().await {
+        if master {
+            let keys: i64 = redis::cmd("DBSIZE")
+                .query_async(&mut cluster.node(port).connection().await)
+                .await
+                .expect("dbsize");
+            assert!(keys > 20, "master on {port} holds {keys} keys");
+        }
+    }
+
+    let load = Load::start(server.clone(), opted[..50].to_vec(), clean.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Kill the master of the metadata's slot (the change log, versions, generations): the one
+    // every check and change needs. Its replica is promoted by the cluster itself.
+    let meta_slot = key_slot(b"{optout:}marker");
+    let (victim, replica) = cluster.master_of(meta_slot).await.expect("a master");
+    let replica = replica.expect("the master has a replica");
+    let last = valid_numbers(4_300_000_000, 1);
+    add(&server, &last)
+        .await
+        .expect("an add confirmed by the replicas");
+    cluster.node(victim).kill();
+    let killed = Instant::now();
+    eventually(
+        "the cluster promoted the replica",
+        Duration::from_secs(30),
+        || async { cluster.master_of(meta_slot).await.map(|m| m.0) == Some(replica) },
+    )
+    .await;
+    let promoted = killed.elapsed();
+    eventually(
+        "the service answers from the promoted master by itself",
+        Duration::from_secs(20),
+        || async {
+            decide(&server, &clean[..1]).await == vec![RELEASED]
+                && decide(&server, &last).await == vec![WITHHELD]
+                && decide(&server, &opted[250..])
+                    .await
+                    .iter()
+                    .all(|d| *d == WITHHELD)
+                && server.health().await == ServingStatus::Serving as i32
+        },
+    )
+    .await;
+    eprintln!(
+        "cluster master killed: promoted after {promoted:?}, service answering fully after {:?}",
+        killed.elapsed()
+    );
+
+    // The promoted master has no replica: a change cannot be confirmed, so it is refused.
+    let later = valid_numbers(4_400_000_000, 1);
+    let refused = add(&server, &later)
+        .await
+        .expect_err("an unconfirmable change is not acknowledged");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("replicas"), "{refused:?}");
+
+    // The old master returns as a replica of the promoted one; changes are confirmed again.
+    cluster.node(victim).restart();
     eventually(
         "a change is confirmed once the old master rejoins as a replica",
         Duration::from_secs(30),

@@ -95,6 +95,10 @@ struct InitStoreArgs {
     /// bucket compactly: the default suits up to about 8 million opt-outs of one type.
     #[arg(long, default_value_t = 65_536)]
     buckets: u64,
+    /// With --redis-cluster: shards of the opt-out data, each on its own slot range. More shards
+    /// spread over more masters; a check touches up to this many slots.
+    #[arg(long, default_value_t = 64)]
+    shards: usize,
 }
 
 /// Where the Redis store is.
@@ -109,11 +113,21 @@ struct RedisArgs {
     /// they name through failovers.
     #[arg(long, env = "OPTOUT_REDIS_SENTINEL", value_delimiter = ',')]
     redis_sentinel: Vec<String>,
+    /// Redis Cluster: some of its nodes' host:port, comma-separated (the rest are discovered).
+    /// The opt-out data is sharded across the cluster's masters.
+    #[arg(
+        long,
+        env = "OPTOUT_REDIS_CLUSTER",
+        value_delimiter = ',',
+        conflicts_with = "redis_sentinel"
+    )]
+    redis_cluster: Vec<String>,
     /// The master's name in the sentinels' configuration (`sentinel monitor NAME ...`).
     #[arg(long, env = "OPTOUT_REDIS_SENTINEL_MASTER", default_value = "mymaster")]
     redis_sentinel_master: String,
     /// Replicas that must confirm each opt-out change (Redis WAIT) before it is acknowledged, so a
-    /// failover cannot lose it. Default: 1 behind Sentinel, 0 for a single Redis.
+    /// failover cannot lose it (in a cluster: by every master's replicas). Default: 1 behind
+    /// Sentinel or in a cluster, 0 for a single Redis.
     #[arg(long, env = "OPTOUT_REDIS_REPLICAS_ACK")]
     redis_replicas_ack: Option<u32>,
     /// How long a change waits for those confirmations, in ms, before it fails unacknowledged.
@@ -141,17 +155,20 @@ impl RedisArgs {
                 addrs: self.redis_sentinel.clone(),
                 master_name: self.redis_sentinel_master.clone(),
             });
-        let url = match (&self.redis_url, &sentinel) {
+        let cluster = (!self.redis_cluster.is_empty()).then(|| self.redis_cluster.clone());
+        let url = match (&self.redis_url, sentinel.is_some() || cluster.is_some()) {
             (Some(url), _) => url.clone(),
-            (None, Some(_)) => "redis://sentinel-named-master".to_string(),
-            (None, None) => return None,
+            (None, true) => "redis://named-by-sentinel-or-cluster".to_string(),
+            (None, false) => return None,
         };
-        let default_acks = u32::from(sentinel.is_some());
+        let default_acks = u32::from(sentinel.is_some() || cluster.is_some());
         Some(crate::store::redis::RedisConfig {
             url,
             replicas_ack: self.redis_replicas_ack.unwrap_or(default_acks),
             replicas_ack_timeout: Duration::from_millis(self.redis_replicas_ack_ms.max(1)),
             sentinel,
+            cluster,
+            shards: 64,
             prefix: self.redis_prefix.clone(),
             log_len: self.redis_log_len.max(1),
             response_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
@@ -538,7 +555,7 @@ fn new_key(path: &std::path::Path, organisation: &str, roles: &[RoleArg]) -> Res
 }
 
 async fn init_store(args: InitStoreArgs) -> Result<(), CliError> {
-    let Some(config) = args.redis.config() else {
+    let Some(mut config) = args.redis.config() else {
         return Err(CliError::Usage(
             "--redis-url or --redis-sentinel (or OPTOUT_REDIS_URL, OPTOUT_REDIS_SENTINEL) is \
              required: the embedded store initialises itself on first start"
@@ -548,6 +565,10 @@ async fn init_store(args: InitStoreArgs) -> Result<(), CliError> {
     if args.buckets == 0 {
         return Err(CliError::Usage("--buckets must be at least 1".into()));
     }
+    if !(1..=16384).contains(&args.shards) {
+        return Err(CliError::Usage("--shards must be 1 to 16384".into()));
+    }
+    config.shards = args.shards;
     let shown = config.describe();
     let store = crate::store::redis::RedisStore::connect(&config)
         .map_err(|e| CliError::Usage(e.to_string()))?;

@@ -37,7 +37,7 @@ use redis::{
     sentinel::SentinelNodeConnectionInfo,
 };
 
-use super::topology::{Conn, SentinelConn, Sentinels};
+use super::topology::{ClusterConn, Conn, SentinelConn, Sentinels, shard_tags};
 use super::{
     ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, ImportOutcome, ImportSession, Lookup,
     OptOutRecord, Scan, StoreError, StoreStatus, WriteOutcome, now_ms,
@@ -52,6 +52,11 @@ pub struct RedisConfig {
     pub url: String,
     /// Redis Sentinel: when set, the store follows the master the sentinels name.
     pub sentinel: Option<SentinelConfig>,
+    /// Redis Cluster: when set, these are some of its nodes (`host:port`), and the store uses the
+    /// cluster layout (see the module documentation).
+    pub cluster: Option<Vec<String>>,
+    /// Shards of the opt-out data in a cluster (fixed when the store is initialised).
+    pub shards: usize,
     /// Replicas that must confirm an opt-out change (`WAIT`) before it is acknowledged.
     pub replicas_ack: u32,
     /// How long to wait for those confirmations.
@@ -79,6 +84,8 @@ impl RedisConfig {
             connect_timeout: Duration::from_millis(1000),
             audit_len: 10_000_000,
             sentinel: None,
+            cluster: None,
+            shards: 64,
             replicas_ack: 0,
             replicas_ack_timeout: Duration::from_millis(2000),
         }
@@ -86,13 +93,14 @@ impl RedisConfig {
 
     /// Where the store is, for messages and logs (no password).
     pub fn describe(&self) -> String {
-        match &self.sentinel {
-            Some(s) => format!(
+        match (&self.sentinel, &self.cluster) {
+            (_, Some(nodes)) => format!("Redis Cluster at {}", nodes.join(",")),
+            (Some(s), None) => format!(
                 "Redis master {:?} via sentinels {}",
                 s.master_name,
                 s.addrs.join(",")
             ),
-            None => redact_url(&self.url),
+            (None, None) => redact_url(&self.url),
         }
     }
 }
@@ -140,7 +148,16 @@ struct Inner {
     /// Replicas that must confirm an opt-out change, and how long to wait for them.
     replicas_ack: u32,
     replicas_ack_timeout: Duration,
+    /// Prefix of the metadata keys (in a cluster, `{P}`: one hash slot for all of them).
     prefix: String,
+    /// Prefix of the opt-out data keys (`P`; in a cluster followed by the shard's hash tag).
+    data_prefix: String,
+    /// A Redis Cluster: data keys are sharded and multi-key steps are ordered, not atomic.
+    cluster: bool,
+    /// Shards to create at `init` in a cluster.
+    init_shards: usize,
+    /// The generations a cluster lookup reads, as last seen (checked after each lookup).
+    gens: parking_lot::Mutex<Option<(u64, u64)>>,
     log_len: u64,
     audit_len: u64,
     /// The dataset this store is bound to, and its bucket count.
@@ -152,6 +169,8 @@ struct Inner {
 struct Bound {
     dataset: String,
     buckets: u64,
+    /// In a cluster, the hash tag of each shard (a bucket `b` is in shard `b % shards.len()`).
+    shards: Arc<Vec<String>>,
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -226,8 +245,49 @@ impl RedisStore {
             WRITE_TIMEOUT,
             config.response_timeout + FEED_BLOCK,
         ];
-        let [conn, write, feed] = match &config.sentinel {
-            None => {
+        let [conn, write, feed] = match (&config.sentinel, &config.cluster) {
+            (_, Some(nodes)) => {
+                let info =
+                    config.url.as_str().into_connection_info().map_err(|e| {
+                        StoreError::Unavailable(format!("--redis-url {shown}: {e}"))
+                    })?;
+                let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+                let urls: Vec<String> = nodes
+                    .iter()
+                    .map(|n| {
+                        if n.contains("://") {
+                            n.clone()
+                        } else if tls {
+                            format!("rediss://{n}")
+                        } else {
+                            format!("redis://{n}")
+                        }
+                    })
+                    .collect();
+                let mut conns = Vec::with_capacity(3);
+                for t in timeouts {
+                    let mut builder = redis::cluster::ClusterClient::builder(urls.clone())
+                        .connection_timeout(config.connect_timeout)
+                        .response_timeout(t)
+                        .retries(2)
+                        .max_retry_wait(200);
+                    if let Some(user) = info.redis_settings().username() {
+                        builder = builder.username(user);
+                    }
+                    if let Some(password) = info.redis_settings().password() {
+                        builder = builder.password(password);
+                    }
+                    let client = builder.build().map_err(|e| {
+                        StoreError::Unavailable(format!("--redis-cluster {}: {e}", nodes.join(",")))
+                    })?;
+                    conns.push(Conn::Cluster(ClusterConn::new(client)));
+                }
+                let [a, b, c]: [Conn; 3] = conns
+                    .try_into()
+                    .map_err(|_| StoreError::Unavailable("three connections".into()))?;
+                [a, b, c]
+            }
+            (None, None) => {
                 let base = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.connect_timeout))
                     .set_number_of_retries(2)
@@ -249,7 +309,7 @@ impl RedisStore {
                     .map_err(|_| StoreError::Unavailable("three connections".into()))?;
                 [a, b, c]
             }
-            Some(s) => {
+            (Some(s), None) => {
                 let info =
                     config.url.as_str().into_connection_info().map_err(|e| {
                         StoreError::Unavailable(format!("--redis-url {shown}: {e}"))
@@ -286,7 +346,15 @@ impl RedisStore {
                 feed,
                 replicas_ack: config.replicas_ack,
                 replicas_ack_timeout: config.replicas_ack_timeout,
-                prefix: config.prefix.clone(),
+                prefix: if config.cluster.is_some() {
+                    format!("{{{}}}", config.prefix)
+                } else {
+                    config.prefix.clone()
+                },
+                data_prefix: config.prefix.clone(),
+                cluster: config.cluster.is_some(),
+                init_shards: config.shards.clamp(1, 16384),
+                gens: parking_lot::Mutex::new(None),
                 log_len: config.log_len.max(1),
                 audit_len: config.audit_len.max(1),
                 bound: RwLock::new(None),
@@ -308,6 +376,11 @@ impl RedisStore {
         let want = self.inner.replicas_ack;
         if want == 0 {
             return inv.invoke_async(conn).await.map_err(unavailable);
+        }
+        if self.inner.cluster {
+            let value = inv.invoke_async(conn).await.map_err(unavailable)?;
+            self.confirm_everywhere().await?;
+            return Ok(value);
         }
         let timeout_ms = u64::try_from(self.inner.replicas_ack_timeout.as_millis()).unwrap_or(1);
         let mut pipe = redis::pipe();
@@ -345,17 +418,67 @@ impl RedisStore {
         self.inner.conn.clone()
     }
 
+    /// The hash of opt-outs of type `t`, generation `g`, bucket `b`.
+    fn data_key(&self, bound: &Bound, t: &str, g: impl std::fmt::Display, b: u64) -> String {
+        if bound.shards.is_empty() {
+            format!("{}d:{t}:{g}:{b}", self.inner.prefix)
+        } else {
+            let tag = &bound.shards[(b % bound.shards.len() as u64) as usize];
+            format!("{}{{{tag}}}d:{t}:{g}:{b}", self.inner.data_prefix)
+        }
+    }
+
+    /// A cluster shard's copy of the dataset marker, read with its data in one round trip.
+    fn shard_marker(&self, tag: &str) -> String {
+        format!("{}{{{tag}}}marker", self.inner.data_prefix)
+    }
+
+    /// Buckets in groups that share a hash slot (a cluster shard), at most 256 to a group.
+    fn bucket_groups(&self, bound: &Bound) -> Vec<Vec<u64>> {
+        let step = (bound.shards.len() as u64).max(1);
+        let mut groups = Vec::new();
+        for first in 0..step.min(bound.buckets) {
+            let all: Vec<u64> = (first..bound.buckets).step_by(step as usize).collect();
+            groups.extend(all.chunks(256).map(<[u64]>::to_vec));
+        }
+        groups
+    }
+
+    /// In a cluster: waits until every master's replicas confirmed this client's writes to it.
+    /// `WAIT` without a key goes to every master and answers the smallest count.
+    async fn confirm_everywhere(&self) -> Result<(), StoreError> {
+        let want = self.inner.replicas_ack;
+        if want == 0 {
+            return Ok(());
+        }
+        let timeout_ms = u64::try_from(self.inner.replicas_ack_timeout.as_millis()).unwrap_or(1);
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(want)
+            .arg(timeout_ms.max(1))
+            .query_async(&mut self.write_conn())
+            .await
+            .map_err(unavailable)?;
+        if acked < i64::from(want) {
+            return Err(StoreError::Unconfirmed(format!(
+                "the change was applied on the Redis masters but only {acked} of {want} replicas \
+                 of some master confirmed it within {timeout_ms} ms, so a failover now could lose \
+                 it; it is not acknowledged: retry (changes are idempotent)"
+            )));
+        }
+        Ok(())
+    }
+
     fn write_conn(&self) -> Conn {
         self.inner.write.clone()
     }
 
     /// Unlinks every bucket of a generation nobody reads any more, in the background.
-    fn unlink_generation(&self, t: &'static str, generation: u64, buckets: u64) {
+    fn unlink_generation(&self, t: &'static str, generation: u64, bound: &Bound) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let keys: Vec<String> = (0..buckets)
-            .map(|b| self.key(&format!("d:{t}:{generation}:{b}")))
+        let keys: Vec<String> = (0..bound.buckets)
+            .map(|b| self.data_key(bound, t, generation, b))
             .collect();
         let mut conn = self.write_conn();
         handle.spawn(async move {
@@ -371,12 +494,17 @@ impl RedisStore {
 
     /// Reads the eviction policy (see [`check_eviction_policy`]).
     async fn eviction_policy_ok(&self) -> Result<(), StoreError> {
-        let memory: String = redis::cmd("INFO")
+        // In a cluster INFO goes to every master and the answer holds one text per master.
+        let memory: Value = redis::cmd("INFO")
             .arg("memory")
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        check_eviction_policy(&memory)
+        let texts = texts_of(memory);
+        if texts.is_empty() {
+            return check_eviction_policy("");
+        }
+        texts.iter().try_for_each(|t| check_eviction_policy(t))
     }
 
     /// Initialises an empty store: writes the dataset marker. Refuses a store that has one.
@@ -385,19 +513,58 @@ impl RedisStore {
         let mut id = [0u8; 16];
         rand::fill(&mut id);
         let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let already = || {
+            StoreError::ImportRefused(format!(
+                "the Redis store under prefix {:?} is already initialised; nothing was changed",
+                self.inner.data_prefix
+            ))
+        };
+        let tags = if self.inner.cluster {
+            shard_tags(self.inner.init_shards)
+        } else {
+            Vec::new()
+        };
+        if self.inner.cluster {
+            // Each shard's marker first, the dataset marker (what makes the store usable) last.
+            let exists: bool = self
+                .write_conn()
+                .exists(self.key("marker"))
+                .await
+                .map_err(unavailable)?;
+            if exists {
+                return Err(already());
+            }
+            self.write_shard_markers(&tags, &id).await?;
+        }
         let mut inv = self.inner.scripts.init.prepare_invoke();
-        inv.arg(&self.inner.prefix)
+        inv.key(self.key("marker"))
+            .arg(&self.inner.prefix)
             .arg(&id)
             .arg(buckets.max(1))
-            .arg(now_ms());
+            .arg(now_ms())
+            .arg(tags.join(","));
         let created: i64 = self.invoke_durable(&inv, &mut self.write_conn()).await?;
         if created == 0 {
-            return Err(StoreError::ImportRefused(format!(
-                "the Redis store under prefix {:?} is already initialised; nothing was changed",
-                self.inner.prefix
-            )));
+            return Err(already());
+        }
+        if self.inner.cluster {
+            // Idempotent; repairs a shard marker a concurrent, losing init overwrote.
+            self.write_shard_markers(&tags, &id).await?;
+            self.confirm_everywhere().await?;
         }
         Ok(id)
+    }
+
+    async fn write_shard_markers(&self, tags: &[String], id: &str) -> Result<(), StoreError> {
+        let writes = tags.iter().map(|tag| {
+            let mut conn = self.write_conn();
+            let key = self.shard_marker(tag);
+            async move { conn.set::<_, _, ()>(key, id).await }
+        });
+        for r in futures::future::join_all(writes).await {
+            r.map_err(unavailable)?;
+        }
+        Ok(())
     }
 
     /// `(bucket, number)` argument pairs for a list of numbers.
@@ -416,6 +583,7 @@ impl RedisStore {
             .scripts
             .intern
             .prepare_invoke()
+            .key(self.key("marker"))
             .arg(&self.inner.prefix)
             .arg(source)
             .invoke_async(&mut self.write_conn())
@@ -449,6 +617,16 @@ fn text_of(v: &Value) -> Option<String> {
         Value::SimpleString(s) => Some(s.clone()),
         Value::Int(i) => Some(i.to_string()),
         _ => None,
+    }
+}
+
+/// Every text in a reply, however nested (a cluster's per-master answers arrive as a map).
+fn texts_of(v: Value) -> Vec<String> {
+    match v {
+        Value::Array(a) | Value::Set(a) => a.into_iter().flat_map(texts_of).collect(),
+        Value::Map(m) => m.into_iter().flat_map(|(_, v)| texts_of(v)).collect(),
+        Value::VerbatimString { text, .. } => vec![text],
+        other => text_of(&other).into_iter().collect(),
     }
 }
 
@@ -504,6 +682,9 @@ impl ConsentStore for RedisStore {
 
     async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
         let bound = self.bound()?;
+        if self.inner.cluster {
+            return self.lookup_cluster(&bound, numbers).await;
+        }
         let mut inv = self.inner.scripts.lookup.prepare_invoke();
         inv.arg(&self.inner.prefix);
         inv.arg(self.pairs(numbers, bound.buckets));
@@ -549,6 +730,11 @@ impl ConsentStore for RedisStore {
         audit: &AuditRecord,
     ) -> Result<WriteOutcome, StoreError> {
         let bound = self.bound()?;
+        if self.inner.cluster {
+            return self
+                .change_cluster(&bound, kind, opt_out, numbers, source, audit)
+                .await;
+        }
         let mut inv = self.inner.scripts.change.prepare_invoke();
         inv.arg(&self.inner.prefix)
             .arg(&bound.dataset)
@@ -597,6 +783,9 @@ impl ConsentStore for RedisStore {
 
     async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
         let bound = self.bound()?;
+        if self.inner.cluster {
+            return self.get_cluster(&bound, number).await;
+        }
         let reply: Value = self
             .inner
             .scripts
@@ -729,6 +918,9 @@ impl ConsentStore for RedisStore {
 
     async fn scan(&self) -> Result<Scan, StoreError> {
         let bound = self.bound()?;
+        if self.inner.cluster {
+            return self.scan_cluster(&bound).await;
+        }
         let (marker, version): (Option<String>, Value) = redis::pipe()
             .hget(self.key("marker"), "dataset_id")
             .get(self.key("version"))
@@ -778,15 +970,22 @@ impl ConsentStore for RedisStore {
     }
 
     async fn open_dataset(&self) -> Result<String, StoreError> {
-        let (id, buckets, memory): (Option<String>, Option<u64>, String) = redis::pipe()
+        type Marker = (Option<String>, Option<u64>, Option<String>, String);
+        let (id, buckets, shards, memory): Marker = redis::pipe()
             .hget(self.key("marker"), "dataset_id")
             .hget(self.key("marker"), "buckets")
+            .hget(self.key("marker"), "shards")
             .cmd("INFO")
             .arg("memory")
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        if let Err(e) = check_eviction_policy(&memory) {
+        let mut safe = check_eviction_policy(&memory);
+        if safe.is_ok() && self.inner.cluster {
+            // The pipeline's INFO went to the metadata's master only; every master holds data.
+            safe = self.eviction_policy_ok().await;
+        }
+        if let Err(e) = safe {
             *self.inner.bound.write() = None;
             return Err(e);
         }
@@ -794,9 +993,23 @@ impl ConsentStore for RedisStore {
             *self.inner.bound.write() = None;
             return Err(not_initialised());
         };
+        let shards: Vec<String> = shards
+            .filter(|s| !s.is_empty())
+            .map(|s| s.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
+        if self.inner.cluster && shards.is_empty() {
+            *self.inner.bound.write() = None;
+            return Err(StoreError::NotInitialised(
+                "the store was initialised without cluster shards; initialise it with \
+                 `optout init-store --redis-cluster ...`"
+                    .into(),
+            ));
+        }
+        *self.inner.gens.lock() = None;
         *self.inner.bound.write() = Some(Bound {
             dataset: dataset.clone(),
             buckets: buckets.max(1),
+            shards: Arc::new(shards),
         });
         Ok(dataset)
     }
@@ -853,6 +1066,7 @@ impl ConsentStore for RedisStore {
             .scripts
             .snapshot
             .prepare_invoke()
+            .key(self.key("marker"))
             .arg(&self.inner.prefix)
             .arg(&bound.dataset)
             .arg(version.ms)
@@ -960,6 +1174,8 @@ impl ConsentStore for RedisStore {
     }
 }
 
+mod cluster;
+
 /// An import staged into a new generation of its type.
 struct RedisImport {
     store: RedisStore,
@@ -975,7 +1191,7 @@ struct RedisImport {
 impl RedisImport {
     fn bucket_key(&self, generation: &str, b: u64) -> String {
         self.store
-            .key(&format!("d:{}:{generation}:{b}", type_code(self.opt_out)))
+            .data_key(&self.bound, type_code(self.opt_out), generation, b)
     }
 }
 
@@ -983,16 +1199,24 @@ impl RedisImport {
 impl ImportSession for RedisImport {
     async fn stage(&mut self, numbers: &[NhsNumber]) -> Result<(), StoreError> {
         let g = self.generation.to_string();
-        let mut pipe = redis::pipe();
+        // One pipeline per shard (one in all without a cluster), sent together.
+        let shards = self.bound.shards.len().max(1) as u64;
+        let mut pipes: HashMap<u64, redis::Pipeline> = HashMap::new();
         for n in numbers {
             let b = n.as_u64() % self.bound.buckets;
-            pipe.hset(self.bucket_key(&g, b), n.as_u64(), &self.value)
+            pipes
+                .entry(b % shards)
+                .or_insert_with(redis::pipe)
+                .hset(self.bucket_key(&g, b), n.as_u64(), &self.value)
                 .ignore();
         }
-        let _: () = pipe
-            .query_async(&mut self.store.write_conn())
-            .await
-            .map_err(unavailable)?;
+        let sends = pipes.into_values().map(|pipe| {
+            let mut conn = self.store.write_conn();
+            async move { pipe.query_async::<()>(&mut conn).await }
+        });
+        for r in futures::future::join_all(sends).await {
+            r.map_err(unavailable)?;
+        }
         Ok(())
     }
 
@@ -1039,6 +1263,7 @@ impl ImportSession for RedisImport {
                 .scripts
                 .unlock
                 .prepare_invoke()
+                .key(&lock)
                 .arg(&lock)
                 .arg(&token)
                 .invoke_async(&mut conn)
@@ -1052,7 +1277,7 @@ impl ImportSession for RedisImport {
         let (outcome, old_generation) = result?;
         self.committed = true;
         // The old generation is unreachable now.
-        store.unlink_generation(t, old_generation, self.bound.buckets);
+        store.unlink_generation(t, old_generation, &self.bound);
         Ok(outcome)
     }
 }
@@ -1084,20 +1309,18 @@ impl RedisImport {
         let mut removed_numbers: Vec<NhsNumber> = Vec::new();
         let mut total = 0u64;
         let mut patients: i64 = 0;
-        const CHUNK: u64 = 256;
-        let mut from = 0;
-        while from < self.bound.buckets {
-            let to = (from + CHUNK).min(self.bound.buckets);
+        // Bucket groups share a hash slot in a cluster, so each group is one pipeline.
+        for group in store.bucket_groups(&self.bound) {
             let mut read = redis::pipe();
-            for b in from..to {
+            for &b in &group {
                 read.hgetall(self.bucket_key(&current, b))
                     .hkeys(self.bucket_key(&staged_gen, b))
-                    .hkeys(store.key(&format!("d:{other}:{other_gen}:{b}")));
+                    .hkeys(store.data_key(&self.bound, other, &other_gen, b));
             }
             let replies: Vec<Value> = read.query_async(conn).await.map_err(unavailable)?;
             let mut carry = redis::pipe();
             let mut carrying = false;
-            for (i, b) in (from..to).enumerate() {
+            for (i, &b) in group.iter().enumerate() {
                 let old = pairs_map(replies.get(i * 3).cloned().unwrap_or(Value::Nil))?;
                 let new: HashSet<String> =
                     array(replies.get(i * 3 + 1).cloned().unwrap_or(Value::Nil))?
@@ -1144,7 +1367,6 @@ impl RedisImport {
             if carrying {
                 let _: () = carry.query_async(conn).await.map_err(unavailable)?;
             }
-            from = to;
         }
         if self.mode == ImportMode::Replace && total == 0 {
             return Err(StoreError::ImportRefused(format!(
@@ -1164,7 +1386,8 @@ impl RedisImport {
         }
         drop(removed_numbers);
         let mut inv = store.inner.scripts.swap.prepare_invoke();
-        inv.arg(&store.inner.prefix)
+        inv.key(store.key("marker"))
+            .arg(&store.inner.prefix)
             .arg(&self.bound.dataset)
             .arg(t)
             .arg(token)
@@ -1210,11 +1433,8 @@ impl Drop for RedisImport {
     /// process dies first, its keys stay until removed by hand (they are never read).
     fn drop(&mut self) {
         if !self.committed {
-            self.store.unlink_generation(
-                type_code(self.opt_out),
-                self.generation,
-                self.bound.buckets,
-            );
+            self.store
+                .unlink_generation(type_code(self.opt_out), self.generation, &self.bound);
         }
     }
 }
@@ -1246,12 +1466,14 @@ end
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            // ARGV: prefix, dataset id, buckets, now. Returns 1 if initialised, 0 if it already was.
+            // ARGV: prefix, dataset id, buckets, now, shard tags (comma-separated, cluster only).
+            // Returns 1 if initialised, 0 if it already was.
             init: Script::new(
                 r#"
 local p = ARGV[1]
 if redis.call('EXISTS', p..'marker') == 1 then return 0 end
 redis.call('HSET', p..'marker', 'dataset_id', ARGV[2], 'buckets', ARGV[3], 'created_at_ms', ARGV[4])
+if ARGV[5] and ARGV[5] ~= '' then redis.call('HSET', p..'marker', 'shards', ARGV[5]) end
 redis.call('SET', p..'version', '0-0')
 redis.call('SET', p..'log_floor', '0-0')
 return 1

@@ -1,4 +1,5 @@
-//! How the Redis store reaches Redis: one node, or the master that Redis Sentinel names.
+//! How the Redis store reaches Redis: one node, the master that Redis Sentinel names, or a Redis
+//! Cluster (the redis crate's async cluster client, which follows slot moves and failovers).
 //!
 //! A single node is reached through the redis crate's `ConnectionManager`, which reconnects to the
 //! same address. Behind Sentinel the address itself changes on failover, and the crate has no
@@ -31,6 +32,8 @@ pub enum Conn {
     Direct(ConnectionManager),
     /// The master named by Redis Sentinel.
     Sentinel(SentinelConn),
+    /// A Redis Cluster: each command goes to the master of its key's slot.
+    Cluster(ClusterConn),
 }
 
 impl ConnectionLike for Conn {
@@ -38,6 +41,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Direct(c) => c.req_packed_command(cmd),
             Conn::Sentinel(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -50,6 +54,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -57,6 +62,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Direct(c) => c.get_db(),
             Conn::Sentinel(c) => c.get_db(),
+            Conn::Cluster(_) => 0,
         }
     }
 }
@@ -217,6 +223,96 @@ impl SentinelConn {
     }
 }
 
+/// A Redis Cluster connection made on first use (so a replica may start before its cluster), then
+/// kept: the crate's cluster connection reconnects and refreshes its slot map by itself.
+#[derive(Clone)]
+pub struct ClusterConn {
+    shared: Arc<ClusterShared>,
+}
+
+struct ClusterShared {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+}
+
+impl ClusterConn {
+    /// A connection to the cluster `client` describes, made on first use.
+    pub fn new(client: redis::cluster::ClusterClient) -> Self {
+        ClusterConn {
+            shared: Arc::new(ClusterShared {
+                client,
+                conn: tokio::sync::OnceCell::new(),
+            }),
+        }
+    }
+
+    async fn get(&self) -> RedisResult<redis::cluster_async::ClusterConnection> {
+        self.shared
+            .conn
+            .get_or_try_init(|| self.shared.client.get_async_connection())
+            .await
+            .cloned()
+    }
+}
+
+impl ConnectionLike for ClusterConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move { self.get().await?.req_packed_command(cmd).await })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            self.get()
+                .await?
+                .req_packed_commands(pipeline, offset, count)
+                .await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+/// The hash-slot of a key, as Redis Cluster computes it: CRC16 (XMODEM) of the key, or of its
+/// `{hash tag}` if it has a non-empty one, modulo 16384.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&c| c == b'{')
+        .and_then(|open| {
+            key[open + 1..]
+                .iter()
+                .position(|&c| c == b'}')
+                .filter(|&len| len > 0)
+                .map(|len| &key[open + 1..open + 1 + len])
+        })
+        .unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(tagged) % 16384
+}
+
+/// Hash tags for `n` shards of the opt-out data, one per slot range of `16384 / n` slots, so that
+/// a cluster whose masters own contiguous, equal slot ranges (what `redis-cli --cluster create`
+/// and `rebalance` make) holds an equal share of the shards on each master.
+pub fn shard_tags(n: usize) -> Vec<String> {
+    let n = n.clamp(1, 16384);
+    (0..n)
+        .map(|s| {
+            let lo = s * 16384 / n;
+            let hi = (s + 1) * 16384 / n;
+            (0u32..)
+                .map(|k| format!("{s}.{k}"))
+                .find(|tag| (lo..hi).contains(&usize::from(key_slot(tag.as_bytes()))))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 /// Errors after which the connection may point at the wrong node, or at none.
 fn must_reresolve(e: &RedisError) -> bool {
     e.is_io_error()
@@ -287,5 +383,20 @@ mod tests {
             "marker missing".to_string(),
         ));
         assert!(!must_reresolve(&script));
+    }
+
+    #[test]
+    fn slots_match_redis_and_shards_spread_evenly() {
+        // Values from `CLUSTER KEYSLOT` on Redis 7.0.
+        assert_eq!(key_slot(b"{optout:}marker"), 1455);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"a{foo}b"), 12182);
+        assert_eq!(key_slot(b"{}foo"), 9500);
+        let tags = shard_tags(64);
+        assert_eq!(tags.len(), 64);
+        for (s, tag) in tags.iter().enumerate() {
+            let slot = usize::from(key_slot(format!("x{{{tag}}}y").as_bytes()));
+            assert!((s * 256..(s + 1) * 256).contains(&slot), "{tag} -> {slot}");
+        }
     }
 }

@@ -379,8 +379,23 @@ impl RedisServer {
 
     /// A Redis node with extra command-line arguments.
     pub fn start_with(extra: Vec<String>) -> RedisServer {
+        Self::start_on_port(free_port(), extra)
+    }
+
+    /// A Redis Cluster node: its port and its cluster bus port (port + 10000) are both free.
+    pub fn start_cluster_node(extra: Vec<String>) -> RedisServer {
+        let port = loop {
+            let p = free_port();
+            if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+                break p;
+            }
+        };
+        Self::start_on_port(port, extra)
+    }
+
+    fn start_on_port(port: u16, extra: Vec<String>) -> RedisServer {
         let mut server = RedisServer {
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
             extra,

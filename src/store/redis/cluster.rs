@@ -1,0 +1,447 @@
+//! The Redis store on a Redis Cluster.
+//!
+//! Layout: the metadata (marker, version, change log, generations, counts, sources, locks,
+//! snapshot, audit) keeps its single-node names under the prefix `{P}`, so all of it is in one
+//! hash slot and every metadata script stays atomic. The opt-out data is split into shards (64 by
+//! default, fixed at `init-store`): bucket `b` belongs to shard `b % shards`, whose keys are
+//! `P{tag}d:{type}:{generation}:{b}` plus `P{tag}marker`, a copy of the dataset marker. Each
+//! shard's tag is chosen so that the shards sit on evenly spaced slots, one per slot range, so a
+//! cluster whose masters own equal slot ranges holds an equal share of the opt-outs.
+//!
+//! What is not atomic any more, and why it is still safe:
+//! - A lookup reads the shards (one pipeline per shard, all sent at once: one round trip per
+//!   master in time) and then the metadata. The shard markers prove each shard's data belongs to
+//!   this dataset (a master that restarted empty has none: fail closed); the generations read
+//!   after the data must be the ones the data was read under (they only grow, so equal means
+//!   unchanged throughout), else the lookup is repeated.
+//! - An added opt-out is written to the change log first, then to its shard, then counted. A
+//!   crash in between leaves a log entry for a record that is not there: filters hold an extra
+//!   "maybe" (harmless) and the admin call was never acknowledged. A removal deletes first and
+//!   logs after; filters never drop numbers, so the order does not matter to them.
+//! - A change must not land in a generation an import is replacing: the last step checks, under
+//!   the metadata slot's atomicity, that no import holds the type's lock and the generation is
+//!   still the one written to; otherwise the change is not acknowledged and the caller retries.
+
+use std::{collections::HashMap, sync::LazyLock};
+
+use futures::StreamExt;
+use redis::{Script, Value};
+
+use super::{
+    Bound, RedisStore, StoreError, array, changed, int_of, text_of, type_code, unavailable,
+    version_of,
+};
+use crate::{
+    core::{AuditRecord, NhsNumber, OptOutSet, OptOutType, Version},
+    store::{ChangeKind, Lookup, OptOutRecord, Scan, WriteOutcome, now_ms},
+};
+
+/// Metadata read after the data: the proof that the data was read under these generations.
+struct Meta {
+    version: Version,
+    gens: (u64, u64),
+}
+
+/// Shard pipelines of a bulk read (scan) in flight at once.
+const SCAN_PARALLEL: usize = 4;
+
+impl RedisStore {
+    fn shard_of(bound: &Bound, number: NhsNumber) -> usize {
+        ((number.as_u64() % bound.buckets) % bound.shards.len() as u64) as usize
+    }
+
+    /// The marker, the version and both current generations, in one round trip.
+    async fn read_meta(
+        &self,
+        bound: &Bound,
+        extra: &[String],
+    ) -> Result<(Meta, Vec<Value>), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.hget(self.key("marker"), "dataset_id")
+            .get(self.key("version"))
+            .get(self.key("gen:1"))
+            .get(self.key("gen:2"));
+        for sid in extra {
+            pipe.hget(self.key("src"), sid);
+        }
+        let reply: Vec<Value> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let mut it = reply.into_iter();
+        let marker = it.next().as_ref().and_then(text_of).unwrap_or_default();
+        if marker != bound.dataset {
+            return Err(changed());
+        }
+        let version = version_of(&it.next().unwrap_or(Value::Nil))?;
+        let mut next_gen = || {
+            it.next()
+                .as_ref()
+                .and_then(int_of)
+                .and_then(|g| u64::try_from(g).ok())
+                .unwrap_or(0)
+        };
+        let gens = (next_gen(), next_gen());
+        Ok((Meta { version, gens }, it.collect()))
+    }
+
+    fn cached_gens(&self) -> Option<(u64, u64)> {
+        *self.inner.gens.lock()
+    }
+
+    fn check_shard_marker(bound: &Bound, marker: Option<&Value>) -> Result<(), StoreError> {
+        if marker.and_then(text_of).as_deref() == Some(bound.dataset.as_str()) {
+            Ok(())
+        } else {
+            Err(StoreError::NotInitialised(
+                "a Redis Cluster shard's dataset marker is missing or differs (a master that \
+                 restarted empty, or a reset); failing closed"
+                    .into(),
+            ))
+        }
+    }
+
+    pub(super) async fn lookup_cluster(
+        &self,
+        bound: &Bound,
+        numbers: &[NhsNumber],
+    ) -> Result<Lookup, StoreError> {
+        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, n) in numbers.iter().enumerate() {
+            groups.entry(Self::shard_of(bound, *n)).or_default().push(i);
+        }
+        let mut gens = self.cached_gens();
+        for _ in 0..3 {
+            let (g1, g2) = match gens {
+                Some(g) => g,
+                None => self.read_meta(bound, &[]).await?.0.gens,
+            };
+            let reads = groups.iter().map(|(&shard, idx)| {
+                let mut pipe = redis::pipe();
+                for &i in idx {
+                    let n = numbers[i].as_u64();
+                    let b = n % bound.buckets;
+                    pipe.cmd("HEXISTS")
+                        .arg(self.data_key(bound, "1", g1, b))
+                        .arg(n);
+                    pipe.cmd("HEXISTS")
+                        .arg(self.data_key(bound, "2", g2, b))
+                        .arg(n);
+                }
+                pipe.get(self.shard_marker(&bound.shards[shard]));
+                let mut conn = self.conn();
+                async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
+            });
+            let replies = futures::future::join_all(reads).await;
+            let mut held = vec![OptOutSet::EMPTY; numbers.len()];
+            for ((_, idx), reply) in groups.iter().zip(replies) {
+                let reply = reply.map_err(unavailable)?;
+                Self::check_shard_marker(bound, reply.get(idx.len() * 2))?;
+                for (j, &i) in idx.iter().enumerate() {
+                    if reply.get(j * 2).and_then(int_of) == Some(1) {
+                        held[i].insert(OptOutType::NationalDataOptOut);
+                    }
+                    if reply.get(j * 2 + 1).and_then(int_of) == Some(1) {
+                        held[i].insert(OptOutType::Type1);
+                    }
+                }
+            }
+            let (meta, _) = self.read_meta(bound, &[]).await?;
+            *self.inner.gens.lock() = Some(meta.gens);
+            if meta.gens == (g1, g2) {
+                return Ok(Lookup {
+                    held,
+                    version: meta.version,
+                });
+            }
+            gens = Some(meta.gens);
+        }
+        Err(StoreError::Unavailable(
+            "imports replaced the opt-out lists during three lookups in a row; withholding".into(),
+        ))
+    }
+
+    pub(super) async fn get_cluster(
+        &self,
+        bound: &Bound,
+        number: NhsNumber,
+    ) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
+        let n = number.as_u64();
+        let b = n % bound.buckets;
+        let shard = Self::shard_of(bound, number);
+        let mut gens = self.cached_gens();
+        for _ in 0..3 {
+            let (g1, g2) = match gens {
+                Some(g) => g,
+                None => self.read_meta(bound, &[]).await?.0.gens,
+            };
+            let (v1, v2, marker): (Option<String>, Option<String>, Value) = redis::pipe()
+                .hget(self.data_key(bound, "1", g1, b), n)
+                .hget(self.data_key(bound, "2", g2, b), n)
+                .get(self.shard_marker(&bound.shards[shard]))
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            Self::check_shard_marker(bound, Some(&marker))?;
+            let values: Vec<(OptOutType, String)> = OptOutType::ALL
+                .into_iter()
+                .zip([v1, v2])
+                .filter_map(|(t, v)| Some((t, v.filter(|v| !v.is_empty())?)))
+                .collect();
+            let sids: Vec<String> = values
+                .iter()
+                .map(|(_, v)| v.rsplit(',').next().unwrap_or_default().to_string())
+                .collect();
+            let (meta, sources) = self.read_meta(bound, &sids).await?;
+            *self.inner.gens.lock() = Some(meta.gens);
+            if meta.gens != (g1, g2) {
+                gens = Some(meta.gens);
+                continue;
+            }
+            let records = values
+                .iter()
+                .zip(sources.iter().map(|s| text_of(s).unwrap_or_default()))
+                .map(|((t, v), source)| OptOutRecord {
+                    kind: *t,
+                    recorded_at_ms: v
+                        .split(',')
+                        .next()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0),
+                    source,
+                })
+                .collect();
+            return Ok((records, meta.version));
+        }
+        Err(StoreError::Unavailable(
+            "imports replaced the opt-out lists during three reads in a row".into(),
+        ))
+    }
+
+    pub(super) async fn change_cluster(
+        &self,
+        bound: &Bound,
+        kind: ChangeKind,
+        opt_out: OptOutType,
+        numbers: &[NhsNumber],
+        source: &str,
+        audit: &AuditRecord,
+    ) -> Result<WriteOutcome, StoreError> {
+        let t = type_code(opt_out);
+        let add = kind == ChangeKind::Add;
+        let mut csv = String::new();
+        if add {
+            for (i, n) in numbers.iter().enumerate() {
+                if i > 0 {
+                    csv.push(',');
+                }
+                csv.push_str(&n.as_u64().to_string());
+            }
+        }
+        // 1. Metadata: refuse during an import; intern the source; for an add, log it first.
+        let mut inv = BEGIN.prepare_invoke();
+        inv.key(self.key("marker"))
+            .arg(&self.inner.prefix)
+            .arg(&bound.dataset)
+            .arg(t)
+            .arg(source)
+            .arg(self.inner.log_len)
+            .arg(if add { "1" } else { "0" })
+            .arg(csv);
+        let (g, go, sid, logged): (u64, u64, String, String) = inv
+            .invoke_async(&mut self.write_conn())
+            .await
+            .map_err(super::unavailable)?;
+        // 2. Each shard: the records themselves, under the shard's marker.
+        let other = if t == "1" { "2" } else { "1" };
+        let value = format!("{},{sid}", now_ms());
+        let mut groups: HashMap<usize, Vec<NhsNumber>> = HashMap::new();
+        for n in numbers {
+            groups
+                .entry(Self::shard_of(bound, *n))
+                .or_default()
+                .push(*n);
+        }
+        let writes = groups.iter().map(|(&shard, list)| {
+            let mut inv = SHARD.prepare_invoke();
+            inv.key(self.shard_marker(&bound.shards[shard]))
+                .arg(&bound.dataset)
+                .arg(if add { "a" } else { "r" })
+                .arg(&value);
+            for n in list {
+                let b = n.as_u64() % bound.buckets;
+                inv.arg(self.data_key(bound, t, g, b))
+                    .arg(self.data_key(bound, other, go, b))
+                    .arg(n.as_u64());
+            }
+            let mut conn = self.write_conn();
+            async move { inv.invoke_async::<(i64, i64)>(&mut conn).await }
+        });
+        let (mut applied, mut patients) = (0i64, 0i64);
+        for r in futures::future::join_all(writes).await {
+            let (a, p) = r.map_err(unavailable)?;
+            applied += a;
+            patients += p;
+        }
+        // 3. Metadata: only if no import replaced the generation meanwhile; counts, log (for a
+        // removal), audit.
+        let audit_json = super::audit_json(audit)?;
+        let mut inv = END.prepare_invoke();
+        inv.key(self.key("marker"))
+            .arg(&self.inner.prefix)
+            .arg(&bound.dataset)
+            .arg(t)
+            .arg(g)
+            .arg(applied)
+            .arg(patients)
+            .arg(self.inner.log_len)
+            .arg(audit_json)
+            .arg(self.inner.audit_len)
+            .arg(&logged)
+            .arg(if add { applied } else { -applied });
+        let id: String = inv
+            .invoke_async(&mut self.write_conn())
+            .await
+            .map_err(unavailable)?;
+        self.confirm_everywhere().await?;
+        Ok(WriteOutcome {
+            version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            applied: u64::try_from(applied).unwrap_or(0),
+        })
+    }
+
+    pub(super) async fn scan_cluster(&self, bound: &Bound) -> Result<Scan, StoreError> {
+        // Read before the records: the follower replays the log from here.
+        let (before, _) = self.read_meta(bound, &[]).await?;
+        let (g1, g2) = before.gens;
+        let groups = self.bucket_groups(bound);
+        let reads = futures::stream::iter(groups.into_iter().map(|group| {
+            let shard = (group[0] % bound.shards.len() as u64) as usize;
+            let mut pipe = redis::pipe();
+            for &b in &group {
+                pipe.hkeys(self.data_key(bound, "1", g1, b))
+                    .hkeys(self.data_key(bound, "2", g2, b));
+            }
+            pipe.get(self.shard_marker(&bound.shards[shard]));
+            let mut conn = self.write_conn();
+            async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
+        }))
+        .buffer_unordered(SCAN_PARALLEL);
+        futures::pin_mut!(reads);
+        let mut numbers = Vec::new();
+        while let Some(reply) = reads.next().await {
+            let mut reply = reply.map_err(unavailable)?;
+            let marker = reply.pop();
+            Self::check_shard_marker(bound, marker.as_ref())?;
+            for list in reply {
+                for v in array(list)? {
+                    let n = int_of(&v)
+                        .and_then(|i| u64::try_from(i).ok())
+                        .and_then(|i| NhsNumber::from_u64(i).ok())
+                        .ok_or_else(|| {
+                            StoreError::Corrupt("stored field is not an NHS number".into())
+                        })?;
+                    numbers.push(n);
+                }
+            }
+        }
+        let (after, _) = self.read_meta(bound, &[]).await?;
+        if after.gens != before.gens {
+            return Err(StoreError::Unavailable(
+                "an import was applied during the scan; scanning again".into(),
+            ));
+        }
+        Ok(Scan {
+            numbers,
+            version: before.version,
+        })
+    }
+}
+
+/// Step 1 of a change. KEYS: the marker. ARGV: prefix, dataset, type, source, log maxlen,
+/// '1' to log the added numbers now, the numbers (comma-separated). Returns {generation of the
+/// type, generation of the other type, source id, log entry id or ''}.
+static BEGIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"{TRIM}
+local p, t = ARGV[1], ARGV[3]
+if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
+  return redis.error_reply('OPTOUTDATASET marker missing or changed')
+end
+if redis.call('EXISTS', p..'lock:'..t) == 1 then
+  return redis.error_reply('OPTOUTLOCKED an import of this type is being applied')
+end
+local other = (t == '1') and '2' or '1'
+local g = redis.call('GET', p..'gen:'..t) or '0'
+local go = redis.call('GET', p..'gen:'..other) or '0'
+local sid = redis.call('HGET', p..'srcid', ARGV[4])
+if not sid then
+  sid = redis.call('INCR', p..'srcnext')
+  redis.call('HSET', p..'srcid', ARGV[4], sid)
+  redis.call('HSET', p..'src', sid, ARGV[4])
+end
+local id = ''
+if ARGV[6] == '1' then
+  id = redis.call('XADD', p..'log', '*', 'a', ARGV[7], 'r', 0)
+  redis.call('SET', p..'version', id)
+  trim(p, tonumber(ARGV[5]))
+end
+return {{tonumber(g), tonumber(go), tostring(sid), id}}
+"#,
+        TRIM = super::TRIM
+    ))
+});
+
+/// Step 2, once per shard. KEYS: the shard's marker. ARGV: dataset, 'a'|'r', record value, then
+/// per number: its key, the other type's key, the number. Returns {applied, patients delta}.
+static SHARD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('OPTOUTDATASET a shard marker is missing or changed')
+end
+local add = ARGV[2] == 'a'
+local applied, patients = 0, 0
+for i = 4, #ARGV, 3 do
+  local key, other, n = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local changed
+  if add then changed = redis.call('HSETNX', key, n, ARGV[3]) else changed = redis.call('HDEL', key, n) end
+  if changed == 1 then
+    applied = applied + 1
+    if redis.call('HEXISTS', other, n) == 0 then
+      if add then patients = patients + 1 else patients = patients - 1 end
+    end
+  end
+end
+return {applied, patients}
+"#,
+    )
+});
+
+/// Step 3. KEYS: the marker. ARGV: prefix, dataset, type, generation written, applied, patients
+/// delta, log maxlen, audit json, audit maxlen, log entry id of step 1 ('' for a removal: log it
+/// now), count delta (negative for a removal). Returns the change's version.
+static END: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"{TRIM}
+local p, t = ARGV[1], ARGV[3]
+if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
+  return redis.error_reply('OPTOUTDATASET marker missing or changed')
+end
+if redis.call('EXISTS', p..'lock:'..t) == 1 or (redis.call('GET', p..'gen:'..t) or '0') ~= ARGV[4] then
+  return redis.error_reply('OPTOUTLOCKED an import of this type was applied during the change')
+end
+redis.call('HINCRBY', p..'counts', t, ARGV[11])
+redis.call('HINCRBY', p..'counts', 'patients', ARGV[6])
+local id = ARGV[10]
+if id == '' then
+  id = redis.call('XADD', p..'log', '*', 'a', '', 'r', ARGV[5])
+  redis.call('SET', p..'version', id)
+  trim(p, tonumber(ARGV[7]))
+end
+redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[9], '*', 'r', ARGV[8], 'v', id, 'n', ARGV[5])
+return id
+"#,
+        TRIM = super::TRIM
+    ))
+});
