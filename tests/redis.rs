@@ -4,7 +4,6 @@
 mod common;
 
 use std::{
-    collections::HashSet,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -17,7 +16,7 @@ use common::{
     redis_config, valid_numbers,
 };
 use optout::api::proto::{
-    GetStatusRequest, ImportMode, ImportOptOutsRequest, OptOutType, Outcome, Purpose, Reason,
+    GetStatusRequest, ImportOptOutsRequest, OptOutType, Outcome, Purpose, Reason,
 };
 use redis::AsyncCommands;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -347,95 +346,13 @@ async fn a_new_replica_starts_from_the_snapshot_and_a_replica_behind_a_trimmed_l
     c.stop().await;
 }
 
-fn import(numbers: &[String], commit: bool) -> ImportOptOutsRequest {
-    ImportOptOutsRequest {
-        mode: ImportMode::Replace as i32,
-        r#type: OptOutType::NationalDataOptOut as i32,
-        source: "replace".into(),
-        nhs_numbers: numbers.to_vec(),
-        commit,
-    }
-}
-
 #[tokio::test]
 async fn a_replace_import_racing_with_checks_never_shows_half_a_list() {
     let redis = RedisServer::start();
     let scratch = tempfile::tempdir().expect("tempdir");
     let config = redis_config(&redis, "optout:", scratch.path());
     init_redis(&config).await;
-    let writer = TestServer::start_redis(config.clone()).await;
-    let reader = Arc::new(TestServer::start_redis(config.clone()).await);
-    let old = valid_numbers(4_400_000_000, 3000);
-    let new = valid_numbers(4_500_000_000, 3000);
-    let mut admin = writer.admin_client().await;
-    admin
-        .import_opt_outs(tokio_stream::iter(vec![import(&old, true)]))
-        .await
-        .expect("first list");
-    let mut both: Vec<String> = old.iter().step_by(10).cloned().collect();
-    let probe_new: Vec<String> = new.iter().step_by(10).cloned().collect();
-    let split = both.len();
-    both.extend(probe_new);
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let states = {
-        let (reader, stop, both) = (reader.clone(), stop.clone(), both.clone());
-        tokio::spawn(async move {
-            let mut seen = HashSet::new();
-            let mut client = reader.check_client().await;
-            while !stop.load(Ordering::SeqCst) {
-                let r = client
-                    .check(check_request(both.clone(), RESEARCH))
-                    .await
-                    .expect("check")
-                    .into_inner();
-                let w: Vec<bool> = r
-                    .decisions
-                    .iter()
-                    .map(|d| outcome(d).0 == Outcome::Withhold)
-                    .collect();
-                let old_state = w[..split].iter().all(|x| *x) && w[split..].iter().all(|x| !*x);
-                let new_state = w[..split].iter().all(|x| !*x) && w[split..].iter().all(|x| *x);
-                assert!(
-                    old_state || new_state,
-                    "a check saw half a list: {} of {} old withheld, {} of {} new withheld",
-                    w[..split].iter().filter(|x| **x).count(),
-                    split,
-                    w[split..].iter().filter(|x| **x).count(),
-                    w.len() - split
-                );
-                seen.insert(new_state);
-            }
-            seen
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let chunks: Vec<ImportOptOutsRequest> = new
-        .chunks(500)
-        .enumerate()
-        .map(|(i, c)| import(c, i == new.len() / 500 - 1))
-        .collect();
-    let r = admin
-        .import_opt_outs(tokio_stream::iter(chunks))
-        .await
-        .expect("replace")
-        .into_inner();
-    assert_eq!((r.added, r.removed), (3000, 3000));
-    let done = Instant::now();
-    while done.elapsed() < Duration::from_millis(2500) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.store(true, Ordering::SeqCst);
-    let seen = states.await.expect("never half a list");
-    assert!(seen.contains(&true), "checks saw the new list");
-    let s = status(&reader).await;
-    assert_eq!(s.national_data_opt_outs, 3000);
-    writer.stop().await;
-    Arc::try_unwrap(reader)
-        .ok()
-        .expect("sole owner")
-        .stop()
-        .await;
+    common::replace_import_never_shows_half_a_list(config).await;
 }
 
 #[tokio::test]
@@ -484,7 +401,7 @@ async fn foreign_keys_are_never_touched_and_a_store_is_initialised_once() {
     let r = admin
         .import_opt_outs(tokio_stream::iter(vec![ImportOptOutsRequest {
             r#type: OptOutType::Type1 as i32,
-            ..import(&n[100..], true)
+            ..common::import(&n[100..], true)
         }]))
         .await
         .expect("import")

@@ -569,3 +569,97 @@ async fn a_cluster_shards_the_opt_outs_and_a_master_failover_releases_none() {
         .stop()
         .await;
 }
+
+#[tokio::test]
+async fn on_a_cluster_imports_are_all_or_nothing_and_removals_gets_and_scans_work() {
+    let cluster = Cluster::start().await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = cluster.config(scratch.path());
+    init_redis(&config).await;
+    // A store that looked up numbers before the imports: it remembers the generations it read.
+    use optout::store::ConsentStore;
+    let store = optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+        .expect("connect");
+    store.open_dataset().await.expect("open");
+    let new_only =
+        optout::core::NhsNumber::parse(&valid_numbers(4_500_000_000, 1)[0]).expect("valid");
+    let before = store.lookup(&[new_only]).await.expect("lookup");
+    assert!(before.held[0].is_empty());
+
+    common::replace_import_never_shows_half_a_list(config.clone()).await;
+
+    // The generations it remembers were replaced twice: its next lookup must notice, not answer
+    // from a generation that no longer holds the list.
+    let after = store.lookup(&[new_only]).await.expect("lookup");
+    assert!(
+        after.held[0].contains(optout::core::OptOutType::NationalDataOptOut),
+        "a lookup read a replaced generation"
+    );
+
+    // Removal, get and scan, at the store's own interface.
+    let all = store.scan().await.expect("scan");
+    assert_eq!(all.numbers.len(), 3000, "the scan reads every shard");
+    let server = TestServer::start_redis(config.clone()).await;
+    let one = all.numbers[17];
+    assert_eq!(decide(&server, &[one.to_string()]).await, vec![WITHHELD]);
+    let (records, _) = store.get(one).await.expect("get");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].source, "replace");
+    server
+        .admin_client()
+        .await
+        .remove_opt_outs(change_request(
+            vec![one.to_string()],
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("remove");
+    assert_eq!(decide(&server, &[one.to_string()]).await, vec![RELEASED]);
+    assert!(store.get(one).await.expect("get").0.is_empty());
+    assert_eq!(store.scan().await.expect("scan").numbers.len(), 2999);
+    let status = store.status().await.expect("status");
+    assert_eq!((status.national, status.patients), (2999, 2999));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_cluster_master_that_comes_back_empty_fails_closed() {
+    let mut cluster = Cluster::start().await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = cluster.config(scratch.path());
+    init_redis(&config).await;
+    let server = Arc::new(TestServer::start_redis(config.clone()).await);
+    let opted = valid_numbers(4_100_000_000, 300);
+    add(&server, &opted).await.expect("seed opt-outs");
+    let load = Load::start(server.clone(), opted.clone(), Vec::new());
+
+    // A master that holds opt-outs but not the metadata restarts at once without its data (no
+    // persistence); it keeps its slots, and its replica resynchronises from it, empty too.
+    let meta = cluster
+        .master_of(key_slot(b"{optout:}marker"))
+        .await
+        .expect("a master")
+        .0;
+    let victim = cluster
+        .roles()
+        .await
+        .into_iter()
+        .find(|(p, m, _, _)| *m && *p != meta)
+        .expect("another master")
+        .0;
+    cluster.node(victim).restart_empty();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+
+    // Its opt-outs are not released: the checks above assert it on every answer, and now all of
+    // the numbers are withheld though the data of some of them is gone.
+    let answers = decide(&server, &opted).await;
+    assert_eq!(answers.len(), opted.len());
+    assert!(answers.iter().all(|(o, _)| *o == Outcome::Withhold));
+    let (checks, _) = load.finish().await;
+    assert!(checks > 5, "checks kept coming: {checks}");
+    Arc::try_unwrap(server)
+        .ok()
+        .expect("sole owner")
+        .stop()
+        .await;
+}
