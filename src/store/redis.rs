@@ -158,6 +158,9 @@ struct Inner {
     init_shards: usize,
     /// The generations a cluster lookup reads, as last seen (checked after each lookup).
     gens: parking_lot::Mutex<Option<(u64, u64)>>,
+    /// In a cluster, the shards that share a master (learnt from `CLUSTER SLOTS`), so a lookup
+    /// sends one pipeline per master; forgotten after any error.
+    masters: parking_lot::Mutex<Option<Arc<cluster::Masters>>>,
     log_len: u64,
     audit_len: u64,
     /// The dataset this store is bound to, and its bucket count.
@@ -355,6 +358,7 @@ impl RedisStore {
                 cluster: config.cluster.is_some(),
                 init_shards: config.shards.clamp(1, 16384),
                 gens: parking_lot::Mutex::new(None),
+                masters: parking_lot::Mutex::new(None),
                 log_len: config.log_len.max(1),
                 audit_len: config.audit_len.max(1),
                 bound: RwLock::new(None),
@@ -698,9 +702,17 @@ impl ConsentStore for RedisStore {
             return Err(changed());
         }
         let version = version_of(&reply.next().unwrap_or(Value::Nil))?;
+        // Anything but the expected small integer is an error, never "not held".
         let held = reply
             .map(|v| {
-                let m = int_of(&v).unwrap_or(0);
+                let m = match v {
+                    Value::Int(m @ 0..=3) => m,
+                    other => {
+                        return Err(StoreError::Corrupt(format!(
+                            "lookup answered {other:?} for a number"
+                        )));
+                    }
+                };
                 let mut s = OptOutSet::EMPTY;
                 if m & 1 != 0 {
                     s.insert(OptOutType::NationalDataOptOut);
@@ -708,9 +720,9 @@ impl ConsentStore for RedisStore {
                 if m & 2 != 0 {
                     s.insert(OptOutType::Type1);
                 }
-                s
+                Ok(s)
             })
-            .collect::<Vec<_>>();
+            .collect::<Result<Vec<_>, _>>()?;
         if held.len() != numbers.len() {
             return Err(StoreError::Corrupt(format!(
                 "lookup of {} numbers answered {}",
@@ -1006,6 +1018,7 @@ impl ConsentStore for RedisStore {
             ));
         }
         *self.inner.gens.lock() = None;
+        *self.inner.masters.lock() = None;
         *self.inner.bound.write() = Some(Bound {
             dataset: dataset.clone(),
             buckets: buckets.max(1),

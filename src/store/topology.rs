@@ -246,6 +246,26 @@ impl ClusterConn {
         }
     }
 
+    /// Sends a pipeline of `count` commands to the master of `slot`, whatever slots its keys are
+    /// in (they must all be served by that master, or their commands fail).
+    pub async fn pipeline_to_slot(
+        &self,
+        pipeline: Pipeline,
+        count: usize,
+        slot: u16,
+    ) -> RedisResult<Vec<Value>> {
+        use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+        self.get()
+            .await?
+            .route_pipeline(
+                pipeline,
+                0,
+                count,
+                SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master)),
+            )
+            .await
+    }
+
     async fn get(&self) -> RedisResult<redis::cluster_async::ClusterConnection> {
         self.shared
             .conn

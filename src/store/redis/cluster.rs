@@ -9,8 +9,9 @@
 //! cluster whose masters own equal slot ranges holds an equal share of the opt-outs.
 //!
 //! What is not atomic any more, and why it is still safe:
-//! - A lookup reads the shards (one pipeline per shard, all sent at once: one round trip per
-//!   master in time) and then the metadata. The shard markers prove each shard's data belongs to
+//! - A lookup reads the shards (one pipeline per master, holding every shard of that master it
+//!   needs; which shards a master serves is learnt from `CLUSTER SLOTS` and learnt again after any
+//!   error) and then the metadata. The shard markers prove each shard's data belongs to
 //!   this dataset (a master that restarted empty has none: fail closed); the generations read
 //!   after the data must be the ones the data was read under (they only grow, so equal means
 //!   unchanged throughout), else the lookup is repeated.
@@ -22,24 +23,47 @@
 //!   the metadata slot's atomicity, that no import holds the type's lock and the generation is
 //!   still the one written to; otherwise the change is not acknowledged and the caller retries.
 
-use std::{collections::HashMap, sync::LazyLock};
+use std::{
+    collections::HashMap,
+    sync::{Arc, LazyLock},
+};
 
 use futures::StreamExt;
 use redis::{Script, Value};
 
 use super::{
-    Bound, RedisStore, StoreError, array, changed, int_of, text_of, type_code, unavailable,
+    Bound, Conn, RedisStore, StoreError, array, changed, int_of, text_of, type_code, unavailable,
     version_of,
 };
 use crate::{
     core::{AuditRecord, NhsNumber, OptOutSet, OptOutType, Version},
-    store::{ChangeKind, Lookup, OptOutRecord, Scan, WriteOutcome, now_ms},
+    store::{ChangeKind, Lookup, OptOutRecord, Scan, WriteOutcome, now_ms, topology::key_slot},
 };
 
 /// Metadata read after the data: the proof that the data was read under these generations.
 struct Meta {
     version: Version,
     gens: (u64, u64),
+}
+
+/// The shards each master serves: `group_of[shard]` is its master's group, `route_slot[group]` a
+/// slot of that master to route the group's pipeline by.
+pub(super) struct Masters {
+    group_of: Vec<usize>,
+    route_slot: Vec<u16>,
+}
+
+/// A HEXISTS answer: 0 or 1. Anything else (an error in the pipeline, a nil) is an error, never
+/// "not held".
+fn flag(v: &Value) -> Result<bool, StoreError> {
+    match v {
+        Value::Int(0) => Ok(false),
+        Value::Int(1) => Ok(true),
+        Value::ServerError(e) => Err(StoreError::Unavailable(format!("redis: {e:?}"))),
+        other => Err(StoreError::Corrupt(format!(
+            "expected 0 or 1 from HEXISTS, got {other:?}"
+        ))),
+    }
 }
 
 /// Shard pipelines of a bulk read (scan) in flight at once.
@@ -101,22 +125,108 @@ impl RedisStore {
         }
     }
 
+    /// Which shards each master serves, from `CLUSTER SLOTS` (cached until an error).
+    async fn masters(&self, bound: &Bound) -> Result<Arc<Masters>, StoreError> {
+        if let Some(m) = self.inner.masters.lock().clone() {
+            return Ok(m);
+        }
+        let slots: Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        // [[start, end, [host, port, id], replicas...], ...]
+        let mut ranges = Vec::new();
+        for range in array(slots)? {
+            let range = array(range)?;
+            let bound_of = |i: usize| {
+                range
+                    .get(i)
+                    .and_then(int_of)
+                    .and_then(|v| u16::try_from(v).ok())
+            };
+            let master = range.get(2).cloned().map(array).transpose()?.map(|m| {
+                m.iter()
+                    .take(2)
+                    .filter_map(text_of)
+                    .collect::<Vec<_>>()
+                    .join(":")
+            });
+            if let (Some(lo), Some(hi), Some(master)) = (bound_of(0), bound_of(1), master) {
+                ranges.push((lo, hi, master));
+            }
+        }
+        let mut by_master: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (shard, tag) in bound.shards.iter().enumerate() {
+            let slot = key_slot(self.shard_marker(tag).as_bytes());
+            let (_, _, master) = ranges
+                .iter()
+                .find(|(lo, hi, _)| (*lo..=*hi).contains(&slot))
+                .ok_or_else(|| {
+                    StoreError::Unavailable(format!("no Redis Cluster master serves slot {slot}"))
+                })?;
+            by_master.entry(master.as_str()).or_default().push(shard);
+        }
+        let mut group_of = vec![0; bound.shards.len()];
+        let mut route_slot = Vec::new();
+        for (g, shards) in by_master.into_values().enumerate() {
+            for &s in &shards {
+                group_of[s] = g;
+            }
+            route_slot.push(key_slot(
+                self.shard_marker(&bound.shards[shards[0]]).as_bytes(),
+            ));
+        }
+        let masters = Arc::new(Masters {
+            group_of,
+            route_slot,
+        });
+        *self.inner.masters.lock() = Some(masters.clone());
+        Ok(masters)
+    }
+
     pub(super) async fn lookup_cluster(
         &self,
         bound: &Bound,
         numbers: &[NhsNumber],
     ) -> Result<Lookup, StoreError> {
-        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
-        for (i, n) in numbers.iter().enumerate() {
-            groups.entry(Self::shard_of(bound, *n)).or_default().push(i);
+        let result = self.lookup_by_master(bound, numbers).await;
+        if result.is_err() {
+            // A slot may have moved or a master failed over: learn the masters again next time.
+            *self.inner.masters.lock() = None;
         }
+        result
+    }
+
+    async fn lookup_by_master(
+        &self,
+        bound: &Bound,
+        numbers: &[NhsNumber],
+    ) -> Result<Lookup, StoreError> {
+        let masters = self.masters(bound).await?;
+        // Per master: the numbers it holds, and the shards they are in.
+        let mut groups: HashMap<usize, (Vec<usize>, Vec<usize>)> = HashMap::new();
+        for (i, n) in numbers.iter().enumerate() {
+            let shard = Self::shard_of(bound, *n);
+            let (idx, shards) = groups.entry(masters.group_of[shard]).or_default();
+            idx.push(i);
+            if !shards.contains(&shard) {
+                shards.push(shard);
+            }
+        }
+        let Conn::Cluster(cluster) = &self.inner.conn else {
+            return Err(StoreError::Unavailable(
+                "not a Redis Cluster connection".into(),
+            ));
+        };
         let mut gens = self.cached_gens();
         for _ in 0..3 {
             let (g1, g2) = match gens {
                 Some(g) => g,
                 None => self.read_meta(bound, &[]).await?.0.gens,
             };
-            let reads = groups.iter().map(|(&shard, idx)| {
+            // One pipeline per master: two HEXISTS per number, then each shard's marker.
+            let reads = groups.iter().map(|(&g, (idx, shards))| {
                 let mut pipe = redis::pipe();
                 for &i in idx {
                     let n = numbers[i].as_u64();
@@ -128,20 +238,31 @@ impl RedisStore {
                         .arg(self.data_key(bound, "2", g2, b))
                         .arg(n);
                 }
-                pipe.get(self.shard_marker(&bound.shards[shard]));
-                let mut conn = self.conn();
-                async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
+                for &s in shards {
+                    pipe.get(self.shard_marker(&bound.shards[s]));
+                }
+                let count = idx.len() * 2 + shards.len();
+                cluster.pipeline_to_slot(pipe, count, masters.route_slot[g])
             });
             let replies = futures::future::join_all(reads).await;
             let mut held = vec![OptOutSet::EMPTY; numbers.len()];
-            for ((_, idx), reply) in groups.iter().zip(replies) {
+            for ((idx, shards), reply) in groups.values().zip(replies) {
                 let reply = reply.map_err(unavailable)?;
-                Self::check_shard_marker(bound, reply.get(idx.len() * 2))?;
+                if reply.len() != idx.len() * 2 + shards.len() {
+                    return Err(StoreError::Corrupt(format!(
+                        "a shard pipeline of {} commands answered {}",
+                        idx.len() * 2 + shards.len(),
+                        reply.len()
+                    )));
+                }
+                for marker in &reply[idx.len() * 2..] {
+                    Self::check_shard_marker(bound, Some(marker))?;
+                }
                 for (j, &i) in idx.iter().enumerate() {
-                    if reply.get(j * 2).and_then(int_of) == Some(1) {
+                    if flag(&reply[j * 2])? {
                         held[i].insert(OptOutType::NationalDataOptOut);
                     }
-                    if reply.get(j * 2 + 1).and_then(int_of) == Some(1) {
+                    if flag(&reply[j * 2 + 1])? {
                         held[i].insert(OptOutType::Type1);
                     }
                 }
