@@ -88,4 +88,9 @@ if "$helm" template optout "$chart" --set redis.sentinel.enabled=true >/dev/null
     exit 1
 fi
 grep -q "redis.sentinel.nodes is required" "$out/err"
+# A cluster renders (and its flag is checked against optout serve like every other argument).
+"$helm" template optout "$chart" --set redis.cluster.enabled=true \
+    --set 'redis.cluster.nodes={redis-0:6379,redis-1:6379}' >"$out/cluster.yaml"
+grep -q -- '--redis-cluster=redis-0:6379,redis-1:6379' "$out/cluster.yaml"
+grep -q -- "--redis-cluster" "$serve_help"
 echo "helm chart: rendered and valid for default and production values"

@@ -171,6 +171,8 @@ async fn sentinel_master(sentinel: &RedisServer) -> HashMap<String, String> {
 struct Load {
     stop: Arc<AtomicBool>,
     checks: Arc<AtomicU64>,
+    /// When each answer arrived, to compare the rate before a fault with the rate after it.
+    answered: Arc<parking_lot::Mutex<Vec<Instant>>>,
     worker: tokio::task::JoinHandle<Duration>,
 }
 
@@ -178,8 +180,9 @@ impl Load {
     fn start(server: Arc<TestServer>, opted: Vec<String>, clean: Vec<String>) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let checks = Arc::new(AtomicU64::new(0));
+        let answered = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let worker = {
-            let (stop, checks) = (stop.clone(), checks.clone());
+            let (stop, checks, answered) = (stop.clone(), checks.clone(), answered.clone());
             tokio::spawn(async move {
                 let mut client = server.check_client().await;
                 let mut batch = opted.clone();
@@ -203,6 +206,7 @@ impl Load {
                         );
                     }
                     checks.fetch_add(1, Ordering::SeqCst);
+                    answered.lock().push(Instant::now());
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 slowest
@@ -211,8 +215,21 @@ impl Load {
         Load {
             stop,
             checks,
+            answered,
             worker,
         }
+    }
+
+    /// Checks answered per second in the `window` before `until`.
+    fn rate_before(&self, until: Instant, window: Duration) -> f64 {
+        let from = until - window;
+        let n = self
+            .answered
+            .lock()
+            .iter()
+            .filter(|t| **t > from && **t <= until)
+            .count();
+        n as f64 / window.as_secs_f64()
     }
 
     async fn finish(self) -> (u64, Duration) {
@@ -275,6 +292,12 @@ async fn a_sentinel_failover_releases_no_opt_out_and_the_service_follows_the_new
     eprintln!(
         "master killed: promoted after {promoted:?}, service answering fully after {:?}",
         killed.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!(
+        "checks/s in the second before the kill {:.0}, in the last second {:.0}",
+        load.rate_before(killed, Duration::from_secs(1)),
+        load.rate_before(Instant::now(), Duration::from_secs(1))
     );
 
     // The new master has no replica now: a change cannot be confirmed, so it is not acknowledged.
@@ -536,6 +559,12 @@ async fn a_cluster_shards_the_opt_outs_and_a_master_failover_releases_none() {
     eprintln!(
         "cluster master killed: promoted after {promoted:?}, service answering fully after {:?}",
         killed.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!(
+        "checks/s in the second before the kill {:.0}, in the last second {:.0}",
+        load.rate_before(killed, Duration::from_secs(1)),
+        load.rate_before(Instant::now(), Duration::from_secs(1))
     );
 
     // The promoted master has no replica: a change cannot be confirmed, so it is refused.
