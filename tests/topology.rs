@@ -625,6 +625,35 @@ async fn on_a_cluster_imports_are_all_or_nothing_and_removals_gets_and_scans_wor
         "a lookup read a replaced generation"
     );
 
+    // The replaced generation (the first import's, 1) is unlinked from every master.
+    eventually(
+        "the replaced generation is unlinked on every master",
+        Duration::from_secs(10),
+        || async {
+            let mut left = 0;
+            for n in &cluster.nodes {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg("optout:*d:1:1:*")
+                    .query_async(&mut n.connection().await)
+                    .await
+                    .unwrap_or_default();
+                left += keys.len();
+            }
+            left == 0
+        },
+    )
+    .await;
+    let mut current = 0;
+    for n in &cluster.nodes {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("optout:*d:1:2:*")
+            .query_async(&mut n.connection().await)
+            .await
+            .expect("keys");
+        current += keys.len();
+    }
+    assert!(current > 100, "the current generation's buckets: {current}");
+
     // Removal, get and scan, at the store's own interface.
     let all = store.scan().await.expect("scan");
     assert_eq!(all.numbers.len(), 3000, "the scan reads every shard");
