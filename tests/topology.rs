@@ -251,6 +251,44 @@ where
     }
 }
 
+/// After a failover: how fast the service came back and its check rate before and after; then,
+/// as the new master has no replica, a change is refused (not acknowledged) until `rejoin` brings
+/// the old master back as its replica, after which the change is accepted and withheld.
+async fn after_failover(
+    server: &TestServer,
+    load: &Load,
+    killed: Instant,
+    promoted: Duration,
+    clean: &[String],
+    rejoin: impl FnOnce(),
+) {
+    eprintln!(
+        "master killed: promoted after {promoted:?}, service answering fully after {:?}",
+        killed.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!(
+        "checks/s in the second before the kill {:.0}, in the last second {:.0}",
+        load.rate_before(killed, Duration::from_secs(1)),
+        load.rate_before(Instant::now(), Duration::from_secs(1))
+    );
+    let later = valid_numbers(4_400_000_000, 1);
+    let refused = add(server, &later)
+        .await
+        .expect_err("an unconfirmable change is not acknowledged");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("replicas"), "{refused:?}");
+    rejoin();
+    eventually(
+        "a change is confirmed once the old master rejoins as a replica",
+        Duration::from_secs(30),
+        || async { add(server, &later).await.is_ok() },
+    )
+    .await;
+    assert_eq!(decide(server, &later).await, vec![WITHHELD]);
+    assert_eq!(decide(server, &clean[..1]).await, vec![RELEASED]);
+}
+
 #[tokio::test]
 async fn a_sentinel_failover_releases_no_opt_out_and_the_service_follows_the_new_master() {
     let mut set = SentinelSet::start().await;
@@ -289,35 +327,10 @@ async fn a_sentinel_failover_releases_no_opt_out_and_the_service_follows_the_new
         },
     )
     .await;
-    eprintln!(
-        "master killed: promoted after {promoted:?}, service answering fully after {:?}",
-        killed.elapsed()
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    eprintln!(
-        "checks/s in the second before the kill {:.0}, in the last second {:.0}",
-        load.rate_before(killed, Duration::from_secs(1)),
-        load.rate_before(Instant::now(), Duration::from_secs(1))
-    );
-
-    // The new master has no replica now: a change cannot be confirmed, so it is not acknowledged.
-    let later = valid_numbers(4_400_000_000, 1);
-    let refused = add(&server, &later)
-        .await
-        .expect_err("an unconfirmable change is not acknowledged");
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    assert!(refused.message().contains("replicas"), "{refused:?}");
-
-    // The old master comes back; Sentinel turns it into a replica and changes are confirmed again.
-    set.master.restart();
-    eventually(
-        "a change is confirmed once the old master rejoins as a replica",
-        Duration::from_secs(30),
-        || async { add(&server, &later).await.is_ok() },
-    )
+    after_failover(&server, &load, killed, promoted, &clean, || {
+        set.master.restart()
+    })
     .await;
-    assert_eq!(decide(&server, &later).await, vec![WITHHELD]);
-    assert_eq!(decide(&server, &clean[..1]).await, vec![RELEASED]);
 
     let (checks, slowest) = load.finish().await;
     assert!(checks > 20, "checks kept coming: {checks}");
@@ -556,35 +569,10 @@ async fn a_cluster_shards_the_opt_outs_and_a_master_failover_releases_none() {
         },
     )
     .await;
-    eprintln!(
-        "cluster master killed: promoted after {promoted:?}, service answering fully after {:?}",
-        killed.elapsed()
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    eprintln!(
-        "checks/s in the second before the kill {:.0}, in the last second {:.0}",
-        load.rate_before(killed, Duration::from_secs(1)),
-        load.rate_before(Instant::now(), Duration::from_secs(1))
-    );
-
-    // The promoted master has no replica: a change cannot be confirmed, so it is refused.
-    let later = valid_numbers(4_400_000_000, 1);
-    let refused = add(&server, &later)
-        .await
-        .expect_err("an unconfirmable change is not acknowledged");
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    assert!(refused.message().contains("replicas"), "{refused:?}");
-
-    // The old master returns as a replica of the promoted one; changes are confirmed again.
-    cluster.node(victim).restart();
-    eventually(
-        "a change is confirmed once the old master rejoins as a replica",
-        Duration::from_secs(30),
-        || async { add(&server, &later).await.is_ok() },
-    )
+    after_failover(&server, &load, killed, promoted, &clean, || {
+        cluster.node(victim).restart()
+    })
     .await;
-    assert_eq!(decide(&server, &later).await, vec![WITHHELD]);
-    assert_eq!(decide(&server, &clean[..1]).await, vec![RELEASED]);
 
     let (checks, slowest) = load.finish().await;
     assert!(checks > 20, "checks kept coming: {checks}");

@@ -1466,7 +1466,26 @@ struct Scripts {
     snapshot: Script,
 }
 
+/// Lua helpers shared by the scripts that change opt-outs.
 const TRIM: &str = r#"
+-- An error reply unless the store holds dataset `id` and no import of type `t` holds its lock.
+local function refuse(p, id, t)
+  if redis.call('HGET', p..'marker', 'dataset_id') ~= id then
+    return redis.error_reply('OPTOUTDATASET marker missing or changed')
+  end
+  if redis.call('EXISTS', p..'lock:'..t) == 1 then
+    return redis.error_reply('OPTOUTLOCKED an import of this type is being applied')
+  end
+end
+-- The small id of a source, interned on first use.
+local function intern(p, source)
+  local sid = redis.call('HGET', p..'srcid', source)
+  if sid then return sid end
+  sid = redis.call('INCR', p..'srcnext')
+  redis.call('HSET', p..'srcid', source, sid)
+  redis.call('HSET', p..'src', sid, source)
+  return sid
+end
 local function trim(p, maxlen)
   local len = redis.call('XLEN', p..'log')
   if len <= maxlen then return end
@@ -1493,17 +1512,11 @@ return 1
 "#,
             ),
             // ARGV: prefix, source. Returns the source's id.
-            intern: Script::new(
-                r#"
-local p = ARGV[1]
-local sid = redis.call('HGET', p..'srcid', ARGV[2])
-if sid then return tonumber(sid) end
-sid = redis.call('INCR', p..'srcnext')
-redis.call('HSET', p..'srcid', ARGV[2], sid)
-redis.call('HSET', p..'src', sid, ARGV[2])
-return sid
-"#,
-            ),
+            intern: Script::new(&format!(
+                r#"{TRIM}
+return tonumber(intern(ARGV[1], ARGV[2]))
+"#
+            )),
             // ARGV: prefix, then bucket/number pairs. Returns marker, version, then per number a
             // bit set of types held (1 national, 2 type 1).
             lookup: Script::new(
@@ -1552,23 +1565,13 @@ return out
             // Returns {version, applied}.
             change: Script::new(&format!(
                 r#"{TRIM}
-local p = ARGV[1]
-if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
-  return redis.error_reply('OPTOUTDATASET marker missing or changed')
-end
-local t = ARGV[4]
-if redis.call('EXISTS', p..'lock:'..t) == 1 then
-  return redis.error_reply('OPTOUTLOCKED an import of this type is being applied')
-end
+local p, t = ARGV[1], ARGV[4]
+local refused = refuse(p, ARGV[2], t)
+if refused then return refused end
 local other = (t == '1') and '2' or '1'
 local g = redis.call('GET', p..'gen:'..t) or '0'
 local go = redis.call('GET', p..'gen:'..other) or '0'
-local sid = redis.call('HGET', p..'srcid', ARGV[6])
-if not sid then
-  sid = redis.call('INCR', p..'srcnext')
-  redis.call('HSET', p..'srcid', ARGV[6], sid)
-  redis.call('HSET', p..'src', sid, ARGV[6])
-end
+local sid = intern(p, ARGV[6])
 local value = ARGV[5]..','..sid
 local add = ARGV[3] == 'a'
 local applied, patients = 0, 0

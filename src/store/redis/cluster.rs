@@ -486,21 +486,12 @@ static BEGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{TRIM}
 local p, t = ARGV[1], ARGV[3]
-if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
-  return redis.error_reply('OPTOUTDATASET marker missing or changed')
-end
-if redis.call('EXISTS', p..'lock:'..t) == 1 then
-  return redis.error_reply('OPTOUTLOCKED an import of this type is being applied')
-end
+local refused = refuse(p, ARGV[2], t)
+if refused then return refused end
 local other = (t == '1') and '2' or '1'
 local g = redis.call('GET', p..'gen:'..t) or '0'
 local go = redis.call('GET', p..'gen:'..other) or '0'
-local sid = redis.call('HGET', p..'srcid', ARGV[4])
-if not sid then
-  sid = redis.call('INCR', p..'srcnext')
-  redis.call('HSET', p..'srcid', ARGV[4], sid)
-  redis.call('HSET', p..'src', sid, ARGV[4])
-end
+local sid = intern(p, ARGV[4])
 local id = ''
 if ARGV[6] == '1' then
   id = redis.call('XADD', p..'log', '*', 'a', ARGV[7], 'r', 0)
