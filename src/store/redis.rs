@@ -651,6 +651,14 @@ fn array(v: Value) -> Result<Vec<Value>, StoreError> {
     }
 }
 
+/// An NHS number as stored in a bucket's field.
+fn stored_number(v: &Value) -> Result<NhsNumber, StoreError> {
+    int_of(v)
+        .and_then(|i| u64::try_from(i).ok())
+        .and_then(|i| NhsNumber::from_u64(i).ok())
+        .ok_or_else(|| StoreError::Corrupt("stored field is not an NHS number".into()))
+}
+
 fn numbers_csv(s: &str) -> Result<Vec<NhsNumber>, StoreError> {
     if s.is_empty() {
         return Ok(Vec::new());
@@ -968,13 +976,7 @@ impl ConsentStore for RedisStore {
                 .await
                 .map_err(unavailable)?;
             for v in array(reply)? {
-                let n = int_of(&v)
-                    .and_then(|i| u64::try_from(i).ok())
-                    .and_then(|i| NhsNumber::from_u64(i).ok())
-                    .ok_or_else(|| {
-                        StoreError::Corrupt("stored field is not an NHS number".into())
-                    })?;
-                numbers.push(n);
+                numbers.push(stored_number(&v)?);
             }
             from = to + 1;
         }

@@ -456,13 +456,7 @@ impl RedisStore {
             Self::check_shard_marker(bound, marker.as_ref())?;
             for list in reply {
                 for v in array(list)? {
-                    let n = int_of(&v)
-                        .and_then(|i| u64::try_from(i).ok())
-                        .and_then(|i| NhsNumber::from_u64(i).ok())
-                        .ok_or_else(|| {
-                            StoreError::Corrupt("stored field is not an NHS number".into())
-                        })?;
-                    numbers.push(n);
+                    numbers.push(super::stored_number(&v)?);
                 }
             }
         }
