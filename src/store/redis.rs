@@ -249,98 +249,9 @@ impl RedisStore {
             config.response_timeout + FEED_BLOCK,
         ];
         let [conn, write, feed] = match (&config.sentinel, &config.cluster) {
-            (_, Some(nodes)) => {
-                let info =
-                    config.url.as_str().into_connection_info().map_err(|e| {
-                        StoreError::Unavailable(format!("--redis-url {shown}: {e}"))
-                    })?;
-                let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
-                let urls: Vec<String> = nodes
-                    .iter()
-                    .map(|n| {
-                        if n.contains("://") {
-                            n.clone()
-                        } else if tls {
-                            format!("rediss://{n}")
-                        } else {
-                            format!("redis://{n}")
-                        }
-                    })
-                    .collect();
-                let mut conns = Vec::with_capacity(3);
-                for t in timeouts {
-                    let mut builder = redis::cluster::ClusterClient::builder(urls.clone())
-                        .connection_timeout(config.connect_timeout)
-                        .response_timeout(t)
-                        .retries(2)
-                        .max_retry_wait(200);
-                    if let Some(user) = info.redis_settings().username() {
-                        builder = builder.username(user);
-                    }
-                    if let Some(password) = info.redis_settings().password() {
-                        builder = builder.password(password);
-                    }
-                    let client = builder.build().map_err(|e| {
-                        StoreError::Unavailable(format!("--redis-cluster {}: {e}", nodes.join(",")))
-                    })?;
-                    conns.push(Conn::Cluster(ClusterConn::new(client)));
-                }
-                let [a, b, c]: [Conn; 3] = conns
-                    .try_into()
-                    .map_err(|_| StoreError::Unavailable("three connections".into()))?;
-                [a, b, c]
-            }
-            (None, None) => {
-                let base = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(config.connect_timeout))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_millis(500));
-                let mut conns = Vec::with_capacity(3);
-                for t in timeouts {
-                    conns.push(Conn::Direct(
-                        ConnectionManager::new_lazy_with_config(
-                            client.clone(),
-                            base.clone().set_response_timeout(Some(t)),
-                        )
-                        .map_err(|e| {
-                            StoreError::Unavailable(format!("--redis-url {shown}: {e}"))
-                        })?,
-                    ));
-                }
-                let [a, b, c]: [Conn; 3] = conns
-                    .try_into()
-                    .map_err(|_| StoreError::Unavailable("three connections".into()))?;
-                [a, b, c]
-            }
-            (Some(s), None) => {
-                let info =
-                    config.url.as_str().into_connection_info().map_err(|e| {
-                        StoreError::Unavailable(format!("--redis-url {shown}: {e}"))
-                    })?;
-                let mut node = SentinelNodeConnectionInfo::default()
-                    .set_redis_connection_info(info.redis_settings().clone());
-                if let redis::ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
-                    node = node.set_tls_mode(if *insecure {
-                        redis::TlsMode::Insecure
-                    } else {
-                        redis::TlsMode::Secure
-                    });
-                }
-                let db = info.redis_settings().db();
-                let sentinels = Sentinels::new(&s.addrs, &s.master_name, node).map_err(|e| {
-                    StoreError::Unavailable(format!("--redis-sentinel {}: {e}", s.addrs.join(",")))
-                })?;
-                timeouts.map(|t| {
-                    Conn::Sentinel(SentinelConn::new(
-                        sentinels.clone(),
-                        redis::AsyncConnectionConfig::new()
-                            .set_connection_timeout(Some(config.connect_timeout))
-                            .set_response_timeout(Some(t)),
-                        config.connect_timeout * 3,
-                        db,
-                    ))
-                })
-            }
+            (_, Some(nodes)) => cluster_conns(config, nodes, &shown, timeouts)?,
+            (Some(s), None) => sentinel_conns(config, s, &shown, timeouts)?,
+            (None, None) => direct_conns(config, client, &shown, timeouts)?,
         };
         Ok(RedisStore {
             inner: Arc::new(Inner {
@@ -594,6 +505,117 @@ impl RedisStore {
             .await
             .map_err(unavailable)
     }
+}
+
+/// The check, write and feed connections to one Redis node.
+fn direct_conns(
+    config: &RedisConfig,
+    client: Client,
+    shown: &str,
+    timeouts: [Duration; 3],
+) -> Result<[Conn; 3], StoreError> {
+    let base = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    let mut conns = Vec::with_capacity(3);
+    for t in timeouts {
+        conns.push(Conn::Direct(
+            ConnectionManager::new_lazy_with_config(
+                client.clone(),
+                base.clone().set_response_timeout(Some(t)),
+            )
+            .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?,
+        ));
+    }
+    conns
+        .try_into()
+        .map_err(|_| StoreError::Unavailable("three connections".into()))
+}
+
+/// The check, write and feed connections to the master Redis Sentinel names.
+fn sentinel_conns(
+    config: &RedisConfig,
+    s: &SentinelConfig,
+    shown: &str,
+    timeouts: [Duration; 3],
+) -> Result<[Conn; 3], StoreError> {
+    let info = config
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
+    let mut node = SentinelNodeConnectionInfo::default()
+        .set_redis_connection_info(info.redis_settings().clone());
+    if let redis::ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
+        node = node.set_tls_mode(if *insecure {
+            redis::TlsMode::Insecure
+        } else {
+            redis::TlsMode::Secure
+        });
+    }
+    let db = info.redis_settings().db();
+    let sentinels = Sentinels::new(&s.addrs, &s.master_name, node).map_err(|e| {
+        StoreError::Unavailable(format!("--redis-sentinel {}: {e}", s.addrs.join(",")))
+    })?;
+    Ok(timeouts.map(|t| {
+        Conn::Sentinel(SentinelConn::new(
+            sentinels.clone(),
+            redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(t)),
+            config.connect_timeout * 3,
+            db,
+        ))
+    }))
+}
+
+/// The check, write and feed connections to a Redis Cluster.
+fn cluster_conns(
+    config: &RedisConfig,
+    nodes: &[String],
+    shown: &str,
+    timeouts: [Duration; 3],
+) -> Result<[Conn; 3], StoreError> {
+    let info = config
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            if n.contains("://") {
+                n.clone()
+            } else if tls {
+                format!("rediss://{n}")
+            } else {
+                format!("redis://{n}")
+            }
+        })
+        .collect();
+    let mut conns = Vec::with_capacity(3);
+    for t in timeouts {
+        let mut builder = redis::cluster::ClusterClient::builder(urls.clone())
+            .connection_timeout(config.connect_timeout)
+            .response_timeout(t)
+            .retries(2)
+            .max_retry_wait(200);
+        if let Some(user) = info.redis_settings().username() {
+            builder = builder.username(user);
+        }
+        if let Some(password) = info.redis_settings().password() {
+            builder = builder.password(password);
+        }
+        let client = builder.build().map_err(|e| {
+            StoreError::Unavailable(format!("--redis-cluster {}: {e}", nodes.join(",")))
+        })?;
+        conns.push(Conn::Cluster(ClusterConn::new(client)));
+    }
+    conns
+        .try_into()
+        .map_err(|_| StoreError::Unavailable("three connections".into()))
 }
 
 /// How long one blocking read of the change log waits for news.
