@@ -152,8 +152,6 @@ struct Inner {
     prefix: String,
     /// Prefix of the opt-out data keys (`P`; in a cluster followed by the shard's hash tag).
     data_prefix: String,
-    /// A Redis Cluster: data keys are sharded and multi-key steps are ordered, not atomic.
-    cluster: bool,
     /// Shards to create at `init` in a cluster.
     init_shards: usize,
     /// The generations a cluster lookup reads, as last seen (checked after each lookup).
@@ -266,7 +264,6 @@ impl RedisStore {
                     config.prefix.clone()
                 },
                 data_prefix: config.prefix.clone(),
-                cluster: config.cluster.is_some(),
                 init_shards: config.shards.clamp(1, 16384),
                 gens: parking_lot::Mutex::new(None),
                 masters: parking_lot::Mutex::new(None),
@@ -292,17 +289,16 @@ impl RedisStore {
         if want == 0 {
             return inv.invoke_async(conn).await.map_err(unavailable);
         }
-        if self.inner.cluster {
+        if self.is_cluster() {
             let value = inv.invoke_async(conn).await.map_err(unavailable)?;
             self.confirm_everywhere().await?;
             return Ok(value);
         }
-        let timeout_ms = u64::try_from(self.inner.replicas_ack_timeout.as_millis()).unwrap_or(1);
         let mut pipe = redis::pipe();
         pipe.invoke_script(inv)
             .cmd("WAIT")
             .arg(want)
-            .arg(timeout_ms.max(1));
+            .arg(self.ack_timeout_ms());
         let reply: Result<(T, i64), _> = match pipe.query_async(conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 inv.load_async(conn).await.map_err(unavailable)?;
@@ -311,14 +307,33 @@ impl RedisStore {
             other => other,
         };
         let (value, acked) = reply.map_err(unavailable)?;
-        if acked < i64::from(want) {
-            return Err(StoreError::Unconfirmed(format!(
-                "the change was applied on the Redis master but only {acked} of {want} replicas \
-                 confirmed it within {timeout_ms} ms, so a failover now could lose it; it is not \
-                 acknowledged: retry (changes are idempotent)"
-            )));
-        }
+        self.enough_acks(acked)?;
         Ok(value)
+    }
+
+    fn ack_timeout_ms(&self) -> u64 {
+        u64::try_from(self.inner.replicas_ack_timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// `acked` replicas answered `WAIT`: an error unless that is enough to acknowledge.
+    fn enough_acks(&self, acked: i64) -> Result<(), StoreError> {
+        let want = self.inner.replicas_ack;
+        if acked >= i64::from(want) {
+            return Ok(());
+        }
+        Err(StoreError::Unconfirmed(format!(
+            "the change was applied on the Redis master(s) but only {acked} of {want} replicas \
+             confirmed it within {} ms, so a failover now could lose it; it is not acknowledged: \
+             retry (changes are idempotent)",
+            self.ack_timeout_ms()
+        )))
+    }
+
+    /// A Redis Cluster: data keys are sharded and multi-key steps are ordered, not atomic.
+    fn is_cluster(&self) -> bool {
+        matches!(self.inner.conn, Conn::Cluster(_))
     }
 
     fn key(&self, name: &str) -> String {
@@ -366,21 +381,13 @@ impl RedisStore {
         if want == 0 {
             return Ok(());
         }
-        let timeout_ms = u64::try_from(self.inner.replicas_ack_timeout.as_millis()).unwrap_or(1);
         let acked: i64 = redis::cmd("WAIT")
             .arg(want)
-            .arg(timeout_ms.max(1))
+            .arg(self.ack_timeout_ms())
             .query_async(&mut self.write_conn())
             .await
             .map_err(unavailable)?;
-        if acked < i64::from(want) {
-            return Err(StoreError::Unconfirmed(format!(
-                "the change was applied on the Redis masters but only {acked} of {want} replicas \
-                 of some master confirmed it within {timeout_ms} ms, so a failover now could lose \
-                 it; it is not acknowledged: retry (changes are idempotent)"
-            )));
-        }
-        Ok(())
+        self.enough_acks(acked)
     }
 
     fn write_conn(&self) -> Conn {
@@ -434,12 +441,12 @@ impl RedisStore {
                 self.inner.data_prefix
             ))
         };
-        let tags = if self.inner.cluster {
+        let tags = if self.is_cluster() {
             shard_tags(self.inner.init_shards)
         } else {
             Vec::new()
         };
-        if self.inner.cluster {
+        if self.is_cluster() {
             // Each shard's marker first, the dataset marker (what makes the store usable) last.
             let exists: bool = self
                 .write_conn()
@@ -462,7 +469,7 @@ impl RedisStore {
         if created == 0 {
             return Err(already());
         }
-        if self.inner.cluster {
+        if self.is_cluster() {
             // Idempotent; repairs a shard marker a concurrent, losing init overwrote.
             self.write_shard_markers(&tags, &id).await?;
             self.confirm_everywhere().await?;
@@ -507,6 +514,16 @@ impl RedisStore {
     }
 }
 
+/// What `--redis-url` says of the Redis nodes behind Sentinel or in a cluster (password,
+/// database, TLS); its host is not used there.
+fn node_settings(config: &RedisConfig, shown: &str) -> Result<redis::ConnectionInfo, StoreError> {
+    config
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))
+}
+
 /// The check, write and feed connections to one Redis node.
 fn direct_conns(
     config: &RedisConfig,
@@ -540,11 +557,7 @@ fn sentinel_conns(
     shown: &str,
     timeouts: [Duration; 3],
 ) -> Result<[Conn; 3], StoreError> {
-    let info = config
-        .url
-        .as_str()
-        .into_connection_info()
-        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
+    let info = node_settings(config, shown)?;
     let mut node = SentinelNodeConnectionInfo::default()
         .set_redis_connection_info(info.redis_settings().clone());
     if let redis::ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
@@ -577,11 +590,7 @@ fn cluster_conns(
     shown: &str,
     timeouts: [Duration; 3],
 ) -> Result<[Conn; 3], StoreError> {
-    let info = config
-        .url
-        .as_str()
-        .into_connection_info()
-        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
+    let info = node_settings(config, shown)?;
     let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
     let urls: Vec<String> = nodes
         .iter()
@@ -673,6 +682,18 @@ fn array(v: Value) -> Result<Vec<Value>, StoreError> {
     }
 }
 
+/// Numbers as a change-log entry holds them (read back by [`numbers_csv`]).
+fn csv_of(numbers: &[NhsNumber]) -> String {
+    let mut csv = String::with_capacity(numbers.len() * 11);
+    for (i, n) in numbers.iter().enumerate() {
+        if i > 0 {
+            csv.push(',');
+        }
+        csv.push_str(&n.as_u64().to_string());
+    }
+    csv
+}
+
 /// An NHS number as stored in a bucket's field.
 fn stored_number(v: &Value) -> Result<NhsNumber, StoreError> {
     int_of(v)
@@ -716,7 +737,7 @@ impl ConsentStore for RedisStore {
 
     async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
         let bound = self.bound()?;
-        if self.inner.cluster {
+        if self.is_cluster() {
             return self.lookup_cluster(&bound, numbers).await;
         }
         let mut inv = self.inner.scripts.lookup.prepare_invoke();
@@ -772,7 +793,7 @@ impl ConsentStore for RedisStore {
         audit: &AuditRecord,
     ) -> Result<WriteOutcome, StoreError> {
         let bound = self.bound()?;
-        if self.inner.cluster {
+        if self.is_cluster() {
             return self
                 .change_cluster(&bound, kind, opt_out, numbers, source, audit)
                 .await;
@@ -825,7 +846,7 @@ impl ConsentStore for RedisStore {
 
     async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
         let bound = self.bound()?;
-        if self.inner.cluster {
+        if self.is_cluster() {
             return self.get_cluster(&bound, number).await;
         }
         let reply: Value = self
@@ -960,7 +981,7 @@ impl ConsentStore for RedisStore {
 
     async fn scan(&self) -> Result<Scan, StoreError> {
         let bound = self.bound()?;
-        if self.inner.cluster {
+        if self.is_cluster() {
             return self.scan_cluster(&bound).await;
         }
         let (marker, version): (Option<String>, Value) = redis::pipe()
@@ -1017,7 +1038,7 @@ impl ConsentStore for RedisStore {
             .await
             .map_err(unavailable)?;
         let mut safe = check_eviction_policy(&memory);
-        if safe.is_ok() && self.inner.cluster {
+        if safe.is_ok() && self.is_cluster() {
             // The pipeline's INFO went to the metadata's master only; every master holds data.
             safe = self.eviction_policy_ok().await;
         }
@@ -1033,7 +1054,7 @@ impl ConsentStore for RedisStore {
             .filter(|s| !s.is_empty())
             .map(|s| s.split(',').map(str::to_string).collect())
             .unwrap_or_default();
-        if self.inner.cluster && shards.is_empty() {
+        if self.is_cluster() && shards.is_empty() {
             *self.inner.bound.write() = None;
             return Err(StoreError::NotInitialised(
                 "the store was initialised without cluster shards; initialise it with \
@@ -1414,13 +1435,7 @@ impl RedisImport {
         }
         audit.applied = added.len() as u64 + removed;
         audit.digests = key.digests(added.iter().chain(&removed_numbers).copied());
-        let mut added_csv = String::with_capacity(added.len() * 11);
-        for (i, n) in added.iter().enumerate() {
-            if i > 0 {
-                added_csv.push(',');
-            }
-            added_csv.push_str(&n.as_u64().to_string());
-        }
+        let added_csv = csv_of(&added);
         drop(removed_numbers);
         let mut inv = store.inner.scripts.swap.prepare_invoke();
         inv.key(store.key("marker"))

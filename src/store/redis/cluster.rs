@@ -219,67 +219,58 @@ impl RedisStore {
                 "not a Redis Cluster connection".into(),
             ));
         };
-        let mut gens = self.cached_gens();
-        for _ in 0..3 {
-            let (g1, g2) = match gens {
-                Some(g) => g,
-                None => self.read_meta(bound, &[]).await?.0.gens,
-            };
-            // One pipeline per master: two HEXISTS per number, then each shard's marker.
-            let reads = groups.iter().map(|(&g, (idx, shards))| {
-                let mut pipe = redis::pipe();
-                for &i in idx {
-                    let n = numbers[i].as_u64();
-                    let b = n % bound.buckets;
-                    pipe.cmd("HEXISTS")
-                        .arg(self.data_key(bound, "1", g1, b))
-                        .arg(n);
-                    pipe.cmd("HEXISTS")
-                        .arg(self.data_key(bound, "2", g2, b))
-                        .arg(n);
-                }
-                for &s in shards {
-                    pipe.get(self.shard_marker(&bound.shards[s]));
-                }
-                let count = idx.len() * 2 + shards.len();
-                cluster.pipeline_to_slot(pipe, count, masters.route_slot[g])
-            });
-            let replies = futures::future::join_all(reads).await;
-            let mut held = vec![OptOutSet::EMPTY; numbers.len()];
-            for ((idx, shards), reply) in groups.values().zip(replies) {
-                let reply = reply.map_err(unavailable)?;
-                if reply.len() != idx.len() * 2 + shards.len() {
-                    return Err(StoreError::Corrupt(format!(
-                        "a shard pipeline of {} commands answered {}",
-                        idx.len() * 2 + shards.len(),
-                        reply.len()
-                    )));
-                }
-                for marker in &reply[idx.len() * 2..] {
-                    Self::check_shard_marker(bound, Some(marker))?;
-                }
-                for (j, &i) in idx.iter().enumerate() {
-                    if flag(&reply[j * 2])? {
-                        held[i].insert(OptOutType::NationalDataOptOut);
+        let (groups, masters) = (&groups, &masters);
+        let (held, meta, _) = self
+            .under_current_generations(bound, |(g1, g2)| async move {
+                // One pipeline per master: two HEXISTS per number, then each shard's marker.
+                let reads = groups.iter().map(|(&g, (idx, shards))| {
+                    let mut pipe = redis::pipe();
+                    for &i in idx {
+                        let n = numbers[i].as_u64();
+                        let b = n % bound.buckets;
+                        pipe.cmd("HEXISTS")
+                            .arg(self.data_key(bound, "1", g1, b))
+                            .arg(n);
+                        pipe.cmd("HEXISTS")
+                            .arg(self.data_key(bound, "2", g2, b))
+                            .arg(n);
                     }
-                    if flag(&reply[j * 2 + 1])? {
-                        held[i].insert(OptOutType::Type1);
+                    for &s in shards {
+                        pipe.get(self.shard_marker(&bound.shards[s]));
                     }
-                }
-            }
-            let (meta, _) = self.read_meta(bound, &[]).await?;
-            *self.inner.gens.lock() = Some(meta.gens);
-            if meta.gens == (g1, g2) {
-                return Ok(Lookup {
-                    held,
-                    version: meta.version,
+                    let count = idx.len() * 2 + shards.len();
+                    cluster.pipeline_to_slot(pipe, count, masters.route_slot[g])
                 });
-            }
-            gens = Some(meta.gens);
-        }
-        Err(StoreError::Unavailable(
-            "imports replaced the opt-out lists during three lookups in a row; withholding".into(),
-        ))
+                let replies = futures::future::join_all(reads).await;
+                let mut held = vec![OptOutSet::EMPTY; numbers.len()];
+                for ((idx, shards), reply) in groups.values().zip(replies) {
+                    let reply = reply.map_err(unavailable)?;
+                    if reply.len() != idx.len() * 2 + shards.len() {
+                        return Err(StoreError::Corrupt(format!(
+                            "a shard pipeline of {} commands answered {}",
+                            idx.len() * 2 + shards.len(),
+                            reply.len()
+                        )));
+                    }
+                    for marker in &reply[idx.len() * 2..] {
+                        Self::check_shard_marker(bound, Some(marker))?;
+                    }
+                    for (j, &i) in idx.iter().enumerate() {
+                        if flag(&reply[j * 2])? {
+                            held[i].insert(OptOutType::NationalDataOptOut);
+                        }
+                        if flag(&reply[j * 2 + 1])? {
+                            held[i].insert(OptOutType::Type1);
+                        }
+                    }
+                }
+                Ok((held, Vec::new()))
+            })
+            .await?;
+        Ok(Lookup {
+            held,
+            version: meta.version,
+        })
     }
 
     pub(super) async fn get_cluster(
@@ -290,52 +281,72 @@ impl RedisStore {
         let n = number.as_u64();
         let b = n % bound.buckets;
         let shard = Self::shard_of(bound, number);
+        let (values, meta, sources) = self
+            .under_current_generations(bound, |(g1, g2)| async move {
+                let (v1, v2, marker): (Option<String>, Option<String>, Value) = redis::pipe()
+                    .hget(self.data_key(bound, "1", g1, b), n)
+                    .hget(self.data_key(bound, "2", g2, b), n)
+                    .get(self.shard_marker(&bound.shards[shard]))
+                    .query_async(&mut self.conn())
+                    .await
+                    .map_err(unavailable)?;
+                Self::check_shard_marker(bound, Some(&marker))?;
+                let values: Vec<(OptOutType, String)> = OptOutType::ALL
+                    .into_iter()
+                    .zip([v1, v2])
+                    .filter_map(|(t, v)| Some((t, v.filter(|v| !v.is_empty())?)))
+                    .collect();
+                // The sources' names are read with the generations, by their ids.
+                let sids = values
+                    .iter()
+                    .map(|(_, v)| v.rsplit(',').next().unwrap_or_default().to_string())
+                    .collect();
+                Ok((values, sids))
+            })
+            .await?;
+        let records = values
+            .iter()
+            .zip(sources.iter().map(|s| text_of(s).unwrap_or_default()))
+            .map(|((t, v), source)| OptOutRecord {
+                kind: *t,
+                recorded_at_ms: v
+                    .split(',')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
+                source,
+            })
+            .collect();
+        Ok((records, meta.version))
+    }
+
+    /// Reads with `read` under the generations last seen, then reads the metadata (with the
+    /// source names `read` asks for) and repeats if an import replaced a generation meanwhile:
+    /// generations only grow, so equal before and after means unchanged throughout.
+    async fn under_current_generations<T, F>(
+        &self,
+        bound: &Bound,
+        mut read: impl FnMut((u64, u64)) -> F,
+    ) -> Result<(T, Meta, Vec<Value>), StoreError>
+    where
+        F: Future<Output = Result<(T, Vec<String>), StoreError>>,
+    {
         let mut gens = self.cached_gens();
         for _ in 0..3 {
-            let (g1, g2) = match gens {
+            let used = match gens {
                 Some(g) => g,
                 None => self.read_meta(bound, &[]).await?.0.gens,
             };
-            let (v1, v2, marker): (Option<String>, Option<String>, Value) = redis::pipe()
-                .hget(self.data_key(bound, "1", g1, b), n)
-                .hget(self.data_key(bound, "2", g2, b), n)
-                .get(self.shard_marker(&bound.shards[shard]))
-                .query_async(&mut self.conn())
-                .await
-                .map_err(unavailable)?;
-            Self::check_shard_marker(bound, Some(&marker))?;
-            let values: Vec<(OptOutType, String)> = OptOutType::ALL
-                .into_iter()
-                .zip([v1, v2])
-                .filter_map(|(t, v)| Some((t, v.filter(|v| !v.is_empty())?)))
-                .collect();
-            let sids: Vec<String> = values
-                .iter()
-                .map(|(_, v)| v.rsplit(',').next().unwrap_or_default().to_string())
-                .collect();
+            let (value, sids) = read(used).await?;
             let (meta, sources) = self.read_meta(bound, &sids).await?;
             *self.inner.gens.lock() = Some(meta.gens);
-            if meta.gens != (g1, g2) {
-                gens = Some(meta.gens);
-                continue;
+            if meta.gens == used {
+                return Ok((value, meta, sources));
             }
-            let records = values
-                .iter()
-                .zip(sources.iter().map(|s| text_of(s).unwrap_or_default()))
-                .map(|((t, v), source)| OptOutRecord {
-                    kind: *t,
-                    recorded_at_ms: v
-                        .split(',')
-                        .next()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0),
-                    source,
-                })
-                .collect();
-            return Ok((records, meta.version));
+            gens = Some(meta.gens);
         }
         Err(StoreError::Unavailable(
-            "imports replaced the opt-out lists during three reads in a row".into(),
+            "imports replaced the opt-out lists during three reads in a row; withholding".into(),
         ))
     }
 
@@ -350,15 +361,11 @@ impl RedisStore {
     ) -> Result<WriteOutcome, StoreError> {
         let t = type_code(opt_out);
         let add = kind == ChangeKind::Add;
-        let mut csv = String::new();
-        if add {
-            for (i, n) in numbers.iter().enumerate() {
-                if i > 0 {
-                    csv.push(',');
-                }
-                csv.push_str(&n.as_u64().to_string());
-            }
-        }
+        let csv = if add {
+            super::csv_of(numbers)
+        } else {
+            String::new()
+        };
         // 1. Metadata: refuse during an import; intern the source; for an add, log it first.
         let mut inv = BEGIN.prepare_invoke();
         inv.key(self.key("marker"))
