@@ -12,7 +12,7 @@ use crate::{
         WithholdReason, applicable, decide,
     },
     store::{ConsentStore, Lookup},
-    sync::SyncedFilter,
+    sync::{SyncedFilter, VersionWait},
 };
 
 /// One batch to check.
@@ -76,21 +76,34 @@ impl Checker {
             };
         }
 
-        // A caller who wrote at version V wants an answer that reflects V: wait for the filter,
-        // within the deadline; if it does not get there, ask the store about every number.
-        let mut filter_behind = false;
-        if let Some(want) = input.at_least_version
-            && self.filter.version() < want
-        {
-            let budget = remaining(input.deadline).mul_f32(0.5);
-            filter_behind = !self.filter.wait_for_version(want, budget).await;
-        }
-
         let valid: Vec<(usize, NhsNumber)> = parsed
             .iter()
             .enumerate()
             .filter_map(|(i, p)| p.map(|n| (i, n)))
             .collect();
+        // The store lost changes this replica saw: nothing it says can be trusted, and no
+        // rebuild from it either, until an admin acknowledges.
+        if self.filter.regressed() {
+            return self.withhold_all(decisions, &valid, WithholdReason::StoreRegressed);
+        }
+
+        // A caller who wrote at version V wants an answer that reflects V: wait for the filter,
+        // within the deadline; if it does not get there, ask the store about every number. A V
+        // beyond what the store holds (no admin write ever returned it) is answered at once.
+        let mut filter_behind = false;
+        if let Some(want) = input.at_least_version
+            && self.filter.version() < want
+        {
+            let budget = remaining(input.deadline).mul_f32(0.5);
+            match self.filter.wait_for_version(want, budget).await {
+                VersionWait::Reached => {}
+                VersionWait::Beyond => {
+                    metrics::counter!("optout_check_version_not_reached_total").increment(1);
+                    return self.withhold_all(decisions, &valid, WithholdReason::VersionNotReached);
+                }
+                VersionWait::TimedOut => filter_behind = true,
+            }
+        }
         let mut maybes: Vec<(usize, NhsNumber)> = Vec::new();
         let (filter_version, trusted) = {
             let view = self.filter.view();
@@ -126,7 +139,16 @@ impl Checker {
         };
         let lag_ms = found.version.ms.saturating_sub(filter_version.ms);
         metrics::gauge!("optout_filter_version_lag_seconds").set(lag_ms as f64 / 1000.0);
-        if !trusted || found.version <= filter_version {
+        if found.version < filter_version {
+            // The store answered from before what the filter already reflects: it lost changes
+            // (or the answer came from a lagging node). Its "no opt-out" proves nothing.
+            store_behind_filter(found.version, filter_version);
+            return CheckOutput {
+                decisions,
+                version: filter_version,
+            };
+        }
+        if !trusted || found.version == filter_version {
             // Either the store answered for every number, or it was at the filter's version: one
             // consistent state either way.
             self.apply(
@@ -149,6 +171,16 @@ impl Checker {
         // change (half of a REPLACE import). Ask the store for every number, so the whole answer
         // reflects one version; if it cannot answer, withhold everything rather than mix.
         match self.ask(&valid, input.deadline).await {
+            Some(all) if all.version < filter_version => {
+                store_behind_filter(all.version, filter_version);
+                for &(i, _) in &valid {
+                    decisions[i] = STORE_UNAVAILABLE;
+                }
+                CheckOutput {
+                    decisions,
+                    version: filter_version,
+                }
+            }
             Some(all) => {
                 let version = all.version;
                 self.apply(
@@ -170,6 +202,22 @@ impl Checker {
                     version: filter_version,
                 }
             }
+        }
+    }
+
+    /// Every valid number withheld for `reason`, without asking the store.
+    fn withhold_all(
+        &self,
+        mut decisions: Vec<Decision>,
+        valid: &[(usize, NhsNumber)],
+        reason: WithholdReason,
+    ) -> CheckOutput {
+        for &(i, _) in valid {
+            decisions[i] = Decision::Withhold(reason);
+        }
+        CheckOutput {
+            decisions,
+            version: self.filter.version(),
         }
     }
 
@@ -231,6 +279,16 @@ impl Checker {
             };
         }
     }
+}
+
+/// Logs and counts a store answer older than the filter (its numbers stay withheld).
+fn store_behind_filter(store: Version, filter: Version) {
+    metrics::counter!("optout_store_behind_filter_total").increment(1);
+    tracing::warn!(
+        %store,
+        %filter,
+        "the store answered from an older version than the filter reflects; withholding"
+    );
 }
 
 fn remaining(deadline: Instant) -> Duration {

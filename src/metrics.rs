@@ -132,7 +132,7 @@ fn describe() {
 /// How many decisions of one batch fell on each outcome and reason: counted once per batch, for
 /// both the metrics and the audit record.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DecisionCounts([u64; 6]);
+pub struct DecisionCounts([u64; 8]);
 
 impl DecisionCounts {
     /// The counts of a whole batch.
@@ -172,20 +172,24 @@ impl DecisionCounts {
 }
 
 /// The withhold reasons in the order of indices 2.. of [`REASONS`].
-const WITHHELD: [WithholdReason; 4] = [
+const WITHHELD: [WithholdReason; 6] = [
     WithholdReason::NationalDataOptOut,
     WithholdReason::Type1OptOut,
     WithholdReason::InvalidNhsNumber,
     WithholdReason::StoreUnavailable,
+    WithholdReason::StoreRegressed,
+    WithholdReason::VersionNotReached,
 ];
 
-const REASONS: [(&str, &str); 6] = [
+const REASONS: [(&str, &str); 8] = [
     ("release", "no_opt_out"),
     ("release", "purpose_exempt"),
     ("withhold", "national_data_opt_out"),
     ("withhold", "type1_opt_out"),
     ("withhold", "invalid_nhs_number"),
     ("withhold", "store_unavailable"),
+    ("withhold", "store_regressed"),
+    ("withhold", "version_not_reached"),
 ];
 
 fn reason_index(d: &Decision) -> usize {
@@ -196,6 +200,8 @@ fn reason_index(d: &Decision) -> usize {
         Decision::Withhold(WithholdReason::Type1OptOut) => 3,
         Decision::Withhold(WithholdReason::InvalidNhsNumber) => 4,
         Decision::Withhold(WithholdReason::StoreUnavailable) => 5,
+        Decision::Withhold(WithholdReason::StoreRegressed) => 6,
+        Decision::Withhold(WithholdReason::VersionNotReached) => 7,
     }
 }
 

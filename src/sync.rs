@@ -73,6 +73,26 @@ pub struct SyncedFilter {
     removed_since_build: AtomicU64,
     /// Where the current generation came from ("scan" or "snapshot"), for status.
     loaded_from: parking_lot::Mutex<&'static str>,
+    /// The last proof of being caught up: when it was asked (as `caught_up_at`) and the version
+    /// the filter then reflected. A caller's `at_least_version` beyond a proof asked after the
+    /// call arrived is beyond anything the store holds.
+    proof: watch::Sender<(u64, Version)>,
+    /// Set when the store was seen behind what this replica already read: why. While set, every
+    /// number is withheld and health says NOT_SERVING, until an admin acknowledges it.
+    regressed: parking_lot::Mutex<Option<String>>,
+    regressed_flag: std::sync::atomic::AtomicBool,
+}
+
+/// How a wait for `at_least_version` ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionWait {
+    /// The filter reflects the version.
+    Reached,
+    /// The store was asked after the wait began and was still short of the version: the version
+    /// is beyond anything the store holds.
+    Beyond,
+    /// Neither within the time given.
+    TimedOut,
 }
 
 const NEVER: u64 = 0;
@@ -127,6 +147,8 @@ pub struct SyncStatus {
     pub loaded_from: &'static str,
     /// Whether a generation is loaded for the store's current dataset.
     pub loaded: bool,
+    /// Set while the replica fails closed on a store that went back in time: why.
+    pub regressed: Option<String>,
 }
 
 impl SyncedFilter {
@@ -145,6 +167,9 @@ impl SyncedFilter {
             epoch: Instant::now(),
             removed_since_build: AtomicU64::new(0),
             loaded_from: parking_lot::Mutex::new("none"),
+            proof: watch::channel((NEVER, Version::ZERO)).0,
+            regressed: parking_lot::Mutex::new(None),
+            regressed_flag: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -162,13 +187,64 @@ impl SyncedFilter {
         *self.version.borrow()
     }
 
-    /// Waits until the filter reflects at least `v`, for at most `timeout`. True if it does.
-    pub async fn wait_for_version(&self, v: Version, timeout: Duration) -> bool {
-        let mut rx = self.version.subscribe();
-        matches!(
-            tokio::time::timeout(timeout, rx.wait_for(|current| *current >= v)).await,
-            Ok(Ok(_))
-        )
+    /// Waits until the filter reflects at least `v`, for at most `timeout`; stops early when a
+    /// read of the store asked after the wait began found the store short of `v` (a version
+    /// nobody was ever given: answering it must not cost a store lookup per number).
+    pub async fn wait_for_version(&self, v: Version, timeout: Duration) -> VersionWait {
+        // Strictly later than now: a read asked in this same millisecond may predate the call.
+        let since = self.now_ms() + 1;
+        let mut versions = self.version.subscribe();
+        let mut proofs = self.proof.subscribe();
+        let wait = async {
+            loop {
+                if *versions.borrow_and_update() >= v {
+                    return VersionWait::Reached;
+                }
+                let (at, seen) = *proofs.borrow_and_update();
+                if at != NEVER && at - 1 >= since && seen < v {
+                    return VersionWait::Beyond;
+                }
+                tokio::select! {
+                    r = versions.changed() => if r.is_err() { return VersionWait::TimedOut },
+                    r = proofs.changed() => if r.is_err() { return VersionWait::TimedOut },
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or(VersionWait::TimedOut)
+    }
+
+    /// Whether the store was seen going back in time and no admin has acknowledged it yet.
+    #[inline]
+    pub fn regressed(&self) -> bool {
+        self.regressed_flag.load(Ordering::Acquire)
+    }
+
+    /// Why the replica fails closed on a store that went back in time, if it does.
+    pub fn regression(&self) -> Option<String> {
+        self.regressed.lock().clone()
+    }
+
+    /// Fails closed: the store lost changes this replica saw. Every number is withheld and health
+    /// turns NOT_SERVING until [`SyncedFilter::clear_regression`].
+    fn fail_closed_regressed(&self, why: String) {
+        tracing::error!(
+            why = %why,
+            "the consent store went back in time: withholding every number until an admin \
+             restores the lost changes and runs `optout admin acknowledge-regression`"
+        );
+        metrics::counter!("optout_store_regressions_total").increment(1);
+        metrics::gauge!("optout_store_regressed").set(1.0);
+        *self.regressed.lock() = Some(why);
+        self.regressed_flag.store(true, Ordering::Release);
+        self.unload();
+    }
+
+    fn clear_regression(&self) {
+        *self.regressed.lock() = None;
+        self.regressed_flag.store(false, Ordering::Release);
+        metrics::gauge!("optout_store_regressed").set(0.0);
     }
 
     /// A receiver that turns true once a generation is loaded.
@@ -199,6 +275,8 @@ impl SyncedFilter {
     /// store was asked, so the claim is never later than the truth).
     fn mark_caught_up(&self, at: u64) {
         self.caught_up_at.fetch_max(at + 1, Ordering::AcqRel);
+        let version = self.version();
+        self.proof.send_replace((at + 1, version));
     }
 
     /// Status for GetStatus and metrics.
@@ -212,6 +290,7 @@ impl SyncedFilter {
             freshness_bound: self.config.freshness_bound,
             loaded_from: *self.loaded_from.lock(),
             loaded: *self.loaded.borrow(),
+            regressed: self.regression(),
         }
     }
 
@@ -334,6 +413,7 @@ async fn catch_up(
     loop {
         match store.changes_after(version, 1024, Duration::ZERO).await? {
             Feed::Trimmed => return Ok(None),
+            Feed::Behind { store } => return Err(behind(version, store)),
             Feed::Changes(entries) if entries.is_empty() => return Ok(Some((filter, version))),
             Feed::Changes(entries) => {
                 for e in entries {
@@ -347,16 +427,33 @@ async fn catch_up(
     }
 }
 
-/// Catches a finished background generation up with the log and swaps it in.
+/// The error for a store found behind `seen`.
+fn behind(seen: Version, store: Version) -> StoreError {
+    StoreError::Regressed(format!(
+        "this replica read the store's change log up to version {seen}, and the store is now at \
+         {store}: changes were lost (a Redis restarted from an older snapshot or AOF, a failover \
+         to a replica that had not received them, or a restore from backup)"
+    ))
+}
+
+/// Catches a finished background generation up with the log and swaps it in. Returns the error
+/// only when the store went back in time (the caller fails closed); others are logged.
 async fn swap_in(
     store: &dyn ConsentStore,
     synced: &SyncedFilter,
     handle: tokio::task::JoinHandle<Result<(OptOutFilter, Version), StoreError>>,
-) {
+) -> Result<(), StoreError> {
     let (filter, version) = match handle.await {
         Ok(Ok(built)) => built,
-        Ok(Err(e)) => return tracing::warn!(error = %e, "cannot build a new filter generation"),
-        Err(e) => return tracing::warn!(error = %e, "filter build task failed"),
+        Ok(Err(e @ StoreError::Regressed(_))) => return Err(e),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot build a new filter generation");
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "filter build task failed");
+            return Ok(());
+        }
     };
     match catch_up(store, filter, version).await {
         // Only the follower moves the version, so a generation caught up to at least the current
@@ -372,8 +469,10 @@ async fn swap_in(
             );
         }
         Ok(_) => tracing::info!("new filter generation fell behind the log; will retry"),
+        Err(e @ StoreError::Regressed(_)) => return Err(e),
         Err(e) => tracing::warn!(error = %e, "cannot catch up the new filter generation"),
     }
+    Ok(())
 }
 
 /// Follows the store until `shutdown` turns true: the only writer of `synced`.
@@ -393,10 +492,37 @@ pub async fn follow(
     let mut last_safety_check = Instant::now();
     let mut last_snapshot = Instant::now();
     let mut published = Version::ZERO;
+    // While failing closed on a store that went back in time: the store's acknowledgement id as
+    // first read after failing closed (`None`: not read yet). A different one later means an
+    // admin acknowledged this incident.
+    let mut ack_then: Option<Option<String>> = None;
 
     loop {
         if *shutdown.borrow() {
             break;
+        }
+        if synced.regressed() {
+            match (store.regression_ack().await, &ack_then) {
+                (Ok(now), None) => ack_then = Some(now),
+                (Ok(now), Some(then)) if now != *then => {
+                    tracing::warn!(
+                        "an admin acknowledged that the store went back in time; rebuilding the \
+                         filter from what the store holds now"
+                    );
+                    synced.clear_regression();
+                    ack_then = None;
+                    must_rebuild = true;
+                }
+                (Ok(_), Some(_)) => {}
+                (Err(e), _) => tracing::debug!(error = %e, "cannot read the regression acknowledgement"),
+            }
+            if synced.regressed() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.changed() => break,
+                }
+                continue;
+            }
         }
         // First load, or a log trimmed past our position: build a generation in the foreground.
         let needs_load = !*synced.loaded.borrow() || must_rebuild;
@@ -424,6 +550,10 @@ pub async fn follow(
                     );
                     backoff.reset();
                 }
+                Err(StoreError::Regressed(why)) => {
+                    synced.fail_closed_regressed(why);
+                    continue;
+                }
                 Err(e) => {
                     if matches!(e, StoreError::NotInitialised(_) | StoreError::Unsafe(_)) {
                         synced.unload();
@@ -440,8 +570,10 @@ pub async fn follow(
         // A background generation finished: catch it up and swap it in.
         if rebuild.as_ref().is_some_and(|h| h.is_finished())
             && let Some(handle) = rebuild.take()
+            && let Err(e) = swap_in(store.as_ref(), &synced, handle).await
         {
-            swap_in(store.as_ref(), &synced, handle).await;
+            synced.fail_closed_regressed(e.to_string());
+            continue;
         }
         if rebuild.is_none() && synced.needs_new_generation() {
             generation += 1;
@@ -492,6 +624,8 @@ pub async fn follow(
                 tracing::warn!(%after, "the change log no longer reaches this filter's version; rebuilding");
                 must_rebuild = true;
             }
+            Ok(Feed::Behind { store }) => synced.fail_closed_regressed(behind(after, store).to_string()),
+            Err(StoreError::Regressed(why)) => synced.fail_closed_regressed(why),
             Err(e @ StoreError::NotInitialised(_)) => {
                 // The store was reset, flushed or re-initialised: what the filter says is about a
                 // dataset the store no longer holds. Stop trusting it now; reload when a dataset

@@ -9,7 +9,8 @@ use super::{
     gate::caller_of,
     opt_out_type, opt_out_type_to_proto,
     proto::{
-        AuditEntry, ChangeOptOutsRequest, ChangeOptOutsResponse, FilterStatus, GetOptOutRequest,
+        AcknowledgeStoreRegressionRequest, AcknowledgeStoreRegressionResponse, AuditEntry,
+        ChangeOptOutsRequest, ChangeOptOutsResponse, FilterStatus, GetOptOutRequest,
         GetOptOutResponse, GetStatusRequest, GetStatusResponse, ImportOptOutsRequest,
         ImportOptOutsResponse, OptOutRecord, ReadAuditRequest, ReadAuditResponse,
         opt_out_admin_server::OptOutAdmin,
@@ -385,6 +386,43 @@ impl OptOutAdmin for AdminService {
                     .unwrap_or(u64::MAX),
                 loaded_from: f.loaded_from.to_string(),
             }),
+            store_regressed: f.regressed.unwrap_or_default(),
+        }))
+    }
+
+    async fn acknowledge_store_regression(
+        &self,
+        request: Request<AcknowledgeStoreRegressionRequest>,
+    ) -> Result<Response<AcknowledgeStoreRegressionResponse>, Status> {
+        let caller = caller_of(&request);
+        let reason = super::label_field("reason", &request.get_ref().reason, 512)?.to_string();
+        if reason.is_empty() {
+            return Err(Status::invalid_argument(
+                "reason is required: say what was restored and the incident reference",
+            ));
+        }
+        let record = AuditRecord {
+            at_ms: i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX),
+            organisation: caller.organisation.clone(),
+            key_id: caller.key_id.clone(),
+            action: "acknowledge-regression".into(),
+            source: Some(reason),
+            version: self.filter.version().to_string(),
+            ..AuditRecord::default()
+        };
+        let id = self
+            .store
+            .acknowledge_regression(&record)
+            .await
+            .map_err(store_status)?;
+        tracing::warn!(
+            organisation = %caller.organisation,
+            key = %caller.key_id,
+            "store regression acknowledged by an admin; replicas rebuild from the store"
+        );
+        Ok(Response::new(AcknowledgeStoreRegressionResponse {
+            acknowledgement_id: id,
+            version: self.filter.version().to_string(),
         }))
     }
 }

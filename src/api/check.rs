@@ -70,6 +70,7 @@ impl CheckService {
                 "nhs_numbers is empty: nothing to check",
             ));
         }
+        let extract_id = super::label_field("extract_id", &req.extract_id, super::LABEL_MAX)?;
         if req.nhs_numbers.len() > self.limits.max_batch {
             return Err(Status::invalid_argument(format!(
                 "nhs_numbers has {} numbers; a message carries at most {} (the server's batch \
@@ -102,7 +103,7 @@ impl CheckService {
             organisation: caller.organisation.clone(),
             key_id: caller.key_id.clone(),
             action: "check".into(),
-            extract_id: Some(req.extract_id.clone()).filter(|e| !e.is_empty()),
+            extract_id: Some(extract_id.to_string()).filter(|e| !e.is_empty()),
             purpose: Some(format!("{purpose:?}")),
             origin: Some(format!("{origin:?}")),
             count: req.nhs_numbers.len() as u64,

@@ -119,6 +119,7 @@ pub(crate) fn store_status(e: StoreError) -> Status {
         StoreError::Unsafe(m) => Status::unavailable(m),
         StoreError::Unconfirmed(m) => Status::unavailable(m),
         StoreError::ImportRefused(m) => Status::failed_precondition(m),
+        StoreError::Regressed(m) => Status::unavailable(m),
     }
 }
 
@@ -186,6 +187,12 @@ pub(crate) fn decision_to_proto(d: core::Decision) -> proto::Decision {
         Decision::Withhold(WithholdReason::StoreUnavailable) => {
             (Outcome::Withhold, Reason::StoreUnavailable)
         }
+        Decision::Withhold(WithholdReason::StoreRegressed) => {
+            (Outcome::Withhold, Reason::StoreRegressed)
+        }
+        Decision::Withhold(WithholdReason::VersionNotReached) => {
+            (Outcome::Withhold, Reason::VersionNotReached)
+        }
     };
     proto::Decision {
         outcome: outcome as i32,
@@ -205,24 +212,58 @@ pub(crate) fn version_field(field: &str, value: &str) -> Result<Option<core::Ver
 
 /// The source of an admin change: required, short, printable.
 pub(crate) fn source_field(source: &str) -> Result<&str, Status> {
-    let s = source.trim();
-    if s.is_empty() {
+    if source.trim().is_empty() {
         return Err(Status::invalid_argument(
             "source is required: say where the change came from (a file name, a ticket)",
         ));
     }
-    if s.len() > 256 {
+    label_field("source", source, LABEL_MAX)
+}
+
+/// The most bytes of a caller's label (`source`, `extract_id`): they go into every audit record.
+pub(crate) const LABEL_MAX: usize = 128;
+
+/// A caller's free-text label as it goes into the audit: trimmed, at most `max` bytes, printable,
+/// and holding nothing that is a valid NHS number (no number enters the audit in clear).
+pub(crate) fn label_field<'a>(name: &str, value: &'a str, max: usize) -> Result<&'a str, Status> {
+    let s = value.trim();
+    if s.len() > max {
         return Err(Status::invalid_argument(format!(
-            "source is {} bytes; at most 256",
+            "{name} is {} bytes; at most {max}",
             s.len()
         )));
     }
     if s.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(
-            "source contains control characters",
-        ));
+        return Err(Status::invalid_argument(format!(
+            "{name} contains control characters; only printable text is accepted"
+        )));
+    }
+    if holds_nhs_number(s) {
+        return Err(Status::invalid_argument(format!(
+            "{name} holds a valid NHS number; it is written to the audit log, where NHS numbers \
+             never appear in clear: use a reference that identifies no patient"
+        )));
     }
     Ok(s)
+}
+
+/// Whether any part of `s` that stands alone (no digit right before or after it) parses as a
+/// valid NHS number in an accepted form: ten digits, or 3-3-4 with single spaces or dashes.
+fn holds_nhs_number(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digit = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
+    (0..b.len()).any(|start| {
+        if !digit(start) || (start > 0 && digit(start - 1)) {
+            return false;
+        }
+        // The ten-digit form, and the 3-3-4 form (12 bytes).
+        [10usize, 12].into_iter().any(|len| {
+            start + len <= b.len()
+                && !digit(start + len)
+                && s.get(start..start + len)
+                    .is_some_and(|candidate| NhsNumber::parse(candidate).is_ok())
+        })
+    })
 }
 
 /// Invalid numbers found while validating a list, by position. Never holds the numbers.

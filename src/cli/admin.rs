@@ -43,6 +43,13 @@ enum AdminCommand {
     },
     /// Show counts, version, filter and freshness.
     Status,
+    /// After the store went back in time (replicas withhold everything, NOT_SERVING): record that
+    /// the lost changes were restored, and why, so replicas rebuild and serve again. Audited.
+    AcknowledgeRegression {
+        /// What was restored and the incident reference (goes into the audit log).
+        #[arg(long)]
+        reason: String,
+    },
     /// Read the audit log: who changed or checked what, when. Filters combine.
     Audit {
         /// From this time, ms since the Unix epoch.
@@ -113,6 +120,21 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
         AdminCommand::Add(c) => change(&mut client, c, timeout, true).await,
         AdminCommand::Remove(c) => change(&mut client, c, timeout, false).await,
         AdminCommand::Import(i) => import(&mut client, i).await,
+        AdminCommand::AcknowledgeRegression { reason } => {
+            let mut request =
+                tonic::Request::new(proto::AcknowledgeStoreRegressionRequest { reason });
+            request.set_timeout(timeout);
+            let r = client
+                .acknowledge_store_regression(request)
+                .await?
+                .into_inner();
+            println!(
+                "acknowledged ({}) at version {}; replicas that failed closed rebuild from the \
+                 store and serve again",
+                r.acknowledgement_id, r.version
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         AdminCommand::Get { nhs_number } => {
             let mut request = tonic::Request::new(GetOptOutRequest { nhs_number });
             request.set_timeout(timeout);
@@ -188,6 +210,13 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
             println!("national data opt-outs:   {}", r.national_data_opt_outs);
             println!("type 1 opt-outs:          {}", r.type_1_opt_outs);
             println!("patients with an opt-out: {}", r.patients);
+            if !r.store_regressed.is_empty() {
+                println!(
+                    "STORE WENT BACK IN TIME:  {} (every number is withheld; restore the lost \
+                     changes, then `optout admin acknowledge-regression --reason ...`)",
+                    r.store_regressed
+                );
+            }
             if let Some(f) = r.filter {
                 println!(
                     "filter:                   generation {}, {} items of {} capacity, {} bits, {} hashes",

@@ -107,11 +107,16 @@ struct RedisArgs {
     /// The shared Redis store (redis://, or rediss:// for TLS). Without it (and without
     /// --redis-sentinel), serve uses the embedded store. Behind Sentinel its host is not used: it
     /// only carries the password, database and TLS mode of the Redis nodes.
-    #[arg(long, env = "OPTOUT_REDIS_URL")]
+    #[arg(long, env = "OPTOUT_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
     /// Redis Sentinel: the sentinels' host:port, comma-separated. The store follows the master
     /// they name through failovers.
-    #[arg(long, env = "OPTOUT_REDIS_SENTINEL", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "OPTOUT_REDIS_SENTINEL",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     redis_sentinel: Vec<String>,
     /// Redis Cluster: some of its nodes' host:port, comma-separated (the rest are discovered).
     /// The opt-out data is sharded across the cluster's masters.
@@ -119,7 +124,8 @@ struct RedisArgs {
         long,
         env = "OPTOUT_REDIS_CLUSTER",
         value_delimiter = ',',
-        conflicts_with = "redis_sentinel"
+        conflicts_with = "redis_sentinel",
+        hide_env_values = true
     )]
     redis_cluster: Vec<String>,
     /// The master's name in the sentinels' configuration (`sentinel monitor NAME ...`).
@@ -130,6 +136,12 @@ struct RedisArgs {
     /// Sentinel or in a cluster, 0 for a single Redis.
     #[arg(long, env = "OPTOUT_REDIS_REPLICAS_ACK")]
     redis_replicas_ack: Option<u32>,
+    /// Trust that this Redis keeps every acknowledged write through a crash although the service
+    /// cannot read its persistence settings (a managed Redis that hides CONFIG). Without it, a
+    /// single Redis (no replica acknowledgement) must run `appendonly yes` with `appendfsync
+    /// always`, or serve and init-store refuse it. See README "Guarantees".
+    #[arg(long, env = "OPTOUT_REDIS_ASSUME_DURABLE")]
+    redis_assume_durable: bool,
     /// How long a change waits for those confirmations, in ms, before it fails unacknowledged.
     #[arg(long, env = "OPTOUT_REDIS_REPLICAS_ACK_MS", default_value_t = 2000)]
     redis_replicas_ack_ms: u64,
@@ -165,6 +177,7 @@ impl RedisArgs {
         Some(crate::store::redis::RedisConfig {
             url,
             replicas_ack: self.redis_replicas_ack.unwrap_or(default_acks),
+            assume_durable: self.redis_assume_durable,
             replicas_ack_timeout: Duration::from_millis(self.redis_replicas_ack_ms.max(1)),
             sentinel,
             cluster,
@@ -782,6 +795,8 @@ pub(crate) fn reason_name(r: i32) -> &'static str {
         Ok(proto::Reason::Type1OptOut) => "type 1 opt-out",
         Ok(proto::Reason::InvalidNhsNumber) => "invalid NHS number",
         Ok(proto::Reason::StoreUnavailable) => "store unavailable",
+        Ok(proto::Reason::StoreRegressed) => "store went back in time",
+        Ok(proto::Reason::VersionNotReached) => "version not reached",
         Ok(proto::Reason::PurposeExempt) => "purpose exempt",
         _ => "unknown reason",
     }

@@ -255,6 +255,11 @@ impl OptOutFilter {
             seq: word(5)?,
         };
         let bloom = Bloom::from_slice(&body[SNAPSHOT_HEADER..]).map_err(FilterError::Snapshot)?;
+        // A bit array of no bits, or no probes, would divide by zero on the first lookup (or say
+        // "absent" for every number): refused, never used.
+        if bloom.len() == 0 || bloom.number_of_hash_functions() == 0 {
+            return Err(FilterError::Snapshot("the bit array or its probe count is empty"));
+        }
         Ok((
             OptOutFilter {
                 probes: probes_of(&bloom),

@@ -159,6 +159,11 @@ pub enum WithholdReason {
     InvalidNhsNumber,
     /// The store could not answer in time, or freshness could not be proven.
     StoreUnavailable,
+    /// The store went back in time (lost acknowledged changes): withheld until an admin
+    /// acknowledges it.
+    StoreRegressed,
+    /// The caller's `at_least_version` is beyond anything the store holds.
+    VersionNotReached,
 }
 
 /// The decision for a valid number given the opt-outs the store holds for it.

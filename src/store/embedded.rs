@@ -54,6 +54,7 @@ const K_LOG_LEN: &str = "log_len";
 const K_PATIENTS: &str = "patients";
 const K_NEXT_SOURCE: &str = "next_source_id";
 const K_AUDIT_SEQ: &str = "audit_seq";
+const K_REGRESSION_ACK: &str = "regression_ack";
 
 fn count_key(t: OptOutType) -> &'static str {
     match t {
@@ -348,11 +349,21 @@ fn encode_entries(entries: &[Entry]) -> Vec<u8> {
     out
 }
 
-/// The types in an encoded value, without decoding the rest (the check path).
-fn held_types(bytes: &[u8]) -> OptOutSet {
+/// The types in an encoded value, without decoding the rest (the check path). A value that does
+/// not parse is an error, never "no opt-out": a corrupt record must withhold, not release.
+fn held_types(bytes: &[u8]) -> Result<OptOutSet, StoreError> {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(ENTRY_LEN) {
+        return Err(StoreError::Corrupt(format!(
+            "opt-out record of {} bytes",
+            bytes.len()
+        )));
+    }
     bytes
         .chunks_exact(ENTRY_LEN)
-        .filter_map(|c| OptOutType::from_code(c[0]))
+        .map(|c| {
+            OptOutType::from_code(c[0])
+                .ok_or_else(|| StoreError::Corrupt(format!("opt-out type code {}", c[0])))
+        })
         .collect()
 }
 
@@ -552,6 +563,10 @@ impl Inner {
         let txn = self.db.begin_read().map_err(storage)?;
         let meta = txn.open_table(META).map_err(storage)?;
         let floor = get_version(&meta, K_LOG_FLOOR)?;
+        let latest = get_version(&meta, K_VERSION)?;
+        if after > latest {
+            return Ok(Feed::Behind { store: latest });
+        }
         if after < floor {
             return Ok(Feed::Trimmed);
         }
@@ -590,7 +605,7 @@ impl ConsentStore for EmbeddedStore {
                 .iter()
                 .map(|n| {
                     Ok(match table.get(n.as_u64()).map_err(storage)? {
-                        Some(v) => held_types(v.value()),
+                        Some(v) => held_types(v.value())?,
                         None => OptOutSet::EMPTY,
                     })
                 })
@@ -748,6 +763,37 @@ impl ConsentStore for EmbeddedStore {
         Ok(self.inner.dataset_id.clone())
     }
 
+    async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(storage)?;
+            let meta = txn.open_table(META).map_err(storage)?;
+            Ok(meta
+                .get(K_REGRESSION_ACK)
+                .map_err(storage)?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+        })
+        .await
+    }
+
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
+        let mut id = [0u8; 16];
+        rand::fill(&mut id);
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let audit = audit.clone();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(storage)?;
+            {
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                meta.insert(K_REGRESSION_ACK, id.as_bytes())
+                    .map_err(storage)?;
+            }
+            write_audit(&txn, std::slice::from_ref(&audit))?;
+            txn.commit().map_err(storage)?;
+            Ok(id)
+        })
+        .await
+    }
+
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
         let records = records.to_vec();
         self.blocking(move |inner| {
@@ -875,7 +921,7 @@ impl ImportSession for EmbeddedImport {
                         let mut gone = Vec::new();
                         for item in table.iter().map_err(storage)? {
                             let (k, v) = item.map_err(storage)?;
-                            if held_types(v.value()).contains(t)
+                            if held_types(v.value())?.contains(t)
                                 && staging.get(k.value()).map_err(storage)?.is_none()
                             {
                                 gone.push(k.value());

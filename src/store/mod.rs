@@ -39,6 +39,9 @@ pub enum StoreError {
     /// An import cannot be applied as asked.
     #[error("{0}")]
     ImportRefused(String),
+    /// The store is behind what this replica already saw: it lost changes (see [`Feed::Behind`]).
+    #[error("consent store went back in time: {0}")]
+    Regressed(String),
 }
 
 /// One opt-out as recorded: its type, when and from where.
@@ -118,6 +121,13 @@ pub enum Feed {
     Changes(Vec<ChangeEntry>),
     /// The log no longer reaches back to the asked version: rebuild from a scan.
     Trimmed,
+    /// The store is behind the asked version: it lost changes a reader already saw (restored from
+    /// an older copy, a crash that lost acknowledged writes, a failover to a lagging replica).
+    /// Never rebuilt from silently: the replica fails closed until an admin acknowledges it.
+    Behind {
+        /// The store's current version.
+        store: Version,
+    },
 }
 
 /// Every opted-out number, consistent with one version.
@@ -217,6 +227,17 @@ pub trait ConsentStore: Send + Sync + 'static {
     fn shares_snapshots(&self) -> bool {
         false
     }
+
+    /// The id of the newest admin acknowledgement that the store went back in time, if any. A
+    /// replica that failed closed on [`Feed::Behind`] resumes once this differs from what it was
+    /// when the replica failed closed.
+    async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
+    /// Records an admin's acknowledgement that the store went back in time and the lost changes
+    /// were restored (or knowingly given up), with its audit record, atomically. Returns its id.
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError>;
 
     /// Appends audit records (of checks) durably.
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError>;

@@ -61,6 +61,8 @@ pub struct RedisConfig {
     pub replicas_ack: u32,
     /// How long to wait for those confirmations.
     pub replicas_ack_timeout: Duration,
+    /// Skip the persistence check (the operator vouches for a Redis whose CONFIG is hidden).
+    pub assume_durable: bool,
     /// Prefix of every key this service uses.
     pub prefix: String,
     /// Change-log entries kept.
@@ -88,17 +90,18 @@ impl RedisConfig {
             shards: 64,
             replicas_ack: 0,
             replicas_ack_timeout: Duration::from_millis(2000),
+            assume_durable: false,
         }
     }
 
     /// Where the store is, for messages and logs (no password).
     pub fn describe(&self) -> String {
         match (&self.sentinel, &self.cluster) {
-            (_, Some(nodes)) => format!("Redis Cluster at {}", nodes.join(",")),
+            (_, Some(nodes)) => format!("Redis Cluster at {}", redact_nodes(nodes)),
             (Some(s), None) => format!(
                 "Redis master {:?} via sentinels {}",
                 s.master_name,
-                s.addrs.join(",")
+                redact_nodes(&s.addrs)
             ),
             (None, None) => redact_url(&self.url),
         }
@@ -112,6 +115,21 @@ pub struct SentinelConfig {
     pub addrs: Vec<String>,
     /// The master's name in the sentinels' configuration (`sentinel monitor NAME ...`).
     pub master_name: String,
+}
+
+/// Node addresses (`host:port` or URLs that may carry a password), fit for messages and logs.
+pub fn redact_nodes(nodes: &[String]) -> String {
+    nodes
+        .iter()
+        .map(|n| {
+            if n.contains('@') || n.contains("://") {
+                redact_url(n)
+            } else {
+                n.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The URL with any password replaced, fit for messages and logs.
@@ -147,6 +165,8 @@ struct Inner {
     feed: Conn,
     /// Replicas that must confirm an opt-out change, and how long to wait for them.
     replicas_ack: u32,
+    /// The operator vouches for the persistence (see [`RedisConfig::assume_durable`]).
+    assume_durable: bool,
     replicas_ack_timeout: Duration,
     /// Prefix of the metadata keys (in a cluster, `{P}`: one hash slot for all of them).
     prefix: String,
@@ -234,7 +254,70 @@ fn check_eviction_policy(info_memory: &str) -> Result<(), StoreError> {
     }
 }
 
+/// The advice every refusal of Redis persistence ends with.
+const DURABILITY_ADVICE: &str = "set `appendonly yes` and `appendfsync always` (redis.conf, or \
+     CONFIG SET appendonly yes, CONFIG SET appendfsync always, CONFIG REWRITE), or run Redis behind \
+     Sentinel or as a Cluster with --redis-replicas-ack 1 or more; on a managed Redis that hides \
+     CONFIG but keeps every acknowledged write (see README \"Guarantees\"), pass \
+     --redis-assume-durable";
+
+/// Refuses persistence that could lose an acknowledged change when the Redis process crashes.
+///
+/// `pairs` is the flattened reply of `CONFIG GET append*` (one list per master in a cluster).
+/// Only the append-only file with an fsync before every reply keeps each acknowledged write:
+/// RDB snapshots lose everything since the last one, `appendfsync everysec` up to a second, and
+/// a replica that loads the older data then reads as "no opt-out" for the lost changes.
+fn check_persistence(pairs: &[String]) -> Result<(), StoreError> {
+    let values = |name: &str| -> Vec<&str> {
+        pairs
+            .chunks(2)
+            .filter(|p| p.first().map(String::as_str) == Some(name))
+            .filter_map(|p| p.get(1).map(String::as_str))
+            .collect()
+    };
+    let (aof, fsync) = (values("appendonly"), values("appendfsync"));
+    let durable = !aof.is_empty()
+        && !fsync.is_empty()
+        && aof.iter().all(|v| v.eq_ignore_ascii_case("yes"))
+        && fsync.iter().all(|v| v.eq_ignore_ascii_case("always"));
+    if durable {
+        return Ok(());
+    }
+    Err(StoreError::Unsafe(format!(
+        "Redis could lose an acknowledged opt-out change in a crash (appendonly {}, appendfsync \
+         {}), and a replica would then release that patient: {DURABILITY_ADVICE}",
+        if aof.is_empty() { "unknown".into() } else { aof.join("/") },
+        if fsync.is_empty() { "unknown".into() } else { fsync.join("/") },
+    )))
+}
+
 impl RedisStore {
+    /// Whether an acknowledged change survives the crash of the Redis process that took it:
+    /// replicas confirm every change (Sentinel, Cluster), or the operator vouches for it, or the
+    /// append-only file is fsynced before every reply.
+    async fn persistence_ok(&self) -> Result<(), StoreError> {
+        if self.inner.replicas_ack > 0 || self.inner.assume_durable {
+            return Ok(());
+        }
+        let reply: Value = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("append*")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| {
+                if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+                    // Not an answer about persistence: the store is unreachable for now.
+                    return unavailable(e);
+                }
+                StoreError::Unsafe(format!(
+                    "cannot read Redis persistence settings (CONFIG GET: {e}), so losing \
+                     acknowledged opt-out changes in a crash cannot be ruled out: \
+                     {DURABILITY_ADVICE}"
+                ))
+            })?;
+        check_persistence(&texts_of(reply))
+    }
+
     /// Connects lazily: an unreachable Redis is not an error here (the replica starts NOT_SERVING
     /// and keeps trying); a malformed URL or sentinel address is.
     pub fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
@@ -257,6 +340,7 @@ impl RedisStore {
                 write,
                 feed,
                 replicas_ack: config.replicas_ack,
+                assume_durable: config.assume_durable,
                 replicas_ack_timeout: config.replicas_ack_timeout,
                 prefix: if config.cluster.is_some() {
                     format!("{{{}}}", config.prefix)
@@ -329,6 +413,15 @@ impl RedisStore {
              retry (changes are idempotent)",
             self.ack_timeout_ms()
         )))
+    }
+
+    /// Drops every connection to the node Sentinel named, so the next call asks the sentinels.
+    fn reset_sentinel_conns(&self) {
+        for c in [&self.inner.conn, &self.inner.write, &self.inner.feed] {
+            if let Conn::Sentinel(s) = c {
+                s.reset();
+            }
+        }
     }
 
     /// A Redis Cluster: data keys are sharded and multi-key steps are ordered, not atomic.
@@ -432,6 +525,7 @@ impl RedisStore {
     /// Initialises an empty store: writes the dataset marker. Refuses a store that has one.
     pub async fn init(&self, buckets: u64) -> Result<String, StoreError> {
         self.eviction_policy_ok().await?;
+        self.persistence_ok().await?;
         let mut id = [0u8; 16];
         rand::fill(&mut id);
         let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -569,7 +663,7 @@ fn sentinel_conns(
     }
     let db = info.redis_settings().db();
     let sentinels = Sentinels::new(&s.addrs, &s.master_name, node).map_err(|e| {
-        StoreError::Unavailable(format!("--redis-sentinel {}: {e}", s.addrs.join(",")))
+        StoreError::Unavailable(format!("--redis-sentinel {}: {e}", redact_nodes(&s.addrs)))
     })?;
     Ok(timeouts.map(|t| {
         Conn::Sentinel(SentinelConn::new(
@@ -618,7 +712,7 @@ fn cluster_conns(
             builder = builder.password(password);
         }
         let client = builder.build().map_err(|e| {
-            StoreError::Unavailable(format!("--redis-cluster {}: {e}", nodes.join(",")))
+            StoreError::Unavailable(format!("--redis-cluster {}: {e}", redact_nodes(nodes)))
         })?;
         conns.push(Conn::Cluster(ClusterConn::new(client)));
     }
@@ -926,25 +1020,41 @@ impl ConsentStore for RedisStore {
         // The marker and the floor are read after the log, in the same round trip: if both still
         // hold once the entries are in hand, nothing between `after` and them was trimmed, and
         // they belong to the dataset this replica loaded.
-        let (entries, marker, floor, latest): (Value, Option<String>, Value, Value) = redis::pipe()
-            .add_command(read)
+        let mut pipe = redis::pipe();
+        pipe.add_command(read)
             .hget(self.key("marker"), "dataset_id")
             .get(self.key("log_floor"))
-            .get(self.key("version"))
+            .get(self.key("version"));
+        let sentinel = matches!(self.inner.feed, Conn::Sentinel(_));
+        if sentinel {
+            // Behind Sentinel, a connection may still reach a demoted master (now a replica that
+            // lags): what it says of the version is not the store's, so ask who it is.
+            pipe.cmd("ROLE");
+        }
+        let reply: Vec<Value> = pipe
             .query_async(&mut self.inner.feed.clone())
             .await
             .map_err(unavailable)?;
-        if marker.as_deref() != Some(bound.dataset.as_str()) {
+        let mut reply = reply.into_iter();
+        let mut next = || reply.next().unwrap_or(Value::Nil);
+        let (entries, marker, floor, latest) = (next(), next(), next(), next());
+        if sentinel && array(next())?.first().and_then(text_of).as_deref() != Some("master") {
+            self.reset_sentinel_conns();
+            return Err(StoreError::Unavailable(
+                "the Redis node Sentinel named is no longer the master; asking again".into(),
+            ));
+        }
+        if text_of(&marker).as_deref() != Some(bound.dataset.as_str()) {
             return Err(changed());
         }
-        if after < version_of(&floor)? {
-            return Ok(Feed::Trimmed);
+        let latest = version_of(&latest)?;
+        if after > latest {
+            // The store is behind what this replica already read: Redis restarted from an older
+            // snapshot, lost its last writes, or failed over to a replica that had not received
+            // them. Never rebuilt from silently: the follower fails closed.
+            return Ok(Feed::Behind { store: latest });
         }
-        if after > version_of(&latest)? {
-            // The store is behind what this replica already read: a failover to a replica that
-            // had not received the newest changes (never acknowledged, see `invoke_durable`).
-            // Rebuild from what the store holds now rather than wait for versions to catch up.
-            tracing::warn!(%after, "the store's change log went back in time (failover?)");
+        if after < version_of(&floor)? {
             return Ok(Feed::Trimmed);
         }
         let mut out = Vec::new();
@@ -1042,6 +1152,9 @@ impl ConsentStore for RedisStore {
             // The pipeline's INFO went to the metadata's master only; every master holds data.
             safe = self.eviction_policy_ok().await;
         }
+        if safe.is_ok() {
+            safe = self.persistence_ok().await;
+        }
         if let Err(e) = safe {
             *self.inner.bound.write() = None;
             return Err(e);
@@ -1073,7 +1186,11 @@ impl ConsentStore for RedisStore {
     }
 
     async fn check_safe(&self) -> Result<(), StoreError> {
-        self.eviction_policy_ok().await.inspect_err(|e| {
+        let safe = match self.eviction_policy_ok().await {
+            Ok(()) => self.persistence_ok().await,
+            Err(e) => Err(e),
+        };
+        safe.inspect_err(|e| {
             if matches!(e, StoreError::Unsafe(_)) {
                 *self.inner.bound.write() = None;
             }
@@ -1088,11 +1205,7 @@ impl ConsentStore for RedisStore {
                 .map_err(unavailable)?;
             let is_master = array(role)?.first().and_then(text_of).as_deref() == Some("master");
             if !is_master {
-                for c in [&self.inner.conn, &self.inner.write, &self.inner.feed] {
-                    if let Conn::Sentinel(s) = c {
-                        s.reset();
-                    }
-                }
+                self.reset_sentinel_conns();
                 return Err(StoreError::Unavailable(
                     "the Redis node Sentinel named is no longer the master; asking again".into(),
                 ));
@@ -1138,6 +1251,28 @@ impl ConsentStore for RedisStore {
 
     fn shares_snapshots(&self) -> bool {
         true
+    }
+
+    async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .get(self.key("regression_ack"))
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
+        let bound = self.bound()?;
+        let mut id = [0u8; 16];
+        rand::fill(&mut id);
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let mut inv = self.inner.scripts.acknowledge.prepare_invoke();
+        inv.key(self.key("marker"))
+            .arg(&self.inner.prefix)
+            .arg(&bound.dataset)
+            .arg(&id)
+            .arg(audit_json(audit)?)
+            .arg(self.inner.audit_len);
+        self.invoke_durable(&inv, &mut self.write_conn()).await
     }
 
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
@@ -1503,6 +1638,7 @@ struct Scripts {
     unlock: Script,
     scan: Script,
     snapshot: Script,
+    acknowledge: Script,
 }
 
 /// Lua helpers shared by the scripts that change opt-outs.
@@ -1686,6 +1822,21 @@ end
 return out
 "#,
             ),
+            // KEYS: the marker. ARGV: prefix, dataset, acknowledgement id, audit json, audit
+            // maxlen. Records an admin's acknowledgement that the store went back in time, with
+            // its audit record. Returns the id.
+            acknowledge: Script::new(
+                r#"
+local p = ARGV[1]
+if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
+  return redis.error_reply('OPTOUTDATASET marker missing or changed')
+end
+redis.call('SET', p..'regression_ack', ARGV[3])
+local v = redis.call('GET', p..'version') or '0-0'
+redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[4], 'v', v, 'n', 0)
+return ARGV[3]
+"#,
+            ),
             // ARGV: prefix, dataset, version ms, version seq, bytes. Keeps the newest snapshot.
             snapshot: Script::new(
                 r#"
@@ -1693,13 +1844,19 @@ local p = ARGV[1]
 if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
   return redis.error_reply('OPTOUTDATASET marker missing or changed')
 end
-local cur = redis.call('GET', p..'snapshot_version')
-if cur then
+local function newer(cur, nms, nseq)
   local ms, seq = string.match(cur, '^(%d+)-(%d+)$')
   ms, seq = tonumber(ms), tonumber(seq)
-  local nms, nseq = tonumber(ARGV[3]), tonumber(ARGV[4])
-  if ms and (ms > nms or (ms == nms and seq >= nseq)) then return 0 end
+  return ms and (ms > nms or (ms == nms and seq >= nseq))
 end
+-- A snapshot never claims more than the store holds (a store restored from an older copy must
+-- not be handed a filter of the newer one).
+if not newer(redis.call('GET', p..'version') or '0-0', tonumber(ARGV[3]), tonumber(ARGV[4])) then
+  return 0
+end
+-- Keeps the newest snapshot.
+local cur = redis.call('GET', p..'snapshot_version')
+if cur and newer(cur, tonumber(ARGV[3]), tonumber(ARGV[4])) then return 0 end
 redis.call('SET', p..'snapshot', ARGV[5])
 redis.call('SET', p..'snapshot_version', ARGV[3]..'-'..ARGV[4])
 return 1

@@ -346,6 +346,18 @@ impl ConsentStore for FaultyStore {
     async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.read_audit(query).await
     }
+
+    async fn check_safe(&self) -> Result<(), StoreError> {
+        self.inner.check_safe().await
+    }
+
+    async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
+        self.inner.regression_ack().await
+    }
+
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
+        self.inner.acknowledge_regression(audit).await
+    }
 }
 
 /// A real redis-server owned by a test: its own free loopback port and temporary directory,

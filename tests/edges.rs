@@ -1,0 +1,398 @@
+//! Holding the one rule at the edges: a Redis that loses or reorders acknowledged writes, stored
+//! data that does not parse, and callers who push on the limits. Each test names the rule it pins,
+//! and runs against real redis-server processes (or the real embedded store) and the real server.
+
+mod common;
+
+use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use common::*;
+use optout::{
+    api::proto::{self, Outcome, Reason},
+    core::{OptOutFilter, Version},
+    store::{ConsentStore, redis::RedisStore},
+};
+
+type Answer = Vec<(Outcome, Reason)>;
+
+async fn check_at(server: &TestServer, numbers: &[String], at_least: &str) -> Answer {
+    let mut client = server.check_client().await;
+    let mut req = check_request(numbers.to_vec(), proto::Purpose::Research);
+    req.at_least_version = at_least.to_string();
+    let r = client.check(req).await.expect("check").into_inner();
+    r.decisions.iter().map(outcome).collect()
+}
+
+async fn add(server: &TestServer, numbers: &[String]) -> String {
+    server
+        .admin_client()
+        .await
+        .add_opt_outs(change_request(
+            numbers.to_vec(),
+            proto::OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add")
+        .into_inner()
+        .version
+}
+
+async fn wait_health(server: &TestServer, want: i32, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if server.health().await == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+/// A Redis that keeps RDB snapshots only (the test takes them with SAVE): a crash loses every
+/// write since the last one. The service is told to trust it (`assume_durable`), as an operator
+/// of a managed Redis could, so that the loss itself can be shown.
+fn rdb_only_redis(scratch: &std::path::Path) -> (RedisServer, optout::server::ServerConfig) {
+    let redis = RedisServer::start_with(vec!["--appendonly".into(), "no".into()]);
+    let mut config = redis_config(&redis, "edges:", scratch);
+    if let Some(r) = config.redis.as_mut() {
+        r.assume_durable = true;
+    }
+    (redis, config)
+}
+
+#[tokio::test]
+async fn a_redis_that_could_lose_acknowledged_changes_is_refused() {
+    for (aof, fsync) in [("no", "always"), ("yes", "everysec")] {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let redis = RedisServer::start_with(vec![
+            "--appendonly".into(),
+            aof.into(),
+            "--appendfsync".into(),
+            fsync.into(),
+        ]);
+        let config = redis_config(&redis, "edges:", scratch.path());
+        let store = RedisStore::connect(config.redis.as_ref().expect("redis")).expect("connect");
+        let refused = store
+            .init(64)
+            .await
+            .expect_err("init-store refuses a Redis that can lose writes");
+        let text = refused.to_string();
+        assert!(
+            text.contains("appendfsync always") && text.contains("--redis-replicas-ack"),
+            "the refusal says what to set: {text}"
+        );
+        // Initialised behind the check's back, serve still refuses it: NOT_SERVING.
+        let mut trusting = config.clone();
+        if let Some(r) = trusting.redis.as_mut() {
+            r.assume_durable = true;
+        }
+        init_redis(&trusting).await;
+        let server = TestServer::start_unready(
+            Arc::new(RedisStore::connect(config.redis.as_ref().expect("redis")).expect("connect")),
+            config,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(server.health().await, NOT_SERVING, "appendonly {aof}, {fsync}");
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn replica_fails_closed_when_redis_loses_acknowledged_writes() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (mut redis, config) = rdb_only_redis(scratch.path());
+    init_redis(&config).await;
+    let server = TestServer::start_redis(config).await;
+    let n = valid_numbers(4_010_000_000, 3);
+    let (kept, lost, never) = (&n[0], &n[1], &n[2]);
+    add(&server, std::slice::from_ref(kept)).await;
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut redis.connection().await)
+        .await
+        .expect("SAVE");
+    let v = add(&server, std::slice::from_ref(lost)).await;
+    assert_eq!(
+        check_at(&server, std::slice::from_ref(lost), &v).await[0].0,
+        Outcome::Withhold
+    );
+
+    // Redis crashes and comes back from the older snapshot: the marker is there, `lost` is not.
+    redis.restart();
+    assert!(
+        wait_health(&server, NOT_SERVING, Duration::from_secs(10)).await,
+        "the replica fails closed when the store went back in time"
+    );
+    let answer = check_at(&server, &n, "").await;
+    assert!(
+        answer
+            .iter()
+            .all(|a| *a == (Outcome::Withhold, Reason::StoreRegressed)),
+        "every number withheld as STORE_REGRESSED: {answer:?}"
+    );
+    // It stays so: no silent rebuild.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(server.health().await, NOT_SERVING);
+    let status = server
+        .admin_client()
+        .await
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(status.store_regressed.contains("went back") || !status.store_regressed.is_empty());
+
+    // The operator restores the lost change, then acknowledges, with a reason.
+    let mut admin = server.admin_client().await;
+    admin
+        .add_opt_outs(change_request(
+            vec![lost.clone()],
+            proto::OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("restore the lost change");
+    let refused = admin
+        .acknowledge_store_regression(proto::AcknowledgeStoreRegressionRequest {
+            reason: String::new(),
+        })
+        .await
+        .expect_err("a reason is required");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    admin
+        .acknowledge_store_regression(proto::AcknowledgeStoreRegressionRequest {
+            reason: "INC-42: restored from the admin log".into(),
+        })
+        .await
+        .expect("acknowledge");
+    assert!(
+        wait_health(&server, SERVING, Duration::from_secs(10)).await,
+        "serving again once acknowledged"
+    );
+    let answer = check_at(&server, &n, "").await;
+    assert_eq!(answer[0].0, Outcome::Withhold, "{kept} withheld");
+    assert_eq!(answer[1].0, Outcome::Withhold, "{lost} withheld");
+    assert_eq!(answer[2], (Outcome::Release, Reason::NoOptOut), "{never}");
+    let audit = admin
+        .read_audit(proto::ReadAuditRequest {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("audit")
+        .into_inner();
+    assert!(
+        audit.records.iter().any(|e| e.action == "acknowledge-regression"
+            && e.source.contains("INC-42")
+            && e.organisation == "anonymous"),
+        "the acknowledgement is in the audit with who and why"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_store_answer_older_than_the_filter_is_withheld() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (mut redis, config) = rdb_only_redis(scratch.path());
+    init_redis(&config).await;
+    let store = FaultyStore::new(Arc::new(
+        RedisStore::connect(config.redis.as_ref().expect("redis")).expect("connect"),
+    ));
+    let server = TestServer::start_on(store.clone(), config).await;
+    let n = valid_numbers(4_020_000_000, 2);
+    add(&server, &n[..1]).await;
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut redis.connection().await)
+        .await
+        .expect("SAVE");
+    add(&server, &n[1..]).await;
+    // The follower cannot see what happens next; only the check path can notice.
+    store.feed_down.store(true, Ordering::SeqCst);
+    redis.restart();
+    // The check connection reconnects on its first use after the restart.
+    let mut admin = server.admin_client().await;
+    for _ in 0..50 {
+        if admin
+            .get_opt_out(proto::GetOptOutRequest {
+                nhs_number: n[0].clone(),
+            })
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = check_at(&server, &n[1..], "").await;
+    assert_eq!(
+        answer[0].0,
+        Outcome::Withhold,
+        "a store answer from before the filter's version proves nothing: {answer:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreadable_filter_snapshot_is_never_used() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start();
+    let config = redis_config(&redis, "edges:", scratch.path());
+    let dataset = init_redis(&config).await;
+    let store = RedisStore::connect(config.redis.as_ref().expect("redis")).expect("connect");
+    store.open_dataset().await.expect("open");
+    let n = valid_numbers(4_030_000_000, 1);
+    let opted = optout::core::NhsNumber::parse(&n[0]).expect("valid");
+    let audit = optout::core::AuditRecord::default();
+    let written = store
+        .change(
+            optout::store::ChangeKind::Add,
+            optout::core::OptOutType::NationalDataOptOut,
+            &[opted],
+            "test",
+            &audit,
+        )
+        .await
+        .expect("add");
+    // A snapshot at the store's version whose bit array is empty, with a valid checksum.
+    let good = OptOutFilter::new(1000, 0.001, 1)
+        .expect("filter")
+        .to_snapshot(written.version);
+    let header = 4 + 1 + 8 * 6;
+    let mut body = good[..header + 45].to_vec();
+    body[header + 1..header + 9].copy_from_slice(&0u64.to_le_bytes());
+    let crc = crc32fast::hash(&body);
+    body.extend_from_slice(&crc.to_le_bytes());
+    assert!(OptOutFilter::from_snapshot(&body).is_err());
+    let mut value = dataset.into_bytes();
+    value.extend_from_slice(&body);
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("SET")
+        .arg("edges:snapshot")
+        .arg(value)
+        .query_async(&mut conn)
+        .await
+        .expect("plant the snapshot");
+    let _: () = redis::cmd("SET")
+        .arg("edges:snapshot_version")
+        .arg(written.version.to_string())
+        .query_async(&mut conn)
+        .await
+        .expect("plant its version");
+
+    let server = TestServer::start_redis(config).await;
+    let answer = check_at(&server, &n, "").await;
+    assert_eq!(
+        answer[0],
+        (Outcome::Withhold, Reason::NationalDataOptOut),
+        "built from a scan, not from the broken snapshot"
+    );
+    server.stop().await;
+    let _ = Version::ZERO;
+}
+
+#[tokio::test]
+async fn a_corrupt_embedded_record_is_withheld() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = valid_numbers(4_040_000_000, 1);
+    let server = TestServer::start(dir.path()).await;
+    add(&server, &n).await;
+    server.stop().await;
+    {
+        let db = redb::Database::open(optout::store::embedded::EmbeddedStore::db_path(dir.path()))
+            .expect("open the database");
+        let txn = db.begin_write().expect("write");
+        {
+            let mut table = txn
+                .open_table(redb::TableDefinition::<u64, &[u8]>::new("optouts"))
+                .expect("optouts");
+            // One record of an opt-out type code this build does not know.
+            let corrupt = [9u8; 13];
+            table
+                .insert(n[0].parse::<u64>().expect("digits"), corrupt.as_slice())
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let server = TestServer::start(dir.path()).await;
+    let answer = check_at(&server, &n, "").await;
+    assert_eq!(
+        answer[0].0,
+        Outcome::Withhold,
+        "a record that does not parse is never 'no opt-out': {answer:?}"
+    );
+    server.stop().await;
+}
+
+fn hexists_calls(info: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_hexists:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_far_future_version_is_withheld_without_asking_the_store() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start();
+    let config = redis_config(&redis, "edges:", scratch.path());
+    init_redis(&config).await;
+    let server = TestServer::start_redis(config).await;
+    let mut conn = redis.connection().await;
+    let before: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO");
+    let numbers = valid_numbers(4_050_000_000, 10_000);
+    let started = std::time::Instant::now();
+    let answer = check_at(&server, &numbers, "99999999999999-0").await;
+    let took = started.elapsed();
+    assert!(
+        answer
+            .iter()
+            .all(|a| *a == (Outcome::Withhold, Reason::VersionNotReached)),
+        "every number withheld as VERSION_NOT_REACHED"
+    );
+    let after: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO");
+    let lookups = hexists_calls(&after) - hexists_calls(&before);
+    assert!(
+        lookups < 100,
+        "a version nobody was given costs no per-number lookups: {lookups} HEXISTS in {took:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn redis_passwords_never_reach_logs_or_help() {
+    let mut config = optout::store::redis::RedisConfig::new("redis://:s3cret@127.0.0.1:1");
+    config.sentinel = Some(optout::store::redis::SentinelConfig {
+        addrs: vec!["redis://:s3cret@127.0.0.1:2".into(), "127.0.0.1:3".into()],
+        master_name: "mymaster".into(),
+    });
+    assert!(!config.describe().contains("s3cret"), "{}", config.describe());
+    config.sentinel = None;
+    config.cluster = Some(vec!["redis://:s3cret@127.0.0.1:4".into()]);
+    assert!(!config.describe().contains("s3cret"), "{}", config.describe());
+
+    for var in [
+        "OPTOUT_REDIS_URL",
+        "OPTOUT_REDIS_SENTINEL",
+        "OPTOUT_REDIS_CLUSTER",
+    ] {
+        let help = std::process::Command::new(env!("CARGO_BIN_EXE_optout"))
+            .args(["serve", "--help"])
+            .env(var, "redis://:s3cret@127.0.0.1:6379")
+            .output()
+            .expect("optout serve --help");
+        let text = String::from_utf8_lossy(&help.stdout);
+        assert!(text.contains(var), "help names {var}");
+        assert!(!text.contains("s3cret"), "help hides the value of {var}");
+    }
+}
