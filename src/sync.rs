@@ -514,7 +514,9 @@ pub async fn follow(
                     must_rebuild = true;
                 }
                 (Ok(_), Some(_)) => {}
-                (Err(e), _) => tracing::debug!(error = %e, "cannot read the regression acknowledgement"),
+                (Err(e), _) => {
+                    tracing::debug!(error = %e, "cannot read the regression acknowledgement")
+                }
             }
             if synced.regressed() {
                 tokio::select! {
@@ -624,7 +626,9 @@ pub async fn follow(
                 tracing::warn!(%after, "the change log no longer reaches this filter's version; rebuilding");
                 must_rebuild = true;
             }
-            Ok(Feed::Behind { store }) => synced.fail_closed_regressed(behind(after, store).to_string()),
+            Ok(Feed::Behind { store }) => {
+                synced.fail_closed_regressed(behind(after, store).to_string())
+            }
             Err(StoreError::Regressed(why)) => synced.fail_closed_regressed(why),
             Err(e @ StoreError::NotInitialised(_)) => {
                 // The store was reset, flushed or re-initialised: what the filter says is about a

@@ -96,7 +96,11 @@ async fn a_redis_that_could_lose_acknowledged_changes_is_refused() {
         )
         .await;
         tokio::time::sleep(Duration::from_millis(800)).await;
-        assert_eq!(server.health().await, NOT_SERVING, "appendonly {aof}, {fsync}");
+        assert_eq!(
+            server.health().await,
+            NOT_SERVING,
+            "appendonly {aof}, {fsync}"
+        );
         server.stop().await;
     }
 }
@@ -184,9 +188,12 @@ async fn replica_fails_closed_when_redis_loses_acknowledged_writes() {
         .expect("audit")
         .into_inner();
     assert!(
-        audit.records.iter().any(|e| e.action == "acknowledge-regression"
-            && e.source.contains("INC-42")
-            && e.organisation == "anonymous"),
+        audit
+            .records
+            .iter()
+            .any(|e| e.action == "acknowledge-regression"
+                && e.source.contains("INC-42")
+                && e.organisation == "anonymous"),
         "the acknowledgement is in the audit with who and why"
     );
     server.stop().await;
@@ -376,10 +383,18 @@ async fn redis_passwords_never_reach_logs_or_help() {
         addrs: vec!["redis://:s3cret@127.0.0.1:2".into(), "127.0.0.1:3".into()],
         master_name: "mymaster".into(),
     });
-    assert!(!config.describe().contains("s3cret"), "{}", config.describe());
+    assert!(
+        !config.describe().contains("s3cret"),
+        "{}",
+        config.describe()
+    );
     config.sentinel = None;
     config.cluster = Some(vec!["redis://:s3cret@127.0.0.1:4".into()]);
-    assert!(!config.describe().contains("s3cret"), "{}", config.describe());
+    assert!(
+        !config.describe().contains("s3cret"),
+        "{}",
+        config.describe()
+    );
 
     for var in [
         "OPTOUT_REDIS_URL",

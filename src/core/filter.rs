@@ -258,7 +258,9 @@ impl OptOutFilter {
         // A bit array of no bits, or no probes, would divide by zero on the first lookup (or say
         // "absent" for every number): refused, never used.
         if bloom.len() == 0 || bloom.number_of_hash_functions() == 0 {
-            return Err(FilterError::Snapshot("the bit array or its probe count is empty"));
+            return Err(FilterError::Snapshot(
+                "the bit array or its probe count is empty",
+            ));
         }
         Ok((
             OptOutFilter {

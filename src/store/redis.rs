@@ -286,8 +286,16 @@ fn check_persistence(pairs: &[String]) -> Result<(), StoreError> {
     Err(StoreError::Unsafe(format!(
         "Redis could lose an acknowledged opt-out change in a crash (appendonly {}, appendfsync \
          {}), and a replica would then release that patient: {DURABILITY_ADVICE}",
-        if aof.is_empty() { "unknown".into() } else { aof.join("/") },
-        if fsync.is_empty() { "unknown".into() } else { fsync.join("/") },
+        if aof.is_empty() {
+            "unknown".into()
+        } else {
+            aof.join("/")
+        },
+        if fsync.is_empty() {
+            "unknown".into()
+        } else {
+            fsync.join("/")
+        },
     )))
 }
 
