@@ -201,7 +201,7 @@ impl SyncedFilter {
                     return VersionWait::Reached;
                 }
                 let (at, seen) = *proofs.borrow_and_update();
-                if at != NEVER && at - 1 >= since && seen < v {
+                if at != NEVER && at > since && seen < v {
                     return VersionWait::Beyond;
                 }
                 tokio::select! {
@@ -590,6 +590,9 @@ pub async fn follow(
         // filter unloads, the store has unbound itself, everything withholds until it is safe.
         if last_safety_check.elapsed() >= config.safety_check {
             last_safety_check = Instant::now();
+            if let Err(e) = store.recover().await {
+                tracing::warn!(error = %e, "cannot finish changes left half-done; retrying");
+            }
             if let Err(e @ StoreError::Unsafe(_)) = store.check_safe().await {
                 tracing::error!(error = %e, "failing closed until the store is safe again");
                 synced.unload();

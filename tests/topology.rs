@@ -711,3 +711,171 @@ async fn a_cluster_master_that_comes_back_empty_fails_closed() {
         .stop()
         .await;
 }
+
+impl Cluster {
+    /// A number whose shard lives on a master other than the metadata slot's, and that master.
+    async fn number_off_the_metadata_master(&self, from: u64) -> (String, u16) {
+        let (meta, _) = self
+            .master_of(key_slot(b"{optout:}marker"))
+            .await
+            .expect("the metadata slot has a master");
+        let tags = shard_tags(64);
+        for n in valid_numbers(from, 1000) {
+            let v: u64 = n.parse().expect("digits");
+            let tag = &tags[(v % 64) as usize];
+            let slot = key_slot(format!("optout:{{{tag}}}marker").as_bytes());
+            let (master, _) = self.master_of(slot).await.expect("a master");
+            if master != meta {
+                return (n, master);
+            }
+        }
+        panic!("no number of 1000 lands off the metadata master");
+    }
+
+    /// Pauses writes (scripts included) on one master for `ms`; reads go on.
+    async fn pause_writes(&self, port: u16, ms: u64) {
+        let node = self.nodes.iter().find(|n| n.port == port).expect("a node");
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(ms)
+            .arg("WRITE")
+            .query_async(&mut node.connection().await)
+            .await
+            .expect("CLIENT PAUSE");
+    }
+
+    /// Waits until the change log's version is no longer `from` (a change's first step landed).
+    async fn wait_version_moves(&self, from: &str) {
+        let client = redis::cluster::ClusterClient::new(self.urls()).expect("cluster client");
+        let mut conn = client.get_async_connection().await.expect("connect");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v: Option<String> = redis::cmd("GET")
+                .arg("{optout:}version")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(None);
+            if v.as_deref().is_some_and(|v| v != from) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the change was never logged");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_filter_built_while_an_add_is_half_done_still_holds_it() {
+    let cluster = Cluster::start().await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = cluster.config(scratch.path());
+    init_redis(&config).await;
+    let writer = TestServer::start_redis(config.clone()).await;
+    let (n, shard_master) = cluster.number_off_the_metadata_master(4_060_000_000).await;
+
+    // The add's first step (the log) lands; its shard write waits behind the pause.
+    cluster.pause_writes(shard_master, 3000).await;
+    let mut admin = writer.admin_client().await;
+    let request = change_request(vec![n.clone()], OptOutType::NationalDataOptOut);
+    let adding = tokio::spawn(async move { admin.add_opt_outs(request).await });
+    cluster.wait_version_moves("0-0").await;
+    // A new replica builds its filter now: the scan reads a version that includes the add, and
+    // a shard that does not hold it yet.
+    let reader = TestServer::start_redis(config.clone()).await;
+    let version = adding
+        .await
+        .expect("task")
+        .expect("the add is acknowledged once the pause ends")
+        .into_inner()
+        .version;
+
+    let mut client = reader.check_client().await;
+    let mut req = check_request(vec![n.clone()], RESEARCH);
+    req.at_least_version = version.clone();
+    let answer: Vec<_> = client
+        .check(req)
+        .await
+        .expect("check")
+        .into_inner()
+        .decisions
+        .iter()
+        .map(outcome)
+        .collect();
+    assert_eq!(
+        answer,
+        vec![WITHHELD],
+        "the add acknowledged at {version} is withheld by the replica that scanned mid-way"
+    );
+    reader.stop().await;
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_change_cut_off_between_its_steps_is_finished_and_audited() {
+    let cluster = Cluster::start().await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = cluster.config(scratch.path());
+    init_redis(&config).await;
+    let server = TestServer::start_redis(config.clone()).await;
+    let (n, shard_master) = cluster.number_off_the_metadata_master(4_070_000_000).await;
+    add(&server, std::slice::from_ref(&n)).await.expect("add");
+
+    // A removal whose caller gives up (and whose handler is dropped, as in a crash) while its
+    // shard's master is paused: the first step is done, the rest is not.
+    let version: String = {
+        let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");
+        let mut conn = client.get_async_connection().await.expect("connect");
+        redis::cmd("GET")
+            .arg("{optout:}version")
+            .query_async(&mut conn)
+            .await
+            .expect("version")
+    };
+    cluster.pause_writes(shard_master, 2000).await;
+    let mut admin = server.admin_client().await;
+    let mut request = tonic::Request::new(change_request(
+        vec![n.clone()],
+        OptOutType::NationalDataOptOut,
+    ));
+    request.set_timeout(Duration::from_millis(400));
+    let cut = admin.remove_opt_outs(request).await;
+    assert!(cut.is_err(), "the caller gave up: {cut:?}");
+    cluster.wait_version_moves(&version).await;
+
+    // The change is finished (by the replica's recovery) with its audit record and counts.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let audit = admin
+            .read_audit(optout::api::proto::ReadAuditRequest {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("audit")
+            .into_inner();
+        let status = admin
+            .get_status(optout::api::proto::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        let recorded = audit
+            .records
+            .iter()
+            .any(|r| r.action == "remove" && r.applied == 1);
+        if recorded && status.national_data_opt_outs == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a change that took effect is audited and counted: audit {:?}, count {}",
+            audit.records.iter().map(|r| &r.action).collect::<Vec<_>>(),
+            status.national_data_opt_outs
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        decide(&server, std::slice::from_ref(&n)).await,
+        vec![RELEASED]
+    );
+    server.stop().await;
+}

@@ -257,7 +257,7 @@ impl OptOutFilter {
         let bloom = Bloom::from_slice(&body[SNAPSHOT_HEADER..]).map_err(FilterError::Snapshot)?;
         // A bit array of no bits, or no probes, would divide by zero on the first lookup (or say
         // "absent" for every number): refused, never used.
-        if bloom.len() == 0 || bloom.number_of_hash_functions() == 0 {
+        if matches!(bloom.len(), 0) || bloom.number_of_hash_functions() == 0 {
             return Err(FilterError::Snapshot(
                 "the bit array or its probe count is empty",
             ));

@@ -213,6 +213,12 @@ pub trait ConsentStore: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Finishes changes whose writer stopped half-way (a store whose changes take several steps,
+    /// a Redis Cluster); returns how many. Called periodically by the filter follower.
+    async fn recover(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
     /// The newest published filter snapshot of the bound dataset, if any.
     async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(None)

@@ -174,8 +174,6 @@ struct Inner {
     data_prefix: String,
     /// Shards to create at `init` in a cluster.
     init_shards: usize,
-    /// The generations a cluster lookup reads, as last seen (checked after each lookup).
-    gens: parking_lot::Mutex<Option<(u64, u64)>>,
     /// In a cluster, the shards that share a master (learnt from `CLUSTER SLOTS`), so a lookup
     /// sends one pipeline per master; forgotten after any error.
     masters: parking_lot::Mutex<Option<Arc<cluster::Masters>>>,
@@ -357,7 +355,6 @@ impl RedisStore {
                 },
                 data_prefix: config.prefix.clone(),
                 init_shards: config.shards.clamp(1, 16384),
-                gens: parking_lot::Mutex::new(None),
                 masters: parking_lot::Mutex::new(None),
                 log_len: config.log_len.max(1),
                 audit_len: config.audit_len.max(1),
@@ -1183,7 +1180,6 @@ impl ConsentStore for RedisStore {
                     .into(),
             ));
         }
-        *self.inner.gens.lock() = None;
         *self.inner.masters.lock() = None;
         *self.inner.bound.write() = Some(Bound {
             dataset: dataset.clone(),
@@ -1259,6 +1255,16 @@ impl ConsentStore for RedisStore {
 
     fn shares_snapshots(&self) -> bool {
         true
+    }
+
+    async fn recover(&self) -> Result<u64, StoreError> {
+        if self.is_cluster() {
+            // Older than any change still running normally takes, with room to spare; finishing
+            // one that is still running is harmless anyway (every step is idempotent).
+            self.recover_intents(2_000).await
+        } else {
+            Ok(0)
+        }
     }
 
     async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
@@ -1340,6 +1346,7 @@ impl ConsentStore for RedisStore {
                 let fields = array(e.next().unwrap_or(Value::Nil))?;
                 let mut record: Option<AuditRecord> = None;
                 let mut version = String::new();
+                let mut applied: Option<u64> = None;
                 for pair in fields.chunks(2) {
                     match (
                         pair.first().and_then(text_of).as_deref(),
@@ -1351,12 +1358,17 @@ impl ConsentStore for RedisStore {
                             })?)
                         }
                         (Some("v"), Some(v)) => version = v,
+                        (Some("n"), Some(n)) => applied = n.parse().ok(),
                         _ => {}
                     }
                 }
                 if let Some(mut r) = record {
                     if r.version.is_empty() {
                         r.version = version;
+                    }
+                    // A change's record is written before the store knows what it changed.
+                    if r.applied == 0 && r.action != "check" {
+                        r.applied = applied.unwrap_or(0);
                     }
                     if query.matches(&r) {
                         out.push(r);
@@ -1453,6 +1465,31 @@ impl ImportSession for RedisImport {
         if locked.is_none() {
             return Err(StoreError::Unavailable(
                 "another import of this opt-out type is being applied; retry".into(),
+            ));
+        }
+        // In a cluster a change runs in steps: an import waits until none of its type is under
+        // way (none can start while the lock is held), so none lands in the replaced generation.
+        let in_flight: Option<i64> = redis::cmd("HGET")
+            .arg(store.key("intents_of"))
+            .arg(t)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if in_flight.unwrap_or(0) > 0 {
+            let _: Result<i64, _> = store
+                .inner
+                .scripts
+                .unlock
+                .prepare_invoke()
+                .key(&lock)
+                .arg(&lock)
+                .arg(&token)
+                .invoke_async(&mut conn)
+                .await;
+            return Err(StoreError::Unavailable(
+                "a change of this opt-out type is under way (or being finished after a crash); \
+                 retry the import in a few seconds"
+                    .into(),
             ));
         }
         let result = self

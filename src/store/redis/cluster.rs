@@ -80,6 +80,17 @@ impl RedisStore {
         bound: &Bound,
         extra: &[String],
     ) -> Result<(Meta, Vec<Value>), StoreError> {
+        self.read_meta_with(bound, extra, false).await
+    }
+
+    /// [`Self::read_meta`], with the names of sources `extra`, and when `pending` the numbers of
+    /// the adds under way (last in the reply).
+    async fn read_meta_with(
+        &self,
+        bound: &Bound,
+        extra: &[String],
+        pending: bool,
+    ) -> Result<(Meta, Vec<Value>), StoreError> {
         let mut pipe = redis::pipe();
         pipe.hget(self.key("marker"), "dataset_id")
             .get(self.key("version"))
@@ -87,6 +98,9 @@ impl RedisStore {
             .get(self.key("gen:2"));
         for sid in extra {
             pipe.hget(self.key("src"), sid);
+        }
+        if pending {
+            pipe.hkeys(self.key("pending"));
         }
         let reply: Vec<Value> = pipe
             .query_async(&mut self.conn())
@@ -107,10 +121,6 @@ impl RedisStore {
         };
         let gens = (next_gen(), next_gen());
         Ok((Meta { version, gens }, it.collect()))
-    }
-
-    fn cached_gens(&self) -> Option<(u64, u64)> {
-        *self.inner.gens.lock()
     }
 
     fn check_shard_marker(bound: &Bound, marker: Option<&Value>) -> Result<(), StoreError> {
@@ -320,9 +330,12 @@ impl RedisStore {
         Ok((records, meta.version))
     }
 
-    /// Reads with `read` under the generations last seen, then reads the metadata (with the
-    /// source names `read` asks for) and repeats if an import replaced a generation meanwhile:
-    /// generations only grow, so equal before and after means unchanged throughout.
+    /// Reads the metadata, reads with `read` under its generations, then reads the metadata
+    /// again (with the source names `read` asks for) and repeats if an import replaced a
+    /// generation meanwhile: generations only grow, so equal before and after means unchanged
+    /// throughout. The answer claims the version read *before* the data: every change finished
+    /// by then is in the data; one finished later may not be, so claiming the later version could
+    /// answer "no opt-out" at a version that includes the opt-out.
     async fn under_current_generations<T, F>(
         &self,
         bound: &Bound,
@@ -331,19 +344,19 @@ impl RedisStore {
     where
         F: Future<Output = Result<(T, Vec<String>), StoreError>>,
     {
-        let mut gens = self.cached_gens();
         for _ in 0..3 {
-            let used = match gens {
-                Some(g) => g,
-                None => self.read_meta(bound, &[]).await?.0.gens,
-            };
-            let (value, sids) = read(used).await?;
-            let (meta, sources) = self.read_meta(bound, &sids).await?;
-            *self.inner.gens.lock() = Some(meta.gens);
-            if meta.gens == used {
-                return Ok((value, meta, sources));
+            let (before, _) = self.read_meta(bound, &[]).await?;
+            let (value, sids) = read(before.gens).await?;
+            let (after, sources) = self.read_meta(bound, &sids).await?;
+            if after.version < before.version {
+                return Err(StoreError::Regressed(format!(
+                    "the store's version went from {} to {} during one lookup",
+                    before.version, after.version
+                )));
             }
-            gens = Some(meta.gens);
+            if after.gens == before.gens {
+                return Ok((value, before, sources));
+            }
         }
         Err(StoreError::Unavailable(
             "imports replaced the opt-out lists during three reads in a row; withholding".into(),
@@ -361,12 +374,9 @@ impl RedisStore {
     ) -> Result<WriteOutcome, StoreError> {
         let t = type_code(opt_out);
         let add = kind == ChangeKind::Add;
-        let csv = if add {
-            super::csv_of(numbers)
-        } else {
-            String::new()
-        };
-        // 1. Metadata: refuse during an import; intern the source; for an add, log it first.
+        // 1. Metadata, atomically: refuse during an import; log the change (adds and removals
+        // alike, before any record changes) and register it as an intent holding everything
+        // needed to finish it, its audit record included.
         let mut inv = BEGIN.prepare_invoke();
         inv.key(self.key("marker"))
             .arg(&self.inner.prefix)
@@ -374,32 +384,66 @@ impl RedisStore {
             .arg(t)
             .arg(source)
             .arg(self.inner.log_len)
-            .arg(if add { "1" } else { "0" })
-            .arg(csv);
-        let (g, go, sid, logged): (u64, u64, String, String) = inv
+            .arg(if add { "a" } else { "r" })
+            .arg(super::csv_of(numbers))
+            .arg(now_ms())
+            .arg(super::audit_json(audit)?);
+        let id: String = inv
             .invoke_async(&mut self.write_conn())
             .await
-            .map_err(super::unavailable)?;
-        // 2. Each shard: the records themselves, under the shard's marker.
+            .map_err(unavailable)?;
+        // 2 and 3: the records in each shard, then the counts and the audit record.
+        let applied = self.finish_intent(bound, &id).await?;
+        self.confirm_everywhere().await?;
+        Ok(WriteOutcome {
+            version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            applied,
+        })
+    }
+
+    /// Carries a registered change to its end: each shard's records (once per shard, however
+    /// often this runs: a shard remembers its result), then one metadata step that counts it,
+    /// writes its audit record and retires the intent. Safe to run concurrently with the change
+    /// itself or another replica's recovery. Returns the numbers that changed.
+    async fn finish_intent(&self, bound: &Bound, id: &str) -> Result<u64, StoreError> {
+        let intent: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.key(&format!("intent:{id}")))
+            .query_async(&mut self.write_conn())
+            .await
+            .map_err(unavailable)?;
+        let field = |k: &str| intent.get(k).cloned().unwrap_or_default();
+        if intent.is_empty() {
+            // Finished already (by the change itself or by a recovery): what it changed.
+            let n: Option<u64> = redis::cmd("GET")
+                .arg(self.key(&format!("finished:{id}")))
+                .query_async(&mut self.write_conn())
+                .await
+                .map_err(unavailable)?;
+            return Ok(n.unwrap_or(0));
+        }
+        let (t, add) = (field("t"), field("k") == "a");
         let other = if t == "1" { "2" } else { "1" };
-        let value = format!("{},{sid}", now_ms());
+        let numbers = super::numbers_csv(&field("n"))?;
         let mut groups: HashMap<usize, Vec<NhsNumber>> = HashMap::new();
-        for n in numbers {
+        for n in &numbers {
             groups
                 .entry(Self::shard_of(bound, *n))
                 .or_default()
                 .push(*n);
         }
+        let (g, go, value) = (field("g"), field("go"), field("v"));
         let writes = groups.iter().map(|(&shard, list)| {
+            let tag = &bound.shards[shard];
             let mut inv = SHARD.prepare_invoke();
-            inv.key(self.shard_marker(&bound.shards[shard]))
+            inv.key(self.shard_marker(tag))
                 .arg(&bound.dataset)
                 .arg(if add { "a" } else { "r" })
-                .arg(&value);
+                .arg(&value)
+                .arg(format!("{}{{{tag}}}done:{id}", self.inner.data_prefix));
             for n in list {
                 let b = n.as_u64() % bound.buckets;
-                inv.arg(self.data_key(bound, t, g, b))
-                    .arg(self.data_key(bound, other, go, b))
+                inv.arg(self.data_key(bound, &t, &g, b))
+                    .arg(self.data_key(bound, other, &go, b))
                     .arg(n.as_u64());
             }
             let mut conn = self.write_conn();
@@ -411,37 +455,61 @@ impl RedisStore {
             applied += a;
             patients += p;
         }
-        // 3. Metadata: only if no import replaced the generation meanwhile; counts, log (for a
-        // removal), audit.
-        let audit_json = super::audit_json(audit)?;
         let mut inv = END.prepare_invoke();
         inv.key(self.key("marker"))
             .arg(&self.inner.prefix)
             .arg(&bound.dataset)
-            .arg(t)
-            .arg(g)
+            .arg(id)
             .arg(applied)
             .arg(patients)
-            .arg(self.inner.log_len)
-            .arg(audit_json)
-            .arg(self.inner.audit_len)
-            .arg(&logged)
-            .arg(if add { applied } else { -applied });
-        let id: String = inv
+            .arg(self.inner.audit_len);
+        let done: i64 = inv
             .invoke_async(&mut self.write_conn())
             .await
             .map_err(unavailable)?;
-        self.confirm_everywhere().await?;
-        Ok(WriteOutcome {
-            version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            applied: u64::try_from(applied).unwrap_or(0),
-        })
+        Ok(u64::try_from(done).unwrap_or(0))
+    }
+
+    /// Finishes the changes whose writer stopped between the steps (a crash, a lost connection,
+    /// a paused master): every registered intent older than `grace`. Their log entries are
+    /// already read by the filters, so until then they are "maybe"s, never releases.
+    pub(super) async fn recover_intents(&self, grace_ms: u64) -> Result<u64, StoreError> {
+        let bound = self.bound()?;
+        let pending: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.key("intents"))
+            .query_async(&mut self.write_conn())
+            .await
+            .map_err(unavailable)?;
+        let now = now_ms();
+        let mut finished = 0;
+        for (id, at) in pending {
+            if at
+                .parse::<u64>()
+                .is_ok_and(|at| now.saturating_sub(at) < grace_ms)
+            {
+                continue;
+            }
+            self.finish_intent(&bound, &id).await?;
+            finished += 1;
+            tracing::warn!(version = %id, "finished an opt-out change its writer left half-done");
+        }
+        Ok(finished)
     }
 
     pub(super) async fn scan_cluster(&self, bound: &Bound) -> Result<Scan, StoreError> {
-        // Read before the records: the follower replays the log from here.
-        let (before, _) = self.read_meta(bound, &[]).await?;
+        // Read before the records: the follower replays the log from here. The numbers of adds
+        // under way are read in the same step: an add logged before this version whose shard
+        // write lands after its shard is scanned is in neither the scan nor the replayed log, so
+        // it goes into the filter from here (a finished add is in its shard before it finishes).
+        let (before, pending) = self.read_meta_with(bound, &[], true).await?;
         let (g1, g2) = before.gens;
+        let mut numbers = Vec::new();
+        for v in pending
+            .iter()
+            .flat_map(|v| array(v.clone()).unwrap_or_default())
+        {
+            numbers.push(super::stored_number(&v)?);
+        }
         let groups = self.bucket_groups(bound);
         let reads = futures::stream::iter(groups.into_iter().map(|group| {
             let shard = (group[0] % bound.shards.len() as u64) as usize;
@@ -456,7 +524,6 @@ impl RedisStore {
         }))
         .buffer_unordered(SCAN_PARALLEL);
         futures::pin_mut!(reads);
-        let mut numbers = Vec::new();
         while let Some(reply) = reads.next().await {
             let mut reply = reply.map_err(unavailable)?;
             let marker = reply.pop();
@@ -481,8 +548,11 @@ impl RedisStore {
 }
 
 /// Step 1 of a change. KEYS: the marker. ARGV: prefix, dataset, type, source, log maxlen,
-/// '1' to log the added numbers now, the numbers (comma-separated). Returns {generation of the
-/// type, generation of the other type, source id, log entry id or ''}.
+/// 'a'|'r', the numbers (comma-separated), now, the audit record (JSON). Logs the change (adds
+/// with their numbers; removals before anything is deleted) and registers it as an intent:
+/// `intent:{id}` holds what finishing it needs, `intents` the ids with their start time,
+/// `intents_of` a count per type (an import waits for none), `pending` the numbers being added
+/// (a scan treats them as opted out). Returns the log entry id, the change's version.
 static BEGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{TRIM}
@@ -493,29 +563,43 @@ local other = (t == '1') and '2' or '1'
 local g = redis.call('GET', p..'gen:'..t) or '0'
 local go = redis.call('GET', p..'gen:'..other) or '0'
 local sid = intern(p, ARGV[4])
-local id = ''
-if ARGV[6] == '1' then
-  id = redis.call('XADD', p..'log', '*', 'a', ARGV[7], 'r', 0)
-  redis.call('SET', p..'version', id)
-  trim(p, tonumber(ARGV[5]))
+local add = ARGV[6] == 'a'
+local count = 0
+for _ in string.gmatch(ARGV[7], '[^,]+') do count = count + 1 end
+local id = redis.call('XADD', p..'log', '*', 'a', add and ARGV[7] or '', 'r', add and 0 or count)
+redis.call('SET', p..'version', id)
+trim(p, tonumber(ARGV[5]))
+redis.call('HSET', p..'intent:'..id, 't', t, 'k', ARGV[6], 'g', g, 'go', go,
+  'v', ARGV[8]..','..sid, 'n', ARGV[7], 'audit', ARGV[9])
+redis.call('HSET', p..'intents', id, ARGV[8])
+redis.call('HINCRBY', p..'intents_of', t, 1)
+if add then
+  for n in string.gmatch(ARGV[7], '[^,]+') do redis.call('HINCRBY', p..'pending', n, 1) end
 end
-return {{tonumber(g), tonumber(go), tostring(sid), id}}
+return id
 "#,
         TRIM = super::TRIM
     ))
 });
 
-/// Step 2, once per shard. KEYS: the shard's marker. ARGV: dataset, 'a'|'r', record value, then
-/// per number: its key, the other type's key, the number. Returns {applied, patients delta}.
+/// Step 2, once per shard. KEYS: the shard's marker. ARGV: dataset, 'a'|'r', record value, the
+/// shard's result key for this change, then per number: its key, the other type's key, the
+/// number. Applies once: a second run (a recovery) returns the remembered result. Returns
+/// {applied, patients delta}.
 static SHARD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('OPTOUTDATASET a shard marker is missing or changed')
 end
+local done = redis.call('GET', ARGV[4])
+if done then
+  local a, d = string.match(done, '^(-?%d+),(-?%d+)$')
+  return {tonumber(a), tonumber(d)}
+end
 local add = ARGV[2] == 'a'
 local applied, patients = 0, 0
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local key, other, n = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local changed
   if add then changed = redis.call('HSETNX', key, n, ARGV[3]) else changed = redis.call('HDEL', key, n) end
@@ -526,35 +610,42 @@ for i = 4, #ARGV, 3 do
     end
   end
 end
+redis.call('SET', ARGV[4], applied..','..patients, 'PX', 86400000)
 return {applied, patients}
 "#,
     )
 });
 
-/// Step 3. KEYS: the marker. ARGV: prefix, dataset, type, generation written, applied, patients
-/// delta, log maxlen, audit json, audit maxlen, log entry id of step 1 ('' for a removal: log it
-/// now), count delta (negative for a removal). Returns the change's version.
+/// Step 3. KEYS: the marker. ARGV: prefix, dataset, the change's id, applied, patients delta,
+/// audit maxlen. Counts the change, writes its audit record and retires the intent, once: a
+/// second run returns what the first recorded. Returns the numbers changed.
 static END: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r#"{TRIM}
-local p, t = ARGV[1], ARGV[3]
+    Script::new(
+        r#"
+local p, id = ARGV[1], ARGV[3]
 if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
   return redis.error_reply('OPTOUTDATASET marker missing or changed')
 end
-if redis.call('EXISTS', p..'lock:'..t) == 1 or (redis.call('GET', p..'gen:'..t) or '0') ~= ARGV[4] then
-  return redis.error_reply('OPTOUTLOCKED an import of this type was applied during the change')
+local key = p..'intent:'..id
+if redis.call('EXISTS', key) == 0 then
+  return tonumber(redis.call('GET', p..'finished:'..id) or '0')
 end
-redis.call('HINCRBY', p..'counts', t, ARGV[11])
-redis.call('HINCRBY', p..'counts', 'patients', ARGV[6])
-local id = ARGV[10]
-if id == '' then
-  id = redis.call('XADD', p..'log', '*', 'a', '', 'r', ARGV[5])
-  redis.call('SET', p..'version', id)
-  trim(p, tonumber(ARGV[7]))
+local t = redis.call('HGET', key, 't')
+local add = redis.call('HGET', key, 'k') == 'a'
+local applied = tonumber(ARGV[4])
+redis.call('HINCRBY', p..'counts', t, add and applied or -applied)
+redis.call('HINCRBY', p..'counts', 'patients', ARGV[5])
+redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[6], '*', 'r', redis.call('HGET', key, 'audit'), 'v', id, 'n', applied)
+if add then
+  for n in string.gmatch(redis.call('HGET', key, 'n'), '[^,]+') do
+    if redis.call('HINCRBY', p..'pending', n, -1) <= 0 then redis.call('HDEL', p..'pending', n) end
+  end
 end
-redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[9], '*', 'r', ARGV[8], 'v', id, 'n', ARGV[5])
-return id
+redis.call('DEL', key)
+redis.call('HDEL', p..'intents', id)
+redis.call('HINCRBY', p..'intents_of', t, -1)
+redis.call('SET', p..'finished:'..id, applied, 'PX', 86400000)
+return applied
 "#,
-        TRIM = super::TRIM
-    ))
+    )
 });
