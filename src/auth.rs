@@ -297,6 +297,15 @@ impl Keyring {
         })
     }
 
+    /// Whether the key `key_id` of `caller` is still in force with the same organisation and
+    /// roles (a key removed from the file, or changed, stops being honoured by open streams too).
+    pub fn still_valid(&self, caller: &Caller) -> bool {
+        self.keys
+            .read()
+            .get(&caller.key_id)
+            .is_some_and(|e| e.caller == *caller)
+    }
+
     /// The caller a key belongs to, if any.
     pub fn authenticate(&self, key: &str) -> Option<Caller> {
         let id = key.strip_prefix("oo_")?.get(..12)?;

@@ -94,8 +94,8 @@ impl ServerConfig {
             audit_key: None,
             audit_bound: Duration::from_secs(5),
             rate_limit: RateLimit {
-                per_second: 1000,
-                burst: 2000,
+                per_second: 5_000_000,
+                burst: 10_000_000,
             },
             health_listener: None,
             metrics_listener: None,
@@ -269,9 +269,14 @@ pub async fn serve(
 
     let limits = config.limits;
     let checker = Checker::new(store.clone(), filter.clone());
-    let check = OptOutCheckServer::new(CheckService::new(checker, limits, audit.clone()))
-        .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(limits.max_message_bytes);
+    let check = OptOutCheckServer::new(CheckService::new(
+        checker,
+        limits,
+        audit.clone(),
+        gates.clone(),
+    ))
+    .max_decoding_message_size(limits.max_message_bytes)
+    .max_encoding_message_size(limits.max_message_bytes);
     let check = tonic::service::interceptor::InterceptedService::new(
         check,
         Gate::new(gates.clone(), Role::Checker),

@@ -283,6 +283,87 @@ async fn one_organisation_over_its_rate_limit_does_not_starve_another() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn the_rate_limit_charges_every_number_and_every_stream_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut config, keys) = secured(dir.path());
+    config.rate_limit = RateLimit {
+        per_second: 5,
+        burst: 5,
+    };
+    let server = TestServer::start_with(config).await;
+    let ch = server.channel().await;
+    let mut client = check_client(ch.clone(), Some(&keys.checker));
+    // One stream of 40 one-number messages: charged per message, not once for the stream.
+    let messages: Vec<_> = (0..40)
+        .map(|i| check_request(valid_numbers(4_000_000_000 + i * 100, 1), Purpose::Research))
+        .collect();
+    let mut answers = client
+        .check_stream(tokio_stream::iter(messages))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let mut answered = 0;
+    let ended = loop {
+        match answers.message().await {
+            Ok(Some(_)) => answered += 1,
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    let e = ended.expect("the stream is cut off at the rate limit");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        answered <= 8,
+        "{answered} messages answered under 5 numbers/s"
+    );
+    // A message of more numbers than the burst is refused, whatever the budget.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let big = client
+        .check(check_request(
+            valid_numbers(4_000_000_000, 6),
+            Purpose::Research,
+        ))
+        .await
+        .expect_err("6 numbers at once under a burst of 5");
+    assert_eq!(big.code(), Code::ResourceExhausted);
+    assert!(big.message().contains("at once"), "{}", big.message());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_key_stops_its_open_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, keys) = secured(dir.path());
+    let keys_path = config.keys_file.clone().expect("keys file");
+    let server = TestServer::start_with(config).await;
+    let mut client = check_client(server.channel().await, Some(&keys.checker));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let message = || check_request(valid_numbers(4_000_000_000, 1), Purpose::Research);
+    tx.send(message()).await.expect("send");
+    let mut answers = client
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    answers
+        .message()
+        .await
+        .expect("answered while the key is in force")
+        .expect("a response");
+    // The checker's key is removed from the file; the stream stays open.
+    let (_, other) = new_key("RX9", &[Role::Checker]);
+    std::fs::write(&keys_path, other).expect("rewrite keys");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    tx.send(message()).await.expect("send");
+    let revoked = answers
+        .message()
+        .await
+        .expect_err("no answer once the key is revoked");
+    assert_eq!(revoked.code(), Code::Unauthenticated, "{revoked:?}");
+    server.stop().await;
+}
+
 /// A CA, a server certificate for 127.0.0.1 and a client certificate naming `org`.
 struct Pki {
     ca: String,

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{
     Limits, deadline, decision_to_proto,
-    gate::caller_of,
+    gate::{GateState, caller_of},
     origin,
     proto::{CheckRequest, CheckResponse, opt_out_check_server::OptOutCheck},
     purpose, version_field,
@@ -26,15 +26,23 @@ pub struct CheckService {
     checker: Checker,
     limits: Limits,
     audit: Arc<AuditWriter>,
+    /// Rate budgets (charged per NHS number) and the keys in force.
+    gates: Arc<GateState>,
 }
 
 impl CheckService {
     /// A service over a check engine; every answered request is recorded through `audit`.
-    pub fn new(checker: Checker, limits: Limits, audit: Arc<AuditWriter>) -> Self {
+    pub fn new(
+        checker: Checker,
+        limits: Limits,
+        audit: Arc<AuditWriter>,
+        gates: Arc<GateState>,
+    ) -> Self {
         CheckService {
             checker,
             limits,
             audit,
+            gates,
         }
     }
 
@@ -71,6 +79,16 @@ impl CheckService {
             ));
         }
         let extract_id = super::label_field("extract_id", &req.extract_id, super::LABEL_MAX)?;
+        // A key removed from the keys file stops being honoured within the reload interval, on
+        // streams opened before too.
+        if !self.gates.still_valid(caller) {
+            return Err(Status::unauthenticated(format!(
+                "API key {} is no longer in force (revoked or changed)",
+                caller.key_id
+            )));
+        }
+        self.gates
+            .charge(&caller.organisation, req.nhs_numbers.len())?;
         if req.nhs_numbers.len() > self.limits.max_batch {
             return Err(Status::invalid_argument(format!(
                 "nhs_numbers has {} numbers; a message carries at most {} (the server's batch \

@@ -7,12 +7,14 @@ use tonic::{Request, Status, service::Interceptor};
 
 use crate::auth::{Caller, Keyring, Role};
 
-/// Per-organisation request rate.
+/// Per-organisation rate, in NHS numbers checked (each admin call counts as one): a Check of
+/// 10,000 numbers costs 10,000 times a Check of one, and every CheckStream message is charged.
 #[derive(Clone, Copy, Debug)]
 pub struct RateLimit {
-    /// Requests per second per organisation; 0 turns the limit off.
+    /// Numbers per second per organisation; 0 turns the limit off.
     pub per_second: u32,
-    /// Requests an organisation may send at once above that rate.
+    /// Numbers an organisation may send at once above that rate (also the largest message it
+    /// can send at all).
     pub burst: u32,
 }
 
@@ -39,6 +41,37 @@ impl GateState {
             limit,
             cert_names_org,
         })
+    }
+}
+
+impl GateState {
+    /// Charges `cost` (NHS numbers, or 1 for an admin call) to the organisation's budget.
+    pub fn charge(&self, organisation: &str, cost: usize) -> Result<(), Status> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        let n = NonZeroU32::new(u32::try_from(cost.max(1)).unwrap_or(u32::MAX))
+            .unwrap_or(NonZeroU32::MIN);
+        let refused = match limiter.check_key_n(&organisation.to_string(), n) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => format!(
+                "organisation {organisation} is over its rate limit of {} NHS numbers per second; \
+                 slow down",
+                self.limit.per_second
+            ),
+            Err(_) => format!(
+                "a message of {cost} NHS numbers is more than organisation {organisation} may send \
+                 at once (burst {}); send smaller messages",
+                self.limit.burst.max(self.limit.per_second)
+            ),
+        };
+        metrics::counter!("optout_rate_limited_total").increment(1);
+        Err(Status::resource_exhausted(refused))
+    }
+
+    /// Whether the caller's key is still in force (always, when the service runs without keys).
+    pub fn still_valid(&self, caller: &Caller) -> bool {
+        self.keyring.as_ref().is_none_or(|k| k.still_valid(caller))
     }
 }
 
@@ -71,13 +104,12 @@ fn certificate_org(der: &[u8]) -> Option<String> {
 impl Interceptor for Gate {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let result = self.admit(request);
-        if let Err(s) = &result {
-            if s.code() == tonic::Code::ResourceExhausted {
-                metrics::counter!("optout_rate_limited_total").increment(1);
-            } else {
-                metrics::counter!("optout_auth_refused_total", "code" => crate::metrics::code_label(s.code()))
-                    .increment(1);
-            }
+        // Rate-limit refusals are counted where they are made (`GateState::charge`).
+        if let Err(s) = &result
+            && s.code() != tonic::Code::ResourceExhausted
+        {
+            metrics::counter!("optout_auth_refused_total", "code" => crate::metrics::code_label(s.code()))
+                .increment(1);
         }
         result
     }
@@ -123,14 +155,10 @@ impl Gate {
                 caller
             }
         };
-        if let Some(limiter) = &self.state.limiter
-            && limiter.check_key(&caller.organisation).is_err()
-        {
-            return Err(Status::resource_exhausted(format!(
-                "organisation {} is over its rate limit of {} requests per second; slow down or \
-                 send larger batches",
-                caller.organisation, self.state.limit.per_second
-            )));
+        // Admin calls cost one each here; checks are charged per number by the check service,
+        // once their size is known.
+        if self.need == Role::Admin {
+            self.state.charge(&caller.organisation, 1)?;
         }
         request.extensions_mut().insert(caller);
         Ok(request)

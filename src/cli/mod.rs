@@ -246,11 +246,13 @@ struct ServeArgs {
     /// How long check records may fail to be written before every check is withheld, in ms.
     #[arg(long, env = "OPTOUT_AUDIT_BOUND_MS", default_value_t = 5000)]
     audit_bound_ms: u64,
-    /// Requests per second per organisation (0: no limit).
-    #[arg(long, env = "OPTOUT_RATE_LIMIT", default_value_t = 1000)]
+    /// NHS numbers checked per second per organisation (0: no limit). Every number of a Check
+    /// and of each CheckStream message counts; each admin call counts as one.
+    #[arg(long, env = "OPTOUT_RATE_LIMIT", default_value_t = 5_000_000)]
     rate_limit: u32,
-    /// Requests an organisation may send at once above its rate.
-    #[arg(long, env = "OPTOUT_RATE_BURST", default_value_t = 2000)]
+    /// NHS numbers an organisation may send at once above its rate; also the largest message
+    /// it can send at all (keep it at least --max-batch).
+    #[arg(long, env = "OPTOUT_RATE_BURST", default_value_t = 10_000_000)]
     rate_burst: u32,
     /// Settings file (TOML; keys are the long flag names, e.g. `filter-capacity = 5000000`).
     /// Flags and environment variables win over it.
