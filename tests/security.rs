@@ -364,6 +364,39 @@ async fn a_revoked_key_stops_its_open_stream() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn connections_past_the_cap_are_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.max_connections = 2;
+    let server = TestServer::start_with(config).await;
+    // The health probes of the start closed their connections; give the server a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let req = || check_request(valid_numbers(4_000_000_000, 1), Purpose::Research);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = check_client(server.channel().await, None);
+        c.check(req()).await.expect("within the cap");
+        held.push(c);
+    }
+    let third = match Channel::from_shared(server.url.clone())
+        .expect("url")
+        .connect()
+        .await
+    {
+        Ok(ch) => check_client(ch, None).check(req()).await.map(|_| ()),
+        Err(e) => Err(Status::unavailable(e.to_string())),
+    };
+    assert!(third.is_err(), "a third connection is closed: {third:?}");
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    check_client(server.channel().await, None)
+        .check(req())
+        .await
+        .expect("a connection is free again");
+    server.stop().await;
+}
+
 /// A CA, a server certificate for 127.0.0.1 and a client certificate naming `org`.
 struct Pki {
     ca: String,

@@ -272,6 +272,16 @@ struct ServeArgs {
     /// Concurrent streams (requests) per client connection.
     #[arg(long, env = "OPTOUT_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     max_concurrent_streams: u32,
+    /// Client connections this replica holds at once; past it new ones are closed at once.
+    #[arg(long, env = "OPTOUT_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Longest a request may take, a whole CheckStream or import included, in seconds.
+    #[arg(long, env = "OPTOUT_REQUEST_TIMEOUT_SECS", default_value_t = 300)]
+    request_timeout_secs: u64,
+    /// A client connection older than this is asked to reconnect (its requests get the shutdown
+    /// grace to finish), in seconds. Also spreads long-lived clients over new replicas.
+    #[arg(long, env = "OPTOUT_MAX_CONNECTION_AGE_SECS", default_value_t = 1800)]
+    max_connection_age_secs: u64,
     #[command(flatten)]
     redis: RedisArgs,
 }
@@ -683,6 +693,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
             burst: args.rate_burst,
         },
         max_concurrent_streams: args.max_concurrent_streams.max(1),
+        max_connections: args.max_connections.max(1),
+        request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
+        max_connection_age: Duration::from_secs(args.max_connection_age_secs.max(1)),
         limits: Limits {
             max_batch: args.max_batch,
             max_admin_batch: args.max_admin_batch,
