@@ -411,3 +411,39 @@ async fn redis_passwords_never_reach_logs_or_help() {
         assert!(!text.contains("s3cret"), "help hides the value of {var}");
     }
 }
+
+#[tokio::test]
+async fn labels_are_bounded_and_never_carry_an_nhs_number() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.check_client().await;
+    let numbers = valid_numbers(4_080_000_000, 1);
+    for (extract_id, ok) in [
+        ("study-17 2026-11-29T12:00:00Z".to_string(), true),
+        ("x".repeat(129), false),
+        ("study for 943 476 5919".to_string(), false),
+        ("ref9434765919".to_string(), false),
+        ("line\nbreak".to_string(), false),
+    ] {
+        let mut req = check_request(numbers.clone(), proto::Purpose::Research);
+        req.extract_id = extract_id.clone();
+        match client.check(req).await {
+            Ok(_) => assert!(ok, "{extract_id:?} is refused"),
+            Err(e) => {
+                assert!(!ok, "{extract_id:?} is accepted: {e:?}");
+                assert_eq!(e.code(), tonic::Code::InvalidArgument);
+                assert!(e.message().contains("extract_id"), "{}", e.message());
+            }
+        }
+    }
+    let mut request = change_request(numbers, proto::OptOutType::NationalDataOptOut);
+    request.source = "ticket about 9434765919".into();
+    let e = server
+        .admin_client()
+        .await
+        .add_opt_outs(request)
+        .await
+        .expect_err("a source with an NHS number");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    server.stop().await;
+}
