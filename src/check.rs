@@ -170,17 +170,14 @@ impl Checker {
         // and the store's answers come from different versions: a caller could see part of a
         // change (half of a REPLACE import). Ask the store for every number, so the whole answer
         // reflects one version; if it cannot answer, withhold everything rather than mix.
-        match self.ask(&valid, input.deadline).await {
-            Some(all) if all.version < filter_version => {
+        let all = self.ask(&valid, input.deadline).await.filter(|all| {
+            let current = all.version >= filter_version;
+            if !current {
                 store_behind_filter(all.version, filter_version);
-                for &(i, _) in &valid {
-                    decisions[i] = STORE_UNAVAILABLE;
-                }
-                CheckOutput {
-                    decisions,
-                    version: filter_version,
-                }
             }
+            current
+        });
+        match all {
             Some(all) => {
                 let version = all.version;
                 self.apply(

@@ -228,7 +228,8 @@ impl SyncedFilter {
 
     /// Fails closed: the store lost changes this replica saw. Every number is withheld and health
     /// turns NOT_SERVING until [`SyncedFilter::clear_regression`].
-    fn fail_closed_regressed(&self, why: String) {
+    fn fail_closed_regressed(&self, e: &StoreError) {
+        let why = e.to_string();
         tracing::error!(
             why = %why,
             "the consent store went back in time: withholding every number until an admin \
@@ -475,6 +476,23 @@ async fn swap_in(
     Ok(())
 }
 
+/// While failing closed on a store that went back in time: whether an admin acknowledged it
+/// since. `ack_then` keeps the store's acknowledgement id as first read after failing closed
+/// (`None` until it could be read); a different one later is this incident's acknowledgement.
+async fn acknowledged(store: &dyn ConsentStore, ack_then: &mut Option<Option<String>>) -> bool {
+    match (store.regression_ack().await, &*ack_then) {
+        (Ok(now), None) => {
+            *ack_then = Some(now);
+            false
+        }
+        (Ok(now), Some(then)) => now != *then,
+        (Err(e), _) => {
+            tracing::debug!(error = %e, "cannot read the regression acknowledgement");
+            false
+        }
+    }
+}
+
 /// Follows the store until `shutdown` turns true: the only writer of `synced`.
 pub async fn follow(
     store: Arc<dyn ConsentStore>,
@@ -502,29 +520,20 @@ pub async fn follow(
             break;
         }
         if synced.regressed() {
-            match (store.regression_ack().await, &ack_then) {
-                (Ok(now), None) => ack_then = Some(now),
-                (Ok(now), Some(then)) if now != *then => {
-                    tracing::warn!(
-                        "an admin acknowledged that the store went back in time; rebuilding the \
-                         filter from what the store holds now"
-                    );
-                    synced.clear_regression();
-                    ack_then = None;
-                    must_rebuild = true;
-                }
-                (Ok(_), Some(_)) => {}
-                (Err(e), _) => {
-                    tracing::debug!(error = %e, "cannot read the regression acknowledgement")
-                }
-            }
-            if synced.regressed() {
+            if !acknowledged(store.as_ref(), &mut ack_then).await {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = shutdown.changed() => break,
                 }
                 continue;
             }
+            tracing::warn!(
+                "an admin acknowledged that the store went back in time; rebuilding the filter \
+                 from what the store holds now"
+            );
+            synced.clear_regression();
+            ack_then = None;
+            must_rebuild = true;
         }
         // First load, or a log trimmed past our position: build a generation in the foreground.
         let needs_load = !*synced.loaded.borrow() || must_rebuild;
@@ -552,8 +561,8 @@ pub async fn follow(
                     );
                     backoff.reset();
                 }
-                Err(StoreError::Regressed(why)) => {
-                    synced.fail_closed_regressed(why);
+                Err(e @ StoreError::Regressed(_)) => {
+                    synced.fail_closed_regressed(&e);
                     continue;
                 }
                 Err(e) => {
@@ -574,7 +583,7 @@ pub async fn follow(
             && let Some(handle) = rebuild.take()
             && let Err(e) = swap_in(store.as_ref(), &synced, handle).await
         {
-            synced.fail_closed_regressed(e.to_string());
+            synced.fail_closed_regressed(&e);
             continue;
         }
         if rebuild.is_none() && synced.needs_new_generation() {
@@ -629,10 +638,8 @@ pub async fn follow(
                 tracing::warn!(%after, "the change log no longer reaches this filter's version; rebuilding");
                 must_rebuild = true;
             }
-            Ok(Feed::Behind { store }) => {
-                synced.fail_closed_regressed(behind(after, store).to_string())
-            }
-            Err(StoreError::Regressed(why)) => synced.fail_closed_regressed(why),
+            Ok(Feed::Behind { store }) => synced.fail_closed_regressed(&behind(after, store)),
+            Err(e @ StoreError::Regressed(_)) => synced.fail_closed_regressed(&e),
             Err(e @ StoreError::NotInitialised(_)) => {
                 // The store was reset, flushed or re-initialised: what the filter says is about a
                 // dataset the store no longer holds. Stop trusting it now; reload when a dataset

@@ -87,8 +87,7 @@ impl CheckService {
                 caller.key_id
             )));
         }
-        self.gates
-            .charge(&caller.organisation, req.nhs_numbers.len())?;
+        self.gates.charge(caller, req.nhs_numbers.len())?;
         if req.nhs_numbers.len() > self.limits.max_batch {
             return Err(Status::invalid_argument(format!(
                 "nhs_numbers has {} numbers; a message carries at most {} (the server's batch \

@@ -45,14 +45,15 @@ impl GateState {
 }
 
 impl GateState {
-    /// Charges `cost` (NHS numbers, or 1 for an admin call) to the organisation's budget.
-    pub fn charge(&self, organisation: &str, cost: usize) -> Result<(), Status> {
+    /// Charges `cost` (NHS numbers, or 1 for an admin call) to the caller's organisation.
+    pub fn charge(&self, caller: &Caller, cost: usize) -> Result<(), Status> {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
+        let organisation = &caller.organisation;
         let n = NonZeroU32::new(u32::try_from(cost.max(1)).unwrap_or(u32::MAX))
             .unwrap_or(NonZeroU32::MIN);
-        let refused = match limiter.check_key_n(&organisation.to_string(), n) {
+        let refused = match limiter.check_key_n(organisation, n) {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(_)) => format!(
                 "organisation {organisation} is over its rate limit of {} NHS numbers per second; \
@@ -158,7 +159,7 @@ impl Gate {
         // Admin calls cost one each here; checks are charged per number by the check service,
         // once their size is known.
         if self.need == Role::Admin {
-            self.state.charge(&caller.organisation, 1)?;
+            self.state.charge(&caller, 1)?;
         }
         request.extensions_mut().insert(caller);
         Ok(request)

@@ -173,9 +173,7 @@ fn initialise(db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut meta = txn.open_table(META).map_err(storage)?;
-        let mut id = [0u8; 16];
-        rand::fill(&mut id);
-        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let id = super::random_hex::<16>();
         meta.insert(K_DATASET, id.as_bytes()).map_err(storage)?;
         meta.insert(K_SCHEMA, SCHEMA.to_le_bytes().as_slice())
             .map_err(storage)?;
@@ -670,12 +668,7 @@ impl ConsentStore for EmbeddedStore {
         opt_out: OptOutType,
         source: &str,
     ) -> Result<Box<dyn ImportSession>, StoreError> {
-        let mut id = [0u8; 8];
-        rand::fill(&mut id);
-        let table = format!(
-            "{STAGING_PREFIX}{}",
-            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
+        let table = format!("{STAGING_PREFIX}{}", super::random_hex::<8>());
         let name = table.clone();
         self.blocking(move |inner| {
             let mut txn = inner.db.begin_write().map_err(storage)?;
@@ -776,9 +769,7 @@ impl ConsentStore for EmbeddedStore {
     }
 
     async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
-        let mut id = [0u8; 16];
-        rand::fill(&mut id);
-        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let id = super::random_hex::<16>();
         let audit = audit.clone();
         self.blocking(move |inner| {
             let txn = inner.db.begin_write().map_err(storage)?;

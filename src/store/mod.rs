@@ -267,6 +267,13 @@ pub trait ImportSession: Send {
     ) -> Result<ImportOutcome, StoreError>;
 }
 
+/// `N` random bytes as lower-case hex: dataset markers, acknowledgement ids, lock tokens.
+pub(crate) fn random_hex<const N: usize>() -> String {
+    let mut b = [0u8; N];
+    rand::fill(&mut b);
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Wall-clock time in ms since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()

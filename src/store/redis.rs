@@ -121,13 +121,7 @@ pub struct SentinelConfig {
 pub fn redact_nodes(nodes: &[String]) -> String {
     nodes
         .iter()
-        .map(|n| {
-            if n.contains('@') || n.contains("://") {
-                redact_url(n)
-            } else {
-                n.clone()
-            }
-        })
+        .map(|n| redact_url(n))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -531,9 +525,7 @@ impl RedisStore {
     pub async fn init(&self, buckets: u64) -> Result<String, StoreError> {
         self.eviction_policy_ok().await?;
         self.persistence_ok().await?;
-        let mut id = [0u8; 16];
-        rand::fill(&mut id);
-        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let id = super::random_hex::<16>();
         let already = || {
             StoreError::ImportRefused(format!(
                 "the Redis store under prefix {:?} is already initialised; nothing was changed",
@@ -1276,9 +1268,7 @@ impl ConsentStore for RedisStore {
 
     async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
         let bound = self.bound()?;
-        let mut id = [0u8; 16];
-        rand::fill(&mut id);
-        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let id = super::random_hex::<16>();
         let mut inv = self.inner.scripts.acknowledge.prepare_invoke();
         inv.key(self.key("marker"))
             .arg(&self.inner.prefix)
@@ -1449,9 +1439,7 @@ impl ImportSession for RedisImport {
             OptOutType::NationalDataOptOut => "2",
             OptOutType::Type1 => "1",
         };
-        let mut token = [0u8; 8];
-        rand::fill(&mut token);
-        let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+        let token = super::random_hex::<8>();
         let lock = store.key(&format!("lock:{t}"));
         let locked: Option<String> = redis::cmd("SET")
             .arg(&lock)
@@ -1465,31 +1453,6 @@ impl ImportSession for RedisImport {
         if locked.is_none() {
             return Err(StoreError::Unavailable(
                 "another import of this opt-out type is being applied; retry".into(),
-            ));
-        }
-        // In a cluster a change runs in steps: an import waits until none of its type is under
-        // way (none can start while the lock is held), so none lands in the replaced generation.
-        let in_flight: Option<i64> = redis::cmd("HGET")
-            .arg(store.key("intents_of"))
-            .arg(t)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if in_flight.unwrap_or(0) > 0 {
-            let _: Result<i64, _> = store
-                .inner
-                .scripts
-                .unlock
-                .prepare_invoke()
-                .key(&lock)
-                .arg(&lock)
-                .arg(&token)
-                .invoke_async(&mut conn)
-                .await;
-            return Err(StoreError::Unavailable(
-                "a change of this opt-out type is under way (or being finished after a crash); \
-                 retry the import in a few seconds"
-                    .into(),
             ));
         }
         let result = self
@@ -1531,12 +1494,23 @@ impl RedisImport {
         key: &AuditKey,
     ) -> Result<(ImportOutcome, u64), StoreError> {
         let store = &self.store;
-        let (current, other_gen): (Option<u64>, Option<u64>) = redis::pipe()
-            .get(store.key(&format!("gen:{t}")))
-            .get(store.key(&format!("gen:{other}")))
-            .query_async(conn)
-            .await
-            .map_err(unavailable)?;
+        // In a cluster a change runs in steps: an import waits until none of its type is under
+        // way (none can start while the lock is held), so none lands in the replaced generation.
+        let (current, other_gen, in_flight): (Option<u64>, Option<u64>, Option<i64>) =
+            redis::pipe()
+                .get(store.key(&format!("gen:{t}")))
+                .get(store.key(&format!("gen:{other}")))
+                .hget(store.key("intents_of"), t)
+                .query_async(conn)
+                .await
+                .map_err(unavailable)?;
+        if in_flight.unwrap_or(0) > 0 {
+            return Err(StoreError::Unavailable(
+                "a change of this opt-out type is under way (or being finished after a crash); \
+                 retry the import in a few seconds"
+                    .into(),
+            ));
+        }
         let (current, other_gen) = (
             current.unwrap_or(0).to_string(),
             other_gen.unwrap_or(0).to_string(),

@@ -550,6 +550,14 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// Writes an RDB snapshot now (`SAVE`): what a restart of a Redis without AOF comes back to.
+    pub async fn save(&self) {
+        let _: () = redis::cmd("SAVE")
+            .query_async(&mut self.connection().await)
+            .await
+            .expect("SAVE");
+    }
+
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
             .expect("url")

@@ -40,6 +40,37 @@ use crate::{
     store::{ChangeKind, Lookup, OptOutRecord, Scan, WriteOutcome, now_ms, topology::key_slot},
 };
 
+/// A change registered by step 1: what its shard steps need.
+struct Intent {
+    /// Type code ("1" national, "2" type 1).
+    t: String,
+    add: bool,
+    /// Generations of the type and of the other type when it began.
+    g: String,
+    go: String,
+    /// The record value of an added number: `recorded_at_ms,source_id`.
+    value: String,
+    numbers: Vec<NhsNumber>,
+}
+
+impl Intent {
+    /// From the `intent:{id}` hash step 1 wrote; `None` if it is gone (the change finished).
+    fn from_fields(fields: &HashMap<String, String>) -> Result<Option<Intent>, StoreError> {
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let field = |k: &str| fields.get(k).cloned().unwrap_or_default();
+        Ok(Some(Intent {
+            t: field("t"),
+            add: field("k") == "a",
+            g: field("g"),
+            go: field("go"),
+            value: field("v"),
+            numbers: super::numbers_csv(&field("n"))?,
+        }))
+    }
+}
+
 /// Metadata read after the data: the proof that the data was read under these generations.
 struct Meta {
     version: Version,
@@ -377,6 +408,7 @@ impl RedisStore {
         // 1. Metadata, atomically: refuse during an import; log the change (adds and removals
         // alike, before any record changes) and register it as an intent holding everything
         // needed to finish it, its audit record included.
+        let now = now_ms();
         let mut inv = BEGIN.prepare_invoke();
         inv.key(self.key("marker"))
             .arg(&self.inner.prefix)
@@ -386,14 +418,23 @@ impl RedisStore {
             .arg(self.inner.log_len)
             .arg(if add { "a" } else { "r" })
             .arg(super::csv_of(numbers))
-            .arg(now_ms())
+            .arg(now)
             .arg(super::audit_json(audit)?);
-        let id: String = inv
+        let (id, g, go, sid): (String, String, String, String) = inv
             .invoke_async(&mut self.write_conn())
             .await
             .map_err(unavailable)?;
-        // 2 and 3: the records in each shard, then the counts and the audit record.
-        let applied = self.finish_intent(bound, &id).await?;
+        // 2 and 3: the records in each shard, then the counts and the audit record. The intent
+        // is at hand: what step 1 stored, so a recovery finishes it the same way.
+        let intent = Intent {
+            t: t.to_string(),
+            add,
+            g,
+            go,
+            value: format!("{now},{sid}"),
+            numbers: numbers.to_vec(),
+        };
+        let applied = self.finish_intent(bound, &id, &intent).await?;
         self.confirm_everywhere().await?;
         Ok(WriteOutcome {
             version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
@@ -405,45 +446,41 @@ impl RedisStore {
     /// often this runs: a shard remembers its result), then one metadata step that counts it,
     /// writes its audit record and retires the intent. Safe to run concurrently with the change
     /// itself or another replica's recovery. Returns the numbers that changed.
-    async fn finish_intent(&self, bound: &Bound, id: &str) -> Result<u64, StoreError> {
-        let intent: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.key(&format!("intent:{id}")))
-            .query_async(&mut self.write_conn())
-            .await
-            .map_err(unavailable)?;
-        let field = |k: &str| intent.get(k).cloned().unwrap_or_default();
-        if intent.is_empty() {
-            // Finished already (by the change itself or by a recovery): what it changed.
-            let n: Option<u64> = redis::cmd("GET")
-                .arg(self.key(&format!("finished:{id}")))
-                .query_async(&mut self.write_conn())
-                .await
-                .map_err(unavailable)?;
-            return Ok(n.unwrap_or(0));
-        }
-        let (t, add) = (field("t"), field("k") == "a");
+    async fn finish_intent(
+        &self,
+        bound: &Bound,
+        id: &str,
+        intent: &Intent,
+    ) -> Result<u64, StoreError> {
+        let Intent {
+            t,
+            add,
+            g,
+            go,
+            value,
+            numbers,
+        } = intent;
+        let add = *add;
         let other = if t == "1" { "2" } else { "1" };
-        let numbers = super::numbers_csv(&field("n"))?;
         let mut groups: HashMap<usize, Vec<NhsNumber>> = HashMap::new();
-        for n in &numbers {
+        for n in numbers {
             groups
                 .entry(Self::shard_of(bound, *n))
                 .or_default()
                 .push(*n);
         }
-        let (g, go, value) = (field("g"), field("go"), field("v"));
         let writes = groups.iter().map(|(&shard, list)| {
             let tag = &bound.shards[shard];
             let mut inv = SHARD.prepare_invoke();
             inv.key(self.shard_marker(tag))
                 .arg(&bound.dataset)
                 .arg(if add { "a" } else { "r" })
-                .arg(&value)
+                .arg(value)
                 .arg(format!("{}{{{tag}}}done:{id}", self.inner.data_prefix));
             for n in list {
                 let b = n.as_u64() % bound.buckets;
-                inv.arg(self.data_key(bound, &t, &g, b))
-                    .arg(self.data_key(bound, other, &go, b))
+                inv.arg(self.data_key(bound, t, g, b))
+                    .arg(self.data_key(bound, other, go, b))
                     .arg(n.as_u64());
             }
             let mut conn = self.write_conn();
@@ -489,7 +526,15 @@ impl RedisStore {
             {
                 continue;
             }
-            self.finish_intent(&bound, &id).await?;
+            let fields: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.key(&format!("intent:{id}")))
+                .query_async(&mut self.write_conn())
+                .await
+                .map_err(unavailable)?;
+            let Some(intent) = Intent::from_fields(&fields)? else {
+                continue; // finished meanwhile
+            };
+            self.finish_intent(&bound, &id, &intent).await?;
             finished += 1;
             tracing::warn!(version = %id, "finished an opt-out change its writer left half-done");
         }
@@ -552,7 +597,8 @@ impl RedisStore {
 /// with their numbers; removals before anything is deleted) and registers it as an intent:
 /// `intent:{id}` holds what finishing it needs, `intents` the ids with their start time,
 /// `intents_of` a count per type (an import waits for none), `pending` the numbers being added
-/// (a scan treats them as opted out). Returns the log entry id, the change's version.
+/// (a scan treats them as opted out). Returns {log entry id (the change's version), generation
+/// of the type, generation of the other type, source id}.
 static BEGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{TRIM}
@@ -576,7 +622,7 @@ redis.call('HINCRBY', p..'intents_of', t, 1)
 if add then
   for n in string.gmatch(ARGV[7], '[^,]+') do redis.call('HINCRBY', p..'pending', n, 1) end
 end
-return id
+return {{id, g, go, tostring(sid)}}
 "#,
         TRIM = super::TRIM
     ))
