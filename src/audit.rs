@@ -2,9 +2,14 @@
 //!
 //! A check hands its record (and the numbers it released) to [`AuditWriter`] and answers without
 //! waiting; a background task computes the digests and appends records to the store in batches
-//! (every 100 ms, or 1,000 records). If records cannot be written for longer than the configured
-//! bound, or the queue is full, [`AuditWriter::accepting`] turns false and checks WITHHOLD
-//! everything with `REASON_STORE_UNAVAILABLE` rather than release data unrecorded.
+//! (every 100 ms, or 1,000 records, or 4 MiB). If records cannot be written for longer than the
+//! configured bound, or the queue is full (by records, or by bytes: `--audit-queue-mib`),
+//! [`AuditWriter::accepting`] turns false and checks WITHHOLD everything with
+//! `REASON_STORE_UNAVAILABLE` rather than release data unrecorded.
+//!
+//! A batch that keeps failing is split in halves (down to single records), so one record the
+//! store cannot take never holds up the others; each part is retried until written, and checks
+//! release again as soon as the store takes records again.
 //!
 //! Crash window: records queued or in a batch being written when the process dies are lost: at
 //! most the last ~100 ms of checks plus whatever queued up while the store was failing (up to the
@@ -33,6 +38,19 @@ pub struct PendingCheck {
     pub released: Vec<NhsNumber>,
 }
 
+impl PendingCheck {
+    /// About how many bytes it holds while queued (and writes once digested): its numbers, its
+    /// labels and a fixed part for the rest of the record.
+    fn bytes(&self) -> u64 {
+        let r = &self.record;
+        let labels = r.organisation.len()
+            + r.key_id.len()
+            + r.extract_id.as_ref().map_or(0, String::len)
+            + r.version.len();
+        (self.released.len() * std::mem::size_of::<NhsNumber>() + labels + 256) as u64
+    }
+}
+
 /// The queue between checks and the store. When every handle is dropped, the task writes what is
 /// queued and ends.
 pub struct AuditWriter {
@@ -46,12 +64,19 @@ struct WriterState {
     failing_since: AtomicU64,
     /// Records handed over and not yet written.
     backlog: AtomicU64,
+    /// Their bytes (see [`PendingCheck::bytes`]), and the most there may be.
+    queued_bytes: AtomicU64,
+    max_bytes: u64,
     epoch: Instant,
     bound: Duration,
 }
 
 const BATCH: usize = 1000;
+/// A batch is sent once it holds this many bytes, whatever its record count.
+const BATCH_BYTES: u64 = 4 * 1024 * 1024;
 const QUEUE: usize = 65_536;
+/// Failures of one batch before it is split in halves.
+const SPLIT_AFTER: u32 = 3;
 
 impl AuditWriter {
     /// Starts the writer task. It ends when every sender is gone and the queue is drained.
@@ -59,12 +84,15 @@ impl AuditWriter {
         store: Arc<dyn ConsentStore>,
         key: AuditKey,
         bound: Duration,
+        max_bytes: u64,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> (Arc<AuditWriter>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let state = Arc::new(WriterState {
             failing_since: AtomicU64::new(0),
             backlog: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
+            max_bytes: max_bytes.max(BATCH_BYTES),
             epoch: Instant::now(),
             bound,
         });
@@ -87,15 +115,31 @@ impl AuditWriter {
         self.state.backlog.load(Ordering::Relaxed)
     }
 
-    /// Queues a record. False if the queue is full (the check must then withhold).
+    /// Bytes queued and not yet written.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.state.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Queues a record. False if the queue is full, by records or by bytes (the check must then
+    /// withhold).
     pub fn submit(&self, pending: PendingCheck) -> bool {
+        let s = &self.state;
+        let bytes = pending.bytes();
+        if s.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > s.max_bytes {
+            s.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            metrics::counter!("optout_audit_queue_full_total").increment(1);
+            s.mark_failing();
+            return false;
+        }
         match self.tx.try_send(pending) {
             Ok(()) => {
-                self.state.backlog.fetch_add(1, Ordering::Relaxed);
+                s.backlog.fetch_add(1, Ordering::Relaxed);
                 true
             }
             Err(_) => {
-                self.state.mark_failing();
+                s.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                metrics::counter!("optout_audit_queue_full_total").increment(1);
+                s.mark_failing();
                 false
             }
         }
@@ -144,10 +188,14 @@ async fn run(
             }
         };
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        let mut bytes = first.bytes();
         let mut pending = vec![first];
-        while pending.len() < BATCH {
+        while pending.len() < BATCH && bytes < BATCH_BYTES {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(p)) => pending.push(p),
+                Ok(Some(p)) => {
+                    bytes += p.bytes();
+                    pending.push(p);
+                }
                 _ => break,
             }
         }
@@ -163,29 +211,61 @@ async fn run(
         })
         .await
         .unwrap_or_default();
-        // Retry the batch until it is written: records are never dropped while the process lives.
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let started = Instant::now();
-            let written = store.append_audit(&batch).await;
-            metrics::histogram!("optout_store_audit_write_duration_seconds")
-                .record(started.elapsed().as_secs_f64());
-            let label = if written.is_ok() { "ok" } else { "error" };
-            metrics::counter!("optout_store_audit_writes_total", "result" => label).increment(1);
-            match written {
-                Ok(()) => {
-                    writer.failing_since.store(0, Ordering::Release);
-                    writer
-                        .backlog
-                        .fetch_sub(batch.len() as u64, Ordering::Relaxed);
-                    break;
+        write(&writer, store.as_ref(), batch).await;
+        writer.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Writes a batch, retrying until every record is written: records are never dropped while the
+/// process lives. After [`SPLIT_AFTER`] failures in a row, each further failure halves the most
+/// records sent at once (and each success doubles it again), so a store that refuses large
+/// writes gets them one part at a time, and the rest are never held up by one bad part.
+async fn write(writer: &WriterState, store: &dyn ConsentStore, batch: Vec<AuditRecord>) {
+    let mut parts = std::collections::VecDeque::from([batch]);
+    let mut failures = 0u32;
+    let mut most = usize::MAX;
+    let mut backoff = Duration::from_millis(50);
+    while let Some(mut part) = parts.pop_front() {
+        if part.len() > most {
+            parts.push_front(part.split_off(most));
+        }
+        let started = Instant::now();
+        let written = store.append_audit(&part).await;
+        metrics::histogram!("optout_store_audit_write_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let label = if written.is_ok() { "ok" } else { "error" };
+        metrics::counter!("optout_store_audit_writes_total", "result" => label).increment(1);
+        match written {
+            Ok(()) => {
+                writer.failing_since.store(0, Ordering::Release);
+                writer
+                    .backlog
+                    .fetch_sub(part.len() as u64, Ordering::Relaxed);
+                failures = 0;
+                most = most.saturating_mul(2);
+                backoff = Duration::from_millis(50);
+            }
+            Err(e) => {
+                if writer.failing_since.load(Ordering::Acquire) == 0 {
+                    tracing::error!(
+                        error = %e,
+                        records = part.len(),
+                        "cannot write audit records; checks withhold everything once this lasts \
+                         longer than the audit bound"
+                    );
+                } else {
+                    tracing::warn!(error = %e, records = part.len(), "cannot write audit records; retrying");
                 }
-                Err(e) => {
-                    writer.mark_failing();
-                    tracing::warn!(error = %e, records = batch.len(), "cannot write audit records; retrying");
+                writer.mark_failing();
+                failures += 1;
+                if failures >= SPLIT_AFTER && part.len() > 1 {
+                    // Smaller parts next, at once.
+                    most = part.len() / 2;
+                } else {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
+                parts.push_front(part);
             }
         }
     }

@@ -119,9 +119,38 @@ fn describe() {
         "optout_audit_backlog",
         "Check audit records queued and not yet written"
     );
+    describe_gauge!(
+        "optout_audit_backlog_bytes",
+        "Bytes of check audit records queued and not yet written (bounded by --audit-queue-mib)"
+    );
+    describe_counter!(
+        "optout_audit_queue_full_total",
+        "Checks withheld because the audit queue was full (records or bytes)"
+    );
+    describe_gauge!(
+        "optout_store_regressed",
+        "1 while this replica fails closed because the store went back in time"
+    );
+    describe_counter!(
+        "optout_store_regressions_total",
+        "Times this replica saw the store go back in time and failed closed"
+    );
+    describe_counter!(
+        "optout_store_behind_filter_total",
+        "Store answers older than the filter's version, withheld"
+    );
+    describe_counter!(
+        "optout_check_version_not_reached_total",
+        "Checks whose at_least_version was beyond anything the store holds"
+    );
+    describe_counter!(
+        "optout_connections_refused_total",
+        "Client connections closed at accept because --max-connections was reached"
+    );
     describe_counter!(
         "optout_rate_limited_total",
-        "Requests refused with RESOURCE_EXHAUSTED by the per-organisation rate limit"
+        "Requests or stream messages refused with RESOURCE_EXHAUSTED by the per-organisation \
+         rate limit (NHS numbers per second)"
     );
     describe_counter!(
         "optout_auth_refused_total",
@@ -206,7 +235,7 @@ fn reason_index(d: &Decision) -> usize {
 }
 
 /// Sets the gauges that describe the filter and the audit queue (just before a scrape).
-pub fn set_state_gauges(st: &crate::sync::SyncStatus, audit_backlog: u64) {
+pub fn set_state_gauges(st: &crate::sync::SyncStatus, audit_backlog: u64, audit_bytes: u64) {
     metrics::gauge!("optout_filter_items").set(st.stats.items as f64);
     metrics::gauge!("optout_filter_capacity").set(st.stats.capacity as f64);
     metrics::gauge!("optout_filter_bits").set(st.stats.bits as f64);
@@ -218,6 +247,7 @@ pub fn set_state_gauges(st: &crate::sync::SyncStatus, audit_backlog: u64) {
     let age = st.age.map_or(f64::INFINITY, |a| a.as_secs_f64());
     metrics::gauge!("optout_filter_freshness_age_seconds").set(age);
     metrics::gauge!("optout_audit_backlog").set(audit_backlog as f64);
+    metrics::gauge!("optout_audit_backlog_bytes").set(audit_bytes as f64);
 }
 
 /// The gRPC code as a label value.

@@ -60,6 +60,8 @@ pub struct ServerConfig {
     pub audit_key: Option<AuditKey>,
     /// How long check records may fail to be written before checks withhold everything.
     pub audit_bound: Duration,
+    /// Bytes of check records that may wait to be written; past it checks withhold everything.
+    pub audit_queue_bytes: u64,
     /// Per-organisation request rate.
     pub rate_limit: RateLimit,
     /// A plaintext port serving only `grpc.health.v1` (Kubernetes' gRPC probes cannot use TLS).
@@ -103,6 +105,7 @@ impl ServerConfig {
             tls: None,
             audit_key: None,
             audit_bound: Duration::from_secs(5),
+            audit_queue_bytes: 64 * 1024 * 1024,
             rate_limit: RateLimit {
                 per_second: 5_000_000,
                 burst: 10_000_000,
@@ -266,6 +269,7 @@ pub async fn serve(
         store.clone(),
         audit_key.clone(),
         config.audit_bound,
+        config.audit_queue_bytes,
         stop_rx.clone(),
     );
     let gates = GateState::new(
@@ -316,7 +320,11 @@ pub async fn serve(
                 let filter = filter.clone();
                 let audit = audit.clone();
                 Arc::new(move || {
-                    crate::metrics::set_state_gauges(&filter.status(), audit.backlog());
+                    crate::metrics::set_state_gauges(
+                        &filter.status(),
+                        audit.backlog(),
+                        audit.backlog_bytes(),
+                    );
                 }) as Arc<dyn Fn() + Send + Sync>
             };
             Some(tokio::spawn(crate::metrics::serve(

@@ -440,3 +440,106 @@ async fn labels_are_bounded_and_never_carry_an_nhs_number() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_audit_queue_is_bounded_by_bytes_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    // Far longer than the test: only the byte bound can stop releases here.
+    config.audit_bound = Duration::from_secs(120);
+    config.audit_queue_bytes = 4 * 1024 * 1024;
+    let store = FaultyStore::new(Arc::new(
+        optout::server::open_embedded(&config)
+            .await
+            .expect("embedded store"),
+    ));
+    let server = TestServer::start_on(store.clone(), config).await;
+    let mut client = server.check_client().await;
+    let numbers = valid_numbers(4_090_000_000, 10_000);
+    let releases = |answer: &Answer| answer.iter().all(|a| a.0 == Outcome::Release);
+    store.audit_down.store(true, Ordering::SeqCst);
+    // 10,000 released numbers hold about 80 KB each until written: 4 MiB is about 50 checks.
+    let mut released_while_down = 0;
+    for _ in 0..120 {
+        let r = client
+            .check(check_request(numbers.clone(), proto::Purpose::Research))
+            .await
+            .expect("check")
+            .into_inner();
+        let answer: Answer = r.decisions.iter().map(outcome).collect();
+        if releases(&answer) {
+            released_while_down += 1;
+        }
+    }
+    assert!(
+        (40..=60).contains(&released_while_down),
+        "releases stop once 4 MiB of records wait: {released_while_down} of 120 released"
+    );
+    // The store takes records again: the queue drains and checks release again.
+    store.audit_down.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client
+            .check(check_request(numbers.clone(), proto::Purpose::Research))
+            .await
+            .expect("check")
+            .into_inner();
+        if releases(&r.decisions.iter().map(outcome).collect()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_audit_batch_the_store_refuses_never_wedges_the_checks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.audit_bound = Duration::from_millis(500);
+    let store = FaultyStore::new(Arc::new(
+        optout::server::open_embedded(&config)
+            .await
+            .expect("embedded store"),
+    ));
+    // The store takes records one at a time only: every batch of several fails as a whole.
+    store.audit_max_records.store(1, Ordering::SeqCst);
+    let server = TestServer::start_on(store.clone(), config).await;
+    let mut client = server.check_client().await;
+    let numbers = valid_numbers(4_095_000_000, 10);
+    for i in 0..30 {
+        let mut req = check_request(numbers.clone(), proto::Purpose::Research);
+        req.extract_id = format!("burst-{i}");
+        client.check(req).await.expect("check");
+    }
+    // Every record gets written (the failing batches are split), so checks release again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let written = server
+            .admin_client()
+            .await
+            .read_audit(proto::ReadAuditRequest {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("audit")
+            .into_inner()
+            .records
+            .iter()
+            .filter(|r| r.extract_id.starts_with("burst-"))
+            .count();
+        let answer = check_at(&server, &numbers, "").await;
+        if written == 30 && answer.iter().all(|a| a.0 == Outcome::Release) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "wedged: {written} of 30 records written, answer {:?}",
+            answer[0]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.stop().await;
+}

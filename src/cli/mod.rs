@@ -246,6 +246,10 @@ struct ServeArgs {
     /// How long check records may fail to be written before every check is withheld, in ms.
     #[arg(long, env = "OPTOUT_AUDIT_BOUND_MS", default_value_t = 5000)]
     audit_bound_ms: u64,
+    /// MiB of check records that may wait to be written (about 8 bytes per released number);
+    /// past it every check is withheld until the queue drains.
+    #[arg(long, env = "OPTOUT_AUDIT_QUEUE_MIB", default_value_t = 64)]
+    audit_queue_mib: u64,
     /// NHS numbers checked per second per organisation (0: no limit). Every number of a Check
     /// and of each CheckStream message counts; each admin call counts as one.
     #[arg(long, env = "OPTOUT_RATE_LIMIT", default_value_t = 5_000_000)]
@@ -688,6 +692,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         tls,
         audit_key,
         audit_bound: Duration::from_millis(args.audit_bound_ms.max(1)),
+        audit_queue_bytes: args.audit_queue_mib.max(4).saturating_mul(1024 * 1024),
         rate_limit: crate::api::gate::RateLimit {
             per_second: args.rate_limit,
             burst: args.rate_burst,

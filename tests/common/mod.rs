@@ -226,6 +226,9 @@ pub struct FaultyStore {
     pub lookup_delay_ms: AtomicU64,
     /// Audit writes fail (and so do admin changes, which write their audit record with them).
     pub audit_down: AtomicBool,
+    /// Audit writes of more records than this at once fail (0: no limit), as a store that
+    /// refuses a write too large for it would.
+    pub audit_max_records: AtomicU64,
 }
 
 impl FaultyStore {
@@ -236,6 +239,7 @@ impl FaultyStore {
             lookup_down: AtomicBool::new(false),
             lookup_delay_ms: AtomicU64::new(0),
             audit_down: AtomicBool::new(false),
+            audit_max_records: AtomicU64::new(0),
         })
     }
 }
@@ -337,7 +341,8 @@ impl ConsentStore for FaultyStore {
     }
 
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
-        if self.audit_down.load(Ordering::SeqCst) {
+        let max = self.audit_max_records.load(Ordering::SeqCst);
+        if self.audit_down.load(Ordering::SeqCst) || (max > 0 && records.len() as u64 > max) {
             return Err(down());
         }
         self.inner.append_audit(records).await
