@@ -19,6 +19,7 @@ pub mod audit;
 pub mod auth;
 pub mod check;
 pub mod cli;
+pub mod connections;
 pub mod core;
 pub mod metrics;
 pub mod server;

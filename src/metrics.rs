@@ -144,6 +144,10 @@ fn describe() {
         "Checks whose at_least_version was beyond anything the store holds"
     );
     describe_counter!(
+        "optout_connections_idle_closed_total",
+        "Client connections closed after --idle-timeout-secs without traffic"
+    );
+    describe_counter!(
         "optout_connections_refused_total",
         "Client connections closed at accept because --max-connections was reached"
     );

@@ -42,11 +42,13 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// Client connections held at once; past it, new connections are closed at once.
     pub max_connections: usize,
-    /// How long one request (a whole stream included) may take before it is cut off.
-    pub request_timeout: Duration,
     /// A connection older than this is asked to close (GOAWAY) and given the shutdown grace to
     /// finish its requests: no client holds a replica forever, and load spreads over new pods.
     pub max_connection_age: Duration,
+    /// A connection with no traffic for this long (keepalive pings aside) is closed. Never
+    /// shorter than the request timeout plus a second, so a request that is silent while the
+    /// server works on it (an import being applied) is never cut off as idle.
+    pub idle_timeout: Duration,
     /// The shared Redis store; `None` runs on the embedded store in `data_dir`.
     pub redis: Option<RedisConfig>,
     /// API keys; `None` runs open (the CLI allows that on loopback only).
@@ -97,8 +99,8 @@ impl ServerConfig {
             limits: Limits::default(),
             max_concurrent_streams: 256,
             max_connections: 10_000,
-            request_timeout: Duration::from_secs(300),
             max_connection_age: Duration::from_secs(1800),
+            idle_timeout: Duration::from_secs(600),
             redis: None,
             keys_file: None,
             keys_reload: Duration::from_secs(2),
@@ -367,7 +369,7 @@ pub async fn serve(
     let (draining_tx, mut draining_rx) = watch::channel(false);
     let server = builder
         .max_concurrent_streams(config.max_concurrent_streams)
-        .timeout(config.request_timeout)
+        .timeout(config.limits.request_timeout)
         .max_connection_age(config.max_connection_age)
         .max_connection_age_grace(grace)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -379,19 +381,28 @@ pub async fn serve(
         .add_service(reflection_alpha)
         .add_service(check)
         .add_service(admin)
-        .serve_with_incoming_shutdown(limited(listener, config.max_connections), async {
-            shutdown.await;
-            for s in SERVICES {
-                health
-                    .set_service_status(s, ServingStatus::NotServing)
-                    .await;
-            }
-            tracing::info!(
-                grace_secs = grace.as_secs_f64(),
-                "shutting down: NOT_SERVING, no new connections, draining in-flight requests"
-            );
-            let _ = draining_tx.send(true);
-        });
+        .serve_with_incoming_shutdown(
+            crate::connections::limited(
+                incoming(listener),
+                config.max_connections,
+                config
+                    .idle_timeout
+                    .max(config.limits.request_timeout + Duration::from_secs(1)),
+            ),
+            async {
+                shutdown.await;
+                for s in SERVICES {
+                    health
+                        .set_service_status(s, ServingStatus::NotServing)
+                        .await;
+                }
+                tracing::info!(
+                    grace_secs = grace.as_secs_f64(),
+                    "shutting down: NOT_SERVING, no new connections, draining in-flight requests"
+                );
+                let _ = draining_tx.send(true);
+            },
+        );
     // In-flight requests and streams get the grace period; then they are cut off.
     let result = tokio::select! {
         r = server => r,
@@ -459,92 +470,6 @@ fn request_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
         None => format!("{:016x}", rand::random::<u64>()),
     };
     tracing::info_span!("request", id = %id, method = %req.uri().path())
-}
-
-/// The listener's connections, at most `max` at once: a connection past the cap is closed as
-/// soon as it is accepted (counted and logged), so idle or slow clients cannot exhaust the
-/// replica's sockets and memory.
-fn limited(
-    listener: TcpListener,
-    max: usize,
-) -> impl futures::Stream<Item = Result<Limited, std::io::Error>> + Send + 'static {
-    use futures::StreamExt;
-    let permits = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
-    incoming(listener).filter_map(move |accepted| {
-        let permits = permits.clone();
-        async move {
-            let stream = match accepted {
-                Ok(s) => s,
-                Err(e) => return Some(Err(e)),
-            };
-            match permits.try_acquire_owned() {
-                Ok(permit) => Some(Ok(Limited {
-                    stream,
-                    _permit: permit,
-                })),
-                Err(_) => {
-                    metrics::counter!("optout_connections_refused_total").increment(1);
-                    tracing::warn!(max, "connection limit reached; closing a new connection");
-                    None
-                }
-            }
-        }
-    })
-}
-
-/// An accepted connection holding one of the replica's connection permits until it closes.
-struct Limited {
-    stream: tokio::net::TcpStream,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl tonic::transport::server::Connected for Limited {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl tokio::io::AsyncRead for Limited {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Limited {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
 }
 
 /// The listener's connections with TCP_NODELAY set. With its own incoming stream, tonic's

@@ -397,6 +397,91 @@ async fn connections_past_the_cap_are_closed() {
     server.stop().await;
 }
 
+/// Opens a raw HTTP/2 connection (preface and an empty SETTINGS frame) and reads until the
+/// server closes it; how long that took, or `None` if it was still open after `within`.
+async fn closed_after(server: &TestServer, within: Duration) -> Option<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    let read_all = async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return started.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, read_all).await.ok()
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.limits.request_timeout = Duration::from_millis(300);
+    config.idle_timeout = Duration::from_millis(500);
+    let server = TestServer::start_with(config).await;
+    let took = closed_after(&server, Duration::from_secs(5))
+        .await
+        .expect("an unused connection is closed");
+    assert!(
+        took >= Duration::from_millis(500),
+        "not before the idle timeout: {took:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_old_connection_is_told_to_go_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.max_connection_age = Duration::from_millis(500);
+    config.shutdown_grace = Duration::from_millis(200);
+    let server = TestServer::start_with(config).await;
+    closed_after(&server, Duration::from_secs(5))
+        .await
+        .expect("a connection past its age is closed");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_past_the_request_timeout_is_cut_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.limits.request_timeout = Duration::from_millis(300);
+    let server = TestServer::start_with(config).await;
+    let mut client = check_client(server.channel().await, None);
+    // A stream that sends one message and then nothing, and is never closed.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(check_request(
+        valid_numbers(4_000_000_000, 1),
+        Purpose::Research,
+    ))
+    .await
+    .expect("send");
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut answers = client
+            .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        while answers.message().await?.is_some() {}
+        Ok::<(), Status>(())
+    })
+    .await
+    .expect("the server ends the request, the client need not");
+    assert!(ended.is_err(), "ended with an error status: {ended:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(tx);
+    server.stop().await;
+}
+
 /// A CA, a server certificate for 127.0.0.1 and a client certificate naming `org`.
 struct Pki {
     ca: String,

@@ -153,6 +153,35 @@ impl CheckService {
     }
 }
 
+/// The stream, ended with DEADLINE_EXCEEDED once `limit` has passed. The server's request timeout
+/// covers a call until its response starts; a response stream would outlive it, so a client that
+/// keeps a stream open without end is cut off here.
+fn cut_off_after<S>(stream: S, limit: std::time::Duration) -> ResponseStream
+where
+    S: Stream<Item = Result<CheckResponse, Status>> + Send + 'static,
+{
+    let state = (Box::pin(stream), Box::pin(tokio::time::sleep(limit)), false);
+    Box::pin(futures::stream::unfold(
+        state,
+        move |(mut stream, mut cut, ended)| async move {
+            if ended {
+                return None;
+            }
+            tokio::select! {
+                item = stream.next() => item.map(|i| (i, (stream, cut, false))),
+                _ = &mut cut => {
+                    let status = Status::deadline_exceeded(format!(
+                        "the stream ran longer than the server's request timeout of {} s; \
+                         send the rest in a new stream",
+                        limit.as_secs_f64()
+                    ));
+                    Some((Err(status), (stream, cut, true)))
+                }
+            }
+        },
+    ))
+}
+
 fn withhold_all(decisions: &mut [Decision]) {
     for d in decisions.iter_mut() {
         if matches!(d, Decision::Release(_)) {
@@ -212,6 +241,9 @@ impl OptOutCheck for CheckService {
                 *failed = item.is_err();
                 futures::future::ready(Some(item))
             });
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(Box::pin(cut_off_after(
+            responses,
+            self.limits.request_timeout,
+        ))))
     }
 }

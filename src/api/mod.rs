@@ -64,6 +64,8 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// CheckStream messages processed at once per stream (responses stay in order).
     pub stream_concurrency: usize,
+    /// How long one request may take, a whole stream included, before it is cut off.
+    pub request_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -74,6 +76,7 @@ impl Default for Limits {
             default_deadline: Duration::from_secs(2),
             max_message_bytes: 4 * 1024 * 1024,
             stream_concurrency: 4,
+            request_timeout: Duration::from_secs(300),
         }
     }
 }

@@ -286,6 +286,11 @@ struct ServeArgs {
     /// grace to finish), in seconds. Also spreads long-lived clients over new replicas.
     #[arg(long, env = "OPTOUT_MAX_CONNECTION_AGE_SECS", default_value_t = 1800)]
     max_connection_age_secs: u64,
+    /// A client connection with no traffic (keepalive pings aside) for this long is closed, in
+    /// seconds. Never shorter than the request timeout plus a second, so a request the server is
+    /// still working on is not cut off as idle.
+    #[arg(long, env = "OPTOUT_IDLE_TIMEOUT_SECS", default_value_t = 600)]
+    idle_timeout_secs: u64,
     #[command(flatten)]
     redis: RedisArgs,
 }
@@ -699,13 +704,14 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         },
         max_concurrent_streams: args.max_concurrent_streams.max(1),
         max_connections: args.max_connections.max(1),
-        request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
         max_connection_age: Duration::from_secs(args.max_connection_age_secs.max(1)),
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
         limits: Limits {
             max_batch: args.max_batch,
             max_admin_batch: args.max_admin_batch,
             default_deadline: Duration::from_millis(args.default_deadline_ms.max(1)),
             max_message_bytes: args.max_message_bytes,
+            request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
             ..Limits::default()
         },
         ..ServerConfig::new(PathBuf::new())
