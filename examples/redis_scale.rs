@@ -5,7 +5,7 @@
 //! nothing else):
 //!
 //! ```sh
-//! redis-server --port 6390 --save "" --appendonly no &
+//! redis-server --port 6390 --save "" --appendonly yes --appendfsync always &
 //! cargo run --release --example redis_scale -- redis://127.0.0.1:6390 5000000
 //! ```
 //!

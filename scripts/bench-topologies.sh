@@ -40,7 +40,7 @@ node() { # port dir extra-args...
     local port=$1 dir=$2
     shift 2
     mkdir -p "$dir"
-    redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --save "" --appendonly no \
+    redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --save "" --appendonly yes --appendfsync always \
         --repl-diskless-sync-delay 0 --logfile "$dir/redis.log" "$@" &
     pids+=($!)
     until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done

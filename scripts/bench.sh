@@ -30,7 +30,8 @@ cargo build --release --locked -p optout-loadtest --bin optout-loadtest >/dev/nu
 bin=target/release
 command -v redis-server >/dev/null || { echo "redis-server is missing: bash scripts/test.sh installs it" >&2; exit 1; }
 
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
+# Persistence as the service requires of a single Redis: every acknowledged write fsynced.
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync always --dir "$work" \
     --logfile "$work/redis.log" --daemonize no &
 pids+=($!)
 until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
