@@ -20,7 +20,7 @@ pub mod auth;
 pub mod check;
 pub mod cli;
 pub mod connections;
-pub mod core;
+pub use optout_core as core;
 pub mod metrics;
 pub mod server;
 pub mod store;

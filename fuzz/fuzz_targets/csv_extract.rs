@@ -2,7 +2,7 @@
 //! at most the batch size, each with its NHS-number cell; or stops with a line number.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use optout::cli::filter::{for_each_chunk, open_csv};
+use optout_core::extract::{for_each_chunk, open_csv};
 
 fuzz_target!(|data: &[u8]| {
     let batch = usize::from(data.first().copied().unwrap_or(1) % 7) + 1;

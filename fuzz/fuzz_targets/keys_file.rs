@@ -4,7 +4,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data)
-        && let Ok(keys) = optout::auth::parse_keys_file(text)
+        && let Ok(keys) = optout_core::keys::parse_keys_file(text)
     {
         for (id, caller, _) in keys {
             assert_eq!(id.len(), 12);

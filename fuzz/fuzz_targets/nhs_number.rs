@@ -2,7 +2,7 @@
 //! to the same number, obey the modulus-11 rule, and are not a placeholder.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use optout::core::NhsNumber;
+use optout_core::NhsNumber;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

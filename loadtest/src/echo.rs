@@ -4,7 +4,7 @@
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
-use optout::api::proto::{
+use optout_proto::{
     CheckRequest, CheckResponse, Decision, Outcome, Reason,
     opt_out_check_server::{OptOutCheck, OptOutCheckServer},
 };

@@ -17,7 +17,7 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
-use optout::api::proto::{
+use optout_proto::{
     CheckRequest, DataOrigin, ImportMode, ImportOptOutsRequest, OptOutType, Outcome, Purpose,
     opt_out_admin_client::OptOutAdminClient, opt_out_check_client::OptOutCheckClient,
 };
@@ -395,7 +395,7 @@ fn draw_request(
     rng: &mut impl rand::Rng,
     count: usize,
     share: f64,
-) -> (Vec<optout::core::NhsNumber>, CheckRequest) {
+) -> (Vec<optout_core::NhsNumber>, CheckRequest) {
     let numbers: Vec<_> = (0..count).map(|_| population.draw(rng, share)).collect();
     // All the numbers' digits in one buffer, each number a slice of it: the client shares the
     // machine with the server, so it should not spend an allocation per number either.
@@ -486,7 +486,7 @@ async fn worker(
 
 fn record(
     shared: &Shared,
-    numbers: &[optout::core::NhsNumber],
+    numbers: &[optout_core::NhsNumber],
     released: &[bool],
     tally: &mut Tally,
 ) {
@@ -508,7 +508,7 @@ fn record(
 async fn redis_check(
     conn: &mut redis::aio::MultiplexedConnection,
     key: &str,
-    numbers: &[optout::core::NhsNumber],
+    numbers: &[optout_core::NhsNumber],
 ) -> Result<Vec<bool>, String> {
     if numbers.len() == 1 {
         let member: i64 = redis::cmd("SISMEMBER")
@@ -538,7 +538,7 @@ async fn stream_worker(
     const WINDOW: usize = 8;
     let (tx, rx) = tokio::sync::mpsc::channel::<CheckRequest>(WINDOW);
     let (sent_tx, mut sent_rx) =
-        tokio::sync::mpsc::channel::<(Instant, Vec<optout::core::NhsNumber>)>(WINDOW * 2);
+        tokio::sync::mpsc::channel::<(Instant, Vec<optout_core::NhsNumber>)>(WINDOW * 2);
     let permits = Arc::new(tokio::sync::Semaphore::new(WINDOW));
     let mut responses = match client
         .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))

@@ -7,7 +7,7 @@
 //! indices `0..limit` whose prefix has a valid check digit; clean numbers are indices from `limit`
 //! on. About 1 prefix in 11 has no valid check digit and is skipped.
 
-use optout::core::NhsNumber;
+use optout_core::NhsNumber;
 
 const BASE: u64 = 400_000_000;
 const SPACE: u64 = 100_000_000;

@@ -13,43 +13,14 @@ pub use admin::AdminService;
 pub use check::CheckService;
 
 use crate::{
-    core::{self, NhsNumber, NhsNumberError},
+    core::{NhsNumber, NhsNumberError},
     store::StoreError,
 };
 
-/// The generated protobuf and gRPC code of `optout.v1`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod proto {
-    tonic::include_proto!("optout.v1");
-
-    /// `optout.v1.CheckRequest`, written by hand rather than generated (build.rs names it as an
-    /// extern path) for one difference: `nhs_numbers` is decoded into `Bytes` slices of the received
-    /// message rather than a `String` per number. A batch of 1,000 numbers then costs no allocation
-    /// per number; the per-number `String`s were about a tenth of the server's CPU under load. The
-    /// wire format is the same (`string` and `bytes` are both length-delimited), so clients built
-    /// from the .proto are unaffected; a number that is not UTF-8 is an invalid NHS number
-    /// (WITHHOLD) rather than a decode error. Keep the fields in step with the .proto.
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
-    pub struct CheckRequest {
-        /// NHS numbers as 10 digits, or 3-3-4 separated by single spaces or single dashes.
-        #[prost(bytes = "bytes", repeated, tag = "1")]
-        pub nhs_numbers: ::prost::alloc::vec::Vec<::bytes::Bytes>,
-        #[prost(enumeration = "Purpose", tag = "2")]
-        pub purpose: i32,
-        #[prost(enumeration = "DataOrigin", tag = "3")]
-        pub origin: i32,
-        /// A version returned by an admin write: the answer reflects at least that version.
-        #[prost(string, tag = "4")]
-        pub at_least_version: ::prost::alloc::string::String,
-        /// The caller's reference for the extract, for traceability.
-        #[prost(string, tag = "5")]
-        pub extract_id: ::prost::alloc::string::String,
-    }
-
-    /// The encoded descriptor set, served by the reflection service.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/optout_descriptor.bin"));
-}
+pub use optout_proto as proto;
+pub(crate) use optout_proto::convert::{
+    decision_to_proto, opt_out_type, opt_out_type_to_proto, origin, purpose, version_field,
+};
 
 /// Request limits. Every request is bounded in size and time.
 #[derive(Clone, Copy, Debug)]
@@ -124,93 +95,6 @@ pub(crate) fn store_status(e: StoreError) -> Status {
         StoreError::ImportRefused(m) => Status::failed_precondition(m),
         StoreError::Regressed(m) => Status::unavailable(m),
     }
-}
-
-pub(crate) fn purpose(p: i32) -> Result<core::Purpose, Status> {
-    match proto::Purpose::try_from(p) {
-        Ok(proto::Purpose::DirectCare) => Ok(core::Purpose::DirectCare),
-        Ok(proto::Purpose::Research) => Ok(core::Purpose::Research),
-        Ok(proto::Purpose::Planning) => Ok(core::Purpose::Planning),
-        Ok(proto::Purpose::Unspecified) => Err(Status::invalid_argument(
-            "purpose is required: say why the data is extracted (PURPOSE_DIRECT_CARE, \
-             PURPOSE_RESEARCH or PURPOSE_PLANNING)",
-        )),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "purpose {p} is not a known Purpose"
-        ))),
-    }
-}
-
-pub(crate) fn origin(o: i32) -> Result<core::DataOrigin, Status> {
-    match proto::DataOrigin::try_from(o) {
-        Ok(proto::DataOrigin::Unspecified) => Ok(core::DataOrigin::Unspecified),
-        Ok(proto::DataOrigin::GpPractice) => Ok(core::DataOrigin::GpPractice),
-        Ok(proto::DataOrigin::Other) => Ok(core::DataOrigin::Other),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "origin {o} is not a known DataOrigin"
-        ))),
-    }
-}
-
-pub(crate) fn opt_out_type(t: i32) -> Result<core::OptOutType, Status> {
-    match proto::OptOutType::try_from(t) {
-        Ok(proto::OptOutType::NationalDataOptOut) => Ok(core::OptOutType::NationalDataOptOut),
-        Ok(proto::OptOutType::Type1) => Ok(core::OptOutType::Type1),
-        Ok(proto::OptOutType::Unspecified) => Err(Status::invalid_argument(
-            "type is required: OPT_OUT_TYPE_NATIONAL_DATA_OPT_OUT or OPT_OUT_TYPE_TYPE_1",
-        )),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "type {t} is not a known OptOutType"
-        ))),
-    }
-}
-
-pub(crate) fn opt_out_type_to_proto(t: core::OptOutType) -> proto::OptOutType {
-    match t {
-        core::OptOutType::NationalDataOptOut => proto::OptOutType::NationalDataOptOut,
-        core::OptOutType::Type1 => proto::OptOutType::Type1,
-    }
-}
-
-pub(crate) fn decision_to_proto(d: core::Decision) -> proto::Decision {
-    use core::{Decision, ReleaseReason, WithholdReason};
-    use proto::{Outcome, Reason};
-    let (outcome, reason) = match d {
-        Decision::Release(ReleaseReason::NoOptOut) => (Outcome::Release, Reason::NoOptOut),
-        Decision::Release(ReleaseReason::PurposeExempt) => {
-            (Outcome::Release, Reason::PurposeExempt)
-        }
-        Decision::Withhold(WithholdReason::NationalDataOptOut) => {
-            (Outcome::Withhold, Reason::NationalDataOptOut)
-        }
-        Decision::Withhold(WithholdReason::Type1OptOut) => (Outcome::Withhold, Reason::Type1OptOut),
-        Decision::Withhold(WithholdReason::InvalidNhsNumber) => {
-            (Outcome::Withhold, Reason::InvalidNhsNumber)
-        }
-        Decision::Withhold(WithholdReason::StoreUnavailable) => {
-            (Outcome::Withhold, Reason::StoreUnavailable)
-        }
-        Decision::Withhold(WithholdReason::StoreRegressed) => {
-            (Outcome::Withhold, Reason::StoreRegressed)
-        }
-        Decision::Withhold(WithholdReason::VersionNotReached) => {
-            (Outcome::Withhold, Reason::VersionNotReached)
-        }
-    };
-    proto::Decision {
-        outcome: outcome as i32,
-        reason: reason as i32,
-    }
-}
-
-/// Parses a version token from a request field (empty: none).
-pub(crate) fn version_field(field: &str, value: &str) -> Result<Option<core::Version>, Status> {
-    if value.is_empty() {
-        return Ok(None);
-    }
-    core::Version::parse(value)
-        .map(Some)
-        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
 /// The source of an admin change: required, short, printable.

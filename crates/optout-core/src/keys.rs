@@ -1,0 +1,248 @@
+//! API keys: the keys file, its roles and organisations, and new keys (pure; the service's
+//! keyring, which reloads the file and checks presented keys, is in the server crate).
+//!
+//! A key looks like `oo_<id>_<secret>`: the id (12 hex digits) is public and names the key in
+//! audit records; the secret is 32 random bytes. The keys file stores only the SHA-256 of the whole
+//! key, so the file leaking does not leak keys (a fast hash is right here: the secret has 256 bits
+//! of entropy, nothing to brute-force). Keys are compared in constant time.
+//!
+//! The keys file is TOML, one `[[key]]` table per key:
+//!
+//! ```toml
+//! [[key]]
+//! id = "3f9a2c41b7d0"
+//! organisation = "RX1"          # ODS code of the calling organisation
+//! roles = ["checker"]           # "checker": OptOutCheck; "admin": OptOutAdmin and checks
+//! hash = "sha256:9b71d2..."
+//! ```
+
+use base64::Engine;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// What a key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// OptOutCheck.
+    Checker,
+    /// OptOutAdmin, and checks.
+    Admin,
+}
+
+impl Role {
+    /// The role named in a keys file.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "checker" => Some(Role::Checker),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    /// The role's name in the keys file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Checker => "checker",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// The authenticated caller, put into each request's extensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The organisation (ODS code).
+    pub organisation: String,
+    /// The key's public id.
+    pub key_id: String,
+    roles: Vec<Role>,
+}
+
+impl Caller {
+    /// The caller of a service that runs without keys (loopback development only).
+    pub fn anonymous() -> Caller {
+        Caller {
+            organisation: "anonymous".into(),
+            key_id: "-".into(),
+            roles: vec![Role::Checker, Role::Admin],
+        }
+    }
+
+    /// Whether the caller may use a service that needs `role` (admins may also check).
+    pub fn may(&self, role: Role) -> bool {
+        self.roles.contains(&role) || (role == Role::Checker && self.roles.contains(&Role::Admin))
+    }
+}
+
+/// What is wrong with a keys file; names the entry and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysFileError {
+    /// Not readable.
+    #[error("keys file {path}: {error}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// Not TOML of the expected shape.
+    #[error("keys file is not valid: {0}")]
+    Syntax(String),
+    /// An entry has a bad field.
+    #[error("keys file entry {index} (id {id:?}): {problem}")]
+    Entry {
+        /// 1-based position of the `[[key]]` table.
+        index: usize,
+        /// Its id as written.
+        id: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFileToml {
+    #[serde(default)]
+    key: Vec<KeyToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyToml {
+    id: String,
+    organisation: String,
+    roles: Vec<String>,
+    hash: String,
+}
+
+fn valid_id(id: &str) -> bool {
+    id.len() == 12
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// Parses a keys file. Every entry is checked; the first problem is reported with its position.
+pub fn parse_keys_file(text: &str) -> Result<Vec<(String, Caller, [u8; 32])>, KeysFileError> {
+    let file: KeysFileToml =
+        toml::from_str(text).map_err(|e| KeysFileError::Syntax(e.to_string()))?;
+    let mut out = Vec::with_capacity(file.key.len());
+    let mut seen = std::collections::HashSet::new();
+    for (i, k) in file.key.into_iter().enumerate() {
+        let bad = |problem: String| KeysFileError::Entry {
+            index: i + 1,
+            id: k.id.chars().take(32).collect(),
+            problem,
+        };
+        if !valid_id(&k.id) {
+            return Err(bad("id must be 12 lowercase hex digits".into()));
+        }
+        if !seen.insert(k.id.clone()) {
+            return Err(bad("the id appears twice".into()));
+        }
+        let org = k.organisation.trim();
+        if org.is_empty()
+            || org.len() > 64
+            || !org
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(bad(
+                "organisation must be 1 to 64 letters, digits, '-' or '_' (an ODS code)".into(),
+            ));
+        }
+        let mut roles = Vec::new();
+        for r in &k.roles {
+            roles.push(Role::parse(r).ok_or_else(|| {
+                bad(format!(
+                    "unknown role {r:?} (roles are \"checker\" and \"admin\")"
+                ))
+            })?);
+        }
+        if roles.is_empty() {
+            return Err(bad("roles is empty".into()));
+        }
+        let hex = k
+            .hash
+            .strip_prefix("sha256:")
+            .ok_or_else(|| bad("hash must start with \"sha256:\"".into()))?;
+        let hash = decode_hex32(hex).ok_or_else(|| bad("hash must be 64 hex digits".into()))?;
+        out.push((
+            k.id.clone(),
+            Caller {
+                organisation: org.to_string(),
+                key_id: k.id.clone(),
+                roles,
+            },
+            hash,
+        ));
+    }
+    Ok(out)
+}
+
+fn decode_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The SHA-256 of a whole key, as the keys file stores it.
+pub fn hash_key(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// A new key: returns `(key, keys-file entry)`. The key is shown once; only its hash is stored.
+pub fn new_key(organisation: &str, roles: &[Role]) -> (String, String) {
+    let mut id = [0u8; 6];
+    rand::fill(&mut id);
+    let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let mut secret = [0u8; 32];
+    rand::fill(&mut secret);
+    let key = format!(
+        "oo_{id}_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    );
+    let hash: String = hash_key(&key).iter().map(|b| format!("{b:02x}")).collect();
+    let roles: Vec<String> = roles.iter().map(|r| format!("{:?}", r.name())).collect();
+    let entry = format!(
+        "[[key]]\nid = \"{id}\"\norganisation = \"{organisation}\"\nroles = [{}]\nhash = \"sha256:{hash}\"\n",
+        roles.join(", ")
+    );
+    (key, entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_file_errors_name_the_entry_and_field() {
+        let (_, good) = new_key("RX1", &[Role::Admin]);
+        let (_, other) = new_key("RX2", &[Role::Admin]);
+        let bad_role = other.replace("\"admin\"", "\"root\"");
+        let err = parse_keys_file(&format!("{good}\n{bad_role}")).expect_err("bad role");
+        let msg = err.to_string();
+        assert!(msg.contains("entry 2"), "{msg}");
+        assert!(msg.contains("unknown role \"root\""), "{msg}");
+        assert!(parse_keys_file("[[key]]\nid = 1").is_err());
+        assert!(parse_keys_file("").expect("empty file: no keys").is_empty());
+        let err = parse_keys_file(&good.replace("sha256:", "md5:")).expect_err("hash");
+        assert!(err.to_string().contains("hash"), "{err}");
+    }
+
+    #[test]
+    fn admins_may_check_but_checkers_may_not_administer() {
+        let admin = Caller {
+            organisation: "A".into(),
+            key_id: "k".into(),
+            roles: vec![Role::Admin],
+        };
+        assert!(admin.may(Role::Checker) && admin.may(Role::Admin));
+    }
+}

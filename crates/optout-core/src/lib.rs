@@ -1,0 +1,23 @@
+//! The pure core of the opt-out service: NHS numbers, the purpose policy, decisions, store
+//! versions, the opted-out filter with its snapshot format, audit records and digests, the keys
+//! file, and the CSV extract reader. No tokio, tonic or redis types in here; unit tests, property
+//! tests, the fuzz targets and the criterion benches exercise it directly. The server crate
+//! re-exports it as `optout::core`.
+#![deny(missing_docs)]
+
+mod audit;
+pub mod extract;
+mod filter;
+pub mod keys;
+mod nhs;
+mod policy;
+mod version;
+
+pub use audit::{AuditKey, AuditKeyError, AuditQuery, AuditRecord, DIGEST_LEN};
+pub use filter::{FilterError, FilterStats, MIN_CAPACITY, OptOutFilter};
+pub use nhs::{NhsNumber, NhsNumberError};
+pub use policy::{
+    Applicable, DataOrigin, Decision, OptOutSet, OptOutType, Purpose, ReleaseReason,
+    WithholdReason, applicable, decide,
+};
+pub use version::{Version, VersionError};
