@@ -20,10 +20,7 @@ use common::{
 use optout::{
     api::proto::{OptOutType, Outcome, Purpose, Reason},
     server::ServerConfig,
-    store::{
-        redis::SentinelConfig,
-        topology::{key_slot, shard_tags},
-    },
+    store::redis::{SentinelConfig, key_slot, shard_tags},
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 

@@ -4,12 +4,12 @@
 //! call per request. Admin writes go through it and each returns the version it took effect at;
 //! the change feed lets every replica's filter follow those writes in order.
 //!
-//! Implementations: [`embedded::EmbeddedStore`] (redb, one replica, the default). The Redis store
-//! for many replicas slots in behind the same trait.
+//! Implementations: [`embedded::EmbeddedStore`] (redb, one replica, the default) and
+//! [`redis::RedisStore`] (one Redis, Sentinel or Cluster, shared by many replicas). Both pass the
+//! same contract suite (`tests/store_contract.rs`).
 
 pub mod embedded;
 pub mod redis;
-pub mod topology;
 
 use std::time::Duration;
 

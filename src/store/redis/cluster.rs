@@ -23,22 +23,162 @@
 //!   the metadata slot's atomicity, that no import holds the type's lock and the generation is
 //!   still the one written to; otherwise the change is not acknowledged and the caller retries.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, LazyLock},
-};
+use std::{collections::HashMap, sync::Arc};
 
+use async_trait::async_trait;
 use futures::StreamExt;
-use redis::{Script, Value};
+use parking_lot::Mutex;
+use redis::{AsyncCommands, ScriptInvocation, Value};
 
 use super::{
-    Bound, Conn, RedisStore, StoreError, array, changed, int_of, text_of, type_code, unavailable,
-    version_of,
+    Bound, RedisStore,
+    conn::{Conn, key_slot, shard_tags},
+    layout::{Change, Layout},
+    reply::{
+        array, audit_json, csv_of, int_of, numbers_csv, stored_number, text_of, type_code,
+        version_of,
+    },
+    scripts::{changed, store_error},
 };
 use crate::{
-    core::{AuditRecord, NhsNumber, OptOutSet, OptOutType, Version},
-    store::{ChangeKind, Lookup, OptOutRecord, Scan, WriteOutcome, now_ms, topology::key_slot},
+    core::{NhsNumber, OptOutSet, OptOutType, Version},
+    store::{ChangeKind, Lookup, OptOutRecord, Scan, StoreError, WriteOutcome, now_ms},
 };
+
+/// The Cluster layout: opt-outs in shards, a change in three steps.
+pub(super) struct Cluster {
+    /// Shards to create at `init`.
+    init_shards: usize,
+    /// The shards that share a master (learnt from `CLUSTER SLOTS`), so a lookup sends one
+    /// pipeline per master; forgotten after any error and whenever the dataset is bound again.
+    masters: Mutex<Option<Arc<Masters>>>,
+}
+
+impl Cluster {
+    pub(super) fn new(init_shards: usize) -> Self {
+        Cluster {
+            init_shards: init_shards.clamp(1, 16384),
+            masters: Mutex::new(None),
+        }
+    }
+
+    /// Writes each shard's copy of the dataset marker.
+    async fn write_shard_markers(
+        &self,
+        s: &RedisStore,
+        tags: &[String],
+        id: &str,
+    ) -> Result<(), StoreError> {
+        let writes = tags.iter().map(|tag| {
+            let mut conn = s.write_conn();
+            let key = s.shard_marker(tag);
+            async move { conn.set::<_, _, ()>(key, id).await }
+        });
+        for r in futures::future::join_all(writes).await {
+            r.map_err(store_error)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Layout for Cluster {
+    async fn lookup(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        numbers: &[NhsNumber],
+    ) -> Result<Lookup, StoreError> {
+        self.lookup_cluster(s, bound, numbers).await
+    }
+
+    async fn get(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        number: NhsNumber,
+    ) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
+        self.get_cluster(s, bound, number).await
+    }
+
+    async fn change(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        c: Change<'_>,
+    ) -> Result<WriteOutcome, StoreError> {
+        self.change_cluster(s, bound, c).await
+    }
+
+    async fn scan(&self, s: &RedisStore, bound: &Bound) -> Result<Scan, StoreError> {
+        self.scan_cluster(s, bound).await
+    }
+
+    /// A metadata script touches one master: `WAIT` on every master afterwards.
+    async fn run_durable(
+        &self,
+        s: &RedisStore,
+        inv: &ScriptInvocation<'_>,
+        conn: &mut Conn,
+    ) -> Result<Value, StoreError> {
+        let value = inv.invoke_async(conn).await.map_err(store_error)?;
+        s.confirm_everywhere().await?;
+        Ok(value)
+    }
+
+    fn new_shards(&self) -> Vec<String> {
+        shard_tags(self.init_shards)
+    }
+
+    /// Each shard's marker first, the dataset marker (what makes the store usable) last.
+    async fn prepare_init(
+        &self,
+        s: &RedisStore,
+        tags: &[String],
+        id: &str,
+    ) -> Result<(), StoreError> {
+        let exists: bool = s
+            .write_conn()
+            .exists(s.key("marker"))
+            .await
+            .map_err(store_error)?;
+        if exists {
+            return Err(s.already_initialised());
+        }
+        self.write_shard_markers(s, tags, id).await
+    }
+
+    /// Again, idempotently: repairs a shard marker a concurrent, losing init overwrote.
+    async fn finish_init(
+        &self,
+        s: &RedisStore,
+        tags: &[String],
+        id: &str,
+    ) -> Result<(), StoreError> {
+        self.write_shard_markers(s, tags, id).await?;
+        s.confirm_everywhere().await
+    }
+
+    async fn check_binding(&self, s: &RedisStore, shards: &[String]) -> Result<(), StoreError> {
+        // The marker's INFO went to the metadata's master only; every master holds data.
+        s.eviction_policy_ok().await?;
+        if shards.is_empty() {
+            return Err(StoreError::NotInitialised(
+                "the store was initialised without cluster shards; initialise it with \
+                 `optout init-store --redis-cluster ...`"
+                    .into(),
+            ));
+        }
+        *self.masters.lock() = None;
+        Ok(())
+    }
+
+    /// Older than any change still running normally takes, with room to spare; finishing one
+    /// that is still running is harmless anyway (every step is idempotent).
+    async fn recover(&self, s: &RedisStore) -> Result<u64, StoreError> {
+        self.recover_intents(s, 2_000).await
+    }
+}
 
 /// A change registered by step 1: what its shard steps need.
 struct Intent {
@@ -66,7 +206,7 @@ impl Intent {
             g: field("g"),
             go: field("go"),
             value: field("v"),
-            numbers: super::numbers_csv(&field("n"))?,
+            numbers: numbers_csv(&field("n"))?,
         }))
     }
 }
@@ -79,7 +219,7 @@ struct Meta {
 
 /// The shards each master serves: `group_of[shard]` is its master's group, `route_slot[group]` a
 /// slot of that master to route the group's pipeline by.
-pub(super) struct Masters {
+struct Masters {
     group_of: Vec<usize>,
     route_slot: Vec<u16>,
 }
@@ -100,7 +240,7 @@ fn flag(v: &Value) -> Result<bool, StoreError> {
 /// Shard pipelines of a bulk read (scan) in flight at once.
 const SCAN_PARALLEL: usize = 4;
 
-impl RedisStore {
+impl Cluster {
     fn shard_of(bound: &Bound, number: NhsNumber) -> usize {
         ((number.as_u64() % bound.buckets) % bound.shards.len() as u64) as usize
     }
@@ -108,35 +248,34 @@ impl RedisStore {
     /// The marker, the version and both current generations, in one round trip.
     async fn read_meta(
         &self,
+        s: &RedisStore,
         bound: &Bound,
         extra: &[String],
     ) -> Result<(Meta, Vec<Value>), StoreError> {
-        self.read_meta_with(bound, extra, false).await
+        self.read_meta_with(s, bound, extra, false).await
     }
 
     /// [`Self::read_meta`], with the names of sources `extra`, and when `pending` the numbers of
     /// the adds under way (last in the reply).
     async fn read_meta_with(
         &self,
+        s: &RedisStore,
         bound: &Bound,
         extra: &[String],
         pending: bool,
     ) -> Result<(Meta, Vec<Value>), StoreError> {
         let mut pipe = redis::pipe();
-        pipe.hget(self.key("marker"), "dataset_id")
-            .get(self.key("version"))
-            .get(self.key("gen:1"))
-            .get(self.key("gen:2"));
+        pipe.hget(s.key("marker"), "dataset_id")
+            .get(s.key("version"))
+            .get(s.key("gen:1"))
+            .get(s.key("gen:2"));
         for sid in extra {
-            pipe.hget(self.key("src"), sid);
+            pipe.hget(s.key("src"), sid);
         }
         if pending {
-            pipe.hkeys(self.key("pending"));
+            pipe.hkeys(s.key("pending"));
         }
-        let reply: Vec<Value> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        let reply: Vec<Value> = pipe.query_async(&mut s.conn()).await.map_err(store_error)?;
         let mut it = reply.into_iter();
         let marker = it.next().as_ref().and_then(text_of).unwrap_or_default();
         if marker != bound.dataset {
@@ -167,15 +306,15 @@ impl RedisStore {
     }
 
     /// Which shards each master serves, from `CLUSTER SLOTS` (cached until an error).
-    async fn masters(&self, bound: &Bound) -> Result<Arc<Masters>, StoreError> {
-        if let Some(m) = self.inner.masters.lock().clone() {
+    async fn masters(&self, s: &RedisStore, bound: &Bound) -> Result<Arc<Masters>, StoreError> {
+        if let Some(m) = self.masters.lock().clone() {
             return Ok(m);
         }
         let slots: Value = redis::cmd("CLUSTER")
             .arg("SLOTS")
-            .query_async(&mut self.conn())
+            .query_async(&mut s.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         // [[start, end, [host, port, id], replicas...], ...]
         let mut ranges = Vec::new();
         for range in array(slots)? {
@@ -199,7 +338,7 @@ impl RedisStore {
         }
         let mut by_master: HashMap<&str, Vec<usize>> = HashMap::new();
         for (shard, tag) in bound.shards.iter().enumerate() {
-            let slot = key_slot(self.shard_marker(tag).as_bytes());
+            let slot = key_slot(s.shard_marker(tag).as_bytes());
             let (_, _, master) = ranges
                 .iter()
                 .find(|(lo, hi, _)| (*lo..=*hi).contains(&slot))
@@ -211,40 +350,42 @@ impl RedisStore {
         let mut group_of = vec![0; bound.shards.len()];
         let mut route_slot = Vec::new();
         for (g, shards) in by_master.into_values().enumerate() {
-            for &s in &shards {
-                group_of[s] = g;
+            for &shard in &shards {
+                group_of[shard] = g;
             }
             route_slot.push(key_slot(
-                self.shard_marker(&bound.shards[shards[0]]).as_bytes(),
+                s.shard_marker(&bound.shards[shards[0]]).as_bytes(),
             ));
         }
         let masters = Arc::new(Masters {
             group_of,
             route_slot,
         });
-        *self.inner.masters.lock() = Some(masters.clone());
+        *self.masters.lock() = Some(masters.clone());
         Ok(masters)
     }
 
-    pub(super) async fn lookup_cluster(
+    async fn lookup_cluster(
         &self,
+        s: &RedisStore,
         bound: &Bound,
         numbers: &[NhsNumber],
     ) -> Result<Lookup, StoreError> {
-        let result = self.lookup_by_master(bound, numbers).await;
+        let result = self.lookup_by_master(s, bound, numbers).await;
         if result.is_err() {
             // A slot may have moved or a master failed over: learn the masters again next time.
-            *self.inner.masters.lock() = None;
+            *self.masters.lock() = None;
         }
         result
     }
 
     async fn lookup_by_master(
         &self,
+        s: &RedisStore,
         bound: &Bound,
         numbers: &[NhsNumber],
     ) -> Result<Lookup, StoreError> {
-        let masters = self.masters(bound).await?;
+        let masters = self.masters(s, bound).await?;
         // Per master: the numbers it holds, and the shards they are in.
         let mut groups: HashMap<usize, (Vec<usize>, Vec<usize>)> = HashMap::new();
         for (i, n) in numbers.iter().enumerate() {
@@ -255,14 +396,14 @@ impl RedisStore {
                 shards.push(shard);
             }
         }
-        let Conn::Cluster(cluster) = &self.inner.conn else {
+        let Conn::Cluster(cluster) = &s.inner.conn else {
             return Err(StoreError::Unavailable(
                 "not a Redis Cluster connection".into(),
             ));
         };
         let (groups, masters) = (&groups, &masters);
         let (held, meta, _) = self
-            .under_current_generations(bound, |(g1, g2)| async move {
+            .under_current_generations(s, bound, |(g1, g2)| async move {
                 // One pipeline per master: two HEXISTS per number, then each shard's marker.
                 let reads = groups.iter().map(|(&g, (idx, shards))| {
                     let mut pipe = redis::pipe();
@@ -270,14 +411,14 @@ impl RedisStore {
                         let n = numbers[i].as_u64();
                         let b = n % bound.buckets;
                         pipe.cmd("HEXISTS")
-                            .arg(self.data_key(bound, "1", g1, b))
+                            .arg(s.data_key(bound, "1", g1, b))
                             .arg(n);
                         pipe.cmd("HEXISTS")
-                            .arg(self.data_key(bound, "2", g2, b))
+                            .arg(s.data_key(bound, "2", g2, b))
                             .arg(n);
                     }
-                    for &s in shards {
-                        pipe.get(self.shard_marker(&bound.shards[s]));
+                    for &shard in shards {
+                        pipe.get(s.shard_marker(&bound.shards[shard]));
                     }
                     let count = idx.len() * 2 + shards.len();
                     cluster.pipeline_to_slot(pipe, count, masters.route_slot[g])
@@ -285,7 +426,7 @@ impl RedisStore {
                 let replies = futures::future::join_all(reads).await;
                 let mut held = vec![OptOutSet::EMPTY; numbers.len()];
                 for ((idx, shards), reply) in groups.values().zip(replies) {
-                    let reply = reply.map_err(unavailable)?;
+                    let reply = reply.map_err(store_error)?;
                     if reply.len() != idx.len() * 2 + shards.len() {
                         return Err(StoreError::Corrupt(format!(
                             "a shard pipeline of {} commands answered {}",
@@ -314,8 +455,9 @@ impl RedisStore {
         })
     }
 
-    pub(super) async fn get_cluster(
+    async fn get_cluster(
         &self,
+        s: &RedisStore,
         bound: &Bound,
         number: NhsNumber,
     ) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
@@ -323,14 +465,14 @@ impl RedisStore {
         let b = n % bound.buckets;
         let shard = Self::shard_of(bound, number);
         let (values, meta, sources) = self
-            .under_current_generations(bound, |(g1, g2)| async move {
+            .under_current_generations(s, bound, |(g1, g2)| async move {
                 let (v1, v2, marker): (Option<String>, Option<String>, Value) = redis::pipe()
-                    .hget(self.data_key(bound, "1", g1, b), n)
-                    .hget(self.data_key(bound, "2", g2, b), n)
-                    .get(self.shard_marker(&bound.shards[shard]))
-                    .query_async(&mut self.conn())
+                    .hget(s.data_key(bound, "1", g1, b), n)
+                    .hget(s.data_key(bound, "2", g2, b), n)
+                    .get(s.shard_marker(&bound.shards[shard]))
+                    .query_async(&mut s.conn())
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(store_error)?;
                 Self::check_shard_marker(bound, Some(&marker))?;
                 let values: Vec<(OptOutType, String)> = OptOutType::ALL
                     .into_iter()
@@ -369,6 +511,7 @@ impl RedisStore {
     /// answer "no opt-out" at a version that includes the opt-out.
     async fn under_current_generations<T, F>(
         &self,
+        s: &RedisStore,
         bound: &Bound,
         mut read: impl FnMut((u64, u64)) -> F,
     ) -> Result<(T, Meta, Vec<Value>), StoreError>
@@ -376,9 +519,9 @@ impl RedisStore {
         F: Future<Output = Result<(T, Vec<String>), StoreError>>,
     {
         for _ in 0..3 {
-            let (before, _) = self.read_meta(bound, &[]).await?;
+            let (before, _) = self.read_meta(s, bound, &[]).await?;
             let (value, sids) = read(before.gens).await?;
-            let (after, sources) = self.read_meta(bound, &sids).await?;
+            let (after, sources) = self.read_meta(s, bound, &sids).await?;
             if after.version < before.version {
                 return Err(StoreError::Regressed(format!(
                     "the store's version went from {} to {} during one lookup",
@@ -394,36 +537,40 @@ impl RedisStore {
         ))
     }
 
-    pub(super) async fn change_cluster(
+    async fn change_cluster(
         &self,
+        s: &RedisStore,
         bound: &Bound,
-        kind: ChangeKind,
-        opt_out: OptOutType,
-        numbers: &[NhsNumber],
-        source: &str,
-        audit: &AuditRecord,
+        c: Change<'_>,
     ) -> Result<WriteOutcome, StoreError> {
+        let Change {
+            kind,
+            opt_out,
+            numbers,
+            source,
+            audit,
+        } = c;
         let t = type_code(opt_out);
         let add = kind == ChangeKind::Add;
         // 1. Metadata, atomically: refuse during an import; log the change (adds and removals
         // alike, before any record changes) and register it as an intent holding everything
         // needed to finish it, its audit record included.
         let now = now_ms();
-        let mut inv = BEGIN.prepare_invoke();
-        inv.key(self.key("marker"))
-            .arg(&self.inner.prefix)
+        let mut inv = s.inner.scripts.cluster_begin.prepare_invoke();
+        inv.key(s.key("marker"))
+            .arg(&s.inner.prefix)
             .arg(&bound.dataset)
             .arg(t)
             .arg(source)
-            .arg(self.inner.log_len)
+            .arg(s.inner.log_len)
             .arg(if add { "a" } else { "r" })
-            .arg(super::csv_of(numbers))
+            .arg(csv_of(numbers))
             .arg(now)
-            .arg(super::audit_json(audit)?);
+            .arg(audit_json(audit)?);
         let (id, g, go, sid): (String, String, String, String) = inv
-            .invoke_async(&mut self.write_conn())
+            .invoke_async(&mut s.write_conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         // 2 and 3: the records in each shard, then the counts and the audit record. The intent
         // is at hand: what step 1 stored, so a recovery finishes it the same way.
         let intent = Intent {
@@ -434,8 +581,8 @@ impl RedisStore {
             value: format!("{now},{sid}"),
             numbers: numbers.to_vec(),
         };
-        let applied = self.finish_intent(bound, &id, &intent).await?;
-        self.confirm_everywhere().await?;
+        let applied = self.finish_intent(s, bound, &id, &intent).await?;
+        s.confirm_everywhere().await?;
         Ok(WriteOutcome {
             version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
             applied,
@@ -448,6 +595,7 @@ impl RedisStore {
     /// itself or another replica's recovery. Returns the numbers that changed.
     async fn finish_intent(
         &self,
+        s: &RedisStore,
         bound: &Bound,
         id: &str,
         intent: &Intent,
@@ -471,52 +619,52 @@ impl RedisStore {
         }
         let writes = groups.iter().map(|(&shard, list)| {
             let tag = &bound.shards[shard];
-            let mut inv = SHARD.prepare_invoke();
-            inv.key(self.shard_marker(tag))
+            let mut inv = s.inner.scripts.cluster_shard.prepare_invoke();
+            inv.key(s.shard_marker(tag))
                 .arg(&bound.dataset)
                 .arg(if add { "a" } else { "r" })
                 .arg(value)
-                .arg(format!("{}{{{tag}}}done:{id}", self.inner.data_prefix));
+                .arg(format!("{}{{{tag}}}done:{id}", s.inner.data_prefix));
             for n in list {
                 let b = n.as_u64() % bound.buckets;
-                inv.arg(self.data_key(bound, t, g, b))
-                    .arg(self.data_key(bound, other, go, b))
+                inv.arg(s.data_key(bound, t, g, b))
+                    .arg(s.data_key(bound, other, go, b))
                     .arg(n.as_u64());
             }
-            let mut conn = self.write_conn();
+            let mut conn = s.write_conn();
             async move { inv.invoke_async::<(i64, i64)>(&mut conn).await }
         });
         let (mut applied, mut patients) = (0i64, 0i64);
         for r in futures::future::join_all(writes).await {
-            let (a, p) = r.map_err(unavailable)?;
+            let (a, p) = r.map_err(store_error)?;
             applied += a;
             patients += p;
         }
-        let mut inv = END.prepare_invoke();
-        inv.key(self.key("marker"))
-            .arg(&self.inner.prefix)
+        let mut inv = s.inner.scripts.cluster_end.prepare_invoke();
+        inv.key(s.key("marker"))
+            .arg(&s.inner.prefix)
             .arg(&bound.dataset)
             .arg(id)
             .arg(applied)
             .arg(patients)
-            .arg(self.inner.audit_len);
+            .arg(s.inner.audit_len);
         let done: i64 = inv
-            .invoke_async(&mut self.write_conn())
+            .invoke_async(&mut s.write_conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         Ok(u64::try_from(done).unwrap_or(0))
     }
 
     /// Finishes the changes whose writer stopped between the steps (a crash, a lost connection,
     /// a paused master): every registered intent older than `grace`. Their log entries are
     /// already read by the filters, so until then they are "maybe"s, never releases.
-    pub(super) async fn recover_intents(&self, grace_ms: u64) -> Result<u64, StoreError> {
-        let bound = self.bound()?;
+    async fn recover_intents(&self, s: &RedisStore, grace_ms: u64) -> Result<u64, StoreError> {
+        let bound = s.bound()?;
         let pending: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.key("intents"))
-            .query_async(&mut self.write_conn())
+            .arg(s.key("intents"))
+            .query_async(&mut s.write_conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         let now = now_ms();
         let mut finished = 0;
         for (id, at) in pending {
@@ -527,59 +675,59 @@ impl RedisStore {
                 continue;
             }
             let fields: HashMap<String, String> = redis::cmd("HGETALL")
-                .arg(self.key(&format!("intent:{id}")))
-                .query_async(&mut self.write_conn())
+                .arg(s.key(&format!("intent:{id}")))
+                .query_async(&mut s.write_conn())
                 .await
-                .map_err(unavailable)?;
+                .map_err(store_error)?;
             let Some(intent) = Intent::from_fields(&fields)? else {
                 continue; // finished meanwhile
             };
-            self.finish_intent(&bound, &id, &intent).await?;
+            self.finish_intent(s, &bound, &id, &intent).await?;
             finished += 1;
             tracing::warn!(version = %id, "finished an opt-out change its writer left half-done");
         }
         Ok(finished)
     }
 
-    pub(super) async fn scan_cluster(&self, bound: &Bound) -> Result<Scan, StoreError> {
+    async fn scan_cluster(&self, s: &RedisStore, bound: &Bound) -> Result<Scan, StoreError> {
         // Read before the records: the follower replays the log from here. The numbers of adds
         // under way are read in the same step: an add logged before this version whose shard
         // write lands after its shard is scanned is in neither the scan nor the replayed log, so
         // it goes into the filter from here (a finished add is in its shard before it finishes).
-        let (before, pending) = self.read_meta_with(bound, &[], true).await?;
+        let (before, pending) = self.read_meta_with(s, bound, &[], true).await?;
         let (g1, g2) = before.gens;
         let mut numbers = Vec::new();
         for v in pending
             .iter()
             .flat_map(|v| array(v.clone()).unwrap_or_default())
         {
-            numbers.push(super::stored_number(&v)?);
+            numbers.push(stored_number(&v)?);
         }
-        let groups = self.bucket_groups(bound);
+        let groups = s.bucket_groups(bound);
         let reads = futures::stream::iter(groups.into_iter().map(|group| {
             let shard = (group[0] % bound.shards.len() as u64) as usize;
             let mut pipe = redis::pipe();
             for &b in &group {
-                pipe.hkeys(self.data_key(bound, "1", g1, b))
-                    .hkeys(self.data_key(bound, "2", g2, b));
+                pipe.hkeys(s.data_key(bound, "1", g1, b))
+                    .hkeys(s.data_key(bound, "2", g2, b));
             }
-            pipe.get(self.shard_marker(&bound.shards[shard]));
-            let mut conn = self.write_conn();
+            pipe.get(s.shard_marker(&bound.shards[shard]));
+            let mut conn = s.write_conn();
             async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
         }))
         .buffer_unordered(SCAN_PARALLEL);
         futures::pin_mut!(reads);
         while let Some(reply) = reads.next().await {
-            let mut reply = reply.map_err(unavailable)?;
+            let mut reply = reply.map_err(store_error)?;
             let marker = reply.pop();
             Self::check_shard_marker(bound, marker.as_ref())?;
             for list in reply {
                 for v in array(list)? {
-                    numbers.push(super::stored_number(&v)?);
+                    numbers.push(stored_number(&v)?);
                 }
             }
         }
-        let (after, _) = self.read_meta(bound, &[]).await?;
+        let (after, _) = self.read_meta(s, bound, &[]).await?;
         if after.gens != before.gens {
             return Err(StoreError::Unavailable(
                 "an import was applied during the scan; scanning again".into(),
@@ -591,107 +739,3 @@ impl RedisStore {
         })
     }
 }
-
-/// Step 1 of a change. KEYS: the marker. ARGV: prefix, dataset, type, source, log maxlen,
-/// 'a'|'r', the numbers (comma-separated), now, the audit record (JSON). Logs the change (adds
-/// with their numbers; removals before anything is deleted) and registers it as an intent:
-/// `intent:{id}` holds what finishing it needs, `intents` the ids with their start time,
-/// `intents_of` a count per type (an import waits for none), `pending` the numbers being added
-/// (a scan treats them as opted out). Returns {log entry id (the change's version), generation
-/// of the type, generation of the other type, source id}.
-static BEGIN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r#"{TRIM}
-local p, t = ARGV[1], ARGV[3]
-local refused = refuse(p, ARGV[2], t)
-if refused then return refused end
-local other = (t == '1') and '2' or '1'
-local g = redis.call('GET', p..'gen:'..t) or '0'
-local go = redis.call('GET', p..'gen:'..other) or '0'
-local sid = intern(p, ARGV[4])
-local add = ARGV[6] == 'a'
-local count = 0
-for _ in string.gmatch(ARGV[7], '[^,]+') do count = count + 1 end
-local id = redis.call('XADD', p..'log', '*', 'a', add and ARGV[7] or '', 'r', add and 0 or count)
-redis.call('SET', p..'version', id)
-trim(p, tonumber(ARGV[5]))
-redis.call('HSET', p..'intent:'..id, 't', t, 'k', ARGV[6], 'g', g, 'go', go,
-  'v', ARGV[8]..','..sid, 'n', ARGV[7], 'audit', ARGV[9])
-redis.call('HSET', p..'intents', id, ARGV[8])
-redis.call('HINCRBY', p..'intents_of', t, 1)
-if add then
-  for n in string.gmatch(ARGV[7], '[^,]+') do redis.call('HINCRBY', p..'pending', n, 1) end
-end
-return {{id, g, go, tostring(sid)}}
-"#,
-        TRIM = super::TRIM
-    ))
-});
-
-/// Step 2, once per shard. KEYS: the shard's marker. ARGV: dataset, 'a'|'r', record value, the
-/// shard's result key for this change, then per number: its key, the other type's key, the
-/// number. Applies once: a second run (a recovery) returns the remembered result. Returns
-/// {applied, patients delta}.
-static SHARD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('OPTOUTDATASET a shard marker is missing or changed')
-end
-local done = redis.call('GET', ARGV[4])
-if done then
-  local a, d = string.match(done, '^(-?%d+),(-?%d+)$')
-  return {tonumber(a), tonumber(d)}
-end
-local add = ARGV[2] == 'a'
-local applied, patients = 0, 0
-for i = 5, #ARGV, 3 do
-  local key, other, n = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local changed
-  if add then changed = redis.call('HSETNX', key, n, ARGV[3]) else changed = redis.call('HDEL', key, n) end
-  if changed == 1 then
-    applied = applied + 1
-    if redis.call('HEXISTS', other, n) == 0 then
-      if add then patients = patients + 1 else patients = patients - 1 end
-    end
-  end
-end
-redis.call('SET', ARGV[4], applied..','..patients, 'PX', 86400000)
-return {applied, patients}
-"#,
-    )
-});
-
-/// Step 3. KEYS: the marker. ARGV: prefix, dataset, the change's id, applied, patients delta,
-/// audit maxlen. Counts the change, writes its audit record and retires the intent, once: a
-/// second run returns what the first recorded. Returns the numbers changed.
-static END: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local p, id = ARGV[1], ARGV[3]
-if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
-  return redis.error_reply('OPTOUTDATASET marker missing or changed')
-end
-local key = p..'intent:'..id
-if redis.call('EXISTS', key) == 0 then
-  return tonumber(redis.call('GET', p..'finished:'..id) or '0')
-end
-local t = redis.call('HGET', key, 't')
-local add = redis.call('HGET', key, 'k') == 'a'
-local applied = tonumber(ARGV[4])
-redis.call('HINCRBY', p..'counts', t, add and applied or -applied)
-redis.call('HINCRBY', p..'counts', 'patients', ARGV[5])
-redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[6], '*', 'r', redis.call('HGET', key, 'audit'), 'v', id, 'n', applied)
-if add then
-  for n in string.gmatch(redis.call('HGET', key, 'n'), '[^,]+') do
-    if redis.call('HINCRBY', p..'pending', n, -1) <= 0 then redis.call('HDEL', p..'pending', n) end
-  end
-end
-redis.call('DEL', key)
-redis.call('HDEL', p..'intents', id)
-redis.call('HINCRBY', p..'intents_of', t, -1)
-redis.call('SET', p..'finished:'..id, applied, 'PX', 86400000)
-return applied
-"#,
-    )
-});

@@ -19,10 +19,14 @@ use std::{
 };
 
 use redis::{
-    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
-    aio::{ConnectionLike, ConnectionManager, MultiplexedConnection},
+    Client, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult,
+    ServerErrorKind, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
 };
+
+use super::config::{RedisConfig, SentinelConfig, redact_nodes};
+use crate::store::StoreError;
 
 /// A connection to wherever the store's Redis currently is. Cheap to clone; clones share the
 /// underlying connection.
@@ -34,6 +38,15 @@ pub enum Conn {
     Sentinel(SentinelConn),
     /// A Redis Cluster: each command goes to the master of its key's slot.
     Cluster(ClusterConn),
+}
+
+impl Conn {
+    /// Behind Sentinel: drops the connection, so the next call asks the sentinels again.
+    pub(super) fn reset(&self) {
+        if let Conn::Sentinel(s) = self {
+            s.reset();
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -382,6 +395,127 @@ impl ConnectionLike for SentinelConn {
         self.shared.db
     }
 }
+
+/// What `--redis-url` says of the Redis nodes behind Sentinel or in a cluster (password,
+/// database, TLS); its host is not used there.
+pub(super) fn node_settings(
+    config: &RedisConfig,
+    shown: &str,
+) -> Result<redis::ConnectionInfo, StoreError> {
+    config
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))
+}
+
+/// The check, write and feed connections to one Redis node.
+pub(super) fn direct_conns(
+    config: &RedisConfig,
+    client: Client,
+    shown: &str,
+    timeouts: [Duration; 3],
+) -> Result<[Conn; 3], StoreError> {
+    let base = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    let mut conns = Vec::with_capacity(3);
+    for t in timeouts {
+        conns.push(Conn::Direct(
+            ConnectionManager::new_lazy_with_config(
+                client.clone(),
+                base.clone().set_response_timeout(Some(t)),
+            )
+            .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?,
+        ));
+    }
+    conns
+        .try_into()
+        .map_err(|_| StoreError::Unavailable("three connections".into()))
+}
+
+/// The check, write and feed connections to the master Redis Sentinel names.
+pub(super) fn sentinel_conns(
+    config: &RedisConfig,
+    s: &SentinelConfig,
+    shown: &str,
+    timeouts: [Duration; 3],
+) -> Result<[Conn; 3], StoreError> {
+    let info = node_settings(config, shown)?;
+    let mut node = SentinelNodeConnectionInfo::default()
+        .set_redis_connection_info(info.redis_settings().clone());
+    if let redis::ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
+        node = node.set_tls_mode(if *insecure {
+            redis::TlsMode::Insecure
+        } else {
+            redis::TlsMode::Secure
+        });
+    }
+    let db = info.redis_settings().db();
+    let sentinels = Sentinels::new(&s.addrs, &s.master_name, node).map_err(|e| {
+        StoreError::Unavailable(format!("--redis-sentinel {}: {e}", redact_nodes(&s.addrs)))
+    })?;
+    Ok(timeouts.map(|t| {
+        Conn::Sentinel(SentinelConn::new(
+            sentinels.clone(),
+            redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(t)),
+            config.connect_timeout * 3,
+            db,
+        ))
+    }))
+}
+
+/// The check, write and feed connections to a Redis Cluster.
+pub(super) fn cluster_conns(
+    config: &RedisConfig,
+    nodes: &[String],
+    shown: &str,
+    timeouts: [Duration; 3],
+) -> Result<[Conn; 3], StoreError> {
+    let info = node_settings(config, shown)?;
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            if n.contains("://") {
+                n.clone()
+            } else if tls {
+                format!("rediss://{n}")
+            } else {
+                format!("redis://{n}")
+            }
+        })
+        .collect();
+    let mut conns = Vec::with_capacity(3);
+    for t in timeouts {
+        let mut builder = redis::cluster::ClusterClient::builder(urls.clone())
+            .connection_timeout(config.connect_timeout)
+            .response_timeout(t)
+            .retries(2)
+            .max_retry_wait(200);
+        if let Some(user) = info.redis_settings().username() {
+            builder = builder.username(user);
+        }
+        if let Some(password) = info.redis_settings().password() {
+            builder = builder.password(password);
+        }
+        let client = builder.build().map_err(|e| {
+            StoreError::Unavailable(format!("--redis-cluster {}: {e}", redact_nodes(nodes)))
+        })?;
+        conns.push(Conn::Cluster(ClusterConn::new(client)));
+    }
+    conns
+        .try_into()
+        .map_err(|_| StoreError::Unavailable("three connections".into()))
+}
+
+/// How long one blocking read of the change log waits for news.
+pub(super) const FEED_BLOCK: Duration = Duration::from_millis(250);
+/// How long an admin write, import step, scan chunk or snapshot may take.
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,329 @@
+//! Bulk imports: staged into a new generation of their type, compared with the current one under
+//! the type's lock, and swapped in by one script, so no check ever sees half of an import.
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use redis::{AsyncCommands, Value};
+
+use super::{
+    Bound, RedisStore,
+    conn::Conn,
+    reply::{array, audit_json, csv_of, pairs_map, text_of, type_code},
+    scripts::store_error,
+};
+use crate::{
+    core::{AuditKey, AuditRecord, NhsNumber, OptOutType, Version},
+    store::{ImportMode, ImportOutcome, ImportSession, StoreError, now_ms, random_hex},
+};
+
+impl RedisStore {
+    pub(super) async fn start_import(
+        &self,
+        mode: ImportMode,
+        opt_out: OptOutType,
+        source: &str,
+    ) -> Result<Box<dyn ImportSession>, StoreError> {
+        let bound = self.bound()?;
+        let mut conn = self.write_conn();
+        let generation: u64 = conn
+            .incr(self.key(&format!("gennext:{}", type_code(opt_out))), 1)
+            .await
+            .map_err(store_error)?;
+        let source_id = self.source_id(source).await?;
+        Ok(Box::new(RedisImport {
+            store: self.clone(),
+            bound,
+            mode,
+            opt_out,
+            generation,
+            value: format!("{},{source_id}", now_ms()),
+            committed: false,
+        }))
+    }
+
+    /// Interns a source and returns its id (for staged import records).
+    async fn source_id(&self, source: &str) -> Result<i64, StoreError> {
+        self.inner
+            .scripts
+            .intern
+            .prepare_invoke()
+            .key(self.key("marker"))
+            .arg(&self.inner.prefix)
+            .arg(source)
+            .invoke_async(&mut self.write_conn())
+            .await
+            .map_err(store_error)
+    }
+
+    /// Unlinks every bucket of a generation nobody reads any more, in the background.
+    fn unlink_generation(&self, t: &'static str, generation: u64, bound: &Bound) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let keys: Vec<String> = (0..bound.buckets)
+            .map(|b| self.data_key(bound, t, generation, b))
+            .collect();
+        let mut conn = self.write_conn();
+        handle.spawn(async move {
+            for chunk in keys.chunks(1024) {
+                let r: Result<(), _> = redis::cmd("UNLINK").arg(chunk).query_async(&mut conn).await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "could not unlink an unused opt-out generation");
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// An import staged into a new generation of its type.
+struct RedisImport {
+    store: RedisStore,
+    bound: Bound,
+    mode: ImportMode,
+    opt_out: OptOutType,
+    generation: u64,
+    /// The record value of every staged number: `recorded_at_ms,source_id`.
+    value: String,
+    committed: bool,
+}
+
+impl RedisImport {
+    fn bucket_key(&self, generation: &str, b: u64) -> String {
+        self.store
+            .data_key(&self.bound, type_code(self.opt_out), generation, b)
+    }
+}
+
+#[async_trait]
+impl ImportSession for RedisImport {
+    async fn stage(&mut self, numbers: &[NhsNumber]) -> Result<(), StoreError> {
+        let g = self.generation.to_string();
+        // One pipeline per shard (one in all without a cluster), sent together.
+        let shards = self.bound.shards.len().max(1) as u64;
+        let mut pipes: HashMap<u64, redis::Pipeline> = HashMap::new();
+        for n in numbers {
+            let b = n.as_u64() % self.bound.buckets;
+            pipes
+                .entry(b % shards)
+                .or_insert_with(redis::pipe)
+                .hset(self.bucket_key(&g, b), n.as_u64(), &self.value)
+                .ignore();
+        }
+        let sends = pipes.into_values().map(|pipe| {
+            let mut conn = self.store.write_conn();
+            async move { pipe.query_async::<()>(&mut conn).await }
+        });
+        for r in futures::future::join_all(sends).await {
+            r.map_err(store_error)?;
+        }
+        Ok(())
+    }
+
+    /// Under the type's lock (admin changes of that type wait), compares the staged generation
+    /// with the current one bucket by bucket, carries over the records that stay (so they keep
+    /// their original date and source; for MERGE, every current record stays), then one script
+    /// moves the generation pointer, the counts and the change log together.
+    async fn commit(
+        mut self: Box<Self>,
+        audit: AuditRecord,
+        key: &AuditKey,
+    ) -> Result<ImportOutcome, StoreError> {
+        let store = self.store.clone();
+        let mut conn = store.write_conn();
+        let t = type_code(self.opt_out);
+        let other = match self.opt_out {
+            OptOutType::NationalDataOptOut => "2",
+            OptOutType::Type1 => "1",
+        };
+        let token = random_hex::<8>();
+        let lock = store.key(&format!("lock:{t}"));
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(&lock)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(600_000)
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        if locked.is_none() {
+            return Err(StoreError::Unavailable(
+                "another import of this opt-out type is being applied; retry".into(),
+            ));
+        }
+        let result = self
+            .diff_and_swap(&mut conn, t, other, &token, audit, key)
+            .await;
+        if result.is_err() {
+            let _: Result<i64, _> = store
+                .inner
+                .scripts
+                .unlock
+                .prepare_invoke()
+                .key(&lock)
+                .arg(&lock)
+                .arg(&token)
+                .invoke_async(&mut conn)
+                .await;
+        }
+        if matches!(result, Err(StoreError::Unconfirmed(_))) {
+            // The swap is applied: the staged generation is the current one now and must not be
+            // unlinked. The old one is kept too (a failover that loses the swap needs it).
+            self.committed = true;
+        }
+        let (outcome, old_generation) = result?;
+        self.committed = true;
+        // The old generation is unreachable now.
+        store.unlink_generation(t, old_generation, &self.bound);
+        Ok(outcome)
+    }
+}
+
+impl RedisImport {
+    async fn diff_and_swap(
+        &self,
+        conn: &mut Conn,
+        t: &str,
+        other: &str,
+        token: &str,
+        mut audit: AuditRecord,
+        key: &AuditKey,
+    ) -> Result<(ImportOutcome, u64), StoreError> {
+        let store = &self.store;
+        // In a cluster a change runs in steps: an import waits until none of its type is under
+        // way (none can start while the lock is held), so none lands in the replaced generation.
+        let (current, other_gen, in_flight): (Option<u64>, Option<u64>, Option<i64>) =
+            redis::pipe()
+                .get(store.key(&format!("gen:{t}")))
+                .get(store.key(&format!("gen:{other}")))
+                .hget(store.key("intents_of"), t)
+                .query_async(conn)
+                .await
+                .map_err(store_error)?;
+        if in_flight.unwrap_or(0) > 0 {
+            return Err(StoreError::Unavailable(
+                "a change of this opt-out type is under way (or being finished after a crash); \
+                 retry the import in a few seconds"
+                    .into(),
+            ));
+        }
+        let (current, other_gen) = (
+            current.unwrap_or(0).to_string(),
+            other_gen.unwrap_or(0).to_string(),
+        );
+        let staged_gen = self.generation.to_string();
+        let mut added: Vec<NhsNumber> = Vec::new();
+        let mut removed = 0u64;
+        let mut removed_numbers: Vec<NhsNumber> = Vec::new();
+        let mut total = 0u64;
+        let mut patients: i64 = 0;
+        // Bucket groups share a hash slot in a cluster, so each group is one pipeline.
+        for group in store.bucket_groups(&self.bound) {
+            let mut read = redis::pipe();
+            for &b in &group {
+                read.hgetall(self.bucket_key(&current, b))
+                    .hkeys(self.bucket_key(&staged_gen, b))
+                    .hkeys(store.data_key(&self.bound, other, &other_gen, b));
+            }
+            let replies: Vec<Value> = read.query_async(conn).await.map_err(store_error)?;
+            let mut carry = redis::pipe();
+            let mut carrying = false;
+            for (i, &b) in group.iter().enumerate() {
+                let old = pairs_map(replies.get(i * 3).cloned().unwrap_or(Value::Nil))?;
+                let new: HashSet<String> =
+                    array(replies.get(i * 3 + 1).cloned().unwrap_or(Value::Nil))?
+                        .iter()
+                        .filter_map(text_of)
+                        .collect();
+                let in_other: HashSet<String> =
+                    array(replies.get(i * 3 + 2).cloned().unwrap_or(Value::Nil))?
+                        .iter()
+                        .filter_map(text_of)
+                        .collect();
+                for n in &new {
+                    if !old.contains_key(n) {
+                        if let Some(v) = n.parse().ok().and_then(|v| NhsNumber::from_u64(v).ok()) {
+                            added.push(v);
+                        }
+                        if !in_other.contains(n) {
+                            patients += 1;
+                        }
+                    }
+                }
+                let key = self.bucket_key(&staged_gen, b);
+                for (n, v) in &old {
+                    let stays = self.mode == ImportMode::Merge || new.contains(n);
+                    if stays {
+                        carry.hset(&key, n, v).ignore();
+                        carrying = true;
+                    } else {
+                        removed += 1;
+                        if let Some(n) = n.parse().ok().and_then(|v| NhsNumber::from_u64(v).ok()) {
+                            removed_numbers.push(n);
+                        }
+                        if !in_other.contains(n) {
+                            patients -= 1;
+                        }
+                    }
+                }
+                total += u64::try_from(new.len()).unwrap_or(0);
+                if self.mode == ImportMode::Merge {
+                    total += u64::try_from(old.keys().filter(|n| !new.contains(*n)).count())
+                        .unwrap_or(0);
+                }
+            }
+            if carrying {
+                let _: () = carry.query_async(conn).await.map_err(store_error)?;
+            }
+        }
+        if self.mode == ImportMode::Replace && total == 0 {
+            return Err(StoreError::ImportRefused(format!(
+                "a REPLACE import with no valid numbers would remove every {} opt-out; use \
+                 RemoveOptOuts to remove opt-outs explicitly",
+                self.opt_out.name()
+            )));
+        }
+        audit.applied = added.len() as u64 + removed;
+        audit.digests = key.digests(added.iter().chain(&removed_numbers).copied());
+        let added_csv = csv_of(&added);
+        drop(removed_numbers);
+        let mut inv = store.inner.scripts.swap.prepare_invoke();
+        inv.key(store.key("marker"))
+            .arg(&store.inner.prefix)
+            .arg(&self.bound.dataset)
+            .arg(t)
+            .arg(token)
+            .arg(&staged_gen)
+            .arg(added_csv)
+            .arg(removed)
+            .arg(total)
+            .arg(patients)
+            .arg(store.inner.log_len)
+            .arg(audit_json(&audit)?)
+            .arg(store.inner.audit_len)
+            .arg(audit.applied);
+        let reply: (String, u64) = store.invoke_durable(&inv, conn).await?;
+        let version = Version::parse(&reply.0).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok((
+            ImportOutcome {
+                added: added.len() as u64,
+                removed,
+                version,
+            },
+            reply.1,
+        ))
+    }
+}
+
+impl Drop for RedisImport {
+    /// An import that was not committed leaves a generation nobody reads: unlink it. If this
+    /// process dies first, its keys stay until removed by hand (they are never read).
+    fn drop(&mut self) {
+        if !self.committed {
+            self.store
+                .unlink_generation(type_code(self.opt_out), self.generation, &self.bound);
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The seam between the store and its topology, and the layout of one Redis (alone or behind
+//! Sentinel).
+//!
+//! How opt-outs are laid out and read differs between one Redis (every key on one node, every
+//! change one script) and a Redis Cluster (data in shards on many masters, a change in steps; see
+//! `cluster.rs`). [`Layout`] is that difference: chosen once at connect, it carries every
+//! operation whose Redis commands depend on the topology. Everything else (the change feed,
+//! snapshots, imports, audit) is written once against the metadata keys, which every topology
+//! keeps in one hash slot.
+
+use async_trait::async_trait;
+use redis::{ScriptInvocation, Value};
+
+use super::{
+    Bound, RedisStore,
+    conn::Conn,
+    reply::{array, audit_json, bucket_pairs, stored_number, text_of, type_code, version_of},
+    scripts::{changed, store_error},
+};
+use crate::{
+    core::{AuditRecord, NhsNumber, OptOutSet, OptOutType, Version},
+    store::{ChangeKind, Lookup, OptOutRecord, Scan, StoreError, WriteOutcome, now_ms},
+};
+
+/// An admin change of one type for a list of numbers, with its audit record.
+pub(super) struct Change<'a> {
+    pub kind: ChangeKind,
+    pub opt_out: OptOutType,
+    pub numbers: &'a [NhsNumber],
+    pub source: &'a str,
+    pub audit: &'a AuditRecord,
+}
+
+/// What differs between topologies. `s` is the store (connections, keys, scripts); `bound` the
+/// dataset it is bound to.
+#[async_trait]
+pub(super) trait Layout: Send + Sync + 'static {
+    /// The opt-out types held by each number, with the version the answer reflects.
+    async fn lookup(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        numbers: &[NhsNumber],
+    ) -> Result<Lookup, StoreError>;
+
+    /// The records of one number.
+    async fn get(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        number: NhsNumber,
+    ) -> Result<(Vec<OptOutRecord>, Version), StoreError>;
+
+    /// Applies an admin change with its log entry and audit record; acknowledged only once
+    /// replicated as asked.
+    async fn change(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        c: Change<'_>,
+    ) -> Result<WriteOutcome, StoreError>;
+
+    /// Every opted-out number, with the version the follower replays the log from.
+    async fn scan(&self, s: &RedisStore, bound: &Bound) -> Result<Scan, StoreError>;
+
+    /// Runs a script that changes opt-outs and waits until `s`'s replicas-ack confirmed it.
+    async fn run_durable(
+        &self,
+        s: &RedisStore,
+        inv: &ScriptInvocation<'_>,
+        conn: &mut Conn,
+    ) -> Result<Value, StoreError>;
+
+    /// Shard tags a new store is initialised with (none on one node).
+    fn new_shards(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// `init`'s steps before the dataset marker is written (which makes the store usable).
+    async fn prepare_init(
+        &self,
+        _s: &RedisStore,
+        _tags: &[String],
+        _id: &str,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// `init`'s steps after the dataset marker is written.
+    async fn finish_init(
+        &self,
+        _s: &RedisStore,
+        _tags: &[String],
+        _id: &str,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Checks a dataset being bound beyond its marker (eviction on every node, the shards).
+    async fn check_binding(&self, _s: &RedisStore, _shards: &[String]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Finishes changes whose writer stopped half-way.
+    async fn recover(&self, _s: &RedisStore) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// Whether the node reached may have stopped being the master (Sentinel): then the feed and
+    /// the safety check ask it `ROLE`.
+    fn may_be_demoted(&self) -> bool {
+        false
+    }
+}
+
+/// One Redis, alone or the master Sentinel names: every key on one node, every change one script.
+pub(super) struct Flat {
+    /// Behind Sentinel: the node may be demoted under a connection.
+    pub sentinel: bool,
+}
+
+#[async_trait]
+impl Layout for Flat {
+    async fn lookup(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        numbers: &[NhsNumber],
+    ) -> Result<Lookup, StoreError> {
+        let mut inv = s.inner.scripts.lookup.prepare_invoke();
+        inv.arg(&s.inner.prefix);
+        inv.arg(bucket_pairs(numbers, bound.buckets));
+        let reply: Value = inv.invoke_async(&mut s.conn()).await.map_err(store_error)?;
+        let mut reply = array(reply)?.into_iter();
+        let marker = reply.next().as_ref().and_then(text_of).unwrap_or_default();
+        if marker != bound.dataset {
+            return Err(changed());
+        }
+        let version = version_of(&reply.next().unwrap_or(Value::Nil))?;
+        // Anything but the expected small integer is an error, never "not held".
+        let held = reply
+            .map(|v| {
+                let m = match v {
+                    Value::Int(m @ 0..=3) => m,
+                    other => {
+                        return Err(StoreError::Corrupt(format!(
+                            "lookup answered {other:?} for a number"
+                        )));
+                    }
+                };
+                let mut s = OptOutSet::EMPTY;
+                if m & 1 != 0 {
+                    s.insert(OptOutType::NationalDataOptOut);
+                }
+                if m & 2 != 0 {
+                    s.insert(OptOutType::Type1);
+                }
+                Ok(s)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if held.len() != numbers.len() {
+            return Err(StoreError::Corrupt(format!(
+                "lookup of {} numbers answered {}",
+                numbers.len(),
+                held.len()
+            )));
+        }
+        Ok(Lookup { held, version })
+    }
+
+    async fn get(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        number: NhsNumber,
+    ) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
+        let reply: Value = s
+            .inner
+            .scripts
+            .get
+            .prepare_invoke()
+            .arg(&s.inner.prefix)
+            .arg(number.as_u64() % bound.buckets)
+            .arg(number.as_u64())
+            .invoke_async(&mut s.conn())
+            .await
+            .map_err(store_error)?;
+        let reply = array(reply)?;
+        if reply.first().and_then(text_of).unwrap_or_default() != bound.dataset {
+            return Err(changed());
+        }
+        let version = version_of(reply.get(1).unwrap_or(&Value::Nil))?;
+        let mut records = Vec::new();
+        for (t, i) in OptOutType::ALL.into_iter().zip([2usize, 4]) {
+            let Some(value) = reply.get(i).and_then(text_of).filter(|s| !s.is_empty()) else {
+                continue;
+            };
+            let at = value
+                .split(',')
+                .next()
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or(0);
+            records.push(OptOutRecord {
+                kind: t,
+                recorded_at_ms: at,
+                source: reply.get(i + 1).and_then(text_of).unwrap_or_default(),
+            });
+        }
+        Ok((records, version))
+    }
+
+    async fn change(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        c: Change<'_>,
+    ) -> Result<WriteOutcome, StoreError> {
+        let Change {
+            kind,
+            opt_out,
+            numbers,
+            source,
+            audit,
+        } = c;
+        let mut inv = s.inner.scripts.change.prepare_invoke();
+        inv.arg(&s.inner.prefix)
+            .arg(&bound.dataset)
+            .arg(match kind {
+                ChangeKind::Add => "a",
+                ChangeKind::Remove => "r",
+            })
+            .arg(type_code(opt_out))
+            .arg(now_ms())
+            .arg(source)
+            .arg(s.inner.log_len)
+            .arg(audit_json(audit)?)
+            .arg(s.inner.audit_len)
+            .arg(bucket_pairs(numbers, bound.buckets));
+        let (id, applied): (String, u64) = s.invoke_durable(&inv, &mut s.write_conn()).await?;
+        Ok(WriteOutcome {
+            version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            applied,
+        })
+    }
+
+    async fn scan(&self, s: &RedisStore, bound: &Bound) -> Result<Scan, StoreError> {
+        let (marker, version): (Option<String>, Value) = redis::pipe()
+            .hget(s.key("marker"), "dataset_id")
+            .get(s.key("version"))
+            .query_async(&mut s.conn())
+            .await
+            .map_err(store_error)?;
+        if marker.as_deref() != Some(bound.dataset.as_str()) {
+            return Err(changed());
+        }
+        // Read before the records: the follower replays the log from here, which adds whatever
+        // the scan misses of later changes.
+        let version = version_of(&version)?;
+        const CHUNK: u64 = 256;
+        // No de-duplication: a number in both types is inserted twice, which a bloom filter
+        // absorbs, and a set of 5 million would cost far more memory than the duplicates.
+        let mut numbers = Vec::new();
+        let mut from = 0;
+        while from < bound.buckets {
+            let to = (from + CHUNK).min(bound.buckets) - 1;
+            // Each chunk resolves the current generations itself, atomically, so an import swapped
+            // in mid-scan is read from whichever generation is current for that chunk (its new
+            // numbers are in the log entry the follower replays).
+            let reply: Value = s
+                .inner
+                .scripts
+                .scan
+                .prepare_invoke()
+                .arg(&s.inner.prefix)
+                .arg(&bound.dataset)
+                .arg(from)
+                .arg(to)
+                .invoke_async(&mut s.write_conn())
+                .await
+                .map_err(store_error)?;
+            for v in array(reply)? {
+                numbers.push(stored_number(&v)?);
+            }
+            from = to + 1;
+        }
+        Ok(Scan { numbers, version })
+    }
+
+    /// The script and `WAIT` in the same round trip on the same connection, so the confirmation
+    /// is for this change.
+    async fn run_durable(
+        &self,
+        s: &RedisStore,
+        inv: &ScriptInvocation<'_>,
+        conn: &mut Conn,
+    ) -> Result<Value, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(inv)
+            .cmd("WAIT")
+            .arg(s.inner.replicas_ack)
+            .arg(s.ack_timeout_ms());
+        let reply: Result<(Value, i64), _> = match pipe.query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                inv.load_async(conn).await.map_err(store_error)?;
+                pipe.query_async(conn).await
+            }
+            other => other,
+        };
+        let (value, acked) = reply.map_err(store_error)?;
+        s.enough_acks(acked)?;
+        Ok(value)
+    }
+
+    fn may_be_demoted(&self) -> bool {
+        self.sentinel
+    }
+}

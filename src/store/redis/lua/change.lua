@@ -1,0 +1,34 @@
+-- ARGV: prefix, dataset, 'a'|'r', type, now, source, maxlen, audit json, audit maxlen,
+-- bucket/number pairs.
+-- Returns {version, applied}.
+local p, t = ARGV[1], ARGV[4]
+local refused = refuse(p, ARGV[2], t)
+if refused then return refused end
+local other = (t == '1') and '2' or '1'
+local g = redis.call('GET', p..'gen:'..t) or '0'
+local go = redis.call('GET', p..'gen:'..other) or '0'
+local sid = intern(p, ARGV[6])
+local value = ARGV[5]..','..sid
+local add = ARGV[3] == 'a'
+local applied, patients = 0, 0
+local added = {}
+for i = 10, #ARGV, 2 do
+  local b, n = ARGV[i], ARGV[i + 1]
+  local key = p..'d:'..t..':'..g..':'..b
+  local changed
+  if add then changed = redis.call('HSETNX', key, n, value) else changed = redis.call('HDEL', key, n) end
+  if changed == 1 then
+    applied = applied + 1
+    if add then added[#added + 1] = n end
+    if redis.call('HEXISTS', p..'d:'..other..':'..go..':'..b, n) == 0 then
+      if add then patients = patients + 1 else patients = patients - 1 end
+    end
+  end
+end
+redis.call('HINCRBY', p..'counts', t, add and applied or -applied)
+redis.call('HINCRBY', p..'counts', 'patients', patients)
+local id = redis.call('XADD', p..'log', '*', 'a', table.concat(added, ','), 'r', add and 0 or applied)
+redis.call('SET', p..'version', id)
+trim(p, tonumber(ARGV[7]))
+redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[9], '*', 'r', ARGV[8], 'v', id, 'n', applied)
+return {id, applied}

@@ -1,0 +1,2 @@
+-- ARGV: prefix, source. Returns the source's id.
+return tonumber(intern(ARGV[1], ARGV[2]))

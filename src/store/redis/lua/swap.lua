@@ -1,0 +1,20 @@
+-- ARGV: prefix, dataset, type, lock token, new generation, added csv, removed, new
+-- count, patients delta, maxlen, audit json, audit maxlen, changes. Returns
+-- {version, old generation}.
+local p, t = ARGV[1], ARGV[3]
+if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
+  return redis.error_reply('OPTOUTDATASET marker missing or changed')
+end
+if redis.call('GET', p..'lock:'..t) ~= ARGV[4] then
+  return redis.error_reply('OPTOUTLOCKED the import lock was lost')
+end
+local old = redis.call('GET', p..'gen:'..t) or '0'
+redis.call('SET', p..'gen:'..t, ARGV[5])
+redis.call('HSET', p..'counts', t, ARGV[8])
+redis.call('HINCRBY', p..'counts', 'patients', ARGV[9])
+local id = redis.call('XADD', p..'log', '*', 'a', ARGV[6], 'r', ARGV[7])
+redis.call('SET', p..'version', id)
+trim(p, tonumber(ARGV[10]))
+redis.call('DEL', p..'lock:'..t)
+redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[12], '*', 'r', ARGV[11], 'v', id, 'n', ARGV[13])
+return {id, tonumber(old)}

@@ -1,0 +1,315 @@
+//! The Redis consent store, shared by every replica.
+//!
+//! Layout (every key under the configured prefix `P`, so foreign keys in the same Redis are never
+//! touched):
+//! - `P marker` (hash): the dataset marker (`dataset_id`, `buckets`, `created_at_ms`), written only
+//!   by `optout init-store`. A store without it (never initialised, or restarted empty, flushed, a
+//!   wrong database number) is never read as "nobody opted out": every call fails closed.
+//! - `P gen:{t}`: the current generation of opt-out type `t` (1 national, 2 type 1).
+//! - `P d:{t}:{g}:{b}` (hash): the opt-outs of type `t` in generation `g` whose NHS number falls in
+//!   bucket `b` (`number % buckets`); field = the number, value = `recorded_at_ms,source_id`.
+//!   Small hashes stay in Redis's compact listpack encoding, which is what keeps 5 million opt-outs
+//!   compact; `buckets` is chosen at init so buckets stay under 128 fields.
+//! - `P src` / `P srcid` / `P srcnext`: sources interned to small ids.
+//! - `P counts` (hash): per-type counts and distinct patients.
+//! - `P log` (stream): the change log; each entry's id is the version of that change, its `a`
+//!   field the numbers that gained an opt-out (what filters must add). `P version` is the latest
+//!   id, `P log_floor` the newest id trimmed away (a follower behind it must rebuild).
+//! - `P snapshot` / `P snapshot_version`: the newest published filter snapshot.
+//! - `P lock:{t}`: held while an import of type `t` is being applied.
+//!
+//! On a Redis Cluster the metadata keys share one hash slot and the opt-out data is sharded; see
+//! `cluster.rs`.
+//!
+//! Every admin write is one Lua script: records, counts and the change-log entry change together
+//! or not at all. A check's "maybe" numbers are one script call: one round trip, one consistent
+//! version. An import is staged into a new generation of its type and swapped in by moving the
+//! generation pointer, so no check ever sees half of it.
+
+//!
+//! Files: `config` (settings), `conn` (reaching one Redis, Sentinel's master or a Cluster),
+//! `layout` (the seam between topologies, and one Redis's layout), `cluster` (the Cluster's),
+//! `scripts` and `lua/` (the Lua scripts and their errors), `reply` (reading replies), `safety`
+//! (eviction, persistence, the master's role), `durable` (replica confirmation), `dataset`
+//! (marker, init, counts), `feed` (the change log), `import`, `snapshot`, `audit`.
+
+mod audit;
+mod cluster;
+mod config;
+mod conn;
+mod dataset;
+mod durable;
+mod feed;
+mod import;
+mod layout;
+mod reply;
+mod safety;
+mod scripts;
+mod snapshot;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use parking_lot::RwLock;
+use redis::Client;
+
+pub use config::{RedisConfig, SentinelConfig, redact_nodes, redact_url};
+use conn::{Conn, FEED_BLOCK, WRITE_TIMEOUT, cluster_conns, direct_conns, sentinel_conns};
+pub use conn::{key_slot, shard_tags};
+use layout::{Change, Flat, Layout};
+use scripts::{Scripts, not_initialised};
+
+use super::{
+    ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, Scan,
+    StoreError, StoreStatus, WriteOutcome,
+};
+use crate::core::{AuditQuery, AuditRecord, NhsNumber, OptOutType, Version};
+
+/// The Redis store. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Shared, multiplexed, short timeout: the check path's lookups and small reads.
+    conn: Conn,
+    /// Admin writes, imports, scans and snapshots: large replies and scripts that may run for
+    /// seconds at 5 million opt-outs, kept off the check path's connection so they never delay a
+    /// lookup behind them.
+    write: Conn,
+    /// Its own connection: a blocking XREAD must not stall everyone else's commands.
+    feed: Conn,
+    /// What differs between one Redis (or Sentinel's master) and a Cluster, chosen at connect.
+    layout: Box<dyn Layout>,
+    /// Replicas that must confirm an opt-out change, and how long to wait for them.
+    replicas_ack: u32,
+    /// The operator vouches for the persistence (see [`RedisConfig::assume_durable`]).
+    assume_durable: bool,
+    replicas_ack_timeout: Duration,
+    /// Prefix of the metadata keys (in a cluster, `{P}`: one hash slot for all of them).
+    prefix: String,
+    /// Prefix of the opt-out data keys (`P`; in a cluster followed by the shard's hash tag).
+    data_prefix: String,
+    log_len: u64,
+    audit_len: u64,
+    /// The dataset this store is bound to, and its bucket count.
+    bound: RwLock<Option<Bound>>,
+    scripts: Scripts,
+}
+
+/// The dataset a store is bound to.
+#[derive(Clone, Debug)]
+struct Bound {
+    dataset: String,
+    buckets: u64,
+    /// In a cluster, the hash tag of each shard (a bucket `b` is in shard `b % shards.len()`).
+    shards: Arc<Vec<String>>,
+}
+
+impl RedisStore {
+    /// Connects lazily: an unreachable Redis is not an error here (the replica starts NOT_SERVING
+    /// and keeps trying); a malformed URL or sentinel address is. The topology is chosen here,
+    /// once.
+    pub fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
+        let shown = redact_url(&config.url);
+        let client = Client::open(config.url.as_str())
+            .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
+        let timeouts = [
+            config.response_timeout,
+            WRITE_TIMEOUT,
+            config.response_timeout + FEED_BLOCK,
+        ];
+        let ([conn, write, feed], layout, prefix): ([Conn; 3], Box<dyn Layout>, String) =
+            match (&config.sentinel, &config.cluster) {
+                (_, Some(nodes)) => (
+                    cluster_conns(config, nodes, &shown, timeouts)?,
+                    Box::new(cluster::Cluster::new(config.shards)),
+                    format!("{{{}}}", config.prefix),
+                ),
+                (Some(s), None) => (
+                    sentinel_conns(config, s, &shown, timeouts)?,
+                    Box::new(Flat { sentinel: true }),
+                    config.prefix.clone(),
+                ),
+                (None, None) => (
+                    direct_conns(config, client, &shown, timeouts)?,
+                    Box::new(Flat { sentinel: false }),
+                    config.prefix.clone(),
+                ),
+            };
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                write,
+                feed,
+                layout,
+                replicas_ack: config.replicas_ack,
+                assume_durable: config.assume_durable,
+                replicas_ack_timeout: config.replicas_ack_timeout,
+                prefix,
+                data_prefix: config.prefix.clone(),
+                log_len: config.log_len.max(1),
+                audit_len: config.audit_len.max(1),
+                bound: RwLock::new(None),
+                scripts: Scripts::new(),
+            }),
+        })
+    }
+
+    /// A metadata key.
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.inner.prefix)
+    }
+
+    fn bound(&self) -> Result<Bound, StoreError> {
+        self.inner.bound.read().clone().ok_or_else(not_initialised)
+    }
+
+    /// The check path's connection.
+    fn conn(&self) -> Conn {
+        self.inner.conn.clone()
+    }
+
+    /// The connection of admin writes, imports, scans and snapshots.
+    fn write_conn(&self) -> Conn {
+        self.inner.write.clone()
+    }
+
+    /// The hash of opt-outs of type `t`, generation `g`, bucket `b`.
+    fn data_key(&self, bound: &Bound, t: &str, g: impl std::fmt::Display, b: u64) -> String {
+        if bound.shards.is_empty() {
+            format!("{}d:{t}:{g}:{b}", self.inner.prefix)
+        } else {
+            let tag = &bound.shards[(b % bound.shards.len() as u64) as usize];
+            format!("{}{{{tag}}}d:{t}:{g}:{b}", self.inner.data_prefix)
+        }
+    }
+
+    /// A cluster shard's copy of the dataset marker, read with its data in one round trip.
+    fn shard_marker(&self, tag: &str) -> String {
+        format!("{}{{{tag}}}marker", self.inner.data_prefix)
+    }
+
+    /// Buckets in groups that share a hash slot (a cluster shard), at most 256 to a group.
+    fn bucket_groups(&self, bound: &Bound) -> Vec<Vec<u64>> {
+        let step = (bound.shards.len() as u64).max(1);
+        let mut groups = Vec::new();
+        for first in 0..step.min(bound.buckets) {
+            let all: Vec<u64> = (first..bound.buckets).step_by(step as usize).collect();
+            groups.extend(all.chunks(256).map(<[u64]>::to_vec));
+        }
+        groups
+    }
+
+    /// Drops every connection to the node Sentinel named, so the next call asks the sentinels.
+    fn reset_sentinel_conns(&self) {
+        for c in [&self.inner.conn, &self.inner.write, &self.inner.feed] {
+            c.reset();
+        }
+    }
+}
+
+/// The trait, each method handed to the file of its concern.
+#[async_trait]
+impl ConsentStore for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
+        let bound = self.bound()?;
+        self.inner.layout.lookup(self, &bound, numbers).await
+    }
+
+    async fn change(
+        &self,
+        kind: ChangeKind,
+        opt_out: OptOutType,
+        numbers: &[NhsNumber],
+        source: &str,
+        audit: &AuditRecord,
+    ) -> Result<WriteOutcome, StoreError> {
+        let bound = self.bound()?;
+        let change = Change {
+            kind,
+            opt_out,
+            numbers,
+            source,
+            audit,
+        };
+        self.inner.layout.change(self, &bound, change).await
+    }
+
+    async fn begin_import(
+        &self,
+        mode: ImportMode,
+        opt_out: OptOutType,
+        source: &str,
+    ) -> Result<Box<dyn ImportSession>, StoreError> {
+        self.start_import(mode, opt_out, source).await
+    }
+
+    async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
+        let bound = self.bound()?;
+        self.inner.layout.get(self, &bound, number).await
+    }
+
+    async fn status(&self) -> Result<StoreStatus, StoreError> {
+        self.counts().await
+    }
+
+    async fn changes_after(
+        &self,
+        after: Version,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Feed, StoreError> {
+        self.read_feed(after, max, wait).await
+    }
+
+    async fn scan(&self) -> Result<Scan, StoreError> {
+        let bound = self.bound()?;
+        self.inner.layout.scan(self, &bound).await
+    }
+
+    async fn open_dataset(&self) -> Result<String, StoreError> {
+        self.bind().await
+    }
+
+    async fn check_safe(&self) -> Result<(), StoreError> {
+        self.safe_now().await
+    }
+
+    async fn recover(&self) -> Result<u64, StoreError> {
+        self.inner.layout.recover(self).await
+    }
+
+    async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.newest_snapshot().await
+    }
+
+    async fn publish_snapshot(&self, version: Version, bytes: &[u8]) -> Result<(), StoreError> {
+        self.put_snapshot(version, bytes).await
+    }
+
+    fn shares_snapshots(&self) -> bool {
+        true
+    }
+
+    async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
+        self.ack_id().await
+    }
+
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
+        self.record_ack(audit).await
+    }
+
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.append_records(records).await
+    }
+
+    async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.read_records(query).await
+    }
+}

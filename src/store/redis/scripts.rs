@@ -1,0 +1,141 @@
+//! The Lua scripts, kept as `.lua` files beside this one, and the one place their errors are read.
+//!
+//! Each script runs atomically in Redis; `redis::Script` sends EVALSHA and falls back to EVAL once
+//! per connection, so a call is one round trip. The scripts that change opt-outs start with the
+//! helpers of `lua/lib.lua` (dataset and lock guard, source interning, log trimming). A script
+//! refuses with an error reply whose first word is a code ([`ScriptError`]), never by returning an
+//! empty answer that could read as "no opt-out".
+
+use redis::{RedisError, Script};
+
+use crate::store::StoreError;
+
+/// The scripts of the store.
+pub(super) struct Scripts {
+    pub init: Script,
+    pub intern: Script,
+    pub lookup: Script,
+    pub get: Script,
+    pub change: Script,
+    pub swap: Script,
+    pub unlock: Script,
+    pub scan: Script,
+    pub snapshot: Script,
+    pub acknowledge: Script,
+    /// Redis Cluster: the three steps of a change (see `cluster.rs`).
+    pub cluster_begin: Script,
+    pub cluster_shard: Script,
+    pub cluster_end: Script,
+}
+
+const LIB: &str = include_str!("lua/lib.lua");
+
+/// A script that uses the helpers of `lua/lib.lua`.
+fn with_lib(body: &str) -> Script {
+    Script::new(&format!("{LIB}\n{body}"))
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Scripts {
+            init: Script::new(include_str!("lua/init.lua")),
+            intern: with_lib(include_str!("lua/intern.lua")),
+            lookup: Script::new(include_str!("lua/lookup.lua")),
+            get: Script::new(include_str!("lua/get.lua")),
+            change: with_lib(include_str!("lua/change.lua")),
+            swap: with_lib(include_str!("lua/swap.lua")),
+            unlock: Script::new(include_str!("lua/unlock.lua")),
+            scan: Script::new(include_str!("lua/scan.lua")),
+            snapshot: Script::new(include_str!("lua/snapshot.lua")),
+            acknowledge: Script::new(include_str!("lua/acknowledge.lua")),
+            cluster_begin: with_lib(include_str!("lua/cluster_begin.lua")),
+            cluster_shard: Script::new(include_str!("lua/cluster_shard.lua")),
+            cluster_end: Script::new(include_str!("lua/cluster_end.lua")),
+        }
+    }
+}
+
+/// The codes our scripts refuse with (the first word of the error reply).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ScriptError {
+    /// `OPTOUTDATASET`: the dataset marker (or a cluster shard's copy) is missing or differs.
+    Dataset,
+    /// `OPTOUTLOCKED`: an import of the type holds its lock, or the import lost it.
+    Locked,
+}
+
+impl ScriptError {
+    const CODES: [(&'static str, ScriptError); 2] = [
+        ("OPTOUTDATASET", ScriptError::Dataset),
+        ("OPTOUTLOCKED", ScriptError::Locked),
+    ];
+
+    /// The script error a Redis error carries, if it is one of ours.
+    pub(super) fn of(e: &RedisError) -> Option<ScriptError> {
+        let code = e.code()?;
+        Self::CODES
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map(|(_, s)| *s)
+    }
+}
+
+/// The one mapping from a Redis error to a store error.
+pub(super) fn store_error(e: RedisError) -> StoreError {
+    match ScriptError::of(&e) {
+        Some(ScriptError::Dataset) => StoreError::NotInitialised(
+            "the Redis store's dataset marker is missing or changed (reset, flushed or \
+             re-initialised); failing closed"
+                .into(),
+        ),
+        Some(ScriptError::Locked) => StoreError::Unavailable(
+            "an import of this opt-out type is being applied; retry in a few seconds".into(),
+        ),
+        None => StoreError::Unavailable(format!("redis: {e}")),
+    }
+}
+
+/// The store holds no dataset marker.
+pub(super) fn not_initialised() -> StoreError {
+    StoreError::NotInitialised(
+        "the Redis store holds no dataset marker: initialise it with `optout init-store`, or \
+         restore its data"
+            .into(),
+    )
+}
+
+/// The marker differs from the one this replica bound to.
+pub(super) fn changed() -> StoreError {
+    StoreError::NotInitialised(
+        "the Redis store's dataset marker is missing or differs from the one this replica \
+         loaded (reset, flushed or re-initialised); failing closed"
+            .into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_errors_are_read_by_their_code() {
+        let ours = |code: &str| {
+            redis::make_extension_error(code.into(), Some("marker missing or changed".into()))
+        };
+        assert_eq!(
+            ScriptError::of(&ours("OPTOUTDATASET")),
+            Some(ScriptError::Dataset)
+        );
+        assert_eq!(
+            ScriptError::of(&ours("OPTOUTLOCKED")),
+            Some(ScriptError::Locked)
+        );
+        assert_eq!(ScriptError::of(&ours("OPTOUTDATASETX")), None);
+        assert!(matches!(
+            store_error(ours("OPTOUTDATASET")),
+            StoreError::NotInitialised(_)
+        ));
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(store_error(io), StoreError::Unavailable(_)));
+    }
+}
