@@ -49,9 +49,8 @@ async fn time_to_serving(
     config: ServerConfig,
 ) -> Result<(Duration, tokio::sync::oneshot::Sender<()>), Error> {
     let started = Instant::now();
-    let store: Arc<dyn ConsentStore> = Arc::new(RedisStore::connect(
-        config.redis.as_ref().ok_or("no redis")?,
-    )?);
+    let store: Arc<dyn ConsentStore> =
+        Arc::new(RedisStore::connect(config.redis().ok_or("no redis")?)?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -145,7 +144,7 @@ async fn main() -> Result<(), Error> {
     );
 
     let mut config = ServerConfig::new(std::env::temp_dir());
-    config.redis = Some(rc);
+    config.store = optout::server::StoreConfig::Redis(rc);
     config.filter.capacity = count as u64;
     config.filter.snapshot_interval = Duration::from_secs(1);
     let (scan, stop_first) = time_to_serving(config.clone()).await?;

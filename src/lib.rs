@@ -4,24 +4,24 @@
 //! each, RELEASE or WITHHOLD with a reason. The one rule: never release the data of a patient who
 //! opted out; every doubt resolves to WITHHOLD.
 //!
-//! Layout (arrows point inward only):
-//! - [`core`]: NHS numbers, purpose policy, decisions, versions, the opted-out filter. Pure.
-//! - [`store`]: the consent store trait and its embedded (redb) implementation.
-//! - [`sync`]: the task that keeps the filter in step with the store, and its freshness clock.
-//! - [`check`]: the check path over a store and a filter, free of any transport.
-//! - [`api`]: the tonic services, thin: validate, convert, call, convert back.
+//! Layout (arrows point inward only; the README's "Code map" says the same):
+//! - [`core`]: the `optout-core` crate: NHS numbers, purpose policy, decisions, versions, the
+//!   opted-out filter, audit records, the keys file, CSV extracts. Pure.
+//! - [`store`]: the consent store trait, the embedded (redb) store and the Redis store.
+//! - [`engine`]: the check path, the check log, the filter and its follower, admin operations.
+//!   No transport.
+//! - [`api`]: the tonic services, thin: proto to engine types, engine errors to statuses.
+//! - [`auth`], [`connections`], [`telemetry`]: keys, connection limits, metrics.
 //! - [`server`]: `run(listener, config, shutdown)`, used by the binary and the tests.
 //! - [`cli`]: the `optout` command line.
 #![deny(missing_docs)]
 
 pub mod api;
-pub mod audit;
 pub mod auth;
-pub mod check;
 pub mod cli;
 pub mod connections;
+pub mod engine;
 pub use optout_core as core;
-pub mod metrics;
 pub mod server;
 pub mod store;
-pub mod sync;
+pub mod telemetry;

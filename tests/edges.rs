@@ -57,7 +57,7 @@ const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus:
 fn rdb_only_redis(scratch: &std::path::Path) -> (RedisServer, optout::server::ServerConfig) {
     let redis = RedisServer::start_with(vec!["--appendonly".into(), "no".into()]);
     let mut config = redis_config(&redis, "edges:", scratch);
-    if let Some(r) = config.redis.as_mut() {
+    if let Some(r) = config.redis_mut() {
         r.assume_durable = true;
     }
     (redis, config)
@@ -74,7 +74,7 @@ async fn a_redis_that_could_lose_acknowledged_changes_is_refused() {
             fsync.into(),
         ]);
         let config = redis_config(&redis, "edges:", scratch.path());
-        let store = RedisStore::connect(config.redis.as_ref().expect("redis")).expect("connect");
+        let store = RedisStore::connect(config.redis().expect("redis")).expect("connect");
         let refused = store
             .init(64)
             .await
@@ -86,12 +86,12 @@ async fn a_redis_that_could_lose_acknowledged_changes_is_refused() {
         );
         // Initialised behind the check's back, serve still refuses it: NOT_SERVING.
         let mut trusting = config.clone();
-        if let Some(r) = trusting.redis.as_mut() {
+        if let Some(r) = trusting.redis_mut() {
             r.assume_durable = true;
         }
         init_redis(&trusting).await;
         let server = TestServer::start_unready(
-            Arc::new(RedisStore::connect(config.redis.as_ref().expect("redis")).expect("connect")),
+            Arc::new(RedisStore::connect(config.redis().expect("redis")).expect("connect")),
             config,
         )
         .await;
@@ -202,7 +202,7 @@ async fn a_store_answer_older_than_the_filter_is_withheld() {
     let (mut redis, config) = rdb_only_redis(scratch.path());
     init_redis(&config).await;
     let store = FaultyStore::new(Arc::new(
-        RedisStore::connect(config.redis.as_ref().expect("redis")).expect("connect"),
+        RedisStore::connect(config.redis().expect("redis")).expect("connect"),
     ));
     let server = TestServer::start_on(store.clone(), config).await;
     let n = valid_numbers(4_020_000_000, 2);
@@ -241,7 +241,7 @@ async fn an_unreadable_filter_snapshot_is_never_used() {
     let redis = RedisServer::start();
     let config = redis_config(&redis, "edges:", scratch.path());
     let dataset = init_redis(&config).await;
-    let store = RedisStore::connect(config.redis.as_ref().expect("redis")).expect("connect");
+    let store = RedisStore::connect(config.redis().expect("redis")).expect("connect");
     store.open_dataset().await.expect("open");
     let n = valid_numbers(4_030_000_000, 1);
     let opted = optout::core::NhsNumber::parse(&n[0]).expect("valid");
@@ -371,8 +371,15 @@ async fn a_far_future_version_is_withheld_without_asking_the_store() {
 
 #[tokio::test]
 async fn redis_passwords_never_reach_logs_or_help() {
-    let mut config = optout::store::redis::RedisConfig::new("redis://:s3cret@127.0.0.1:1");
-    config.sentinel = Some(optout::store::redis::SentinelConfig {
+    use optout::store::redis::{RedisConfig, SentinelConfig, Topology};
+    let mut config = RedisConfig::new("redis://:s3cret@127.0.0.1:1");
+    assert!(
+        !config.describe().contains("s3cret"),
+        "{}",
+        config.describe()
+    );
+    config.node_url = Some("redis://:s3cret@127.0.0.1:1".into());
+    config.topology = Topology::Sentinel(SentinelConfig {
         addrs: vec!["redis://:s3cret@127.0.0.1:2".into(), "127.0.0.1:3".into()],
         master_name: "mymaster".into(),
     });
@@ -381,8 +388,7 @@ async fn redis_passwords_never_reach_logs_or_help() {
         "{}",
         config.describe()
     );
-    config.sentinel = None;
-    config.cluster = Some(vec!["redis://:s3cret@127.0.0.1:4".into()]);
+    config.topology = Topology::Cluster(vec!["redis://:s3cret@127.0.0.1:4".into()]);
     assert!(
         !config.describe().contains("s3cret"),
         "{}",

@@ -251,7 +251,7 @@ async fn a_redis_that_comes_back_empty_or_is_flushed_fails_closed() {
         // A replica started now also refuses to serve from the empty store.
         let late = TestServer::start_unready(
             Arc::new(
-                optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+                optout::store::redis::RedisStore::connect(config.redis().expect("redis"))
                     .expect("connect"),
             ),
             config.clone(),
@@ -270,14 +270,13 @@ async fn a_new_replica_starts_from_the_snapshot_and_a_replica_behind_a_trimmed_l
     let redis = RedisServer::start();
     let scratch = tempfile::tempdir().expect("tempdir");
     let mut config = redis_config(&redis, "optout:", scratch.path());
-    config.redis.as_mut().expect("redis").log_len = 50;
+    config.redis_mut().expect("redis").log_len = 50;
     init_redis(&config).await;
     let a = TestServer::start_redis(config.clone()).await;
 
     // A replica whose change feed is cut off.
     let faulty = FaultyStore::new(Arc::new(
-        optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
-            .expect("connect"),
+        optout::store::redis::RedisStore::connect(config.redis().expect("redis")).expect("connect"),
     ));
     let behind = TestServer::start_on(faulty.clone(), config.clone()).await;
     faulty.feed_down.store(true, Ordering::SeqCst);
@@ -371,7 +370,7 @@ async fn foreign_keys_are_never_touched_and_a_store_is_initialised_once() {
     // Before initialisation, a replica does not serve.
     let early = TestServer::start_unready(
         Arc::new(
-            optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+            optout::store::redis::RedisStore::connect(config.redis().expect("redis"))
                 .expect("connect"),
         ),
         config.clone(),
@@ -381,7 +380,7 @@ async fn foreign_keys_are_never_touched_and_a_store_is_initialised_once() {
     assert_eq!(early.health().await, ServingStatus::NotServing as i32);
 
     init_redis(&config).await;
-    let again = optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+    let again = optout::store::redis::RedisStore::connect(config.redis().expect("redis"))
         .expect("connect")
         .init(64)
         .await;
@@ -589,8 +588,8 @@ async fn a_redis_that_may_evict_opt_outs_is_refused() {
         }
     };
     set_policy("allkeys-lru").await;
-    let store = optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
-        .expect("connect");
+    let store =
+        optout::store::redis::RedisStore::connect(config.redis().expect("redis")).expect("connect");
     let refused = store.init(64).await.expect_err("init refuses allkeys-lru");
     assert!(refused.to_string().contains("allkeys-lru"), "{refused}");
     assert!(refused.to_string().contains("noeviction"), "{refused}");

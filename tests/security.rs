@@ -632,7 +632,7 @@ async fn tls_and_mutual_tls_with_certificates_made_at_test_time() {
 async fn audit_records_every_change_and_check_and_holds_no_nhs_number() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (config, keys) = secured(dir.path());
-    let data_dir = config.data_dir.clone();
+    let data_dir = config.data_dir().expect("embedded").to_path_buf();
     let server = TestServer::start_with(config).await;
     let ch = server.channel().await;
     let mut admin = admin_client(ch.clone(), Some(&keys.admin));

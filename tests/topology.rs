@@ -20,7 +20,7 @@ use common::{
 use optout::{
     api::proto::{OptOutType, Outcome, Purpose, Reason},
     server::ServerConfig,
-    store::redis::{SentinelConfig, key_slot, shard_tags},
+    store::redis::{SentinelConfig, Topology, key_slot, shard_tags},
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -141,8 +141,8 @@ impl SentinelSet {
     /// The service's configuration: the sentinels, one replica must confirm each change.
     fn config(&self, scratch: &std::path::Path) -> ServerConfig {
         let mut config = redis_config(&self.master, "optout:", scratch);
-        let r = config.redis.as_mut().expect("redis");
-        r.sentinel = Some(SentinelConfig {
+        let r = config.redis_mut().expect("redis");
+        r.topology = Topology::Sentinel(SentinelConfig {
             addrs: self.addrs(),
             master_name: MASTER.into(),
         });
@@ -496,8 +496,8 @@ impl Cluster {
 
     fn config(&self, scratch: &std::path::Path) -> ServerConfig {
         let mut config = redis_config(&self.nodes[0], "optout:", scratch);
-        let r = config.redis.as_mut().expect("redis");
-        r.cluster = Some(
+        let r = config.redis_mut().expect("redis");
+        r.topology = Topology::Cluster(
             self.nodes
                 .iter()
                 .take(3)
@@ -594,8 +594,8 @@ async fn on_a_cluster_imports_are_all_or_nothing_and_removals_gets_and_scans_wor
     init_redis(&config).await;
     // A store that looked up numbers before the imports: it remembers the generations it read.
     use optout::store::ConsentStore;
-    let store = optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
-        .expect("connect");
+    let store =
+        optout::store::redis::RedisStore::connect(config.redis().expect("redis")).expect("connect");
     store.open_dataset().await.expect("open");
     let new_only =
         optout::core::NhsNumber::parse(&valid_numbers(4_500_000_000, 1)[0]).expect("valid");

@@ -1,6 +1,4 @@
-//! The OptOutAdmin service.
-
-use std::{sync::Arc, time::Duration};
+//! The OptOutAdmin service: proto to engine types, engine errors to statuses.
 
 use tonic::{Request, Response, Status, Streaming};
 
@@ -18,60 +16,30 @@ use super::{
     source_field, store_status,
 };
 use crate::{
-    auth::Caller,
-    core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutType},
-    store::{ChangeKind, ConsentStore, ImportMode},
-    sync::SyncedFilter,
+    core::{NhsNumber, OptOutType},
+    engine::admin::{Admin, AdminError, AuditSearch},
+    store::{ChangeKind, ImportMode},
 };
-
-/// How many valid numbers an import stages per store call.
-const STAGE_CHUNK: usize = 50_000;
-/// How long an admin write waits for this replica's filter to show it before answering (the write
-/// is durable either way; the wait gives the caller read-your-writes on this replica).
-const APPLY_WAIT: Duration = Duration::from_secs(1);
 
 /// Answers the admin RPCs.
 #[derive(Clone)]
 pub struct AdminService {
-    store: Arc<dyn ConsentStore>,
-    filter: Arc<SyncedFilter>,
+    admin: Admin,
     limits: Limits,
-    audit_key: AuditKey,
 }
 
-fn audit_record(
-    caller: &Caller,
-    action: &str,
-    t: OptOutType,
-    source: &str,
-    count: usize,
-) -> AuditRecord {
-    AuditRecord {
-        at_ms: i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX),
-        organisation: caller.organisation.clone(),
-        key_id: caller.key_id.clone(),
-        action: action.into(),
-        opt_out_type: Some(t.name().into()),
-        source: Some(source.into()),
-        count: count as u64,
-        ..AuditRecord::default()
+/// The one mapping from admin errors to gRPC statuses.
+fn admin_status(e: AdminError) -> Status {
+    match e {
+        AdminError::Invalid(m) => Status::invalid_argument(m),
+        AdminError::Store(e) => store_status(e),
     }
 }
 
 impl AdminService {
-    /// A service over a store and this replica's filter; changes are audited under `audit_key`.
-    pub fn new(
-        store: Arc<dyn ConsentStore>,
-        filter: Arc<SyncedFilter>,
-        limits: Limits,
-        audit_key: AuditKey,
-    ) -> Self {
-        AdminService {
-            store,
-            filter,
-            limits,
-            audit_key,
-        }
+    /// A service over the admin engine.
+    pub fn new(admin: Admin, limits: Limits) -> Self {
+        AdminService { admin, limits }
     }
 
     async fn change(
@@ -84,11 +52,6 @@ impl AdminService {
         let req = request.into_inner();
         let t = opt_out_type(req.r#type)?;
         let source = source_field(&req.source)?;
-        if req.nhs_numbers.is_empty() {
-            return Err(Status::invalid_argument(
-                "nhs_numbers is empty: nothing to change",
-            ));
-        }
         if req.nhs_numbers.len() > self.limits.max_admin_batch {
             return Err(Status::invalid_argument(format!(
                 "nhs_numbers has {} numbers; an admin change carries at most {}: use \
@@ -98,33 +61,11 @@ impl AdminService {
             )));
         }
         let numbers = all_valid("nhs_numbers", &req.nhs_numbers)?;
-        let action = match kind {
-            ChangeKind::Add => "add",
-            ChangeKind::Remove => "remove",
-        };
-        let audit = AuditRecord {
-            digests: self.audit_key.digests(numbers.iter().copied()),
-            ..audit_record(&caller, action, t, source, numbers.len())
-        };
-        // No deadline on the write itself: once sent to the store it either commits or fails,
-        // and cutting it off would leave the caller unsure which. The audit record is written in
-        // the same transaction: no record, no change.
         let outcome = self
-            .store
-            .change(kind, t, &numbers, source, &audit)
+            .admin
+            .change(&caller, kind, t, &numbers, source, deadline)
             .await
-            .map_err(store_status)?;
-        tracing::info!(
-            action = ?kind,
-            opt_out = t.name(),
-            source,
-            count = numbers.len(),
-            applied = outcome.applied,
-            version = %outcome.version,
-            "opt-outs changed"
-        );
-        let wait = APPLY_WAIT.min(deadline.saturating_duration_since(std::time::Instant::now()));
-        self.filter.wait_for_version(outcome.version, wait).await;
+            .map_err(admin_status)?;
         Ok(Response::new(ChangeOptOutsResponse {
             version: outcome.version.to_string(),
             applied: outcome.applied,
@@ -207,14 +148,13 @@ impl OptOutAdmin for AdminService {
             return Err(Status::invalid_argument("the import stream is empty"));
         };
         let header = import_header(&first)?;
-        let mut session = self
-            .store
-            .begin_import(header.mode, header.t, &header.source)
+        let mut import = self
+            .admin
+            .start_import(&caller, header.mode, header.t, &header.source)
             .await
-            .map_err(store_status)?;
+            .map_err(admin_status)?;
         let mut received = 0u64;
         let mut rejected = Rejections::new();
-        let mut pending: Vec<NhsNumber> = Vec::with_capacity(STAGE_CHUNK);
         let mut message = Some(first);
         let mut index = 0u64;
         let mut committed = false;
@@ -225,17 +165,15 @@ impl OptOutAdmin for AdminService {
                 )));
             }
             same_header(&header, &m, index)?;
+            let mut valid = Vec::with_capacity(m.nhs_numbers.len());
             for s in &m.nhs_numbers {
                 match NhsNumber::parse(s) {
-                    Ok(n) => pending.push(n),
+                    Ok(n) => valid.push(n),
                     Err(e) => rejected.push(received, e),
                 }
                 received += 1;
             }
-            if pending.len() >= STAGE_CHUNK {
-                session.stage(&pending).await.map_err(store_status)?;
-                pending.clear();
-            }
+            import.stage(valid).await.map_err(admin_status)?;
             committed = m.commit;
             index += 1;
             message = inbound.message().await?;
@@ -245,38 +183,10 @@ impl OptOutAdmin for AdminService {
                 "the import stream ended without a message marked commit; nothing was imported",
             ));
         }
-        if !pending.is_empty() {
-            session.stage(&pending).await.map_err(store_status)?;
-        }
-        let action = match header.mode {
-            ImportMode::Merge => "import-merge",
-            ImportMode::Replace => "import-replace",
-        };
-        let audit = audit_record(
-            &caller,
-            action,
-            header.t,
-            &header.source,
-            usize::try_from(received).unwrap_or(usize::MAX),
-        );
-        let outcome = session
-            .commit(audit, &self.audit_key)
+        let outcome = import
+            .commit(received, rejected.count())
             .await
-            .map_err(store_status)?;
-        tracing::info!(
-            mode = ?header.mode,
-            opt_out = header.t.name(),
-            source = header.source,
-            received,
-            added = outcome.added,
-            removed = outcome.removed,
-            rejected = rejected.count(),
-            version = %outcome.version,
-            "opt-outs imported"
-        );
-        self.filter
-            .wait_for_version(outcome.version, APPLY_WAIT)
-            .await;
+            .map_err(admin_status)?;
         Ok(Response::new(ImportOptOutsResponse {
             received,
             added: outcome.added,
@@ -294,7 +204,7 @@ impl OptOutAdmin for AdminService {
         let req = request.into_inner();
         let n = NhsNumber::parse(&req.nhs_number)
             .map_err(|e| Status::invalid_argument(format!("nhs_number: {e}")))?;
-        let (records, version) = self.store.get(n).await.map_err(store_status)?;
+        let (records, version) = self.admin.get(n).await.map_err(admin_status)?;
         Ok(Response::new(GetOptOutResponse {
             opt_outs: records
                 .into_iter()
@@ -313,26 +223,27 @@ impl OptOutAdmin for AdminService {
         request: Request<ReadAuditRequest>,
     ) -> Result<Response<ReadAuditResponse>, Status> {
         let req = request.into_inner();
-        let digest = if req.nhs_number.is_empty() {
+        let number = if req.nhs_number.is_empty() {
             None
         } else {
-            let n = NhsNumber::parse(&req.nhs_number)
-                .map_err(|e| Status::invalid_argument(format!("nhs_number: {e}")))?;
-            Some(self.audit_key.digest(n))
+            Some(
+                NhsNumber::parse(&req.nhs_number)
+                    .map_err(|e| Status::invalid_argument(format!("nhs_number: {e}")))?,
+            )
         };
         let limit = match req.limit {
             0 => 10_000,
             n => usize::try_from(n).unwrap_or(10_000).min(10_000),
         };
-        let query = AuditQuery {
+        let search = AuditSearch {
             from_ms: req.from_unix_ms,
             to_ms: req.to_unix_ms,
             organisation: Some(req.organisation).filter(|o| !o.is_empty()),
             extract_id: Some(req.extract_id).filter(|e| !e.is_empty()),
-            digest,
+            number,
             limit,
         };
-        let records = self.store.read_audit(&query).await.map_err(store_status)?;
+        let records = self.admin.read_audit(search).await.map_err(admin_status)?;
         Ok(Response::new(ReadAuditResponse {
             records: records
                 .into_iter()
@@ -360,14 +271,14 @@ impl OptOutAdmin for AdminService {
         &self,
         _request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
-        let store = self.store.status().await.map_err(store_status)?;
-        let f = self.filter.status();
+        let status = self.admin.status().await.map_err(admin_status)?;
+        let (store, f) = (status.store, status.filter);
         Ok(Response::new(GetStatusResponse {
             national_data_opt_outs: store.national,
             type_1_opt_outs: store.type1,
             patients: store.patients,
             version: store.version.to_string(),
-            store_kind: self.store.kind().to_string(),
+            store_kind: status.store_kind.to_string(),
             dataset_id: store.dataset_id,
             filter: Some(FilterStatus {
                 items: f.stats.items,
@@ -395,34 +306,15 @@ impl OptOutAdmin for AdminService {
         request: Request<AcknowledgeStoreRegressionRequest>,
     ) -> Result<Response<AcknowledgeStoreRegressionResponse>, Status> {
         let caller = caller_of(&request);
-        let reason = super::label_field("reason", &request.get_ref().reason, 512)?.to_string();
-        if reason.is_empty() {
-            return Err(Status::invalid_argument(
-                "reason is required: say what was restored and the incident reference",
-            ));
-        }
-        let record = AuditRecord {
-            at_ms: i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX),
-            organisation: caller.organisation.clone(),
-            key_id: caller.key_id.clone(),
-            action: "acknowledge-regression".into(),
-            source: Some(reason),
-            version: self.filter.version().to_string(),
-            ..AuditRecord::default()
-        };
-        let id = self
-            .store
-            .acknowledge_regression(&record)
+        let reason = super::label_field("reason", &request.get_ref().reason, 512)?;
+        let (id, version) = self
+            .admin
+            .acknowledge_regression(&caller, reason)
             .await
-            .map_err(store_status)?;
-        tracing::warn!(
-            organisation = %caller.organisation,
-            key = %caller.key_id,
-            "store regression acknowledged by an admin; replicas rebuild from the store"
-        );
+            .map_err(admin_status)?;
         Ok(Response::new(AcknowledgeStoreRegressionResponse {
             acknowledgement_id: id,
-            version: self.filter.version().to_string(),
+            version: version.to_string(),
         }))
     }
 }

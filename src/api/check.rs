@@ -13,11 +13,9 @@ use super::{
     purpose, version_field,
 };
 use crate::{
-    audit::{AuditWriter, PendingCheck},
     auth::Caller,
-    check::{CheckInput, Checker},
-    core::{AuditRecord, Decision, NhsNumber, WithholdReason},
-    metrics::DecisionCounts,
+    core::NhsNumber,
+    engine::check::{CheckInput, Checker, Requester},
 };
 
 /// Answers Check and CheckStream.
@@ -25,23 +23,16 @@ use crate::{
 pub struct CheckService {
     checker: Checker,
     limits: Limits,
-    audit: Arc<AuditWriter>,
     /// Rate budgets (charged per NHS number) and the keys in force.
     gates: Arc<GateState>,
 }
 
 impl CheckService {
-    /// A service over a check engine; every answered request is recorded through `audit`.
-    pub fn new(
-        checker: Checker,
-        limits: Limits,
-        audit: Arc<AuditWriter>,
-        gates: Arc<GateState>,
-    ) -> Self {
+    /// A service over a check engine (which records every answer).
+    pub fn new(checker: Checker, limits: Limits, gates: Arc<GateState>) -> Self {
         CheckService {
             checker,
             limits,
-            audit,
             gates,
         }
     }
@@ -60,7 +51,7 @@ impl CheckService {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
         };
-        metrics::counter!("optout_check_requests_total", "rpc" => rpc, "code" => crate::metrics::code_label(code))
+        metrics::counter!("optout_check_requests_total", "rpc" => rpc, "code" => crate::telemetry::code_label(code))
             .increment(1);
         metrics::histogram!("optout_check_duration_seconds", "rpc" => rpc)
             .record(started.elapsed().as_secs_f64());
@@ -108,44 +99,8 @@ impl CheckService {
             at_least_version: version_field("at_least_version", &req.at_least_version)?,
             deadline,
         };
-        let (purpose, origin) = (input.purpose, input.origin);
-        let mut out = self.checker.check(input).await;
-        // Nothing is released unrecorded: if the audit log cannot keep up or is failing past its
-        // bound, everything is withheld (and that is recorded when it can be).
-        if !self.audit.accepting() {
-            withhold_all(&mut out.decisions);
-        }
-        let mut record = AuditRecord {
-            at_ms: i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX),
-            organisation: caller.organisation.clone(),
-            key_id: caller.key_id.clone(),
-            action: "check".into(),
-            extract_id: Some(extract_id.to_string()).filter(|e| !e.is_empty()),
-            purpose: Some(format!("{purpose:?}")),
-            origin: Some(format!("{origin:?}")),
-            count: req.nhs_numbers.len() as u64,
-            version: out.version.to_string(),
-            ..AuditRecord::default()
-        };
-        // One pass: the released numbers for the audit, and the counts by reason for both the
-        // audit record and the metrics.
-        let mut released = Vec::new();
-        let mut counts = DecisionCounts::default();
-        for (d, n) in out.decisions.iter().zip(&parsed) {
-            counts.add(d);
-            if matches!(d, Decision::Release(_)) {
-                released.extend(*n);
-            }
-        }
-        for (r, n) in counts.withheld() {
-            record.withheld.insert(format!("{r:?}"), n);
-        }
-        record.applied = released.len() as u64;
-        if !self.audit.submit(PendingCheck { record, released }) {
-            withhold_all(&mut out.decisions);
-            counts = DecisionCounts::of(&out.decisions);
-        }
-        counts.record();
+        let who = Requester { caller, extract_id };
+        let out = self.checker.check(&who, input).await;
         Ok(CheckResponse {
             decisions: out.decisions.into_iter().map(decision_to_proto).collect(),
             version: out.version.to_string(),
@@ -180,14 +135,6 @@ where
             }
         },
     ))
-}
-
-fn withhold_all(decisions: &mut [Decision]) {
-    for d in decisions.iter_mut() {
-        if matches!(d, Decision::Release(_)) {
-            *d = Decision::Withhold(WithholdReason::StoreUnavailable);
-        }
-    }
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<CheckResponse, Status>> + Send>>;

@@ -109,7 +109,7 @@ impl Interceptor for Gate {
         if let Err(s) = &result
             && s.code() != tonic::Code::ResourceExhausted
         {
-            metrics::counter!("optout_auth_refused_total", "code" => crate::metrics::code_label(s.code()))
+            metrics::counter!("optout_auth_refused_total", "code" => crate::telemetry::code_label(s.code()))
                 .increment(1);
         }
         result

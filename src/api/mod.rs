@@ -39,16 +39,21 @@ pub struct Limits {
     pub request_timeout: Duration,
 }
 
+impl Limits {
+    /// The defaults (also those of the `optout serve` flags).
+    pub const DEFAULT: Limits = Limits {
+        max_batch: 10_000,
+        max_admin_batch: 10_000,
+        default_deadline: Duration::from_secs(2),
+        max_message_bytes: 4 * 1024 * 1024,
+        stream_concurrency: 4,
+        request_timeout: Duration::from_secs(300),
+    };
+}
+
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_batch: 10_000,
-            max_admin_batch: 10_000,
-            default_deadline: Duration::from_secs(2),
-            max_message_bytes: 4 * 1024 * 1024,
-            stream_concurrency: 4,
-            request_timeout: Duration::from_secs(300),
-        }
+        Self::DEFAULT
     }
 }
 

@@ -585,15 +585,15 @@ pub fn redis_config(redis: &RedisServer, prefix: &str, scratch: &Path) -> Server
     r.prefix = prefix.to_string();
     r.response_timeout = Duration::from_millis(2000);
     r.connect_timeout = Duration::from_millis(300);
-    c.redis = Some(r);
+    c.store = optout::server::StoreConfig::Redis(r);
     c.filter.snapshot_interval = Duration::from_millis(200);
     c
 }
 
 /// Writes the dataset marker, as `optout init-store` does.
 pub async fn init_redis(config: &ServerConfig) -> String {
-    let store = optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
-        .expect("connect");
+    let store =
+        optout::store::redis::RedisStore::connect(config.redis().expect("redis")).expect("connect");
     store.init(64).await.expect("init")
 }
 
@@ -601,7 +601,7 @@ impl TestServer {
     /// Starts the server as the binary does: on Redis when configured.
     pub async fn start_redis(config: ServerConfig) -> TestServer {
         let store: Arc<dyn ConsentStore> = Arc::new(
-            optout::store::redis::RedisStore::connect(config.redis.as_ref().expect("redis"))
+            optout::store::redis::RedisStore::connect(config.redis().expect("redis"))
                 .expect("connect"),
         );
         Self::start_on(store, config).await

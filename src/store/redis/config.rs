@@ -2,17 +2,49 @@
 
 use std::time::Duration;
 
+/// The defaults of the Redis store's settings (also those of the `optout` flags).
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Prefix of every key.
+    pub const PREFIX: &str = "optout:";
+    /// Change-log entries kept.
+    pub const LOG_LEN: u64 = 100_000;
+    /// Timeout of one call, and of a connection attempt.
+    pub const TIMEOUT: Duration = Duration::from_millis(1000);
+    /// Audit records kept.
+    pub const AUDIT_LEN: u64 = 10_000_000;
+    /// Shards of the opt-out data in a cluster.
+    pub const SHARDS: usize = 64;
+    /// Hash buckets per opt-out type.
+    pub const BUCKETS: u64 = 65_536;
+    /// How long a change waits for its replicas' confirmations.
+    pub const REPLICAS_ACK_TIMEOUT: Duration = Duration::from_millis(2000);
+    /// The master's name in the sentinels' configuration.
+    pub const SENTINEL_MASTER: &str = "mymaster";
+}
+
+/// Where the Redis store is: chosen once, at connect.
+#[derive(Clone, Debug)]
+pub enum Topology {
+    /// One Redis at this `redis://` or `rediss://` (TLS) URL.
+    Single(String),
+    /// The master Redis Sentinel names, followed through failovers.
+    Sentinel(SentinelConfig),
+    /// A Redis Cluster: some of its nodes (`host:port`); the rest are discovered. The opt-out
+    /// data is sharded across its masters (see `cluster.rs`).
+    Cluster(Vec<String>),
+}
+
 /// Settings of the Redis store.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://` or `rediss://` (TLS) URL. Behind Sentinel its host is not used: it carries the
-    /// credentials, database and TLS mode for the Redis nodes the sentinels name.
-    pub url: String,
-    /// Redis Sentinel: when set, the store follows the master the sentinels name.
-    pub sentinel: Option<SentinelConfig>,
-    /// Redis Cluster: when set, these are some of its nodes (`host:port`), and the store uses the
-    /// cluster layout (see the module documentation).
-    pub cluster: Option<Vec<String>>,
+    /// Where the store is.
+    pub topology: Topology,
+    /// Behind Sentinel or in a Cluster: the Redis nodes' user, password, database and TLS mode,
+    /// as a `redis://` or `rediss://` URL whose host is not used (`None`: no password, database
+    /// 0, plaintext). One Redis takes them from its own URL.
+    pub node_url: Option<String>,
     /// Shards of the opt-out data in a cluster (fixed when the store is initialised).
     pub shards: usize,
     /// Replicas that must confirm an opt-out change (`WAIT`) before it is acknowledged.
@@ -34,34 +66,40 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// Defaults for a URL.
+    /// Defaults for one Redis at `url`.
     pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig::with_topology(Topology::Single(url.into()))
+    }
+
+    /// Defaults for a topology: behind Sentinel or in a Cluster, each change waits for one
+    /// replica's confirmation.
+    pub fn with_topology(topology: Topology) -> Self {
+        let replicas_ack = u32::from(!matches!(topology, Topology::Single(_)));
         RedisConfig {
-            url: url.into(),
-            prefix: "optout:".into(),
-            log_len: 100_000,
-            response_timeout: Duration::from_millis(1000),
-            connect_timeout: Duration::from_millis(1000),
-            audit_len: 10_000_000,
-            sentinel: None,
-            cluster: None,
-            shards: 64,
-            replicas_ack: 0,
-            replicas_ack_timeout: Duration::from_millis(2000),
+            topology,
+            node_url: None,
+            prefix: defaults::PREFIX.into(),
+            log_len: defaults::LOG_LEN,
+            response_timeout: defaults::TIMEOUT,
+            connect_timeout: defaults::TIMEOUT,
+            audit_len: defaults::AUDIT_LEN,
+            shards: defaults::SHARDS,
+            replicas_ack,
+            replicas_ack_timeout: defaults::REPLICAS_ACK_TIMEOUT,
             assume_durable: false,
         }
     }
 
     /// Where the store is, for messages and logs (no password).
     pub fn describe(&self) -> String {
-        match (&self.sentinel, &self.cluster) {
-            (_, Some(nodes)) => format!("Redis Cluster at {}", redact_nodes(nodes)),
-            (Some(s), None) => format!(
+        match &self.topology {
+            Topology::Cluster(nodes) => format!("Redis Cluster at {}", redact_nodes(nodes)),
+            Topology::Sentinel(s) => format!(
                 "Redis master {:?} via sentinels {}",
                 s.master_name,
                 redact_nodes(&s.addrs)
             ),
-            (None, None) => redact_url(&self.url),
+            Topology::Single(url) => redact_url(url),
         }
     }
 }

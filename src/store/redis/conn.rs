@@ -19,8 +19,8 @@ use std::{
 };
 
 use redis::{
-    Client, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult,
-    ServerErrorKind, Value,
+    Client, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisConnectionInfo, RedisError,
+    RedisFuture, RedisResult, ServerErrorKind, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
 };
@@ -396,26 +396,33 @@ impl ConnectionLike for SentinelConn {
     }
 }
 
-/// What `--redis-url` says of the Redis nodes behind Sentinel or in a cluster (password,
-/// database, TLS); its host is not used there.
+/// The Redis nodes' settings behind Sentinel or in a cluster (user, password, database), and
+/// their TLS mode (`Some(insecure)` for TLS), from [`RedisConfig::node_url`].
 pub(super) fn node_settings(
     config: &RedisConfig,
-    shown: &str,
-) -> Result<redis::ConnectionInfo, StoreError> {
-    config
-        .url
-        .as_str()
-        .into_connection_info()
-        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))
+) -> Result<(RedisConnectionInfo, Option<bool>), StoreError> {
+    let Some(url) = &config.node_url else {
+        return Ok((RedisConnectionInfo::default(), None));
+    };
+    let info = url.as_str().into_connection_info().map_err(|e| {
+        StoreError::Unavailable(format!("--redis-url {}: {e}", super::redact_url(url)))
+    })?;
+    let tls = match info.addr() {
+        redis::ConnectionAddr::TcpTls { insecure, .. } => Some(*insecure),
+        _ => None,
+    };
+    Ok((info.redis_settings().clone(), tls))
 }
 
 /// The check, write and feed connections to one Redis node.
 pub(super) fn direct_conns(
     config: &RedisConfig,
-    client: Client,
-    shown: &str,
+    url: &str,
     timeouts: [Duration; 3],
 ) -> Result<[Conn; 3], StoreError> {
+    let shown = super::redact_url(url);
+    let client = Client::open(url)
+        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
     let base = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_number_of_retries(2)
@@ -439,20 +446,18 @@ pub(super) fn direct_conns(
 pub(super) fn sentinel_conns(
     config: &RedisConfig,
     s: &SentinelConfig,
-    shown: &str,
     timeouts: [Duration; 3],
 ) -> Result<[Conn; 3], StoreError> {
-    let info = node_settings(config, shown)?;
-    let mut node = SentinelNodeConnectionInfo::default()
-        .set_redis_connection_info(info.redis_settings().clone());
-    if let redis::ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
-        node = node.set_tls_mode(if *insecure {
+    let (settings, tls) = node_settings(config)?;
+    let db = settings.db();
+    let mut node = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
+    if let Some(insecure) = tls {
+        node = node.set_tls_mode(if insecure {
             redis::TlsMode::Insecure
         } else {
             redis::TlsMode::Secure
         });
     }
-    let db = info.redis_settings().db();
     let sentinels = Sentinels::new(&s.addrs, &s.master_name, node).map_err(|e| {
         StoreError::Unavailable(format!("--redis-sentinel {}: {e}", redact_nodes(&s.addrs)))
     })?;
@@ -472,11 +477,10 @@ pub(super) fn sentinel_conns(
 pub(super) fn cluster_conns(
     config: &RedisConfig,
     nodes: &[String],
-    shown: &str,
     timeouts: [Duration; 3],
 ) -> Result<[Conn; 3], StoreError> {
-    let info = node_settings(config, shown)?;
-    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    let (settings, tls) = node_settings(config)?;
+    let tls = tls.is_some();
     let urls: Vec<String> = nodes
         .iter()
         .map(|n| {
@@ -496,10 +500,10 @@ pub(super) fn cluster_conns(
             .response_timeout(t)
             .retries(2)
             .max_retry_wait(200);
-        if let Some(user) = info.redis_settings().username() {
+        if let Some(user) = settings.username() {
             builder = builder.username(user);
         }
-        if let Some(password) = info.redis_settings().password() {
+        if let Some(password) = settings.password() {
             builder = builder.password(password);
         }
         let client = builder.build().map_err(|e| {

@@ -51,9 +51,8 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use parking_lot::RwLock;
-use redis::Client;
 
-pub use config::{RedisConfig, SentinelConfig, redact_nodes, redact_url};
+pub use config::{RedisConfig, SentinelConfig, Topology, defaults, redact_nodes, redact_url};
 use conn::{Conn, FEED_BLOCK, WRITE_TIMEOUT, cluster_conns, direct_conns, sentinel_conns};
 pub use conn::{key_slot, shard_tags};
 use layout::{Change, Flat, Layout};
@@ -112,28 +111,25 @@ impl RedisStore {
     /// and keeps trying); a malformed URL or sentinel address is. The topology is chosen here,
     /// once.
     pub fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
-        let shown = redact_url(&config.url);
-        let client = Client::open(config.url.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
         let timeouts = [
             config.response_timeout,
             WRITE_TIMEOUT,
             config.response_timeout + FEED_BLOCK,
         ];
         let ([conn, write, feed], layout, prefix): ([Conn; 3], Box<dyn Layout>, String) =
-            match (&config.sentinel, &config.cluster) {
-                (_, Some(nodes)) => (
-                    cluster_conns(config, nodes, &shown, timeouts)?,
+            match &config.topology {
+                Topology::Cluster(nodes) => (
+                    cluster_conns(config, nodes, timeouts)?,
                     Box::new(cluster::Cluster::new(config.shards)),
                     format!("{{{}}}", config.prefix),
                 ),
-                (Some(s), None) => (
-                    sentinel_conns(config, s, &shown, timeouts)?,
+                Topology::Sentinel(s) => (
+                    sentinel_conns(config, s, timeouts)?,
                     Box::new(Flat { sentinel: true }),
                     config.prefix.clone(),
                 ),
-                (None, None) => (
-                    direct_conns(config, client, &shown, timeouts)?,
+                Topology::Single(url) => (
+                    direct_conns(config, url, timeouts)?,
                     Box::new(Flat { sentinel: false }),
                     config.prefix.clone(),
                 ),

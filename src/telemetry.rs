@@ -239,7 +239,11 @@ fn reason_index(d: &Decision) -> usize {
 }
 
 /// Sets the gauges that describe the filter and the audit queue (just before a scrape).
-pub fn set_state_gauges(st: &crate::sync::SyncStatus, audit_backlog: u64, audit_bytes: u64) {
+pub fn set_state_gauges(
+    st: &crate::engine::filter::SyncStatus,
+    audit_backlog: u64,
+    audit_bytes: u64,
+) {
     metrics::gauge!("optout_filter_items").set(st.stats.items as f64);
     metrics::gauge!("optout_filter_capacity").set(st.stats.capacity as f64);
     metrics::gauge!("optout_filter_bits").set(st.stats.bits as f64);

@@ -1,24 +1,29 @@
-//! The check path, free of any transport: validate, apply the purpose policy, ask the filter, and
-//! send the "maybe" numbers to the store in one batched lookup. Every doubt is WITHHOLD.
+//! The check path, free of any transport: apply the purpose policy, ask the filter, send the
+//! "maybe" numbers to the store in one batched lookup, and record what was released before the
+//! answer leaves. Every doubt is WITHHOLD, and nothing is released unrecorded.
 
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use super::{
+    check_log::{CheckLog, PendingCheck},
+    filter::{SyncedFilter, VersionWait},
+};
 use crate::{
+    auth::Caller,
     core::{
-        Applicable, DataOrigin, Decision, NhsNumber, OptOutSet, Purpose, ReleaseReason, Version,
-        WithholdReason, applicable, decide,
+        Applicable, AuditRecord, DataOrigin, Decision, NhsNumber, OptOutSet, Purpose,
+        ReleaseReason, Version, WithholdReason, applicable, decide,
     },
     store::{ConsentStore, Lookup},
-    sync::{SyncedFilter, VersionWait},
+    telemetry::DecisionCounts,
 };
 
 /// One batch to check.
 pub struct CheckInput<'a> {
-    /// The numbers as sent, parsed by the caller (`None`: not a valid NHS number), so that the
-    /// transport layer can reuse the parse (it records the released numbers).
+    /// The numbers as sent, parsed by the caller (`None`: not a valid NHS number).
     pub numbers: &'a [Option<NhsNumber>],
     /// Why the data is extracted.
     pub purpose: Purpose,
@@ -28,6 +33,14 @@ pub struct CheckInput<'a> {
     pub at_least_version: Option<Version>,
     /// When the answer must be ready; the store lookup is cut off before it.
     pub deadline: Instant,
+}
+
+/// Who asked, for the record.
+pub struct Requester<'a> {
+    /// The authenticated caller.
+    pub caller: &'a Caller,
+    /// The caller's reference for the extract (empty: none).
+    pub extract_id: &'a str,
 }
 
 /// The decisions, in input order, and the version they reflect.
@@ -44,18 +57,73 @@ pub struct CheckOutput {
 pub struct Checker {
     store: Arc<dyn ConsentStore>,
     filter: Arc<SyncedFilter>,
+    log: Arc<CheckLog>,
 }
 
 const STORE_UNAVAILABLE: Decision = Decision::Withhold(WithholdReason::StoreUnavailable);
 
+/// The filter's pass over a batch: the numbers it could not rule out.
+struct Screened {
+    maybes: Vec<(usize, NhsNumber)>,
+    version: Version,
+    trusted: bool,
+}
+
 impl Checker {
-    /// A checker over a store and the filter that follows it.
-    pub fn new(store: Arc<dyn ConsentStore>, filter: Arc<SyncedFilter>) -> Self {
-        Checker { store, filter }
+    /// A checker over a store and the filter that follows it; every answer is recorded in `log`.
+    pub fn new(
+        store: Arc<dyn ConsentStore>,
+        filter: Arc<SyncedFilter>,
+        log: Arc<CheckLog>,
+    ) -> Self {
+        Checker { store, filter, log }
     }
 
-    /// Checks one batch. Never fails: what cannot be proven releasable is withheld.
-    pub async fn check(&self, input: CheckInput<'_>) -> CheckOutput {
+    /// Checks one batch and records it. Never fails: what cannot be proven releasable is
+    /// withheld, and if the check log cannot take the record (failing past its bound, or full),
+    /// everything is withheld rather than released unrecorded.
+    pub async fn check(&self, who: &Requester<'_>, input: CheckInput<'_>) -> CheckOutput {
+        let (purpose, origin, numbers) = (input.purpose, input.origin, input.numbers);
+        let mut out = self.decide(input).await;
+        if !self.log.accepting() {
+            withhold_released(&mut out.decisions);
+        }
+        let mut record = AuditRecord {
+            at_ms: i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX),
+            organisation: who.caller.organisation.clone(),
+            key_id: who.caller.key_id.clone(),
+            action: "check".into(),
+            extract_id: Some(who.extract_id.to_string()).filter(|e| !e.is_empty()),
+            purpose: Some(format!("{purpose:?}")),
+            origin: Some(format!("{origin:?}")),
+            count: numbers.len() as u64,
+            version: out.version.to_string(),
+            ..AuditRecord::default()
+        };
+        // One pass: the released numbers for the record, and the counts by reason for both the
+        // record and the metrics.
+        let mut released = Vec::new();
+        let mut counts = DecisionCounts::default();
+        for (d, n) in out.decisions.iter().zip(numbers) {
+            counts.add(d);
+            if matches!(d, Decision::Release(_)) {
+                released.extend(*n);
+            }
+        }
+        for (r, n) in counts.withheld() {
+            record.withheld.insert(format!("{r:?}"), n);
+        }
+        record.applied = released.len() as u64;
+        if !self.log.submit(PendingCheck { record, released }) {
+            withhold_released(&mut out.decisions);
+            counts = DecisionCounts::of(&out.decisions);
+        }
+        counts.record();
+        out
+    }
+
+    /// The decisions for one batch, before recording.
+    async fn decide(&self, input: CheckInput<'_>) -> CheckOutput {
         let policy = applicable(input.purpose, input.origin);
         let parsed = input.numbers;
         let mut decisions: Vec<Decision> = parsed
@@ -75,7 +143,6 @@ impl Checker {
                 version: self.filter.version(),
             };
         }
-
         let valid: Vec<(usize, NhsNumber)> = parsed
             .iter()
             .enumerate()
@@ -86,7 +153,6 @@ impl Checker {
         if self.filter.regressed() {
             return self.withhold_all(decisions, &valid, WithholdReason::StoreRegressed);
         }
-
         // A caller who wrote at version V wants an answer that reflects V: wait for the filter,
         // within the deadline; if it does not get there, ask the store about every number. A V
         // beyond what the store holds (no admin write ever returned it) is answered at once.
@@ -104,38 +170,65 @@ impl Checker {
                 VersionWait::TimedOut => filter_behind = true,
             }
         }
+        let screened = self.screen(&valid, &mut decisions, filter_behind);
+        self.resolve(decisions, &valid, screened, policy, &input)
+            .await
+    }
+
+    /// Releases what the filter rules out (when it is trusted); returns the rest.
+    fn screen(
+        &self,
+        valid: &[(usize, NhsNumber)],
+        decisions: &mut [Decision],
+        filter_behind: bool,
+    ) -> Screened {
         let mut maybes: Vec<(usize, NhsNumber)> = Vec::new();
-        let (filter_version, trusted) = {
-            let view = self.filter.view();
-            let trusted = view.trusted && !filter_behind;
-            // The numbers a few places ahead are prefetched, so their probes' cache misses overlap
-            // with this number's lookup instead of following it.
-            const AHEAD: usize = 8;
-            for (j, &(i, n)) in valid.iter().enumerate() {
-                if trusted && let Some(&(_, next)) = valid.get(j + AHEAD) {
-                    view.prefetch(next);
-                }
-                if trusted && !view.may_contain(n) {
-                    decisions[i] = Decision::Release(ReleaseReason::NoOptOut);
-                } else {
-                    maybes.push((i, n));
-                }
+        let view = self.filter.view();
+        let trusted = view.trusted && !filter_behind;
+        // The numbers a few places ahead are prefetched, so their probes' cache misses overlap
+        // with this number's lookup instead of following it.
+        const AHEAD: usize = 8;
+        for (j, &(i, n)) in valid.iter().enumerate() {
+            if trusted && let Some(&(_, next)) = valid.get(j + AHEAD) {
+                view.prefetch(next);
             }
-            (view.version(), trusted)
+            if trusted && !view.may_contain(n) {
+                decisions[i] = Decision::Release(ReleaseReason::NoOptOut);
+            } else {
+                maybes.push((i, n));
+            }
+        }
+        Screened {
+            maybes,
+            version: view.version(),
+            trusted,
+        }
+    }
+
+    /// Asks the store about the maybes, so that the whole answer reflects one version.
+    async fn resolve(
+        &self,
+        mut decisions: Vec<Decision>,
+        valid: &[(usize, NhsNumber)],
+        screened: Screened,
+        policy: Applicable,
+        input: &CheckInput<'_>,
+    ) -> CheckOutput {
+        let Screened {
+            maybes,
+            version: filter_version,
+            trusted,
+        } = screened;
+        let as_filter = |decisions| CheckOutput {
+            decisions,
+            version: filter_version,
         };
         if maybes.is_empty() {
-            return CheckOutput {
-                decisions,
-                version: filter_version,
-            };
+            return as_filter(decisions);
         }
-
         let Some(found) = self.ask(&maybes, input.deadline).await else {
             // The maybes stay withheld as STORE_UNAVAILABLE.
-            return CheckOutput {
-                decisions,
-                version: filter_version,
-            };
+            return as_filter(decisions);
         };
         let lag_ms = found.version.ms.saturating_sub(filter_version.ms);
         metrics::gauge!("optout_filter_version_lag_seconds").set(lag_ms as f64 / 1000.0);
@@ -143,34 +236,32 @@ impl Checker {
             // The store answered from before what the filter already reflects: it lost changes
             // (or the answer came from a lagging node). Its "no opt-out" proves nothing.
             store_behind_filter(found.version, filter_version);
-            return CheckOutput {
-                decisions,
-                version: filter_version,
-            };
+            return as_filter(decisions);
         }
         if !trusted || found.version == filter_version {
             // Either the store answered for every number, or it was at the filter's version: one
             // consistent state either way.
-            self.apply(
-                &mut decisions,
-                &maybes,
-                found.held,
-                policy,
-                input.at_least_version,
-                found.version,
-            );
             let version = if trusted {
                 filter_version
             } else {
                 found.version
             };
+            let at_least = input.at_least_version;
+            self.apply(
+                &mut decisions,
+                &maybes,
+                found.held,
+                policy,
+                at_least,
+                found.version,
+            );
             return CheckOutput { decisions, version };
         }
         // The store moved past the filter between the two reads, so the filter's "absent" answers
         // and the store's answers come from different versions: a caller could see part of a
         // change (half of a REPLACE import). Ask the store for every number, so the whole answer
         // reflects one version; if it cannot answer, withhold everything rather than mix.
-        let all = self.ask(&valid, input.deadline).await.filter(|all| {
+        let all = self.ask(valid, input.deadline).await.filter(|all| {
             let current = all.version >= filter_version;
             if !current {
                 store_behind_filter(all.version, filter_version);
@@ -180,24 +271,15 @@ impl Checker {
         match all {
             Some(all) => {
                 let version = all.version;
-                self.apply(
-                    &mut decisions,
-                    &valid,
-                    all.held,
-                    policy,
-                    input.at_least_version,
-                    version,
-                );
+                let at_least = input.at_least_version;
+                self.apply(&mut decisions, valid, all.held, policy, at_least, version);
                 CheckOutput { decisions, version }
             }
             None => {
-                for &(i, _) in &valid {
+                for &(i, _) in valid {
                     decisions[i] = STORE_UNAVAILABLE;
                 }
-                CheckOutput {
-                    decisions,
-                    version: filter_version,
-                }
+                as_filter(decisions)
             }
         }
     }
@@ -290,4 +372,13 @@ fn store_behind_filter(store: Version, filter: Version) {
 
 fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
+}
+
+/// Every release turned into a withhold (the record could not be kept).
+fn withhold_released(decisions: &mut [Decision]) {
+    for d in decisions.iter_mut() {
+        if matches!(d, Decision::Release(_)) {
+            *d = STORE_UNAVAILABLE;
+        }
+    }
 }

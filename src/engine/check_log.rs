@@ -1,10 +1,10 @@
 //! Recording checks off the hot path.
 //!
-//! A check hands its record (and the numbers it released) to [`AuditWriter`] and answers without
+//! A check hands its record (and the numbers it released) to [`CheckLog`] and answers without
 //! waiting; a background task computes the digests and appends records to the store in batches
 //! (every 100 ms, or 1,000 records, or 4 MiB). If records cannot be written for longer than the
 //! configured bound, or the queue is full (by records, or by bytes: `--audit-queue-mib`),
-//! [`AuditWriter::accepting`] turns false and checks WITHHOLD everything with
+//! [`CheckLog::accepting`] turns false and checks WITHHOLD everything with
 //! `REASON_STORE_UNAVAILABLE` rather than release data unrecorded.
 //!
 //! A batch that keeps failing is split in halves (down to single records), so one record the
@@ -20,10 +20,11 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::{
     core::{AuditKey, AuditRecord, NhsNumber},
@@ -53,7 +54,7 @@ impl PendingCheck {
 
 /// The queue between checks and the store. When every handle is dropped, the task writes what is
 /// queued and ends.
-pub struct AuditWriter {
+pub struct CheckLog {
     tx: mpsc::Sender<PendingCheck>,
     state: Arc<WriterState>,
 }
@@ -78,7 +79,7 @@ const QUEUE: usize = 65_536;
 /// Failures of one batch before it is split in halves.
 const SPLIT_AFTER: u32 = 3;
 
-impl AuditWriter {
+impl CheckLog {
     /// Starts the writer task. It ends when every sender is gone and the queue is drained.
     pub fn start(
         store: Arc<dyn ConsentStore>,
@@ -86,7 +87,7 @@ impl AuditWriter {
         bound: Duration,
         max_bytes: u64,
         stop: tokio::sync::watch::Receiver<bool>,
-    ) -> (Arc<AuditWriter>, tokio::task::JoinHandle<()>) {
+    ) -> (Arc<CheckLog>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let state = Arc::new(WriterState {
             failing_since: AtomicU64::new(0),
@@ -97,7 +98,7 @@ impl AuditWriter {
             bound,
         });
         let task = tokio::spawn(run(state.clone(), store, key, rx, stop));
-        (Arc::new(AuditWriter { tx, state }), task)
+        (Arc::new(CheckLog { tx, state }), task)
     }
 
     /// Whether checks may release data: records are being written, or have failed for less than

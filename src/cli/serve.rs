@@ -1,0 +1,431 @@
+//! `optout serve`: the flags, the server configuration built from them, and the start-up steps.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use clap::Args;
+
+use super::{CliError, announce, client::read_file};
+use crate::{
+    api::{Limits, gate::RateLimit},
+    core::AuditKey,
+    engine::filter::FilterConfig,
+    server::{ServerConfig, StoreConfig, TlsFiles, defaults, run},
+    store::redis::{RedisConfig, RedisStore, SentinelConfig, Topology, defaults as redis_defaults},
+};
+
+/// A duration in whole ms, for flags given in ms.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Where the Redis store is.
+#[derive(Args, Debug, Clone)]
+pub(super) struct RedisArgs {
+    /// The shared Redis store (redis://, or rediss:// for TLS). Without it (and without
+    /// --redis-sentinel), serve uses the embedded store. Behind Sentinel its host is not used: it
+    /// only carries the password, database and TLS mode of the Redis nodes.
+    #[arg(long, env = "OPTOUT_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Redis Sentinel: the sentinels' host:port, comma-separated. The store follows the master
+    /// they name through failovers.
+    #[arg(
+        long,
+        env = "OPTOUT_REDIS_SENTINEL",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    redis_sentinel: Vec<String>,
+    /// Redis Cluster: some of its nodes' host:port, comma-separated (the rest are discovered).
+    /// The opt-out data is sharded across the cluster's masters.
+    #[arg(
+        long,
+        env = "OPTOUT_REDIS_CLUSTER",
+        value_delimiter = ',',
+        conflicts_with = "redis_sentinel",
+        hide_env_values = true
+    )]
+    redis_cluster: Vec<String>,
+    /// The master's name in the sentinels' configuration (`sentinel monitor NAME ...`).
+    #[arg(long, env = "OPTOUT_REDIS_SENTINEL_MASTER", default_value = redis_defaults::SENTINEL_MASTER)]
+    redis_sentinel_master: String,
+    /// Replicas that must confirm each opt-out change (Redis WAIT) before it is acknowledged, so a
+    /// failover cannot lose it (in a cluster: by every master's replicas). Default: 1 behind
+    /// Sentinel or in a cluster, 0 for a single Redis.
+    #[arg(long, env = "OPTOUT_REDIS_REPLICAS_ACK")]
+    redis_replicas_ack: Option<u32>,
+    /// Trust that this Redis keeps every acknowledged write through a crash although the service
+    /// cannot read its persistence settings (a managed Redis that hides CONFIG). Without it, a
+    /// single Redis (no replica acknowledgement) must run `appendonly yes` with `appendfsync
+    /// always`, or serve and init-store refuse it. See README "Guarantees".
+    #[arg(long, env = "OPTOUT_REDIS_ASSUME_DURABLE")]
+    redis_assume_durable: bool,
+    /// How long a change waits for those confirmations, in ms, before it fails unacknowledged.
+    #[arg(long, env = "OPTOUT_REDIS_REPLICAS_ACK_MS", default_value_t = ms(redis_defaults::REPLICAS_ACK_TIMEOUT))]
+    redis_replicas_ack_ms: u64,
+    /// Prefix of every key the service uses in Redis.
+    #[arg(long, env = "OPTOUT_REDIS_PREFIX", default_value = redis_defaults::PREFIX)]
+    redis_prefix: String,
+    /// Change-log entries kept in Redis; a replica further behind rebuilds its filter.
+    #[arg(long, env = "OPTOUT_REDIS_LOG_LEN", default_value_t = redis_defaults::LOG_LEN)]
+    redis_log_len: u64,
+    /// Timeout of one Redis call, in ms.
+    #[arg(long, env = "OPTOUT_REDIS_TIMEOUT_MS", default_value_t = ms(redis_defaults::TIMEOUT))]
+    redis_timeout_ms: u64,
+    /// Audit records kept in Redis (approximately; the oldest are trimmed). Size this for the
+    /// retention your information governance requires.
+    #[arg(long, env = "OPTOUT_REDIS_AUDIT_LEN", default_value_t = redis_defaults::AUDIT_LEN)]
+    redis_audit_len: u64,
+}
+
+impl RedisArgs {
+    /// The Redis store's settings, or `None` for the embedded store.
+    pub(super) fn config(&self) -> Option<RedisConfig> {
+        let topology = if !self.redis_cluster.is_empty() {
+            Topology::Cluster(self.redis_cluster.clone())
+        } else if !self.redis_sentinel.is_empty() {
+            Topology::Sentinel(SentinelConfig {
+                addrs: self.redis_sentinel.clone(),
+                master_name: self.redis_sentinel_master.clone(),
+            })
+        } else {
+            Topology::Single(self.redis_url.clone()?)
+        };
+        let single = matches!(topology, Topology::Single(_));
+        let mut config = RedisConfig::with_topology(topology);
+        if !single {
+            config.node_url = self.redis_url.clone();
+        }
+        if let Some(n) = self.redis_replicas_ack {
+            config.replicas_ack = n;
+        }
+        config.assume_durable = self.redis_assume_durable;
+        config.replicas_ack_timeout = Duration::from_millis(self.redis_replicas_ack_ms.max(1));
+        config.prefix = self.redis_prefix.clone();
+        config.log_len = self.redis_log_len.max(1);
+        config.response_timeout = Duration::from_millis(self.redis_timeout_ms.max(1));
+        config.connect_timeout = config.response_timeout;
+        config.audit_len = self.redis_audit_len.max(1);
+        Some(config)
+    }
+}
+
+#[derive(Args, Debug)]
+pub(super) struct ServeArgs {
+    /// Address to listen on. Beyond loopback the service also needs --keys-file, --tls-cert with
+    /// --tls-key, and --audit-key-file.
+    #[arg(long, env = "OPTOUT_LISTEN", default_value = defaults::LISTEN)]
+    listen: SocketAddr,
+    /// Directory of the embedded store. Created, with a new empty dataset, if it holds no database.
+    #[arg(long, env = "OPTOUT_DATA_DIR", default_value = defaults::DATA_DIR)]
+    data_dir: PathBuf,
+    /// Opt-outs the filter is sized for; it is rebuilt larger in the background when outgrown.
+    #[arg(long, env = "OPTOUT_FILTER_CAPACITY", default_value_t = FilterConfig::DEFAULT.capacity)]
+    filter_capacity: u64,
+    /// The filter's false-positive target (a false positive costs one store lookup).
+    #[arg(long, env = "OPTOUT_FILTER_FP_RATE", default_value_t = FilterConfig::DEFAULT.fp_rate)]
+    filter_fp_rate: f64,
+    /// Past this many ms without proof that the filter is caught up, every number goes to the store.
+    #[arg(long, env = "OPTOUT_FRESHNESS_BOUND_MS", default_value_t = ms(FilterConfig::DEFAULT.freshness_bound))]
+    freshness_bound_ms: u64,
+    /// Most NHS numbers in one Check message.
+    #[arg(long, env = "OPTOUT_MAX_BATCH", default_value_t = Limits::DEFAULT.max_batch)]
+    max_batch: usize,
+    /// Most NHS numbers in one AddOptOuts or RemoveOptOuts request.
+    #[arg(long, env = "OPTOUT_MAX_ADMIN_BATCH", default_value_t = Limits::DEFAULT.max_admin_batch)]
+    max_admin_batch: usize,
+    /// Deadline of a request that sets none, in ms (a shorter client deadline wins).
+    #[arg(long, env = "OPTOUT_DEFAULT_DEADLINE_MS", default_value_t = ms(Limits::DEFAULT.default_deadline))]
+    default_deadline_ms: u64,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "OPTOUT_MAX_MESSAGE_BYTES", default_value_t = Limits::DEFAULT.max_message_bytes)]
+    max_message_bytes: usize,
+    /// Change-log entries kept; a replica further behind rebuilds its filter from a scan.
+    #[arg(long, env = "OPTOUT_CHANGE_LOG_LEN", default_value_t = defaults::CHANGE_LOG_LEN)]
+    change_log_len: u64,
+    /// How often a replica on Redis publishes a filter snapshot for new replicas, in seconds.
+    #[arg(long, env = "OPTOUT_SNAPSHOT_INTERVAL_SECS", default_value_t = FilterConfig::DEFAULT.snapshot_interval.as_secs())]
+    snapshot_interval_secs: u64,
+    /// API keys (TOML; see `optout keys new`). Reloaded when it changes. Without it the service
+    /// runs open, which is allowed on loopback only.
+    #[arg(long, env = "OPTOUT_KEYS_FILE")]
+    keys_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for the gRPC port.
+    #[arg(long, env = "OPTOUT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "OPTOUT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) of client certificates: turns on mutual TLS; each client certificate must name the
+    /// organisation of the key it presents (subject O, else CN).
+    #[arg(long, env = "OPTOUT_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// File holding the audit key (at least 32 bytes of secret), shared by every replica.
+    #[arg(long, env = "OPTOUT_AUDIT_KEY_FILE")]
+    audit_key_file: Option<PathBuf>,
+    /// How long check records may fail to be written before every check is withheld, in ms.
+    #[arg(long, env = "OPTOUT_AUDIT_BOUND_MS", default_value_t = ms(defaults::AUDIT_BOUND))]
+    audit_bound_ms: u64,
+    /// MiB of check records that may wait to be written (about 8 bytes per released number);
+    /// past it every check is withheld until the queue drains.
+    #[arg(long, env = "OPTOUT_AUDIT_QUEUE_MIB", default_value_t = defaults::AUDIT_QUEUE_MIB)]
+    audit_queue_mib: u64,
+    /// NHS numbers checked per second per organisation (0: no limit). Every number of a Check
+    /// and of each CheckStream message counts; each admin call counts as one.
+    #[arg(long, env = "OPTOUT_RATE_LIMIT", default_value_t = defaults::RATE_LIMIT)]
+    rate_limit: u32,
+    /// NHS numbers an organisation may send at once above its rate; also the largest message
+    /// it can send at all (keep it at least --max-batch).
+    #[arg(long, env = "OPTOUT_RATE_BURST", default_value_t = defaults::RATE_BURST)]
+    rate_burst: u32,
+    /// Settings file (TOML; keys are the long flag names, e.g. `filter-capacity = 5000000`).
+    /// Flags and environment variables win over it.
+    #[arg(long, env = "OPTOUT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Plaintext port serving only grpc.health.v1, for Kubernetes probes (which cannot use TLS).
+    /// Also answers the service `liveness`: SERVING while the process runs.
+    #[arg(long, env = "OPTOUT_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
+    /// Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "OPTOUT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM or SIGINT: seconds in-flight requests and streams may take to finish before they
+    /// are cut off. Keep it below the orchestrator's own grace period.
+    #[arg(long, env = "OPTOUT_SHUTDOWN_GRACE_SECS", default_value_t = defaults::SHUTDOWN_GRACE.as_secs())]
+    shutdown_grace_secs: u64,
+    /// Concurrent streams (requests) per client connection.
+    #[arg(long, env = "OPTOUT_MAX_CONCURRENT_STREAMS", default_value_t = defaults::MAX_CONCURRENT_STREAMS)]
+    max_concurrent_streams: u32,
+    /// Client connections this replica holds at once; past it new ones are closed at once.
+    #[arg(long, env = "OPTOUT_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Longest a request may take, a whole CheckStream or import included, in seconds.
+    #[arg(long, env = "OPTOUT_REQUEST_TIMEOUT_SECS", default_value_t = Limits::DEFAULT.request_timeout.as_secs())]
+    request_timeout_secs: u64,
+    /// A client connection older than this is asked to reconnect (its requests get the shutdown
+    /// grace to finish), in seconds. Also spreads long-lived clients over new replicas.
+    #[arg(long, env = "OPTOUT_MAX_CONNECTION_AGE_SECS", default_value_t = defaults::MAX_CONNECTION_AGE.as_secs())]
+    max_connection_age_secs: u64,
+    /// A client connection with no traffic (keepalive pings aside) for this long is closed, in
+    /// seconds. Never shorter than the request timeout plus a second, so a request the server is
+    /// still working on is not cut off as idle.
+    #[arg(long, env = "OPTOUT_IDLE_TIMEOUT_SECS", default_value_t = defaults::IDLE_TIMEOUT.as_secs())]
+    idle_timeout_secs: u64,
+    #[command(flatten)]
+    redis: RedisArgs,
+}
+
+impl ServeArgs {
+    /// Secure by default: beyond loopback, callers must authenticate, traffic must be encrypted,
+    /// and audit digests must be stable across replicas.
+    fn check_exposure(&self) -> Result<(), CliError> {
+        if self.listen.ip().is_loopback() {
+            if self.keys_file.is_none() {
+                announce(
+                    true,
+                    "WARNING: no --keys-file: running WITHOUT authentication; any local process \
+                     can call every RPC (development only)",
+                );
+            }
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        if self.keys_file.is_none() {
+            missing.push("--keys-file");
+        }
+        if self.tls_cert.is_none() {
+            missing.push("--tls-cert/--tls-key");
+        }
+        if self.audit_key_file.is_none() {
+            missing.push("--audit-key-file");
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(CliError::Usage(format!(
+            "--listen {}: listening beyond loopback needs {}; without them the service listens \
+             only on loopback addresses (127.0.0.1, ::1)",
+            self.listen,
+            missing.join(", ")
+        )))
+    }
+
+    fn tls(&self) -> Result<Option<TlsFiles>, CliError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        Ok(Some(TlsFiles {
+            cert_pem: read_file("--tls-cert", cert)?,
+            key_pem: read_file("--tls-key", key)?,
+            client_ca_pem: match &self.tls_client_ca {
+                Some(ca) => Some(read_file("--tls-client-ca", ca)?),
+                None => None,
+            },
+        }))
+    }
+
+    fn audit_key(&self) -> Result<Option<AuditKey>, CliError> {
+        let Some(path) = &self.audit_key_file else {
+            return Ok(None);
+        };
+        let raw = read_file("--audit-key-file", path)?;
+        let trimmed = String::from_utf8_lossy(&raw).trim().as_bytes().to_vec();
+        AuditKey::new(&trimmed)
+            .map(Some)
+            .map_err(|e| CliError::Usage(format!("--audit-key-file {}: {e}", path.display())))
+    }
+
+    fn check_ranges(&self) -> Result<(), CliError> {
+        if !(self.filter_fp_rate > 0.0 && self.filter_fp_rate < 1.0) {
+            return Err(CliError::Usage(format!(
+                "--filter-fp-rate {}: must be strictly between 0 and 1",
+                self.filter_fp_rate
+            )));
+        }
+        for (name, v) in [
+            ("--max-batch", self.max_batch),
+            ("--max-admin-batch", self.max_admin_batch),
+            ("--max-message-bytes", self.max_message_bytes),
+        ] {
+            if v == 0 {
+                return Err(CliError::Usage(format!("{name} must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+
+    fn store(&self) -> Result<StoreConfig, CliError> {
+        Ok(match self.redis.config() {
+            Some(r) => {
+                // A malformed URL is a setting error: say so before listening. An unreachable
+                // Redis is not: the replica starts NOT_SERVING and keeps trying, so replicas may
+                // start before Redis.
+                RedisStore::connect(&r).map_err(|e| CliError::Usage(e.to_string()))?;
+                StoreConfig::Redis(r)
+            }
+            None => StoreConfig::Embedded {
+                data_dir: self.data_dir.clone(),
+                change_log_len: self.change_log_len.max(1),
+            },
+        })
+    }
+}
+
+impl TryFrom<&ServeArgs> for ServerConfig {
+    type Error = CliError;
+
+    /// The server's configuration from the flags (whose defaults are the server's own).
+    fn try_from(args: &ServeArgs) -> Result<Self, CliError> {
+        args.check_ranges()?;
+        let side = |flag: &str, addr: Option<SocketAddr>| -> Result<_, CliError> {
+            addr.map(|a| {
+                std::net::TcpListener::bind(a)
+                    .map(Arc::new)
+                    .map_err(|e| CliError::Usage(format!("{flag} {a}: {e}")))
+            })
+            .transpose()
+        };
+        Ok(ServerConfig {
+            store: args.store()?,
+            filter: FilterConfig {
+                capacity: args.filter_capacity,
+                fp_rate: args.filter_fp_rate,
+                freshness_bound: Duration::from_millis(args.freshness_bound_ms),
+                snapshot_interval: Duration::from_secs(args.snapshot_interval_secs.max(1)),
+                ..FilterConfig::DEFAULT
+            },
+            limits: Limits {
+                max_batch: args.max_batch,
+                max_admin_batch: args.max_admin_batch,
+                default_deadline: Duration::from_millis(args.default_deadline_ms.max(1)),
+                max_message_bytes: args.max_message_bytes,
+                request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
+                ..Limits::DEFAULT
+            },
+            keys_file: args.keys_file.clone(),
+            tls: args.tls()?,
+            audit_key: args.audit_key()?,
+            audit_bound: Duration::from_millis(args.audit_bound_ms.max(1)),
+            audit_queue_bytes: args.audit_queue_mib.max(4).saturating_mul(1024 * 1024),
+            rate_limit: RateLimit {
+                per_second: args.rate_limit,
+                burst: args.rate_burst,
+            },
+            max_concurrent_streams: args.max_concurrent_streams.max(1),
+            max_connections: args.max_connections.max(1),
+            max_connection_age: Duration::from_secs(args.max_connection_age_secs.max(1)),
+            idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
+            health_listener: side("--health-listen", args.health_listen)?,
+            metrics_listener: side("--metrics-listen", args.metrics_listen)?,
+            shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+            ..ServerConfig::new(PathBuf::new())
+        })
+    }
+}
+
+/// Checks the exposure, builds the configuration, binds, says where, and serves until SIGTERM.
+pub(super) async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    args.check_exposure()?;
+    let config = ServerConfig::try_from(&args)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| CliError::Usage(format!("--listen {}: {e}", args.listen)))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| CliError::Usage(format!("--listen {}: {e}", args.listen)))?;
+    announce(
+        false,
+        &format!("listening on {bound} {}", describe(&config)),
+    );
+    run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// The transport, the store and the side listeners, for the start-up line.
+fn describe(config: &ServerConfig) -> String {
+    let transport = match &config.tls {
+        Some(t) if t.client_ca_pem.is_some() => "gRPC over mutual TLS",
+        Some(_) => "gRPC over TLS",
+        None => "gRPC, plaintext",
+    };
+    let store = match &config.store {
+        StoreConfig::Redis(r) => format!("Redis store at {} (prefix {:?})", r.describe(), r.prefix),
+        StoreConfig::Embedded { data_dir, .. } => {
+            format!("embedded store in {}", data_dir.display())
+        }
+    };
+    let mut text = format!("({transport}), {store}");
+    let addr =
+        |l: &Option<Arc<std::net::TcpListener>>| l.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(a) = addr(&config.health_listener) {
+        text.push_str(&format!(", health on {a}"));
+    }
+    if let Some(a) = addr(&config.metrics_listener) {
+        text.push_str(&format!(", metrics on http://{a}/metrics"));
+    }
+    text
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

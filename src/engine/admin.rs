@@ -1,0 +1,292 @@
+//! Admin operations, free of any transport: opt-out changes, imports, look-ups, the audit trail,
+//! status, and acknowledging a store that went back in time. Each change is audited with the
+//! organisation and key that made it, in the same store transaction as the change (no record, no
+//! change), and waits briefly for this replica's filter to show it (read-your-writes).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use super::filter::{SyncStatus, SyncedFilter};
+use crate::{
+    auth::Caller,
+    core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutType, Version},
+    store::{
+        ChangeKind, ConsentStore, ImportMode, ImportOutcome, ImportSession, OptOutRecord,
+        StoreError, StoreStatus, WriteOutcome, now_ms,
+    },
+};
+
+/// How many valid numbers an import stages per store call.
+const STAGE_CHUNK: usize = 50_000;
+/// How long an admin write waits for this replica's filter to show it before answering (the write
+/// is durable either way; the wait gives the caller read-your-writes on this replica).
+const APPLY_WAIT: Duration = Duration::from_secs(1);
+
+/// Why an admin operation was not done.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The request cannot be carried out as asked; nothing changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The admin engine of one replica.
+#[derive(Clone)]
+pub struct Admin {
+    store: Arc<dyn ConsentStore>,
+    filter: Arc<SyncedFilter>,
+    audit_key: AuditKey,
+}
+
+/// What `status` reports: the store's counts and the filter's state.
+pub struct Status {
+    /// The store's counts, version and dataset.
+    pub store: StoreStatus,
+    /// Which store ("embedded", "redis").
+    pub store_kind: &'static str,
+    /// This replica's filter.
+    pub filter: SyncStatus,
+}
+
+/// Which audit records to read; `number` is digested under the audit key, never stored.
+pub struct AuditSearch {
+    /// From, ms since the Unix epoch (0: the beginning).
+    pub from_ms: i64,
+    /// To, ms since the Unix epoch (0: now).
+    pub to_ms: i64,
+    /// Only this organisation.
+    pub organisation: Option<String>,
+    /// Only this extract.
+    pub extract_id: Option<String>,
+    /// Only records about this patient.
+    pub number: Option<NhsNumber>,
+    /// Most records returned.
+    pub limit: usize,
+}
+
+impl Admin {
+    /// Admin over a store and this replica's filter; changes are audited under `audit_key`.
+    pub fn new(
+        store: Arc<dyn ConsentStore>,
+        filter: Arc<SyncedFilter>,
+        audit_key: AuditKey,
+    ) -> Self {
+        Admin {
+            store,
+            filter,
+            audit_key,
+        }
+    }
+
+    /// Adds or removes one type for every number, with its audit record, and waits (until
+    /// `deadline`, at most a second) for this replica's filter to show it.
+    pub async fn change(
+        &self,
+        caller: &Caller,
+        kind: ChangeKind,
+        t: OptOutType,
+        numbers: &[NhsNumber],
+        source: &str,
+        deadline: Instant,
+    ) -> Result<WriteOutcome, AdminError> {
+        if numbers.is_empty() {
+            return Err(AdminError::Invalid(
+                "nhs_numbers is empty: nothing to change".into(),
+            ));
+        }
+        let action = match kind {
+            ChangeKind::Add => "add",
+            ChangeKind::Remove => "remove",
+        };
+        let audit = AuditRecord {
+            digests: self.audit_key.digests(numbers.iter().copied()),
+            ..change_record(caller, action, t, source, numbers.len() as u64)
+        };
+        // No deadline on the write itself: once sent to the store it either commits or fails,
+        // and cutting it off would leave the caller unsure which. The audit record is written in
+        // the same transaction: no record, no change.
+        let outcome = self.store.change(kind, t, numbers, source, &audit).await?;
+        tracing::info!(
+            action = ?kind,
+            opt_out = t.name(),
+            source,
+            count = numbers.len(),
+            applied = outcome.applied,
+            version = %outcome.version,
+            "opt-outs changed"
+        );
+        let wait = APPLY_WAIT.min(deadline.saturating_duration_since(Instant::now()));
+        self.filter.wait_for_version(outcome.version, wait).await;
+        Ok(outcome)
+    }
+
+    /// Starts an import: numbers are staged as they come, and nothing is visible until
+    /// [`Import::commit`]. Dropping the import changes nothing.
+    pub async fn start_import(
+        &self,
+        caller: &Caller,
+        mode: ImportMode,
+        t: OptOutType,
+        source: &str,
+    ) -> Result<Import, AdminError> {
+        let session = self.store.begin_import(mode, t, source).await?;
+        Ok(Import {
+            admin: self.clone(),
+            caller: caller.clone(),
+            mode,
+            t,
+            source: source.to_string(),
+            session,
+            pending: Vec::with_capacity(STAGE_CHUNK),
+        })
+    }
+
+    /// The opt-outs recorded for one number.
+    pub async fn get(&self, n: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), AdminError> {
+        Ok(self.store.get(n).await?)
+    }
+
+    /// Audit records, oldest first.
+    pub async fn read_audit(&self, search: AuditSearch) -> Result<Vec<AuditRecord>, AdminError> {
+        let query = AuditQuery {
+            from_ms: search.from_ms,
+            to_ms: search.to_ms,
+            organisation: search.organisation,
+            extract_id: search.extract_id,
+            digest: search.number.map(|n| self.audit_key.digest(n)),
+            limit: search.limit,
+        };
+        Ok(self.store.read_audit(&query).await?)
+    }
+
+    /// The store's counts and this replica's filter.
+    pub async fn status(&self) -> Result<Status, AdminError> {
+        Ok(Status {
+            store: self.store.status().await?,
+            store_kind: self.store.kind(),
+            filter: self.filter.status(),
+        })
+    }
+
+    /// Records that an admin restored the changes a store lost (or knowingly gave them up), so
+    /// replicas failing closed rebuild from it. Returns the acknowledgement's id and this
+    /// replica's filter version.
+    pub async fn acknowledge_regression(
+        &self,
+        caller: &Caller,
+        reason: &str,
+    ) -> Result<(String, Version), AdminError> {
+        if reason.trim().is_empty() {
+            return Err(AdminError::Invalid(
+                "reason is required: say what was restored and the incident reference".into(),
+            ));
+        }
+        let record = AuditRecord {
+            at_ms: now_ms_i64(),
+            organisation: caller.organisation.clone(),
+            key_id: caller.key_id.clone(),
+            action: "acknowledge-regression".into(),
+            source: Some(reason.to_string()),
+            version: self.filter.version().to_string(),
+            ..AuditRecord::default()
+        };
+        let id = self.store.acknowledge_regression(&record).await?;
+        tracing::warn!(
+            organisation = %caller.organisation,
+            key = %caller.key_id,
+            "store regression acknowledged by an admin; replicas rebuild from the store"
+        );
+        Ok((id, self.filter.version()))
+    }
+}
+
+/// An import under way.
+pub struct Import {
+    admin: Admin,
+    caller: Caller,
+    mode: ImportMode,
+    t: OptOutType,
+    source: String,
+    session: Box<dyn ImportSession>,
+    pending: Vec<NhsNumber>,
+}
+
+impl Import {
+    /// Stages valid numbers (duplicates are fine).
+    pub async fn stage(
+        &mut self,
+        numbers: impl IntoIterator<Item = NhsNumber>,
+    ) -> Result<(), AdminError> {
+        self.pending.extend(numbers);
+        if self.pending.len() >= STAGE_CHUNK {
+            self.session.stage(&self.pending).await?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Applies the staged set atomically with its audit record (`received`: every number sent,
+    /// valid or not; `rejected`: the invalid ones), and waits a moment for this replica's filter
+    /// to show it.
+    pub async fn commit(
+        mut self,
+        received: u64,
+        rejected: u64,
+    ) -> Result<ImportOutcome, AdminError> {
+        if !self.pending.is_empty() {
+            self.session.stage(&self.pending).await?;
+            self.pending = Vec::new();
+        }
+        let action = match self.mode {
+            ImportMode::Merge => "import-merge",
+            ImportMode::Replace => "import-replace",
+        };
+        let audit = change_record(&self.caller, action, self.t, &self.source, received);
+        let outcome = self.session.commit(audit, &self.admin.audit_key).await?;
+        tracing::info!(
+            mode = ?self.mode,
+            opt_out = self.t.name(),
+            source = self.source,
+            received,
+            rejected,
+            added = outcome.added,
+            removed = outcome.removed,
+            version = %outcome.version,
+            "opt-outs imported"
+        );
+        self.admin
+            .filter
+            .wait_for_version(outcome.version, APPLY_WAIT)
+            .await;
+        Ok(outcome)
+    }
+}
+
+/// The audit record of an admin change, before the store fills in what it changed.
+fn change_record(
+    caller: &Caller,
+    action: &str,
+    t: OptOutType,
+    source: &str,
+    count: u64,
+) -> AuditRecord {
+    AuditRecord {
+        at_ms: now_ms_i64(),
+        organisation: caller.organisation.clone(),
+        key_id: caller.key_id.clone(),
+        action: action.into(),
+        opt_out_type: Some(t.name().into()),
+        source: Some(source.into()),
+        count,
+        ..AuditRecord::default()
+    }
+}
+
+fn now_ms_i64() -> i64 {
+    i64::try_from(now_ms()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,375 @@
+//! The filter as the check path reads it.
+//!
+//! [`SyncedFilter`] is the current filter generation, the store version it reflects, and when it
+//! was last proven caught up with the store. [`super::follower::Follower`] is the one task that
+//! writes it.
+//!
+//! The ordering that keeps invariant 1 (no released opt-out at a version the answer claims): a
+//! change's added numbers go into the filter *before* the filter's version moves past that change,
+//! and both happen under the write lock, so a reader sees either the old version or the new version
+//! with the numbers in.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use parking_lot::RwLock;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::{
+    core::{FilterStats, NhsNumber, OptOutFilter, Version},
+    store::{ChangeEntry, StoreError},
+};
+
+/// How the filter is sized and how fresh it must be.
+#[derive(Clone, Copy, Debug)]
+pub struct FilterConfig {
+    /// Items a generation is sized for at least.
+    pub capacity: u64,
+    /// The false-positive target.
+    pub fp_rate: f64,
+    /// Past this age without proof of being caught up, the filter's "absent" is not trusted.
+    pub freshness_bound: Duration,
+    /// How long one change-feed read waits for news; a read that returns proves freshness.
+    pub heartbeat: Duration,
+    /// How often a replica on a shared store publishes a filter snapshot for new replicas.
+    pub snapshot_interval: Duration,
+    /// How often the store is asked whether it is still safe (e.g. Redis's eviction policy).
+    pub safety_check: Duration,
+}
+
+impl FilterConfig {
+    /// The defaults (also those of the `optout serve` flags).
+    pub const DEFAULT: FilterConfig = FilterConfig {
+        capacity: 1_000_000,
+        fp_rate: 0.001,
+        freshness_bound: Duration::from_secs(2),
+        heartbeat: Duration::from_millis(250),
+        snapshot_interval: Duration::from_secs(60),
+        safety_check: Duration::from_secs(5),
+    };
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// The filter state the check path reads.
+pub struct SyncedFilter {
+    state: RwLock<Generation>,
+    config: FilterConfig,
+    /// The version the filter reflects, for `at_least_version` waits.
+    version: watch::Sender<Version>,
+    /// Whether a generation has been loaded from the store.
+    loaded: watch::Sender<bool>,
+    /// When the filter was last proven caught up with the store, as ms since `epoch` plus one, so
+    /// that `NEVER` (0) sorts first and `fetch_max` keeps the latest proof.
+    caught_up_at: AtomicU64,
+    epoch: Instant,
+    /// Opt-outs removed since the current generation was built (stale "maybes").
+    removed_since_build: AtomicU64,
+    /// Where the current generation came from ("scan" or "snapshot"), for status.
+    loaded_from: parking_lot::Mutex<&'static str>,
+    /// The last proof of being caught up: when it was asked (as `caught_up_at`) and the version
+    /// the filter then reflected. A caller's `at_least_version` beyond a proof asked after the
+    /// call arrived is beyond anything the store holds.
+    proof: watch::Sender<(u64, Version)>,
+    /// Set when the store was seen behind what this replica already read: why. While set, every
+    /// number is withheld and health says NOT_SERVING, until an admin acknowledges it.
+    regressed: parking_lot::Mutex<Option<String>>,
+    regressed_flag: std::sync::atomic::AtomicBool,
+}
+
+/// How a wait for `at_least_version` ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionWait {
+    /// The filter reflects the version.
+    Reached,
+    /// The store was asked after the wait began and was still short of the version: the version
+    /// is beyond anything the store holds.
+    Beyond,
+    /// Neither within the time given.
+    TimedOut,
+}
+
+const NEVER: u64 = 0;
+
+/// One generation and the version it reflects.
+pub struct Generation {
+    filter: OptOutFilter,
+    version: Version,
+}
+
+/// A read of the filter for one check.
+pub struct FilterView<'a> {
+    guard: parking_lot::RwLockReadGuard<'a, Generation>,
+    /// Whether the filter's "absent" may be trusted (loaded and fresh).
+    pub trusted: bool,
+}
+
+impl FilterView<'_> {
+    /// The version the filter reflects.
+    pub fn version(&self) -> Version {
+        self.guard.version
+    }
+
+    /// Starts loading the memory a later `may_contain(n)` will read (a hint; see
+    /// [`crate::core::OptOutFilter::prefetch`]).
+    #[inline]
+    pub fn prefetch(&self, n: NhsNumber) {
+        self.guard.filter.prefetch(n)
+    }
+
+    /// False only when the number is certainly not opted out.
+    #[inline]
+    pub fn may_contain(&self, n: NhsNumber) -> bool {
+        self.guard.filter.may_contain(n)
+    }
+}
+
+/// A snapshot of the filter's state for status and metrics.
+#[derive(Clone, Debug)]
+pub struct SyncStatus {
+    /// The generation's numbers.
+    pub stats: FilterStats,
+    /// The version it reflects.
+    pub version: Version,
+    /// Since it was last proven caught up; `None` if never.
+    pub age: Option<Duration>,
+    /// Whether that is within the bound (and a generation is loaded).
+    pub fresh: bool,
+    /// The bound.
+    pub freshness_bound: Duration,
+    /// Whether a generation is loaded, and from where ("scan", "snapshot"; "none" before).
+    pub loaded_from: &'static str,
+    /// Whether a generation is loaded for the store's current dataset.
+    pub loaded: bool,
+    /// Set while the replica fails closed on a store that went back in time: why.
+    pub regressed: Option<String>,
+}
+
+impl SyncedFilter {
+    /// An empty, unloaded filter: until [`follow`] loads it, every check asks the store.
+    pub fn new(config: FilterConfig) -> Result<Arc<Self>, crate::core::FilterError> {
+        let filter = OptOutFilter::new(crate::core::MIN_CAPACITY, config.fp_rate, 0)?;
+        Ok(Arc::new(SyncedFilter {
+            state: RwLock::new(Generation {
+                filter,
+                version: Version::ZERO,
+            }),
+            config,
+            version: watch::channel(Version::ZERO).0,
+            loaded: watch::channel(false).0,
+            caught_up_at: AtomicU64::new(NEVER),
+            epoch: Instant::now(),
+            removed_since_build: AtomicU64::new(0),
+            loaded_from: parking_lot::Mutex::new("none"),
+            proof: watch::channel((NEVER, Version::ZERO)).0,
+            regressed: parking_lot::Mutex::new(None),
+            regressed_flag: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// Reads the filter for one check.
+    pub fn view(&self) -> FilterView<'_> {
+        let trusted = self.is_fresh();
+        FilterView {
+            guard: self.state.read(),
+            trusted,
+        }
+    }
+
+    /// The version the filter reflects.
+    pub fn version(&self) -> Version {
+        *self.version.borrow()
+    }
+
+    /// Waits until the filter reflects at least `v`, for at most `timeout`; stops early when a
+    /// read of the store asked after the wait began found the store short of `v` (a version
+    /// nobody was ever given: answering it must not cost a store lookup per number).
+    pub async fn wait_for_version(&self, v: Version, timeout: Duration) -> VersionWait {
+        // Strictly later than now: a read asked in this same millisecond may predate the call.
+        let since = self.now_ms() + 1;
+        let mut versions = self.version.subscribe();
+        let mut proofs = self.proof.subscribe();
+        let wait = async {
+            loop {
+                if *versions.borrow_and_update() >= v {
+                    return VersionWait::Reached;
+                }
+                let (at, seen) = *proofs.borrow_and_update();
+                if at != NEVER && at > since && seen < v {
+                    return VersionWait::Beyond;
+                }
+                tokio::select! {
+                    r = versions.changed() => if r.is_err() { return VersionWait::TimedOut },
+                    r = proofs.changed() => if r.is_err() { return VersionWait::TimedOut },
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or(VersionWait::TimedOut)
+    }
+
+    /// Whether the store was seen going back in time and no admin has acknowledged it yet.
+    #[inline]
+    pub fn regressed(&self) -> bool {
+        self.regressed_flag.load(Ordering::Acquire)
+    }
+
+    /// Why the replica fails closed on a store that went back in time, if it does.
+    pub fn regression(&self) -> Option<String> {
+        self.regressed.lock().clone()
+    }
+
+    /// Fails closed: the store lost changes this replica saw. Every number is withheld and health
+    /// turns NOT_SERVING until [`SyncedFilter::clear_regression`].
+    pub(super) fn fail_closed_regressed(&self, e: &StoreError) {
+        let why = e.to_string();
+        tracing::error!(
+            why = %why,
+            "the consent store went back in time: withholding every number until an admin \
+             restores the lost changes and runs `optout admin acknowledge-regression`"
+        );
+        metrics::counter!("optout_store_regressions_total").increment(1);
+        metrics::gauge!("optout_store_regressed").set(1.0);
+        *self.regressed.lock() = Some(why);
+        self.regressed_flag.store(true, Ordering::Release);
+        self.unload();
+    }
+
+    pub(super) fn clear_regression(&self) {
+        *self.regressed.lock() = None;
+        self.regressed_flag.store(false, Ordering::Release);
+        metrics::gauge!("optout_store_regressed").set(0.0);
+    }
+
+    /// A receiver that turns true once a generation is loaded.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.loaded.subscribe()
+    }
+
+    pub(super) fn is_fresh(&self) -> bool {
+        self.age()
+            .is_some_and(|age| age <= self.config.freshness_bound)
+            && *self.loaded.borrow()
+    }
+
+    fn age(&self) -> Option<Duration> {
+        let at = self.caught_up_at.load(Ordering::Acquire);
+        if at == NEVER {
+            return None;
+        }
+        let now = self.now_ms();
+        Some(Duration::from_millis(now.saturating_sub(at - 1)))
+    }
+
+    pub(super) fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Records that the filter was caught up with the store as of `at` (a time taken *before* the
+    /// store was asked, so the claim is never later than the truth).
+    pub(super) fn mark_caught_up(&self, at: u64) {
+        self.caught_up_at.fetch_max(at + 1, Ordering::AcqRel);
+        let version = self.version();
+        self.proof.send_replace((at + 1, version));
+    }
+
+    /// How the filter is sized and how fresh it must be.
+    pub fn config(&self) -> FilterConfig {
+        self.config
+    }
+
+    /// Whether a generation is loaded.
+    pub(super) fn is_loaded(&self) -> bool {
+        *self.loaded.borrow()
+    }
+
+    /// Where the current generation came from ("scan" or "snapshot").
+    pub(super) fn set_loaded_from(&self, from: &'static str) {
+        *self.loaded_from.lock() = from;
+    }
+
+    /// Status for GetStatus and metrics.
+    pub fn status(&self) -> SyncStatus {
+        let g = self.state.read();
+        SyncStatus {
+            stats: g.filter.stats(),
+            version: g.version,
+            age: self.age(),
+            fresh: self.is_fresh(),
+            freshness_bound: self.config.freshness_bound,
+            loaded_from: *self.loaded_from.lock(),
+            loaded: *self.loaded.borrow(),
+            regressed: self.regression(),
+        }
+    }
+
+    /// Stops trusting the filter at once (the store's dataset is gone or changed): every check
+    /// asks the store, and health turns NOT_SERVING, until a generation is loaded again.
+    pub(super) fn unload(&self) {
+        self.loaded.send_replace(false);
+        self.caught_up_at.store(NEVER, Ordering::Release);
+    }
+
+    /// Applies change-log entries in order. Large entries go in chunks, each under a short write
+    /// lock; the version moves only once all of an entry's numbers are in.
+    pub(super) fn apply(&self, entries: &[ChangeEntry]) {
+        const CHUNK: usize = 16_384;
+        for entry in entries {
+            for chunk in entry.added.chunks(CHUNK) {
+                let mut g = self.state.write();
+                for n in chunk {
+                    g.filter.insert(*n);
+                }
+            }
+            let mut g = self.state.write();
+            if entry.version > g.version {
+                g.version = entry.version;
+            }
+            drop(g);
+            self.removed_since_build
+                .fetch_add(entry.removed, Ordering::Relaxed);
+            self.version.send_if_modified(|v| {
+                if entry.version > *v {
+                    *v = entry.version;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    /// The current generation as snapshot bytes, with the version it reflects.
+    pub(super) fn snapshot(&self) -> (Version, Vec<u8>) {
+        let g = self.state.read();
+        (g.version, g.filter.to_snapshot(g.version))
+    }
+
+    /// Swaps in a new generation that reflects `version`.
+    pub(super) fn install(&self, filter: OptOutFilter, version: Version) {
+        let mut g = self.state.write();
+        *g = Generation { filter, version };
+        drop(g);
+        self.removed_since_build.store(0, Ordering::Relaxed);
+        self.version.send_replace(version);
+        self.loaded.send_replace(true);
+    }
+
+    pub(super) fn needs_new_generation(&self) -> bool {
+        let g = self.state.read();
+        let stats = g.filter.stats();
+        g.filter.is_over_capacity()
+            || self.removed_since_build.load(Ordering::Relaxed) > (stats.capacity / 10).max(1024)
+    }
+}

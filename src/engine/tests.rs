@@ -1,0 +1,316 @@
+//! Unit tests of the engine over the real embedded store: the check path, the audit gate, and the
+//! follower's freshness under paused tokio time. Faults are injected by [`Switch`], which wraps
+//! the real store and fails chosen calls at once (no I/O, so paused time cannot race it).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::{
+    check::{CheckInput, CheckOutput, Checker, Requester},
+    check_log::CheckLog,
+    filter::{FilterConfig, SyncedFilter},
+    follower::Follower,
+};
+use crate::{
+    auth::Caller,
+    core::{
+        AuditKey, AuditQuery, AuditRecord, DataOrigin, Decision, NhsNumber, OptOutType, Purpose,
+        ReleaseReason, Version, WithholdReason,
+    },
+    store::{
+        ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, Scan,
+        StoreError, StoreStatus, WriteOutcome,
+        embedded::{EmbeddedConfig, EmbeddedStore},
+    },
+};
+
+/// The embedded store, with switches that make its reads or its audit appends fail.
+struct Switch {
+    inner: EmbeddedStore,
+    down: AtomicBool,
+    audit_down: AtomicBool,
+}
+
+impl Switch {
+    fn fail_if(&self, flag: &AtomicBool) -> Result<(), StoreError> {
+        if flag.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable("switched off by the test".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl ConsentStore for Switch {
+    fn kind(&self) -> &'static str {
+        "switch"
+    }
+    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
+        self.fail_if(&self.down)?;
+        self.inner.lookup(numbers).await
+    }
+    async fn change(
+        &self,
+        kind: ChangeKind,
+        opt_out: OptOutType,
+        numbers: &[NhsNumber],
+        source: &str,
+        audit: &AuditRecord,
+    ) -> Result<WriteOutcome, StoreError> {
+        self.inner
+            .change(kind, opt_out, numbers, source, audit)
+            .await
+    }
+    async fn begin_import(
+        &self,
+        mode: ImportMode,
+        opt_out: OptOutType,
+        source: &str,
+    ) -> Result<Box<dyn ImportSession>, StoreError> {
+        self.inner.begin_import(mode, opt_out, source).await
+    }
+    async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
+        self.inner.get(number).await
+    }
+    async fn status(&self) -> Result<StoreStatus, StoreError> {
+        self.inner.status().await
+    }
+    async fn changes_after(
+        &self,
+        after: Version,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Feed, StoreError> {
+        self.fail_if(&self.down)?;
+        self.inner.changes_after(after, max, wait).await
+    }
+    async fn scan(&self) -> Result<Scan, StoreError> {
+        self.fail_if(&self.down)?;
+        self.inner.scan().await
+    }
+    async fn open_dataset(&self) -> Result<String, StoreError> {
+        self.fail_if(&self.down)?;
+        self.inner.open_dataset().await
+    }
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
+        self.inner.acknowledge_regression(audit).await
+    }
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.fail_if(&self.audit_down)?;
+        self.inner.append_audit(records).await
+    }
+    async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.inner.read_audit(query).await
+    }
+}
+
+/// A store, a filter followed by a running follower, a check log and a checker.
+struct Rig {
+    _dir: tempfile::TempDir,
+    store: Arc<Switch>,
+    filter: Arc<SyncedFilter>,
+    log: Arc<CheckLog>,
+    checker: Checker,
+    stop: watch::Sender<bool>,
+}
+
+fn number(n: u64) -> NhsNumber {
+    // The first valid NHS number at or after `n`.
+    (n..)
+        .find_map(|v| NhsNumber::from_u64(v).ok())
+        .expect("a valid number")
+}
+
+impl Rig {
+    async fn start(audit_bound: Duration) -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = EmbeddedConfig {
+            data_dir: dir.path().to_path_buf(),
+            change_log_len: 1000,
+        };
+        let (inner, _) = EmbeddedStore::open(&config).expect("open");
+        let store = Arc::new(Switch {
+            inner,
+            down: AtomicBool::new(false),
+            audit_down: AtomicBool::new(false),
+        });
+        let filter = SyncedFilter::new(FilterConfig {
+            capacity: 1000,
+            ..FilterConfig::DEFAULT
+        })
+        .expect("filter");
+        let (stop, stop_rx) = watch::channel(false);
+        let dyn_store: Arc<dyn ConsentStore> = store.clone();
+        tokio::spawn(Follower::new(dyn_store.clone(), filter.clone(), stop_rx.clone()).run());
+        let key = AuditKey::new(&[7u8; 32]).expect("key");
+        let (log, _task) = CheckLog::start(dyn_store.clone(), key, audit_bound, 1 << 20, stop_rx);
+        let checker = Checker::new(dyn_store, filter.clone(), log.clone());
+        let mut loaded = filter.loaded();
+        loaded.wait_for(|l| *l).await.expect("the filter loads");
+        Rig {
+            _dir: dir,
+            store,
+            filter,
+            log,
+            checker,
+            stop,
+        }
+    }
+
+    async fn add(&self, n: NhsNumber, t: OptOutType) -> Version {
+        let audit = AuditRecord {
+            action: "add".into(),
+            ..AuditRecord::default()
+        };
+        self.store
+            .change(ChangeKind::Add, t, &[n], "test", &audit)
+            .await
+            .expect("add")
+            .version
+    }
+
+    async fn check(&self, numbers: &[Option<NhsNumber>], purpose: Purpose) -> CheckOutput {
+        let caller = Caller::anonymous();
+        let who = Requester {
+            caller: &caller,
+            extract_id: "unit",
+        };
+        let input = CheckInput {
+            numbers,
+            purpose,
+            origin: DataOrigin::Unspecified,
+            at_least_version: None,
+            deadline: std::time::Instant::now() + Duration::from_secs(5),
+        };
+        self.checker.check(&who, input).await
+    }
+
+    /// Waits, in the runtime's (paused or real) time, until `cond` holds.
+    async fn until(&self, what: &str, cond: impl Fn(&Rig) -> bool) {
+        for _ in 0..2000 {
+            if cond(self) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+const UNAVAILABLE: Decision = Decision::Withhold(WithholdReason::StoreUnavailable);
+
+#[tokio::test]
+async fn a_check_releases_only_what_it_can_prove_and_records_what_it_released() {
+    let rig = Rig::start(Duration::from_secs(5)).await;
+    let (opted, free) = (number(4_000_000_000), number(4_100_000_000));
+    let version = rig.add(opted, OptOutType::NationalDataOptOut).await;
+    rig.filter
+        .wait_for_version(version, Duration::from_secs(5))
+        .await;
+    let out = rig
+        .check(&[Some(opted), Some(free), None], Purpose::Research)
+        .await;
+    assert_eq!(
+        out.decisions,
+        vec![
+            Decision::Withhold(WithholdReason::NationalDataOptOut),
+            Decision::Release(ReleaseReason::NoOptOut),
+            Decision::Withhold(WithholdReason::InvalidNhsNumber),
+        ]
+    );
+    assert!(out.version >= version);
+    rig.until("the check is recorded", |r| r.log.backlog() == 0)
+        .await;
+    let records = rig
+        .store
+        .read_audit(&AuditQuery {
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("audit");
+    let check = records
+        .iter()
+        .find(|r| r.action == "check")
+        .expect("a check record");
+    assert_eq!((check.count, check.applied), (3, 1));
+    assert_eq!(check.extract_id.as_deref(), Some("unit"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_filter_that_cannot_prove_it_is_fresh_sends_every_number_to_the_store() {
+    let rig = Rig::start(Duration::from_secs(5)).await;
+    let free = number(4_200_000_000);
+    rig.until("the filter is fresh", |r| r.filter.view().trusted)
+        .await;
+    assert_eq!(
+        rig.check(&[Some(free)], Purpose::Research).await.decisions,
+        vec![Decision::Release(ReleaseReason::NoOptOut)]
+    );
+    // The store stops answering: the filter ages past its bound and stops being trusted, and
+    // the store cannot answer either, so nothing is released.
+    rig.store.down.store(true, Ordering::SeqCst);
+    tokio::time::advance(FilterConfig::DEFAULT.freshness_bound * 2).await;
+    rig.until("the filter is stale", |r| !r.filter.view().trusted)
+        .await;
+    assert_eq!(
+        rig.check(&[Some(free)], Purpose::Research).await.decisions,
+        vec![UNAVAILABLE]
+    );
+    // Back: the next feed read proves it fresh again.
+    rig.store.down.store(false, Ordering::SeqCst);
+    rig.until("the filter is fresh again", |r| r.filter.view().trusted)
+        .await;
+    assert_eq!(
+        rig.check(&[Some(free)], Purpose::Research).await.decisions,
+        vec![Decision::Release(ReleaseReason::NoOptOut)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_released_while_checks_cannot_be_recorded_past_the_bound() {
+    let bound = Duration::from_secs(1);
+    let rig = Rig::start(bound).await;
+    let n = number(4_300_000_000);
+    // Direct care is exempt: released without the store, so only the audit gate can withhold.
+    let exempt = Decision::Release(ReleaseReason::PurposeExempt);
+    assert_eq!(
+        rig.check(&[Some(n)], Purpose::DirectCare).await.decisions,
+        vec![exempt]
+    );
+    rig.store.audit_down.store(true, Ordering::SeqCst);
+    // Within the bound, releases go on (their records wait in the queue).
+    assert_eq!(
+        rig.check(&[Some(n)], Purpose::DirectCare).await.decisions,
+        vec![exempt]
+    );
+    tokio::time::advance(bound * 2).await;
+    rig.until("the log stops accepting", |r| !r.log.accepting())
+        .await;
+    assert_eq!(
+        rig.check(&[Some(n)], Purpose::DirectCare).await.decisions,
+        vec![UNAVAILABLE]
+    );
+    rig.store.audit_down.store(false, Ordering::SeqCst);
+    rig.until("the log accepts again", |r| r.log.accepting())
+        .await;
+    assert_eq!(
+        rig.check(&[Some(n)], Purpose::DirectCare).await.decisions,
+        vec![exempt]
+    );
+}

@@ -1,0 +1,73 @@
+//! `grpc.health.v1`: every service NOT_SERVING until the filter is loaded, and again whenever the
+//! follower unloads it (the store's dataset disappeared) or the server shuts down; `liveness`
+//! SERVING while the process runs.
+
+use std::sync::Arc;
+
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
+
+use super::tasks::Tasks;
+use crate::engine::filter::SyncedFilter;
+
+/// The health "service" that says only that the process is up (for liveness probes).
+pub const LIVENESS: &str = "liveness";
+
+/// The services whose status follows the filter ("" is the server as a whole).
+const SERVICES: [&str; 3] = ["", "optout.v1.OptOutCheck", "optout.v1.OptOutAdmin"];
+
+/// The health reporter and the service that answers it.
+pub(super) struct HealthState {
+    reporter: HealthReporter,
+    pub(super) service: HealthServer<HealthService>,
+}
+
+impl HealthState {
+    /// NOT_SERVING now; then follows whether `filter` is loaded, both ways.
+    pub(super) async fn start(filter: &Arc<SyncedFilter>, tasks: &mut Tasks) -> Self {
+        let reporter = HealthReporter::new();
+        let service = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+        let health = HealthState { reporter, service };
+        set_all(&health.reporter, ServingStatus::NotServing).await;
+        health
+            .reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
+        let mut loaded = filter.loaded();
+        let follower = health.reporter.clone();
+        tasks.helper(tokio::spawn(async move {
+            let mut serving = false;
+            loop {
+                let now = *loaded.borrow_and_update();
+                if now != serving {
+                    serving = now;
+                    let status = if now {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    set_all(&follower, status).await;
+                    tracing::info!(serving = now, "health changed");
+                }
+                if loaded.changed().await.is_err() {
+                    break;
+                }
+            }
+        }));
+        health
+    }
+
+    /// Every service to `status` (not `liveness`).
+    pub(super) async fn set_all(&self, status: ServingStatus) {
+        set_all(&self.reporter, status).await;
+    }
+}
+
+async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    for s in SERVICES {
+        reporter.set_service_status(s, status).await;
+    }
+}

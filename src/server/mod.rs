@@ -1,0 +1,231 @@
+//! The server as a library function: `run(listener, config, shutdown)`. The binary only parses
+//! flags and wires signals; tests start the same `run` on 127.0.0.1 port 0.
+//!
+//! [`serve`] reads as its steps: the filter and its follower, health, the engines (check, check
+//! log, admin) with the keys and rate limits in front of them, the side listeners, then the gRPC
+//! port until shutdown; [`tasks::Tasks`] owns every background task and stops them in order.
+
+mod config;
+mod health;
+mod tasks;
+mod transport;
+
+use std::{future::Future, sync::Arc};
+
+use tokio::net::TcpListener;
+use tonic::service::{Routes, interceptor::InterceptedService};
+
+pub use config::{ServerConfig, StoreConfig, TlsFiles, defaults};
+pub use health::LIVENESS;
+
+use crate::{
+    api::{
+        AdminService, CheckService,
+        gate::{Gate, GateState},
+        proto::{
+            FILE_DESCRIPTOR_SET, opt_out_admin_server::OptOutAdminServer,
+            opt_out_check_server::OptOutCheckServer,
+        },
+    },
+    auth::{Keyring, Role},
+    core::AuditKey,
+    engine::{
+        admin::Admin, check::Checker, check_log::CheckLog, filter::SyncedFilter, follower::Follower,
+    },
+    store::{
+        ConsentStore, StoreError,
+        embedded::{EmbeddedConfig, EmbeddedStore, Opened},
+        redis::RedisStore,
+    },
+};
+use health::HealthState;
+use tasks::Tasks;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A setting is out of range.
+    #[error("invalid setting: {0}")]
+    Config(String),
+    /// The gRPC transport failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The keys file could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] crate::auth::KeysFileError),
+    /// The health or metrics listener could not be used.
+    #[error("{0}")]
+    Listener(String),
+}
+
+/// Opens the configured store and serves it on `listener` until `shutdown` completes; then
+/// drains in-flight requests and returns once the background tasks have stopped.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let store: Arc<dyn ConsentStore> = match &config.store {
+        StoreConfig::Redis(redis) => {
+            tracing::info!(store = %redis.describe(), prefix = %redis.prefix, "using the Redis store");
+            Arc::new(RedisStore::connect(redis)?)
+        }
+        StoreConfig::Embedded { .. } => Arc::new(open_embedded(&config).await?),
+    };
+    serve(listener, store, config, shutdown).await
+}
+
+/// Opens (or, for a data directory without a database, initialises) the embedded store.
+pub async fn open_embedded(config: &ServerConfig) -> Result<EmbeddedStore, ServerError> {
+    let StoreConfig::Embedded {
+        data_dir,
+        change_log_len,
+    } = &config.store
+    else {
+        return Err(ServerError::Config(
+            "the configuration names a Redis store, not the embedded one".into(),
+        ));
+    };
+    let embedded = EmbeddedConfig {
+        data_dir: data_dir.clone(),
+        change_log_len: *change_log_len,
+    };
+    let (store, opened) = tokio::task::spawn_blocking(move || EmbeddedStore::open(&embedded))
+        .await
+        .map_err(|e| ServerError::Config(format!("store open task failed: {e}")))??;
+    match opened {
+        Opened::Initialised => tracing::warn!(
+            data_dir = %data_dir.display(),
+            dataset = store.dataset_id(),
+            "no database in the data directory: initialised a new, EMPTY opt-out dataset"
+        ),
+        Opened::Existing => tracing::info!(
+            data_dir = %data_dir.display(),
+            dataset = store.dataset_id(),
+            "opened the embedded store"
+        ),
+    }
+    Ok(store)
+}
+
+/// Serves any consent store on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<dyn ConsentStore>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let local = listener.local_addr().ok();
+    let mut tasks = Tasks::new();
+    let filter =
+        SyncedFilter::new(config.filter).map_err(|e| ServerError::Config(e.to_string()))?;
+    let follower = Follower::new(store.clone(), filter.clone(), tasks.stop_signal());
+    tasks.follower(tokio::spawn(follower.run()));
+    let health = HealthState::start(&filter, &mut tasks).await;
+    let engines = Engines::start(&store, &filter, &config, &mut tasks)?;
+    transport::start_side_listeners(&config, &health, &filter, &engines.check_log, &mut tasks)?;
+    let routes = engines.routes(&config, &health)?;
+    if let Some(addr) = local {
+        tracing::info!(%addr, store = store.kind(), "listening");
+    }
+    let result = transport::serve_grpc(listener, &config, routes, &health, shutdown).await;
+    tasks.shut_down().await;
+    result
+}
+
+/// The engines and what guards them.
+struct Engines {
+    checker: Checker,
+    admin: Admin,
+    check_log: Arc<CheckLog>,
+    gates: Arc<GateState>,
+}
+
+impl Engines {
+    /// The keys (watched for changes), the audit key, the check log and the engines over them.
+    fn start(
+        store: &Arc<dyn ConsentStore>,
+        filter: &Arc<SyncedFilter>,
+        config: &ServerConfig,
+        tasks: &mut Tasks,
+    ) -> Result<Self, ServerError> {
+        let keyring = match &config.keys_file {
+            Some(path) => Some(Keyring::load(path)?),
+            None => None,
+        };
+        if let Some(k) = &keyring {
+            tasks.helper(k.watch(config.keys_reload));
+        }
+        let audit_key = audit_key(config)?;
+        let (check_log, log_task) = CheckLog::start(
+            store.clone(),
+            audit_key.clone(),
+            config.audit_bound,
+            config.audit_queue_bytes,
+            tasks.stop_signal(),
+        );
+        tasks.check_log(log_task);
+        let mutual_tls = config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_pem.is_some());
+        Ok(Engines {
+            checker: Checker::new(store.clone(), filter.clone(), check_log.clone()),
+            admin: Admin::new(store.clone(), filter.clone(), audit_key),
+            check_log,
+            gates: GateState::new(keyring, config.rate_limit, mutual_tls),
+        })
+    }
+
+    /// Every gRPC service: health, reflection, and the two APIs behind their gates.
+    fn routes(&self, config: &ServerConfig, health: &HealthState) -> Result<Routes, ServerError> {
+        let limits = config.limits;
+        let check = OptOutCheckServer::new(CheckService::new(
+            self.checker.clone(),
+            limits,
+            self.gates.clone(),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+        let admin = OptOutAdminServer::new(AdminService::new(self.admin.clone(), limits))
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes);
+        // v1 for current tools, v1alpha for older grpcurl and grpcui.
+        let described = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        Ok(Routes::new(health.service.clone())
+            .add_service(described().build_v1()?)
+            .add_service(described().build_v1alpha()?)
+            .add_service(InterceptedService::new(
+                check,
+                Gate::new(self.gates.clone(), Role::Checker),
+            ))
+            .add_service(InterceptedService::new(
+                admin,
+                Gate::new(self.gates.clone(), Role::Admin),
+            )))
+    }
+}
+
+/// The configured audit key, or (development only) a random one for this process.
+fn audit_key(config: &ServerConfig) -> Result<AuditKey, ServerError> {
+    if let Some(k) = &config.audit_key {
+        return Ok(k.clone());
+    }
+    tracing::warn!(
+        "no audit key configured: using a random one for this process; audit digests will not \
+         match records written by other replicas or after a restart"
+    );
+    let mut secret = [0u8; 32];
+    rand::fill(&mut secret);
+    AuditKey::new(&secret).map_err(|e| ServerError::Config(e.to_string()))
+}
