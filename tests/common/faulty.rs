@@ -1,0 +1,166 @@
+//! A store that fails on purpose.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use optout::{
+    core::{AuditQuery, AuditRecord, NhsNumber, OptOutType, Version},
+    store::{
+        ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, Scan,
+        StoreError, StoreStatus, WriteOutcome,
+    },
+};
+
+/// The real embedded store with switches that make parts of it fail or stall, to pin what the
+/// service does when its store cannot answer.
+pub struct FaultyStore {
+    pub inner: Arc<dyn ConsentStore>,
+    pub feed_down: AtomicBool,
+    pub lookup_down: AtomicBool,
+    pub lookup_delay_ms: AtomicU64,
+    /// Audit writes fail (and so do admin changes, which write their audit record with them).
+    pub audit_down: AtomicBool,
+    /// Audit writes of more records than this at once fail (0: no limit), as a store that
+    /// refuses a write too large for it would.
+    pub audit_max_records: AtomicU64,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn ConsentStore>) -> Arc<Self> {
+        Arc::new(FaultyStore {
+            inner,
+            feed_down: AtomicBool::new(false),
+            lookup_down: AtomicBool::new(false),
+            lookup_delay_ms: AtomicU64::new(0),
+            audit_down: AtomicBool::new(false),
+            audit_max_records: AtomicU64::new(0),
+        })
+    }
+}
+
+fn down() -> StoreError {
+    StoreError::Unavailable("switched off by the test".into())
+}
+
+#[async_trait]
+impl ConsentStore for FaultyStore {
+    fn kind(&self) -> &'static str {
+        "faulty-embedded"
+    }
+
+    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
+        let delay = self.lookup_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if self.lookup_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.lookup(numbers).await
+    }
+
+    async fn change(
+        &self,
+        kind: ChangeKind,
+        opt_out: OptOutType,
+        numbers: &[NhsNumber],
+        source: &str,
+        audit: &AuditRecord,
+    ) -> Result<WriteOutcome, StoreError> {
+        if self.audit_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner
+            .change(kind, opt_out, numbers, source, audit)
+            .await
+    }
+
+    async fn begin_import(
+        &self,
+        mode: ImportMode,
+        opt_out: OptOutType,
+        source: &str,
+    ) -> Result<Box<dyn ImportSession>, StoreError> {
+        self.inner.begin_import(mode, opt_out, source).await
+    }
+
+    async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
+        self.inner.get(number).await
+    }
+
+    async fn status(&self) -> Result<StoreStatus, StoreError> {
+        self.inner.status().await
+    }
+
+    async fn changes_after(
+        &self,
+        after: Version,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Feed, StoreError> {
+        if self.feed_down.load(Ordering::SeqCst) {
+            tokio::time::sleep(wait.min(Duration::from_millis(50))).await;
+            return Err(down());
+        }
+        self.inner.changes_after(after, max, wait).await
+    }
+
+    async fn scan(&self) -> Result<Scan, StoreError> {
+        if self.feed_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.scan().await
+    }
+
+    async fn open_dataset(&self) -> Result<String, StoreError> {
+        if self.feed_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.open_dataset().await
+    }
+
+    async fn load_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.feed_down.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.load_snapshot().await
+    }
+
+    async fn publish_snapshot(&self, version: Version, bytes: &[u8]) -> Result<(), StoreError> {
+        self.inner.publish_snapshot(version, bytes).await
+    }
+
+    fn shares_snapshots(&self) -> bool {
+        self.inner.shares_snapshots()
+    }
+
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        let max = self.audit_max_records.load(Ordering::SeqCst);
+        if self.audit_down.load(Ordering::SeqCst) || (max > 0 && records.len() as u64 > max) {
+            return Err(down());
+        }
+        self.inner.append_audit(records).await
+    }
+
+    async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.inner.read_audit(query).await
+    }
+
+    async fn check_safe(&self) -> Result<(), StoreError> {
+        self.inner.check_safe().await
+    }
+
+    async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
+        self.inner.regression_ack().await
+    }
+
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
+        self.inner.acknowledge_regression(audit).await
+    }
+}

@@ -1,0 +1,538 @@
+//! The consent store contract: one set of cases every `ConsentStore` must pass, run against the
+//! embedded store, one Redis, Redis behind Sentinel and a Redis Cluster (real redis-server
+//! processes on loopback). In the spirit of SpiceDB's datastore test suite: a new store, or a
+//! change to one, is done when this file passes against it.
+//!
+//! Each case gets a fresh, initialised store (a new data directory, or a new key prefix on the
+//! same Redis). Cases that need to break a store from outside (reset it, roll it back) run where
+//! the backend can do that (Redis); the embedded store's file cannot be changed under it.
+
+mod common;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use common::{Cluster, RedisServer, SentinelSet, redis_config};
+use optout::{
+    core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version},
+    server::ServerConfig,
+    store::{
+        ChangeKind, ConsentStore, Feed, ImportMode, StoreError,
+        embedded::{EmbeddedConfig, EmbeddedStore},
+        redis::{RedisConfig, RedisStore},
+    },
+};
+
+const NATIONAL: OptOutType = OptOutType::NationalDataOptOut;
+const TYPE1: OptOutType = OptOutType::Type1;
+
+/// A kind of store the contract runs against.
+#[async_trait]
+trait Backend: Send + Sync {
+    /// A fresh, initialised store, bound to its dataset.
+    async fn fresh(&self, case: &str) -> Fresh;
+    /// Resets the store's dataset from outside (as FLUSHALL or a restart without data would);
+    /// `false` if this backend cannot.
+    async fn wipe(&self, _fresh: &Fresh) -> bool {
+        false
+    }
+    /// Moves the store's version back from outside (as a restore from an older copy would);
+    /// `false` if this backend cannot.
+    async fn roll_back(&self, _fresh: &Fresh) -> bool {
+        false
+    }
+}
+
+/// A fresh store and what it needs to stay alive.
+struct Fresh {
+    store: Arc<dyn ConsentStore>,
+    /// The Redis key prefix of the metadata (`{P}` in a cluster), for the backends that break it.
+    meta_prefix: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+struct Embedded;
+
+#[async_trait]
+impl Backend for Embedded {
+    async fn fresh(&self, _case: &str) -> Fresh {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = EmbeddedConfig {
+            data_dir: dir.path().to_path_buf(),
+            change_log_len: 1000,
+        };
+        let (store, _) = EmbeddedStore::open(&config).expect("open");
+        store.open_dataset().await.expect("bind");
+        Fresh {
+            store: Arc::new(store),
+            meta_prefix: String::new(),
+            _dir: Some(dir),
+        }
+    }
+}
+
+/// A Redis topology: a prefix per case on one set of servers.
+struct OnRedis {
+    config: ServerConfig,
+    cluster: bool,
+    /// How to reach the node (or cluster) holding the metadata, to break it.
+    urls: Vec<String>,
+    _scratch: tempfile::TempDir,
+}
+
+impl OnRedis {
+    fn new(config: impl FnOnce(&Path) -> ServerConfig, cluster: bool, urls: Vec<String>) -> Self {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        OnRedis {
+            config: config(scratch.path()),
+            cluster,
+            urls,
+            _scratch: scratch,
+        }
+    }
+
+    fn redis(&self, case: &str) -> RedisConfig {
+        let mut r = self.config.redis().expect("redis").clone();
+        r.prefix = format!("contract:{case}:");
+        r
+    }
+
+    /// Runs one command on the node holding `key`.
+    async fn command(&self, cmd: &redis::Cmd) {
+        if self.cluster {
+            let client = redis::cluster::ClusterClient::new(self.urls.clone()).expect("client");
+            let mut conn = client.get_async_connection().await.expect("cluster");
+            let _: redis::Value = cmd.query_async(&mut conn).await.expect("command");
+        } else {
+            let client = redis::Client::open(self.urls[0].as_str()).expect("client");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            let _: redis::Value = cmd.query_async(&mut conn).await.expect("command");
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for OnRedis {
+    async fn fresh(&self, case: &str) -> Fresh {
+        let r = self.redis(case);
+        let store = RedisStore::connect(&r).expect("connect");
+        store.init(64).await.expect("init");
+        store.open_dataset().await.expect("bind");
+        let meta_prefix = if self.cluster {
+            format!("{{{}}}", r.prefix)
+        } else {
+            r.prefix.clone()
+        };
+        Fresh {
+            store: Arc::new(store),
+            meta_prefix,
+            _dir: None,
+        }
+    }
+
+    async fn wipe(&self, fresh: &Fresh) -> bool {
+        self.command(redis::cmd("DEL").arg(format!("{}marker", fresh.meta_prefix)))
+            .await;
+        true
+    }
+
+    async fn roll_back(&self, fresh: &Fresh) -> bool {
+        self.command(
+            redis::cmd("SET")
+                .arg(format!("{}version", fresh.meta_prefix))
+                .arg("1-0"),
+        )
+        .await;
+        true
+    }
+}
+
+fn numbers(from: u64, count: usize) -> Vec<NhsNumber> {
+    (from..)
+        .filter_map(|v| NhsNumber::from_u64(v).ok())
+        .take(count)
+        .collect()
+}
+
+fn record(action: &str, organisation: &str) -> AuditRecord {
+    AuditRecord {
+        at_ms: 1_700_000_000_000,
+        organisation: organisation.into(),
+        key_id: "contract".into(),
+        action: action.into(),
+        ..AuditRecord::default()
+    }
+}
+
+fn set(types: &[OptOutType]) -> OptOutSet {
+    let mut s = OptOutSet::EMPTY;
+    for t in types {
+        s.insert(*t);
+    }
+    s
+}
+
+async fn change(
+    store: &dyn ConsentStore,
+    kind: ChangeKind,
+    t: OptOutType,
+    n: &[NhsNumber],
+) -> (Version, u64) {
+    let o = store
+        .change(kind, t, n, "contract", &record("change", "ADMIN"))
+        .await
+        .expect("change");
+    (o.version, o.applied)
+}
+
+/// The dataset marker: bound once, stable, reported by status.
+async fn marker(b: &dyn Backend) {
+    let f = b.fresh("marker").await;
+    let id = f.store.open_dataset().await.expect("bind");
+    assert!(!id.is_empty());
+    assert_eq!(f.store.open_dataset().await.expect("again"), id);
+    assert_eq!(f.store.status().await.expect("status").dataset_id, id);
+    let other = b.fresh("marker-other").await;
+    assert_ne!(other.store.open_dataset().await.expect("bind"), id);
+}
+
+/// Lookups, gets and counts reflect every change, and versions only grow.
+async fn lookups_and_changes(b: &dyn Backend) {
+    let f = b.fresh("changes").await;
+    let s = f.store.as_ref();
+    let n = numbers(4_000_000_000, 3);
+    let (v1, a1) = change(s, ChangeKind::Add, NATIONAL, &n[..2]).await;
+    assert_eq!(a1, 2);
+    let (v2, a2) = change(s, ChangeKind::Add, NATIONAL, &n[..2]).await;
+    assert_eq!(a2, 0, "adding again changes nothing");
+    let (v3, _) = change(s, ChangeKind::Add, TYPE1, &n[1..2]).await;
+    assert!(v1 < v2 && v2 < v3, "{v1} {v2} {v3}");
+    let found = s.lookup(&n).await.expect("lookup");
+    assert_eq!(
+        found.held,
+        vec![set(&[NATIONAL]), set(&[NATIONAL, TYPE1]), OptOutSet::EMPTY]
+    );
+    assert!(found.version >= v3);
+    let (records, _) = s.get(n[1]).await.expect("get");
+    let mut kinds: Vec<_> = records.iter().map(|r| r.kind).collect();
+    kinds.sort_by_key(|k| k.name());
+    assert_eq!(kinds.len(), 2);
+    assert!(records.iter().all(|r| r.source == "contract"));
+    let st = s.status().await.expect("status");
+    assert_eq!((st.national, st.type1, st.patients), (2, 1, 2));
+    let (v4, removed) = change(s, ChangeKind::Remove, NATIONAL, &n[..1]).await;
+    assert_eq!(removed, 1);
+    assert!(v4 > v3);
+    let found = s.lookup(&n[..1]).await.expect("lookup");
+    assert_eq!(found.held, vec![OptOutSet::EMPTY]);
+    let st = s.status().await.expect("status");
+    assert_eq!((st.national, st.type1, st.patients), (1, 1, 1));
+    assert!(s.get(n[2]).await.expect("get").0.is_empty());
+}
+
+/// The change feed: every change in order with the numbers it added; empty, not an error, when
+/// there is nothing new.
+async fn change_feed(b: &dyn Backend) {
+    let f = b.fresh("feed").await;
+    let s = f.store.as_ref();
+    let n = numbers(4_010_000_000, 4);
+    let (v1, _) = change(s, ChangeKind::Add, NATIONAL, &n[..2]).await;
+    let (v2, _) = change(s, ChangeKind::Remove, NATIONAL, &n[..1]).await;
+    let (v3, _) = change(s, ChangeKind::Add, TYPE1, &n[2..]).await;
+    let Feed::Changes(all) = s
+        .changes_after(Version::ZERO, 100, Duration::ZERO)
+        .await
+        .expect("feed")
+    else {
+        panic!("the whole log is there");
+    };
+    let versions: Vec<_> = all.iter().map(|e| e.version).collect();
+    assert_eq!(versions, vec![v1, v2, v3]);
+    assert_eq!(all[0].added, n[..2].to_vec());
+    assert!(all[1].added.is_empty());
+    assert_eq!(all[2].added, n[2..].to_vec());
+    let Feed::Changes(later) = s
+        .changes_after(v1, 100, Duration::ZERO)
+        .await
+        .expect("feed")
+    else {
+        panic!("after v1");
+    };
+    assert_eq!(later.len(), 2);
+    let Feed::Changes(none) = s
+        .changes_after(v3, 100, Duration::from_millis(50))
+        .await
+        .expect("feed")
+    else {
+        panic!("at the tip");
+    };
+    assert!(none.is_empty());
+}
+
+/// Imports: nothing visible before commit, MERGE adds, REPLACE makes the list exactly the import,
+/// an empty REPLACE is refused, and the feed carries what an import added.
+async fn imports(b: &dyn Backend) {
+    let f = b.fresh("imports").await;
+    let s = f.store.as_ref();
+    let key = AuditKey::new(&[9u8; 32]).expect("key");
+    let old = numbers(4_020_000_000, 3);
+    let new = numbers(4_030_000_000, 2);
+    change(s, ChangeKind::Add, NATIONAL, &old).await;
+
+    let mut dropped = s
+        .begin_import(ImportMode::Replace, NATIONAL, "contract")
+        .await
+        .expect("begin");
+    dropped.stage(&new).await.expect("stage");
+    drop(dropped);
+    assert_eq!(
+        s.lookup(&new).await.expect("lookup").held,
+        vec![OptOutSet::EMPTY; 2],
+        "an import never committed changes nothing"
+    );
+
+    let mut merge = s
+        .begin_import(ImportMode::Merge, NATIONAL, "contract")
+        .await
+        .expect("begin");
+    merge.stage(&new[..1]).await.expect("stage");
+    let o = merge
+        .commit(record("import-merge", "ADMIN"), &key)
+        .await
+        .expect("merge");
+    assert_eq!((o.added, o.removed), (1, 0));
+
+    let mut replace = s
+        .begin_import(ImportMode::Replace, NATIONAL, "contract")
+        .await
+        .expect("begin");
+    replace.stage(&[old[0]]).await.expect("stage");
+    replace.stage(&new).await.expect("stage");
+    replace.stage(&new).await.expect("duplicates are fine");
+    let o = replace
+        .commit(record("import-replace", "ADMIN"), &key)
+        .await
+        .expect("replace");
+    assert_eq!((o.added, o.removed), (1, 2));
+    let found = s
+        .lookup(&[old.as_slice(), &new].concat())
+        .await
+        .expect("lookup");
+    let n = set(&[NATIONAL]);
+    let e = OptOutSet::EMPTY;
+    assert_eq!(found.held, vec![n, e, e, n, n]);
+    assert_eq!(s.status().await.expect("status").national, 3);
+    let Feed::Changes(tail) = s
+        .changes_after(Version::ZERO, 100, Duration::ZERO)
+        .await
+        .expect("feed")
+    else {
+        panic!("feed");
+    };
+    let last = tail.last().expect("the import is in the log");
+    assert_eq!(last.version, o.version);
+    assert_eq!(last.added, vec![new[1]]);
+
+    let empty = s
+        .begin_import(ImportMode::Replace, NATIONAL, "contract")
+        .await
+        .expect("begin");
+    let refused = empty.commit(record("import-replace", "ADMIN"), &key).await;
+    assert!(
+        matches!(refused, Err(StoreError::ImportRefused(_))),
+        "{refused:?}"
+    );
+    assert_eq!(s.status().await.expect("status").national, 3);
+}
+
+/// A scan holds every opted-out number, at a version the feed can be replayed from.
+async fn scan(b: &dyn Backend) {
+    let f = b.fresh("scan").await;
+    let s = f.store.as_ref();
+    let n = numbers(4_040_000_000, 50);
+    change(s, ChangeKind::Add, NATIONAL, &n[..30]).await;
+    let (v, _) = change(s, ChangeKind::Add, TYPE1, &n[20..]).await;
+    let scanned = s.scan().await.expect("scan");
+    let mut got = scanned.numbers.clone();
+    got.sort();
+    got.dedup();
+    assert_eq!(got, n);
+    assert!(scanned.version >= v);
+}
+
+/// Snapshots, where the store shares them: the newest wins, and none newer than the store.
+async fn snapshots(b: &dyn Backend) {
+    let f = b.fresh("snapshots").await;
+    let s = f.store.as_ref();
+    if !s.shares_snapshots() {
+        assert!(s.load_snapshot().await.expect("load").is_none());
+        return;
+    }
+    assert!(s.load_snapshot().await.expect("load").is_none());
+    let (v, _) = change(s, ChangeKind::Add, NATIONAL, &numbers(4_050_000_000, 1)).await;
+    s.publish_snapshot(v, b"first").await.expect("publish");
+    assert_eq!(
+        s.load_snapshot().await.expect("load").as_deref(),
+        Some(&b"first"[..])
+    );
+    let older = Version {
+        ms: v.ms - 1,
+        seq: 0,
+    };
+    s.publish_snapshot(older, b"older").await.expect("publish");
+    assert_eq!(
+        s.load_snapshot().await.expect("load").as_deref(),
+        Some(&b"first"[..]),
+        "an older snapshot never replaces a newer one"
+    );
+    let beyond = Version {
+        ms: v.ms + 60_000,
+        seq: 0,
+    };
+    s.publish_snapshot(beyond, b"beyond")
+        .await
+        .expect("publish");
+    assert_eq!(
+        s.load_snapshot().await.expect("load").as_deref(),
+        Some(&b"first"[..]),
+        "a snapshot newer than the store is refused"
+    );
+}
+
+/// Audit records: appended, read back in order, filtered; changes write their own.
+async fn audit(b: &dyn Backend) {
+    let f = b.fresh("audit").await;
+    let s = f.store.as_ref();
+    change(s, ChangeKind::Add, NATIONAL, &numbers(4_060_000_000, 2)).await;
+    s.append_audit(&[record("check", "RX1"), record("check", "RX2")])
+        .await
+        .expect("append");
+    s.append_audit(&[record("check", "RX1")])
+        .await
+        .expect("append");
+    let all = s
+        .read_audit(&AuditQuery {
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("read");
+    let actions: Vec<_> = all
+        .iter()
+        .map(|r| (r.action.as_str(), r.organisation.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("change", "ADMIN"),
+            ("check", "RX1"),
+            ("check", "RX2"),
+            ("check", "RX1")
+        ]
+    );
+    assert_eq!(all[0].applied, 2, "a change's record says what it changed");
+    let rx1 = s
+        .read_audit(&AuditQuery {
+            organisation: Some("RX1".into()),
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("read");
+    assert_eq!(rx1.len(), 2);
+}
+
+/// A store reset from outside fails closed: never "no opt-out".
+async fn reset_fails_closed(b: &dyn Backend) {
+    let f = b.fresh("reset").await;
+    let n = numbers(4_070_000_000, 1);
+    change(f.store.as_ref(), ChangeKind::Add, NATIONAL, &n).await;
+    if !b.wipe(&f).await {
+        return;
+    }
+    let looked = f.store.lookup(&n).await;
+    assert!(
+        matches!(looked, Err(StoreError::NotInitialised(_))),
+        "{looked:?}"
+    );
+    let feed = f
+        .store
+        .changes_after(Version::ZERO, 10, Duration::ZERO)
+        .await;
+    assert!(
+        matches!(feed, Err(StoreError::NotInitialised(_))),
+        "{feed:?}"
+    );
+    let bound = f.store.open_dataset().await;
+    assert!(
+        matches!(bound, Err(StoreError::NotInitialised(_))),
+        "{bound:?}"
+    );
+}
+
+/// A store that went back in time says so to a reader that saw more.
+async fn rollback_is_reported(b: &dyn Backend) {
+    let f = b.fresh("rollback").await;
+    let (v, _) = change(
+        f.store.as_ref(),
+        ChangeKind::Add,
+        NATIONAL,
+        &numbers(4_080_000_000, 1),
+    )
+    .await;
+    if !b.roll_back(&f).await {
+        return;
+    }
+    let feed = f
+        .store
+        .changes_after(v, 10, Duration::ZERO)
+        .await
+        .expect("feed");
+    assert!(matches!(feed, Feed::Behind { .. }), "{feed:?}");
+}
+
+/// Every case, in order, each on a fresh store.
+async fn contract(b: &dyn Backend) {
+    marker(b).await;
+    lookups_and_changes(b).await;
+    change_feed(b).await;
+    imports(b).await;
+    scan(b).await;
+    snapshots(b).await;
+    audit(b).await;
+    reset_fails_closed(b).await;
+    rollback_is_reported(b).await;
+}
+
+#[tokio::test]
+async fn the_embedded_store_keeps_the_contract() {
+    contract(&Embedded).await;
+}
+
+#[tokio::test]
+async fn one_redis_keeps_the_contract() {
+    let redis = RedisServer::start();
+    let backend = OnRedis::new(
+        |p| redis_config(&redis, "unused:", p),
+        false,
+        vec![redis.url()],
+    );
+    contract(&backend).await;
+}
+
+#[tokio::test]
+async fn redis_behind_sentinel_keeps_the_contract() {
+    let set = SentinelSet::start().await;
+    let backend = OnRedis::new(|p| set.config(p), false, vec![set.master.url()]);
+    contract(&backend).await;
+}
+
+#[tokio::test]
+async fn a_redis_cluster_keeps_the_contract() {
+    let cluster = Cluster::start().await;
+    let backend = OnRedis::new(|p| cluster.config(p), true, cluster.urls());
+    contract(&backend).await;
+}
