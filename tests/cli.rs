@@ -1,5 +1,6 @@
 //! The `optout` binary against the real server: filter, check, admin and serve.
 
+#[macro_use]
 mod common;
 
 use std::{

@@ -1,6 +1,7 @@
 //! Health and reflection: generic gRPC tools work without the .proto file, and probes see
 //! NOT_SERVING until the filter is loaded.
 
+#[macro_use]
 mod common;
 
 use std::{

@@ -2,6 +2,7 @@
 //! logging at TRACE, then every number used is searched for in what the server and the command
 //! line wrote to stderr.
 
+#[macro_use]
 mod common;
 
 use std::{

@@ -1,6 +1,7 @@
 //! Running it like production, through the real binary: the health port, Prometheus metrics, JSON
 //! logs with request ids, the config file's order of precedence, and graceful shutdown.
 
+#[macro_use]
 mod common;
 
 use std::{

@@ -1,6 +1,7 @@
 //! Replicas on a shared Redis store: real redis-server processes on free loopback ports, owned and
 //! stopped by each test; the real server on 127.0.0.1 port 0; generated gRPC clients.
 
+#[macro_use]
 mod common;
 
 use std::{
@@ -172,19 +173,12 @@ async fn redis_killed_while_checks_run_never_releases_an_opt_out_and_recovers() 
     let during = checks.load(Ordering::SeqCst);
 
     redis.restart();
-    let back = Instant::now();
-    loop {
-        if decide(&server, &clean[..1], "").await == vec![RELEASED]
+    eventually!(
+        "recovered within 10 s of Redis returning",
+        Duration::from_secs(10),
+        decide(&server, &clean[..1], "").await == vec![RELEASED]
             && server.health().await == ServingStatus::Serving as i32
-        {
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(10),
-            "recovered within 10 s of Redis returning"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    );
     stop.store(true, Ordering::SeqCst);
     let slowest = worker.await.expect("no opted-out number was released");
     assert!(checks.load(Ordering::SeqCst) > during, "checks kept coming");
@@ -300,18 +294,12 @@ async fn a_new_replica_starts_from_the_snapshot_and_a_replica_behind_a_trimmed_l
     }
     // A publishes a snapshot (every 200 ms here); wait until it covers the last change.
     let mut conn = redis.connection().await;
-    let started = Instant::now();
-    loop {
+    poll!("snapshot published", Duration::from_secs(10), {
         let v: Option<String> = conn.get("optout:snapshot_version").await.expect("get");
         if v.as_deref() == Some(last.as_str()) {
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "snapshot published"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    });
     let c = TestServer::start_redis(config.clone()).await;
     let s = status(&c).await;
     let f = s.filter.expect("filter");
@@ -322,18 +310,12 @@ async fn a_new_replica_starts_from_the_snapshot_and_a_replica_behind_a_trimmed_l
 
     // The replica that was cut off finds its position trimmed away and rebuilds.
     faulty.feed_down.store(false, Ordering::SeqCst);
-    let started = Instant::now();
-    loop {
+    poll!("the replica behind rebuilt", Duration::from_secs(20), {
         let f = status(&behind).await.filter.expect("filter");
         if f.generation > generation_before && f.version >= last && f.fresh {
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the replica behind rebuilt"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    });
     assert!(
         decide(&behind, &sample, "")
             .await
@@ -625,25 +607,23 @@ async fn a_redis_that_may_evict_opt_outs_is_refused() {
         .into_inner();
     assert_eq!(decide(&replica, &n, &added.version).await[0], WITHHELD);
     set_policy("allkeys-random").await;
-    let started = Instant::now();
-    loop {
-        let got = decide(&replica, &n, "").await;
-        assert_eq!(got[0].0, Outcome::Withhold, "opted-out number released");
-        if replica.health().await == ServingStatus::NotServing as i32 {
-            // Failed closed: nothing at all is released now.
-            let after = decide(&replica, &n, "").await;
-            assert!(
-                after.iter().all(|(o, _)| *o == Outcome::Withhold),
-                "{after:?}"
-            );
-            break;
+    poll!(
+        "still SERVING 10 s after the policy became allkeys-random",
+        Duration::from_secs(10),
+        {
+            let got = decide(&replica, &n, "").await;
+            assert_eq!(got[0].0, Outcome::Withhold, "opted-out number released");
+            if replica.health().await == ServingStatus::NotServing as i32 {
+                // Failed closed: nothing at all is released now.
+                let after = decide(&replica, &n, "").await;
+                assert!(
+                    after.iter().all(|(o, _)| *o == Outcome::Withhold),
+                    "{after:?}"
+                );
+                break;
+            }
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "still SERVING 10 s after the policy became allkeys-random"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    );
     set_policy("noeviction").await;
     replica.wait_serving().await;
     assert_eq!(

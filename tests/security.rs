@@ -1,5 +1,6 @@
 //! Callers, roles, TLS, rate limits and the audit log, against the real server.
 
+#[macro_use]
 mod common;
 
 use std::{
@@ -218,18 +219,14 @@ async fn a_key_added_to_or_removed_from_the_keys_file_takes_effect_without_a_res
 
     let before = std::fs::read_to_string(&path).expect("read");
     std::fs::write(&path, format!("{before}\n{entry}")).expect("append");
-    let started = Instant::now();
-    while check_client(ch.clone(), Some(&new))
-        .check(req())
-        .await
-        .is_err()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "new key accepted after reload"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually!(
+        "new key accepted after reload",
+        Duration::from_secs(5),
+        check_client(ch.clone(), Some(&new))
+            .check(req())
+            .await
+            .is_ok()
+    );
     // An invalid file keeps the keys in force.
     std::fs::write(&path, "this is not toml [[").expect("write");
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -239,18 +236,16 @@ async fn a_key_added_to_or_removed_from_the_keys_file_takes_effect_without_a_res
         .expect("old keys still in force");
     // Removing a key revokes it.
     std::fs::write(&path, &before).expect("write");
-    let started = Instant::now();
-    loop {
-        match check_client(ch.clone(), Some(&new)).check(req()).await {
-            Err(e) if e.code() == Code::Unauthenticated => break,
-            _ => {}
+    poll!(
+        "removed key refused after reload",
+        Duration::from_secs(5),
+        {
+            match check_client(ch.clone(), Some(&new)).check(req()).await {
+                Err(e) if e.code() == Code::Unauthenticated => break,
+                _ => {}
+            }
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "removed key refused after reload"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    );
     server.stop().await;
 }
 
@@ -668,8 +663,7 @@ async fn audit_records_every_change_and_check_and_holds_no_nhs_number() {
     checker.check(req).await.expect("check");
 
     // Check records are written in batches: wait for it.
-    let started = Instant::now();
-    let all = loop {
+    let all = poll!("check recorded", Duration::from_secs(5), {
         let r = admin
             .read_audit(ReadAuditRequest::default())
             .await
@@ -679,9 +673,7 @@ async fn audit_records_every_change_and_check_and_holds_no_nhs_number() {
         if r.iter().any(|e| e.action == "check") {
             break r;
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "check recorded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    });
     let actions: Vec<&str> = all.iter().map(|e| e.action.as_str()).collect();
     assert_eq!(actions, vec!["add", "remove", "import-replace", "check"]);
     let add = &all[0];
@@ -811,8 +803,7 @@ async fn when_the_audit_cannot_be_written_admin_changes_are_refused_and_checks_w
             .all(|d| outcome(d).0 == Outcome::Release)
     );
     // ...then everything is withheld rather than released unrecorded.
-    let started = Instant::now();
-    loop {
+    poll!("checks withheld after the bound", Duration::from_secs(5), {
         let r = checker
             .check(check_request(n.clone(), Purpose::Research))
             .await
@@ -824,16 +815,10 @@ async fn when_the_audit_cannot_be_written_admin_changes_are_refused_and_checks_w
         {
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "checks withheld after the bound"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    });
     // Back: checks are released again, and the records queued meanwhile are written.
     faulty.audit_down.store(false, Ordering::SeqCst);
-    let started = Instant::now();
-    loop {
+    poll!("recovered", Duration::from_secs(5), {
         let r = checker
             .check(check_request(n.clone(), Purpose::Research))
             .await
@@ -842,11 +827,8 @@ async fn when_the_audit_cannot_be_written_admin_changes_are_refused_and_checks_w
         if r.decisions.iter().all(|d| outcome(d).0 == Outcome::Release) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "recovered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let started = Instant::now();
-    let records = loop {
+    });
+    let records = poll!("queued records written", Duration::from_secs(5), {
         let records = admin
             .read_audit(ReadAuditRequest::default())
             .await
@@ -856,12 +838,7 @@ async fn when_the_audit_cannot_be_written_admin_changes_are_refused_and_checks_w
         if records.len() >= 3 {
             break records;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "queued records written"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    });
     assert!(
         records.iter().all(|r| r.action == "check"),
         "the refused add left no record"

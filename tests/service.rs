@@ -1,6 +1,7 @@
 //! Black-box tests: the real server on 127.0.0.1 port 0 over the embedded store, called through
 //! the generated gRPC clients.
 
+#[macro_use]
 mod common;
 
 use std::{
@@ -590,23 +591,21 @@ async fn a_filter_that_cannot_prove_freshness_stops_trusting_its_absent_answers(
     // The feed comes back: the filter catches up and is trusted again.
     faulty.lookup_down.store(false, Ordering::SeqCst);
     faulty.feed_down.store(false, Ordering::SeqCst);
-    let mut fresh = false;
-    for _ in 0..100 {
-        let s = server
-            .admin_client()
-            .await
-            .get_status(GetStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
-        let f = s.filter.expect("filter");
-        if f.fresh && f.version == added.version {
-            fresh = true;
-            break;
+    eventually!(
+        "filter caught up after the feed returned",
+        Duration::from_secs(5),
+        {
+            let s = server
+                .admin_client()
+                .await
+                .get_status(GetStatusRequest {})
+                .await
+                .expect("status")
+                .into_inner();
+            let f = s.filter.expect("filter");
+            f.fresh && f.version == added.version
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(fresh, "filter caught up after the feed returned");
+    );
     server.stop().await;
 }
 
@@ -662,22 +661,22 @@ async fn the_filter_is_rebuilt_larger_when_outgrown_and_keeps_every_opt_out() {
             .await
             .expect("add");
     }
-    let mut grown = None;
-    for _ in 0..200 {
-        let f = admin
-            .get_status(GetStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner()
-            .filter
-            .expect("filter");
-        if f.capacity >= 5000 && f.generation > 1 {
-            grown = Some(f);
-            break;
+    let f = poll!(
+        "a larger generation was swapped in",
+        Duration::from_secs(10),
+        {
+            let f = admin
+                .get_status(GetStatusRequest {})
+                .await
+                .expect("status")
+                .into_inner()
+                .filter
+                .expect("filter");
+            if f.capacity >= 5000 && f.generation > 1 {
+                break f;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let f = grown.expect("a larger generation was swapped in");
+    );
     assert!(f.estimated_false_positive_rate < 0.002, "{f:?}");
     let got = decisions(&server, &planted, RESEARCH).await;
     assert!(

@@ -7,6 +7,7 @@
 //! same Redis). Cases that need to break a store from outside (reset it, roll it back) run where
 //! the backend can do that (Redis); the embedded store's file cannot be changed under it.
 
+#[macro_use]
 mod common;
 
 use std::{path::Path, sync::Arc, time::Duration};

@@ -2,6 +2,7 @@
 //! processes on free loopback ports, started and stopped by PID by each test, under steady checks
 //! from a generated gRPC client against the real server.
 
+#[macro_use]
 mod common;
 
 use std::{
@@ -121,18 +122,6 @@ impl Load {
     }
 }
 
-async fn eventually<F, Fut>(what: &str, within: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !f().await {
-        assert!(Instant::now() < deadline, "{what} within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// After a failover: how fast the service came back and its check rate before and after; then,
 /// as the new master has no replica, a change is refused (not acknowledged) until `rejoin` brings
 /// the old master back as its replica, after which the change is accepted and withheld.
@@ -161,12 +150,11 @@ async fn after_failover(
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("replicas"), "{refused:?}");
     rejoin();
-    eventually(
+    eventually!(
         "a change is confirmed once the old master rejoins as a replica",
         Duration::from_secs(30),
-        || async { add(server, &later).await.is_ok() },
-    )
-    .await;
+        async { add(server, &later).await.is_ok() }.await
+    );
     assert_eq!(decide(server, &later).await, vec![WITHHELD]);
     assert_eq!(decide(server, &clean[..1]).await, vec![RELEASED]);
 }
@@ -194,23 +182,22 @@ async fn a_sentinel_failover_releases_no_opt_out_and_the_service_follows_the_new
     set.master.kill();
     let killed = Instant::now();
     let replica = set.replica.port;
-    eventually(
+    eventually!(
         "Sentinel promoted the replica",
         Duration::from_secs(30),
-        || async { set.master_port().await == Some(replica) },
-    )
-    .await;
+        async { set.master_port().await == Some(replica) }.await
+    );
     let promoted = killed.elapsed();
-    eventually(
+    eventually!(
         "the service answers from the new master by itself",
         Duration::from_secs(20),
-        || async {
+        async {
             decide(&server, &clean[..1]).await == vec![RELEASED]
                 && decide(&server, &last).await == vec![WITHHELD]
                 && server.health().await == ServingStatus::Serving as i32
-        },
-    )
-    .await;
+        }
+        .await
+    );
     after_failover(&server, &load, killed, promoted, &clean, || {
         set.master.restart()
     })
@@ -265,17 +252,16 @@ async fn a_cluster_shards_the_opt_outs_and_a_master_failover_releases_none() {
         .expect("an add confirmed by the replicas");
     cluster.node(victim).kill();
     let killed = Instant::now();
-    eventually(
+    eventually!(
         "the cluster promoted the replica",
         Duration::from_secs(30),
-        || async { cluster.master_of(meta_slot).await.map(|m| m.0) == Some(replica) },
-    )
-    .await;
+        async { cluster.master_of(meta_slot).await.map(|m| m.0) == Some(replica) }.await
+    );
     let promoted = killed.elapsed();
-    eventually(
+    eventually!(
         "the service answers from the promoted master by itself",
         Duration::from_secs(20),
-        || async {
+        async {
             decide(&server, &clean[..1]).await == vec![RELEASED]
                 && decide(&server, &last).await == vec![WITHHELD]
                 && decide(&server, &opted[250..])
@@ -283,9 +269,9 @@ async fn a_cluster_shards_the_opt_outs_and_a_master_failover_releases_none() {
                     .iter()
                     .all(|d| *d == WITHHELD)
                 && server.health().await == ServingStatus::Serving as i32
-        },
-    )
-    .await;
+        }
+        .await
+    );
     after_failover(&server, &load, killed, promoted, &clean, || {
         cluster.node(victim).restart()
     })
@@ -331,10 +317,10 @@ async fn on_a_cluster_imports_are_all_or_nothing_and_removals_gets_and_scans_wor
     );
 
     // The replaced generation (the first import's, 1) is unlinked from every master.
-    eventually(
+    eventually!(
         "the replaced generation is unlinked on every master",
         Duration::from_secs(10),
-        || async {
+        async {
             let mut left = 0;
             for n in &cluster.nodes {
                 let keys: Vec<String> = redis::cmd("KEYS")
@@ -345,9 +331,9 @@ async fn on_a_cluster_imports_are_all_or_nothing_and_removals_gets_and_scans_wor
                 left += keys.len();
             }
             left == 0
-        },
-    )
-    .await;
+        }
+        .await
+    );
     let mut current = 0;
     for n in &cluster.nodes {
         let keys: Vec<String> = redis::cmd("KEYS")

@@ -92,13 +92,13 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 /// The one mapping from store errors to gRPC statuses.
 pub(crate) fn store_status(e: StoreError) -> Status {
     match e {
-        StoreError::Unavailable(m) => Status::unavailable(m),
-        StoreError::NotInitialised(m) => Status::failed_precondition(m),
-        StoreError::Corrupt(m) => Status::data_loss(m),
-        StoreError::Unsafe(m) => Status::unavailable(m),
-        StoreError::Unconfirmed(m) => Status::unavailable(m),
-        StoreError::ImportRefused(m) => Status::failed_precondition(m),
-        StoreError::Regressed(m) => Status::unavailable(m),
+        StoreError::Unavailable(m) => Status::unavailable(m.to_string()),
+        StoreError::NotInitialised(m) => Status::failed_precondition(m.to_string()),
+        StoreError::Corrupt(m) => Status::data_loss(m.to_string()),
+        StoreError::Unsafe(m) => Status::unavailable(m.to_string()),
+        StoreError::Unconfirmed(m) => Status::unavailable(m.to_string()),
+        StoreError::ImportRefused(m) => Status::failed_precondition(m.to_string()),
+        StoreError::Regressed(m) => Status::unavailable(m.to_string()),
     }
 }
 

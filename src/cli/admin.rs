@@ -5,6 +5,7 @@ use std::{
     io::{BufRead, BufReader, Read},
     path::PathBuf,
     process::ExitCode,
+    time::Duration,
 };
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -121,39 +122,9 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
         AdminCommand::Remove(c) => change(&mut client, c, timeout, false).await,
         AdminCommand::Import(i) => import(&mut client, i).await,
         AdminCommand::AcknowledgeRegression { reason } => {
-            let mut request =
-                tonic::Request::new(proto::AcknowledgeStoreRegressionRequest { reason });
-            request.set_timeout(timeout);
-            let r = client
-                .acknowledge_store_regression(request)
-                .await?
-                .into_inner();
-            println!(
-                "acknowledged ({}) at version {}; replicas that failed closed rebuild from the \
-                 store and serve again",
-                r.acknowledgement_id, r.version
-            );
-            Ok(ExitCode::SUCCESS)
+            acknowledge(&mut client, reason, timeout).await
         }
-        AdminCommand::Get { nhs_number } => {
-            let mut request = tonic::Request::new(GetOptOutRequest { nhs_number });
-            request.set_timeout(timeout);
-            let r = client.get_opt_out(request).await?.into_inner();
-            if r.opt_outs.is_empty() {
-                println!("no opt-out recorded (version {})", r.version);
-            }
-            for o in r.opt_outs {
-                let t = proto::OptOutType::try_from(o.r#type)
-                    .map(|t| t.as_str_name())
-                    .unwrap_or("UNKNOWN");
-                println!(
-                    "{t}\trecorded {}\tsource {}",
-                    format_ms(o.recorded_at_unix_ms),
-                    o.source
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        AdminCommand::Get { nhs_number } => get(&mut client, nhs_number, timeout).await,
         AdminCommand::Audit {
             from_ms,
             to_ms,
@@ -162,86 +133,141 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
             nhs_number,
             limit,
         } => {
-            let mut request = tonic::Request::new(proto::ReadAuditRequest {
+            let query = proto::ReadAuditRequest {
                 from_unix_ms: from_ms,
                 to_unix_ms: to_ms,
                 organisation: organisation.unwrap_or_default(),
                 extract_id: extract_id.unwrap_or_default(),
                 nhs_number: nhs_number.unwrap_or_default(),
                 limit,
-            });
-            request.set_timeout(timeout);
-            let r = client.read_audit(request).await?.into_inner();
-            for e in r.records {
-                let withheld: Vec<String> =
-                    e.withheld.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                println!(
-                    "{}\t{}\tkey {}\t{}\t{}\tcount {}\tapplied {}\t{}\tversion {}",
-                    format_ms(e.at_unix_ms),
-                    e.organisation,
-                    e.key_id,
-                    e.action,
-                    [e.opt_out_type, e.source, e.extract_id, e.purpose, e.origin]
-                        .into_iter()
-                        .filter(|s| !s.is_empty())
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    e.count,
-                    e.applied,
-                    if withheld.is_empty() {
-                        String::new()
-                    } else {
-                        format!("withheld {}", withheld.join(","))
-                    },
-                    e.version
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+            };
+            audit(&mut client, query, timeout).await
         }
-        AdminCommand::Status => {
-            let mut request = tonic::Request::new(GetStatusRequest {});
-            request.set_timeout(timeout);
-            let r = client.get_status(request).await?.into_inner();
-            println!(
-                "store:                    {} (dataset {})",
-                r.store_kind, r.dataset_id
-            );
-            println!("version:                  {}", r.version);
-            println!("national data opt-outs:   {}", r.national_data_opt_outs);
-            println!("type 1 opt-outs:          {}", r.type_1_opt_outs);
-            println!("patients with an opt-out: {}", r.patients);
-            if !r.store_regressed.is_empty() {
-                println!(
-                    "STORE WENT BACK IN TIME:  {} (every number is withheld; restore the lost \
-                     changes, then `optout admin acknowledge-regression --reason ...`)",
-                    r.store_regressed
-                );
-            }
-            if let Some(f) = r.filter {
-                println!(
-                    "filter:                   generation {}, {} items of {} capacity, {} bits, {} hashes",
-                    f.generation, f.items, f.capacity, f.bits, f.hash_functions
-                );
-                println!(
-                    "false-positive rate:      target {:.4}%, estimated {:.4}%",
-                    f.target_false_positive_rate * 100.0,
-                    f.estimated_false_positive_rate * 100.0
-                );
-                println!(
-                    "filter version:           {} ({}, last caught up {} ms ago, bound {} ms)",
-                    f.version,
-                    if f.fresh {
-                        "fresh"
-                    } else {
-                        "NOT fresh: checks ask the store"
-                    },
-                    f.freshness_age_ms,
-                    f.freshness_bound_ms
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        AdminCommand::Status => status(&mut client, timeout).await,
     }
+}
+
+type Admin = OptOutAdminClient<AuthChannel>;
+
+async fn acknowledge(
+    client: &mut Admin,
+    reason: String,
+    timeout: Duration,
+) -> Result<ExitCode, CliError> {
+    let mut request = tonic::Request::new(proto::AcknowledgeStoreRegressionRequest { reason });
+    request.set_timeout(timeout);
+    let r = client
+        .acknowledge_store_regression(request)
+        .await?
+        .into_inner();
+    println!(
+        "acknowledged ({}) at version {}; replicas that failed closed rebuild from the \
+         store and serve again",
+        r.acknowledgement_id, r.version
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn get(
+    client: &mut Admin,
+    nhs_number: String,
+    timeout: Duration,
+) -> Result<ExitCode, CliError> {
+    let mut request = tonic::Request::new(GetOptOutRequest { nhs_number });
+    request.set_timeout(timeout);
+    let r = client.get_opt_out(request).await?.into_inner();
+    if r.opt_outs.is_empty() {
+        println!("no opt-out recorded (version {})", r.version);
+    }
+    for o in r.opt_outs {
+        let t = proto::OptOutType::try_from(o.r#type)
+            .map(|t| t.as_str_name())
+            .unwrap_or("UNKNOWN");
+        println!(
+            "{t}\trecorded {}\tsource {}",
+            format_ms(o.recorded_at_unix_ms),
+            o.source
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit(
+    client: &mut Admin,
+    query: proto::ReadAuditRequest,
+    timeout: Duration,
+) -> Result<ExitCode, CliError> {
+    let mut request = tonic::Request::new(query);
+    request.set_timeout(timeout);
+    let r = client.read_audit(request).await?.into_inner();
+    for e in r.records {
+        let withheld: Vec<String> = e.withheld.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{}\t{}\tkey {}\t{}\t{}\tcount {}\tapplied {}\t{}\tversion {}",
+            format_ms(e.at_unix_ms),
+            e.organisation,
+            e.key_id,
+            e.action,
+            [e.opt_out_type, e.source, e.extract_id, e.purpose, e.origin]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(" "),
+            e.count,
+            e.applied,
+            if withheld.is_empty() {
+                String::new()
+            } else {
+                format!("withheld {}", withheld.join(","))
+            },
+            e.version
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(client: &mut Admin, timeout: Duration) -> Result<ExitCode, CliError> {
+    let mut request = tonic::Request::new(GetStatusRequest {});
+    request.set_timeout(timeout);
+    let r = client.get_status(request).await?.into_inner();
+    println!(
+        "store:                    {} (dataset {})",
+        r.store_kind, r.dataset_id
+    );
+    println!("version:                  {}", r.version);
+    println!("national data opt-outs:   {}", r.national_data_opt_outs);
+    println!("type 1 opt-outs:          {}", r.type_1_opt_outs);
+    println!("patients with an opt-out: {}", r.patients);
+    if !r.store_regressed.is_empty() {
+        println!(
+            "STORE WENT BACK IN TIME:  {} (every number is withheld; restore the lost \
+             changes, then `optout admin acknowledge-regression --reason ...`)",
+            r.store_regressed
+        );
+    }
+    if let Some(f) = r.filter {
+        println!(
+            "filter:                   generation {}, {} items of {} capacity, {} bits, {} hashes",
+            f.generation, f.items, f.capacity, f.bits, f.hash_functions
+        );
+        println!(
+            "false-positive rate:      target {:.4}%, estimated {:.4}%",
+            f.target_false_positive_rate * 100.0,
+            f.estimated_false_positive_rate * 100.0
+        );
+        println!(
+            "filter version:           {} ({}, last caught up {} ms ago, bound {} ms)",
+            f.version,
+            if f.fresh {
+                "fresh"
+            } else {
+                "NOT fresh: checks ask the store"
+            },
+            f.freshness_age_ms,
+            f.freshness_bound_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn format_ms(ms: i64) -> String {

@@ -56,13 +56,7 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
     if args.batch == 0 {
         return Err(CliError::Usage("--batch must be at least 1".into()));
     }
-    let input: Box<dyn Read + Send> = match args.input.as_deref() {
-        None => Box::new(std::io::stdin()),
-        Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdin()),
-        Some(p) => {
-            Box::new(File::open(p).map_err(|e| CliError::Input(format!("{}: {e}", p.display())))?)
-        }
-    };
+    let input = open_input(args.input.as_deref())?;
     let (reader, header, column) = open_csv(input, &args.column).map_err(CliError::Input)?;
 
     let mut output = Output::open(args.output.as_ref())?;
@@ -132,12 +126,29 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
     }
     output.finish()?;
 
+    eprintln!("{}", summary(released, &withheld));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The file, or stdin when absent or "-".
+fn open_input(path: Option<&std::path::Path>) -> Result<Box<dyn Read + Send>, CliError> {
+    Ok(match path {
+        None => Box::new(std::io::stdin()),
+        Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdin()),
+        Some(p) => {
+            Box::new(File::open(p).map_err(|e| CliError::Input(format!("{}: {e}", p.display())))?)
+        }
+    })
+}
+
+/// The closing line: rows checked, released, and withheld by reason.
+fn summary(released: u64, withheld: &BTreeMap<i32, u64>) -> String {
     let total_withheld: u64 = withheld.values().sum();
     let detail: Vec<String> = withheld
         .iter()
         .map(|(r, n)| format!("{}: {n}", reason_name(*r)))
         .collect();
-    eprintln!(
+    format!(
         "checked {} rows: released {released}, withheld {total_withheld}{}",
         released + total_withheld,
         if detail.is_empty() {
@@ -145,8 +156,7 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         } else {
             format!(" ({})", detail.join(", "))
         }
-    );
-    Ok(ExitCode::SUCCESS)
+    )
 }
 
 /// Reads the CSV in chunks; each chunk goes to the row queue, then its numbers to the request

@@ -325,14 +325,14 @@ async fn build_generation(
     let capacity = config.capacity.max(needed);
     tokio::task::spawn_blocking(move || {
         let mut filter = OptOutFilter::new(capacity, config.fp_rate, generation)
-            .map_err(|e| StoreError::Corrupt(format!("filter: {e}")))?;
+            .map_err(|e| StoreError::Corrupt(format!("filter: {e}").into()))?;
         for n in &scan.numbers {
             filter.insert(*n);
         }
         Ok((filter, scan.version))
     })
     .await
-    .map_err(|e| StoreError::Unavailable(format!("filter build task failed: {e}")))?
+    .map_err(|e| StoreError::Unavailable(format!("filter build task failed: {e}").into()))?
 }
 
 /// Loads a first generation for the store's current dataset: from the newest snapshot when the
@@ -391,7 +391,7 @@ fn behind(seen: Version, store: Version) -> StoreError {
         "this replica read the store's change log up to version {seen}, and the store is now at \
          {store}: changes were lost (a Redis restarted from an older snapshot or AOF, a failover \
          to a replica that had not received them, or a restore from backup)"
-    ))
+    ).into())
 }
 
 /// Catches a finished background generation up with the log and swaps it in. Returns the error

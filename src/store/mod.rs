@@ -17,31 +17,113 @@ use async_trait::async_trait;
 
 use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
 
-/// What can go wrong in a store. Every variant turns into WITHHOLD on the check path.
-#[derive(Debug, thiserror::Error)]
+/// What can go wrong in a store. Every variant turns into WITHHOLD on the check path. Each
+/// carries a [`Cause`]: what to tell the caller, and the redis or redb error underneath (its
+/// [`std::error::Error::source`]), so logs keep the whole chain.
+#[derive(Debug)]
 pub enum StoreError {
     /// The store cannot be reached or did not answer.
-    #[error("consent store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Cause),
     /// The store holds no dataset marker: it was never initialised, or was reset.
-    #[error("consent store holds no initialised dataset: {0}")]
-    NotInitialised(String),
+    NotInitialised(Cause),
     /// Data in the store does not have the expected shape.
-    #[error("consent store data is corrupt: {0}")]
-    Corrupt(String),
+    Corrupt(Cause),
     /// The store is configured so that it could lose opt-outs (a Redis that evicts keys).
-    #[error("consent store is not safe to answer from: {0}")]
-    Unsafe(String),
+    Unsafe(Cause),
     /// A change was applied on the Redis master but too few replicas confirmed it in time, so a
     /// failover could still lose it: not acknowledged, the caller should retry.
-    #[error("consent store change not confirmed by its replicas: {0}")]
-    Unconfirmed(String),
+    Unconfirmed(Cause),
     /// An import cannot be applied as asked.
-    #[error("{0}")]
-    ImportRefused(String),
+    ImportRefused(Cause),
     /// The store is behind what this replica already saw: it lost changes (see [`Feed::Behind`]).
-    #[error("consent store went back in time: {0}")]
-    Regressed(String),
+    Regressed(Cause),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Unavailable(c) => write!(f, "consent store unavailable: {c}"),
+            StoreError::NotInitialised(c) => {
+                write!(f, "consent store holds no initialised dataset: {c}")
+            }
+            StoreError::Corrupt(c) => write!(f, "consent store data is corrupt: {c}"),
+            StoreError::Unsafe(c) => write!(f, "consent store is not safe to answer from: {c}"),
+            StoreError::Unconfirmed(c) => {
+                write!(f, "consent store change not confirmed by its replicas: {c}")
+            }
+            StoreError::ImportRefused(c) => write!(f, "{c}"),
+            StoreError::Regressed(c) => write!(f, "consent store went back in time: {c}"),
+        }
+    }
+}
+
+/// The source is the redis or redb error underneath, when there is one.
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause()
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// A store error's message and, when it wraps one, the error underneath.
+#[derive(Debug)]
+pub struct Cause {
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Cause {
+    /// A message with the error it comes from.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Cause {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// What to tell the caller.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl<T: Into<String>> From<T> for Cause {
+    fn from(message: T) -> Self {
+        Cause {
+            message: message.into(),
+            source: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl StoreError {
+    /// What to tell the caller, without the variant's prefix.
+    pub fn message(&self) -> &str {
+        self.cause().message()
+    }
+
+    fn cause(&self) -> &Cause {
+        match self {
+            StoreError::Unavailable(c)
+            | StoreError::NotInitialised(c)
+            | StoreError::Corrupt(c)
+            | StoreError::Unsafe(c)
+            | StoreError::Unconfirmed(c)
+            | StoreError::ImportRefused(c)
+            | StoreError::Regressed(c) => c,
+        }
+    }
 }
 
 /// One opt-out as recorded: its type, when and from where.

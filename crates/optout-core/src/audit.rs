@@ -26,9 +26,9 @@ use super::NhsNumber;
 /// A digest is AES-256 of one block (a fixed domain tag and the number) under a key derived from
 /// the secret with HMAC-SHA-256, truncated to 8 bytes. AES under a secret key is a pseudorandom
 /// permutation, so on the at most 10^10 possible inputs it is a keyed pseudorandom function just
-/// as HMAC is (the PRP/PRF distance is about q^2 / 2^129, nothing for q = 10^10), at a tenth of the
-/// cost with AES-NI (criterion: 16 ns against 157 ns per number, base64 included). Digests are
-/// computed for every released number; HMAC-SHA-256 was a fifth of the server's CPU under load.
+/// as HMAC is (the PRP/PRF distance is about q^2 / 2^129, nothing for q = 10^10), at a fraction of
+/// the cost with AES-NI (`cargo bench --bench core -- audit_digest` measures it). Digests are computed
+/// for every released number, so their cost shows directly in the check path's CPU.
 #[derive(Clone)]
 pub struct AuditKey(Aes256);
 

@@ -12,7 +12,7 @@ pub use generated::*;
 /// `optout.v1.CheckRequest`, written by hand rather than generated (build.rs names it as an
 /// extern path) for one difference: `nhs_numbers` is decoded into `Bytes` slices of the received
 /// message rather than a `String` per number. A batch of 1,000 numbers then costs no allocation
-/// per number; the per-number `String`s were about a tenth of the server's CPU under load. The
+/// per number (the per-number `String`s were a visible share of the server's CPU under load). The
 /// wire format is the same (`string` and `bytes` are both length-delimited), so clients built
 /// from the .proto are unaffected; a number that is not UTF-8 is an invalid NHS number
 /// (WITHHOLD) rather than a decode error. Keep the fields in step with the .proto.

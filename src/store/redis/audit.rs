@@ -81,7 +81,7 @@ impl RedisStore {
                     ) {
                         (Some("r"), Some(json)) => {
                             record = Some(serde_json::from_str(&json).map_err(|e| {
-                                StoreError::Corrupt(format!("audit record {id}: {e}"))
+                                StoreError::Corrupt(format!("audit record {id}: {e}").into())
                             })?)
                         }
                         (Some("v"), Some(v)) => version = v,

@@ -230,10 +230,10 @@ fn flag(v: &Value) -> Result<bool, StoreError> {
     match v {
         Value::Int(0) => Ok(false),
         Value::Int(1) => Ok(true),
-        Value::ServerError(e) => Err(StoreError::Unavailable(format!("redis: {e:?}"))),
-        other => Err(StoreError::Corrupt(format!(
-            "expected 0 or 1 from HEXISTS, got {other:?}"
-        ))),
+        Value::ServerError(e) => Err(StoreError::Unavailable(format!("redis: {e:?}").into())),
+        other => Err(StoreError::Corrupt(
+            format!("expected 0 or 1 from HEXISTS, got {other:?}").into(),
+        )),
     }
 }
 
@@ -343,7 +343,9 @@ impl Cluster {
                 .iter()
                 .find(|(lo, hi, _)| (*lo..=*hi).contains(&slot))
                 .ok_or_else(|| {
-                    StoreError::Unavailable(format!("no Redis Cluster master serves slot {slot}"))
+                    StoreError::Unavailable(
+                        format!("no Redis Cluster master serves slot {slot}").into(),
+                    )
                 })?;
             by_master.entry(master.as_str()).or_default().push(shard);
         }
@@ -428,11 +430,14 @@ impl Cluster {
                 for ((idx, shards), reply) in groups.values().zip(replies) {
                     let reply = reply.map_err(store_error)?;
                     if reply.len() != idx.len() * 2 + shards.len() {
-                        return Err(StoreError::Corrupt(format!(
-                            "a shard pipeline of {} commands answered {}",
-                            idx.len() * 2 + shards.len(),
-                            reply.len()
-                        )));
+                        return Err(StoreError::Corrupt(
+                            format!(
+                                "a shard pipeline of {} commands answered {}",
+                                idx.len() * 2 + shards.len(),
+                                reply.len()
+                            )
+                            .into(),
+                        ));
                     }
                     for marker in &reply[idx.len() * 2..] {
                         Self::check_shard_marker(bound, Some(marker))?;
@@ -523,10 +528,13 @@ impl Cluster {
             let (value, sids) = read(before.gens).await?;
             let (after, sources) = self.read_meta(s, bound, &sids).await?;
             if after.version < before.version {
-                return Err(StoreError::Regressed(format!(
-                    "the store's version went from {} to {} during one lookup",
-                    before.version, after.version
-                )));
+                return Err(StoreError::Regressed(
+                    format!(
+                        "the store's version went from {} to {} during one lookup",
+                        before.version, after.version
+                    )
+                    .into(),
+                ));
             }
             if after.gens == before.gens {
                 return Ok((value, before, sources));
@@ -584,7 +592,7 @@ impl Cluster {
         let applied = self.finish_intent(s, bound, &id, &intent).await?;
         s.confirm_everywhere().await?;
         Ok(WriteOutcome {
-            version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?,
             applied,
         })
     }

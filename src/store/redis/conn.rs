@@ -405,7 +405,7 @@ pub(super) fn node_settings(
         return Ok((RedisConnectionInfo::default(), None));
     };
     let info = url.as_str().into_connection_info().map_err(|e| {
-        StoreError::Unavailable(format!("--redis-url {}: {e}", super::redact_url(url)))
+        StoreError::Unavailable(format!("--redis-url {}: {e}", super::redact_url(url)).into())
     })?;
     let tls = match info.addr() {
         redis::ConnectionAddr::TcpTls { insecure, .. } => Some(*insecure),
@@ -422,7 +422,7 @@ pub(super) fn direct_conns(
 ) -> Result<[Conn; 3], StoreError> {
     let shown = super::redact_url(url);
     let client = Client::open(url)
-        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?;
+        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}").into()))?;
     let base = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_number_of_retries(2)
@@ -434,7 +434,7 @@ pub(super) fn direct_conns(
                 client.clone(),
                 base.clone().set_response_timeout(Some(t)),
             )
-            .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}")))?,
+            .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}").into()))?,
         ));
     }
     conns
@@ -459,7 +459,7 @@ pub(super) fn sentinel_conns(
         });
     }
     let sentinels = Sentinels::new(&s.addrs, &s.master_name, node).map_err(|e| {
-        StoreError::Unavailable(format!("--redis-sentinel {}: {e}", redact_nodes(&s.addrs)))
+        StoreError::Unavailable(format!("--redis-sentinel {}: {e}", redact_nodes(&s.addrs)).into())
     })?;
     Ok(timeouts.map(|t| {
         Conn::Sentinel(SentinelConn::new(
@@ -507,7 +507,7 @@ pub(super) fn cluster_conns(
             builder = builder.password(password);
         }
         let client = builder.build().map_err(|e| {
-            StoreError::Unavailable(format!("--redis-cluster {}: {e}", redact_nodes(nodes)))
+            StoreError::Unavailable(format!("--redis-cluster {}: {e}", redact_nodes(nodes)).into())
         })?;
         conns.push(Conn::Cluster(ClusterConn::new(client)));
     }

@@ -42,10 +42,13 @@ impl RedisStore {
 
     /// `init` on a store that holds a dataset.
     pub(super) fn already_initialised(&self) -> StoreError {
-        StoreError::ImportRefused(format!(
-            "the Redis store under prefix {:?} is already initialised; nothing was changed",
-            self.inner.data_prefix
-        ))
+        StoreError::ImportRefused(
+            format!(
+                "the Redis store under prefix {:?} is already initialised; nothing was changed",
+                self.inner.data_prefix
+            )
+            .into(),
+        )
     }
 
     /// Binds to the dataset the store holds, once it is safe to answer from.

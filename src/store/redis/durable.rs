@@ -21,7 +21,8 @@ impl RedisStore {
         } else {
             self.inner.layout.run_durable(self, inv, conn).await?
         };
-        T::from_redis_value(value).map_err(|e| StoreError::Unavailable(format!("redis: {e}")))
+        T::from_redis_value(value)
+            .map_err(|e| StoreError::Unavailable(format!("redis: {e}").into()))
     }
 
     pub(super) fn ack_timeout_ms(&self) -> u64 {
@@ -36,12 +37,15 @@ impl RedisStore {
         if acked >= i64::from(want) {
             return Ok(());
         }
-        Err(StoreError::Unconfirmed(format!(
-            "the change was applied on the Redis master(s) but only {acked} of {want} replicas \
+        Err(StoreError::Unconfirmed(
+            format!(
+                "the change was applied on the Redis master(s) but only {acked} of {want} replicas \
              confirmed it within {} ms, so a failover now could lose it; it is not acknowledged: \
              retry (changes are idempotent)",
-            self.ack_timeout_ms()
-        )))
+                self.ack_timeout_ms()
+            )
+            .into(),
+        ))
     }
 
     /// In a cluster: waits until every master's replicas confirmed this client's writes to it.

@@ -72,35 +72,39 @@ impl RedisStore {
         if after < version_of(&floor)? {
             return Ok(Feed::Trimmed);
         }
-        let mut out = Vec::new();
-        // XREAD reply: [[stream, [[id, [field, value, ...]], ...]]] (RESP2), or nil on timeout.
-        for stream in array(entries)? {
-            let mut parts = array(stream)?.into_iter();
-            let _name = parts.next();
-            for entry in array(parts.next().unwrap_or(Value::Nil))? {
-                let mut e = array(entry)?.into_iter();
-                let version = version_of(&e.next().unwrap_or(Value::Nil))?;
-                let fields = array(e.next().unwrap_or(Value::Nil))?;
-                let mut added = Vec::new();
-                let mut removed = 0u64;
-                for pair in fields.chunks(2) {
-                    match (pair.first().and_then(text_of).as_deref(), pair.get(1)) {
-                        (Some("a"), Some(v)) => {
-                            added = numbers_csv(&text_of(v).unwrap_or_default())?
-                        }
-                        (Some("r"), Some(v)) => {
-                            removed = int_of(v).and_then(|i| u64::try_from(i).ok()).unwrap_or(0)
-                        }
-                        _ => {}
-                    }
-                }
-                out.push(ChangeEntry {
-                    version,
-                    added,
-                    removed,
-                });
-            }
-        }
-        Ok(Feed::Changes(out))
+        Ok(Feed::Changes(entries_of(entries)?))
     }
+}
+
+/// The entries of an XREAD reply: `[[stream, [[id, [field, value, ...]], ...]]]` (RESP2), or nil
+/// when nothing came within the block.
+fn entries_of(entries: Value) -> Result<Vec<ChangeEntry>, StoreError> {
+    let mut out = Vec::new();
+    // XREAD reply: [[stream, [[id, [field, value, ...]], ...]]] (RESP2), or nil on timeout.
+    for stream in array(entries)? {
+        let mut parts = array(stream)?.into_iter();
+        let _name = parts.next();
+        for entry in array(parts.next().unwrap_or(Value::Nil))? {
+            let mut e = array(entry)?.into_iter();
+            let version = version_of(&e.next().unwrap_or(Value::Nil))?;
+            let fields = array(e.next().unwrap_or(Value::Nil))?;
+            let mut added = Vec::new();
+            let mut removed = 0u64;
+            for pair in fields.chunks(2) {
+                match (pair.first().and_then(text_of).as_deref(), pair.get(1)) {
+                    (Some("a"), Some(v)) => added = numbers_csv(&text_of(v).unwrap_or_default())?,
+                    (Some("r"), Some(v)) => {
+                        removed = int_of(v).and_then(|i| u64::try_from(i).ok()).unwrap_or(0)
+                    }
+                    _ => {}
+                }
+            }
+            out.push(ChangeEntry {
+                version,
+                added,
+                removed,
+            });
+        }
+    }
+    Ok(out)
 }

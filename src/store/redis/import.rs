@@ -214,76 +214,34 @@ impl RedisImport {
             other_gen.unwrap_or(0).to_string(),
         );
         let staged_gen = self.generation.to_string();
-        let mut added: Vec<NhsNumber> = Vec::new();
-        let mut removed = 0u64;
-        let mut removed_numbers: Vec<NhsNumber> = Vec::new();
-        let mut total = 0u64;
-        let mut patients: i64 = 0;
+        let mut diff = Diff::default();
         // Bucket groups share a hash slot in a cluster, so each group is one pipeline.
         for group in store.bucket_groups(&self.bound) {
-            let mut read = redis::pipe();
-            for &b in &group {
-                read.hgetall(self.bucket_key(&current, b))
-                    .hkeys(self.bucket_key(&staged_gen, b))
-                    .hkeys(store.data_key(&self.bound, other, &other_gen, b));
-            }
-            let replies: Vec<Value> = read.query_async(conn).await.map_err(store_error)?;
-            let mut carry = redis::pipe();
-            let mut carrying = false;
-            for (i, &b) in group.iter().enumerate() {
-                let old = pairs_map(replies.get(i * 3).cloned().unwrap_or(Value::Nil))?;
-                let new: HashSet<String> =
-                    array(replies.get(i * 3 + 1).cloned().unwrap_or(Value::Nil))?
-                        .iter()
-                        .filter_map(text_of)
-                        .collect();
-                let in_other: HashSet<String> =
-                    array(replies.get(i * 3 + 2).cloned().unwrap_or(Value::Nil))?
-                        .iter()
-                        .filter_map(text_of)
-                        .collect();
-                for n in &new {
-                    if !old.contains_key(n) {
-                        if let Some(v) = n.parse().ok().and_then(|v| NhsNumber::from_u64(v).ok()) {
-                            added.push(v);
-                        }
-                        if !in_other.contains(n) {
-                            patients += 1;
-                        }
-                    }
-                }
-                let key = self.bucket_key(&staged_gen, b);
-                for (n, v) in &old {
-                    let stays = self.mode == ImportMode::Merge || new.contains(n);
-                    if stays {
-                        carry.hset(&key, n, v).ignore();
-                        carrying = true;
-                    } else {
-                        removed += 1;
-                        if let Some(n) = n.parse().ok().and_then(|v| NhsNumber::from_u64(v).ok()) {
-                            removed_numbers.push(n);
-                        }
-                        if !in_other.contains(n) {
-                            patients -= 1;
-                        }
-                    }
-                }
-                total += u64::try_from(new.len()).unwrap_or(0);
-                if self.mode == ImportMode::Merge {
-                    total += u64::try_from(old.keys().filter(|n| !new.contains(*n)).count())
-                        .unwrap_or(0);
-                }
-            }
-            if carrying {
-                let _: () = carry.query_async(conn).await.map_err(store_error)?;
-            }
+            self.diff_group(
+                conn,
+                &group,
+                [&current, &staged_gen, &other_gen],
+                other,
+                &mut diff,
+            )
+            .await?;
         }
+        let Diff {
+            added,
+            removed,
+            removed_numbers,
+            total,
+            patients,
+        } = diff;
         if self.mode == ImportMode::Replace && total == 0 {
-            return Err(StoreError::ImportRefused(format!(
-                "a REPLACE import with no valid numbers would remove every {} opt-out; use \
+            return Err(StoreError::ImportRefused(
+                format!(
+                    "a REPLACE import with no valid numbers would remove every {} opt-out; use \
                  RemoveOptOuts to remove opt-outs explicitly",
-                self.opt_out.name()
-            )));
+                    self.opt_out.name()
+                )
+                .into(),
+            ));
         }
         audit.applied = added.len() as u64 + removed;
         audit.digests = key.digests(added.iter().chain(&removed_numbers).copied());
@@ -305,7 +263,8 @@ impl RedisImport {
             .arg(store.inner.audit_len)
             .arg(audit.applied);
         let reply: (String, u64) = store.invoke_durable(&inv, conn).await?;
-        let version = Version::parse(&reply.0).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let version =
+            Version::parse(&reply.0).map_err(|e| StoreError::Corrupt(e.to_string().into()))?;
         Ok((
             ImportOutcome {
                 added: added.len() as u64,
@@ -315,6 +274,88 @@ impl RedisImport {
             reply.1,
         ))
     }
+
+    /// Compares one group of buckets (one hash slot in a cluster): what the import adds, what it
+    /// removes, and how the patients count moves; carries the records that stay into the staged
+    /// generation. `gens` are the current, staged and other type's generations.
+    async fn diff_group(
+        &self,
+        conn: &mut Conn,
+        group: &[u64],
+        gens: [&str; 3],
+        other: &str,
+        diff: &mut Diff,
+    ) -> Result<(), StoreError> {
+        let [current, staged_gen, other_gen] = gens;
+        let store = &self.store;
+        let mut read = redis::pipe();
+        for &b in group {
+            read.hgetall(self.bucket_key(current, b))
+                .hkeys(self.bucket_key(staged_gen, b))
+                .hkeys(store.data_key(&self.bound, other, other_gen, b));
+        }
+        let replies: Vec<Value> = read.query_async(conn).await.map_err(store_error)?;
+        let keys = |i: usize| -> Result<HashSet<String>, StoreError> {
+            Ok(array(replies.get(i).cloned().unwrap_or(Value::Nil))?
+                .iter()
+                .filter_map(text_of)
+                .collect())
+        };
+        let mut carry = redis::pipe();
+        let mut carrying = false;
+        for (i, &b) in group.iter().enumerate() {
+            let old = pairs_map(replies.get(i * 3).cloned().unwrap_or(Value::Nil))?;
+            let new = keys(i * 3 + 1)?;
+            let in_other = keys(i * 3 + 2)?;
+            for n in &new {
+                if !old.contains_key(n) {
+                    diff.added.extend(parse_number(n));
+                    if !in_other.contains(n) {
+                        diff.patients += 1;
+                    }
+                }
+            }
+            let key = self.bucket_key(staged_gen, b);
+            for (n, v) in &old {
+                if self.mode == ImportMode::Merge || new.contains(n) {
+                    carry.hset(&key, n, v).ignore();
+                    carrying = true;
+                } else {
+                    diff.removed += 1;
+                    diff.removed_numbers.extend(parse_number(n));
+                    if !in_other.contains(n) {
+                        diff.patients -= 1;
+                    }
+                }
+            }
+            diff.total += u64::try_from(new.len()).unwrap_or(0);
+            if self.mode == ImportMode::Merge {
+                diff.total +=
+                    u64::try_from(old.keys().filter(|n| !new.contains(*n)).count()).unwrap_or(0);
+            }
+        }
+        if carrying {
+            let _: () = carry.query_async(conn).await.map_err(store_error)?;
+        }
+        Ok(())
+    }
+}
+
+/// What an import changes, gathered bucket group by bucket group.
+#[derive(Default)]
+struct Diff {
+    added: Vec<NhsNumber>,
+    removed: u64,
+    removed_numbers: Vec<NhsNumber>,
+    /// Opt-outs of the type once applied.
+    total: u64,
+    /// Change of the distinct patients count.
+    patients: i64,
+}
+
+/// A stored field as an NHS number (`None` if it is not one).
+fn parse_number(n: &str) -> Option<NhsNumber> {
+    n.parse().ok().and_then(|v| NhsNumber::from_u64(v).ok())
 }
 
 impl Drop for RedisImport {

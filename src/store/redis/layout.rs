@@ -143,9 +143,9 @@ impl Layout for Flat {
                 let m = match v {
                     Value::Int(m @ 0..=3) => m,
                     other => {
-                        return Err(StoreError::Corrupt(format!(
-                            "lookup answered {other:?} for a number"
-                        )));
+                        return Err(StoreError::Corrupt(
+                            format!("lookup answered {other:?} for a number").into(),
+                        ));
                     }
                 };
                 let mut s = OptOutSet::EMPTY;
@@ -159,11 +159,14 @@ impl Layout for Flat {
             })
             .collect::<Result<Vec<_>, _>>()?;
         if held.len() != numbers.len() {
-            return Err(StoreError::Corrupt(format!(
-                "lookup of {} numbers answered {}",
-                numbers.len(),
-                held.len()
-            )));
+            return Err(StoreError::Corrupt(
+                format!(
+                    "lookup of {} numbers answered {}",
+                    numbers.len(),
+                    held.len()
+                )
+                .into(),
+            ));
         }
         Ok(Lookup { held, version })
     }
@@ -238,7 +241,7 @@ impl Layout for Flat {
             .arg(bucket_pairs(numbers, bound.buckets));
         let (id, applied): (String, u64) = s.invoke_durable(&inv, &mut s.write_conn()).await?;
         Ok(WriteOutcome {
-            version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?,
             applied,
         })
     }

@@ -15,12 +15,14 @@ pub(super) fn version_of(v: &Value) -> Result<Version, StoreError> {
         Value::Nil => Ok(Version::ZERO),
         Value::BulkString(b) => {
             let s = String::from_utf8_lossy(b);
-            Version::parse(&s).map_err(|e| StoreError::Corrupt(e.to_string()))
+            Version::parse(&s).map_err(|e| StoreError::Corrupt(e.to_string().into()))
         }
-        Value::SimpleString(s) => Version::parse(s).map_err(|e| StoreError::Corrupt(e.to_string())),
-        other => Err(StoreError::Corrupt(format!(
-            "expected a version, got {other:?}"
-        ))),
+        Value::SimpleString(s) => {
+            Version::parse(s).map_err(|e| StoreError::Corrupt(e.to_string().into()))
+        }
+        other => Err(StoreError::Corrupt(
+            format!("expected a version, got {other:?}").into(),
+        )),
     }
 }
 
@@ -54,9 +56,9 @@ pub(super) fn array(v: Value) -> Result<Vec<Value>, StoreError> {
     match v {
         Value::Array(a) => Ok(a),
         Value::Nil => Ok(Vec::new()),
-        other => Err(StoreError::Corrupt(format!(
-            "expected an array, got {other:?}"
-        ))),
+        other => Err(StoreError::Corrupt(
+            format!("expected an array, got {other:?}").into(),
+        )),
     }
 }
 
@@ -97,7 +99,7 @@ pub(super) fn numbers_csv(s: &str) -> Result<Vec<NhsNumber>, StoreError> {
 }
 
 pub(super) fn audit_json(r: &AuditRecord) -> Result<String, StoreError> {
-    serde_json::to_string(r).map_err(|e| StoreError::Corrupt(format!("audit record: {e}")))
+    serde_json::to_string(r).map_err(|e| StoreError::Corrupt(format!("audit record: {e}").into()))
 }
 
 pub(super) fn type_code(t: OptOutType) -> &'static str {

@@ -25,10 +25,13 @@ pub(super) fn check_eviction_policy(info_memory: &str) -> Result<(), StoreError>
         .find_map(|l| l.trim().strip_prefix("maxmemory_policy:"))
         .map(str::trim);
     match policy {
-        Some(p) if p.starts_with("allkeys-") => Err(StoreError::Unsafe(format!(
-            "Redis maxmemory-policy is {p}: a full Redis would evict opt-out records and their \
+        Some(p) if p.starts_with("allkeys-") => Err(StoreError::Unsafe(
+            format!(
+                "Redis maxmemory-policy is {p}: a full Redis would evict opt-out records and their \
              patients' data would be released; set maxmemory-policy to noeviction"
-        ))),
+            )
+            .into(),
+        )),
         Some(_) => Ok(()),
         None => Err(StoreError::Unsafe(
             "Redis INFO memory does not say maxmemory_policy, so evicting opt-out records \
@@ -80,7 +83,7 @@ fn check_persistence(pairs: &[String]) -> Result<(), StoreError> {
         } else {
             fsync.join("/")
         },
-    )))
+    ).into()))
 }
 
 impl RedisStore {
@@ -101,11 +104,14 @@ impl RedisStore {
                     // Not an answer about persistence: the store is unreachable for now.
                     return store_error(e);
                 }
-                StoreError::Unsafe(format!(
-                    "cannot read Redis persistence settings (CONFIG GET: {e}), so losing \
+                StoreError::Unsafe(
+                    format!(
+                        "cannot read Redis persistence settings (CONFIG GET: {e}), so losing \
                      acknowledged opt-out changes in a crash cannot be ruled out: \
                      {DURABILITY_ADVICE}"
-                ))
+                    )
+                    .into(),
+                )
             })?;
         check_persistence(&texts_of(reply))
     }

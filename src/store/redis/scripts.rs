@@ -8,7 +8,7 @@
 
 use redis::{RedisError, Script};
 
-use crate::store::StoreError;
+use crate::store::{Cause, StoreError};
 
 /// The scripts of the store.
 pub(super) struct Scripts {
@@ -91,7 +91,7 @@ pub(super) fn store_error(e: RedisError) -> StoreError {
         Some(ScriptError::Locked) => StoreError::Unavailable(
             "an import of this opt-out type is being applied; retry in a few seconds".into(),
         ),
-        None => StoreError::Unavailable(format!("redis: {e}")),
+        None => StoreError::Unavailable(Cause::with_source(format!("redis: {e}"), e)),
     }
 }
 
@@ -136,6 +136,9 @@ mod tests {
             StoreError::NotInitialised(_)
         ));
         let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(matches!(store_error(io), StoreError::Unavailable(_)));
+        let e = store_error(io);
+        assert!(matches!(e, StoreError::Unavailable(_)));
+        let source = std::error::Error::source(&e).expect("the redis error is kept as the source");
+        assert!(source.downcast_ref::<RedisError>().is_some(), "{source:?}");
     }
 }

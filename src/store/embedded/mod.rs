@@ -1,0 +1,451 @@
+//! The embedded consent store: one redb database file in a data directory.
+//!
+//! Why redb: a pure-Rust, ACID, copy-on-write B-tree store. A commit with `Durability::Immediate`
+//! (the default) is fsynced before `commit` returns, so an acknowledged admin write survives a
+//! crash, and a crash mid-write leaves the previous commit intact. Readers never block the writer.
+//!
+//! Layout (tables):
+//! - `meta`: dataset marker, current version, counts, log bookkeeping;
+//! - `optouts`: NHS number (u64) -> 13-byte entries (type, recorded-at ms, source id), one per type;
+//! - `sources` / `source_ids`: source strings interned, so 5 million rows from one file share one
+//!   string;
+//! - `changes`: the change log, version -> added numbers, trimmed to a configured length;
+//! - `import-<id>`: staging tables of imports under way, deleted on commit, abort or next open.
+//!
+//! redb is synchronous, so every call runs on tokio's blocking pool.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, TableHandle, WriteTransaction,
+};
+use tokio::sync::watch;
+
+use super::{
+    Cause, ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, ImportOutcome, ImportSession,
+    Lookup, OptOutRecord, Scan, StoreError, StoreStatus, WriteOutcome, now_ms,
+};
+use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
+
+mod entries;
+mod import;
+mod schema;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use entries::*;
+use import::*;
+use schema::*;
+use writer::*;
+
+/// Settings of the embedded store.
+#[derive(Clone, Debug)]
+pub struct EmbeddedConfig {
+    /// Where the database file lives.
+    pub data_dir: PathBuf,
+    /// How many change-log entries to keep.
+    pub change_log_len: u64,
+}
+
+/// The embedded store. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    dataset_id: String,
+    change_log_len: u64,
+    /// The latest committed version, for the change feed's wait.
+    latest: watch::Sender<Version>,
+}
+
+/// What opening found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// A new, empty dataset was initialised (no database existed).
+    Initialised,
+    /// An existing dataset was opened.
+    Existing,
+}
+
+impl EmbeddedStore {
+    /// Opens the store in `config.data_dir`.
+    ///
+    /// A data directory with no database file is a fresh install: the database is created and a
+    /// new dataset marker written. A database file without the marker (or from another schema) is
+    /// refused: it is not an empty opt-out list and must never be read as one.
+    pub fn open(config: &EmbeddedConfig) -> Result<(Self, Opened), StoreError> {
+        let path = config.data_dir.join(DB_FILE);
+        let fresh = !path.exists();
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            StoreError::Unavailable(
+                format!(
+                    "cannot create data directory {}: {e}",
+                    config.data_dir.display()
+                )
+                .into(),
+            )
+        })?;
+        let db = if fresh {
+            Database::create(&path)
+        } else {
+            Database::open(&path)
+        }
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot open {}: {e}", path.display()).into())
+        })?;
+        if fresh {
+            initialise(&db)?;
+        }
+        let (dataset_id, version) = read_marker(&db, &path)?;
+        remove_stale_staging(&db)?;
+        let (latest, _) = watch::channel(version);
+        Ok((
+            EmbeddedStore {
+                inner: Arc::new(Inner {
+                    db,
+                    dataset_id,
+                    change_log_len: config.change_log_len.max(1),
+                    latest,
+                }),
+            },
+            if fresh {
+                Opened::Initialised
+            } else {
+                Opened::Existing
+            },
+        ))
+    }
+
+    /// The path of the database file inside a data directory.
+    pub fn db_path(data_dir: &Path) -> PathBuf {
+        data_dir.join(DB_FILE)
+    }
+
+    /// The dataset marker.
+    pub fn dataset_id(&self) -> &str {
+        &self.inner.dataset_id
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(blocking_failed)?
+    }
+}
+
+impl Inner {
+    fn notify(&self, version: Version) {
+        self.latest.send_if_modified(|v| {
+            if version > *v {
+                *v = version;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn read_feed(&self, after: Version, max: usize) -> Result<Feed, StoreError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let meta = txn.open_table(META).map_err(storage)?;
+        let floor = get_version(&meta, K_LOG_FLOOR)?;
+        let latest = get_version(&meta, K_VERSION)?;
+        if after > latest {
+            return Ok(Feed::Behind { store: latest });
+        }
+        if after < floor {
+            return Ok(Feed::Trimmed);
+        }
+        let log = txn.open_table(CHANGES).map_err(storage)?;
+        let start = (after.ms, after.seq);
+        let mut out = Vec::new();
+        for item in log.range(start..).map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let (ms, seq) = k.value();
+            let version = Version { ms, seq };
+            if version <= after {
+                continue;
+            }
+            out.push(decode_change(version, v.value())?);
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(Feed::Changes(out))
+    }
+}
+
+#[async_trait]
+impl ConsentStore for EmbeddedStore {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
+        let numbers = numbers.to_vec();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(storage)?;
+            let version = read_version(&txn)?;
+            let table = txn.open_table(OPTOUTS).map_err(storage)?;
+            let held = numbers
+                .iter()
+                .map(|n| {
+                    Ok(match table.get(n.as_u64()).map_err(storage)? {
+                        Some(v) => held_types(v.value())?,
+                        None => OptOutSet::EMPTY,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(Lookup { held, version })
+        })
+        .await
+    }
+
+    async fn change(
+        &self,
+        kind: ChangeKind,
+        opt_out: OptOutType,
+        numbers: &[NhsNumber],
+        source: &str,
+        audit: &AuditRecord,
+    ) -> Result<WriteOutcome, StoreError> {
+        let numbers = numbers.to_vec();
+        let source = source.to_string();
+        let mut audit = audit.clone();
+        let outcome = self
+            .blocking(move |inner| {
+                let txn = inner.db.begin_write().map_err(storage)?;
+                let mut writer = Writer::new(&txn, &source)?;
+                let mut added = Vec::new();
+                let mut applied = 0u64;
+                {
+                    let mut table = txn.open_table(OPTOUTS).map_err(storage)?;
+                    for n in &numbers {
+                        let changed = match kind {
+                            ChangeKind::Add => writer.add(&mut table, n.as_u64(), opt_out)?,
+                            ChangeKind::Remove => writer.remove(&mut table, n.as_u64(), opt_out)?,
+                        };
+                        if changed {
+                            applied += 1;
+                            if kind == ChangeKind::Add {
+                                added.push(*n);
+                            }
+                        }
+                    }
+                }
+                let removed = if kind == ChangeKind::Remove {
+                    applied
+                } else {
+                    0
+                };
+                let version = writer.finish(&added, removed, inner.change_log_len)?;
+                audit.version = version.to_string();
+                audit.applied = applied;
+                write_audit(&txn, std::slice::from_ref(&audit))?;
+                txn.commit().map_err(storage)?;
+                inner.notify(version);
+                Ok(WriteOutcome { version, applied })
+            })
+            .await?;
+        Ok(outcome)
+    }
+
+    async fn begin_import(
+        &self,
+        mode: ImportMode,
+        opt_out: OptOutType,
+        source: &str,
+    ) -> Result<Box<dyn ImportSession>, StoreError> {
+        let table = format!("{STAGING_PREFIX}{}", super::random_hex::<8>());
+        let name = table.clone();
+        self.blocking(move |inner| {
+            let mut txn = inner.db.begin_write().map_err(storage)?;
+            txn.set_durability(Durability::None).map_err(storage)?;
+            txn.open_table(TableDefinition::<u64, ()>::new(&name))
+                .map_err(storage)?;
+            txn.commit().map_err(storage)
+        })
+        .await?;
+        Ok(Box::new(EmbeddedImport {
+            store: self.clone(),
+            table,
+            mode,
+            opt_out,
+            source: source.to_string(),
+            committed: false,
+        }))
+    }
+
+    async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(storage)?;
+            let version = read_version(&txn)?;
+            let table = txn.open_table(OPTOUTS).map_err(storage)?;
+            let Some(v) = table.get(number.as_u64()).map_err(storage)? else {
+                return Ok((Vec::new(), version));
+            };
+            let sources = txn.open_table(SOURCES).map_err(storage)?;
+            let mut records = decode_entries(v.value())?
+                .into_iter()
+                .map(|e| {
+                    let source = sources
+                        .get(e.source_id)
+                        .map_err(storage)?
+                        .map(|s| s.value().to_string())
+                        .unwrap_or_default();
+                    Ok(OptOutRecord {
+                        kind: e.kind,
+                        recorded_at_ms: e.recorded_at_ms,
+                        source,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            records.sort_by_key(|r| r.kind);
+            Ok((records, version))
+        })
+        .await
+    }
+
+    async fn status(&self) -> Result<StoreStatus, StoreError> {
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(storage)?;
+            let meta = txn.open_table(META).map_err(storage)?;
+            Ok(StoreStatus {
+                national: get_u64(&meta, count_key(OptOutType::NationalDataOptOut))?,
+                type1: get_u64(&meta, count_key(OptOutType::Type1))?,
+                patients: get_u64(&meta, K_PATIENTS)?,
+                version: get_version(&meta, K_VERSION)?,
+                dataset_id: inner.dataset_id.clone(),
+            })
+        })
+        .await
+    }
+
+    async fn changes_after(
+        &self,
+        after: Version,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Feed, StoreError> {
+        // Subscribe before reading, so a commit between the read and the wait is not missed.
+        let mut latest = self.inner.latest.subscribe();
+        let feed = self
+            .blocking(move |inner| inner.read_feed(after, max.max(1)))
+            .await?;
+        if !matches!(&feed, Feed::Changes(c) if c.is_empty()) {
+            return Ok(feed);
+        }
+        let _ = tokio::time::timeout(wait, latest.wait_for(|v| *v > after)).await;
+        self.blocking(move |inner| inner.read_feed(after, max.max(1)))
+            .await
+    }
+
+    async fn open_dataset(&self) -> Result<String, StoreError> {
+        Ok(self.inner.dataset_id.clone())
+    }
+
+    async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(storage)?;
+            let meta = txn.open_table(META).map_err(storage)?;
+            Ok(meta
+                .get(K_REGRESSION_ACK)
+                .map_err(storage)?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+        })
+        .await
+    }
+
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
+        let id = super::random_hex::<16>();
+        let audit = audit.clone();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(storage)?;
+            {
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                meta.insert(K_REGRESSION_ACK, id.as_bytes())
+                    .map_err(storage)?;
+            }
+            write_audit(&txn, std::slice::from_ref(&audit))?;
+            txn.commit().map_err(storage)?;
+            Ok(id)
+        })
+        .await
+    }
+
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        let records = records.to_vec();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(storage)?;
+            write_audit(&txn, &records)?;
+            txn.commit().map_err(storage)
+        })
+        .await
+    }
+
+    async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let query = query.clone();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(storage)?;
+            let audit = match txn.open_table(AUDIT) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(storage(e)),
+            };
+            let from = u64::try_from(query.from_ms).unwrap_or(0);
+            let to = if query.to_ms <= 0 {
+                u64::MAX
+            } else {
+                u64::try_from(query.to_ms).unwrap_or(u64::MAX)
+            };
+            let mut out = Vec::new();
+            for item in audit.range((from, 0)..=(to, u64::MAX)).map_err(storage)? {
+                let (_, v) = item.map_err(storage)?;
+                let r: AuditRecord = serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt(format!("audit record: {e}").into()))?;
+                if query.matches(&r) {
+                    out.push(r);
+                    if out.len() >= query.limit.max(1) {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn scan(&self) -> Result<Scan, StoreError> {
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(storage)?;
+            let version = read_version(&txn)?;
+            let table = txn.open_table(OPTOUTS).map_err(storage)?;
+            let mut numbers =
+                Vec::with_capacity(usize::try_from(table.len().map_err(storage)?).unwrap_or(0));
+            for item in table.iter().map_err(storage)? {
+                let (k, _) = item.map_err(storage)?;
+                numbers.push(NhsNumber::from_u64(k.value()).map_err(|e| {
+                    StoreError::Corrupt(format!("stored key is not a valid NHS number: {e}").into())
+                })?);
+            }
+            Ok(Scan { numbers, version })
+        })
+        .await
+    }
+}

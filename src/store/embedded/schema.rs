@@ -1,0 +1,201 @@
+//! The database layout: tables, meta keys, the marker, versions, and the audit table.
+
+use super::*;
+
+pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(super) const OPTOUTS: TableDefinition<u64, &[u8]> = TableDefinition::new("optouts");
+pub(super) const SOURCES: TableDefinition<u32, &str> = TableDefinition::new("sources");
+pub(super) const SOURCE_IDS: TableDefinition<&str, u32> = TableDefinition::new("source_ids");
+pub(super) const CHANGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("changes");
+/// Audit records: (ms, sequence) -> JSON.
+pub(super) const AUDIT: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("audit");
+
+pub(super) const DB_FILE: &str = "optout.redb";
+pub(super) const STAGING_PREFIX: &str = "import-";
+pub(super) const SCHEMA: u64 = 1;
+pub(super) const ENTRY_LEN: usize = 13;
+
+pub(super) const K_DATASET: &str = "dataset_id";
+pub(super) const K_SCHEMA: &str = "schema";
+pub(super) const K_VERSION: &str = "version";
+pub(super) const K_LOG_FLOOR: &str = "log_floor";
+pub(super) const K_LOG_LEN: &str = "log_len";
+pub(super) const K_PATIENTS: &str = "patients";
+pub(super) const K_NEXT_SOURCE: &str = "next_source_id";
+pub(super) const K_AUDIT_SEQ: &str = "audit_seq";
+pub(super) const K_REGRESSION_ACK: &str = "regression_ack";
+
+pub(super) fn count_key(t: OptOutType) -> &'static str {
+    match t {
+        OptOutType::NationalDataOptOut => "count_national",
+        OptOutType::Type1 => "count_type1",
+    }
+}
+
+/// A redb error, kept as the source.
+pub(super) fn storage<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
+    StoreError::Unavailable(Cause::with_source(format!("embedded store: {e}"), e))
+}
+
+/// A blocking task that panicked or was cancelled, kept as the source.
+pub(super) fn blocking_failed(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Unavailable(Cause::with_source(
+        format!("embedded store task failed: {e}"),
+        e,
+    ))
+}
+
+pub(super) fn initialise(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let id = crate::store::random_hex::<16>();
+        meta.insert(K_DATASET, id.as_bytes()).map_err(storage)?;
+        meta.insert(K_SCHEMA, SCHEMA.to_le_bytes().as_slice())
+            .map_err(storage)?;
+        put_version(&mut meta, K_VERSION, Version::ZERO)?;
+        put_version(&mut meta, K_LOG_FLOOR, Version::ZERO)?;
+        txn.open_table(OPTOUTS).map_err(storage)?;
+        txn.open_table(SOURCES).map_err(storage)?;
+        txn.open_table(SOURCE_IDS).map_err(storage)?;
+        txn.open_table(CHANGES).map_err(storage)?;
+        txn.open_table(AUDIT).map_err(storage)?;
+    }
+    txn.commit().map_err(storage)
+}
+
+/// Writes audit records in a transaction; each gets the next sequence number.
+pub(super) fn write_audit(
+    txn: &WriteTransaction,
+    records: &[AuditRecord],
+) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    let mut seq = get_u64(&meta, K_AUDIT_SEQ)?;
+    let mut audit = txn.open_table(AUDIT).map_err(storage)?;
+    for r in records {
+        let json = serde_json::to_vec(r)
+            .map_err(|e| StoreError::Corrupt(format!("audit record: {e}").into()))?;
+        seq += 1;
+        audit
+            .insert((u64::try_from(r.at_ms).unwrap_or(0), seq), json.as_slice())
+            .map_err(storage)?;
+    }
+    put_u64(&mut meta, K_AUDIT_SEQ, seq)
+}
+
+pub(super) fn read_marker(db: &Database, path: &Path) -> Result<(String, Version), StoreError> {
+    let missing = || {
+        StoreError::NotInitialised(
+            format!(
+                "{} has no dataset marker; refusing to read it as an empty opt-out list",
+                path.display()
+            )
+            .into(),
+        )
+    };
+    let txn = db.begin_read().map_err(storage)?;
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Err(missing()),
+        Err(e) => return Err(storage(e)),
+    };
+    let id = meta
+        .get(K_DATASET)
+        .map_err(storage)?
+        .map(|v| String::from_utf8_lossy(v.value()).into_owned())
+        .ok_or_else(missing)?;
+    let schema = get_u64(&meta, K_SCHEMA)?;
+    if schema != SCHEMA {
+        return Err(StoreError::Corrupt(
+            format!(
+                "{} has schema {schema}, this build reads schema {SCHEMA}",
+                path.display()
+            )
+            .into(),
+        ));
+    }
+    let version = get_version(&meta, K_VERSION)?;
+    Ok((id, version))
+}
+
+pub(super) fn remove_stale_staging(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(storage)?;
+    let stale: Vec<String> = txn
+        .list_tables()
+        .map_err(storage)?
+        .map(|t| t.name().to_string())
+        .filter(|n| n.starts_with(STAGING_PREFIX))
+        .collect();
+    for name in &stale {
+        txn.delete_table(TableDefinition::<u64, ()>::new(name))
+            .map_err(storage)?;
+    }
+    txn.commit().map_err(storage)
+}
+
+pub(super) fn get_u64<T: ReadableTable<&'static str, &'static [u8]>>(
+    meta: &T,
+    key: &str,
+) -> Result<u64, StoreError> {
+    match meta.get(key).map_err(storage)? {
+        None => Ok(0),
+        Some(v) => v
+            .value()
+            .try_into()
+            .map(u64::from_le_bytes)
+            .map_err(|_| StoreError::Corrupt(format!("meta {key} is not 8 bytes").into())),
+    }
+}
+
+pub(super) fn put_u64(
+    meta: &mut redb::Table<&str, &[u8]>,
+    key: &str,
+    v: u64,
+) -> Result<(), StoreError> {
+    meta.insert(key, v.to_le_bytes().as_slice())
+        .map(|_| ())
+        .map_err(storage)
+}
+
+pub(super) fn get_version<T: ReadableTable<&'static str, &'static [u8]>>(
+    meta: &T,
+    key: &str,
+) -> Result<Version, StoreError> {
+    match meta.get(key).map_err(storage)? {
+        None => Ok(Version::ZERO),
+        Some(v) => {
+            let b = v.value();
+            if b.len() != 16 {
+                return Err(StoreError::Corrupt(
+                    format!("meta {key} is not 16 bytes").into(),
+                ));
+            }
+            let (ms, seq) = b.split_at(8);
+            let word = |s: &[u8]| {
+                s.try_into()
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| StoreError::Corrupt(format!("meta {key}").into()))
+            };
+            Ok(Version {
+                ms: word(ms)?,
+                seq: word(seq)?,
+            })
+        }
+    }
+}
+
+pub(super) fn put_version(
+    meta: &mut redb::Table<&str, &[u8]>,
+    key: &str,
+    v: Version,
+) -> Result<(), StoreError> {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&v.ms.to_le_bytes());
+    b[8..].copy_from_slice(&v.seq.to_le_bytes());
+    meta.insert(key, b.as_slice()).map(|_| ()).map_err(storage)
+}
+
+pub(super) fn read_version(txn: &ReadTransaction) -> Result<Version, StoreError> {
+    let meta = txn.open_table(META).map_err(storage)?;
+    get_version(&meta, K_VERSION)
+}
