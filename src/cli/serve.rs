@@ -365,6 +365,7 @@ impl TryFrom<&ServeArgs> for ServerConfig {
 /// Checks the exposure, builds the configuration, binds, says where, and serves until SIGTERM.
 pub(super) async fn serve(args: ServeArgs) -> Result<(), CliError> {
     args.check_exposure()?;
+    let shutdown = shutdown_signal();
     let config = ServerConfig::try_from(&args)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -376,7 +377,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CliError> {
         false,
         &format!("listening on {bound} {}", describe(&config)),
     );
-    run(listener, config, shutdown_signal()).await?;
+    run(listener, config, shutdown).await?;
     Ok(())
 }
 
@@ -405,27 +406,40 @@ fn describe(config: &ServerConfig) -> String {
     text
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends). The handlers are installed
+/// here, when called, not when the future is first polled: a SIGTERM that arrives while the server
+/// is still starting is a graceful shutdown too, never the default action (an abrupt exit).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &'static str| {
+            signal(kind)
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot listen for {name}"))
+                .ok()
+        };
+        let mut term = listen(SignalKind::terminate(), "SIGTERM");
+        let mut int = listen(SignalKind::interrupt(), "SIGINT");
+        async move {
+            tokio::select! {
+                _ = received(&mut term) => {},
+                _ = received(&mut int) => {},
             }
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Completes when `signal` is received; never, if it could not be listened for.
+#[cfg(unix)]
+async fn received(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
     }
 }

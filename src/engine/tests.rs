@@ -37,6 +37,8 @@ struct Switch {
     inner: EmbeddedStore,
     down: AtomicBool,
     audit_down: AtomicBool,
+    /// The feed says the store went back in time (as a Redis restored from an older copy would).
+    behind: AtomicBool,
 }
 
 impl Switch {
@@ -91,6 +93,11 @@ impl ConsentStore for Switch {
         wait: Duration,
     ) -> Result<Feed, StoreError> {
         self.fail_if(&self.down)?;
+        if self.behind.load(Ordering::SeqCst) {
+            return Ok(Feed::Behind {
+                store: Version::ZERO,
+            });
+        }
         self.inner.changes_after(after, max, wait).await
     }
     async fn scan(&self) -> Result<Scan, StoreError> {
@@ -100,6 +107,9 @@ impl ConsentStore for Switch {
     async fn open_dataset(&self) -> Result<String, StoreError> {
         self.fail_if(&self.down)?;
         self.inner.open_dataset().await
+    }
+    async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
+        self.inner.regression_ack().await
     }
     async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
         self.inner.acknowledge_regression(audit).await
@@ -142,6 +152,7 @@ impl Rig {
             inner,
             down: AtomicBool::new(false),
             audit_down: AtomicBool::new(false),
+            behind: AtomicBool::new(false),
         });
         let filter = SyncedFilter::new(FilterConfig {
             capacity: 1000,
@@ -312,5 +323,46 @@ async fn nothing_is_released_while_checks_cannot_be_recorded_past_the_bound() {
     assert_eq!(
         rig.check(&[Some(n)], Purpose::DirectCare).await.decisions,
         vec![exempt]
+    );
+}
+
+#[tokio::test]
+async fn a_store_that_went_back_in_time_is_not_trusted_again_until_an_admin_acknowledges_it() {
+    let rig = Rig::start(Duration::from_secs(5)).await;
+    let free = number(4_400_000_000);
+    rig.until("the filter is fresh", |r| r.filter.view().trusted)
+        .await;
+    rig.store.behind.store(true, Ordering::SeqCst);
+    rig.until("the follower fails closed", |r| r.filter.regressed())
+        .await;
+    let regressed = Decision::Withhold(WithholdReason::StoreRegressed);
+    assert_eq!(
+        rig.check(&[Some(free)], Purpose::Research).await.decisions,
+        vec![regressed]
+    );
+    // The store answers normally again (restored), but nothing is trusted without an admin.
+    rig.store.behind.store(false, Ordering::SeqCst);
+    // Several acknowledgement polls (every 500 ms) and feed reads go by: still failing closed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(rig.filter.regressed(), "no silent rebuild");
+    assert_eq!(
+        rig.check(&[Some(free)], Purpose::Research).await.decisions,
+        vec![regressed]
+    );
+    let ack = AuditRecord {
+        action: "acknowledge-regression".into(),
+        ..AuditRecord::default()
+    };
+    rig.store
+        .acknowledge_regression(&ack)
+        .await
+        .expect("acknowledge");
+    rig.until("the follower rebuilds and serves", |r| {
+        !r.filter.regressed() && r.filter.view().trusted
+    })
+    .await;
+    assert_eq!(
+        rig.check(&[Some(free)], Purpose::Research).await.decisions,
+        vec![Decision::Release(ReleaseReason::NoOptOut)]
     );
 }

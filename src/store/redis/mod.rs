@@ -1,33 +1,14 @@
 //! The Redis consent store, shared by every replica.
 //!
-//! Layout (every key under the configured prefix `P`, so foreign keys in the same Redis are never
-//! touched):
-//! - `P marker` (hash): the dataset marker (`dataset_id`, `buckets`, `created_at_ms`), written only
-//!   by `optout init-store`. A store without it (never initialised, or restarted empty, flushed, a
-//!   wrong database number) is never read as "nobody opted out": every call fails closed.
-//! - `P gen:{t}`: the current generation of opt-out type `t` (1 national, 2 type 1).
-//! - `P d:{t}:{g}:{b}` (hash): the opt-outs of type `t` in generation `g` whose NHS number falls in
-//!   bucket `b` (`number % buckets`); field = the number, value = `recorded_at_ms,source_id`.
-//!   Small hashes stay in Redis's compact listpack encoding, which is what keeps 5 million opt-outs
-//!   compact; `buckets` is chosen at init so buckets stay under 128 fields.
-//! - `P src` / `P srcid` / `P srcnext`: sources interned to small ids.
-//! - `P counts` (hash): per-type counts and distinct patients.
-//! - `P log` (stream): the change log; each entry's id is the version of that change, its `a`
-//!   field the numbers that gained an opt-out (what filters must add). `P version` is the latest
-//!   id, `P log_floor` the newest id trimmed away (a follower behind it must rebuild).
-//! - `P snapshot` / `P snapshot_version`: the newest published filter snapshot.
-//! - `P lock:{t}`: held while an import of type `t` is being applied.
-//!
-//! On a Redis Cluster the metadata keys share one hash slot and the opt-out data is sharded; see
-//! `cluster.rs`.
+//! The key layout is described in `keys.rs`; on a Redis Cluster the metadata keys share one hash
+//! slot and the opt-out data is sharded (see `cluster.rs`).
 //!
 //! Every admin write is one Lua script: records, counts and the change-log entry change together
 //! or not at all. A check's "maybe" numbers are one script call: one round trip, one consistent
 //! version. An import is staged into a new generation of its type and swapped in by moving the
 //! generation pointer, so no check ever sees half of it.
-
 //!
-//! Files: `config` (settings), `conn` (reaching one Redis, Sentinel's master or a Cluster),
+//! Files: `config` (settings), `keys` (the key layout), `conn` (reaching one Redis, Sentinel's master or a Cluster),
 //! `layout` (the seam between topologies, and one Redis's layout), `cluster` (the Cluster's),
 //! `scripts` and `lua/` (the Lua scripts and their errors), `reply` (reading replies), `safety`
 //! (eviction, persistence, the master's role), `durable` (replica confirmation), `dataset`
@@ -41,6 +22,7 @@ mod dataset;
 mod durable;
 mod feed;
 mod import;
+mod keys;
 mod layout;
 mod reply;
 mod safety;
@@ -153,11 +135,6 @@ impl RedisStore {
         })
     }
 
-    /// A metadata key.
-    fn key(&self, name: &str) -> String {
-        format!("{}{name}", self.inner.prefix)
-    }
-
     fn bound(&self) -> Result<Bound, StoreError> {
         self.inner.bound.read().clone().ok_or_else(not_initialised)
     }
@@ -170,32 +147,6 @@ impl RedisStore {
     /// The connection of admin writes, imports, scans and snapshots.
     fn write_conn(&self) -> Conn {
         self.inner.write.clone()
-    }
-
-    /// The hash of opt-outs of type `t`, generation `g`, bucket `b`.
-    fn data_key(&self, bound: &Bound, t: &str, g: impl std::fmt::Display, b: u64) -> String {
-        if bound.shards.is_empty() {
-            format!("{}d:{t}:{g}:{b}", self.inner.prefix)
-        } else {
-            let tag = &bound.shards[(b % bound.shards.len() as u64) as usize];
-            format!("{}{{{tag}}}d:{t}:{g}:{b}", self.inner.data_prefix)
-        }
-    }
-
-    /// A cluster shard's copy of the dataset marker, read with its data in one round trip.
-    fn shard_marker(&self, tag: &str) -> String {
-        format!("{}{{{tag}}}marker", self.inner.data_prefix)
-    }
-
-    /// Buckets in groups that share a hash slot (a cluster shard), at most 256 to a group.
-    fn bucket_groups(&self, bound: &Bound) -> Vec<Vec<u64>> {
-        let step = (bound.shards.len() as u64).max(1);
-        let mut groups = Vec::new();
-        for first in 0..step.min(bound.buckets) {
-            let all: Vec<u64> = (first..bound.buckets).step_by(step as usize).collect();
-            groups.extend(all.chunks(256).map(<[u64]>::to_vec));
-        }
-        groups
     }
 
     /// Drops every connection to the node Sentinel named, so the next call asks the sentinels.
