@@ -37,6 +37,17 @@ impl Served {
     /// Starts serve on free loopback ports (gRPC, health, metrics) with extra args and env, and
     /// waits until it is SERVING.
     async fn start(data: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Served {
+        let served = Self::spawn(data, extra, env).await;
+        eventually!(
+            "SERVING",
+            Duration::from_secs(20),
+            served.health_of("optout.v1.OptOutCheck").await == Some(ServingStatus::Serving)
+        );
+        served
+    }
+
+    /// Starts serve and returns once it has said where it listens (not waiting for SERVING).
+    async fn spawn(data: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Served {
         let mut cmd = Command::new(BIN);
         cmd.args([
             "serve",
@@ -86,19 +97,13 @@ impl Served {
         let grpc = format!("http://{}", after("listening on "));
         let health = format!("http://{}", after("health on "));
         let metrics = format!("http://{}/metrics", after("metrics on http://"));
-        let served = Served {
+        Served {
             child,
             grpc,
             health,
             metrics,
             stderr: lines,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while served.health_of("optout.v1.OptOutCheck").await != Some(ServingStatus::Serving) {
-            assert!(Instant::now() < deadline, "not SERVING within 20 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        served
     }
 
     async fn channel(url: &str) -> Channel {
@@ -522,4 +527,22 @@ async fn a_stream_that_outlives_the_grace_period_is_cut_and_the_process_still_ex
         "exited before the grace period: {took:?}"
     );
     drop(tx);
+}
+
+#[tokio::test]
+async fn a_sigterm_while_the_server_is_still_starting_is_a_graceful_shutdown() {
+    // Kubernetes may stop a pod at any moment, also before it serves: SIGTERM right after the
+    // `listening on` line (while the store opens and the filter loads) must end the process
+    // cleanly, with exit code 0, never by the signal's default action.
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let served = Served::spawn(&dir.path().join("data"), &[], &[]).await;
+        served.sigterm();
+        let (status, lines) = served.wait(Duration::from_secs(10)).await;
+        assert!(
+            status.success(),
+            "exit {status:?}; stderr: {}",
+            lines.join("\n")
+        );
+    }
 }
