@@ -235,6 +235,41 @@ async fn serve_refuses_non_loopback_addresses() {
     );
 }
 
+#[tokio::test]
+async fn the_audit_key_file_is_base64_of_32_bytes_and_anything_else_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let made = optout(args(&["keys", "audit-key"])).await;
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let key = dir.path().join("audit.key");
+    let serve_with = |contents: Vec<u8>| {
+        let key = key.clone();
+        let data = dir.path().join("data");
+        async move {
+            std::fs::write(&key, contents).expect("write");
+            let mut a = args(&["serve", "--listen", "127.0.0.1:0", "--audit-key-file"]);
+            a.push(key.display().to_string());
+            a.extend(args(&["--max-batch", "0", "--data-dir"]));
+            a.push(data.display().to_string());
+            // --max-batch 0 stops serve after the key is read, before it would listen.
+            text(&optout(a).await.stderr)
+        }
+    };
+    // A generated key passes the key check (serve then stops at the bad --max-batch).
+    let err = serve_with(made.stdout.clone()).await;
+    assert!(err.contains("--max-batch must be at least 1"), "{err}");
+    // Binary secret: refused, never read through a lossy conversion.
+    let mut binary = vec![0xC3u8, 0x28, 0xFF];
+    binary.extend([0x41u8; 61]);
+    let err = serve_with(binary).await;
+    assert!(
+        err.contains("--audit-key-file") && err.contains("not base64"),
+        "{err}"
+    );
+    // 31 bytes of secret: refused although its text is long.
+    let err = serve_with(b"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ==\n".to_vec()).await;
+    assert!(err.contains("at least 32 bytes of secret, got 31"), "{err}");
+}
+
 /// Starts `optout serve` on a free loopback port; returns the child and its URL once it answers.
 async fn spawn_serve(data: &std::path::Path) -> (std::process::Child, String) {
     let mut child = Command::new(BIN)

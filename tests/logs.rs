@@ -41,7 +41,8 @@ fn no_nhs_number_reaches_the_logs_at_any_level() {
     let audit_key = dir.path().join("audit.key");
     std::fs::write(
         &audit_key,
-        "0123456789abcdef0123456789abcdef-test-audit-key",
+        // base64 of 32 test bytes: the key file format.
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n",
     )
     .expect("write");
     let made = run(

@@ -26,6 +26,9 @@ pub(super) enum KeysCommand {
         #[arg(long = "role", value_enum, required = true)]
         roles: Vec<RoleArg>,
     },
+    /// Make an audit key: base64 of 32 random bytes on stdout, for --audit-key-file. Every
+    /// replica must use the same one (digests of NHS numbers are keyed with it).
+    AuditKey,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -37,6 +40,14 @@ pub(super) enum RoleArg {
 impl KeysArgs {
     pub(super) fn run(self) -> Result<(), CliError> {
         match self.command {
+            KeysCommand::AuditKey => {
+                print!("{}", crate::core::AuditKey::generate());
+                eprintln!(
+                    "a new audit key (base64 of 32 random bytes) is on stdout: store it as a secret \
+                     shared by every replica, e.g. `optout keys audit-key > audit.key`"
+                );
+                Ok(())
+            }
             KeysCommand::New {
                 keys_file,
                 organisation,

@@ -268,8 +268,7 @@ impl ServeArgs {
             return Ok(None);
         };
         let raw = read_file("--audit-key-file", path)?;
-        let trimmed = String::from_utf8_lossy(&raw).trim().as_bytes().to_vec();
-        AuditKey::new(&trimmed)
+        AuditKey::from_file(&raw)
             .map(Some)
             .map_err(|e| CliError::Usage(format!("--audit-key-file {}: {e}", path.display())))
     }
@@ -315,6 +314,7 @@ impl TryFrom<&ServeArgs> for ServerConfig {
 
     /// The server's configuration from the flags (whose defaults are the server's own).
     fn try_from(args: &ServeArgs) -> Result<Self, CliError> {
+        let audit_key = args.audit_key()?;
         args.check_ranges()?;
         let side = |flag: &str, addr: Option<SocketAddr>| -> Result<_, CliError> {
             addr.map(|a| {
@@ -343,7 +343,7 @@ impl TryFrom<&ServeArgs> for ServerConfig {
             },
             keys_file: args.keys_file.clone(),
             tls: args.tls()?,
-            audit_key: args.audit_key()?,
+            audit_key,
             audit_bound: Duration::from_millis(args.audit_bound_ms.max(1)),
             audit_queue_bytes: args.audit_queue_mib.max(4).saturating_mul(1024 * 1024),
             rate_limit: RateLimit {

@@ -219,6 +219,7 @@ impl Engines {
 /// The configured audit key, or (development only) a random one for this process.
 fn audit_key(config: &ServerConfig) -> Result<AuditKey, ServerError> {
     if let Some(k) = &config.audit_key {
+        tracing::info!(audit_key_id = %k.id(), "audit key loaded");
         return Ok(k.clone());
     }
     tracing::warn!(

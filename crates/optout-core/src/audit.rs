@@ -17,7 +17,7 @@ use aes::{
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 use super::NhsNumber;
 
@@ -30,12 +30,33 @@ use super::NhsNumber;
 /// the cost with AES-NI (`cargo bench --bench core -- audit_digest` measures it). Digests are computed
 /// for every released number, so their cost shows directly in the check path's CPU.
 #[derive(Clone)]
-pub struct AuditKey(Aes256);
+pub struct AuditKey {
+    cipher: Aes256,
+    id: [u8; 4],
+}
 
 /// An audit key that cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[error("the audit key must be at least 32 bytes of secret material, got {0}")]
-pub struct AuditKeyError(pub usize);
+/// Why an audit key was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuditKeyError {
+    /// Fewer than 32 bytes of secret.
+    #[error("the audit key must be at least 32 bytes of secret, got {0}")]
+    TooShort(usize),
+    /// A key file that is not base64 text.
+    #[error(
+        "the audit key file must hold base64 text (make one with `optout keys audit-key`); byte \
+         {position} is {byte:#04x}, which is not base64"
+    )]
+    NotBase64 {
+        /// 0-based position of the first bad byte, after leading whitespace.
+        position: usize,
+        /// The byte.
+        byte: u8,
+    },
+    /// Base64 text that does not decode (wrong length or padding).
+    #[error("the audit key file is not valid base64: {0}")]
+    BadBase64(String),
+}
 
 /// Length of one digest in bytes.
 pub const DIGEST_LEN: usize = 8;
@@ -47,14 +68,71 @@ impl AuditKey {
     /// A key from secret bytes (at least 32).
     pub fn new(secret: &[u8]) -> Result<Self, AuditKeyError> {
         if secret.len() < 32 {
-            return Err(AuditKeyError(secret.len()));
+            return Err(AuditKeyError::TooShort(secret.len()));
         }
         // HMAC takes keys of any length; the error arm cannot happen.
         let mut kdf = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-            .map_err(|_| AuditKeyError(secret.len()))?;
+            .map_err(|_| AuditKeyError::TooShort(secret.len()))?;
         kdf.update(b"optout audit digest key, AES-256, v2");
         let derived = kdf.finalize().into_bytes();
-        Ok(AuditKey(Aes256::new(&derived)))
+        let id = Sha256::digest([b"optout audit key id".as_slice(), secret].concat());
+        Ok(AuditKey {
+            cipher: Aes256::new(&derived),
+            id: [id[0], id[1], id[2], id[3]],
+        })
+    }
+
+    /// The key in a key file: base64 text of at least 32 random bytes (what
+    /// [`AuditKey::generate`] writes), ASCII whitespace around it ignored. Anything else is
+    /// refused: a binary file, text that is not base64, or fewer than 32 bytes once decoded. The
+    /// secret is the base64 text itself, exactly as written (so digests stay what they were for
+    /// key files made as the README has always said, `head -c 48 /dev/urandom | base64`).
+    pub fn from_file(contents: &[u8]) -> Result<Self, AuditKeyError> {
+        let start = contents
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(contents.len());
+        let end = contents
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(start, |e| e + 1);
+        let text = &contents[start..end.max(start)];
+        if let Some(position) = text
+            .iter()
+            .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=')))
+        {
+            return Err(AuditKeyError::NotBase64 {
+                position,
+                byte: text[position],
+            });
+        }
+        let engine = base64::engine::general_purpose::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new()
+                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        );
+        let secret = engine
+            .decode(text)
+            .map_err(|e| AuditKeyError::BadBase64(e.to_string()))?;
+        if secret.len() < 32 {
+            return Err(AuditKeyError::TooShort(secret.len()));
+        }
+        Self::new(text)
+    }
+
+    /// A new key file's contents: base64 of 32 random bytes and a newline.
+    pub fn generate() -> String {
+        let mut secret = [0u8; 32];
+        rand::fill(&mut secret);
+        format!(
+            "{}\n",
+            base64::engine::general_purpose::STANDARD.encode(secret)
+        )
+    }
+
+    /// A short public id of the key (8 hex digits), to tell keys apart when one is rotated.
+    pub fn id(&self) -> String {
+        self.id.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     fn block(n: NhsNumber) -> Block {
@@ -67,7 +145,7 @@ impl AuditKey {
     /// The digest of one NHS number.
     pub fn digest(&self, n: NhsNumber) -> [u8; DIGEST_LEN] {
         let mut b = Self::block(n);
-        self.0.encrypt_block(&mut b);
+        self.cipher.encrypt_block(&mut b);
         let mut out = [0u8; DIGEST_LEN];
         out.copy_from_slice(&b[..DIGEST_LEN]);
         out
@@ -77,7 +155,7 @@ impl AuditKey {
     pub fn digests(&self, numbers: impl IntoIterator<Item = NhsNumber>) -> String {
         let mut blocks: Vec<Block> = numbers.into_iter().map(Self::block).collect();
         // Many blocks at once: AES-NI pipelines them.
-        self.0.encrypt_blocks(&mut blocks);
+        self.cipher.encrypt_blocks(&mut blocks);
         let mut raw = Vec::with_capacity(blocks.len() * DIGEST_LEN);
         for b in &blocks {
             raw.extend_from_slice(&b[..DIGEST_LEN]);
@@ -185,6 +263,53 @@ impl AuditQuery {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_key_file_is_base64_of_at_least_32_bytes_and_nothing_else() {
+        let made = AuditKey::generate();
+        let key = AuditKey::from_file(made.as_bytes()).expect("a generated key is accepted");
+        // The secret is the text as written: a key file made as the README always said keeps
+        // its digests.
+        let legacy = "  Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFy\r\n";
+        let n = NhsNumber::parse("9434765919").expect("valid");
+        assert_eq!(
+            AuditKey::from_file(legacy.as_bytes())
+                .expect("legacy")
+                .digest(n),
+            AuditKey::new(legacy.trim().as_bytes())
+                .expect("text")
+                .digest(n)
+        );
+        assert_eq!(key.id().len(), 8);
+        assert_ne!(
+            key.id(),
+            AuditKey::from_file(AuditKey::generate().as_bytes())
+                .expect("another")
+                .id()
+        );
+        // Binary: refused, naming the byte, rather than losing entropy in a lossy conversion.
+        let mut binary = vec![0x80u8, 0xff, 0x00];
+        binary.extend([7u8; 40]);
+        assert!(matches!(
+            AuditKey::from_file(&binary),
+            Err(AuditKeyError::NotBase64 {
+                position: 0,
+                byte: 0x80
+            })
+        ));
+        // 31 bytes of secret: too short, although its text is 44 characters long.
+        let short = base64::engine::general_purpose::STANDARD.encode([1u8; 31]);
+        assert_eq!(
+            AuditKey::from_file(short.as_bytes()).err(),
+            Some(AuditKeyError::TooShort(31))
+        );
+        assert!(matches!(
+            AuditKey::from_file(b"abc"),
+            Err(AuditKeyError::BadBase64(_) | AuditKeyError::TooShort(_))
+        ));
+        assert!(AuditKey::from_file(b"").is_err());
+        assert!(AuditKey::from_file(b"a key with spaces inside it that is long enough").is_err());
+    }
+
     use super::*;
 
     #[test]
