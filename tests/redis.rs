@@ -514,14 +514,17 @@ async fn audit_records_live_in_redis_with_the_change_and_hold_digests_only() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let changed = b
+    let changed: Vec<_> = b
         .admin_client()
         .await
         .read_audit(about(&n[0]))
         .await
         .expect("read")
         .into_inner()
-        .records;
+        .records
+        .into_iter()
+        .filter(|r| r.action != "read-audit")
+        .collect();
     assert_eq!(
         changed.len(),
         1,
@@ -530,14 +533,23 @@ async fn audit_records_live_in_redis_with_the_change_and_hold_digests_only() {
     assert_eq!(changed[0].action, "add");
     assert!(!changed[0].version.is_empty());
     let mut conn = redis.connection().await;
-    let raw: redis::Value = redis::cmd("XRANGE")
-        .arg("optout:audit")
-        .arg("-")
-        .arg("+")
+    let mut raw = String::new();
+    for stream in ["optout:audit", "optout:changes"] {
+        let page: redis::Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .expect("xrange");
+        raw.push_str(&format!("{page:?}"));
+    }
+    let changes: u64 = redis::cmd("XLEN")
+        .arg("optout:changes")
         .query_async(&mut conn)
         .await
-        .expect("xrange");
-    let raw = format!("{raw:?}");
+        .expect("xlen");
+    assert!(changes >= 1, "the change is in the changes trail");
     for number in &n {
         assert!(
             !raw.contains(number.as_str()),
@@ -632,4 +644,76 @@ async fn a_redis_that_may_evict_opt_outs_is_refused() {
     );
     let _: () = redis::cmd("PING").query_async(&mut c).await.expect("ping");
     replica.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_checks_never_pushes_the_record_of_a_change_out_of_the_audit() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut config = redis_config(&redis, "optout:", scratch.path());
+    // A check trail kept short on purpose: check records are trimmed past it.
+    config.redis_mut().expect("redis").audit_len = 5;
+    init_redis(&config).await;
+    let server = TestServer::start_redis(config.clone()).await;
+    let n = valid_numbers(4_810_000_000, 2);
+    server
+        .admin_client()
+        .await
+        .add_opt_outs(change_request(
+            vec![n[0].clone()],
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add");
+    // 300 checks of another number: 300 check records, three of Redis's stream nodes.
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut client = server.check_client().await;
+    let stream = tokio::spawn(async move {
+        let mut answers = client
+            .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("stream")
+            .into_inner();
+        let mut answered = 0;
+        while answers.message().await.expect("answer").is_some() {
+            answered += 1;
+        }
+        answered
+    });
+    for i in 0..300 {
+        let mut req = check_request(vec![n[1].clone()], RESEARCH);
+        req.extract_id = format!("burst-{i}");
+        tx.send(req).await.expect("send");
+    }
+    drop(tx);
+    assert_eq!(stream.await.expect("join"), 300);
+    let mut conn = redis.connection().await;
+    eventually!("the check records are written", Duration::from_secs(10), {
+        let last: redis::Value = redis::cmd("XREVRANGE")
+            .arg("optout:audit")
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .expect("xrevrange");
+        format!("{last:?}").contains("burst-299")
+    });
+    let records = server
+        .admin_client()
+        .await
+        .read_audit(optout::api::proto::ReadAuditRequest {
+            nhs_number: n[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("read")
+        .into_inner()
+        .records;
+    assert!(
+        records.iter().any(|r| r.action == "add"),
+        "the record of the opt-out change is still in the trail: {records:?}"
+    );
+    server.stop().await;
 }

@@ -201,10 +201,11 @@ impl OptOutAdmin for AdminService {
         &self,
         request: Request<GetOptOutRequest>,
     ) -> Result<Response<GetOptOutResponse>, Status> {
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let n = NhsNumber::parse(&req.nhs_number)
             .map_err(|e| Status::invalid_argument(format!("nhs_number: {e}")))?;
-        let (records, version) = self.admin.get(n).await.map_err(admin_status)?;
+        let (records, version) = self.admin.get(&caller, n).await.map_err(admin_status)?;
         Ok(Response::new(GetOptOutResponse {
             opt_outs: records
                 .into_iter()
@@ -222,6 +223,7 @@ impl OptOutAdmin for AdminService {
         &self,
         request: Request<ReadAuditRequest>,
     ) -> Result<Response<ReadAuditResponse>, Status> {
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let number = if req.nhs_number.is_empty() {
             None
@@ -243,7 +245,11 @@ impl OptOutAdmin for AdminService {
             number,
             limit,
         };
-        let records = self.admin.read_audit(search).await.map_err(admin_status)?;
+        let records = self
+            .admin
+            .read_audit(&caller, search)
+            .await
+            .map_err(admin_status)?;
         Ok(Response::new(ReadAuditResponse {
             records: records
                 .into_iter()

@@ -146,13 +146,26 @@ impl Admin {
         })
     }
 
-    /// The opt-outs recorded for one number.
-    pub async fn get(&self, n: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), AdminError> {
+    /// The opt-outs recorded for one number. The look-up is recorded first (who looked up which
+    /// patient, by digest): if it cannot be recorded, nothing is shown.
+    pub async fn get(
+        &self,
+        caller: &Caller,
+        n: NhsNumber,
+    ) -> Result<(Vec<OptOutRecord>, Version), AdminError> {
+        self.record_access(caller, "get", Some(n)).await?;
         Ok(self.store.get(n).await?)
     }
 
-    /// Audit records, oldest first.
-    pub async fn read_audit(&self, search: AuditSearch) -> Result<Vec<AuditRecord>, AdminError> {
+    /// Audit records of both trails, oldest first. The read is recorded first, with the digest of
+    /// the patient asked about, if any.
+    pub async fn read_audit(
+        &self,
+        caller: &Caller,
+        search: AuditSearch,
+    ) -> Result<Vec<AuditRecord>, AdminError> {
+        self.record_access(caller, "read-audit", search.number)
+            .await?;
         let query = AuditQuery {
             from_ms: search.from_ms,
             to_ms: search.to_ms,
@@ -162,6 +175,26 @@ impl Admin {
             limit: search.limit,
         };
         Ok(self.store.read_audit(&query).await?)
+    }
+
+    /// Writes the record of an admin's read to the changes trail.
+    async fn record_access(
+        &self,
+        caller: &Caller,
+        action: &str,
+        about: Option<NhsNumber>,
+    ) -> Result<(), AdminError> {
+        let record = AuditRecord {
+            at_ms: now_ms_i64(),
+            organisation: caller.organisation.clone(),
+            key_id: caller.key_id.clone(),
+            action: action.into(),
+            count: u64::from(about.is_some()),
+            digests: self.audit_key.digests(about),
+            version: self.filter.version().to_string(),
+            ..AuditRecord::default()
+        };
+        Ok(self.store.record_access(&record).await?)
     }
 
     /// The store's counts and this replica's filter.

@@ -327,10 +327,14 @@ pub trait ConsentStore: Send + Sync + 'static {
     /// were restored (or knowingly given up), with its audit record, atomically. Returns its id.
     async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError>;
 
-    /// Appends audit records (of checks) durably.
+    /// Appends check records durably, to the checks trail.
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
 
-    /// Reads audit records, oldest first.
+    /// Records an admin's read (who looked up which patient, who read the audit) durably, in the
+    /// changes trail with the admin changes: never trimmed by check traffic.
+    async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError>;
+
+    /// Reads audit records of both trails (changes and checks), oldest first.
     async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
 }
 

@@ -148,6 +148,9 @@ impl ConsentStore for FaultyStore {
         self.inner.append_audit(records).await
     }
 
+    async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        self.inner.record_access(record).await
+    }
     async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.read_audit(query).await
     }

@@ -98,7 +98,7 @@ impl ImportSession for EmbeddedImport {
                 audit.version = version.to_string();
                 audit.applied = added.len() as u64 + removed;
                 audit.digests = key.digests(added.iter().chain(&removed_numbers).copied());
-                write_audit(&txn, std::slice::from_ref(&audit))?;
+                write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&audit))?;
                 txn.commit().map_err(storage)?;
                 inner.notify(version);
                 Ok(ImportOutcome {

@@ -257,7 +257,7 @@ impl ConsentStore for EmbeddedStore {
                 let version = writer.finish(&added, removed, inner.change_log_len)?;
                 audit.version = version.to_string();
                 audit.applied = applied;
-                write_audit(&txn, std::slice::from_ref(&audit))?;
+                write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&audit))?;
                 txn.commit().map_err(storage)?;
                 inner.notify(version);
                 Ok(WriteOutcome { version, applied })
@@ -382,9 +382,19 @@ impl ConsentStore for EmbeddedStore {
                 meta.insert(K_REGRESSION_ACK, id.as_bytes())
                     .map_err(storage)?;
             }
-            write_audit(&txn, std::slice::from_ref(&audit))?;
+            write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&audit))?;
             txn.commit().map_err(storage)?;
             Ok(id)
+        })
+        .await
+    }
+
+    async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let record = record.clone();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(storage)?;
+            write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&record))?;
+            txn.commit().map_err(storage)
         })
         .await
     }
@@ -393,7 +403,7 @@ impl ConsentStore for EmbeddedStore {
         let records = records.to_vec();
         self.blocking(move |inner| {
             let txn = inner.db.begin_write().map_err(storage)?;
-            write_audit(&txn, &records)?;
+            write_audit(&txn, AUDIT, &records)?;
             txn.commit().map_err(storage)
         })
         .await
@@ -403,30 +413,12 @@ impl ConsentStore for EmbeddedStore {
         let query = query.clone();
         self.blocking(move |inner| {
             let txn = inner.db.begin_read().map_err(storage)?;
-            let audit = match txn.open_table(AUDIT) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(storage(e)),
-            };
-            let from = u64::try_from(query.from_ms).unwrap_or(0);
-            let to = if query.to_ms <= 0 {
-                u64::MAX
-            } else {
-                u64::try_from(query.to_ms).unwrap_or(u64::MAX)
-            };
-            let mut out = Vec::new();
-            for item in audit.range((from, 0)..=(to, u64::MAX)).map_err(storage)? {
-                let (_, v) = item.map_err(storage)?;
-                let r: AuditRecord = serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError::Corrupt(format!("audit record: {e}").into()))?;
-                if query.matches(&r) {
-                    out.push(r);
-                    if out.len() >= query.limit.max(1) {
-                        break;
-                    }
-                }
-            }
-            Ok(out)
+            // Both trails share one sequence: merged by key, they are one order.
+            let mut all = read_trail(&txn, CHANGE_AUDIT, &query)?;
+            all.extend(read_trail(&txn, AUDIT, &query)?);
+            all.sort_by_key(|(k, _)| *k);
+            all.truncate(query.limit.max(1));
+            Ok(all.into_iter().map(|(_, r)| r).collect())
         })
         .await
     }

@@ -9,6 +9,10 @@ pub(super) const SOURCE_IDS: TableDefinition<&str, u32> = TableDefinition::new("
 pub(super) const CHANGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("changes");
 /// Audit records: (ms, sequence) -> JSON.
 pub(super) const AUDIT: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("audit");
+/// The changes trail: admin changes and reads, apart from check records. Key `(at_ms, seq)`, the
+/// sequence shared with `audit`, so the two trails merge into one order.
+pub(super) const CHANGE_AUDIT: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("change_audit");
 
 pub(super) const DB_FILE: &str = "optout.redb";
 pub(super) const STAGING_PREFIX: &str = "import-";
@@ -60,6 +64,7 @@ pub(super) fn initialise(db: &Database) -> Result<(), StoreError> {
         txn.open_table(SOURCE_IDS).map_err(storage)?;
         txn.open_table(CHANGES).map_err(storage)?;
         txn.open_table(AUDIT).map_err(storage)?;
+        txn.open_table(CHANGE_AUDIT).map_err(storage)?;
     }
     txn.commit().map_err(storage)
 }
@@ -67,11 +72,12 @@ pub(super) fn initialise(db: &Database) -> Result<(), StoreError> {
 /// Writes audit records in a transaction; each gets the next sequence number.
 pub(super) fn write_audit(
     txn: &WriteTransaction,
+    trail: TableDefinition<(u64, u64), &[u8]>,
     records: &[AuditRecord],
 ) -> Result<(), StoreError> {
     let mut meta = txn.open_table(META).map_err(storage)?;
     let mut seq = get_u64(&meta, K_AUDIT_SEQ)?;
-    let mut audit = txn.open_table(AUDIT).map_err(storage)?;
+    let mut audit = txn.open_table(trail).map_err(storage)?;
     for r in records {
         let json = serde_json::to_vec(r)
             .map_err(|e| StoreError::Corrupt(format!("audit record: {e}").into()))?;
@@ -198,4 +204,39 @@ pub(super) fn put_version(
 pub(super) fn read_version(txn: &ReadTransaction) -> Result<Version, StoreError> {
     let meta = txn.open_table(META).map_err(storage)?;
     get_version(&meta, K_VERSION)
+}
+
+/// An audit record with its key in its trail: `(at_ms, seq)`.
+pub(super) type Keyed = ((u64, u64), AuditRecord);
+
+/// The first `query.limit` matching records of one trail, with their keys.
+pub(super) fn read_trail(
+    txn: &ReadTransaction,
+    trail: TableDefinition<(u64, u64), &[u8]>,
+    query: &AuditQuery,
+) -> Result<Vec<Keyed>, StoreError> {
+    let table = match txn.open_table(trail) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(storage(e)),
+    };
+    let from = u64::try_from(query.from_ms).unwrap_or(0);
+    let to = if query.to_ms <= 0 {
+        u64::MAX
+    } else {
+        u64::try_from(query.to_ms).unwrap_or(u64::MAX)
+    };
+    let mut out = Vec::new();
+    for item in table.range((from, 0)..=(to, u64::MAX)).map_err(storage)? {
+        let (k, v) = item.map_err(storage)?;
+        let r: AuditRecord = serde_json::from_slice(v.value())
+            .map_err(|e| StoreError::Corrupt(format!("audit record: {e}").into()))?;
+        if query.matches(&r) {
+            out.push((k.value(), r));
+            if out.len() >= query.limit.max(1) {
+                break;
+            }
+        }
+    }
+    Ok(out)
 }

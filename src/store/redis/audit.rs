@@ -1,4 +1,6 @@
-//! The audit stream: check records appended in batches, records read back by time.
+//! The audit trails in Redis: `changes` (every admin change, written by the change's own script,
+//! and every admin read; never trimmed by count) and `audit` (check records, appended in batches,
+//! trimmed past `--redis-audit-len`). Reads merge both.
 
 use redis::Value;
 
@@ -8,7 +10,7 @@ use super::{
     scripts::{changed, store_error},
 };
 use crate::{
-    core::{AuditQuery, AuditRecord},
+    core::{AuditQuery, AuditRecord, Version},
     store::StoreError,
 };
 
@@ -42,11 +44,51 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Records an admin's read (a patient looked up, the audit read) in the changes trail, which
+    /// check traffic never trims; only while the marker holds.
+    pub(super) async fn append_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let bound = self.bound()?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.hget(self.key("marker"), "dataset_id");
+        pipe.cmd("XADD")
+            .arg(self.key("changes"))
+            .arg("*")
+            .arg("r")
+            .arg(audit_json(record)?)
+            .arg("v")
+            .arg(&record.version)
+            .ignore();
+        let (marker,): (Option<String>,) = pipe
+            .query_async(&mut self.write_conn())
+            .await
+            .map_err(store_error)?;
+        if marker.as_deref() != Some(bound.dataset.as_str()) {
+            return Err(changed());
+        }
+        Ok(())
+    }
+
+    /// Records of both trails (changes and checks), oldest first, merged by their stream ids.
     pub(super) async fn read_records(
         &self,
         query: &AuditQuery,
     ) -> Result<Vec<AuditRecord>, StoreError> {
         self.bound()?;
+        let changes = self.read_stream("changes", query).await?;
+        let checks = self.read_stream("audit", query).await?;
+        let mut all: Vec<(Version, AuditRecord)> = changes.into_iter().chain(checks).collect();
+        all.sort_by_key(|(id, _)| *id);
+        all.truncate(query.limit.max(1));
+        Ok(all.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// The first `query.limit` matching records of one stream, with their stream ids.
+    async fn read_stream(
+        &self,
+        stream: &str,
+        query: &AuditQuery,
+    ) -> Result<Vec<(Version, AuditRecord)>, StoreError> {
         let mut out = Vec::new();
         let mut start = format!("{}-0", query.from_ms.max(0));
         let end = if query.to_ms <= 0 {
@@ -56,7 +98,7 @@ impl RedisStore {
         };
         loop {
             let page: Value = redis::cmd("XRANGE")
-                .arg(self.key("audit"))
+                .arg(self.key(stream))
                 .arg(&start)
                 .arg(&end)
                 .arg("COUNT")
@@ -98,7 +140,9 @@ impl RedisStore {
                         r.applied = applied.unwrap_or(0);
                     }
                     if query.matches(&r) {
-                        out.push(r);
+                        let at = Version::parse(&id)
+                            .map_err(|e| StoreError::Corrupt(e.to_string().into()))?;
+                        out.push((at, r));
                         if out.len() >= query.limit.max(1) {
                             return Ok(out);
                         }

@@ -132,8 +132,7 @@ impl RedisStore {
             .arg(&self.inner.prefix)
             .arg(&bound.dataset)
             .arg(&id)
-            .arg(audit_json(audit)?)
-            .arg(self.inner.audit_len);
+            .arg(audit_json(audit)?);
         self.invoke_durable(&inv, &mut self.write_conn()).await
     }
 }

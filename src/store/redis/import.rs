@@ -260,7 +260,6 @@ impl RedisImport {
             .arg(patients)
             .arg(store.inner.log_len)
             .arg(audit_json(&audit)?)
-            .arg(store.inner.audit_len)
             .arg(audit.applied);
         let reply: (String, u64) = store.invoke_durable(&inv, conn).await?;
         let version =

@@ -237,7 +237,6 @@ impl Layout for Flat {
             .arg(source)
             .arg(s.inner.log_len)
             .arg(audit_json(audit)?)
-            .arg(s.inner.audit_len)
             .arg(bucket_pairs(numbers, bound.buckets));
         let (id, applied): (String, u64) = s.invoke_durable(&inv, &mut s.write_conn()).await?;
         Ok(WriteOutcome {

@@ -252,6 +252,10 @@ impl ConsentStore for RedisStore {
         self.record_ack(audit).await
     }
 
+    async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        self.append_access(record).await
+    }
+
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
         self.append_records(records).await
     }

@@ -144,8 +144,7 @@ impl Cluster {
             .arg(&bound.dataset)
             .arg(id)
             .arg(applied)
-            .arg(patients)
-            .arg(s.inner.audit_len);
+            .arg(patients);
         let done: i64 = inv
             .invoke_async(&mut s.write_conn())
             .await

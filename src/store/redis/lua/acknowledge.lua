@@ -1,11 +1,10 @@
--- KEYS: the marker. ARGV: prefix, dataset, acknowledgement id, audit json, audit
--- maxlen. Records an admin's acknowledgement that the store went back in time, with
--- its audit record. Returns the id.
+-- KEYS: the marker. ARGV: prefix, dataset, acknowledgement id, audit json. Records an admin's acknowledgement that the store went back in time, with
+-- its audit record in the changes trail. Returns the id.
 local p = ARGV[1]
 if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
   return redis.error_reply('OPTOUTDATASET marker missing or changed')
 end
 redis.call('SET', p..'regression_ack', ARGV[3])
 local v = redis.call('GET', p..'version') or '0-0'
-redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[4], 'v', v, 'n', 0)
+redis.call('XADD', p..'changes', '*', 'r', ARGV[4], 'v', v, 'n', 0)
 return ARGV[3]

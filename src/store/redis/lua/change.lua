@@ -1,5 +1,5 @@
--- ARGV: prefix, dataset, 'a'|'r', type, now, source, maxlen, audit json, audit maxlen,
--- bucket/number pairs.
+-- ARGV: prefix, dataset, 'a'|'r', type, now, source, maxlen, audit json, bucket/number pairs.
+-- The audit record goes to the changes trail (`changes`), which check traffic never trims.
 -- Returns {version, applied}.
 local p, t = ARGV[1], ARGV[4]
 local refused = refuse(p, ARGV[2], t)
@@ -12,7 +12,7 @@ local value = ARGV[5]..','..sid
 local add = ARGV[3] == 'a'
 local applied, patients = 0, 0
 local added = {}
-for i = 10, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   local b, n = ARGV[i], ARGV[i + 1]
   local key = p..'d:'..t..':'..g..':'..b
   local changed
@@ -30,5 +30,5 @@ redis.call('HINCRBY', p..'counts', 'patients', patients)
 local id = redis.call('XADD', p..'log', '*', 'a', table.concat(added, ','), 'r', add and 0 or applied)
 redis.call('SET', p..'version', id)
 trim(p, tonumber(ARGV[7]))
-redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[9], '*', 'r', ARGV[8], 'v', id, 'n', applied)
+redis.call('XADD', p..'changes', '*', 'r', ARGV[8], 'v', id, 'n', applied)
 return {id, applied}

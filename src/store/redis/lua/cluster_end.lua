@@ -1,5 +1,5 @@
--- Step 3. KEYS: the marker. ARGV: prefix, dataset, the change's id, applied, patients delta,
--- audit maxlen. Counts the change, writes its audit record and retires the intent, once: a
+-- Step 3. KEYS: the marker. ARGV: prefix, dataset, the change's id, applied, patients delta.
+-- Counts the change, writes its audit record and retires the intent, once: a
 -- second run returns what the first recorded. Returns the numbers changed.
 local p, id = ARGV[1], ARGV[3]
 if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
@@ -14,7 +14,7 @@ local add = redis.call('HGET', key, 'k') == 'a'
 local applied = tonumber(ARGV[4])
 redis.call('HINCRBY', p..'counts', t, add and applied or -applied)
 redis.call('HINCRBY', p..'counts', 'patients', ARGV[5])
-redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[6], '*', 'r', redis.call('HGET', key, 'audit'), 'v', id, 'n', applied)
+redis.call('XADD', p..'changes', '*', 'r', redis.call('HGET', key, 'audit'), 'v', id, 'n', applied)
 if add then
   for n in string.gmatch(redis.call('HGET', key, 'n'), '[^,]+') do
     if redis.call('HINCRBY', p..'pending', n, -1) <= 0 then redis.call('HDEL', p..'pending', n) end

@@ -1,5 +1,5 @@
 -- ARGV: prefix, dataset, type, lock token, new generation, added csv, removed, new
--- count, patients delta, maxlen, audit json, audit maxlen, changes. Returns
+-- count, patients delta, maxlen, audit json, changes. Returns
 -- {version, old generation}.
 local p, t = ARGV[1], ARGV[3]
 if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
@@ -16,5 +16,5 @@ local id = redis.call('XADD', p..'log', '*', 'a', ARGV[6], 'r', ARGV[7])
 redis.call('SET', p..'version', id)
 trim(p, tonumber(ARGV[10]))
 redis.call('DEL', p..'lock:'..t)
-redis.call('XADD', p..'audit', 'MAXLEN', '~', ARGV[12], '*', 'r', ARGV[11], 'v', id, 'n', ARGV[13])
+redis.call('XADD', p..'changes', '*', 'r', ARGV[11], 'v', id, 'n', ARGV[12])
 return {id, tonumber(old)}
