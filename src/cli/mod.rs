@@ -5,6 +5,7 @@
 //! over the default.
 
 mod admin;
+mod audit;
 mod check;
 mod client;
 pub mod config;
@@ -59,6 +60,8 @@ enum Command {
     InitStore(init_store::InitStoreArgs),
     /// Manage API keys.
     Keys(keys::KeysArgs),
+    /// Verify the audit trail files.
+    Audit(audit::AuditArgs),
 }
 
 /// The purpose, as typed on the command line.
@@ -221,6 +224,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Admin(args) => admin::run(args).await,
         Command::InitStore(args) => init_store::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Keys(args) => args.run().map(|()| ExitCode::SUCCESS),
+        Command::Audit(args) => audit::run(args),
     }
 }
 

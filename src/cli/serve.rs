@@ -8,7 +8,7 @@ use super::{CliError, announce, client::read_file};
 use crate::{
     api::{Limits, gate::RateLimit},
     core::AuditKey,
-    engine::filter::FilterConfig,
+    engine::{check_files::CheckFilesConfig, filter::FilterConfig},
     server::{ServerConfig, StoreConfig, TlsFiles, defaults, run},
     store::redis::{RedisConfig, RedisStore, SentinelConfig, Topology, defaults as redis_defaults},
 };
@@ -169,6 +169,19 @@ pub(super) struct ServeArgs {
     /// past it every check is withheld until the queue drains.
     #[arg(long, env = "OPTOUT_AUDIT_QUEUE_MIB", default_value_t = defaults::AUDIT_QUEUE_MIB)]
     audit_queue_mib: u64,
+    /// Record checks in sealed JSON-lines segment files in this directory (this replica's disk;
+    /// give each replica its own) instead of the consent store. `optout audit verify` checks them.
+    #[arg(long, env = "OPTOUT_CHECK_LOG_DIR")]
+    check_log_dir: Option<PathBuf>,
+    /// A check-log segment is closed and a new one started at this size, in MiB.
+    #[arg(long, env = "OPTOUT_CHECK_LOG_SEGMENT_MIB", default_value_t = defaults::CHECK_LOG_SEGMENT_MIB)]
+    check_log_segment_mib: u64,
+    /// Closed check-log segments kept, oldest deleted first (0: keep all).
+    #[arg(long, env = "OPTOUT_CHECK_LOG_MAX_BACKUPS", default_value_t = defaults::CHECK_LOG_MAX_BACKUPS)]
+    check_log_max_backups: usize,
+    /// Closed check-log segments older than this many days are deleted (0: keep).
+    #[arg(long, env = "OPTOUT_CHECK_LOG_MAX_AGE_DAYS", default_value_t = defaults::CHECK_LOG_MAX_AGE_DAYS)]
+    check_log_max_age_days: u64,
     /// NHS numbers checked per second per organisation (0: no limit). Every number of a Check
     /// and of each CheckStream message counts; each admin call counts as one.
     #[arg(long, env = "OPTOUT_RATE_LIMIT", default_value_t = defaults::RATE_LIMIT)]
@@ -346,6 +359,16 @@ impl TryFrom<&ServeArgs> for ServerConfig {
             audit_key,
             audit_bound: Duration::from_millis(args.audit_bound_ms.max(1)),
             audit_queue_bytes: args.audit_queue_mib.max(4).saturating_mul(1024 * 1024),
+            check_files: args.check_log_dir.as_ref().map(|dir| CheckFilesConfig {
+                dir: dir.clone(),
+                max_segment_bytes: args
+                    .check_log_segment_mib
+                    .max(1)
+                    .saturating_mul(1024 * 1024),
+                max_backups: args.check_log_max_backups,
+                max_age: (args.check_log_max_age_days > 0)
+                    .then(|| Duration::from_secs(args.check_log_max_age_days * 86_400)),
+            }),
             rate_limit: RateLimit {
                 per_second: args.rate_limit,
                 burst: args.rate_burst,

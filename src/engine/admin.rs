@@ -8,7 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::filter::{SyncStatus, SyncedFilter};
+use super::{
+    check_files::CheckFiles,
+    filter::{SyncStatus, SyncedFilter},
+};
 use crate::{
     auth::Caller,
     core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutType, Version},
@@ -41,6 +44,8 @@ pub struct Admin {
     store: Arc<dyn ConsentStore>,
     filter: Arc<SyncedFilter>,
     audit_key: AuditKey,
+    /// This replica's check log on disk, when checks are recorded there.
+    check_files: Option<CheckFiles>,
 }
 
 /// What `status` reports: the store's counts and the filter's state.
@@ -75,11 +80,13 @@ impl Admin {
         store: Arc<dyn ConsentStore>,
         filter: Arc<SyncedFilter>,
         audit_key: AuditKey,
+        check_files: Option<CheckFiles>,
     ) -> Self {
         Admin {
             store,
             filter,
             audit_key,
+            check_files,
         }
     }
 
@@ -174,7 +181,14 @@ impl Admin {
             digest: search.number.map(|n| self.audit_key.digest(n)),
             limit: search.limit,
         };
-        Ok(self.store.read_audit(&query).await?)
+        let mut records = self.store.read_audit(&query).await?;
+        if let Some(files) = &self.check_files {
+            // This replica's check log; other replicas' are read where they are shipped to.
+            records.extend(files.read(query.clone()).await?);
+            records.sort_by_key(|r| r.at_ms);
+            records.truncate(query.limit.max(1));
+        }
+        Ok(records)
     }
 
     /// Writes the record of an admin's read to the changes trail.

@@ -26,10 +26,30 @@ use std::{
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::check_files::CheckFiles;
 use crate::{
     core::{AuditKey, AuditRecord, NhsNumber},
-    store::ConsentStore,
+    store::{ConsentStore, StoreError},
 };
+
+/// Where check records go: the consent store's checks trail, or segment files on this replica's
+/// disk ([`CheckFiles`], `--check-log-dir`).
+#[derive(Clone)]
+pub enum Sink {
+    /// The consent store (`append_audit`).
+    Store(Arc<dyn ConsentStore>),
+    /// Sealed JSON-lines segments on disk.
+    Files(Box<CheckFiles>),
+}
+
+impl Sink {
+    async fn append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        match self {
+            Sink::Store(store) => store.append_audit(records).await,
+            Sink::Files(files) => files.append(records.to_vec()).await,
+        }
+    }
+}
 
 /// One check waiting to be recorded.
 pub struct PendingCheck {
@@ -82,7 +102,7 @@ const SPLIT_AFTER: u32 = 3;
 impl CheckLog {
     /// Starts the writer task. It ends when every sender is gone and the queue is drained.
     pub fn start(
-        store: Arc<dyn ConsentStore>,
+        sink: Sink,
         key: AuditKey,
         bound: Duration,
         max_bytes: u64,
@@ -97,7 +117,7 @@ impl CheckLog {
             epoch: Instant::now(),
             bound,
         });
-        let task = tokio::spawn(run(state.clone(), store, key, rx, stop));
+        let task = tokio::spawn(run(state.clone(), sink, key, rx, stop));
         (Arc::new(CheckLog { tx, state }), task)
     }
 
@@ -166,7 +186,7 @@ impl WriterState {
 
 async fn run(
     writer: Arc<WriterState>,
-    store: Arc<dyn ConsentStore>,
+    sink: Sink,
     key: AuditKey,
     mut rx: mpsc::Receiver<PendingCheck>,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -212,7 +232,7 @@ async fn run(
         })
         .await
         .unwrap_or_default();
-        write(&writer, store.as_ref(), batch).await;
+        write(&writer, &sink, batch).await;
         writer.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
     }
 }
@@ -221,7 +241,7 @@ async fn run(
 /// process lives. After [`SPLIT_AFTER`] failures in a row, each further failure halves the most
 /// records sent at once (and each success doubles it again), so a store that refuses large
 /// writes gets them one part at a time, and the rest are never held up by one bad part.
-async fn write(writer: &WriterState, store: &dyn ConsentStore, batch: Vec<AuditRecord>) {
+async fn write(writer: &WriterState, sink: &Sink, batch: Vec<AuditRecord>) {
     let mut parts = std::collections::VecDeque::from([batch]);
     let mut failures = 0u32;
     let mut most = usize::MAX;
@@ -231,7 +251,7 @@ async fn write(writer: &WriterState, store: &dyn ConsentStore, batch: Vec<AuditR
             parts.push_front(part.split_off(most));
         }
         let started = Instant::now();
-        let written = store.append_audit(&part).await;
+        let written = sink.append(&part).await;
         metrics::histogram!("optout_store_audit_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         let label = if written.is_ok() { "ok" } else { "error" };

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod check;
+pub mod check_files;
 pub mod check_log;
 pub mod filter;
 pub mod follower;

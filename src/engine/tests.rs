@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::{
     check::{CheckInput, CheckOutput, Checker, Requester},
-    check_log::CheckLog,
+    check_log::{CheckLog, Sink},
     filter::{FilterConfig, SyncedFilter},
     follower::Follower,
 };
@@ -166,7 +166,13 @@ impl Rig {
         let dyn_store: Arc<dyn ConsentStore> = store.clone();
         tokio::spawn(Follower::new(dyn_store.clone(), filter.clone(), stop_rx.clone()).run());
         let key = AuditKey::new(&[7u8; 32]).expect("key");
-        let (log, _task) = CheckLog::start(dyn_store.clone(), key, audit_bound, 1 << 20, stop_rx);
+        let (log, _task) = CheckLog::start(
+            Sink::Store(dyn_store.clone()),
+            key,
+            audit_bound,
+            1 << 20,
+            stop_rx,
+        );
         let checker = Checker::new(dyn_store, filter.clone(), log.clone());
         let mut loaded = filter.loaded();
         loaded.wait_for(|l| *l).await.expect("the filter loads");

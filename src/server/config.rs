@@ -7,7 +7,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use crate::{
     api::{Limits, gate::RateLimit},
     core::AuditKey,
-    engine::filter::FilterConfig,
+    engine::{check_files::CheckFilesConfig, filter::FilterConfig},
     store::redis::RedisConfig,
 };
 
@@ -39,6 +39,12 @@ pub mod defaults {
     pub const RATE_LIMIT: u32 = 5_000_000;
     /// NHS numbers an organisation may send at once above its rate.
     pub const RATE_BURST: u32 = 10_000_000;
+    /// A check-log segment is closed at this size (MiB).
+    pub const CHECK_LOG_SEGMENT_MIB: u64 = 100;
+    /// Closed check-log segments kept (0: all).
+    pub const CHECK_LOG_MAX_BACKUPS: usize = 0;
+    /// Days closed check-log segments are kept (0: no limit).
+    pub const CHECK_LOG_MAX_AGE_DAYS: u64 = 0;
     /// Grace for in-flight requests after the shutdown signal.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 }
@@ -90,6 +96,8 @@ pub struct ServerConfig {
     pub audit_bound: Duration,
     /// Bytes of check records that may wait to be written; past it checks withhold everything.
     pub audit_queue_bytes: u64,
+    /// Check records to segment files on this replica's disk; `None`: to the consent store.
+    pub check_files: Option<CheckFilesConfig>,
     /// Per-organisation request rate.
     pub rate_limit: RateLimit,
     /// A plaintext port serving only `grpc.health.v1` (Kubernetes' gRPC probes cannot use TLS).
@@ -135,6 +143,7 @@ impl ServerConfig {
             audit_key: None,
             audit_bound: defaults::AUDIT_BOUND,
             audit_queue_bytes: defaults::AUDIT_QUEUE_MIB * 1024 * 1024,
+            check_files: None,
             rate_limit: RateLimit {
                 per_second: defaults::RATE_LIMIT,
                 burst: defaults::RATE_BURST,

@@ -30,7 +30,12 @@ use crate::{
     auth::{Keyring, Role},
     core::AuditKey,
     engine::{
-        admin::Admin, check::Checker, check_log::CheckLog, filter::SyncedFilter, follower::Follower,
+        admin::Admin,
+        check::Checker,
+        check_files::CheckFiles,
+        check_log::{CheckLog, Sink},
+        filter::SyncedFilter,
+        follower::Follower,
     },
     store::{
         ConsentStore, StoreError,
@@ -163,8 +168,16 @@ impl Engines {
             tasks.helper(k.watch(config.keys_reload));
         }
         let audit_key = audit_key(config)?;
+        let files = match &config.check_files {
+            Some(c) => Some(CheckFiles::open(c.clone(), audit_key.clone())?),
+            None => None,
+        };
+        let sink = match &files {
+            Some(f) => Sink::Files(Box::new(f.clone())),
+            None => Sink::Store(store.clone()),
+        };
         let (check_log, log_task) = CheckLog::start(
-            store.clone(),
+            sink,
             audit_key.clone(),
             config.audit_bound,
             config.audit_queue_bytes,
@@ -177,7 +190,7 @@ impl Engines {
             .is_some_and(|t| t.client_ca_pem.is_some());
         Ok(Engines {
             checker: Checker::new(store.clone(), filter.clone(), check_log.clone()),
-            admin: Admin::new(store.clone(), filter.clone(), audit_key),
+            admin: Admin::new(store.clone(), filter.clone(), audit_key, files),
             check_log,
             gates: GateState::new(keyring, config.rate_limit, mutual_tls),
         })

@@ -33,6 +33,8 @@ use super::NhsNumber;
 pub struct AuditKey {
     cipher: Aes256,
     id: [u8; 4],
+    /// Derived from the secret apart from the digest key: seals audit trail records.
+    mac_key: [u8; 32],
 }
 
 /// An audit key that cannot be used.
@@ -76,9 +78,13 @@ impl AuditKey {
         kdf.update(b"optout audit digest key, AES-256, v2");
         let derived = kdf.finalize().into_bytes();
         let id = Sha256::digest([b"optout audit key id".as_slice(), secret].concat());
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+            .map_err(|_| AuditKeyError::TooShort(secret.len()))?;
+        mac.update(b"optout audit trail MAC key, HMAC-SHA-256, v1");
         Ok(AuditKey {
             cipher: Aes256::new(&derived),
             id: [id[0], id[1], id[2], id[3]],
+            mac_key: mac.finalize().into_bytes().into(),
         })
     }
 
@@ -128,6 +134,15 @@ impl AuditKey {
             "{}\n",
             base64::engine::general_purpose::STANDARD.encode(secret)
         )
+    }
+
+    /// HMAC-SHA-256 of `data` under the key's trail MAC key.
+    pub fn mac(&self, data: &[u8]) -> [u8; 32] {
+        // HMAC takes keys of any length; 32 bytes cannot fail.
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.mac_key)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts a 32-byte key"));
+        m.update(data);
+        m.finalize().into_bytes().into()
     }
 
     /// A short public id of the key (8 hex digits), to tell keys apart when one is rotated.

@@ -11,6 +11,7 @@ mod filter;
 pub mod keys;
 mod nhs;
 mod policy;
+pub mod trail;
 mod version;
 
 pub use audit::{AuditKey, AuditKeyError, AuditQuery, AuditRecord, DIGEST_LEN};

@@ -1,0 +1,243 @@
+//! Tamper-evident audit trails: each record is one JSON line that carries its sequence number,
+//! the hash of the line before it (a chain), the id of the audit key, and a MAC under that key.
+//!
+//! A line is `{"seq":N,"prev":"<hex>","kid":"<id>","r":{record},"mac":"<hex>"}`. Its body is
+//! the line without `,"mac":"<hex>"` (so ending `}` after the record); its hash is
+//! `SHA-256(prev hash || body)`, and the MAC is HMAC-SHA-256 of that hash under the audit key's
+//! trail MAC key. Editing a byte breaks that line's MAC; removing or reordering lines breaks the
+//! chain (and the sequence) at the first line after the change; a line added by someone without
+//! the key cannot carry a valid MAC. The first line of a trail links to [`GENESIS`].
+//!
+//! Lines stay one JSON object each, so a log shipper (Fluent Bit, Vector) reads them as they are.
+
+use sha2::{Digest, Sha256};
+
+use crate::{AuditKey, AuditRecord};
+
+/// The `prev` of the first line of a trail.
+pub const GENESIS: [u8; 32] = [0u8; 32];
+
+/// Where a trail's chain stands: the last sequence number and the hash of its line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainHead {
+    /// The last line's sequence number (0: none yet).
+    pub seq: u64,
+    /// The last line's hash ([`GENESIS`] before the first).
+    pub hash: [u8; 32],
+}
+
+impl ChainHead {
+    /// The head of an empty trail.
+    pub const START: ChainHead = ChainHead {
+        seq: 0,
+        hash: GENESIS,
+    };
+}
+
+/// Why a trail does not verify: the 1-based line and what is wrong with it.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {problem}")]
+pub struct TrailError {
+    /// The 1-based line of the trail (over all the files given, in order).
+    pub line: u64,
+    /// What is wrong.
+    pub problem: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn link(prev: &[u8; 32], body: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(body);
+    h.finalize().into()
+}
+
+/// Seals `record` as the line after `head`; returns the line (no newline) and the new head.
+pub fn seal(
+    head: ChainHead,
+    record: &AuditRecord,
+    key: &AuditKey,
+) -> Result<(String, ChainHead), serde_json::Error> {
+    let seq = head.seq + 1;
+    let body = format!(
+        "{{\"seq\":{seq},\"prev\":\"{}\",\"kid\":\"{}\",\"r\":{}}}",
+        hex(&head.hash),
+        key.id(),
+        serde_json::to_string(record)?
+    );
+    let hash = link(&head.hash, body.as_bytes());
+    let mac = hex(&key.mac(&hash));
+    let line = format!("{},\"mac\":\"{mac}\"}}", &body[..body.len() - 1]);
+    Ok((line, ChainHead { seq, hash }))
+}
+
+/// The parts of a line a reader needs: its record, sequence and MAC-checked hash.
+#[derive(serde::Deserialize)]
+struct Parsed {
+    seq: u64,
+    prev: String,
+    kid: String,
+    r: AuditRecord,
+    mac: String,
+}
+
+/// The chain hash of a sealed line (what the next line's `prev` must be), without checking its
+/// MAC; `None` if it is not a sealed line.
+pub fn line_hash(line: &str) -> Option<[u8; 32]> {
+    let p: Parsed = serde_json::from_str(line).ok()?;
+    let body = line.strip_suffix(&format!(",\"mac\":\"{}\"}}", p.mac))?;
+    Some(link(&unhex32(&p.prev)?, format!("{body}}}").as_bytes()))
+}
+
+/// Reads one line without checking it (for queries): its sequence number and record.
+pub fn open_line(line: &str) -> Option<(u64, AuditRecord)> {
+    let p: Parsed = serde_json::from_str(line).ok()?;
+    Some((p.seq, p.r))
+}
+
+/// Checks lines in order against `key`, from `head`: [`ChainHead::START`] for a whole trail, or
+/// `None` for one whose oldest files were deleted by retention (checked from its first line's own
+/// `prev`: the link to the deleted part cannot be checked). `first_line` numbers the first line
+/// in errors. On success, the head after the last line.
+pub fn verify<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+    key: &AuditKey,
+    mut head: Option<ChainHead>,
+    first_line: u64,
+) -> Result<ChainHead, TrailError> {
+    let mut last = head.unwrap_or(ChainHead::START);
+    for (at, line) in (first_line..).zip(lines) {
+        let bad = |problem: String| TrailError { line: at, problem };
+        let p: Parsed =
+            serde_json::from_str(line).map_err(|e| bad(format!("not a trail record ({e})")))?;
+        let suffix = format!(",\"mac\":\"{}\"}}", p.mac);
+        let body = line
+            .strip_suffix(&suffix)
+            .map(|b| format!("{b}}}"))
+            .ok_or_else(|| bad("the MAC is not where a sealed line has it".into()))?;
+        let prev = unhex32(&p.prev).ok_or_else(|| bad("prev is not a hash".into()))?;
+        if p.kid != key.id() {
+            return Err(bad(format!(
+                "sealed under audit key {}, not the key given ({})",
+                p.kid,
+                key.id()
+            )));
+        }
+        let hash = link(&prev, body.as_bytes());
+        if hex(&key.mac(&hash)) != p.mac {
+            return Err(bad("the MAC does not match: the line was altered".into()));
+        }
+        if let Some(h) = head {
+            if p.seq != h.seq + 1 {
+                return Err(bad(format!(
+                    "sequence {} follows {}: a record was removed or moved",
+                    p.seq, h.seq
+                )));
+            }
+            if prev != h.hash {
+                return Err(bad(
+                    "does not link to the line before it: a record was removed or moved".into(),
+                ));
+            }
+        }
+        last = ChainHead { seq: p.seq, hash };
+        head = Some(last);
+    }
+    Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> AuditKey {
+        AuditKey::new(&[3u8; 32]).expect("key")
+    }
+
+    fn trail(n: usize) -> Vec<String> {
+        let mut head = ChainHead::START;
+        (0..n)
+            .map(|i| {
+                let r = AuditRecord {
+                    action: "check".into(),
+                    organisation: format!("RX{i}"),
+                    count: i as u64,
+                    ..AuditRecord::default()
+                };
+                let (line, next) = seal(head, &r, &key()).expect("seal");
+                head = next;
+                line
+            })
+            .collect()
+    }
+
+    fn check(lines: &[String]) -> Result<ChainHead, TrailError> {
+        verify(
+            lines.iter().map(String::as_str),
+            &key(),
+            Some(ChainHead::START),
+            1,
+        )
+    }
+
+    #[test]
+    fn a_sealed_trail_verifies_and_names_the_first_line_altered_removed_or_moved() {
+        let lines = trail(5);
+        assert_eq!(check(&lines).expect("intact").seq, 5);
+        assert!(serde_json::from_str::<serde_json::Value>(&lines[0]).is_ok());
+
+        // One byte edited: that line's MAC fails.
+        let mut edited = lines.clone();
+        edited[2] = edited[2].replacen("RX2", "RX9", 1);
+        let e = check(&edited).expect_err("edited");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.problem.contains("altered"), "{e}");
+
+        // One record deleted: the next line no longer follows.
+        let mut deleted = lines.clone();
+        deleted.remove(1);
+        let e = check(&deleted).expect_err("deleted");
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.problem.contains("removed or moved"), "{e}");
+
+        // Two records swapped.
+        let mut swapped = lines.clone();
+        swapped.swap(3, 4);
+        let e = check(&swapped).expect_err("swapped");
+        assert_eq!(e.line, 4, "{e}");
+
+        // Under another key, nothing verifies.
+        let other = AuditKey::new(&[4u8; 32]).expect("key");
+        let e = verify(
+            lines.iter().map(String::as_str),
+            &other,
+            Some(ChainHead::START),
+            1,
+        )
+        .expect_err("other key");
+        assert_eq!(e.line, 1);
+
+        // A trail whose first files were deleted by retention verifies from where it starts.
+        assert_eq!(
+            verify(lines[2..].iter().map(String::as_str), &key(), None, 1)
+                .expect("tail")
+                .seq,
+            5
+        );
+        assert_eq!(open_line(&lines[4]).expect("read").0, 5);
+    }
+}
