@@ -452,6 +452,47 @@ async fn audit(b: &dyn Backend) {
     assert_eq!(rx1.len(), 2);
 }
 
+/// Retention of the changes trail by age: older records go, newer ones and checks stay.
+async fn changes_retention(b: &dyn Backend) {
+    let f = b.fresh("retention").await;
+    let s = f.store.as_ref();
+    let now = i64::try_from(optout_now_ms()).expect("time");
+    let mut fresh = record("get", "RX1");
+    fresh.at_ms = now;
+    s.record_access(&fresh).await.expect("record");
+    s.append_audit(&[record("check", "RX2")])
+        .await
+        .expect("append");
+    let all = || async {
+        s.read_audit(&AuditQuery {
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("read")
+    };
+    // A cut-off a minute ago keeps the record; one a minute ahead removes it, not the check.
+    s.trim_changes(optout_now_ms() - 60_000)
+        .await
+        .expect("trim");
+    assert_eq!(all().await.len(), 2);
+    let removed = s
+        .trim_changes(optout_now_ms() + 60_000)
+        .await
+        .expect("trim");
+    assert_eq!(removed, 1);
+    let left = all().await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].action, "check");
+}
+
+fn optout_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// A store reset from outside fails closed: never "no opt-out".
 async fn reset_fails_closed(b: &dyn Backend) {
     let f = b.fresh("reset").await;
@@ -510,6 +551,7 @@ async fn contract(b: &dyn Backend) {
     scan(b).await;
     snapshots(b).await;
     audit(b).await;
+    changes_retention(b).await;
     reset_fails_closed(b).await;
     rollback_is_reported(b).await;
 }

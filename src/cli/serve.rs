@@ -182,6 +182,13 @@ pub(super) struct ServeArgs {
     /// Closed check-log segments older than this many days are deleted (0: keep).
     #[arg(long, env = "OPTOUT_CHECK_LOG_MAX_AGE_DAYS", default_value_t = defaults::CHECK_LOG_MAX_AGE_DAYS)]
     check_log_max_age_days: u64,
+    /// Records of admin changes and reads older than this many days are deleted (0: keep all).
+    #[arg(
+        long,
+        env = "OPTOUT_AUDIT_CHANGES_MAX_AGE_DAYS",
+        default_value_t = defaults::AUDIT_CHANGES_MAX_AGE_DAYS
+    )]
+    audit_changes_max_age_days: u64,
     /// NHS numbers checked per second per organisation (0: no limit). Every number of a Check
     /// and of each CheckStream message counts; each admin call counts as one.
     #[arg(long, env = "OPTOUT_RATE_LIMIT", default_value_t = defaults::RATE_LIMIT)]
@@ -359,6 +366,8 @@ impl TryFrom<&ServeArgs> for ServerConfig {
             audit_key,
             audit_bound: Duration::from_millis(args.audit_bound_ms.max(1)),
             audit_queue_bytes: args.audit_queue_mib.max(4).saturating_mul(1024 * 1024),
+            changes_max_age: (args.audit_changes_max_age_days > 0)
+                .then(|| Duration::from_secs(args.audit_changes_max_age_days * 86_400)),
             check_files: args.check_log_dir.as_ref().map(|dir| CheckFilesConfig {
                 dir: dir.clone(),
                 max_segment_bytes: args

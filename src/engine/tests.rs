@@ -118,6 +118,9 @@ impl ConsentStore for Switch {
         self.fail_if(&self.audit_down)?;
         self.inner.append_audit(records).await
     }
+    async fn trim_changes(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.inner.trim_changes(before_ms).await
+    }
     async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
         self.inner.record_access(record).await
     }

@@ -45,6 +45,8 @@ pub mod defaults {
     pub const CHECK_LOG_MAX_BACKUPS: usize = 0;
     /// Days closed check-log segments are kept (0: no limit).
     pub const CHECK_LOG_MAX_AGE_DAYS: u64 = 0;
+    /// Days the changes trail keeps its records (0: all).
+    pub const AUDIT_CHANGES_MAX_AGE_DAYS: u64 = 0;
     /// Grace for in-flight requests after the shutdown signal.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 }
@@ -98,6 +100,9 @@ pub struct ServerConfig {
     pub audit_queue_bytes: u64,
     /// Check records to segment files on this replica's disk; `None`: to the consent store.
     pub check_files: Option<CheckFilesConfig>,
+    /// Records of the changes trail older than this are deleted (checked hourly); `None` keeps
+    /// them all.
+    pub changes_max_age: Option<Duration>,
     /// Per-organisation request rate.
     pub rate_limit: RateLimit,
     /// A plaintext port serving only `grpc.health.v1` (Kubernetes' gRPC probes cannot use TLS).
@@ -144,6 +149,7 @@ impl ServerConfig {
             audit_bound: defaults::AUDIT_BOUND,
             audit_queue_bytes: defaults::AUDIT_QUEUE_MIB * 1024 * 1024,
             check_files: None,
+            changes_max_age: None,
             rate_limit: RateLimit {
                 per_second: defaults::RATE_LIMIT,
                 burst: defaults::RATE_BURST,

@@ -167,6 +167,9 @@ impl Engines {
         if let Some(k) = &keyring {
             tasks.helper(k.watch(config.keys_reload));
         }
+        if let Some(age) = config.changes_max_age {
+            tasks.helper(tokio::spawn(trim_changes(store.clone(), age)));
+        }
         let audit_key = audit_key(config)?;
         let files = match &config.check_files {
             Some(c) => Some(CheckFiles::open(c.clone(), audit_key.clone())?),
@@ -242,4 +245,24 @@ fn audit_key(config: &ServerConfig) -> Result<AuditKey, ServerError> {
     let mut secret = [0u8; 32];
     rand::fill(&mut secret);
     AuditKey::new(&secret).map_err(|e| ServerError::Config(e.to_string()))
+}
+
+/// Deletes records of the changes trail older than `age`, at start and then hourly.
+async fn trim_changes(store: Arc<dyn ConsentStore>, age: std::time::Duration) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        let before = crate::store::now_ms().saturating_sub(age_ms);
+        match store.trim_changes(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                removed = n,
+                "changes trail records past their retention removed"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot apply the changes trail retention; retrying")
+            }
+        }
+    }
 }

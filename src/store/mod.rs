@@ -334,6 +334,10 @@ pub trait ConsentStore: Send + Sync + 'static {
     /// changes trail with the admin changes: never trimmed by check traffic.
     async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError>;
 
+    /// Deletes the records of the changes trail from before `before_ms` (ms since the Unix epoch,
+    /// by the time the store wrote them); returns how many. Only when an operator set a retention.
+    async fn trim_changes(&self, before_ms: u64) -> Result<u64, StoreError>;
+
     /// Reads audit records of both trails (changes and checks), oldest first.
     async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
 }

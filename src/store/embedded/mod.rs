@@ -389,6 +389,22 @@ impl ConsentStore for EmbeddedStore {
         .await
     }
 
+    async fn trim_changes(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(storage)?;
+            let removed = {
+                let mut table = txn.open_table(CHANGE_AUDIT).map_err(storage)?;
+                let old = table
+                    .extract_from_if((0, 0)..(before_ms, 0), |_, _| true)
+                    .map_err(storage)?;
+                old.count() as u64
+            };
+            txn.commit().map_err(storage)?;
+            Ok(removed)
+        })
+        .await
+    }
+
     async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
         let record = record.clone();
         self.blocking(move |inner| {

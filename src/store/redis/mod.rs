@@ -252,6 +252,17 @@ impl ConsentStore for RedisStore {
         self.record_ack(audit).await
     }
 
+    async fn trim_changes(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.bound()?;
+        redis::cmd("XTRIM")
+            .arg(self.key("changes"))
+            .arg("MINID")
+            .arg(format!("{before_ms}-0"))
+            .query_async(&mut self.write_conn())
+            .await
+            .map_err(scripts::store_error)
+    }
+
     async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
         self.append_access(record).await
     }
