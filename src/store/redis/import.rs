@@ -245,33 +245,49 @@ impl RedisImport {
         }
         audit.applied = added.len() as u64 + removed;
         audit.digests = key.digests(added.iter().chain(&removed_numbers).copied());
-        let added_csv = csv_of(&added);
         drop(removed_numbers);
-        let mut inv = store.inner.scripts.swap.prepare_invoke();
-        inv.key(store.key("marker"))
-            .arg(&store.inner.prefix)
-            .arg(&self.bound.dataset)
-            .arg(t)
-            .arg(token)
-            .arg(&staged_gen)
-            .arg(added_csv)
-            .arg(removed)
-            .arg(total)
-            .arg(patients)
-            .arg(store.inner.log_len)
-            .arg(audit_json(&audit)?)
-            .arg(audit.applied);
-        let reply: (String, u64) = store.invoke_durable(&inv, conn).await?;
-        let version =
-            Version::parse(&reply.0).map_err(|e| StoreError::Corrupt(e.to_string().into()))?;
+        let swap = Swap {
+            t,
+            token,
+            staged_gen: &staged_gen,
+            added: &added,
+            removed,
+            total,
+            patients,
+            audit: &audit,
+        };
+        let (version, old_generation) = self.swap(conn, swap).await?;
         Ok((
             ImportOutcome {
                 added: added.len() as u64,
                 removed,
                 version,
             },
-            reply.1,
+            old_generation,
         ))
+    }
+
+    /// The one script that makes the staged generation current, with the counts, the change-log
+    /// entry and the audit record. Returns the version and the replaced generation.
+    async fn swap(&self, conn: &mut Conn, s: Swap<'_>) -> Result<(Version, u64), StoreError> {
+        let store = &self.store;
+        let mut inv = store.inner.scripts.swap.prepare_invoke();
+        inv.key(store.key("marker"))
+            .arg(&store.inner.prefix)
+            .arg(&self.bound.dataset)
+            .arg(s.t)
+            .arg(s.token)
+            .arg(s.staged_gen)
+            .arg(csv_of(s.added))
+            .arg(s.removed)
+            .arg(s.total)
+            .arg(s.patients)
+            .arg(store.inner.log_len)
+            .arg(audit_json(s.audit)?)
+            .arg(s.audit.applied);
+        let (id, old): (String, u64) = store.invoke_durable(&inv, conn).await?;
+        let version = Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?;
+        Ok((version, old))
     }
 
     /// Compares one group of buckets (one hash slot in a cluster): what the import adds, what it
@@ -338,6 +354,18 @@ impl RedisImport {
         }
         Ok(())
     }
+}
+
+/// The arguments of the swap script.
+struct Swap<'a> {
+    t: &'a str,
+    token: &'a str,
+    staged_gen: &'a str,
+    added: &'a [NhsNumber],
+    removed: u64,
+    total: u64,
+    patients: i64,
+    audit: &'a AuditRecord,
 }
 
 /// What an import changes, gathered bucket group by bucket group.
