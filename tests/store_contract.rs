@@ -337,6 +337,27 @@ async fn imports(b: &dyn Backend) {
     assert_eq!(last.version, o.version);
     assert_eq!(last.added, vec![new[1]]);
 
+    // The import's record holds the counts; its digests are in parts that name it.
+    let trail = s
+        .read_audit(&AuditQuery {
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("read");
+    let main = trail
+        .iter()
+        .find(|r| r.action == "import-replace")
+        .expect("the replace's record");
+    assert_eq!(main.applied, 3);
+    let parts: usize = trail
+        .iter()
+        .filter(|r| r.action == "import-digests" && r.part_of == main.part_of)
+        .map(|r| r.digest_count())
+        .sum();
+    assert!(main.part_of.is_some());
+    assert_eq!(parts, 3, "one digest per number added or removed");
+
     let empty = s
         .begin_import(ImportMode::Replace, NATIONAL, "contract")
         .await

@@ -268,6 +268,7 @@ impl OptOutAdmin for AdminService {
                     applied: r.applied,
                     withheld: r.withheld.into_iter().collect(),
                     version: r.version,
+                    part_of: r.part_of.unwrap_or_default(),
                 })
                 .collect(),
         }))

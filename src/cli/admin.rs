@@ -208,11 +208,22 @@ async fn audit(
             e.organisation,
             e.key_id,
             e.action,
-            [e.opt_out_type, e.source, e.extract_id, e.purpose, e.origin]
-                .into_iter()
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>()
-                .join(" "),
+            [
+                e.opt_out_type,
+                e.source,
+                e.extract_id,
+                e.purpose,
+                e.origin,
+                if e.part_of.is_empty() {
+                    String::new()
+                } else {
+                    format!("import {}", e.part_of)
+                },
+            ]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
             e.count,
             e.applied,
             if withheld.is_empty() {

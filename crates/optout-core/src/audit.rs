@@ -225,9 +225,38 @@ pub struct AuditRecord {
     /// added or removed, the numbers a check released.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub digests: String,
+    /// An import's id, on its main record and on each of its `import-digests` parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_of: Option<String>,
 }
 
+/// Digests an `import-digests` record holds at most: an import of millions of numbers is recorded
+/// as many bounded records, never one giant one.
+pub const IMPORT_DIGEST_CHUNK: usize = 10_000;
+
 impl AuditRecord {
+    /// The `import-digests` parts of an import whose main record is `self`: the digests of
+    /// `numbers` (added or removed) in records of at most [`IMPORT_DIGEST_CHUNK`], made one at a
+    /// time as the iterator is read. Each names the import (`part_of`).
+    pub fn import_parts<'a>(
+        &'a self,
+        key: &'a AuditKey,
+        numbers: &'a [NhsNumber],
+        import_id: &'a str,
+    ) -> impl Iterator<Item = AuditRecord> + 'a {
+        numbers
+            .chunks(IMPORT_DIGEST_CHUNK)
+            .map(move |chunk| AuditRecord {
+                action: "import-digests".into(),
+                count: chunk.len() as u64,
+                applied: chunk.len() as u64,
+                digests: key.digests(chunk.iter().copied()),
+                part_of: Some(import_id.to_string()),
+                withheld: BTreeMap::new(),
+                ..self.clone()
+            })
+    }
+
     /// Whether the record concerns the number with this digest.
     pub fn mentions(&self, digest: &[u8; DIGEST_LEN]) -> bool {
         base64::engine::general_purpose::STANDARD_NO_PAD
@@ -326,6 +355,32 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn an_import_is_recorded_in_bounded_parts_that_name_it() {
+        let key = AuditKey::new(&[1u8; 32]).expect("key");
+        let numbers: Vec<NhsNumber> = (4_000_000_000u64..)
+            .filter_map(|v| NhsNumber::from_u64(v).ok())
+            .take(IMPORT_DIGEST_CHUNK * 2 + 1)
+            .collect();
+        let main = AuditRecord {
+            action: "import-replace".into(),
+            organisation: "RX1".into(),
+            part_of: Some("ab12".into()),
+            ..AuditRecord::default()
+        };
+        let parts: Vec<AuditRecord> = main.import_parts(&key, &numbers, "ab12").collect();
+        assert_eq!(
+            parts.iter().map(|p| p.digest_count()).collect::<Vec<_>>(),
+            vec![IMPORT_DIGEST_CHUNK, IMPORT_DIGEST_CHUNK, 1]
+        );
+        assert!(parts.iter().all(|p| p.action == "import-digests"
+            && p.organisation == "RX1"
+            && p.part_of.as_deref() == Some("ab12")));
+        let last = numbers[numbers.len() - 1];
+        assert!(parts[2].mentions(&key.digest(last)));
+        assert!(!parts[0].mentions(&key.digest(last)));
+    }
 
     #[test]
     fn digests_are_keyed_and_findable() {

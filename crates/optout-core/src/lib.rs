@@ -14,7 +14,9 @@ mod policy;
 pub mod trail;
 mod version;
 
-pub use audit::{AuditKey, AuditKeyError, AuditQuery, AuditRecord, DIGEST_LEN};
+pub use audit::{
+    AuditKey, AuditKeyError, AuditQuery, AuditRecord, DIGEST_LEN, IMPORT_DIGEST_CHUNK,
+};
 pub use filter::{FilterError, FilterStats, MIN_CAPACITY, OptOutFilter};
 pub use nhs::{NhsNumber, NhsNumberError};
 pub use policy::{

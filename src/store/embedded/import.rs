@@ -97,8 +97,17 @@ impl ImportSession for EmbeddedImport {
                 let version = writer.finish(&added, removed, inner.change_log_len)?;
                 audit.version = version.to_string();
                 audit.applied = added.len() as u64 + removed;
-                audit.digests = key.digests(added.iter().chain(&removed_numbers).copied());
+                // The main record holds the counts; the numbers' digests go in bounded parts,
+                // in the same transaction.
+                let id = crate::store::random_hex::<8>();
+                audit.part_of = Some(id.clone());
                 write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&audit))?;
+                for part in audit
+                    .import_parts(&key, &added, &id)
+                    .chain(audit.import_parts(&key, &removed_numbers, &id))
+                {
+                    write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&part))?;
+                }
                 txn.commit().map_err(storage)?;
                 inner.notify(version);
                 Ok(ImportOutcome {

@@ -244,7 +244,18 @@ impl RedisImport {
             ));
         }
         audit.applied = added.len() as u64 + removed;
-        audit.digests = key.digests(added.iter().chain(&removed_numbers).copied());
+        // The main record (written with the swap) holds the counts; the numbers' digests go in
+        // bounded parts written first. Parts whose main record never comes belong to an import
+        // that was not applied.
+        let id = random_hex::<8>();
+        audit.part_of = Some(id.clone());
+        self.write_parts(
+            conn,
+            audit
+                .import_parts(key, &added, &id)
+                .chain(audit.import_parts(key, &removed_numbers, &id)),
+        )
+        .await?;
         drop(removed_numbers);
         let swap = Swap {
             t,
@@ -265,6 +276,29 @@ impl RedisImport {
             },
             old_generation,
         ))
+    }
+
+    /// Appends an import's digest parts to the changes trail, a few at a time.
+    async fn write_parts(
+        &self,
+        conn: &mut Conn,
+        parts: impl Iterator<Item = AuditRecord>,
+    ) -> Result<(), StoreError> {
+        let store = &self.store;
+        let mut parts = parts.peekable();
+        while parts.peek().is_some() {
+            let mut pipe = redis::pipe();
+            for part in parts.by_ref().take(16) {
+                pipe.cmd("XADD")
+                    .arg(store.key("changes"))
+                    .arg("*")
+                    .arg("r")
+                    .arg(audit_json(&part)?)
+                    .ignore();
+            }
+            let () = pipe.query_async(conn).await.map_err(store_error)?;
+        }
+        Ok(())
     }
 
     /// The one script that makes the staged generation current, with the counts, the change-log
