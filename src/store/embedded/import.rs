@@ -97,17 +97,7 @@ impl ImportSession for EmbeddedImport {
                 let version = writer.finish(&added, removed, inner.change_log_len)?;
                 audit.version = version.to_string();
                 audit.applied = added.len() as u64 + removed;
-                // The main record holds the counts; the numbers' digests go in bounded parts,
-                // in the same transaction.
-                let id = crate::store::random_hex::<8>();
-                audit.part_of = Some(id.clone());
-                write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&audit))?;
-                for part in audit
-                    .import_parts(&key, &added, &id)
-                    .chain(audit.import_parts(&key, &removed_numbers, &id))
-                {
-                    write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&part))?;
-                }
+                write_import_audit(&txn, &mut audit, &key, &added, &removed_numbers)?;
                 txn.commit().map_err(storage)?;
                 inner.notify(version);
                 Ok(ImportOutcome {
@@ -150,4 +140,25 @@ impl Drop for EmbeddedImport {
             Err(_) => cleanup(),
         }
     }
+}
+
+/// The main record of an import (the counts) and, in the same transaction, the digests of the
+/// numbers it added and removed in bounded parts that name it.
+fn write_import_audit(
+    txn: &WriteTransaction,
+    audit: &mut AuditRecord,
+    key: &AuditKey,
+    added: &[NhsNumber],
+    removed: &[NhsNumber],
+) -> Result<(), StoreError> {
+    let id = crate::store::random_hex::<8>();
+    audit.part_of = Some(id.clone());
+    write_audit(txn, CHANGE_AUDIT, std::slice::from_ref(audit))?;
+    for part in audit
+        .import_parts(key, added, &id)
+        .chain(audit.import_parts(key, removed, &id))
+    {
+        write_audit(txn, CHANGE_AUDIT, std::slice::from_ref(&part))?;
+    }
+    Ok(())
 }

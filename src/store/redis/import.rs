@@ -244,18 +244,8 @@ impl RedisImport {
             ));
         }
         audit.applied = added.len() as u64 + removed;
-        // The main record (written with the swap) holds the counts; the numbers' digests go in
-        // bounded parts written first. Parts whose main record never comes belong to an import
-        // that was not applied.
-        let id = random_hex::<8>();
-        audit.part_of = Some(id.clone());
-        self.write_parts(
-            conn,
-            audit
-                .import_parts(key, &added, &id)
-                .chain(audit.import_parts(key, &removed_numbers, &id)),
-        )
-        .await?;
+        self.write_parts(conn, &mut audit, key, [&added, &removed_numbers])
+            .await?;
         drop(removed_numbers);
         let swap = Swap {
             t,
@@ -278,14 +268,24 @@ impl RedisImport {
         ))
     }
 
-    /// Appends an import's digest parts to the changes trail, a few at a time.
+    /// Names the import in its main record (written with the swap, holding the counts) and
+    /// appends the digests of the numbers it added and removed to the changes trail in bounded
+    /// parts, first. Parts whose main record never comes belong to an import that was not
+    /// applied.
     async fn write_parts(
         &self,
         conn: &mut Conn,
-        parts: impl Iterator<Item = AuditRecord>,
+        audit: &mut AuditRecord,
+        key: &AuditKey,
+        [added, removed]: [&[NhsNumber]; 2],
     ) -> Result<(), StoreError> {
         let store = &self.store;
-        let mut parts = parts.peekable();
+        let id = random_hex::<8>();
+        audit.part_of = Some(id.clone());
+        let mut parts = audit
+            .import_parts(key, added, &id)
+            .chain(audit.import_parts(key, removed, &id))
+            .peekable();
         while parts.peek().is_some() {
             let mut pipe = redis::pipe();
             for part in parts.by_ref().take(16) {
