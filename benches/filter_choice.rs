@@ -1,0 +1,98 @@
+//! Which bloom filter implementation to put behind `OptOutFilter`: the `bloomfilter` crate (what
+//! it uses today, k independent probes) against `fastbloom` (cache-line-blocked: every probe of a
+//! number in one 512-bit block, so one cache miss per lookup), both holding the same opt-outs.
+//!
+//! For each: lookups of numbers never inserted (most traffic), in 1,000-number batches, and, at
+//! setup (printed, not timed), bits per opt-out and the false-positive rate measured on 1,000,000
+//! numbers never inserted. Two sizings: the 0.1% target, and a fixed 16 bits per opt-out.
+//!
+//!     cargo bench --bench filter_choice            # 5,000,000 opt-outs
+//!     OPTOUT_BENCH_OPT_OUTS=100000 cargo bench --bench filter_choice
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use optout::core::{NhsNumber, OptOutFilter};
+
+fn valid(from: u64, count: usize) -> Vec<NhsNumber> {
+    (from..)
+        .filter_map(|v| NhsNumber::from_u64(v).ok())
+        .take(count)
+        .collect()
+}
+
+fn opt_outs() -> usize {
+    std::env::var("OPTOUT_BENCH_OPT_OUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000_000)
+}
+
+fn fp_rate(absent: &[NhsNumber], contains: impl Fn(NhsNumber) -> bool) -> f64 {
+    absent.iter().filter(|n| contains(**n)).count() as f64 / absent.len() as f64
+}
+
+fn choice(c: &mut Criterion) {
+    let count = opt_outs();
+    let inserted = valid(4_000_000_000, count);
+    let absent = valid(6_000_000_000, 1_000_000);
+
+    let mut ours =
+        OptOutFilter::with_seed(count as u64, 0.001, 1, *b"0123456789abcdefFEDCBA9876543210")
+            .expect("valid rate");
+    for n in &inserted {
+        ours.insert(*n);
+    }
+    let fast_target = fastbloom::BloomFilter::with_false_pos(0.001)
+        .seed(&7)
+        .items(inserted.iter().map(|n| n.as_u64()));
+    let fast_16 = fastbloom::BloomFilter::with_num_bits(count * 16)
+        .seed(&7)
+        .items(inserted.iter().map(|n| n.as_u64()));
+    eprintln!(
+        "filter_choice: {count} opt-outs; bits per opt-out / measured false-positive rate:\n  \
+         bloomfilter (0.1% target): {:.2} / {:.4}%\n  \
+         fastbloom (0.1% target):   {:.2} / {:.4}%\n  \
+         fastbloom (16 bits):       {:.2} / {:.4}%",
+        ours.stats().bits as f64 / count as f64,
+        fp_rate(&absent, |n| ours.may_contain(n)) * 100.0,
+        fast_target.num_bits() as f64 / count as f64,
+        fp_rate(&absent, |n| fast_target.contains(&n.as_u64())) * 100.0,
+        fast_16.num_bits() as f64 / count as f64,
+        fp_rate(&absent, |n| fast_16.contains(&n.as_u64())) * 100.0,
+    );
+
+    let mut g = c.benchmark_group("filter_choice_absent");
+    g.throughput(Throughput::Elements(1000));
+    let mut at = 0;
+    g.bench_function("bloomfilter", |b| {
+        b.iter(|| {
+            at = (at + 1000) % absent.len();
+            for n in &absent[at..at + 1000] {
+                black_box(ours.may_contain(black_box(*n)));
+            }
+        })
+    });
+    let mut at = 0;
+    g.bench_function("fastbloom_target", |b| {
+        b.iter(|| {
+            at = (at + 1000) % absent.len();
+            for n in &absent[at..at + 1000] {
+                black_box(fast_target.contains(&black_box(n.as_u64())));
+            }
+        })
+    });
+    let mut at = 0;
+    g.bench_function("fastbloom_16_bits", |b| {
+        b.iter(|| {
+            at = (at + 1000) % absent.len();
+            for n in &absent[at..at + 1000] {
+                black_box(fast_16.contains(&black_box(n.as_u64())));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, choice);
+criterion_main!(benches);
