@@ -9,22 +9,11 @@
 
 use std::hint::black_box;
 
+mod support;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use optout::core::{NhsNumber, OptOutFilter};
-
-fn valid(from: u64, count: usize) -> Vec<NhsNumber> {
-    (from..)
-        .filter_map(|v| NhsNumber::from_u64(v).ok())
-        .take(count)
-        .collect()
-}
-
-fn opt_outs() -> usize {
-    std::env::var("OPTOUT_BENCH_OPT_OUTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5_000_000)
-}
+use support::{opt_outs, valid};
 
 fn parse(c: &mut Criterion) {
     let numbers = valid(4_000_000_000, 1000);

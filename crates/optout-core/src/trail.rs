@@ -95,12 +95,18 @@ struct Parsed {
     mac: String,
 }
 
+/// What was hashed and MAC'd of a sealed line: the line without its `,"mac":"..."`.
+fn sealed_body(line: &str, mac: &str) -> Option<String> {
+    line.strip_suffix(&format!(",\"mac\":\"{mac}\"}}"))
+        .map(|b| format!("{b}}}"))
+}
+
 /// The chain hash of a sealed line (what the next line's `prev` must be), without checking its
 /// MAC; `None` if it is not a sealed line.
 pub fn line_hash(line: &str) -> Option<[u8; 32]> {
     let p: Parsed = serde_json::from_str(line).ok()?;
-    let body = line.strip_suffix(&format!(",\"mac\":\"{}\"}}", p.mac))?;
-    Some(link(&unhex32(&p.prev)?, format!("{body}}}").as_bytes()))
+    let body = sealed_body(line, &p.mac)?;
+    Some(link(&unhex32(&p.prev)?, body.as_bytes()))
 }
 
 /// Reads one line without checking it (for queries): its sequence number and record.
@@ -124,10 +130,7 @@ pub fn verify<'a>(
         let bad = |problem: String| TrailError { line: at, problem };
         let p: Parsed =
             serde_json::from_str(line).map_err(|e| bad(format!("not a trail record ({e})")))?;
-        let suffix = format!(",\"mac\":\"{}\"}}", p.mac);
-        let body = line
-            .strip_suffix(&suffix)
-            .map(|b| format!("{b}}}"))
+        let body = sealed_body(line, &p.mac)
             .ok_or_else(|| bad("the MAC is not where a sealed line has it".into()))?;
         let prev = unhex32(&p.prev).ok_or_else(|| bad("prev is not a hash".into()))?;
         if p.kid != key.id() {

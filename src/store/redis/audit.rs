@@ -15,50 +15,43 @@ use crate::{
 };
 
 impl RedisStore {
+    /// Appends check records to the checks trail, trimmed past `--redis-audit-len`.
     pub(super) async fn append_records(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.append_to("audit", Some(self.inner.audit_len), records)
+            .await
+    }
+
+    /// Records an admin's read (a patient looked up, the audit read) in the changes trail, which
+    /// check traffic never trims.
+    pub(super) async fn append_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        self.append_to("changes", None, std::slice::from_ref(record))
+            .await
+    }
+
+    /// Appends records to one trail in MULTI/EXEC: whole or not at all, and only while the marker
+    /// holds; trimmed to about `maxlen` when given.
+    async fn append_to(
+        &self,
+        stream: &str,
+        maxlen: Option<u64>,
+        records: &[AuditRecord],
+    ) -> Result<(), StoreError> {
         let bound = self.bound()?;
         let mut pipe = redis::pipe();
-        // MULTI/EXEC: the batch is written whole or not at all, and only while the marker holds.
         pipe.atomic();
         pipe.hget(self.key("marker"), "dataset_id");
         for r in records {
-            pipe.cmd("XADD")
-                .arg(self.key("audit"))
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.inner.audit_len)
-                .arg("*")
+            let xadd = pipe.cmd("XADD").arg(self.key(stream));
+            if let Some(len) = maxlen {
+                xadd.arg("MAXLEN").arg("~").arg(len);
+            }
+            xadd.arg("*")
                 .arg("r")
                 .arg(audit_json(r)?)
                 .arg("v")
                 .arg(&r.version)
                 .ignore();
         }
-        let (marker,): (Option<String>,) = pipe
-            .query_async(&mut self.write_conn())
-            .await
-            .map_err(store_error)?;
-        if marker.as_deref() != Some(bound.dataset.as_str()) {
-            return Err(changed());
-        }
-        Ok(())
-    }
-
-    /// Records an admin's read (a patient looked up, the audit read) in the changes trail, which
-    /// check traffic never trims; only while the marker holds.
-    pub(super) async fn append_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
-        let bound = self.bound()?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.hget(self.key("marker"), "dataset_id");
-        pipe.cmd("XADD")
-            .arg(self.key("changes"))
-            .arg("*")
-            .arg("r")
-            .arg(audit_json(record)?)
-            .arg("v")
-            .arg(&record.version)
-            .ignore();
         let (marker,): (Option<String>,) = pipe
             .query_async(&mut self.write_conn())
             .await
