@@ -42,7 +42,7 @@ for mode in redis disk; do
     until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
     url="redis://127.0.0.1:$REDIS_PORT"
     "$bin/optout" init-store --redis-url "$url" >/dev/null
-    extra=()
+    extra=(--check-log-in-store)
     [ "$mode" = disk ] && extra=(--check-log-dir "$work/check-log")
     OPTOUT_LOG=warn "$bin/optout" serve --listen "$SERVICE" --redis-url "$url" --rate-limit 0 \
         --filter-capacity "$COUNT" --audit-key-file "$work/audit.key" "${extra[@]}" \

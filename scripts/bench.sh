@@ -40,7 +40,7 @@ redis_url="redis://127.0.0.1:$REDIS_PORT"
 
 OPTOUT_LOG=warn "$bin/optout" serve --listen "$SERVICE" --redis-url "$redis_url" \
     --rate-limit 0 --filter-capacity "$COUNT" --snapshot-interval-secs 2 \
-    --max-message-bytes 67108864 2>"$work/service.log" &
+    --max-message-bytes 67108864 --check-log-dir "$work/check-log" 2>"$work/service.log" &
 service_pid=$!
 pids+=($service_pid)
 OPTOUT_LOG=warn "$bin/optout-loadtest" echo-server --listen "$ECHO" 2>"$work/echo.log" &

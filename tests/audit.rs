@@ -7,12 +7,18 @@ mod common;
 
 use std::{path::Path, process::Command, time::Duration};
 
-use common::{TestServer, change_request, check_request, test_config, valid_numbers};
+use common::{
+    RedisServer, TestServer, change_request, check_request, init_redis, redis_config, test_config,
+    valid_numbers,
+};
 use optout::{
     api::proto::{OptOutType, Purpose, ReadAuditRequest},
     core::{AuditKey, AuditQuery},
-    engine::check_files::{CheckFilesConfig, segments},
-    store::ConsentStore,
+    engine::{
+        check_files::{CheckFilesConfig, segments},
+        sealer,
+    },
+    store::{ConsentStore, redis::RedisStore},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_optout");
@@ -144,4 +150,160 @@ async fn checks_go_to_sealed_segments_that_verify_and_any_edit_is_named() {
     // Put back: verifies again.
     write(&lines);
     assert_eq!(verify(&key_file, &log_dir).0, 0);
+}
+
+/// `optout audit verify-changes` against a Redis store: (exit code, stdout and stderr).
+fn verify_changes(key: &Path, redis: &RedisServer, prefix: &str) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(["audit", "verify-changes", "--audit-key-file"])
+        .arg(key)
+        .args(["--redis-url", &redis.url(), "--redis-prefix", prefix])
+        .env_remove("OPTOUT_REDIS_URL")
+        .output()
+        .expect("optout runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+type Entries = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+/// A stream's entries, as an attacker with Redis access reads them.
+async fn entries(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> Entries {
+    let raw: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .expect("xrange");
+    raw.into_iter()
+        .map(|(id, flat)| {
+            let pairs = flat
+                .chunks(2)
+                .map(|p| (p[0].clone(), p[1].clone()))
+                .collect();
+            (id, pairs)
+        })
+        .collect()
+}
+
+/// Writes a stream anew with the given entries and ids (Redis appends only after the last id, so
+/// this is how a record would be changed in place).
+async fn rewrite(conn: &mut redis::aio::MultiplexedConnection, stream: &str, all: &Entries) {
+    let _: () = redis::cmd("DEL")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .expect("del");
+    for (id, fields) in all {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream).arg(id);
+        for (k, v) in fields {
+            cmd.arg(k.as_slice()).arg(v.as_slice());
+        }
+        let _: String = cmd.query_async(conn).await.expect("xadd");
+    }
+}
+
+#[tokio::test]
+async fn the_changes_trail_in_redis_is_sealed_and_a_record_altered_removed_or_forged_is_named() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("audit.key");
+    std::fs::write(&key_file, AuditKey::generate()).expect("write key");
+    let key = AuditKey::from_file(&std::fs::read(&key_file).expect("read")).expect("key");
+    let prefix = "sealed:";
+    let mut config = redis_config(&redis, prefix, dir.path());
+    init_redis(&config).await;
+    config.audit_key = Some(key.clone());
+    config.seal_interval = Duration::from_millis(50);
+    let reader = RedisStore::connect(config.redis().expect("redis")).expect("connect");
+    reader.open_dataset().await.expect("bind");
+    let server = TestServer::start_redis(config).await;
+    let mut admin = server.admin_client().await;
+    let n = valid_numbers(4_910_000_000, 3);
+    for (i, number) in n.iter().enumerate() {
+        admin
+            .add_opt_outs(change_request(
+                vec![number.clone()],
+                OptOutType::NationalDataOptOut,
+            ))
+            .await
+            .expect("add");
+        // Sealed by the server within its interval: one seal a change.
+        eventually!("the change sealed", Duration::from_secs(10), {
+            let r = sealer::verify(&reader, &key).await.expect("read");
+            r.is_ok_and(|r| r.records == i as u64 + 1 && r.unsealed == 0)
+        });
+    }
+    server.stop().await;
+    let (code, out) = verify_changes(&key_file, &redis, prefix);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("verified: 3 records"), "{out}");
+
+    let mut conn = redis.connection().await;
+    let stream = format!("{prefix}changes");
+    let intact = entries(&mut conn, &stream).await;
+    assert_eq!(intact.len(), 3);
+    let second = intact[1].0.clone();
+
+    // One byte of the second record's JSON changed (the organisation), ids kept.
+    let mut altered = intact.clone();
+    for (k, v) in altered[1].1.iter_mut() {
+        if k.as_slice() == b"r" {
+            let at = v.iter().position(|b| *b == b'"').expect("json") + 1;
+            v[at] ^= 0x01;
+        }
+    }
+    rewrite(&mut conn, &stream, &altered).await;
+    let (code, out) = verify_changes(&key_file, &redis, prefix);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("record {second}: altered")), "{out}");
+
+    // The second record deleted.
+    rewrite(&mut conn, &stream, &intact).await;
+    assert_eq!(verify_changes(&key_file, &redis, prefix).0, 0);
+    let _: i64 = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg(&second)
+        .query_async(&mut conn)
+        .await
+        .expect("xdel");
+    let (code, out) = verify_changes(&key_file, &redis, prefix);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("record {second}: removed")), "{out}");
+
+    // A record forged between the first two.
+    let mut forged = intact.clone();
+    let (ms, seq) = intact[0].0.split_once('-').expect("id");
+    let forged_id = format!("{ms}-{}", seq.parse::<u64>().expect("seq") + 1);
+    assert!(forged_id < second || forged_id.len() < second.len());
+    forged.insert(1, (forged_id.clone(), intact[0].1.clone()));
+    rewrite(&mut conn, &stream, &forged).await;
+    let (code, out) = verify_changes(&key_file, &redis, prefix);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("record {forged_id}: not in any seal")),
+        "{out}"
+    );
+
+    // A seal removed: the seals' chain breaks.
+    rewrite(&mut conn, &stream, &intact).await;
+    let seals_stream = format!("{prefix}changes_seals");
+    let seals = entries(&mut conn, &seals_stream).await;
+    assert_eq!(seals.len(), 3);
+    let _: i64 = redis::cmd("XDEL")
+        .arg(&seals_stream)
+        .arg(&seals[1].0)
+        .query_async(&mut conn)
+        .await
+        .expect("xdel");
+    let (code, out) = verify_changes(&key_file, &redis, prefix);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("NOT VERIFIED") && out.contains("seal line 2: sequence 3 follows 1"),
+        "{out}"
+    );
 }

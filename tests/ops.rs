@@ -298,6 +298,16 @@ async fn health_port_metrics_and_json_logs_with_request_ids() {
     served.sigterm();
     let (status, lines) = served.wait(Duration::from_secs(15)).await;
     assert!(status.success(), "{status:?}");
+    // By default the check's record is in a sealed segment in the data directory, not the store.
+    let segments =
+        optout::engine::check_files::segments(&dir.path().join("data").join("check-log"))
+            .expect("a check log in the data directory");
+    let text: String = segments
+        .iter()
+        .map(|s| std::fs::read_to_string(s).expect("read"))
+        .collect();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("\"action\":\"check\""), "{text}");
     // JSON mode: every line on stderr is one JSON object, so a collector never meets a stray line.
     let mut request_events = 0;
     for line in &lines {

@@ -15,10 +15,14 @@ use std::{path::Path, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use common::{Cluster, RedisServer, SentinelSet, redis_config};
 use optout::{
-    core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version},
+    core::{
+        AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version,
+        seals::ChangesError,
+    },
+    engine::sealer,
     server::ServerConfig,
     store::{
-        ChangeKind, ConsentStore, Feed, ImportMode, StoreError,
+        ChangeKind, ConsentStore, Feed, ImportMode, StoreError, Stored,
         embedded::{EmbeddedConfig, EmbeddedStore},
         redis::{RedisConfig, RedisStore},
     },
@@ -40,6 +44,10 @@ trait Backend: Send + Sync {
     /// Moves the store's version back from outside (as a restore from an older copy would);
     /// `false` if this backend cannot.
     async fn roll_back(&self, _fresh: &Fresh) -> bool {
+        false
+    }
+    /// Deletes one record of the changes trail from outside; `false` if this backend cannot.
+    async fn delete_change_record(&self, _fresh: &Fresh, _id: &str) -> bool {
         false
     }
 }
@@ -137,6 +145,16 @@ impl Backend for OnRedis {
     async fn wipe(&self, fresh: &Fresh) -> bool {
         self.command(redis::cmd("DEL").arg(format!("{}marker", fresh.meta_prefix)))
             .await;
+        true
+    }
+
+    async fn delete_change_record(&self, fresh: &Fresh, id: &str) -> bool {
+        self.command(
+            redis::cmd("XDEL")
+                .arg(format!("{}changes", fresh.meta_prefix))
+                .arg(id),
+        )
+        .await;
         true
     }
 
@@ -507,6 +525,57 @@ async fn changes_retention(b: &dyn Backend) {
     assert_eq!(left[0].action, "check");
 }
 
+/// The changes trail is sealed by whichever writer gets there first, and verifies; a record
+/// removed from outside is named.
+async fn changes_sealing(b: &dyn Backend) {
+    let f = b.fresh("sealing").await;
+    let s = f.store.as_ref();
+    let key = AuditKey::new(&[9u8; 32]).expect("key");
+    for org in ["RX1", "RX2", "RX3"] {
+        s.record_access(&record("get", org)).await.expect("record");
+    }
+    change(s, ChangeKind::Add, NATIONAL, &numbers(4_200_000_000, 2)).await;
+    assert_eq!(sealer::seal_pending(s, &key).await.expect("seal"), 4);
+    assert_eq!(sealer::seal_pending(s, &key).await.expect("seal"), 0);
+    // A writer that read an older last seal loses the race instead of forking the chain.
+    assert!(!s.append_seal(0, "{}").await.expect("append"));
+    s.record_access(&record("get", "RX4"))
+        .await
+        .expect("record");
+    let report = sealer::verify(s, &key)
+        .await
+        .expect("read")
+        .expect("intact");
+    assert_eq!((report.seals, report.records, report.unsealed), (1, 4, 1));
+    assert_eq!(sealer::seal_pending(s, &key).await.expect("seal"), 1);
+    let records = s.stored(Stored::Records, None, 100).await.expect("records");
+    assert_eq!(records.len(), 5);
+    // Paging after an id returns what follows it.
+    let after = s
+        .stored(Stored::Records, Some(&records[1].id), 2)
+        .await
+        .expect("page");
+    assert_eq!(after, records[2..4].to_vec());
+    // Under another key nothing verifies.
+    let other = AuditKey::new(&[8u8; 32]).expect("key");
+    assert!(sealer::verify(s, &other).await.expect("read").is_err());
+    if b.delete_change_record(&f, &records[2].id).await {
+        match sealer::verify(s, &key).await.expect("read") {
+            Err(ChangesError::Removed { id, .. }) => assert_eq!(id, records[2].id),
+            other => panic!("a removed record must be named, got {other:?}"),
+        }
+    }
+    // Retention removes records with their seals: what is left still verifies.
+    s.trim_changes(optout_now_ms() + 60_000)
+        .await
+        .expect("trim");
+    let report = sealer::verify(s, &key)
+        .await
+        .expect("read")
+        .expect("after retention");
+    assert_eq!(report.records, 0);
+}
+
 fn optout_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -573,6 +642,7 @@ async fn contract(b: &dyn Backend) {
     snapshots(b).await;
     audit(b).await;
     changes_retention(b).await;
+    changes_sealing(b).await;
     reset_fails_closed(b).await;
     rollback_is_reported(b).await;
 }

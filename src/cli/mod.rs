@@ -224,7 +224,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Admin(args) => admin::run(args).await,
         Command::InitStore(args) => init_store::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Keys(args) => args.run().map(|()| ExitCode::SUCCESS),
-        Command::Audit(args) => audit::run(args),
+        Command::Audit(args) => audit::run(args).await,
     }
 }
 

@@ -169,10 +169,20 @@ pub(super) struct ServeArgs {
     /// past it every check is withheld until the queue drains.
     #[arg(long, env = "OPTOUT_AUDIT_QUEUE_MIB", default_value_t = defaults::AUDIT_QUEUE_MIB)]
     audit_queue_mib: u64,
-    /// Record checks in sealed JSON-lines segment files in this directory (this replica's disk;
-    /// give each replica its own) instead of the consent store. `optout audit verify` checks them.
+    /// Where check records go: sealed JSON-lines segment files in this directory, on this
+    /// replica's disk (give each replica its own). `optout audit verify` checks them. Default:
+    /// `check-log` in --data-dir.
     #[arg(long, env = "OPTOUT_CHECK_LOG_DIR")]
     check_log_dir: Option<PathBuf>,
+    /// Record checks in the consent store instead (the Redis stream `audit`, trimmed past
+    /// --redis-audit-len; the embedded store's `audit` table): for replicas without a disk. Redis
+    /// then grows with check traffic, about 13 bytes per checked number.
+    #[arg(
+        long,
+        env = "OPTOUT_CHECK_LOG_IN_STORE",
+        conflicts_with = "check_log_dir"
+    )]
+    check_log_in_store: bool,
     /// A check-log segment is closed and a new one started at this size, in MiB.
     #[arg(long, env = "OPTOUT_CHECK_LOG_SEGMENT_MIB", default_value_t = defaults::CHECK_LOG_SEGMENT_MIB)]
     check_log_segment_mib: u64,
@@ -189,6 +199,10 @@ pub(super) struct ServeArgs {
         default_value_t = defaults::AUDIT_CHANGES_MAX_AGE_DAYS
     )]
     audit_changes_max_age_days: u64,
+    /// How often the changes trail is sealed (a hash chain and a MAC over the records written
+    /// since the last seal), in ms. Needs --audit-key-file.
+    #[arg(long, env = "OPTOUT_AUDIT_SEAL_INTERVAL_MS", default_value_t = ms(defaults::AUDIT_SEAL_INTERVAL))]
+    audit_seal_interval_ms: u64,
     /// NHS numbers checked per second per organisation (0: no limit). Every number of a Check
     /// and of each CheckStream message counts; each admin call counts as one.
     #[arg(long, env = "OPTOUT_RATE_LIMIT", default_value_t = defaults::RATE_LIMIT)]
@@ -368,8 +382,12 @@ impl TryFrom<&ServeArgs> for ServerConfig {
             audit_queue_bytes: args.audit_queue_mib.max(4).saturating_mul(1024 * 1024),
             changes_max_age: (args.audit_changes_max_age_days > 0)
                 .then(|| Duration::from_secs(args.audit_changes_max_age_days * 86_400)),
-            check_files: args.check_log_dir.as_ref().map(|dir| CheckFilesConfig {
-                dir: dir.clone(),
+            seal_interval: Duration::from_millis(args.audit_seal_interval_ms.max(1)),
+            check_files: (!args.check_log_in_store).then(|| CheckFilesConfig {
+                dir: args
+                    .check_log_dir
+                    .clone()
+                    .unwrap_or_else(|| args.data_dir.join("check-log")),
                 max_segment_bytes: args
                     .check_log_segment_mib
                     .max(1)
@@ -426,7 +444,11 @@ fn describe(config: &ServerConfig) -> String {
             format!("embedded store in {}", data_dir.display())
         }
     };
-    let mut text = format!("({transport}), {store}");
+    let checks = match &config.check_files {
+        Some(f) => format!("check records in {}", f.dir.display()),
+        None => "check records in the store".to_string(),
+    };
+    let mut text = format!("({transport}), {store}, {checks}");
     let addr =
         |l: &Option<Arc<std::net::TcpListener>>| l.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(a) = addr(&config.health_listener) {

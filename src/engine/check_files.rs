@@ -80,7 +80,7 @@ fn last_head(dir: &Path) -> std::io::Result<ChainHead> {
         let mut head = None;
         for line in BufReader::new(File::open(path)?).lines() {
             let line = line?;
-            if let Some((seq, _)) = trail::open_line(&line) {
+            if let Some((seq, _)) = trail::open_line::<serde::de::IgnoredAny>(&line) {
                 head = Some((seq, line));
             }
         }
@@ -218,7 +218,7 @@ fn read_dir(dir: &Path, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreErr
         };
         for line in BufReader::new(file).lines() {
             let line = line.map_err(|e| io_error("segment", &path, e))?;
-            let Some((_, r)) = trail::open_line(&line) else {
+            let Some((_, r)) = trail::open_line::<AuditRecord>(&line) else {
                 continue;
             };
             let in_time = r.at_ms >= query.from_ms && (query.to_ms <= 0 || r.at_ms <= query.to_ms);

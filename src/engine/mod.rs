@@ -6,6 +6,7 @@
 //! - [`check_log`]: recording checks off the hot path, in batches, bounded by bytes.
 //! - [`filter`]: the filter as the check path reads it, and its freshness clock.
 //! - [`follower`]: the one task that keeps the filter in step with the store.
+//! - [`sealer`]: sealing the changes trail and verifying it.
 //! - [`admin`]: opt-out changes, imports, look-ups, audit reads, status, acknowledgements.
 //!
 //! May import `core`, `store`, `auth` (who is calling) and `telemetry`; never `api`, `server` or
@@ -17,6 +18,7 @@ pub mod check_files;
 pub mod check_log;
 pub mod filter;
 pub mod follower;
+pub mod sealer;
 
 #[cfg(test)]
 mod tests;

@@ -27,7 +27,7 @@ use crate::{
     },
     store::{
         ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, Scan,
-        StoreError, StoreStatus, WriteOutcome,
+        StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome,
         embedded::{EmbeddedConfig, EmbeddedStore},
     },
 };
@@ -126,6 +126,20 @@ impl ConsentStore for Switch {
     }
     async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.read_audit(query).await
+    }
+    async fn stored(
+        &self,
+        part: Stored,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        self.inner.stored(part, after, limit).await
+    }
+    async fn last_seal(&self) -> Result<Option<StoredEntry>, StoreError> {
+        self.inner.last_seal().await
+    }
+    async fn append_seal(&self, after_seq: u64, line: &str) -> Result<bool, StoreError> {
+        self.inner.append_seal(after_seq, line).await
     }
 }
 

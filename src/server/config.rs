@@ -45,6 +45,8 @@ pub mod defaults {
     pub const CHECK_LOG_MAX_BACKUPS: usize = 0;
     /// Days closed check-log segments are kept (0: no limit).
     pub const CHECK_LOG_MAX_AGE_DAYS: u64 = 0;
+    /// How often the records of the changes trail written since the last seal are sealed.
+    pub const AUDIT_SEAL_INTERVAL: Duration = Duration::from_secs(1);
     /// Days the changes trail keeps its records (0: all).
     pub const AUDIT_CHANGES_MAX_AGE_DAYS: u64 = 0;
     /// Grace for in-flight requests after the shutdown signal.
@@ -103,6 +105,9 @@ pub struct ServerConfig {
     /// Records of the changes trail older than this are deleted (checked hourly); `None` keeps
     /// them all.
     pub changes_max_age: Option<Duration>,
+    /// How often the changes trail is sealed (with a configured audit key only: seals under a
+    /// random key would prove nothing).
+    pub seal_interval: Duration,
     /// Per-organisation request rate.
     pub rate_limit: RateLimit,
     /// A plaintext port serving only `grpc.health.v1` (Kubernetes' gRPC probes cannot use TLS).
@@ -150,6 +155,7 @@ impl ServerConfig {
             audit_queue_bytes: defaults::AUDIT_QUEUE_MIB * 1024 * 1024,
             check_files: None,
             changes_max_age: None,
+            seal_interval: defaults::AUDIT_SEAL_INTERVAL,
             rate_limit: RateLimit {
                 per_second: defaults::RATE_LIMIT,
                 burst: defaults::RATE_BURST,

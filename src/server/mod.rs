@@ -170,6 +170,13 @@ impl Engines {
         if let Some(age) = config.changes_max_age {
             tasks.helper(tokio::spawn(trim_changes(store.clone(), age)));
         }
+        if let Some(key) = &config.audit_key {
+            tasks.helper(tokio::spawn(crate::engine::sealer::run(
+                store.clone(),
+                key.clone(),
+                config.seal_interval,
+            )));
+        }
         let audit_key = audit_key(config)?;
         let files = match &config.check_files {
             Some(c) => Some(CheckFiles::open(c.clone(), audit_key.clone())?),

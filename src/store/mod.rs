@@ -236,6 +236,24 @@ pub struct StoreStatus {
     pub dataset_id: String,
 }
 
+/// A part of the changes trail read exactly as stored, for sealing and verifying it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// The records (admin changes and reads).
+    Records,
+    /// The seals over them (see `optout_core::seals`).
+    Seals,
+}
+
+/// One stored record or seal: its id (`<ms>-<seq>`, increasing) and its bytes as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// The id in the store.
+    pub id: String,
+    /// The bytes as stored (a record's fields, a seal's line).
+    pub bytes: Vec<u8>,
+}
+
 /// The consent store.
 #[async_trait]
 pub trait ConsentStore: Send + Sync + 'static {
@@ -340,6 +358,22 @@ pub trait ConsentStore: Send + Sync + 'static {
 
     /// Reads audit records of both trails (changes and checks), oldest first.
     async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Entries of one part of the changes trail after the id `after` (`None`: from the oldest),
+    /// oldest first, at most `limit`.
+    async fn stored(
+        &self,
+        part: Stored,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError>;
+
+    /// The last seal of the changes trail.
+    async fn last_seal(&self) -> Result<Option<StoredEntry>, StoreError>;
+
+    /// Appends a seal when the last seal has sequence number `after_seq` (0: none yet); `false`
+    /// when another writer sealed first.
+    async fn append_seal(&self, after_seq: u64, line: &str) -> Result<bool, StoreError>;
 }
 
 /// A bulk import under way. Dropping it without commit changes nothing.

@@ -11,6 +11,7 @@ mod filter;
 pub mod keys;
 mod nhs;
 mod policy;
+pub mod seals;
 pub mod trail;
 mod version;
 

@@ -12,7 +12,9 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::{AuditKey, AuditRecord};
+use crate::AuditKey;
+#[cfg(doc)]
+use crate::{AuditRecord, seals::ChangesSeal};
 
 /// The `prev` of the first line of a trail.
 pub const GENESIS: [u8; 32] = [0u8; 32];
@@ -66,10 +68,11 @@ fn link(prev: &[u8; 32], body: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Seals `record` as the line after `head`; returns the line (no newline) and the new head.
-pub fn seal(
+/// Seals `record` (an [`AuditRecord`], or a [`ChangesSeal`]) as the line after `head`; returns the
+/// line (no newline) and the new head.
+pub fn seal<T: serde::Serialize>(
     head: ChainHead,
-    record: &AuditRecord,
+    record: &T,
     key: &AuditKey,
 ) -> Result<(String, ChainHead), serde_json::Error> {
     let seq = head.seq + 1;
@@ -87,13 +90,16 @@ pub fn seal(
 
 /// The parts of a line a reader needs: its record, sequence and MAC-checked hash.
 #[derive(serde::Deserialize)]
-struct Parsed {
+struct Parsed<R> {
     seq: u64,
     prev: String,
     kid: String,
-    r: AuditRecord,
+    r: R,
     mac: String,
 }
+
+/// A line whose record is not read (checking and hashing need only its bytes).
+type Unread = Parsed<serde::de::IgnoredAny>;
 
 /// What was hashed and MAC'd of a sealed line: the line without its `,"mac":"..."`.
 fn sealed_body(line: &str, mac: &str) -> Option<String> {
@@ -104,14 +110,15 @@ fn sealed_body(line: &str, mac: &str) -> Option<String> {
 /// The chain hash of a sealed line (what the next line's `prev` must be), without checking its
 /// MAC; `None` if it is not a sealed line.
 pub fn line_hash(line: &str) -> Option<[u8; 32]> {
-    let p: Parsed = serde_json::from_str(line).ok()?;
+    let p: Unread = serde_json::from_str(line).ok()?;
     let body = sealed_body(line, &p.mac)?;
     Some(link(&unhex32(&p.prev)?, body.as_bytes()))
 }
 
-/// Reads one line without checking it (for queries): its sequence number and record.
-pub fn open_line(line: &str) -> Option<(u64, AuditRecord)> {
-    let p: Parsed = serde_json::from_str(line).ok()?;
+/// Reads one line without checking it (for queries): its sequence number and record
+/// (an [`AuditRecord`] or a [`ChangesSeal`]).
+pub fn open_line<R: serde::de::DeserializeOwned>(line: &str) -> Option<(u64, R)> {
+    let p: Parsed<R> = serde_json::from_str(line).ok()?;
     Some((p.seq, p.r))
 }
 
@@ -128,7 +135,7 @@ pub fn verify<'a>(
     let mut last = head.unwrap_or(ChainHead::START);
     for (at, line) in (first_line..).zip(lines) {
         let bad = |problem: String| TrailError { line: at, problem };
-        let p: Parsed =
+        let p: Unread =
             serde_json::from_str(line).map_err(|e| bad(format!("not a trail record ({e})")))?;
         let body = sealed_body(line, &p.mac)
             .ok_or_else(|| bad("the MAC is not where a sealed line has it".into()))?;
@@ -166,6 +173,7 @@ pub fn verify<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::AuditRecord;
 
     fn key() -> AuditKey {
         AuditKey::new(&[3u8; 32]).expect("key")
@@ -241,6 +249,6 @@ mod tests {
                 .seq,
             5
         );
-        assert_eq!(open_line(&lines[4]).expect("read").0, 5);
+        assert_eq!(open_line::<AuditRecord>(&lines[4]).expect("read").0, 5);
     }
 }

@@ -10,6 +10,8 @@
 //! - `sources` / `source_ids`: source strings interned, so 5 million rows from one file share one
 //!   string;
 //! - `changes`: the change log, version -> added numbers, trimmed to a configured length;
+//! - `audit`, `change_audit`: the checks trail and the changes trail, (ms, sequence) -> JSON, and
+//!   `change_seals`, the seals over the changes trail;
 //! - `import-<id>`: staging tables of imports under way, deleted on commit, abort or next open.
 //!
 //! redb is synchronous, so every call runs on tokio's blocking pool.
@@ -29,7 +31,7 @@ use tokio::sync::watch;
 
 use super::{
     Cause, ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, ImportOutcome, ImportSession,
-    Lookup, OptOutRecord, Scan, StoreError, StoreStatus, WriteOutcome, now_ms,
+    Lookup, OptOutRecord, Scan, StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome, now_ms,
 };
 use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
 
@@ -79,6 +81,11 @@ pub enum Opened {
 }
 
 impl EmbeddedStore {
+    /// Whether `data_dir` holds a database (for tools that must not create one).
+    pub fn exists_in(data_dir: &Path) -> bool {
+        data_dir.join(DB_FILE).exists()
+    }
+
     /// Opens the store in `config.data_dir`.
     ///
     /// A data directory with no database file is a fresh install: the database is created and a
@@ -399,6 +406,15 @@ impl ConsentStore for EmbeddedStore {
                     .map_err(storage)?;
                 old.count() as u64
             };
+            {
+                // A seal is written after the records it covers: one older than the bound
+                // covers only records older than it.
+                let mut seals = txn.open_table(CHANGE_SEALS).map_err(storage)?;
+                seals
+                    .extract_from_if((0, 0)..(before_ms, 0), |_, _| true)
+                    .map_err(storage)?
+                    .count();
+            }
             txn.commit().map_err(storage)?;
             Ok(removed)
         })
@@ -435,6 +451,36 @@ impl ConsentStore for EmbeddedStore {
             all.sort_by_key(|(k, _)| *k);
             all.truncate(query.limit.max(1));
             Ok(all.into_iter().map(|(_, r)| r).collect())
+        })
+        .await
+    }
+
+    async fn stored(
+        &self,
+        part: Stored,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        let after = after.map(str::to_string);
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(storage)?;
+            read_stored(&txn, part, after.as_deref(), limit)
+        })
+        .await
+    }
+
+    async fn last_seal(&self) -> Result<Option<StoredEntry>, StoreError> {
+        self.blocking(move |inner| last_seal(&inner.db.begin_read().map_err(storage)?))
+            .await
+    }
+
+    async fn append_seal(&self, after_seq: u64, line: &str) -> Result<bool, StoreError> {
+        let line = line.to_string();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(storage)?;
+            let added = append_seal(&txn, after_seq, &line)?;
+            txn.commit().map_err(storage)?;
+            Ok(added)
         })
         .await
     }

@@ -14,6 +14,10 @@ pub(super) const AUDIT: TableDefinition<(u64, u64), &[u8]> = TableDefinition::ne
 pub(super) const CHANGE_AUDIT: TableDefinition<(u64, u64), &[u8]> =
     TableDefinition::new("change_audit");
 
+/// Seals over the changes trail (`optout_core::seals`): (ms, the seal's sequence number) -> line.
+pub(super) const CHANGE_SEALS: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("change_seals");
+
 pub(super) const DB_FILE: &str = "optout.redb";
 pub(super) const STAGING_PREFIX: &str = "import-";
 pub(super) const SCHEMA: u64 = 1;
@@ -65,6 +69,7 @@ pub(super) fn initialise(db: &Database) -> Result<(), StoreError> {
         txn.open_table(CHANGES).map_err(storage)?;
         txn.open_table(AUDIT).map_err(storage)?;
         txn.open_table(CHANGE_AUDIT).map_err(storage)?;
+        txn.open_table(CHANGE_SEALS).map_err(storage)?;
     }
     txn.commit().map_err(storage)
 }
@@ -78,15 +83,97 @@ pub(super) fn write_audit(
     let mut meta = txn.open_table(META).map_err(storage)?;
     let mut seq = get_u64(&meta, K_AUDIT_SEQ)?;
     let mut audit = txn.open_table(trail).map_err(storage)?;
+    // Keys only grow, also when the clock steps back: a trail is sealed and verified in key order.
+    let mut floor = audit
+        .last()
+        .map_err(storage)?
+        .map_or(0, |(k, _)| k.value().0);
     for r in records {
         let json = serde_json::to_vec(r)
             .map_err(|e| StoreError::Corrupt(format!("audit record: {e}").into()))?;
         seq += 1;
+        floor = floor.max(u64::try_from(r.at_ms).unwrap_or(0));
         audit
-            .insert((u64::try_from(r.at_ms).unwrap_or(0), seq), json.as_slice())
+            .insert((floor, seq), json.as_slice())
             .map_err(storage)?;
     }
     put_u64(&mut meta, K_AUDIT_SEQ, seq)
+}
+
+/// Entries of the changes trail or its seals after the id `after`, as stored.
+pub(super) fn read_stored(
+    txn: &ReadTransaction,
+    part: Stored,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<StoredEntry>, StoreError> {
+    let def = match part {
+        Stored::Records => CHANGE_AUDIT,
+        Stored::Seals => CHANGE_SEALS,
+    };
+    let table = match txn.open_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(storage(e)),
+    };
+    let start = match after {
+        None => (0, 0),
+        Some(id) => {
+            let (ms, seq) = crate::core::seals::id_order(id).ok_or_else(|| {
+                StoreError::Corrupt(format!("{id:?} is not a changes trail id").into())
+            })?;
+            match seq.checked_add(1) {
+                Some(next) => (ms, next),
+                None => (ms.saturating_add(1), 0),
+            }
+        }
+    };
+    let mut out = Vec::new();
+    for item in table.range(start..).map_err(storage)?.take(limit.max(1)) {
+        let (k, v) = item.map_err(storage)?;
+        let (ms, seq) = k.value();
+        out.push(StoredEntry {
+            id: format!("{ms}-{seq}"),
+            bytes: v.value().to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+/// The last seal of the changes trail.
+pub(super) fn last_seal(txn: &ReadTransaction) -> Result<Option<StoredEntry>, StoreError> {
+    let table = match txn.open_table(CHANGE_SEALS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(storage(e)),
+    };
+    Ok(table.last().map_err(storage)?.map(|(k, v)| {
+        let (ms, seq) = k.value();
+        StoredEntry {
+            id: format!("{ms}-{seq}"),
+            bytes: v.value().to_vec(),
+        }
+    }))
+}
+
+/// Appends a seal if the last one has sequence `after_seq`; keyed by time and its sequence.
+pub(super) fn append_seal(
+    txn: &WriteTransaction,
+    after_seq: u64,
+    line: &str,
+) -> Result<bool, StoreError> {
+    let mut table = txn.open_table(CHANGE_SEALS).map_err(storage)?;
+    let (last_ms, last_seq) = table
+        .last()
+        .map_err(storage)?
+        .map_or((0, 0), |(k, _)| k.value());
+    if last_seq != after_seq {
+        return Ok(false);
+    }
+    table
+        .insert((last_ms.max(now_ms()), after_seq + 1), line.as_bytes())
+        .map_err(storage)?;
+    Ok(true)
 }
 
 pub(super) fn read_marker(db: &Database, path: &Path) -> Result<(String, Version), StoreError> {

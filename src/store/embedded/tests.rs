@@ -152,3 +152,68 @@ async fn records_keep_type_time_and_source() {
     assert!(lookup.held[0].contains(OptOutType::Type1));
     assert!(!lookup.held[0].contains(OptOutType::NationalDataOptOut));
 }
+
+/// A record of the changes trail edited in the database file, with the service stopped, is named
+/// by the seals; and a clock stepping back never puts a new record before a sealed one.
+#[tokio::test]
+async fn the_changes_trail_file_is_sealed_and_an_edit_in_it_is_named() {
+    use crate::{
+        core::seals::{ChangesError, id_order},
+        engine::sealer,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = AuditKey::new(&[7u8; 32]).expect("key");
+    let store = open(dir.path(), 100);
+    let at = |ms: i64, org: &str| AuditRecord {
+        at_ms: ms,
+        organisation: org.into(),
+        action: "get".into(),
+        ..AuditRecord::default()
+    };
+    store
+        .record_access(&at(5_000, "RX1"))
+        .await
+        .expect("record");
+    store
+        .record_access(&at(6_000, "RX2"))
+        .await
+        .expect("record");
+    assert_eq!(sealer::seal_pending(&store, &key).await.expect("seal"), 2);
+    // The clock steps back: the record still goes after the sealed ones, and gets sealed.
+    store
+        .record_access(&at(1_000, "RX3"))
+        .await
+        .expect("record");
+    assert_eq!(sealer::seal_pending(&store, &key).await.expect("seal"), 1);
+    let records = store
+        .stored(Stored::Records, None, 10)
+        .await
+        .expect("records");
+    let ids: Vec<_> = records
+        .iter()
+        .map(|r| id_order(&r.id).expect("id"))
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert!(sealer::verify(&store, &key).await.expect("read").is_ok());
+    drop(store);
+
+    // Edit the second record in the file, as someone with the disk could.
+    {
+        let db = Database::open(dir.path().join(DB_FILE)).expect("db");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut table = txn.open_table(CHANGE_AUDIT).expect("table");
+            let k = id_order(&records[1].id).expect("id");
+            let edited = String::from_utf8(records[1].bytes.clone())
+                .expect("json")
+                .replace("RX2", "RX9");
+            table.insert(k, edited.as_bytes()).expect("edit");
+        }
+        txn.commit().expect("commit");
+    }
+    let store = open(dir.path(), 100);
+    match sealer::verify(&store, &key).await.expect("read") {
+        Err(ChangesError::Altered { id, .. }) => assert_eq!(id, records[1].id),
+        other => panic!("the edit must be named, got {other:?}"),
+    }
+}

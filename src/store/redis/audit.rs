@@ -11,8 +11,11 @@ use super::{
 };
 use crate::{
     core::{AuditQuery, AuditRecord, Version},
-    store::StoreError,
+    store::{StoreError, Stored, StoredEntry},
 };
+
+/// The stream of seals over the changes trail.
+pub(super) const SEALS: &str = "changes_seals";
 
 impl RedisStore {
     /// Appends check records to the checks trail, trimmed past `--redis-audit-len`.
@@ -149,4 +152,98 @@ impl RedisStore {
             }
         }
     }
+
+    /// Entries of the changes trail or of its seals after `after`, as stored: a record as its
+    /// fields (each name and value length-prefixed, in stream order), a seal as its line.
+    pub(super) async fn stored_entries(
+        &self,
+        part: Stored,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        self.bound()?;
+        let stream = match part {
+            Stored::Records => "changes",
+            Stored::Seals => SEALS,
+        };
+        let page: Value = redis::cmd("XRANGE")
+            .arg(self.key(stream))
+            .arg(after.map_or_else(|| "-".to_string(), |a| format!("({a}")))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut self.write_conn())
+            .await
+            .map_err(store_error)?;
+        array(page)?
+            .into_iter()
+            .map(|e| stored_entry(part, e))
+            .collect()
+    }
+
+    /// The last seal, if any.
+    pub(super) async fn newest_seal(&self) -> Result<Option<StoredEntry>, StoreError> {
+        self.bound()?;
+        let page: Value = redis::cmd("XREVRANGE")
+            .arg(self.key(SEALS))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.write_conn())
+            .await
+            .map_err(store_error)?;
+        array(page)?
+            .into_iter()
+            .next()
+            .map(|e| stored_entry(Stored::Seals, e))
+            .transpose()
+    }
+
+    /// Appends a seal if the last one is still `after_seq` (`seal.lua`).
+    pub(super) async fn add_seal(&self, after_seq: u64, line: &str) -> Result<bool, StoreError> {
+        let bound = self.bound()?;
+        let mut inv = self.inner.scripts.seal.prepare_invoke();
+        inv.key(self.key("marker"))
+            .arg(&self.inner.prefix)
+            .arg(&bound.dataset)
+            .arg(after_seq)
+            .arg(line);
+        let added: i64 = self.invoke_durable(&inv, &mut self.write_conn()).await?;
+        Ok(added == 1)
+    }
+}
+
+/// One stream entry as stored.
+fn stored_entry(part: Stored, entry: Value) -> Result<StoredEntry, StoreError> {
+    let mut e = array(entry)?.into_iter();
+    let id = e
+        .next()
+        .as_ref()
+        .and_then(text_of)
+        .ok_or_else(|| StoreError::Corrupt("a changes trail entry without an id".into()))?;
+    let fields = array(e.next().unwrap_or(Value::Nil))?;
+    let mut bytes = Vec::new();
+    for pair in fields.chunks(2) {
+        let (Some(Value::BulkString(name)), Some(Value::BulkString(value))) =
+            (pair.first(), pair.get(1))
+        else {
+            return Err(StoreError::Corrupt(
+                format!("changes trail entry {id}: a field is not a string").into(),
+            ));
+        };
+        match part {
+            Stored::Records => {
+                for b in [name, value] {
+                    bytes.extend_from_slice(
+                        &u32::try_from(b.len()).unwrap_or(u32::MAX).to_be_bytes(),
+                    );
+                    bytes.extend_from_slice(b);
+                }
+            }
+            Stored::Seals if name.as_slice() == b"l" => bytes.clone_from(value),
+            Stored::Seals => {}
+        }
+    }
+    Ok(StoredEntry { id, bytes })
 }

@@ -42,7 +42,7 @@ use scripts::{Scripts, not_initialised};
 
 use super::{
     ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, Scan,
-    StoreError, StoreStatus, WriteOutcome,
+    StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome,
 };
 use crate::core::{AuditQuery, AuditRecord, NhsNumber, OptOutType, Version};
 
@@ -254,13 +254,22 @@ impl ConsentStore for RedisStore {
 
     async fn trim_changes(&self, before_ms: u64) -> Result<u64, StoreError> {
         self.bound()?;
-        redis::cmd("XTRIM")
+        let minid = format!("{before_ms}-0");
+        // A seal is written after the records it covers: one older than the bound covers only
+        // records older than it.
+        let (removed, _seals): (u64, u64) = redis::pipe()
+            .cmd("XTRIM")
             .arg(self.key("changes"))
             .arg("MINID")
-            .arg(format!("{before_ms}-0"))
+            .arg(&minid)
+            .cmd("XTRIM")
+            .arg(self.key(audit::SEALS))
+            .arg("MINID")
+            .arg(&minid)
             .query_async(&mut self.write_conn())
             .await
-            .map_err(scripts::store_error)
+            .map_err(scripts::store_error)?;
+        Ok(removed)
     }
 
     async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
@@ -273,5 +282,22 @@ impl ConsentStore for RedisStore {
 
     async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         self.read_records(query).await
+    }
+
+    async fn stored(
+        &self,
+        part: Stored,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        self.stored_entries(part, after, limit).await
+    }
+
+    async fn last_seal(&self) -> Result<Option<StoredEntry>, StoreError> {
+        self.newest_seal().await
+    }
+
+    async fn append_seal(&self, after_seq: u64, line: &str) -> Result<bool, StoreError> {
+        self.add_seal(after_seq, line).await
     }
 }

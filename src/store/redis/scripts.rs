@@ -22,6 +22,7 @@ pub(super) struct Scripts {
     pub scan: Script,
     pub snapshot: Script,
     pub acknowledge: Script,
+    pub seal: Script,
     /// Redis Cluster: the three steps of a change (see `cluster.rs`).
     pub cluster_begin: Script,
     pub cluster_shard: Script,
@@ -48,6 +49,7 @@ impl Scripts {
             scan: Script::new(include_str!("lua/scan.lua")),
             snapshot: Script::new(include_str!("lua/snapshot.lua")),
             acknowledge: Script::new(include_str!("lua/acknowledge.lua")),
+            seal: Script::new(include_str!("lua/seal.lua")),
             cluster_begin: with_lib(include_str!("lua/cluster_begin.lua")),
             cluster_shard: Script::new(include_str!("lua/cluster_shard.lua")),
             cluster_end: Script::new(include_str!("lua/cluster_end.lua")),

@@ -1,0 +1,151 @@
+//! Sealing and verifying the changes trail (the scheme: `optout_core::seals`).
+//!
+//! Every replica with an audit key runs [`run`]: each interval it seals the records written since
+//! the last seal. Replicas race harmlessly: a seal is appended only if the last one is still the
+//! one it follows, so the loser reads the new last seal and seals what is left, if anything.
+//! [`verify`] walks the seals and the records of any store, page by page.
+
+use std::time::Duration;
+
+use crate::{
+    core::{
+        AuditKey,
+        seals::{
+            ChangesError, ChangesReport, ChangesSeal, SEAL_MAX_RECORDS, Verifier, id_order,
+            record_hash,
+        },
+        trail::{self, ChainHead},
+    },
+    store::{ConsentStore, StoreError, Stored, StoredEntry},
+};
+
+/// Entries read from the store at once while verifying.
+const PAGE: usize = 1000;
+
+fn corrupt_seal(id: &str, why: &str) -> StoreError {
+    StoreError::Corrupt(format!("the last seal of the changes trail ({id}) {why}").into())
+}
+
+/// Where the seals stand: the last seal's chain head and the id of the last record it covers.
+fn sealed_head(last: Option<&StoredEntry>) -> Result<(ChainHead, Option<String>), StoreError> {
+    let Some(e) = last else {
+        return Ok((ChainHead::START, None));
+    };
+    let line = std::str::from_utf8(&e.bytes).map_err(|_| corrupt_seal(&e.id, "is not text"))?;
+    let hash = trail::line_hash(line).ok_or_else(|| corrupt_seal(&e.id, "is not a sealed line"))?;
+    let (seq, seal) = trail::open_line::<ChangesSeal>(line)
+        .ok_or_else(|| corrupt_seal(&e.id, "does not list records"))?;
+    Ok((ChainHead { seq, hash }, seal.upto().map(str::to_string)))
+}
+
+/// Seals every record written since the last seal; returns how many this call sealed.
+pub async fn seal_pending(store: &dyn ConsentStore, key: &AuditKey) -> Result<u64, StoreError> {
+    let mut sealed = 0u64;
+    loop {
+        let (head, upto) = sealed_head(store.last_seal().await?.as_ref())?;
+        let records = store
+            .stored(Stored::Records, upto.as_deref(), SEAL_MAX_RECORDS)
+            .await?;
+        if records.is_empty() {
+            return Ok(sealed);
+        }
+        let seal = ChangesSeal {
+            records: records
+                .iter()
+                .map(|r| (r.id.clone(), record_hash(&r.bytes)))
+                .collect(),
+        };
+        let (line, next) = trail::seal(head, &seal, key)
+            .map_err(|e| StoreError::Corrupt(format!("a seal cannot be written: {e}").into()))?;
+        if store.append_seal(head.seq, &line).await? {
+            sealed += records.len() as u64;
+            let link: String = next.hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+            // The log line is an anchor outside the store: a trail cut back past it shows.
+            tracing::info!(
+                seal = next.seq,
+                records = records.len(),
+                upto = seal.upto().unwrap_or_default(),
+                link = %link,
+                "changes trail sealed"
+            );
+        }
+        // Lost the race: another replica sealed; read its seal and go on from there.
+    }
+}
+
+/// Seals the changes trail every `interval` until the task is dropped.
+pub async fn run(store: std::sync::Arc<dyn ConsentStore>, key: AuditKey, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = seal_pending(store.as_ref(), &key).await {
+            tracing::warn!(error = %e, "cannot seal the changes trail; retrying");
+        }
+    }
+}
+
+/// Verifies the changes trail of `store` under `key`: `Ok(Err(..))` names what is wrong with it.
+pub async fn verify(
+    store: &dyn ConsentStore,
+    key: &AuditKey,
+) -> Result<Result<ChangesReport, ChangesError>, StoreError> {
+    let mut v = Verifier::new(key);
+    let mut seals = Pages::new(Stored::Seals);
+    let mut records = Pages::new(Stored::Records);
+    while let Some(r) = records.next(store).await? {
+        let order = id_order(&r.id).unwrap_or((u64::MAX, u64::MAX));
+        while v.wants_seal(order) {
+            match seals.next(store).await? {
+                Some(s) => {
+                    if let Err(e) = v.seal(&String::from_utf8_lossy(&s.bytes)) {
+                        return Ok(Err(e));
+                    }
+                }
+                None => v.seals_done(),
+            }
+        }
+        if let Err(e) = v.record(&r.id, &r.bytes) {
+            return Ok(Err(e));
+        }
+    }
+    while let Some(s) = seals.next(store).await? {
+        if let Err(e) = v.seal(&String::from_utf8_lossy(&s.bytes)) {
+            return Ok(Err(e));
+        }
+    }
+    Ok(v.finish())
+}
+
+/// One part of the changes trail read a page at a time.
+struct Pages {
+    part: Stored,
+    page: std::vec::IntoIter<StoredEntry>,
+    after: Option<String>,
+    done: bool,
+}
+
+impl Pages {
+    fn new(part: Stored) -> Self {
+        Pages {
+            part,
+            page: Vec::new().into_iter(),
+            after: None,
+            done: false,
+        }
+    }
+
+    async fn next(&mut self, store: &dyn ConsentStore) -> Result<Option<StoredEntry>, StoreError> {
+        if let Some(e) = self.page.next() {
+            return Ok(Some(e));
+        }
+        if self.done {
+            return Ok(None);
+        }
+        let page = store.stored(self.part, self.after.as_deref(), PAGE).await?;
+        self.done = page.len() < PAGE;
+        self.after = page.last().map(|e| e.id.clone()).or(self.after.take());
+        self.page = page.into_iter();
+        Ok(self.page.next())
+    }
+}
