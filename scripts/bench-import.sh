@@ -66,7 +66,7 @@ seed() { # address
 }
 
 echo "== Redis: replica A applies a REPLACE import of $COUNT opt-outs, replica B follows"
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync everysec \
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync always \
     --dir "$work" --logfile "$work/redis.log" --daemonize no &
 pids+=($!)
 until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
@@ -78,13 +78,21 @@ serve b "$B" --redis-url "$url"
 b_pid=${pids[-1]}
 echo "  SERVING, empty: A $(rss "$a_pid") MiB, B $(rss "$b_pid") MiB"
 sample "$a_pid" "$b_pid"
-start=$(date +%s.%N)
+start=$SECONDS
 seed "$A"
-# B has caught up when it reports the same number of opt-outs in its filter.
-until "$bin/optout" admin --server "http://$B" status 2>/dev/null | grep -q "$COUNT items"; do
+# B has caught up when its filter reflects the store's version (and is fresh).
+caught_up() { # address
+    local st; st=$("$bin/optout" admin --server "http://$1" status 2>/dev/null) || return 1
+    local v f
+    v=$(awk '/^version:/ {print $2}' <<<"$st")
+    f=$(awk '/^filter version:/ {print $3}' <<<"$st")
+    [ -n "$v" ] && [ "$v" = "$f" ] && grep -q "(fresh" <<<"$st"
+}
+until caught_up "$B"; do
     sleep 0.5
-    [ "$(echo "$(date +%s.%N) - $start > 600" | bc)" = 1 ] && { echo "B did not catch up" >&2; break; }
+    [ $((SECONDS - start)) -gt 600 ] && { echo "B did not catch up" >&2; break; }
 done
+echo "  B caught up $((SECONDS - start)) s after the seed started"
 sleep 3
 stop_sampling
 echo "  during the import (peak): A $(cat "$work/peak-$a_pid") MiB, B $(cat "$work/peak-$b_pid") MiB"

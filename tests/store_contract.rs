@@ -22,7 +22,7 @@ use optout::{
     engine::sealer,
     server::ServerConfig,
     store::{
-        ChangeKind, ConsentStore, Feed, ImportMode, StoreError, Stored,
+        ChangeKind, ConsentStore, Feed, ImportMode, LOG_LIST_MAX, StoreError, Stored,
         embedded::{EmbeddedConfig, EmbeddedStore},
         redis::{RedisConfig, RedisStore},
     },
@@ -69,6 +69,7 @@ impl Backend for Embedded {
         let config = EmbeddedConfig {
             data_dir: dir.path().to_path_buf(),
             change_log_len: 1000,
+            cache_bytes: optout::store::embedded::DEFAULT_CACHE_BYTES,
         };
         let (store, _) = EmbeddedStore::open(&config).expect("open");
         store.open_dataset().await.expect("bind");
@@ -368,13 +369,71 @@ async fn imports(b: &dyn Backend) {
         .find(|r| r.action == "import-replace")
         .expect("the replace's record");
     assert_eq!(main.applied, 3);
-    let parts: usize = trail
+    let parts = |action: &str| -> usize {
+        trail
+            .iter()
+            .filter(|r| r.action == action && r.part_of == main.part_of)
+            .map(|r| r.digest_count())
+            .sum()
+    };
+    assert!(main.part_of.is_some());
+    assert_eq!(
+        (parts("import-added"), parts("import-removed")),
+        (1, 2),
+        "one digest per number added or removed, saying which"
+    );
+
+    // An import that adds more than a log entry lists is logged without its numbers: a replica
+    // rebuilds from a scan, which holds them all.
+    let many = numbers(4_050_000_000, LOG_LIST_MAX + 7);
+    let mut big = s
+        .begin_import(ImportMode::Merge, TYPE1, "contract")
+        .await
+        .expect("begin");
+    big.stage(&many).await.expect("stage");
+    let o = big
+        .commit(record("import-merge", "ADMIN"), &key)
+        .await
+        .expect("big merge");
+    assert_eq!(o.added, many.len() as u64);
+    let Feed::Changes(tail) = s
+        .changes_after(Version::ZERO, 100, Duration::ZERO)
+        .await
+        .expect("feed")
+    else {
+        panic!("feed");
+    };
+    let entry = tail.last().expect("the big import is in the log");
+    assert_eq!(entry.version, o.version);
+    assert!(entry.unlisted && entry.added.is_empty(), "{entry:?}");
+    assert!(
+        !tail[tail.len() - 2].unlisted,
+        "a small import lists its numbers"
+    );
+    let mut scanned = std::collections::HashSet::new();
+    let at = s
+        .scan_pages(&mut |p: &[NhsNumber]| scanned.extend(p.iter().copied()))
+        .await
+        .expect("scan");
+    assert!(at >= o.version);
+    assert!(many.iter().all(|n| scanned.contains(n)));
+    let trail = s
+        .read_audit(&AuditQuery {
+            limit: 1000,
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("read");
+    let added: usize = trail
         .iter()
-        .filter(|r| r.action == "import-digests" && r.part_of == main.part_of)
+        .filter(|r| r.action == "import-added" && r.count > 1)
         .map(|r| r.digest_count())
         .sum();
-    assert!(main.part_of.is_some());
-    assert_eq!(parts, 3, "one digest per number added or removed");
+    assert_eq!(
+        added,
+        many.len(),
+        "every added number's digest, in bounded parts"
+    );
 
     let empty = s
         .begin_import(ImportMode::Replace, NATIONAL, "contract")

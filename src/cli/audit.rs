@@ -95,6 +95,7 @@ async fn verify_changes(
             let config = EmbeddedConfig {
                 data_dir: dir.clone(),
                 change_log_len: crate::server::defaults::CHANGE_LOG_LEN,
+                cache_bytes: crate::store::embedded::DEFAULT_CACHE_BYTES,
             };
             let (store, _) = tokio::task::spawn_blocking(move || EmbeddedStore::open(&config))
                 .await

@@ -139,6 +139,10 @@ pub(super) struct ServeArgs {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "OPTOUT_MAX_MESSAGE_BYTES", default_value_t = Limits::DEFAULT.max_message_bytes)]
     max_message_bytes: usize,
+    /// The embedded store's page cache, in MiB: what the database may keep in this process's
+    /// memory (redb's own default is 1 GiB). Lookups beyond it are served from the OS page cache.
+    #[arg(long, env = "OPTOUT_EMBEDDED_CACHE_MIB", default_value_t = (crate::store::embedded::DEFAULT_CACHE_BYTES / (1024 * 1024)) as u64)]
+    embedded_cache_mib: u64,
     /// Change-log entries kept; a replica further behind rebuilds its filter from a scan.
     #[arg(long, env = "OPTOUT_CHANGE_LOG_LEN", default_value_t = defaults::CHANGE_LOG_LEN)]
     change_log_len: u64,
@@ -338,6 +342,9 @@ impl ServeArgs {
             None => StoreConfig::Embedded {
                 data_dir: self.data_dir.clone(),
                 change_log_len: self.change_log_len.max(1),
+                cache_bytes: usize::try_from(self.embedded_cache_mib.max(1))
+                    .unwrap_or(usize::MAX / (1024 * 1024))
+                    .saturating_mul(1024 * 1024),
             },
         })
     }

@@ -321,11 +321,16 @@ impl SyncedFilter {
         self.caught_up_at.store(NEVER, Ordering::Release);
     }
 
-    /// Applies change-log entries in order. Large entries go in chunks, each under a short write
-    /// lock; the version moves only once all of an entry's numbers are in.
-    pub(super) fn apply(&self, entries: &[ChangeEntry]) {
+    /// Applies change-log entries in order, up to the first that does not list its numbers (an
+    /// import too big to list: the filter must be rebuilt from a scan); returns whether it met
+    /// one. Large entries go in chunks, each under a short write lock; the version moves only once
+    /// all of an entry's numbers are in.
+    pub(super) fn apply(&self, entries: &[ChangeEntry]) -> bool {
         const CHUNK: usize = 16_384;
         for entry in entries {
+            if entry.unlisted {
+                return true;
+            }
             for chunk in entry.added.chunks(CHUNK) {
                 let mut g = self.state.write();
                 for n in chunk {
@@ -348,6 +353,7 @@ impl SyncedFilter {
                 }
             });
         }
+        false
     }
 
     /// The current generation as snapshot bytes, with the version it reflects.

@@ -13,7 +13,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use super::filter::{FilterConfig, SyncedFilter};
 use crate::{
-    core::{OptOutFilter, Version},
+    core::{NhsNumber, OptOutFilter, Version},
     store::{ConsentStore, Feed, StoreError},
 };
 
@@ -237,7 +237,15 @@ impl Follower {
         match feed {
             Ok(Feed::Changes(entries)) => {
                 let caught_up = entries.len() < FEED_BATCH;
-                self.synced.apply(&entries);
+                if self.synced.apply(&entries) {
+                    tracing::info!(
+                        %after,
+                        "an import too big to list its numbers in the change log; rebuilding \
+                         the filter from the store"
+                    );
+                    self.must_rebuild = true;
+                    return Flow::Next;
+                }
                 if caught_up {
                     self.synced.mark_caught_up(asked_at);
                 }
@@ -318,21 +326,23 @@ async fn build_generation(
     config: FilterConfig,
     generation: u64,
 ) -> Result<(OptOutFilter, Version), StoreError> {
-    let scan = store.scan().await?;
     // Sized for what the store holds plus 4% to grow: within 5% of the bloom optimum (1.44 log2(1/p)
-    // bits per opt-out) at the target rate. Outgrowing it triggers another background build.
-    let needed = scan.numbers.len() as u64 + scan.numbers.len() as u64 / 25;
-    let capacity = config.capacity.max(needed);
-    tokio::task::spawn_blocking(move || {
-        let mut filter = OptOutFilter::new(capacity, config.fp_rate, generation)
-            .map_err(|e| StoreError::Corrupt(format!("filter: {e}").into()))?;
-        for n in &scan.numbers {
-            filter.insert(*n);
-        }
-        Ok((filter, scan.version))
-    })
-    .await
-    .map_err(|e| StoreError::Unavailable(format!("filter build task failed: {e}").into()))?
+    // bits per opt-out) at the target rate. Outgrowing it triggers another background build. The
+    // counts are read before the scan; opt-outs added meanwhile are few and the filter absorbs them.
+    let status = store.status().await?;
+    let held = status.national + status.type1;
+    let capacity = config.capacity.max(held + held / 25);
+    let mut filter = OptOutFilter::new(capacity, config.fp_rate, generation)
+        .map_err(|e| StoreError::Corrupt(format!("filter: {e}").into()))?;
+    // Page by page into the filter: memory is the filter and one page, never the whole list.
+    let version = store
+        .scan_pages(&mut |page: &[NhsNumber]| {
+            for n in page {
+                filter.insert(*n);
+            }
+        })
+        .await?;
+    Ok((filter, version))
 }
 
 /// Loads a first generation for the store's current dataset: from the newest snapshot when the
@@ -375,6 +385,10 @@ async fn catch_up(
             Feed::Changes(entries) if entries.is_empty() => return Ok(Some((filter, version))),
             Feed::Changes(entries) => {
                 for e in entries {
+                    if e.unlisted {
+                        // Only a scan holds its numbers: build again from one.
+                        return Ok(None);
+                    }
                     for n in &e.added {
                         filter.insert(*n);
                     }

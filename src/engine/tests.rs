@@ -26,7 +26,7 @@ use crate::{
         ReleaseReason, Version, WithholdReason,
     },
     store::{
-        ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, Scan,
+        ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord,
         StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome,
         embedded::{EmbeddedConfig, EmbeddedStore},
     },
@@ -100,9 +100,12 @@ impl ConsentStore for Switch {
         }
         self.inner.changes_after(after, max, wait).await
     }
-    async fn scan(&self) -> Result<Scan, StoreError> {
+    async fn scan_pages(
+        &self,
+        page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
+    ) -> Result<Version, StoreError> {
         self.fail_if(&self.down)?;
-        self.inner.scan().await
+        self.inner.scan_pages(page).await
     }
     async fn open_dataset(&self) -> Result<String, StoreError> {
         self.fail_if(&self.down)?;
@@ -166,6 +169,7 @@ impl Rig {
         let config = EmbeddedConfig {
             data_dir: dir.path().to_path_buf(),
             change_log_len: 1000,
+            cache_bytes: crate::store::embedded::DEFAULT_CACHE_BYTES,
         };
         let (inner, _) = EmbeddedStore::open(&config).expect("open");
         let store = Arc::new(Switch {

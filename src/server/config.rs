@@ -62,6 +62,8 @@ pub enum StoreConfig {
         data_dir: PathBuf,
         /// Change-log entries kept.
         change_log_len: u64,
+        /// The database's page cache, in bytes.
+        cache_bytes: usize,
     },
     /// The shared Redis store: one Redis, Sentinel's master, or a Cluster.
     Redis(RedisConfig),
@@ -140,6 +142,7 @@ impl ServerConfig {
             store: StoreConfig::Embedded {
                 data_dir,
                 change_log_len: defaults::CHANGE_LOG_LEN,
+                cache_bytes: crate::store::embedded::DEFAULT_CACHE_BYTES,
             },
             filter: FilterConfig::DEFAULT,
             limits: Limits::DEFAULT,

@@ -91,6 +91,7 @@ pub async fn open_embedded(config: &ServerConfig) -> Result<EmbeddedStore, Serve
     let StoreConfig::Embedded {
         data_dir,
         change_log_len,
+        cache_bytes,
     } = &config.store
     else {
         return Err(ServerError::Config(
@@ -100,6 +101,7 @@ pub async fn open_embedded(config: &ServerConfig) -> Result<EmbeddedStore, Serve
     let embedded = EmbeddedConfig {
         data_dir: data_dir.clone(),
         change_log_len: *change_log_len,
+        cache_bytes: *cache_bytes,
     };
     let (store, opened) = tokio::task::spawn_blocking(move || EmbeddedStore::open(&embedded))
         .await

@@ -15,7 +15,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
+use crate::core::{
+    AuditKey, AuditQuery, AuditRecord, IMPORT_DIGEST_CHUNK, NhsNumber, OptOutSet, OptOutType,
+    Version,
+};
 
 /// What can go wrong in a store. Every variant turns into WITHHOLD on the check path. Each
 /// carries a [`Cause`]: what to tell the caller, and the redis or redb error underneath (its
@@ -193,7 +196,15 @@ pub struct ChangeEntry {
     pub added: Vec<NhsNumber>,
     /// How many opt-outs were removed (stale "maybes" in the filter until the next generation).
     pub removed: u64,
+    /// The change added more numbers than a log entry lists ([`LOG_LIST_MAX`]: a big import):
+    /// `added` is empty, and a filter holds them only once rebuilt from a scan.
+    pub unlisted: bool,
 }
+
+/// The most added numbers a change-log entry lists. A bigger change (an import) is logged without
+/// them, and every replica rebuilds its filter from a scan, page by page: no replica ever holds
+/// millions of numbers in one entry, one reply or one list.
+pub const LOG_LIST_MAX: usize = 10_000;
 
 /// What the change feed has after a version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -298,8 +309,24 @@ pub trait ConsentStore: Send + Sync + 'static {
         wait: Duration,
     ) -> Result<Feed, StoreError>;
 
-    /// Every opted-out number with the version it reflects, to build a filter generation.
-    async fn scan(&self) -> Result<Scan, StoreError>;
+    /// Every opted-out number, handed to `page` a page at a time (a number held under both types
+    /// may come twice), and the version the scan reflects: read before the records, so replaying
+    /// the change log from it adds whatever a change made during the scan. Memory stays one page,
+    /// whatever the store holds.
+    async fn scan_pages(
+        &self,
+        page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
+    ) -> Result<Version, StoreError>;
+
+    /// Every opted-out number at once, with the version it reflects (tests and tools; a filter is
+    /// built from [`ConsentStore::scan_pages`]).
+    async fn scan(&self) -> Result<Scan, StoreError> {
+        let mut numbers = Vec::new();
+        let version = self
+            .scan_pages(&mut |p: &[NhsNumber]| numbers.extend_from_slice(p))
+            .await?;
+        Ok(Scan { numbers, version })
+    }
 
     /// Binds to the dataset the store holds now and returns its marker. Until a store is bound,
     /// and whenever its marker is missing or differs from the bound one (a store that was reset,
@@ -392,6 +419,68 @@ pub trait ImportSession: Send {
 }
 
 /// `N` random bytes as lower-case hex: dataset markers, acknowledgement ids, lock tokens.
+/// What an import changes, tallied as it is applied page by page: the counts, the added numbers
+/// while few enough to list in the change log ([`LOG_LIST_MAX`]), and the numbers whose digests
+/// wait for an audit part. Its memory is bounded whatever the import's size.
+#[derive(Debug, Default)]
+pub(crate) struct ImportTally {
+    pub(crate) added: u64,
+    pub(crate) removed: u64,
+    listed: Vec<NhsNumber>,
+    unlisted: bool,
+    /// Added, then removed numbers not yet in an audit part.
+    waiting: [Vec<NhsNumber>; 2],
+}
+
+impl ImportTally {
+    /// A number the import added.
+    pub(crate) fn add(&mut self, n: NhsNumber) {
+        self.added += 1;
+        if !self.unlisted {
+            if self.listed.len() < LOG_LIST_MAX {
+                self.listed.push(n);
+            } else {
+                self.unlisted = true;
+                self.listed = Vec::new();
+            }
+        }
+        self.waiting[0].push(n);
+    }
+
+    /// A number the import removed.
+    pub(crate) fn remove(&mut self, n: NhsNumber) {
+        self.removed += 1;
+        self.waiting[1].push(n);
+    }
+
+    /// The added numbers, when few enough to list in the change log.
+    pub(crate) fn listed(&self) -> Option<&[NhsNumber]> {
+        (!self.unlisted).then_some(self.listed.as_slice())
+    }
+
+    /// The audit parts ready to write for the import whose main record is `main`: every full
+    /// part, and with `all` the rest too.
+    pub(crate) fn parts(
+        &mut self,
+        main: &AuditRecord,
+        key: &AuditKey,
+        import_id: &str,
+        all: bool,
+    ) -> Vec<AuditRecord> {
+        let mut out = Vec::new();
+        for (i, added) in [(0, true), (1, false)] {
+            let waiting = &mut self.waiting[i];
+            while waiting.len() >= IMPORT_DIGEST_CHUNK || (all && !waiting.is_empty()) {
+                let chunk: Vec<NhsNumber> = waiting
+                    .drain(..waiting.len().min(IMPORT_DIGEST_CHUNK))
+                    .collect();
+                out.push(main.import_part(key, &chunk, import_id, added));
+            }
+        }
+        out
+    }
+}
+
 pub(crate) fn random_hex<const N: usize>() -> String {
     let mut b = [0u8; N];
     rand::fill(&mut b);

@@ -111,11 +111,14 @@ impl ConsentStore for FaultyStore {
         self.inner.changes_after(after, max, wait).await
     }
 
-    async fn scan(&self) -> Result<Scan, StoreError> {
+    async fn scan_pages(
+        &self,
+        page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
+    ) -> Result<Version, StoreError> {
         if self.feed_down.load(Ordering::SeqCst) {
             return Err(down());
         }
-        self.inner.scan().await
+        self.inner.scan_pages(page).await
     }
 
     async fn open_dataset(&self) -> Result<String, StoreError> {

@@ -225,36 +225,41 @@ pub struct AuditRecord {
     /// added or removed, the numbers a check released.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub digests: String,
-    /// An import's id, on its main record and on each of its `import-digests` parts.
+    /// An import's id, on its main record and on each of its `import-added` and
+    /// `import-removed` parts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part_of: Option<String>,
 }
 
-/// Digests an `import-digests` record holds at most: an import of millions of numbers is recorded
+/// Digests an import's part holds at most: an import of millions of numbers is recorded
 /// as many bounded records, never one giant one.
 pub const IMPORT_DIGEST_CHUNK: usize = 10_000;
 
 impl AuditRecord {
-    /// The `import-digests` parts of an import whose main record is `self`: the digests of
-    /// `numbers` (added or removed) in records of at most [`IMPORT_DIGEST_CHUNK`], made one at a
-    /// time as the iterator is read. Each names the import (`part_of`).
-    pub fn import_parts<'a>(
-        &'a self,
-        key: &'a AuditKey,
-        numbers: &'a [NhsNumber],
-        import_id: &'a str,
-    ) -> impl Iterator<Item = AuditRecord> + 'a {
-        numbers
-            .chunks(IMPORT_DIGEST_CHUNK)
-            .map(move |chunk| AuditRecord {
-                action: "import-digests".into(),
-                count: chunk.len() as u64,
-                applied: chunk.len() as u64,
-                digests: key.digests(chunk.iter().copied()),
-                part_of: Some(import_id.to_string()),
-                withheld: BTreeMap::new(),
-                ..self.clone()
-            })
+    /// One part of an import whose main record is `self`: the digests of `numbers` (at most
+    /// [`IMPORT_DIGEST_CHUNK`]) it `added` (action `import-added`) or removed (`import-removed`),
+    /// naming the import (`part_of`).
+    pub fn import_part(
+        &self,
+        key: &AuditKey,
+        numbers: &[NhsNumber],
+        import_id: &str,
+        added: bool,
+    ) -> AuditRecord {
+        AuditRecord {
+            action: if added {
+                "import-added"
+            } else {
+                "import-removed"
+            }
+            .into(),
+            count: numbers.len() as u64,
+            applied: numbers.len() as u64,
+            digests: key.digests(numbers.iter().copied()),
+            part_of: Some(import_id.to_string()),
+            withheld: BTreeMap::new(),
+            ..self.clone()
+        }
     }
 
     /// Whether the record concerns the number with this digest.
@@ -369,14 +374,21 @@ mod tests {
             part_of: Some("ab12".into()),
             ..AuditRecord::default()
         };
-        let parts: Vec<AuditRecord> = main.import_parts(&key, &numbers, "ab12").collect();
+        let parts: Vec<AuditRecord> = numbers
+            .chunks(IMPORT_DIGEST_CHUNK)
+            .map(|c| main.import_part(&key, c, "ab12", true))
+            .collect();
         assert_eq!(
             parts.iter().map(|p| p.digest_count()).collect::<Vec<_>>(),
             vec![IMPORT_DIGEST_CHUNK, IMPORT_DIGEST_CHUNK, 1]
         );
-        assert!(parts.iter().all(|p| p.action == "import-digests"
+        assert!(parts.iter().all(|p| p.action == "import-added"
             && p.organisation == "RX1"
             && p.part_of.as_deref() == Some("ab12")));
+        assert_eq!(
+            main.import_part(&key, &numbers[..1], "ab12", false).action,
+            "import-removed"
+        );
         let last = numbers[numbers.len() - 1];
         assert!(parts[2].mentions(&key.digest(last)));
         assert!(!parts[0].mentions(&key.digest(last)));

@@ -61,12 +61,27 @@ pub(super) fn held_types(bytes: &[u8]) -> Result<OptOutSet, StoreError> {
         .collect()
 }
 
-pub(super) fn encode_change(added: &[NhsNumber], removed: u64) -> Vec<u8> {
+/// The second word of an entry that does not list its added numbers (no NHS number is this big).
+const UNLISTED: u64 = u64::MAX;
+
+/// A change-log entry: the count removed, then the numbers added; `None` for an import too big
+/// to list them ([`UNLISTED`]).
+pub(super) fn encode_change(added: Option<&[NhsNumber]>, removed: u64) -> Vec<u8> {
+    let Some(added) = added else {
+        return encode_unlisted(removed);
+    };
     let mut out = Vec::with_capacity(8 + added.len() * 8);
     out.extend_from_slice(&removed.to_le_bytes());
     for n in added {
         out.extend_from_slice(&n.as_u64().to_le_bytes());
     }
+    out
+}
+
+/// The entry of a change that does not list its added numbers.
+fn encode_unlisted(removed: u64) -> Vec<u8> {
+    let mut out = removed.to_le_bytes().to_vec();
+    out.extend_from_slice(&UNLISTED.to_le_bytes());
     out
 }
 
@@ -82,6 +97,14 @@ pub(super) fn decode_change(version: Version, bytes: &[u8]) -> Result<ChangeEntr
         u64::from_le_bytes(w)
     });
     let removed = words.next().unwrap_or(0);
+    if bytes.len() == 16 && words.clone().next() == Some(UNLISTED) {
+        return Ok(ChangeEntry {
+            version,
+            added: Vec::new(),
+            removed,
+            unlisted: true,
+        });
+    }
     let added = words
         .map(|v| {
             NhsNumber::from_u64(v).map_err(|e| {
@@ -95,5 +118,6 @@ pub(super) fn decode_change(version: Version, bytes: &[u8]) -> Result<ChangeEntr
         version,
         added,
         removed,
+        unlisted: false,
     })
 }

@@ -1,6 +1,7 @@
 //! Imports staged in their own table, applied in one durable transaction.
 
 use super::*;
+use crate::store::ImportTally;
 
 /// An import staged in its own table. Staging commits are not fsynced (`Durability::None`): a
 /// crash loses the staging table, which is what an interrupted import should do anyway. The final
@@ -50,10 +51,15 @@ impl ImportSession for EmbeddedImport {
             .blocking(move |inner| {
                 let txn = inner.db.begin_write().map_err(storage)?;
                 let staging_def = TableDefinition::<u64, ()>::new(&name);
-                let mut writer = Writer::new(&txn, &source)?;
-                let mut added = Vec::new();
-                let mut removed = 0u64;
-                let mut removed_numbers = Vec::new();
+                let mut apply = Apply {
+                    txn: &txn,
+                    writer: Writer::new(&txn, &source)?,
+                    tally: ImportTally::default(),
+                    id: crate::store::random_hex::<8>(),
+                    key: &key,
+                    t,
+                };
+                audit.part_of = Some(apply.id.clone());
                 {
                     let staging = txn.open_table(staging_def).map_err(storage)?;
                     if mode == ImportMode::Replace && staging.is_empty().map_err(storage)? {
@@ -65,44 +71,26 @@ impl ImportSession for EmbeddedImport {
                     }
                     let mut table = txn.open_table(OPTOUTS).map_err(storage)?;
                     if mode == ImportMode::Replace {
-                        let mut gone = Vec::new();
-                        for item in table.iter().map_err(storage)? {
-                            let (k, v) = item.map_err(storage)?;
-                            if held_types(v.value())?.contains(t)
-                                && staging.get(k.value()).map_err(storage)?.is_none()
-                            {
-                                gone.push(k.value());
-                            }
-                        }
-                        for n in gone {
-                            if writer.remove(&mut table, n, t)? {
-                                removed += 1;
-                                if let Ok(n) = NhsNumber::from_u64(n) {
-                                    removed_numbers.push(n);
-                                }
-                            }
-                        }
+                        apply.remove_unstaged(&mut table, &staging, &audit)?;
                     }
-                    for item in staging.iter().map_err(storage)? {
-                        let (k, _) = item.map_err(storage)?;
-                        let n = k.value();
-                        if writer.add(&mut table, n, t)? {
-                            added.push(NhsNumber::from_u64(n).map_err(|e| {
-                                StoreError::Corrupt(format!("staged number invalid: {e}").into())
-                            })?);
-                        }
-                    }
+                    apply.add_staged(&mut table, &staging, &audit)?;
                 }
                 txn.delete_table(staging_def).map_err(storage)?;
-                let version = writer.finish(&added, removed, inner.change_log_len)?;
+                let Apply {
+                    writer, mut tally, ..
+                } = apply;
+                let version = writer.finish(tally.listed(), tally.removed, inner.change_log_len)?;
                 audit.version = version.to_string();
-                audit.applied = added.len() as u64 + removed;
-                write_import_audit(&txn, &mut audit, &key, &added, &removed_numbers)?;
+                audit.applied = tally.added + tally.removed;
+                let id = audit.part_of.clone().unwrap_or_default();
+                let rest = tally.parts(&audit, &key, &id, true);
+                write_audit(&txn, CHANGE_AUDIT, &rest)?;
+                write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&audit))?;
                 txn.commit().map_err(storage)?;
                 inner.notify(version);
                 Ok(ImportOutcome {
-                    added: added.len() as u64,
-                    removed,
+                    added: tally.added,
+                    removed: tally.removed,
                     version,
                 })
             })
@@ -142,23 +130,81 @@ impl Drop for EmbeddedImport {
     }
 }
 
-/// The main record of an import (the counts) and, in the same transaction, the digests of the
-/// numbers it added and removed in bounded parts that name it.
-fn write_import_audit(
-    txn: &WriteTransaction,
-    audit: &mut AuditRecord,
-    key: &AuditKey,
-    added: &[NhsNumber],
-    removed: &[NhsNumber],
-) -> Result<(), StoreError> {
-    let id = crate::store::random_hex::<8>();
-    audit.part_of = Some(id.clone());
-    write_audit(txn, CHANGE_AUDIT, std::slice::from_ref(audit))?;
-    for part in audit
-        .import_parts(key, added, &id)
-        .chain(audit.import_parts(key, removed, &id))
-    {
-        write_audit(txn, CHANGE_AUDIT, std::slice::from_ref(&part))?;
+/// Numbers an import reads from a table at once, so that what it holds stays bounded.
+const PAGE: usize = 65_536;
+
+/// An import being applied in its transaction, a page at a time: the audit parts of its added
+/// and removed numbers are written as they fill (the main record, with the counts, last).
+struct Apply<'t> {
+    txn: &'t WriteTransaction,
+    writer: Writer<'t>,
+    tally: ImportTally,
+    id: String,
+    key: &'t AuditKey,
+    t: OptOutType,
+}
+
+impl Apply<'_> {
+    /// REPLACE: removes the type from every number that was not staged.
+    fn remove_unstaged(
+        &mut self,
+        table: &mut redb::Table<u64, &[u8]>,
+        staging: &redb::Table<u64, ()>,
+        main: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        let mut from = 0u64;
+        loop {
+            let mut gone = Vec::new();
+            let mut last = None;
+            for item in table.range(from..).map_err(storage)?.take(PAGE) {
+                let (k, v) = item.map_err(storage)?;
+                last = Some(k.value());
+                if held_types(v.value())?.contains(self.t)
+                    && staging.get(k.value()).map_err(storage)?.is_none()
+                {
+                    gone.push(k.value());
+                }
+            }
+            for n in gone {
+                if self.writer.remove(table, n, self.t)? {
+                    self.tally.remove(NhsNumber::from_u64(n).map_err(|e| {
+                        StoreError::Corrupt(format!("stored number invalid: {e}").into())
+                    })?);
+                }
+            }
+            self.write_parts(main)?;
+            match last {
+                Some(n) => from = n + 1,
+                None => return Ok(()),
+            }
+        }
     }
-    Ok(())
+
+    /// Adds the type to every staged number.
+    fn add_staged(
+        &mut self,
+        table: &mut redb::Table<u64, &[u8]>,
+        staging: &redb::Table<u64, ()>,
+        main: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        for (i, item) in staging.iter().map_err(storage)?.enumerate() {
+            let (k, _) = item.map_err(storage)?;
+            let n = k.value();
+            if self.writer.add(table, n, self.t)? {
+                self.tally.add(NhsNumber::from_u64(n).map_err(|e| {
+                    StoreError::Corrupt(format!("staged number invalid: {e}").into())
+                })?);
+            }
+            if i % PAGE == PAGE - 1 {
+                self.write_parts(main)?;
+            }
+        }
+        self.write_parts(main)
+    }
+
+    /// Writes the audit parts that are full.
+    fn write_parts(&mut self, main: &AuditRecord) -> Result<(), StoreError> {
+        let parts = self.tally.parts(main, self.key, &self.id, false);
+        write_audit(self.txn, CHANGE_AUDIT, &parts)
+    }
 }

@@ -31,9 +31,12 @@ use tokio::sync::watch;
 
 use super::{
     Cause, ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, ImportOutcome, ImportSession,
-    Lookup, OptOutRecord, Scan, StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome, now_ms,
+    Lookup, OptOutRecord, StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome, now_ms,
 };
 use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
+
+/// Numbers a scan reads in one transaction.
+const SCAN_PAGE: usize = 65_536;
 
 mod entries;
 mod import;
@@ -55,7 +58,14 @@ pub struct EmbeddedConfig {
     pub data_dir: PathBuf,
     /// How many change-log entries to keep.
     pub change_log_len: u64,
+    /// Memory redb may use for its page cache (read cache and write buffer), in bytes. redb's
+    /// own default is 1 GiB, which a replica fills after one pass over a 5 M list and keeps.
+    pub cache_bytes: usize,
 }
+
+/// The page cache's default size: 16 MiB holds the B-tree's inner pages of a 5 M list many times
+/// over; leaf pages of a check's lookups come from the OS page cache (`--embedded-cache-mib`).
+pub const DEFAULT_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// The embedded store. Cheap to clone.
 #[derive(Clone)]
@@ -103,10 +113,12 @@ impl EmbeddedStore {
                 .into(),
             )
         })?;
+        let mut builder = redb::Builder::new();
+        builder.set_cache_size(config.cache_bytes);
         let db = if fresh {
-            Database::create(&path)
+            builder.create(&path)
         } else {
-            Database::open(&path)
+            builder.open(&path)
         }
         .map_err(|e| {
             StoreError::Unavailable(format!("cannot open {}: {e}", path.display()).into())
@@ -261,7 +273,7 @@ impl ConsentStore for EmbeddedStore {
                 } else {
                     0
                 };
-                let version = writer.finish(&added, removed, inner.change_log_len)?;
+                let version = writer.finish(Some(&added), removed, inner.change_log_len)?;
                 audit.version = version.to_string();
                 audit.applied = applied;
                 write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&audit))?;
@@ -485,21 +497,37 @@ impl ConsentStore for EmbeddedStore {
         .await
     }
 
-    async fn scan(&self) -> Result<Scan, StoreError> {
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_read().map_err(storage)?;
-            let version = read_version(&txn)?;
-            let table = txn.open_table(OPTOUTS).map_err(storage)?;
-            let mut numbers =
-                Vec::with_capacity(usize::try_from(table.len().map_err(storage)?).unwrap_or(0));
-            for item in table.iter().map_err(storage)? {
-                let (k, _) = item.map_err(storage)?;
-                numbers.push(NhsNumber::from_u64(k.value()).map_err(|e| {
-                    StoreError::Corrupt(format!("stored key is not a valid NHS number: {e}").into())
-                })?);
+    async fn scan_pages(
+        &self,
+        page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
+    ) -> Result<Version, StoreError> {
+        // The version first, then the numbers a page (one read transaction) at a time.
+        let version = self
+            .blocking(|inner| read_version(&inner.db.begin_read().map_err(storage)?))
+            .await?;
+        let mut from = 0u64;
+        loop {
+            let numbers = self
+                .blocking(move |inner| {
+                    let txn = inner.db.begin_read().map_err(storage)?;
+                    let table = txn.open_table(OPTOUTS).map_err(storage)?;
+                    let mut numbers = Vec::with_capacity(SCAN_PAGE);
+                    for item in table.range(from..).map_err(storage)?.take(SCAN_PAGE) {
+                        let (k, _) = item.map_err(storage)?;
+                        numbers.push(NhsNumber::from_u64(k.value()).map_err(|e| {
+                            StoreError::Corrupt(
+                                format!("stored key is not a valid NHS number: {e}").into(),
+                            )
+                        })?);
+                    }
+                    Ok(numbers)
+                })
+                .await?;
+            page(&numbers);
+            match numbers.last() {
+                Some(last) if numbers.len() == SCAN_PAGE => from = last.as_u64() + 1,
+                _ => return Ok(version),
             }
-            Ok(Scan { numbers, version })
-        })
-        .await
+        }
     }
 }

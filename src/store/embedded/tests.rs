@@ -13,6 +13,7 @@ fn open(dir: &Path, log: u64) -> EmbeddedStore {
     EmbeddedStore::open(&EmbeddedConfig {
         data_dir: dir.to_path_buf(),
         change_log_len: log,
+        cache_bytes: DEFAULT_CACHE_BYTES,
     })
     .expect("opens")
     .0
@@ -101,6 +102,7 @@ async fn a_database_without_marker_is_refused() {
     let err = EmbeddedStore::open(&EmbeddedConfig {
         data_dir: dir.path().to_path_buf(),
         change_log_len: 10,
+        cache_bytes: DEFAULT_CACHE_BYTES,
     })
     .err()
     .expect("refused");

@@ -84,7 +84,7 @@ impl<'t> Writer<'t> {
     /// Allocates the version, updates counts and appends the change-log entry (trimming it).
     pub(super) fn finish(
         self,
-        added: &[NhsNumber],
+        added: Option<&[NhsNumber]>,
         removed: u64,
         log_len: u64,
     ) -> Result<Version, StoreError> {

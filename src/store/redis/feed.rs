@@ -88,21 +88,29 @@ fn entries_of(entries: Value) -> Result<Vec<ChangeEntry>, StoreError> {
             let mut e = array(entry)?.into_iter();
             let version = version_of(&e.next().unwrap_or(Value::Nil))?;
             let fields = array(e.next().unwrap_or(Value::Nil))?;
-            let mut added = Vec::new();
+            let mut added = String::new();
             let mut removed = 0u64;
+            let mut unlisted = false;
             for pair in fields.chunks(2) {
                 match (pair.first().and_then(text_of).as_deref(), pair.get(1)) {
-                    (Some("a"), Some(v)) => added = numbers_csv(&text_of(v).unwrap_or_default())?,
+                    (Some("a"), Some(v)) => added = text_of(v).unwrap_or_default(),
                     (Some("r"), Some(v)) => {
                         removed = int_of(v).and_then(|i| u64::try_from(i).ok()).unwrap_or(0)
                     }
+                    // An import too big to list its numbers (`swap.lua`).
+                    (Some("u"), _) => unlisted = true,
                     _ => {}
                 }
             }
             out.push(ChangeEntry {
                 version,
-                added,
+                added: if unlisted {
+                    Vec::new()
+                } else {
+                    numbers_csv(&added)?
+                },
                 removed,
+                unlisted,
             });
         }
     }

@@ -14,7 +14,9 @@ use super::{
 };
 use crate::{
     core::{AuditKey, AuditRecord, NhsNumber, OptOutType, Version},
-    store::{ImportMode, ImportOutcome, ImportSession, StoreError, now_ms, random_hex},
+    store::{
+        ImportMode, ImportOutcome, ImportSession, ImportTally, StoreError, now_ms, random_hex,
+    },
 };
 
 impl RedisStore {
@@ -215,6 +217,10 @@ impl RedisImport {
         );
         let staged_gen = self.generation.to_string();
         let mut diff = Diff::default();
+        // The parts (digests of what the import adds and removes) go to the changes trail as they
+        // fill, before the swap; the main record, written with the swap, names them.
+        let id = random_hex::<8>();
+        audit.part_of = Some(id.clone());
         // Bucket groups share a hash slot in a cluster, so each group is one pipeline.
         for group in store.bucket_groups(&self.bound) {
             self.diff_group(
@@ -225,11 +231,11 @@ impl RedisImport {
                 &mut diff,
             )
             .await?;
+            let parts = diff.tally.parts(&audit, key, &id, false);
+            self.write_parts(conn, &parts).await?;
         }
         let Diff {
-            added,
-            removed,
-            removed_numbers,
+            mut tally,
             total,
             patients,
         } = diff;
@@ -243,16 +249,15 @@ impl RedisImport {
                 .into(),
             ));
         }
-        audit.applied = added.len() as u64 + removed;
-        self.write_parts(conn, &mut audit, key, [&added, &removed_numbers])
-            .await?;
-        drop(removed_numbers);
+        audit.applied = tally.added + tally.removed;
+        let parts = tally.parts(&audit, key, &id, true);
+        self.write_parts(conn, &parts).await?;
         let swap = Swap {
             t,
             token,
             staged_gen: &staged_gen,
-            added: &added,
-            removed,
+            added: tally.listed(),
+            removed: tally.removed,
             total,
             patients,
             audit: &audit,
@@ -260,40 +265,25 @@ impl RedisImport {
         let (version, old_generation) = self.swap(conn, swap).await?;
         Ok((
             ImportOutcome {
-                added: added.len() as u64,
-                removed,
+                added: tally.added,
+                removed: tally.removed,
                 version,
             },
             old_generation,
         ))
     }
 
-    /// Names the import in its main record (written with the swap, holding the counts) and
-    /// appends the digests of the numbers it added and removed to the changes trail in bounded
-    /// parts, first. Parts whose main record never comes belong to an import that was not
-    /// applied.
-    async fn write_parts(
-        &self,
-        conn: &mut Conn,
-        audit: &mut AuditRecord,
-        key: &AuditKey,
-        [added, removed]: [&[NhsNumber]; 2],
-    ) -> Result<(), StoreError> {
-        let store = &self.store;
-        let id = random_hex::<8>();
-        audit.part_of = Some(id.clone());
-        let mut parts = audit
-            .import_parts(key, added, &id)
-            .chain(audit.import_parts(key, removed, &id))
-            .peekable();
-        while parts.peek().is_some() {
+    /// Appends an import's parts to the changes trail, before its swap. Parts whose main record
+    /// never comes belong to an import that was not applied.
+    async fn write_parts(&self, conn: &mut Conn, parts: &[AuditRecord]) -> Result<(), StoreError> {
+        for chunk in parts.chunks(16) {
             let mut pipe = redis::pipe();
-            for part in parts.by_ref().take(16) {
+            for part in chunk {
                 pipe.cmd("XADD")
-                    .arg(store.key("changes"))
+                    .arg(self.store.key("changes"))
                     .arg("*")
                     .arg("r")
-                    .arg(audit_json(&part)?)
+                    .arg(audit_json(part)?)
                     .ignore();
             }
             let () = pipe.query_async(conn).await.map_err(store_error)?;
@@ -312,13 +302,18 @@ impl RedisImport {
             .arg(s.t)
             .arg(s.token)
             .arg(s.staged_gen)
-            .arg(csv_of(s.added))
+            .arg(s.added.map(csv_of).unwrap_or_default())
             .arg(s.removed)
             .arg(s.total)
             .arg(s.patients)
             .arg(store.inner.log_len)
             .arg(audit_json(s.audit)?)
-            .arg(s.audit.applied);
+            .arg(s.audit.applied)
+            .arg(if s.added.is_some() {
+                "listed"
+            } else {
+                "unlisted"
+            });
         let (id, old): (String, u64) = store.invoke_durable(&inv, conn).await?;
         let version = Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?;
         Ok((version, old))
@@ -358,7 +353,9 @@ impl RedisImport {
             let in_other = keys(i * 3 + 2)?;
             for n in &new {
                 if !old.contains_key(n) {
-                    diff.added.extend(parse_number(n));
+                    if let Some(n) = parse_number(n) {
+                        diff.tally.add(n);
+                    }
                     if !in_other.contains(n) {
                         diff.patients += 1;
                     }
@@ -370,8 +367,9 @@ impl RedisImport {
                     carry.hset(&key, n, v).ignore();
                     carrying = true;
                 } else {
-                    diff.removed += 1;
-                    diff.removed_numbers.extend(parse_number(n));
+                    if let Some(n) = parse_number(n) {
+                        diff.tally.remove(n);
+                    }
                     if !in_other.contains(n) {
                         diff.patients -= 1;
                     }
@@ -395,7 +393,8 @@ struct Swap<'a> {
     t: &'a str,
     token: &'a str,
     staged_gen: &'a str,
-    added: &'a [NhsNumber],
+    /// The added numbers, when few enough to list in the change log.
+    added: Option<&'a [NhsNumber]>,
     removed: u64,
     total: u64,
     patients: i64,
@@ -405,9 +404,7 @@ struct Swap<'a> {
 /// What an import changes, gathered bucket group by bucket group.
 #[derive(Default)]
 struct Diff {
-    added: Vec<NhsNumber>,
-    removed: u64,
-    removed_numbers: Vec<NhsNumber>,
+    tally: ImportTally,
     /// Opt-outs of the type once applied.
     total: u64,
     /// Change of the distinct patients count.

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     core::{AuditRecord, NhsNumber, OptOutSet, OptOutType, Version},
-    store::{ChangeKind, Lookup, OptOutRecord, Scan, StoreError, WriteOutcome, now_ms},
+    store::{ChangeKind, Lookup, OptOutRecord, StoreError, WriteOutcome, now_ms},
 };
 
 /// An admin change of one type for a list of numbers, with its audit record.
@@ -60,8 +60,14 @@ pub(super) trait Layout: Send + Sync + 'static {
         c: Change<'_>,
     ) -> Result<WriteOutcome, StoreError>;
 
-    /// Every opted-out number, with the version the follower replays the log from.
-    async fn scan(&self, s: &RedisStore, bound: &Bound) -> Result<Scan, StoreError>;
+    /// Every opted-out number, a page at a time, and the version the follower replays the log
+    /// from.
+    async fn scan_pages(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
+    ) -> Result<Version, StoreError>;
 
     /// Runs a script that changes opt-outs and waits until `s`'s replicas-ack confirmed it.
     async fn run_durable(
@@ -245,7 +251,12 @@ impl Layout for Flat {
         })
     }
 
-    async fn scan(&self, s: &RedisStore, bound: &Bound) -> Result<Scan, StoreError> {
+    async fn scan_pages(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
+    ) -> Result<Version, StoreError> {
         let (marker, version): (Option<String>, Value) = redis::pipe()
             .hget(s.key("marker"), "dataset_id")
             .get(s.key("version"))
@@ -280,12 +291,14 @@ impl Layout for Flat {
                 .invoke_async(&mut s.write_conn())
                 .await
                 .map_err(store_error)?;
+            numbers.clear();
             for v in array(reply)? {
                 numbers.push(stored_number(&v)?);
             }
+            page(&numbers);
             from = to + 1;
         }
-        Ok(Scan { numbers, version })
+        Ok(version)
     }
 
     /// The script and `WAIT` in the same round trip on the same connection, so the confirmation

@@ -41,8 +41,8 @@ use layout::{Change, Flat, Layout};
 use scripts::{Scripts, not_initialised};
 
 use super::{
-    ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, Scan,
-    StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome,
+    ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, StoreError,
+    StoreStatus, Stored, StoredEntry, WriteOutcome,
 };
 use crate::core::{AuditQuery, AuditRecord, NhsNumber, OptOutType, Version};
 
@@ -215,9 +215,12 @@ impl ConsentStore for RedisStore {
         self.read_feed(after, max, wait).await
     }
 
-    async fn scan(&self) -> Result<Scan, StoreError> {
+    async fn scan_pages(
+        &self,
+        page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
+    ) -> Result<Version, StoreError> {
         let bound = self.bound()?;
-        self.inner.layout.scan(self, &bound).await
+        self.inner.layout.scan_pages(self, &bound, page).await
     }
 
     async fn open_dataset(&self) -> Result<String, StoreError> {

@@ -45,7 +45,7 @@ use super::{
 };
 use crate::{
     core::{NhsNumber, OptOutSet, OptOutType, Version},
-    store::{ChangeKind, Lookup, OptOutRecord, Scan, StoreError, WriteOutcome, now_ms},
+    store::{ChangeKind, Lookup, OptOutRecord, StoreError, WriteOutcome, now_ms},
 };
 
 /// The Cluster layout: opt-outs in shards, a change in three steps.
@@ -113,8 +113,13 @@ impl Layout for Cluster {
         self.change_cluster(s, bound, c).await
     }
 
-    async fn scan(&self, s: &RedisStore, bound: &Bound) -> Result<Scan, StoreError> {
-        self.scan_cluster(s, bound).await
+    async fn scan_pages(
+        &self,
+        s: &RedisStore,
+        bound: &Bound,
+        page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
+    ) -> Result<Version, StoreError> {
+        self.scan_cluster(s, bound, page).await
     }
 
     /// A metadata script touches one master: `WAIT` on every master afterwards.

@@ -348,7 +348,8 @@ impl Cluster {
         &self,
         s: &RedisStore,
         bound: &Bound,
-    ) -> Result<Scan, StoreError> {
+        page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
+    ) -> Result<Version, StoreError> {
         // Read before the records: the follower replays the log from here. The numbers of adds
         // under way are read in the same step: an add logged before this version whose shard
         // write lands after its shard is scanned is in neither the scan nor the replayed log, so
@@ -362,6 +363,7 @@ impl Cluster {
         {
             numbers.push(stored_number(&v)?);
         }
+        page(&numbers);
         let groups = s.bucket_groups(bound);
         let reads = futures::stream::iter(groups.into_iter().map(|group| {
             let shard = (group[0] % bound.shards.len() as u64) as usize;
@@ -380,11 +382,13 @@ impl Cluster {
             let mut reply = reply.map_err(store_error)?;
             let marker = reply.pop();
             Self::check_shard_marker(bound, marker.as_ref())?;
+            numbers.clear();
             for list in reply {
                 for v in array(list)? {
                     numbers.push(stored_number(&v)?);
                 }
             }
+            page(&numbers);
         }
         let (after, _) = self.read_meta(s, bound, &[]).await?;
         if after.gens != before.gens {
@@ -392,9 +396,6 @@ impl Cluster {
                 "an import was applied during the scan; scanning again".into(),
             ));
         }
-        Ok(Scan {
-            numbers,
-            version: before.version,
-        })
+        Ok(before.version)
     }
 }

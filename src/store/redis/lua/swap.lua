@@ -1,6 +1,7 @@
 -- ARGV: prefix, dataset, type, lock token, new generation, added csv, removed, new
--- count, patients delta, maxlen, audit json, changes. Returns
--- {version, old generation}.
+-- count, patients delta, maxlen, audit json, changes, "listed" or "unlisted". Returns
+-- {version, old generation}. An unlisted import (more added numbers than a log entry lists) is
+-- logged with `u`: replicas rebuild their filters from a scan.
 local p, t = ARGV[1], ARGV[3]
 if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
   return redis.error_reply('OPTOUTDATASET marker missing or changed')
@@ -12,7 +13,14 @@ local old = redis.call('GET', p..'gen:'..t) or '0'
 redis.call('SET', p..'gen:'..t, ARGV[5])
 redis.call('HSET', p..'counts', t, ARGV[8])
 redis.call('HINCRBY', p..'counts', 'patients', ARGV[9])
-local id = redis.call('XADD', p..'log', '*', 'a', ARGV[6], 'r', ARGV[7])
+local id
+if ARGV[13] == 'unlisted' then
+  -- `a` is not a list of numbers: a replica too old to know `u` fails to read the entry (and
+  -- withholds while it cannot follow) rather than read it as "nothing added".
+  id = redis.call('XADD', p..'log', '*', 'a', 'unlisted', 'r', ARGV[7], 'u', 1)
+else
+  id = redis.call('XADD', p..'log', '*', 'a', ARGV[6], 'r', ARGV[7])
+end
 redis.call('SET', p..'version', id)
 trim(p, tonumber(ARGV[10]))
 redis.call('DEL', p..'lock:'..t)
