@@ -60,9 +60,24 @@ run() { # label server extra-args...
 }
 results="$work/results.txt"
 : >"$results"
+# What the batch workload costs Redis and the check log: used_memory and the check log's bytes on
+# disk before and after it (5 minutes of it: SECONDS_EACH=300).
+redis_used() { redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r'; }
+log_bytes() { du -sb "$work/check-log" 2>/dev/null | awk '{print $1}'; }
+mem_before=$(redis_used)
+log_before=$(log_bytes)
+# The service's batch workload, then the same against the plain Redis set (reads only).
+"$bin/optout-loadtest" run --server "http://$SERVICE" --label service --count "$COUNT" \
+    --duration "$SECONDS_EACH" --json "$work/batch.json" --mode batch --batch 1000 \
+    --concurrency 16 --connections 4 --baseline redis --baseline-redis-url "$redis_url" \
+    | tee -a "$results"
+sleep 1
+mem_after=$(redis_used)
+log_after=$(log_bytes)
+# The service's report comes first in the JSON.
+batch_numbers=$(awk -F: '/"numbers":/ {gsub(/[ ,]/, "", $2); print $2; exit}' "$work/batch.json")
+batch_seconds=$(awk -F: '/"seconds":/ {gsub(/[ ,]/, "", $2); print $2; exit}' "$work/batch.json")
 {
-    run service "http://$SERVICE" --mode batch --batch 1000 --concurrency 16 --connections 4 \
-        --baseline redis --baseline-redis-url "$redis_url"
     run echo "http://$ECHO" --mode batch --batch 1000 --concurrency 16 --connections 4 --no-leak-check
     run service "http://$SERVICE" --mode single --concurrency 64 --connections 4 \
         --baseline redis --baseline-redis-url "$redis_url"
@@ -131,6 +146,17 @@ second_rss_loaded_run=$(awk '/^VmRSS:/ {print $2}' "/proc/$second_pid/status")
     echo "  SERVING $((second_rss_loaded / 1024)) MiB, after 5 s of the batch workload $((second_rss_loaded_run / 1024)) MiB"
     echo "- Redis used_memory: $base_mem -> $redis_mem bytes (includes the baseline set and the seed's log entry)"
     echo "- second replica to SERVING: $serving s ($second_from)"
+    echo
+    echo "## Audit during the batch workload ($SECONDS_EACH s, 2 s warm-up included)"
+    echo
+    awk -v m0="$mem_before" -v m1="$mem_after" -v l0="${log_before:-0}" -v l1="${log_after:-0}" \
+        -v n="$batch_numbers" -v s="$batch_seconds" 'BEGIN {
+        total = n * (s + 2) / s;
+        printf "- Redis used_memory: %+.1f MiB (checks are recorded on disk, not in Redis)\n", (m1 - m0) / 1048576;
+        printf "- check log written: %.1f MiB, %.1f bytes per checked number, %.1f MB/s, %.0f GB an hour at this rate\n",
+            (l1 - l0) / 1048576, (l1 - l0) / total, (l1 - l0) / (s + 2) / 1e6, (l1 - l0) / (s + 2) * 3600 / 1e9;
+    }'
+
     echo
     echo '```'
     echo "$status"

@@ -295,6 +295,7 @@ impl Import {
         };
         let audit = change_record(&self.caller, action, self.t, &self.source, received);
         let outcome = self.session.commit(audit, &self.admin.audit_key).await?;
+        super::release_freed_memory();
         tracing::info!(
             mode = ?self.mode,
             opt_out = self.t.name(),

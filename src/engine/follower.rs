@@ -154,6 +154,7 @@ impl Follower {
                 let stats = filter.stats();
                 self.synced.install(filter, version);
                 self.synced.set_loaded_from(from);
+                super::release_freed_memory();
                 self.must_rebuild = false;
                 self.synced.mark_caught_up(started);
                 tracing::info!(
@@ -433,6 +434,7 @@ async fn swap_in(
         Ok(Some((filter, version))) if version >= synced.version() => {
             let stats = filter.stats();
             synced.install(filter, version);
+            super::release_freed_memory();
             tracing::info!(
                 items = stats.items,
                 capacity = stats.capacity,

@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// Entries read from the store at once while verifying.
-const PAGE: usize = 1000;
+const PAGE: usize = 64;
 
 fn corrupt_seal(id: &str, why: &str) -> StoreError {
     StoreError::Corrupt(format!("the last seal of the changes trail ({id}) {why}").into())
@@ -38,32 +38,53 @@ fn sealed_head(last: Option<&StoredEntry>) -> Result<(ChainHead, Option<String>)
     Ok((ChainHead { seq, hash }, seal.upto().map(str::to_string)))
 }
 
+/// Records read at once while sealing: an import's parts are about 110 KB each, so a page stays
+/// a few MB.
+const SEAL_PAGE: usize = 16;
+
+/// The next seal's records after `upto`: ids and hashes of up to [`SEAL_MAX_RECORDS`], read a
+/// small page at a time.
+async fn next_records(
+    store: &dyn ConsentStore,
+    upto: Option<String>,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let mut out = Vec::new();
+    let mut after = upto;
+    while out.len() < SEAL_MAX_RECORDS {
+        let page = store
+            .stored(Stored::Records, after.as_deref(), SEAL_PAGE)
+            .await?;
+        let full = page.len() == SEAL_PAGE;
+        for r in page {
+            out.push((r.id.clone(), record_hash(&r.bytes)));
+            after = Some(r.id);
+        }
+        if !full {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 /// Seals every record written since the last seal; returns how many this call sealed.
 pub async fn seal_pending(store: &dyn ConsentStore, key: &AuditKey) -> Result<u64, StoreError> {
     let mut sealed = 0u64;
     loop {
         let (head, upto) = sealed_head(store.last_seal().await?.as_ref())?;
-        let records = store
-            .stored(Stored::Records, upto.as_deref(), SEAL_MAX_RECORDS)
-            .await?;
+        let records = next_records(store, upto).await?;
         if records.is_empty() {
             return Ok(sealed);
         }
-        let seal = ChangesSeal {
-            records: records
-                .iter()
-                .map(|r| (r.id.clone(), record_hash(&r.bytes)))
-                .collect(),
-        };
+        let seal = ChangesSeal { records };
         let (line, next) = trail::seal(head, &seal, key)
             .map_err(|e| StoreError::Corrupt(format!("a seal cannot be written: {e}").into()))?;
         if store.append_seal(head.seq, &line).await? {
-            sealed += records.len() as u64;
+            sealed += seal.records.len() as u64;
             let link: String = next.hash[..8].iter().map(|b| format!("{b:02x}")).collect();
             // The log line is an anchor outside the store: a trail cut back past it shows.
             tracing::info!(
                 seal = next.seq,
-                records = records.len(),
+                records = seal.records.len(),
                 upto = seal.upto().unwrap_or_default(),
                 link = %link,
                 "changes trail sealed"
