@@ -200,6 +200,26 @@ async fn admin_import_then_check_get_and_status() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("OPT_OUT_TYPE_NATIONAL_DATA_OPT_OUT"));
     assert!(text(&out.stdout).contains("source national.txt"));
+    assert!(
+        text(&out.stdout).contains("scheme: NHS number (England, Wales, Isle of Man)"),
+        "{}",
+        text(&out.stdout)
+    );
+    // A number refused by the CHI date rule: the operator is told why, and which range it is in.
+    let out = optout(args(&[
+        "admin",
+        "--server",
+        &server.url,
+        "get",
+        "3104971234",
+    ]))
+    .await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not a date (DDMMYY)") && err.contains("CHI number (Scotland)"),
+        "{err}"
+    );
 
     let out = optout(args(&[
         "admin",

@@ -138,6 +138,8 @@ async fn invalid_numbers_are_withheld_one_by_one_in_input_order() {
         "000 000 0000", // placeholder
         "43476591",     // too short
         "9000000009",   // valid
+        "310 497 1234", // CHI range, check digit right, but 31 April is no date of birth
+        "150 668 0011", // CHI: born 15 June 1968
     ]
     .iter()
     .map(|s| s.to_string())
@@ -147,7 +149,7 @@ async fn invalid_numbers_are_withheld_one_by_one_in_input_order() {
     assert_eq!(
         decisions(&server, &numbers, RESEARCH).await,
         vec![
-            release, invalid, release, invalid, invalid, invalid, release
+            release, invalid, release, invalid, invalid, invalid, release, invalid, release
         ]
     );
     // Direct care does not make an invalid number valid.

@@ -173,6 +173,27 @@ async fn get(
     nhs_number: String,
     timeout: Duration,
 ) -> Result<ExitCode, CliError> {
+    // Say which scheme the number is in, and why it is refused when it is.
+    let digits: String = nhs_number.chars().filter(char::is_ascii_digit).collect();
+    let scheme = digits
+        .parse::<u64>()
+        .ok()
+        .filter(|_| digits.len() == 10)
+        .map(crate::core::Scheme::of);
+    match (crate::core::NhsNumber::parse(&nhs_number), scheme) {
+        (Ok(n), _) => println!("scheme: {}", n.scheme().describe()),
+        (Err(e), Some(s)) => {
+            return Err(CliError::Input(format!(
+                "the NHS number given is not valid ({e}); its range is the {}",
+                s.describe()
+            )));
+        }
+        (Err(e), None) => {
+            return Err(CliError::Input(format!(
+                "the NHS number given is not valid: {e}"
+            )));
+        }
+    }
     let mut request = tonic::Request::new(GetOptOutRequest { nhs_number });
     request.set_timeout(timeout);
     let r = client.get_opt_out(request).await?.into_inner();

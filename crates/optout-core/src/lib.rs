@@ -19,7 +19,7 @@ pub use audit::{
     AuditKey, AuditKeyError, AuditQuery, AuditRecord, DIGEST_LEN, IMPORT_DIGEST_CHUNK,
 };
 pub use filter::{FilterError, FilterStats, MIN_CAPACITY, OptOutFilter};
-pub use nhs::{NhsNumber, NhsNumberError};
+pub use nhs::{NhsNumber, NhsNumberError, Scheme};
 pub use policy::{
     Applicable, DataOrigin, Decision, OptOutSet, OptOutType, Purpose, ReleaseReason,
     WithholdReason, applicable, decide,

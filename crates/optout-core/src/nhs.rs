@@ -8,8 +8,14 @@
 //! Everything else is invalid and so withheld: other separators or mixed ones, nine digits (a
 //! spreadsheet that dropped a leading zero: padding it back could turn a typo into another
 //! patient's valid number, so we refuse to guess), a wrong check digit, a check digit of 10 (no
-//! NHS number has such a prefix), and the placeholders 000 000 0000 and 999 999 9999, which pass
-//! the checksum but are not patients. Synthetic test numbers (999 xxx xxxx) are valid.
+//! NHS number has such a prefix), the placeholders 000 000 0000 and 999 999 9999, which pass
+//! the checksum but are not patients, and a number in the Scottish CHI range (010 101 0000 to
+//! 311 299 9999) whose first six digits are not a calendar date (DDMMYY, the date of birth a CHI
+//! number begins with). Synthetic test numbers (999 xxx xxxx) are valid.
+//!
+//! [`Scheme`] names the numbering scheme a number belongs to (England, Wales and the Isle of Man;
+//! Scotland's CHI; Northern Ireland's H&C; ...), with the ranges of the PyPI `nhs-number` package,
+//! against which `tests/nhs_oracle.rs` checks this rule.
 
 use std::fmt;
 
@@ -32,6 +38,78 @@ pub enum NhsNumberError {
     /// 000 000 0000 or 999 999 9999: they pass the checksum but are placeholders.
     #[error("a placeholder number, not a patient")]
     Placeholder,
+    /// In the Scottish CHI range, but the first six digits are not a date of birth (DDMMYY).
+    #[error(
+        "in the Scottish CHI range (010 101 0000 to 311 299 9999) but its first six digits are \
+         not a date (DDMMYY)"
+    )]
+    ChiDate,
+}
+
+/// The numbering scheme a ten-digit number falls in (ranges inclusive, as the PyPI `nhs-number`
+/// package and the NHS Data Dictionary give them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// 400 000 0000 to 499 999 9999 and 600 000 0000 to 799 999 9999: NHS numbers of England,
+    /// Wales and the Isle of Man.
+    EnglandWalesIsleOfMan,
+    /// 010 000 0000 to 311 299 9999: Scotland's Community Health Index; DDMMYY first.
+    ScotlandChi,
+    /// 320 000 0000 to 399 999 9999: Northern Ireland's Health and Care numbers.
+    NorthernIrelandHc,
+    /// 800 000 0000 to 859 999 9999: the Republic of Ireland's Individual Health Identifier.
+    IrelandIhi,
+    /// 900 000 0000 to 999 999 9999: not issued to patients; test and synthetic numbers.
+    Test,
+    /// 500 000 0000 to 599 999 9999: reserved, not to be issued.
+    Reserved,
+    /// Any other range: not allocated to any scheme.
+    Unallocated,
+}
+
+impl Scheme {
+    /// The scheme of a ten-digit value.
+    pub fn of(value: u64) -> Scheme {
+        match value {
+            100_000_000..=3_112_999_999 => Scheme::ScotlandChi,
+            3_200_000_000..=3_999_999_999 => Scheme::NorthernIrelandHc,
+            4_000_000_000..=4_999_999_999 | 6_000_000_000..=7_999_999_999 => {
+                Scheme::EnglandWalesIsleOfMan
+            }
+            5_000_000_000..=5_999_999_999 => Scheme::Reserved,
+            8_000_000_000..=8_599_999_999 => Scheme::IrelandIhi,
+            9_000_000_000..=9_999_999_999 => Scheme::Test,
+            _ => Scheme::Unallocated,
+        }
+    }
+
+    /// What to call it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Scheme::EnglandWalesIsleOfMan => "NHS number (England, Wales, Isle of Man)",
+            Scheme::ScotlandChi => "CHI number (Scotland)",
+            Scheme::NorthernIrelandHc => "H&C number (Northern Ireland)",
+            Scheme::IrelandIhi => "IHI range (Republic of Ireland)",
+            Scheme::Test => "test and synthetic range (not issued to patients)",
+            Scheme::Reserved => "reserved range (not to be issued)",
+            Scheme::Unallocated => "unallocated range",
+        }
+    }
+}
+
+/// Whether DDMMYY (the first six digits) is a calendar date. Two-digit years are 1969-2068, as
+/// Python's `%y` reads them; in that span a year is a leap year exactly when divisible by 4.
+fn is_ddmmyy(digits: &[u8]) -> bool {
+    let two = |i: usize| u32::from(digits[i]) * 10 + u32::from(digits[i + 1]);
+    let (day, month, year) = (two(0), two(2), two(4));
+    let days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if year % 4 == 0 => 29,
+        2 => 28,
+        _ => return false,
+    };
+    (1..=days).contains(&day)
 }
 
 const PLACEHOLDERS: [u64; 2] = [0, 9_999_999_999];
@@ -73,8 +151,20 @@ impl NhsNumber {
             .and_then(Self::parse)
     }
 
-    /// Checks a ten-digit value (as stored) against the rule.
+    /// Checks a ten-digit value against the rule.
     pub fn from_u64(value: u64) -> Result<Self, NhsNumberError> {
+        Self::from_digits(&Self::digits_of(value)?)
+    }
+
+    /// A number as the store holds it: ten digits with a matching check digit, without the rules
+    /// added since (the CHI date). A number stored before a rule came must still be read back: a
+    /// store that could not be scanned because of one would withhold everyone. Input is always
+    /// parsed by the full rule, so such a number is never asked about as valid.
+    pub fn from_stored(value: u64) -> Result<Self, NhsNumberError> {
+        Self::checksum(&Self::digits_of(value)?)
+    }
+
+    fn digits_of(value: u64) -> Result<[u8; 10], NhsNumberError> {
         if value > 9_999_999_999 {
             return Err(NhsNumberError::Format);
         }
@@ -84,10 +174,23 @@ impl NhsNumber {
             *d = (v % 10) as u8;
             v /= 10;
         }
-        Self::from_digits(&digits)
+        Ok(digits)
+    }
+
+    /// The numbering scheme this number belongs to.
+    pub fn scheme(self) -> Scheme {
+        Scheme::of(self.0)
     }
 
     fn from_digits(digits: &[u8; 10]) -> Result<Self, NhsNumberError> {
+        let n = Self::checksum(digits)?;
+        if n.scheme() == Scheme::ScotlandChi && !is_ddmmyy(&digits[..6]) {
+            return Err(NhsNumberError::ChiDate);
+        }
+        Ok(n)
+    }
+
+    fn checksum(digits: &[u8; 10]) -> Result<Self, NhsNumberError> {
         let sum: u32 = digits[..9]
             .iter()
             .zip((2..=10).rev())
@@ -180,6 +283,45 @@ mod tests {
                 Err(NhsNumberError::CheckDigitTen)
             );
         }
+    }
+
+    /// The number with prefix `p` (nine digits) and its valid check digit.
+    fn valid_with(p: u64) -> Option<String> {
+        (0..10).map(|c| format!("{p:09}{c}")).find(|s| {
+            NhsNumber::parse(s).is_ok() || NhsNumber::parse(s) == Err(NhsNumberError::ChiDate)
+        })
+    }
+
+    #[test]
+    fn a_chi_number_must_begin_with_a_date_of_birth() {
+        // 01/01/00, 29/02/00 (2000 is a leap year), 31/12/99: dates; with a valid check digit.
+        for ok in [10_100_123u64, 290_200_123, 311_299_123, 150_668_001] {
+            let n = valid_with(ok).expect("a check digit exists");
+            assert!(NhsNumber::parse(&n).is_ok(), "{n}");
+            assert_eq!(
+                NhsNumber::parse(&n).expect("valid").scheme(),
+                Scheme::ScotlandChi
+            );
+        }
+        // 29/02/01 (not a leap year), 31/04/97, 15/00/50, 15/13/50. (Day 00 or 32 and up are
+        // below or above the CHI range: unallocated numbers, accepted like any other.)
+        for bad in [290_201_123u64, 310_497_123, 150_050_123, 151_350_123] {
+            let n = valid_with(bad).expect("a check digit exists");
+            assert_eq!(NhsNumber::parse(&n), Err(NhsNumberError::ChiDate), "{n}");
+            // Read back from a store that holds it from before the rule: still a number.
+            let v: u64 = n.parse().expect("digits");
+            assert!(NhsNumber::from_stored(v).is_ok());
+            assert!(NhsNumber::from_u64(v).is_err());
+        }
+        assert_eq!(Scheme::of(3_113_000_000), Scheme::Unallocated);
+        assert_eq!(Scheme::of(3_200_000_000), Scheme::NorthernIrelandHc);
+        assert_eq!(Scheme::of(4_010_232_137), Scheme::EnglandWalesIsleOfMan);
+        assert_eq!(Scheme::of(7_999_999_999), Scheme::EnglandWalesIsleOfMan);
+        assert_eq!(Scheme::of(5_000_000_000), Scheme::Reserved);
+        assert_eq!(Scheme::of(8_599_999_999), Scheme::IrelandIhi);
+        assert_eq!(Scheme::of(8_600_000_000), Scheme::Unallocated);
+        assert_eq!(Scheme::of(9_434_765_919), Scheme::Test);
+        assert_eq!(Scheme::of(99_999_999), Scheme::Unallocated);
     }
 
     #[test]

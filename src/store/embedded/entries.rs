@@ -107,7 +107,7 @@ pub(super) fn decode_change(version: Version, bytes: &[u8]) -> Result<ChangeEntr
     }
     let added = words
         .map(|v| {
-            NhsNumber::from_u64(v).map_err(|e| {
+            NhsNumber::from_stored(v).map_err(|e| {
                 StoreError::Corrupt(
                     format!("change-log entry {version} holds an invalid number: {e}").into(),
                 )

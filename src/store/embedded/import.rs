@@ -167,7 +167,7 @@ impl Apply<'_> {
             }
             for n in gone {
                 if self.writer.remove(table, n, self.t)? {
-                    self.tally.remove(NhsNumber::from_u64(n).map_err(|e| {
+                    self.tally.remove(NhsNumber::from_stored(n).map_err(|e| {
                         StoreError::Corrupt(format!("stored number invalid: {e}").into())
                     })?);
                 }
@@ -191,7 +191,7 @@ impl Apply<'_> {
             let (k, _) = item.map_err(storage)?;
             let n = k.value();
             if self.writer.add(table, n, self.t)? {
-                self.tally.add(NhsNumber::from_u64(n).map_err(|e| {
+                self.tally.add(NhsNumber::from_stored(n).map_err(|e| {
                     StoreError::Corrupt(format!("staged number invalid: {e}").into())
                 })?);
             }

@@ -516,7 +516,7 @@ impl ConsentStore for EmbeddedStore {
                     let mut numbers = Vec::with_capacity(SCAN_PAGE);
                     for item in table.range(from..).map_err(storage)?.take(SCAN_PAGE) {
                         let (k, _) = item.map_err(storage)?;
-                        numbers.push(NhsNumber::from_u64(k.value()).map_err(|e| {
+                        numbers.push(NhsNumber::from_stored(k.value()).map_err(|e| {
                             StoreError::Corrupt(
                                 format!("stored key is not a valid NHS number: {e}").into(),
                             )

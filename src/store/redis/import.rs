@@ -413,7 +413,7 @@ struct Diff {
 
 /// A stored field as an NHS number (`None` if it is not one).
 fn parse_number(n: &str) -> Option<NhsNumber> {
-    n.parse().ok().and_then(|v| NhsNumber::from_u64(v).ok())
+    n.parse().ok().and_then(|v| NhsNumber::from_stored(v).ok())
 }
 
 impl Drop for RedisImport {

@@ -78,7 +78,7 @@ pub(super) fn csv_of(numbers: &[NhsNumber]) -> String {
 pub(super) fn stored_number(v: &Value) -> Result<NhsNumber, StoreError> {
     int_of(v)
         .and_then(|i| u64::try_from(i).ok())
-        .and_then(|i| NhsNumber::from_u64(i).ok())
+        .and_then(|i| NhsNumber::from_stored(i).ok())
         .ok_or_else(|| StoreError::Corrupt("stored field is not an NHS number".into()))
 }
 
@@ -90,7 +90,7 @@ pub(super) fn numbers_csv(s: &str) -> Result<Vec<NhsNumber>, StoreError> {
         .map(|p| {
             p.parse::<u64>()
                 .ok()
-                .and_then(|v| NhsNumber::from_u64(v).ok())
+                .and_then(|v| NhsNumber::from_stored(v).ok())
                 .ok_or_else(|| {
                     StoreError::Corrupt("change-log entry holds an invalid number".into())
                 })
