@@ -144,6 +144,165 @@ async fn filter_stops_at_a_malformed_row_and_leaves_no_partial_output() {
     server.stop().await;
 }
 
+/// `optout filter` on a file, with extra arguments: (success, stdout, stderr).
+async fn filter_file(
+    server: &TestServer,
+    input: &std::path::Path,
+    extra: &[&str],
+) -> (bool, String) {
+    let mut a = args(&[
+        "filter",
+        "--server",
+        &server.url,
+        "--purpose",
+        "research",
+        "--input",
+        input.to_str().expect("utf8"),
+    ]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    let out = optout(a).await;
+    (out.status.success(), text(&out.stderr))
+}
+
+#[tokio::test]
+async fn a_truncated_csv_is_refused_with_its_line_and_real_exports_are_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir.path().join("data")).await;
+    let n = valid_numbers(4_000_000_000, 3);
+    let output = dir.path().join("out.csv");
+    let out = output.to_str().expect("utf8");
+
+    // Cut off inside a quoted field: before, the rest of the file was one field, exit 0.
+    let cut = dir.path().join("cut.csv");
+    std::fs::write(
+        &cut,
+        format!(
+            "name,nhs_number\nA,{}\n\"B, cut off,{}\nC,{}\n",
+            n[0], n[1], n[2]
+        ),
+    )
+    .expect("write");
+    let (ok, err) = filter_file(&server, &cut, &["--output", out]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("line 3") && err.contains("never closed"),
+        "{err}"
+    );
+    assert!(!output.exists(), "no output from a refused file");
+
+    // A NUL byte, and a number cell that is not UTF-8: refused with the line.
+    let nul = dir.path().join("nul.csv");
+    std::fs::write(&nul, format!("name,nhs_number\nA\0,{}\n", n[0])).expect("write");
+    let (ok, err) = filter_file(&server, &nul, &["--output", out]).await;
+    assert!(!ok && err.contains("line 2: a NUL byte"), "{err}");
+    let latin = dir.path().join("latin.csv");
+    std::fs::write(&latin, b"name,nhs_number\nA,94\xff34765919\n").expect("write");
+    let (ok, err) = filter_file(&server, &latin, &["--output", out]).await;
+    assert!(
+        !ok && err.contains("line 2: the NHS-number column is not UTF-8"),
+        "{err}"
+    );
+    assert!(!output.exists());
+
+    // A byte-order mark, CRLF, semicolons and spaces round the numbers, as spreadsheets write.
+    let excel = dir.path().join("excel.csv");
+    std::fs::write(
+        &excel,
+        format!("\u{feff}name;nhs_number\r\nA; {} \r\nB;123\r\n", n[0]),
+    )
+    .expect("write");
+    let (ok, err) = filter_file(
+        &server,
+        &excel,
+        &["--delimiter", "semicolon", "--output", out],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("invalid NHS numbers withheld: line 3"),
+        "{err}"
+    );
+    let written = std::fs::read_to_string(&output).expect("output");
+    assert!(written.starts_with("name;nhs_number"), "{written}");
+    assert!(
+        written.contains(&n[0]) && !written.contains("123"),
+        "{written}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_national_dat_format_round_trips_with_its_line_endings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir.path().join("data")).await;
+    let n = valid_numbers(4_000_000_000, 4);
+    // n[1] opts out, imported from a .dat file.
+    let opted = dir.path().join("opted.dat");
+    std::fs::write(&opted, format!("{},\r\n", n[1])).expect("write");
+    let out = optout(args(&[
+        "admin",
+        "--server",
+        &server.url,
+        "import",
+        "--type",
+        "national",
+        "--mode",
+        "merge",
+        "--format",
+        "dat",
+        opted.to_str().expect("utf8"),
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    for eol in ["\n", "\r\n"] {
+        let input = dir.path().join("sent.dat");
+        let output = dir.path().join("cleared.dat");
+        let _ = std::fs::remove_file(&output);
+        std::fs::write(
+            &input,
+            format!(
+                "{},{eol}{},{eol}987 654 4321,{eol}{},{eol}{},{eol}",
+                n[0], n[1], n[2], n[3]
+            ),
+        )
+        .expect("write");
+        let o = output.to_str().expect("utf8");
+        let (ok, err) = filter_file(&server, &input, &["--format", "dat", "--output", o]).await;
+        assert!(ok, "{err}");
+        assert!(
+            err.contains("invalid NHS numbers withheld: line 3"),
+            "{err}"
+        );
+        // The numbers that may be used, as sent: format, order and line ending.
+        assert_eq!(
+            std::fs::read_to_string(&output).expect("output"),
+            format!("{},{eol}{},{eol}{},{eol}", n[0], n[2], n[3])
+        );
+        // --strict refuses the file the national way, and writes nothing.
+        std::fs::remove_file(&output).expect("rm");
+        let (ok, err) = filter_file(
+            &server,
+            &input,
+            &["--format", "dat", "--strict", "--output", o],
+        )
+        .await;
+        assert!(!ok);
+        assert!(
+            err.contains("The file contains one or more invalid NHS Numbers")
+                && err.contains("line 3"),
+            "{err}"
+        );
+        assert!(!output.exists());
+    }
+    // A line without its comma is not the format: refused with its line.
+    let bad = dir.path().join("bad.dat");
+    std::fs::write(&bad, format!("{},\n{}\n", n[0], n[2])).expect("write");
+    let (ok, err) = filter_file(&server, &bad, &["--format", "dat"]).await;
+    assert!(!ok && err.contains("line 2: no comma at the end"), "{err}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn admin_import_then_check_get_and_status() {
     let dir = tempfile::tempdir().expect("tempdir");

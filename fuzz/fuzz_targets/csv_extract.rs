@@ -6,7 +6,7 @@ use optout_core::extract::{for_each_chunk, open_csv};
 
 fuzz_target!(|data: &[u8]| {
     let batch = usize::from(data.first().copied().unwrap_or(1) % 7) + 1;
-    let Ok((reader, header, column)) = open_csv(data, "nhs_number") else {
+    let Ok((reader, header, column)) = open_csv(data, "nhs_number", b',') else {
         return;
     };
     assert!(column < header.len());

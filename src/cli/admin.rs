@@ -12,10 +12,13 @@ use clap::{Args, Subcommand, ValueEnum};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{AuthChannel, CliError, ClientArgs, TypeArg, progress};
-use crate::api::proto::{
-    self, ChangeOptOutsRequest, GetOptOutRequest, GetStatusRequest, ImportOptOutsRequest,
-    opt_out_admin_client::OptOutAdminClient,
+use super::{AuthChannel, CliError, ClientArgs, DelimiterArg, FormatArg, TypeArg, progress};
+use crate::{
+    api::proto::{
+        self, ChangeOptOutsRequest, GetOptOutRequest, GetStatusRequest, ImportOptOutsRequest,
+        opt_out_admin_client::OptOutAdminClient,
+    },
+    core::extract::{for_each_chunk, for_each_dat_chunk, open_csv},
 };
 
 /// Numbers per import message.
@@ -105,9 +108,16 @@ struct ImportArgs {
     /// Where the list came from; defaults to the file name.
     #[arg(long)]
     source: Option<String>,
-    /// Read a CSV and take this column; without it, the file holds one number a line.
-    #[arg(long)]
+    /// Read a CSV and take this column; without it (and without --format dat), the file holds one
+    /// number a line.
+    #[arg(long, conflicts_with = "format")]
     column: Option<String>,
+    /// The CSV's field separator (with --column).
+    #[arg(long, value_enum, default_value_t = DelimiterArg::Comma, requires = "column")]
+    delimiter: DelimiterArg,
+    /// dat: the national file check's format (one NHS number a line followed by a comma).
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
     /// The file; stdin if absent or "-".
     file: Option<PathBuf>,
 }
@@ -377,9 +387,18 @@ async fn import(
     let (tx, rx) = mpsc::channel::<ImportOptOutsRequest>(4);
     let bar = progress("numbers sent");
     let bar_reader = bar.clone();
-    let column = args.column.clone();
+    let layout = match (&args.column, args.format) {
+        (Some(column), _) => Layout::Csv(column.clone(), args.delimiter.byte()),
+        (None, Some(FormatArg::Dat)) => Layout::Dat,
+        (None, Some(FormatArg::Csv)) => {
+            return Err(CliError::Usage(
+                "--format csv needs --column, the header of the NHS-number column".into(),
+            ));
+        }
+        (None, None) => Layout::Lines,
+    };
     let reader = tokio::task::spawn_blocking(move || {
-        read_import(input, &name, column.as_deref(), header, &tx, &bar_reader)
+        read_import(input, &name, &layout, header, &tx, &bar_reader)
     });
     let outcome = client.import_opt_outs(ReceiverStream::new(rx)).await;
     bar.finish_and_clear();
@@ -411,10 +430,20 @@ async fn import(
     Ok(ExitCode::SUCCESS)
 }
 
+/// How an import file is laid out.
+enum Layout {
+    /// One number a line.
+    Lines,
+    /// CSV: the column's header, the delimiter.
+    Csv(String, u8),
+    /// The national check's `.dat`.
+    Dat,
+}
+
 fn read_import(
     input: Box<dyn Read + Send>,
     name: &str,
-    column: Option<&str>,
+    layout: &Layout,
     header: ImportOptOutsRequest,
     tx: &mpsc::Sender<ImportOptOutsRequest>,
     bar: &indicatif::ProgressBar,
@@ -444,30 +473,34 @@ fn read_import(
         Ok(())
     };
     let mut chunk = Vec::with_capacity(IMPORT_CHUNK);
-    match column {
-        None => {
+    let mut take = |numbers: Vec<String>| -> Result<(), String> {
+        chunk.extend(numbers.into_iter().map(|n| n.trim().to_string()));
+        if chunk.len() >= IMPORT_CHUNK {
+            send(std::mem::take(&mut chunk), false)?;
+        }
+        Ok(())
+    };
+    match layout {
+        Layout::Lines => {
             for (i, line) in BufReader::new(input).lines().enumerate() {
                 let line = line.map_err(|e| format!("{name} line {}: {e}", i + 1))?;
                 let t = line.trim();
                 if t.is_empty() {
                     continue;
                 }
-                chunk.push(t.to_string());
-                if chunk.len() == IMPORT_CHUNK {
-                    send(std::mem::take(&mut chunk), false)?;
-                }
+                take(vec![t.to_string()])?;
             }
         }
-        Some(column) => {
-            // The same CSV reading as `optout filter`: header lookup, malformed rows by line.
+        Layout::Csv(column, delimiter) => {
+            // The same strict reading as `optout filter`: header lookup, malformed rows by line.
             let (reader, _, index) =
-                super::filter::open_csv(input, column).map_err(|e| format!("{name}: {e}"))?;
-            super::filter::for_each_chunk(reader, index, IMPORT_CHUNK, |_, numbers| {
-                chunk.extend(numbers.into_iter().map(|n| n.trim().to_string()));
-                if chunk.len() >= IMPORT_CHUNK {
-                    send(std::mem::take(&mut chunk), false)?;
-                }
-                Ok(())
+                open_csv(input, column, *delimiter).map_err(|e| format!("{name}: {e}"))?;
+            for_each_chunk(reader, index, IMPORT_CHUNK, |_, numbers| take(numbers))
+                .map_err(|e| format!("{name}: {e}"))?;
+        }
+        Layout::Dat => {
+            for_each_dat_chunk(BufReader::new(input), IMPORT_CHUNK, |_, numbers| {
+                take(numbers)
             })
             .map_err(|e| format!("{name}: {e}"))?;
         }

@@ -1,10 +1,13 @@
 //! `optout filter`: the online form of the NHS's batch "Check for National Data Opt-outs" service.
 //!
-//! Reads a CSV extract, streams its NHS-number column through CheckStream, and writes only the
-//! rows whose patient may be released, header kept, in input order. Withheld rows are counted by
-//! reason on stderr. A malformed row stops everything with its line number and a non-zero exit.
-//! When the output is a file, it is written to a temporary file beside it and renamed only once
-//! the whole extract was checked, so a failed run never leaves a partial extract that looks whole.
+//! Reads an extract (CSV, or the national check's `.dat` format), streams its NHS numbers through
+//! CheckStream, and writes only the rows whose patient may be released, in input order (a CSV's
+//! header kept; a `.dat` line as it was, line ending included). Withheld rows are counted by
+//! reason on stderr, with the lines of invalid numbers; `--strict` refuses the whole file for one
+//! invalid number, as the national service does. A malformed row stops everything with its line
+//! number and a non-zero exit. When the output is a file, it is written to a temporary file beside
+//! it and renamed only once the whole extract was checked, so a failed run never leaves a partial
+//! extract that looks whole.
 
 use bytes::Bytes;
 use std::{
@@ -19,17 +22,31 @@ use clap::Args;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{CliError, ClientArgs, OriginArg, PurposeArg, progress, reason_name};
-use crate::api::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient};
-pub(crate) use crate::core::extract::{for_each_chunk, open_csv};
+use super::{
+    CliError, ClientArgs, DelimiterArg, FormatArg, OriginArg, PurposeArg, progress, reason_name,
+};
+use crate::{
+    api::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient},
+    core::extract::{self, for_each_chunk, for_each_dat_chunk, line_of, open_csv},
+};
 
 #[derive(Args, Debug)]
 pub(crate) struct FilterArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// The header of the column holding NHS numbers.
+    /// The extract's layout: csv, or dat (the national file check's: a number and a comma a line).
+    #[arg(long, value_enum, default_value_t = FormatArg::Csv)]
+    format: FormatArg,
+    /// The header of the column holding NHS numbers (csv).
     #[arg(long, default_value = "nhs_number")]
     column: String,
+    /// The CSV's field separator.
+    #[arg(long, value_enum, default_value_t = DelimiterArg::Comma)]
+    delimiter: DelimiterArg,
+    /// Refuse the whole file if any NHS number in it is invalid, as the national service does
+    /// (no output is written); without it, invalid numbers are withheld and their lines listed.
+    #[arg(long)]
+    strict: bool,
     /// Why the data is extracted.
     #[arg(long, value_enum)]
     purpose: PurposeArg,
@@ -57,10 +74,19 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         return Err(CliError::Usage("--batch must be at least 1".into()));
     }
     let input = open_input(args.input.as_deref())?;
-    let (reader, header, column) = open_csv(input, &args.column).map_err(CliError::Input)?;
-
-    let mut output = Output::open(args.output.as_ref())?;
-    output.write(&header)?;
+    let delimiter = args.delimiter.byte();
+    let (source, header) = match args.format {
+        FormatArg::Csv => {
+            let (reader, header, column) =
+                open_csv(input, &args.column, delimiter).map_err(CliError::Input)?;
+            (Source::Csv(reader, column), Some(header))
+        }
+        FormatArg::Dat => (Source::Dat(std::io::BufReader::new(input)), None),
+    };
+    let mut output = Output::open(args.output.as_ref(), args.format, delimiter)?;
+    if let Some(header) = &header {
+        output.write(header)?;
+    }
 
     let (req_tx, req_rx) = mpsc::channel::<CheckRequest>(4);
     let (rows_tx, mut rows_rx) = mpsc::channel::<Result<Rows, String>>(64);
@@ -72,9 +98,8 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         extract_id: args.extract_id.clone(),
     };
     let batch = args.batch;
-    let reader_task = tokio::task::spawn_blocking(move || {
-        read_rows(reader, column, batch, template, &req_tx, &rows_tx)
-    });
+    let reader_task =
+        tokio::task::spawn_blocking(move || read_rows(source, batch, template, &req_tx, &rows_tx));
 
     let (channel, bearer) = args.client.authed().await?;
     let mut client = OptOutCheckClient::with_interceptor(channel, bearer)
@@ -87,6 +112,7 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         .into_inner();
     let mut released = 0u64;
     let mut withheld: BTreeMap<i32, u64> = BTreeMap::new();
+    let mut invalid_lines: Vec<u64> = Vec::new();
     while let Some(response) = responses.message().await? {
         let rows = match rows_rx.recv().await {
             Some(Ok(rows)) => rows,
@@ -110,6 +136,9 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
                 released += 1;
             } else {
                 *withheld.entry(d.reason).or_default() += 1;
+                if d.reason == proto::Reason::InvalidNhsNumber as i32 {
+                    invalid_lines.push(line_of(row));
+                }
             }
         }
         bar.inc(rows.len() as u64);
@@ -124,10 +153,45 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         Ok(Err(e)) => return Err(CliError::Input(e)),
         Err(e) => return Err(CliError::Input(format!("reader task failed: {e}"))),
     }
+    if args.strict && !invalid_lines.is_empty() {
+        // The temporary output is dropped unrenamed: nothing is written.
+        return Err(CliError::Input(format!(
+            "The file contains one or more invalid NHS Numbers (--strict): {}; no output written",
+            lines_text(&invalid_lines)
+        )));
+    }
     output.finish()?;
 
     eprintln!("{}", summary(released, &withheld));
+    if !invalid_lines.is_empty() {
+        eprintln!(
+            "invalid NHS numbers withheld: {}",
+            lines_text(&invalid_lines)
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// "line 3", "lines 3, 17 and 40 more": the first twenty.
+fn lines_text(lines: &[u64]) -> String {
+    let shown: Vec<String> = lines.iter().take(20).map(u64::to_string).collect();
+    let more = lines.len().saturating_sub(20);
+    format!(
+        "{} {}{}",
+        if lines.len() == 1 { "line" } else { "lines" },
+        shown.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Where the rows come from.
+enum Source {
+    Csv(csv::Reader<extract::Strict<Box<dyn Read + Send>>>, usize),
+    Dat(std::io::BufReader<Box<dyn Read + Send>>),
 }
 
 /// The file, or stdin when absent or "-".
@@ -163,14 +227,13 @@ fn summary(released: u64, withheld: &BTreeMap<i32, u64>) -> String {
 /// stream. On a malformed row it queues the error (with the line number) and stops, which ends the
 /// request stream.
 fn read_rows(
-    reader: csv::Reader<Box<dyn Read + Send>>,
-    column: usize,
+    source: Source,
     batch: usize,
     template: CheckRequest,
     req_tx: &mpsc::Sender<CheckRequest>,
     rows_tx: &mpsc::Sender<Result<Rows, String>>,
 ) -> Result<(), String> {
-    let result = for_each_chunk(reader, column, batch, |rows, numbers| {
+    let send = |rows: Rows, numbers: Vec<String>| {
         rows_tx
             .blocking_send(Ok(rows))
             .map_err(|_| "the response side stopped".to_string())?;
@@ -180,21 +243,47 @@ fn read_rows(
                 ..template.clone()
             })
             .map_err(|_| "the request stream closed".to_string())
-    });
+    };
+    let result = match source {
+        Source::Csv(reader, column) => for_each_chunk(reader, column, batch, send),
+        Source::Dat(input) => for_each_dat_chunk(input, batch, send),
+    };
     if let Err(message) = &result {
         let _ = rows_tx.blocking_send(Err(message.clone()));
     }
     result
 }
 
-/// Stdout, or a temporary file renamed into place by `finish`.
+/// Stdout, or a temporary file renamed into place by `finish`; CSV rows, or `.dat` lines.
 struct Output {
-    writer: csv::Writer<Box<dyn Write>>,
+    writer: Writer,
     rename: Option<(tempfile::TempPath, PathBuf)>,
 }
 
+enum Writer {
+    Csv(Box<csv::Writer<Box<dyn Write>>>),
+    /// Each row is (number as written, line ending): written back as `number,` and its ending.
+    Dat(Box<dyn Write>),
+}
+
 impl Output {
-    fn open(path: Option<&PathBuf>) -> Result<Self, CliError> {
+    fn open(path: Option<&PathBuf>, format: FormatArg, delimiter: u8) -> Result<Self, CliError> {
+        let (sink, rename) = Self::sink(path)?;
+        let writer = match format {
+            FormatArg::Csv => Writer::Csv(Box::new(
+                csv::WriterBuilder::new()
+                    .delimiter(delimiter)
+                    .from_writer(sink),
+            )),
+            FormatArg::Dat => Writer::Dat(sink),
+        };
+        Ok(Output { writer, rename })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn sink(
+        path: Option<&PathBuf>,
+    ) -> Result<(Box<dyn Write>, Option<(tempfile::TempPath, PathBuf)>), CliError> {
         match path {
             Some(p) if p.as_os_str() != "-" => {
                 let dir = p
@@ -204,28 +293,38 @@ impl Output {
                 let tmp = tempfile::NamedTempFile::new_in(&dir)
                     .map_err(|e| CliError::Output(format!("{}: {e}", dir.display())))?;
                 let (file, path_tmp) = tmp.into_parts();
-                Ok(Output {
-                    writer: csv::Writer::from_writer(Box::new(std::io::BufWriter::new(file))),
-                    rename: Some((path_tmp, p.clone())),
-                })
+                Ok((
+                    Box::new(std::io::BufWriter::new(file)),
+                    Some((path_tmp, p.clone())),
+                ))
             }
-            _ => Ok(Output {
-                writer: csv::Writer::from_writer(Box::new(std::io::stdout())),
-                rename: None,
-            }),
+            _ => Ok((Box::new(std::io::BufWriter::new(std::io::stdout())), None)),
         }
     }
 
     fn write(&mut self, row: &csv::ByteRecord) -> Result<(), CliError> {
-        self.writer
-            .write_byte_record(row)
-            .map_err(|e| CliError::Output(e.to_string()))
+        let written = match &mut self.writer {
+            Writer::Csv(w) => w.write_byte_record(row).map_err(|e| e.to_string()),
+            Writer::Dat(w) => {
+                let (number, eol) = (
+                    row.get(0).unwrap_or_default(),
+                    row.get(1).unwrap_or_default(),
+                );
+                w.write_all(number)
+                    .and_then(|()| w.write_all(b","))
+                    .and_then(|()| w.write_all(eol))
+                    .map_err(|e| e.to_string())
+            }
+        };
+        written.map_err(CliError::Output)
     }
 
     fn finish(mut self) -> Result<(), CliError> {
-        self.writer
-            .flush()
-            .map_err(|e| CliError::Output(e.to_string()))?;
+        let flushed = match &mut self.writer {
+            Writer::Csv(w) => w.flush(),
+            Writer::Dat(w) => w.flush(),
+        };
+        flushed.map_err(|e| CliError::Output(e.to_string()))?;
         drop(self.writer);
         if let Some((tmp, dest)) = self.rename.take() {
             tmp.persist(&dest)

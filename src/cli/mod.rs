@@ -65,6 +65,41 @@ enum Command {
 }
 
 /// The purpose, as typed on the command line.
+/// How an extract is laid out.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum FormatArg {
+    /// CSV with a header; the NHS numbers in the column named by --column.
+    #[default]
+    Csv,
+    /// The national file check's format: one NHS number a line followed by a comma, no header.
+    Dat,
+}
+
+/// The field separator of a CSV extract.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum DelimiterArg {
+    /// `,`
+    #[default]
+    Comma,
+    /// `;`
+    Semicolon,
+    /// a tab
+    Tab,
+    /// `|`
+    Pipe,
+}
+
+impl DelimiterArg {
+    pub(crate) fn byte(self) -> u8 {
+        match self {
+            DelimiterArg::Comma => b',',
+            DelimiterArg::Semicolon => b';',
+            DelimiterArg::Tab => b'\t',
+            DelimiterArg::Pipe => b'|',
+        }
+    }
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub(crate) enum PurposeArg {
     DirectCare,
