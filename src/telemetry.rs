@@ -165,7 +165,7 @@ fn describe() {
 /// How many decisions of one batch fell on each outcome and reason: counted once per batch, for
 /// both the metrics and the audit record.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DecisionCounts([u64; 8]);
+pub struct DecisionCounts([u64; 9]);
 
 impl DecisionCounts {
     /// The counts of a whole batch.
@@ -187,7 +187,7 @@ impl DecisionCounts {
     pub fn withheld(&self) -> impl Iterator<Item = (WithholdReason, u64)> + '_ {
         WITHHELD
             .iter()
-            .zip(&self.0[2..])
+            .zip(&self.0[2..2 + WITHHELD.len()])
             .filter(|(_, n)| **n > 0)
             .map(|(r, n)| (*r, *n))
     }
@@ -214,7 +214,7 @@ const WITHHELD: [WithholdReason; 6] = [
     WithholdReason::VersionNotReached,
 ];
 
-const REASONS: [(&str, &str); 8] = [
+const REASONS: [(&str, &str); 9] = [
     ("release", "no_opt_out"),
     ("release", "purpose_exempt"),
     ("withhold", "national_data_opt_out"),
@@ -223,6 +223,8 @@ const REASONS: [(&str, &str); 8] = [
     ("withhold", "store_unavailable"),
     ("withhold", "store_regressed"),
     ("withhold", "version_not_reached"),
+    // Last, after the withhold reasons that `withheld` reads from index 2.
+    ("release", "basis_exempt"),
 ];
 
 fn reason_index(d: &Decision) -> usize {
@@ -235,6 +237,7 @@ fn reason_index(d: &Decision) -> usize {
         Decision::Withhold(WithholdReason::StoreUnavailable) => 5,
         Decision::Withhold(WithholdReason::StoreRegressed) => 6,
         Decision::Withhold(WithholdReason::VersionNotReached) => 7,
+        Decision::Release(ReleaseReason::BasisExempt(_)) => 8,
     }
 }
 

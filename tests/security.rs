@@ -16,9 +16,9 @@ use optout::{
     api::{
         gate::RateLimit,
         proto::{
-            GetOptOutRequest, GetStatusRequest, ImportMode, ImportOptOutsRequest, OptOutType,
-            Outcome, Purpose, ReadAuditRequest, Reason, opt_out_admin_client::OptOutAdminClient,
-            opt_out_check_client::OptOutCheckClient,
+            DataOrigin, GetOptOutRequest, GetStatusRequest, ImportMode, ImportOptOutsRequest,
+            LegalBasis, OptOutType, Outcome, Purpose, ReadAuditRequest, Reason,
+            opt_out_admin_client::OptOutAdminClient, opt_out_check_client::OptOutCheckClient,
         },
     },
     auth::{Role, new_key},
@@ -920,4 +920,149 @@ async fn when_the_audit_cannot_be_written_admin_changes_are_refused_and_checks_w
         .into_inner();
     assert_eq!(s.national_data_opt_outs, 0);
     server.stop().await;
+}
+
+/// A check under a legal basis: RELEASE with the basis named where it lifts the opt-out, the
+/// type 1 opt-out standing where it does not, only the bases the key's entry lists, a reference
+/// required, and both in the audit.
+#[tokio::test]
+async fn exempt_legal_bases_by_key_release_with_the_basis_named_and_are_audited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut config, keys) = secured(dir.path());
+    // A key of RX3 that may claim consent and section 251, appended to the keys file.
+    let (exempt_key, entry) = new_key("RX3", &[Role::Checker]);
+    let path = config.keys_file.clone().expect("keys file");
+    let mut text = std::fs::read_to_string(&path).expect("read");
+    text.push_str(&format!(
+        "\n{entry}exempt_bases = [\"consent\", \"section-251\"]\n"
+    ));
+    std::fs::write(&path, text).expect("write");
+    config.keys_reload = Duration::from_secs(60);
+    let server = TestServer::start_with(config).await;
+    let ch = server.channel().await;
+    let n = valid_numbers(4_600_000_000, 3);
+    let mut admin = admin_client(ch.clone(), Some(&keys.admin));
+    // n[0]: national opt-out; n[1]: type 1 opt-out; n[2]: none.
+    admin
+        .add_opt_outs(change_request(
+            vec![n[0].clone()],
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add");
+    let v = admin
+        .add_opt_outs(change_request(vec![n[1].clone()], OptOutType::Type1))
+        .await
+        .expect("add")
+        .into_inner()
+        .version;
+
+    let ask = |key: String, basis: LegalBasis, reference: &str| {
+        let (ch, n, v, reference) = (ch.clone(), n.clone(), v.clone(), reference.to_string());
+        async move {
+            let mut req = check_request(n, Purpose::Research);
+            req.origin = DataOrigin::GpPractice as i32;
+            req.at_least_version = v;
+            req.legal_basis = basis as i32;
+            req.basis_reference = reference;
+            check_client(ch, Some(&key)).check(req).await.map(|r| {
+                r.into_inner()
+                    .decisions
+                    .iter()
+                    .map(outcome)
+                    .collect::<Vec<_>>()
+            })
+        }
+    };
+    let release = |r: Reason| (Outcome::Release, r);
+    // Consent lifts both types: every number released, the reason naming the basis.
+    assert_eq!(
+        ask(exempt_key.clone(), LegalBasis::Consent, "IRAS 123456")
+            .await
+            .expect("consent"),
+        vec![release(Reason::ExemptConsent); 3]
+    );
+    // Section 251 lifts the national opt-out; the GP practice's type 1 objection stands.
+    assert_eq!(
+        ask(
+            exempt_key.clone(),
+            LegalBasis::Section251,
+            "CAG 10-02(d)/2026"
+        )
+        .await
+        .expect("s251"),
+        vec![
+            release(Reason::ExemptSection251),
+            (Outcome::Withhold, Reason::Type1OptOut),
+            release(Reason::ExemptSection251)
+        ]
+    );
+    // No basis: as before this field existed.
+    assert_eq!(
+        ask(exempt_key.clone(), LegalBasis::None, "")
+            .await
+            .expect("none"),
+        vec![
+            (Outcome::Withhold, Reason::NationalDataOptOut),
+            (Outcome::Withhold, Reason::Type1OptOut),
+            release(Reason::NoOptOut)
+        ]
+    );
+    // A basis the key's entry does not list, or any basis from a key with none listed.
+    let e = ask(exempt_key.clone(), LegalBasis::PublicInterest, "ref")
+        .await
+        .expect_err("not listed");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("public-interest"), "{e:?}");
+    let e = ask(keys.checker.clone(), LegalBasis::Consent, "ref")
+        .await
+        .expect_err("not listed");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // An exempt basis without its reference.
+    let e = ask(exempt_key.clone(), LegalBasis::Consent, " ")
+        .await
+        .expect_err("no reference");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("basis_reference is required"), "{e:?}");
+
+    // The audit names the basis and its reference.
+    let mut reader = admin_client(ch.clone(), Some(&keys.admin));
+    let records = eventually_records(&mut reader, "RX3").await;
+    let s251 = records
+        .iter()
+        .find(|r| r.legal_basis == "section-251")
+        .expect("the section 251 check is recorded");
+    assert_eq!(s251.basis_reference, "CAG 10-02(d)/2026");
+    assert_eq!(s251.applied, 2);
+    assert!(
+        records
+            .iter()
+            .any(|r| r.legal_basis == "consent" && r.applied == 3)
+    );
+    server.stop().await;
+}
+
+/// RX3's check records, once the three answered checks are written.
+async fn eventually_records(
+    reader: &mut OptOutAdminClient<Authed>,
+    organisation: &str,
+) -> Vec<optout::api::proto::AuditEntry> {
+    poll!("the checks recorded", Duration::from_secs(10), {
+        let found: Vec<_> = reader
+            .read_audit(ReadAuditRequest {
+                organisation: organisation.into(),
+                limit: 100,
+                ..ReadAuditRequest::default()
+            })
+            .await
+            .expect("read")
+            .into_inner()
+            .records
+            .into_iter()
+            .filter(|r| r.action == "check")
+            .collect();
+        if found.len() >= 3 {
+            return found;
+        }
+    })
 }

@@ -413,6 +413,7 @@ fn draw_request(
         origin: DataOrigin::Other as i32,
         at_least_version: String::new(),
         extract_id: "optout-loadtest".into(),
+        ..CheckRequest::default()
     };
     (numbers, req)
 }

@@ -269,6 +269,8 @@ impl OptOutAdmin for AdminService {
                     withheld: r.withheld.into_iter().collect(),
                     version: r.version,
                     part_of: r.part_of.unwrap_or_default(),
+                    legal_basis: r.legal_basis.unwrap_or_default(),
+                    basis_reference: r.basis_reference.unwrap_or_default(),
                 })
                 .collect(),
         }))

@@ -8,13 +8,13 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{
     Limits, deadline, decision_to_proto,
     gate::{GateState, caller_of},
-    origin,
+    legal_basis_from_proto, origin,
     proto::{CheckRequest, CheckResponse, opt_out_check_server::OptOutCheck},
     purpose, version_field,
 };
 use crate::{
     auth::Caller,
-    core::NhsNumber,
+    core::{LegalBasis, NhsNumber},
     engine::check::{CheckInput, Checker, Requester},
 };
 
@@ -70,6 +70,24 @@ impl CheckService {
             ));
         }
         let extract_id = super::label_field("extract_id", &req.extract_id, super::LABEL_MAX)?;
+        let basis = legal_basis_from_proto(req.legal_basis)?;
+        let basis_reference =
+            super::label_field("basis_reference", &req.basis_reference, super::LABEL_MAX)?;
+        if basis != LegalBasis::None && basis_reference.trim().is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "legal_basis {}: basis_reference is required (the CAG number, the statute or \
+                 order, the consent study or assessment)",
+                basis.name()
+            )));
+        }
+        if !caller.may_claim(basis) {
+            return Err(Status::permission_denied(format!(
+                "API key {} may not claim the legal basis {}: list it under exempt_bases for \
+                 this key in the keys file",
+                caller.key_id,
+                basis.name()
+            )));
+        }
         // A key removed from the keys file stops being honoured within the reload interval, on
         // streams opened before too.
         if !self.gates.still_valid(caller) {
@@ -96,10 +114,15 @@ impl CheckService {
             numbers: &parsed,
             purpose: purpose(req.purpose)?,
             origin: origin(req.origin)?,
+            basis,
             at_least_version: version_field("at_least_version", &req.at_least_version)?,
             deadline,
         };
-        let who = Requester { caller, extract_id };
+        let who = Requester {
+            caller,
+            extract_id,
+            basis_reference,
+        };
         let out = self.checker.check(&who, input).await;
         Ok(CheckResponse {
             decisions: out.decisions.into_iter().map(decision_to_proto).collect(),

@@ -19,7 +19,8 @@ use crate::{
 
 pub use optout_proto as proto;
 pub(crate) use optout_proto::convert::{
-    decision_to_proto, opt_out_type, opt_out_type_to_proto, origin, purpose, version_field,
+    decision_to_proto, legal_basis_from_proto, opt_out_type, opt_out_type_to_proto, origin,
+    purpose, version_field,
 };
 
 /// Request limits. Every request is bounded in size and time.

@@ -5,7 +5,7 @@ use std::{io::Write, process::ExitCode};
 
 use clap::Args;
 
-use super::{CliError, ClientArgs, OriginArg, PurposeArg};
+use super::{BasisArgs, CliError, ClientArgs, OriginArg, PurposeArg};
 use crate::api::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient};
 
 /// How many numbers each Check call carries.
@@ -27,6 +27,8 @@ pub(crate) struct CheckArgs {
     /// Your reference for the extract.
     #[arg(long, default_value = "")]
     extract_id: String,
+    #[command(flatten)]
+    basis: BasisArgs,
     /// NHS numbers; none reads one per line from stdin.
     numbers: Vec<String>,
 }
@@ -51,6 +53,8 @@ pub(crate) async fn run(args: CheckArgs) -> Result<ExitCode, CliError> {
             origin: proto::DataOrigin::from(args.origin) as i32,
             at_least_version: args.at_least_version.clone().unwrap_or_default(),
             extract_id: args.extract_id.clone(),
+            legal_basis: args.basis.fields().0,
+            basis_reference: args.basis.fields().1,
         });
         request.set_timeout(args.client.timeout());
         let response = client.check(request).await?.into_inner();

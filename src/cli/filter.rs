@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
-    CliError, ClientArgs, DelimiterArg, FormatArg, OriginArg, PurposeArg, progress, reason_name,
+    BasisArgs, CliError, ClientArgs, DelimiterArg, FormatArg, OriginArg, PurposeArg, progress,
+    reason_name,
 };
 use crate::{
     api::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient},
@@ -56,6 +57,8 @@ pub(crate) struct FilterArgs {
     /// Your reference for the extract.
     #[arg(long, default_value = "")]
     extract_id: String,
+    #[command(flatten)]
+    basis: BasisArgs,
     /// The CSV to read; stdin if absent or "-".
     #[arg(long, short)]
     input: Option<PathBuf>,
@@ -96,6 +99,8 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         origin: proto::DataOrigin::from(args.origin) as i32,
         at_least_version: String::new(),
         extract_id: args.extract_id.clone(),
+        legal_basis: args.basis.fields().0,
+        basis_reference: args.basis.fields().1,
     };
     let batch = args.batch;
     let reader_task =

@@ -25,6 +25,9 @@ pub(super) enum KeysCommand {
         /// Roles: checker (OptOutCheck), admin (OptOutAdmin and checks).
         #[arg(long = "role", value_enum, required = true)]
         roles: Vec<RoleArg>,
+        /// An exempt legal basis the key may claim in checks (repeat for more); none by default.
+        #[arg(long = "exempt-basis", value_enum)]
+        exempt_bases: Vec<super::BasisArg>,
     },
     /// Make an audit key: base64 of 32 random bytes on stdout, for --audit-key-file. Every
     /// replica must use the same one (digests of NHS numbers are keyed with it).
@@ -52,12 +55,18 @@ impl KeysArgs {
                 keys_file,
                 organisation,
                 roles,
-            } => new_key(&keys_file, &organisation, &roles),
+                exempt_bases,
+            } => new_key(&keys_file, &organisation, &roles, &exempt_bases),
         }
     }
 }
 
-fn new_key(path: &Path, organisation: &str, roles: &[RoleArg]) -> Result<(), CliError> {
+fn new_key(
+    path: &Path,
+    organisation: &str,
+    roles: &[RoleArg],
+    bases: &[super::BasisArg],
+) -> Result<(), CliError> {
     use std::io::Write;
     let roles: Vec<crate::auth::Role> = roles
         .iter()
@@ -66,7 +75,15 @@ fn new_key(path: &Path, organisation: &str, roles: &[RoleArg]) -> Result<(), Cli
             RoleArg::Admin => crate::auth::Role::Admin,
         })
         .collect();
-    let (key, entry) = crate::auth::new_key(organisation, &roles);
+    let (key, mut entry) = crate::auth::new_key(organisation, &roles);
+    if !bases.is_empty() {
+        let names: Vec<String> = bases
+            .iter()
+            .filter_map(|b| b.to_possible_value())
+            .map(|v| format!("{:?}", v.get_name()))
+            .collect();
+        entry.push_str(&format!("exempt_bases = [{}]\n", names.join(", ")));
+    }
     // Check the entry the way the server will, before touching the file.
     let existing = std::fs::read_to_string(path).unwrap_or_default();
     crate::auth::parse_keys_file(&format!("{existing}\n{entry}"))

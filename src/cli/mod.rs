@@ -100,6 +100,52 @@ impl DelimiterArg {
     }
 }
 
+/// The legal basis a check claims, on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum BasisArg {
+    /// None: the opt-outs apply.
+    #[default]
+    None,
+    /// The patient's explicit consent.
+    Consent,
+    /// A statute or a court order.
+    LegalRequirement,
+    /// An overriding public interest.
+    PublicInterest,
+    /// Anonymised in line with the ICO code.
+    Anonymised,
+    /// Supported by CAG under section 251 and exempted from the national data opt-out.
+    #[value(name = "section-251")]
+    Section251,
+}
+
+/// `--legal-basis` and `--basis-reference`, shared by `check` and `filter`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct BasisArgs {
+    /// The legal basis the extract relies on; an exempt one lifts opt-outs (the national one
+    /// always, type 1 for consent and a legal requirement) if your API key may claim it.
+    #[arg(long, value_enum, default_value_t = BasisArg::None)]
+    legal_basis: BasisArg,
+    /// The basis's reference: the CAG number, the statute or order, the study (audited).
+    #[arg(long, default_value = "")]
+    basis_reference: String,
+}
+
+impl BasisArgs {
+    /// The two request fields.
+    pub(crate) fn fields(&self) -> (i32, String) {
+        let b = match self.legal_basis {
+            BasisArg::None => proto::LegalBasis::None,
+            BasisArg::Consent => proto::LegalBasis::Consent,
+            BasisArg::LegalRequirement => proto::LegalBasis::LegalRequirement,
+            BasisArg::PublicInterest => proto::LegalBasis::PublicInterest,
+            BasisArg::Anonymised => proto::LegalBasis::Anonymised,
+            BasisArg::Section251 => proto::LegalBasis::Section251,
+        };
+        (b as i32, self.basis_reference.clone())
+    }
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub(crate) enum PurposeArg {
     DirectCare,

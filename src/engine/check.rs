@@ -14,7 +14,7 @@ use super::{
 use crate::{
     auth::Caller,
     core::{
-        Applicable, AuditRecord, DataOrigin, Decision, NhsNumber, OptOutSet, Purpose,
+        Applicable, AuditRecord, DataOrigin, Decision, LegalBasis, NhsNumber, OptOutSet, Purpose,
         ReleaseReason, Version, WithholdReason, applicable, decide,
     },
     store::{ConsentStore, Lookup},
@@ -29,6 +29,8 @@ pub struct CheckInput<'a> {
     pub purpose: Purpose,
     /// Who holds it.
     pub origin: DataOrigin,
+    /// The legal basis claimed (the caller's key was checked for it).
+    pub basis: LegalBasis,
     /// Answer only from a filter (or store) that reflects at least this version.
     pub at_least_version: Option<Version>,
     /// When the answer must be ready; the store lookup is cut off before it.
@@ -41,6 +43,8 @@ pub struct Requester<'a> {
     pub caller: &'a Caller,
     /// The caller's reference for the extract (empty: none).
     pub extract_id: &'a str,
+    /// The reference of the legal basis claimed (the CAG number, the statute, the study).
+    pub basis_reference: &'a str,
 }
 
 /// The decisions, in input order, and the version they reflect.
@@ -83,7 +87,8 @@ impl Checker {
     /// withheld, and if the check log cannot take the record (failing past its bound, or full),
     /// everything is withheld rather than released unrecorded.
     pub async fn check(&self, who: &Requester<'_>, input: CheckInput<'_>) -> CheckOutput {
-        let (purpose, origin, numbers) = (input.purpose, input.origin, input.numbers);
+        let (purpose, origin, basis, numbers) =
+            (input.purpose, input.origin, input.basis, input.numbers);
         let mut out = self.decide(input).await;
         if !self.log.accepting() {
             withhold_released(&mut out.decisions);
@@ -96,6 +101,8 @@ impl Checker {
             extract_id: Some(who.extract_id.to_string()).filter(|e| !e.is_empty()),
             purpose: Some(format!("{purpose:?}")),
             origin: Some(format!("{origin:?}")),
+            legal_basis: (basis != LegalBasis::None).then(|| basis.name().to_string()),
+            basis_reference: Some(who.basis_reference.to_string()).filter(|r| !r.is_empty()),
             count: numbers.len() as u64,
             version: out.version.to_string(),
             ..AuditRecord::default()
@@ -124,20 +131,19 @@ impl Checker {
 
     /// The decisions for one batch, before recording.
     async fn decide(&self, input: CheckInput<'_>) -> CheckOutput {
-        let policy = applicable(input.purpose, input.origin);
+        let policy = applicable(input.purpose, input.origin, input.basis);
+        let exempt = matches!(policy, Applicable::Exempt(_));
         let parsed = input.numbers;
         let mut decisions: Vec<Decision> = parsed
             .iter()
             .map(|p| match p {
                 None => Decision::Withhold(WithholdReason::InvalidNhsNumber),
-                Some(_) if policy == Applicable::Exempt => {
-                    Decision::Release(ReleaseReason::PurposeExempt)
-                }
+                Some(_) if exempt => Decision::Release(policy.release()),
                 // Provisional: replaced below by the filter's or the store's answer.
                 Some(_) => STORE_UNAVAILABLE,
             })
             .collect();
-        if policy == Applicable::Exempt {
+        if exempt {
             return CheckOutput {
                 decisions,
                 version: self.filter.version(),
@@ -170,7 +176,7 @@ impl Checker {
                 VersionWait::TimedOut => filter_behind = true,
             }
         }
-        let screened = self.screen(&valid, &mut decisions, filter_behind);
+        let screened = self.screen(&valid, &mut decisions, filter_behind, policy.release());
         self.resolve(decisions, &valid, screened, policy, &input)
             .await
     }
@@ -181,6 +187,7 @@ impl Checker {
         valid: &[(usize, NhsNumber)],
         decisions: &mut [Decision],
         filter_behind: bool,
+        release: ReleaseReason,
     ) -> Screened {
         let mut maybes: Vec<(usize, NhsNumber)> = Vec::new();
         let view = self.filter.view();
@@ -193,7 +200,7 @@ impl Checker {
                 view.prefetch(next);
             }
             if trusted && !view.may_contain(n) {
-                decisions[i] = Decision::Release(ReleaseReason::NoOptOut);
+                decisions[i] = Decision::Release(release);
             } else {
                 maybes.push((i, n));
             }

@@ -224,11 +224,13 @@ impl Rig {
         let who = Requester {
             caller: &caller,
             extract_id: "unit",
+            basis_reference: "",
         };
         let input = CheckInput {
             numbers,
             purpose,
             origin: DataOrigin::Unspecified,
+            basis: crate::core::LegalBasis::None,
             at_least_version: None,
             deadline: std::time::Instant::now() + Duration::from_secs(5),
         };

@@ -186,6 +186,7 @@ pub fn check_request(numbers: Vec<String>, purpose: proto::Purpose) -> CheckRequ
         origin: proto::DataOrigin::Unspecified as i32,
         at_least_version: String::new(),
         extract_id: "test-extract".into(),
+        ..CheckRequest::default()
     }
 }
 

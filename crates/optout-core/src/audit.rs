@@ -211,6 +211,12 @@ pub struct AuditRecord {
     /// Data origin (checks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The legal basis a check claimed ("consent", "section-251", ...; absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legal_basis: Option<String>,
+    /// The reference given for that basis (a CAG number, a statute, a study).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis_reference: Option<String>,
     /// NHS numbers in the request (valid and invalid).
     pub count: u64,
     /// Numbers actually changed (admin changes), or released (checks).

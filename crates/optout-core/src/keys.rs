@@ -16,6 +16,7 @@
 //! hash = "sha256:9b71d2..."
 //! ```
 
+use crate::LegalBasis;
 use base64::Engine;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -56,6 +57,8 @@ pub struct Caller {
     /// The key's public id.
     pub key_id: String,
     roles: Vec<Role>,
+    /// The exempt legal bases this key may claim in a check (`exempt_bases` in the keys file).
+    bases: Vec<LegalBasis>,
 }
 
 impl Caller {
@@ -65,7 +68,14 @@ impl Caller {
             organisation: "anonymous".into(),
             key_id: "-".into(),
             roles: vec![Role::Checker, Role::Admin],
+            bases: LegalBasis::EXEMPT.to_vec(),
         }
+    }
+
+    /// Whether the caller may claim `basis` for a check: always for none; an exempt basis only
+    /// if the keys file lists it for this key.
+    pub fn may_claim(&self, basis: LegalBasis) -> bool {
+        basis == LegalBasis::None || self.bases.contains(&basis)
     }
 
     /// Whether the caller may use a service that needs `role` (admins may also check).
@@ -114,6 +124,9 @@ struct KeyToml {
     organisation: String,
     roles: Vec<String>,
     hash: String,
+    /// Exempt legal bases the key may claim (see `LegalBasis::name`); none by default.
+    #[serde(default)]
+    exempt_bases: Vec<String>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -163,6 +176,19 @@ pub fn parse_keys_file(text: &str) -> Result<Vec<(String, Caller, [u8; 32])>, Ke
         if roles.is_empty() {
             return Err(bad("roles is empty".into()));
         }
+        let mut bases = Vec::new();
+        for b in &k.exempt_bases {
+            match LegalBasis::parse(b) {
+                Some(LegalBasis::None) | None => {
+                    let names: Vec<&str> = LegalBasis::EXEMPT.iter().map(|b| b.name()).collect();
+                    return Err(bad(format!(
+                        "unknown exempt basis {b:?} (exempt_bases are {})",
+                        names.join(", ")
+                    )));
+                }
+                Some(basis) => bases.push(basis),
+            }
+        }
         let hex = k
             .hash
             .strip_prefix("sha256:")
@@ -174,6 +200,7 @@ pub fn parse_keys_file(text: &str) -> Result<Vec<(String, Caller, [u8; 32])>, Ke
                 organisation: org.to_string(),
                 key_id: k.id.clone(),
                 roles,
+                bases,
             },
             hash,
         ));
@@ -222,6 +249,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_key_claims_only_the_exempt_bases_listed_for_it() {
+        let (_, entry) = new_key("RX1", &[Role::Checker]);
+        let plain = parse_keys_file(&entry).expect("parses");
+        assert!(plain[0].1.may_claim(LegalBasis::None));
+        assert!(!plain[0].1.may_claim(LegalBasis::Consent));
+        let listed = format!("{entry}exempt_bases = [\"consent\", \"section-251\"]\n");
+        let caller = &parse_keys_file(&listed).expect("parses")[0].1;
+        assert!(caller.may_claim(LegalBasis::Consent) && caller.may_claim(LegalBasis::Section251));
+        assert!(!caller.may_claim(LegalBasis::PublicInterest));
+        let wrong = format!("{entry}exempt_bases = [\"none\"]\n");
+        let e = parse_keys_file(&wrong).expect_err("none is not an exempt basis");
+        assert!(
+            e.to_string().contains("unknown exempt basis \"none\""),
+            "{e}"
+        );
+        assert!(Caller::anonymous().may_claim(LegalBasis::Anonymised));
+    }
+
+    #[test]
     fn keys_file_errors_name_the_entry_and_field() {
         let (_, good) = new_key("RX1", &[Role::Admin]);
         let (_, other) = new_key("RX2", &[Role::Admin]);
@@ -242,6 +288,7 @@ mod tests {
             organisation: "A".into(),
             key_id: "k".into(),
             roles: vec![Role::Admin],
+            bases: Vec::new(),
         };
         assert!(admin.may(Role::Checker) && admin.may(Role::Admin));
     }

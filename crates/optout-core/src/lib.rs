@@ -21,7 +21,7 @@ pub use audit::{
 pub use filter::{FilterError, FilterStats, MIN_CAPACITY, OptOutFilter};
 pub use nhs::{NhsNumber, NhsNumberError, Scheme};
 pub use policy::{
-    Applicable, DataOrigin, Decision, OptOutSet, OptOutType, Purpose, ReleaseReason,
+    Applicable, DataOrigin, Decision, LegalBasis, OptOutSet, OptOutType, Purpose, ReleaseReason,
     WithholdReason, applicable, decide,
 };
 pub use version::{Version, VersionError};

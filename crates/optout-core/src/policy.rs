@@ -108,25 +108,110 @@ pub enum DataOrigin {
     Other,
 }
 
-/// What the policy makes of a purpose and an origin.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Applicable {
-    /// Opt-outs do not apply: every valid number is released.
-    Exempt,
-    /// These types withhold.
-    Types(OptOutSet),
+/// The legal basis an extract for research or planning relies on. The national data opt-out does
+/// not apply under the exempt ones (National Data Opt-out Operational Policy Guidance, "when the
+/// opt-out does not apply"); the type 1 opt-out, an objection recorded at the GP practice, is
+/// lifted by fewer of them (see [`LegalBasis::lifts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LegalBasis {
+    /// None claimed: the opt-outs apply.
+    None,
+    /// The patient's explicit consent to this use.
+    Consent,
+    /// A legal requirement: a statute or a court order.
+    LegalRequirement,
+    /// An overriding public interest.
+    PublicInterest,
+    /// The data is anonymised in line with the ICO code of practice.
+    Anonymised,
+    /// A flow the Confidentiality Advisory Group supported under section 251 and exempted from
+    /// the national data opt-out.
+    Section251,
 }
 
-/// The purpose policy: which opt-out types withhold data for this purpose and origin.
-pub fn applicable(purpose: Purpose, origin: DataOrigin) -> Applicable {
-    match purpose {
-        Purpose::DirectCare => Applicable::Exempt,
-        Purpose::Research | Purpose::Planning => Applicable::Types(match origin {
-            DataOrigin::Unspecified | DataOrigin::GpPractice => {
-                OptOutType::ALL.into_iter().collect()
-            }
-            DataOrigin::Other => [OptOutType::NationalDataOptOut].into_iter().collect(),
-        }),
+impl LegalBasis {
+    /// Every basis that lifts an opt-out.
+    pub const EXEMPT: [LegalBasis; 5] = [
+        LegalBasis::Consent,
+        LegalBasis::LegalRequirement,
+        LegalBasis::PublicInterest,
+        LegalBasis::Anonymised,
+        LegalBasis::Section251,
+    ];
+
+    /// The name used in keys files, the command line and audit records.
+    pub fn name(self) -> &'static str {
+        match self {
+            LegalBasis::None => "none",
+            LegalBasis::Consent => "consent",
+            LegalBasis::LegalRequirement => "legal-requirement",
+            LegalBasis::PublicInterest => "public-interest",
+            LegalBasis::Anonymised => "anonymised",
+            LegalBasis::Section251 => "section-251",
+        }
+    }
+
+    /// The inverse of [`LegalBasis::name`].
+    pub fn parse(name: &str) -> Option<LegalBasis> {
+        [LegalBasis::None]
+            .into_iter()
+            .chain(LegalBasis::EXEMPT)
+            .find(|b| b.name() == name)
+    }
+
+    /// Whether this basis lifts opt-outs of type `t`. The national data opt-out: every exempt
+    /// basis. The type 1 opt-out only for the patient's own consent (it supersedes their general
+    /// objection for this use) and a legal requirement (an objection cannot override a statute
+    /// or a court order); under a public interest, anonymisation or section 251 support, a GP
+    /// practice's type 1 objections still stand. Where guidance leaves room, the narrower reading
+    /// is taken: a wrongly withheld row costs one row, a wrongly released one breaks a choice.
+    pub fn lifts(self, t: OptOutType) -> bool {
+        match (self, t) {
+            (LegalBasis::None, _) => false,
+            (_, OptOutType::NationalDataOptOut) => true,
+            (LegalBasis::Consent | LegalBasis::LegalRequirement, OptOutType::Type1) => true,
+            (_, OptOutType::Type1) => false,
+        }
+    }
+}
+
+/// What the policy makes of a purpose, an origin and a legal basis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applicable {
+    /// No opt-out applies: every valid number is released, for this reason.
+    Exempt(ReleaseReason),
+    /// These types withhold; a number holding none of them is released for this reason.
+    Types(OptOutSet, ReleaseReason),
+}
+
+impl Applicable {
+    /// Why a number that no applicable opt-out withholds is released.
+    pub fn release(self) -> ReleaseReason {
+        match self {
+            Applicable::Exempt(r) | Applicable::Types(_, r) => r,
+        }
+    }
+}
+
+/// The purpose policy: which opt-out types withhold data for this purpose, origin and basis.
+pub fn applicable(purpose: Purpose, origin: DataOrigin, basis: LegalBasis) -> Applicable {
+    if purpose == Purpose::DirectCare {
+        return Applicable::Exempt(ReleaseReason::PurposeExempt);
+    }
+    let by_origin: OptOutSet = match origin {
+        DataOrigin::Unspecified | DataOrigin::GpPractice => OptOutType::ALL.into_iter().collect(),
+        DataOrigin::Other => [OptOutType::NationalDataOptOut].into_iter().collect(),
+    };
+    let types: OptOutSet = by_origin.iter().filter(|t| !basis.lifts(*t)).collect();
+    let release = if basis == LegalBasis::None {
+        ReleaseReason::NoOptOut
+    } else {
+        ReleaseReason::BasisExempt(basis)
+    };
+    if types.is_empty() {
+        Applicable::Exempt(release)
+    } else {
+        Applicable::Types(types, release)
     }
 }
 
@@ -146,6 +231,8 @@ pub enum ReleaseReason {
     NoOptOut,
     /// The purpose is exempt.
     PurposeExempt,
+    /// The extract's legal basis lifts the opt-outs that would otherwise apply.
+    BasisExempt(LegalBasis),
 }
 
 /// Why a number is withheld.
@@ -169,8 +256,8 @@ pub enum WithholdReason {
 /// The decision for a valid number given the opt-outs the store holds for it.
 pub fn decide(applicable: Applicable, held: OptOutSet) -> Decision {
     match applicable {
-        Applicable::Exempt => Decision::Release(ReleaseReason::PurposeExempt),
-        Applicable::Types(types) => {
+        Applicable::Exempt(r) => Decision::Release(r),
+        Applicable::Types(types, release) => {
             match OptOutType::ALL
                 .into_iter()
                 .find(|t| types.contains(*t) && held.contains(*t))
@@ -179,7 +266,7 @@ pub fn decide(applicable: Applicable, held: OptOutSet) -> Decision {
                     Decision::Withhold(WithholdReason::NationalDataOptOut)
                 }
                 Some(OptOutType::Type1) => Decision::Withhold(WithholdReason::Type1OptOut),
-                None => Decision::Release(ReleaseReason::NoOptOut),
+                None => Decision::Release(release),
             }
         }
     }
@@ -201,8 +288,8 @@ mod tests {
             DataOrigin::GpPractice,
             DataOrigin::Other,
         ] {
-            let a = applicable(Purpose::DirectCare, origin);
-            assert_eq!(a, Applicable::Exempt);
+            let a = applicable(Purpose::DirectCare, origin, LegalBasis::None);
+            assert_eq!(a, Applicable::Exempt(ReleaseReason::PurposeExempt));
             assert_eq!(
                 decide(a, set(&[NationalDataOptOut, Type1])),
                 Decision::Release(ReleaseReason::PurposeExempt)
@@ -214,7 +301,7 @@ mod tests {
     fn gp_and_unspecified_origins_apply_both_types() {
         for purpose in [Purpose::Research, Purpose::Planning] {
             for origin in [DataOrigin::GpPractice, DataOrigin::Unspecified] {
-                let a = applicable(purpose, origin);
+                let a = applicable(purpose, origin, LegalBasis::None);
                 assert_eq!(
                     decide(a, set(&[Type1])),
                     Decision::Withhold(WithholdReason::Type1OptOut)
@@ -237,7 +324,7 @@ mod tests {
 
     #[test]
     fn other_origins_apply_only_the_national_opt_out() {
-        let a = applicable(Purpose::Research, DataOrigin::Other);
+        let a = applicable(Purpose::Research, DataOrigin::Other, LegalBasis::None);
         assert_eq!(
             decide(a, set(&[Type1])),
             Decision::Release(ReleaseReason::NoOptOut)
@@ -245,6 +332,52 @@ mod tests {
         assert_eq!(
             decide(a, set(&[NationalDataOptOut, Type1])),
             Decision::Withhold(WithholdReason::NationalDataOptOut)
+        );
+    }
+
+    /// Every basis, origin and pair of opt-outs: the national opt-out is lifted by every exempt
+    /// basis; type 1 only by consent and a legal requirement, and only where it applies at all.
+    #[test]
+    fn the_exemption_matrix() {
+        let held = set(&[NationalDataOptOut, Type1]);
+        for basis in LegalBasis::EXEMPT {
+            assert_eq!(LegalBasis::parse(basis.name()), Some(basis));
+            let exempt = Decision::Release(ReleaseReason::BasisExempt(basis));
+            // Data from outside GP practices: only the national opt-out applied, now lifted.
+            let other = applicable(Purpose::Research, DataOrigin::Other, basis);
+            assert_eq!(decide(other, held), exempt, "{basis:?}");
+            assert_eq!(decide(other, OptOutSet::EMPTY), exempt);
+            for origin in [DataOrigin::GpPractice, DataOrigin::Unspecified] {
+                let a = applicable(Purpose::Planning, origin, basis);
+                let type1_stands = !basis.lifts(Type1);
+                assert_eq!(
+                    decide(a, held),
+                    if type1_stands {
+                        Decision::Withhold(WithholdReason::Type1OptOut)
+                    } else {
+                        exempt
+                    },
+                    "{basis:?} {origin:?}"
+                );
+                assert_eq!(decide(a, set(&[NationalDataOptOut])), exempt);
+            }
+        }
+        assert!(LegalBasis::Consent.lifts(Type1) && LegalBasis::LegalRequirement.lifts(Type1));
+        for b in [
+            LegalBasis::PublicInterest,
+            LegalBasis::Anonymised,
+            LegalBasis::Section251,
+            LegalBasis::None,
+        ] {
+            assert!(!b.lifts(Type1), "{b:?}");
+        }
+        assert!(!LegalBasis::None.lifts(NationalDataOptOut));
+        assert_eq!(LegalBasis::parse("none"), Some(LegalBasis::None));
+        assert_eq!(LegalBasis::parse("Consent"), None);
+        // Direct care stays direct care whatever basis is named.
+        assert_eq!(
+            applicable(Purpose::DirectCare, DataOrigin::Other, LegalBasis::Consent),
+            Applicable::Exempt(ReleaseReason::PurposeExempt)
         );
     }
 

@@ -33,6 +33,12 @@ pub struct CheckRequest {
     /// The caller's reference for the extract, for traceability.
     #[prost(string, tag = "5")]
     pub extract_id: ::prost::alloc::string::String,
+    /// The legal basis claimed (default none: opt-outs apply).
+    #[prost(enumeration = "LegalBasis", tag = "6")]
+    pub legal_basis: i32,
+    /// The basis's reference (a CAG number, a statute, a study), audited with the check.
+    #[prost(string, tag = "7")]
+    pub basis_reference: ::prost::alloc::string::String,
 }
 
 /// The encoded descriptor set, served by the reflection service.
@@ -87,6 +93,22 @@ pub mod convert {
         }
     }
 
+    /// A legal basis from the wire; an unknown value is refused, never read as none.
+    pub fn legal_basis_from_proto(b: i32) -> Result<optout_core::LegalBasis, Status> {
+        use optout_core::LegalBasis;
+        match crate::LegalBasis::try_from(b) {
+            Ok(crate::LegalBasis::None) => Ok(LegalBasis::None),
+            Ok(crate::LegalBasis::Consent) => Ok(LegalBasis::Consent),
+            Ok(crate::LegalBasis::LegalRequirement) => Ok(LegalBasis::LegalRequirement),
+            Ok(crate::LegalBasis::PublicInterest) => Ok(LegalBasis::PublicInterest),
+            Ok(crate::LegalBasis::Anonymised) => Ok(LegalBasis::Anonymised),
+            Ok(crate::LegalBasis::Section251) => Ok(LegalBasis::Section251),
+            Err(_) => Err(Status::invalid_argument(format!(
+                "legal_basis {b} is not a known LegalBasis"
+            ))),
+        }
+    }
+
     /// An opt-out type on the wire.
     pub fn opt_out_type_to_proto(t: optout_core::OptOutType) -> crate::OptOutType {
         match t {
@@ -104,6 +126,18 @@ pub mod convert {
             Decision::Release(ReleaseReason::PurposeExempt) => {
                 (Outcome::Release, Reason::PurposeExempt)
             }
+            Decision::Release(ReleaseReason::BasisExempt(b)) => (
+                Outcome::Release,
+                match b {
+                    optout_core::LegalBasis::Consent => Reason::ExemptConsent,
+                    optout_core::LegalBasis::LegalRequirement => Reason::ExemptLegalRequirement,
+                    optout_core::LegalBasis::PublicInterest => Reason::ExemptPublicInterest,
+                    optout_core::LegalBasis::Anonymised => Reason::ExemptAnonymised,
+                    optout_core::LegalBasis::Section251 => Reason::ExemptSection251,
+                    // `applicable` never gives BasisExempt(None); answer as for no opt-out.
+                    optout_core::LegalBasis::None => Reason::NoOptOut,
+                },
+            ),
             Decision::Withhold(WithholdReason::NationalDataOptOut) => {
                 (Outcome::Withhold, Reason::NationalDataOptOut)
             }
