@@ -15,19 +15,7 @@ COUNT="${COUNT:-500000}"
 SECONDS_EACH="${SECONDS_EACH:-60}"
 REDIS_PORT="${REDIS_PORT:-6398}"
 SERVICE="127.0.0.1:${SERVICE_PORT:-50261}"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-cargo build --release --locked -p optout --bin optout >/dev/null
-cargo build --release --locked -p optout-loadtest --bin optout-loadtest >/dev/null
-bin=target/release
-command -v redis-server >/dev/null || { echo "redis-server is missing: bash scripts/test.sh installs it" >&2; exit 1; }
+source scripts/bench-lib.sh
 "$bin/optout" keys audit-key >"$work/audit.key" 2>/dev/null
 
 mem() { redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r'; }

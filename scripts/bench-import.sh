@@ -15,19 +15,7 @@ COUNT="${COUNT:-5000000}"
 REDIS_PORT="${REDIS_PORT:-6398}"
 A="127.0.0.1:${A_PORT:-50261}"
 B="127.0.0.1:${B_PORT:-50262}"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-cargo build --release --locked -p optout --bin optout >/dev/null
-cargo build --release --locked -p optout-loadtest --bin optout-loadtest >/dev/null
-bin=target/release
-command -v redis-server >/dev/null || { echo "redis-server is missing: bash scripts/test.sh installs it" >&2; exit 1; }
+source scripts/bench-lib.sh
 "$bin/optout" keys audit-key >"$work/audit.key"
 
 rss() { awk '/^VmRSS:/ {print int($2 / 1024)}' "/proc/$1/status" 2>/dev/null || echo 0; }

@@ -144,6 +144,23 @@ async fn filter_stops_at_a_malformed_row_and_leaves_no_partial_output() {
     server.stop().await;
 }
 
+/// `optout admin import --type national --mode merge` of a file, with extra arguments.
+async fn merge_national(server: &TestServer, file: &std::path::Path, extra: &[&str]) -> Output {
+    let mut a = args(&[
+        "admin",
+        "--server",
+        &server.url,
+        "import",
+        "--type",
+        "national",
+        "--mode",
+        "merge",
+    ]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a.push(file.to_str().expect("utf8").to_string());
+    optout(a).await
+}
+
 /// `optout filter` on a file, with extra arguments: (success, stdout, stderr).
 async fn filter_file(
     server: &TestServer,
@@ -239,20 +256,7 @@ async fn the_national_dat_format_round_trips_with_its_line_endings() {
     // n[1] opts out, imported from a .dat file.
     let opted = dir.path().join("opted.dat");
     std::fs::write(&opted, format!("{},\r\n", n[1])).expect("write");
-    let out = optout(args(&[
-        "admin",
-        "--server",
-        &server.url,
-        "import",
-        "--type",
-        "national",
-        "--mode",
-        "merge",
-        "--format",
-        "dat",
-        opted.to_str().expect("utf8"),
-    ]))
-    .await;
+    let out = merge_national(&server, &opted, &["--format", "dat"]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     for eol in ["\n", "\r\n"] {
@@ -310,18 +314,7 @@ async fn admin_import_then_check_get_and_status() {
     let n = valid_numbers(4_000_000_000, 3);
     let file = dir.path().join("national.txt");
     std::fs::write(&file, format!("{}\n\n987 654 4321\n{}\n", n[0], n[1])).expect("write");
-    let out = optout(args(&[
-        "admin",
-        "--server",
-        &server.url,
-        "import",
-        "--type",
-        "national",
-        "--mode",
-        "merge",
-        file.to_str().expect("utf8"),
-    ]))
-    .await;
+    let out = merge_national(&server, &file, &[]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(

@@ -22,7 +22,7 @@ use optout::{
     engine::sealer,
     server::ServerConfig,
     store::{
-        ChangeKind, ConsentStore, Feed, ImportMode, LOG_LIST_MAX, StoreError, Stored,
+        ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, LOG_LIST_MAX, StoreError, Stored,
         embedded::{EmbeddedConfig, EmbeddedStore},
         redis::{RedisConfig, RedisStore},
     },
@@ -345,13 +345,7 @@ async fn imports(b: &dyn Backend) {
     let e = OptOutSet::EMPTY;
     assert_eq!(found.held, vec![n, e, e, n, n]);
     assert_eq!(s.status().await.expect("status").national, 3);
-    let Feed::Changes(tail) = s
-        .changes_after(Version::ZERO, 100, Duration::ZERO)
-        .await
-        .expect("feed")
-    else {
-        panic!("feed");
-    };
+    let tail = whole_log(s).await;
     let last = tail.last().expect("the import is in the log");
     assert_eq!(last.version, o.version);
     assert_eq!(last.added, vec![new[1]]);
@@ -396,13 +390,7 @@ async fn imports(b: &dyn Backend) {
         .await
         .expect("big merge");
     assert_eq!(o.added, many.len() as u64);
-    let Feed::Changes(tail) = s
-        .changes_after(Version::ZERO, 100, Duration::ZERO)
-        .await
-        .expect("feed")
-    else {
-        panic!("feed");
-    };
+    let tail = whole_log(s).await;
     let entry = tail.last().expect("the big import is in the log");
     assert_eq!(entry.version, o.version);
     assert!(entry.unlisted && entry.added.is_empty(), "{entry:?}");
@@ -445,6 +433,14 @@ async fn imports(b: &dyn Backend) {
         "{refused:?}"
     );
     assert_eq!(s.status().await.expect("status").national, 3);
+}
+
+/// The whole change log, oldest first.
+async fn whole_log(s: &dyn ConsentStore) -> Vec<ChangeEntry> {
+    match s.changes_after(Version::ZERO, 100, Duration::ZERO).await {
+        Ok(Feed::Changes(entries)) => entries,
+        other => panic!("the whole log is there, got {other:?}"),
+    }
 }
 
 /// A scan holds every opted-out number, at a version the feed can be replayed from.

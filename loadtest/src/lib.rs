@@ -265,6 +265,10 @@ pub struct Report {
 struct Shared {
     population: Population,
     workload: Workload,
+    /// Requests drawn and encoded once, before the run, and sent in turn: the client then spends
+    /// its CPU on sending and receiving, not on drawing and formatting numbers, so the floor the
+    /// echo server measures is the transport's, not the harness's.
+    pool: Vec<Pooled>,
     stop: AtomicBool,
     measuring: AtomicBool,
     sent: AtomicU64,
@@ -312,9 +316,15 @@ pub async fn run(
             ),
         });
     }
+    let pool = if workload.mode == Mode::Stream {
+        Vec::new()
+    } else {
+        make_pool(population, workload)
+    };
     let shared = Arc::new(Shared {
         population: population.clone(),
         workload: workload.clone(),
+        pool,
         stop: AtomicBool::new(false),
         measuring: AtomicBool::new(workload.warmup.is_zero()),
         sent: AtomicU64::new(0),
@@ -389,6 +399,60 @@ pub async fn run(
     })
 }
 
+/// One request of the pool: its numbers, the positions of the planted (opted-out) ones, and the
+/// request itself.
+struct Pooled {
+    numbers: Vec<optout_core::NhsNumber>,
+    planted: Vec<usize>,
+    req: CheckRequest,
+}
+
+/// Requests in the pool: a million distinct numbers at 1,000 a request (so the server's filter
+/// and store see realistic spread, not a handful of numbers in cache), capped at 4,096 requests.
+fn pool_size(per_request: usize) -> usize {
+    (1_000_000 / per_request.max(1)).clamp(64, 4096)
+}
+
+fn make_pool(population: &Population, workload: &Workload) -> Vec<Pooled> {
+    let per_request = if workload.mode == Mode::Single {
+        1
+    } else {
+        workload.batch
+    };
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(0x0F_F1CE);
+    (0..pool_size(per_request))
+        .map(|_| {
+            let (numbers, req) =
+                draw_request(population, &mut rng, per_request, workload.opted_share);
+            let planted = numbers
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| population.is_planted(**n))
+                .map(|(i, _)| i)
+                .collect();
+            Pooled {
+                numbers,
+                planted,
+                req,
+            }
+        })
+        .collect()
+}
+
+/// A Check request of `count` numbers drawn as the harness draws them, framed for gRPC (a zero
+/// byte, the length, the message): a body for an independent client such as h2load.
+pub fn framed_check(population: &Population, count: usize, opted_share: f64) -> Vec<u8> {
+    use prost::Message;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(0x0F_F1CE);
+    let (_, req) = draw_request(population, &mut rng, count, opted_share);
+    let body = req.encode_to_vec();
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(0);
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
 /// `count` numbers of the traffic and the Check request carrying them.
 fn draw_request(
     population: &Population,
@@ -424,7 +488,6 @@ async fn worker(
     mut hist: Histogram<u64>,
 ) -> (Histogram<u64>, Tally) {
     let mut tally = Tally::default();
-    let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
     let rate = shared.workload.rate;
     if shared.workload.mode == Mode::Stream {
         if let Conn::Grpc(client) = &mut conn {
@@ -443,36 +506,43 @@ async fn worker(
         } else {
             Instant::now()
         };
-        let count = if shared.workload.mode == Mode::Single {
-            1
-        } else {
-            shared.workload.batch
-        };
-        let (numbers, req) = draw_request(
-            &shared.population,
-            &mut rng,
-            count,
-            shared.workload.opted_share,
-        );
-        let answers: Result<Vec<bool>, String> = match &mut conn {
-            Conn::Grpc(client) => match client.check(req).await {
-                Ok(r) => Ok(r
-                    .into_inner()
-                    .decisions
-                    .iter()
-                    .map(|d| d.outcome == Outcome::Release as i32)
-                    .collect()),
+        let pooled = &shared.pool[usize::try_from(k).unwrap_or(0) % shared.pool.len()];
+        // Released or not, for each planted number (the only answers a leak can be in).
+        let answers: Result<(usize, Vec<bool>), String> = match &mut conn {
+            Conn::Grpc(client) => match client.check(pooled.req.clone()).await {
+                Ok(r) => {
+                    let decisions = r.into_inner().decisions;
+                    Ok((
+                        decisions.len(),
+                        pooled
+                            .planted
+                            .iter()
+                            .map(|i| {
+                                decisions
+                                    .get(*i)
+                                    .is_some_and(|d| d.outcome == Outcome::Release as i32)
+                            })
+                            .collect(),
+                    ))
+                }
                 Err(s) => Err(format!("{:?}", s.code())),
             },
-            Conn::Redis(c, key) => redis_check(c, key, &numbers).await,
+            Conn::Redis(c, key) => redis_check(c, key, &pooled.numbers)
+                .await
+                .map(|all| (all.len(), pooled.planted.iter().map(|i| all[*i]).collect())),
         };
         let elapsed = intended.elapsed();
         if !shared.measuring.load(Ordering::Relaxed) {
             continue;
         }
         match answers {
-            Ok(released) => {
-                record(&shared, &numbers, &released, &mut tally);
+            Ok((answered, planted_released)) => {
+                record(
+                    pooled.numbers.len(),
+                    answered,
+                    &planted_released,
+                    &mut tally,
+                );
                 let _ = hist.record(
                     u64::try_from(elapsed.as_micros())
                         .unwrap_or(u64::MAX)
@@ -485,23 +555,14 @@ async fn worker(
     (hist, tally)
 }
 
-fn record(
-    shared: &Shared,
-    numbers: &[optout_core::NhsNumber],
-    released: &[bool],
-    tally: &mut Tally,
-) {
+/// Counts one answered request of `sent` numbers, `answered` decisions, and whether each planted
+/// number in it was released (a leak).
+fn record(sent: usize, answered: usize, planted_released: &[bool], tally: &mut Tally) {
     tally.requests += 1;
-    tally.numbers += numbers.len() as u64;
-    for (n, r) in numbers.iter().zip(released) {
-        if shared.population.is_planted(*n) {
-            tally.planted_seen += 1;
-            if *r {
-                tally.leaks += 1;
-            }
-        }
-    }
-    if released.len() != numbers.len() {
+    tally.numbers += sent as u64;
+    tally.planted_seen += planted_released.len() as u64;
+    tally.leaks += planted_released.iter().filter(|r| **r).count() as u64;
+    if answered != sent {
         *tally.errors.entry("short-answer".into()).or_default() += 1;
     }
 }
@@ -586,12 +647,13 @@ async fn stream_worker(
                     break;
                 };
                 if shared.measuring.load(Ordering::Relaxed) {
-                    let released: Vec<bool> = r
-                        .decisions
+                    let planted_released: Vec<bool> = numbers
                         .iter()
-                        .map(|d| d.outcome == Outcome::Release as i32)
+                        .zip(&r.decisions)
+                        .filter(|(n, _)| shared.population.is_planted(**n))
+                        .map(|(_, d)| d.outcome == Outcome::Release as i32)
                         .collect();
-                    record(shared, &numbers, &released, tally);
+                    record(numbers.len(), r.decisions.len(), &planted_released, tally);
                     let _ = hist.record(
                         u64::try_from(at.elapsed().as_micros())
                             .unwrap_or(u64::MAX)

@@ -46,6 +46,21 @@ enum Command {
     },
     /// Run a workload and report (and, with --baseline redis, the same workload against Redis).
     Run(RunArgs),
+    /// Write a gRPC-framed Check request (a zero byte, the length, the message) for an independent
+    /// client: `h2load -d FILE` posts it (scripts/h2load.sh).
+    Frame {
+        #[command(flatten)]
+        population: PopulationArgs,
+        /// Numbers in the request.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Share of planted (opted-out) numbers.
+        #[arg(long, default_value_t = 0.05)]
+        opted_share: f64,
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Serve the OptOutCheck API doing no work, to measure the transport floor.
     EchoServer {
         /// Loopback address to listen on.
@@ -123,6 +138,18 @@ async fn main() -> ExitCode {
 
 async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
     match Cli::parse().command {
+        Command::Frame {
+            population,
+            batch,
+            opted_share,
+            out,
+        } => {
+            let pop = Population::new(population.seed, population.count);
+            let body = optout_loadtest::framed_check(&pop, batch, opted_share);
+            std::fs::write(&out, &body)
+                .map_err(|e| optout_loadtest::Error::Usage(format!("{}: {e}", out.display())))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Seed {
             population,
             server,

@@ -1,0 +1,29 @@
+# Shared by the bench scripts (sourced, not run): a scratch directory and the processes started,
+# both cleaned up on exit; the release binaries built; redis-server required.
+#
+#   source "$(dirname "$0")/bench-lib.sh"   # then: "$bin/optout", "$work", pids+=($!)
+
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build --release --locked -p optout --bin optout >/dev/null
+cargo build --release --locked -p optout-loadtest --bin optout-loadtest >/dev/null
+bin=target/release
+command -v redis-server >/dev/null || {
+    echo "redis-server is missing: bash scripts/test.sh installs it" >&2
+    exit 1
+}
+
+# Requests per second an independent client (h2load, Debian's nghttp2-client) gets posting one
+# pre-framed Check request (written by `optout-loadtest frame`) as fast as the server answers.
+h2load_rps() { # address body requests connections streams-per-connection
+    h2load -n "$3" -c "$4" -m "$5" -H 'content-type: application/grpc' -H 'te: trailers' \
+        -d "$2" "http://$1/optout.v1.OptOutCheck/Check" 2>&1 \
+        | awk '/^finished in/ {for (i = 1; i <= NF; i++) if ($(i) ~ /req\/s/) {gsub(",", "", $(i-1)); print $(i-1)}}'
+}
