@@ -82,6 +82,11 @@ half_single=$(awk -v r="$peak_single" 'BEGIN {printf "%.0f", r/2}')
         --rate "$half_batch"
     run service "http://$SERVICE" --mode single --concurrency 128 --connections 4 \
         --rate "$half_single"
+    # The echo server at the same rates: its p99 is the transport's at that load.
+    run echo "http://$ECHO" --mode batch --batch 1000 --concurrency 64 --connections 4 \
+        --rate "$half_batch" --no-leak-check
+    run echo "http://$ECHO" --mode single --concurrency 128 --connections 4 \
+        --rate "$half_single" --no-leak-check
     # CheckStream: 10 million numbers (1,000 messages of 10,000) end to end, no warm-up.
     DURATION=120 run service "http://$SERVICE" --mode stream --batch 10000 --concurrency 1 \
         --connections 1 --count-requests 1000 --warmup 0
@@ -105,6 +110,36 @@ fi
 
 rss_kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$service_pid/status")
 status=$("$bin/optout" admin --server "http://$SERVICE" status)
+
+# The targets of issue 15, from the lines above: (label, target, measured, met).
+field() { # line-pattern word-before-which → the value before that word in the first matching line
+    grep -E "$1" "$results" | head -1 | awk -v w="$2" '{for (i = 2; i <= NF; i++) if ($(i) == w) {print $(i-1); exit}}'
+}
+nps() { field "$1" "numbers/s"; }
+p99() { grep -E "$1" "$results" | head -1 | awk '{for (i = 1; i <= NF; i++) if ($(i) == "p99") {print $(i+1); exit}}'; }
+targets=$(
+    sb=$(nps '^service +batch +batch +1000 conc +16'); eb=$(nps '^echo +batch +batch +1000 conc +16')
+    ss=$(nps '^service +single batch +1 conc +64'); es=$(nps '^echo +single batch +1 conc +64')
+    st=$(nps '^service +stream')
+    sbp=$(p99 '^service +batch .*rate'); ebp=$(p99 '^echo +batch .*rate')
+    ssp=$(p99 '^service +single .*rate'); esp=$(p99 '^echo +single .*rate')
+    seed_rate=$(grep -o '([0-9]*/s)' <<<"$seed_out" | tr -dc '0-9')
+    bits=$(awk '/^filter:/ {for (i = 1; i <= NF; i++) if ($(i) == "bits,") print $(i-1)}' <<<"$status")
+    awk -v sb="$sb" -v eb="$eb" -v ss="$ss" -v es="$es" -v st="$st" -v rss="$((rss_kb / 1024))" \
+        -v seed="$seed_rate" -v bits="$bits" -v n="$COUNT" -v sbp="$sbp" -v ebp="$ebp" \
+        -v ssp="$ssp" -v esp="$esp" 'function row(what, target, got, met) {
+            printf "| %s | %s | %s | %s |\n", what, target, got, met < 0 ? "reported" : met ? "yes" : "no" }
+        BEGIN {
+        row("Check of 1,000 numbers / echo floor (harness)", ">= 0.70", sprintf("%.2f", sb / eb), sb / eb >= 0.7);
+        row("Check of 1 number / echo floor (harness)", ">= 0.90", sprintf("%.2f", ss / es), ss / es >= 0.9);
+        row("CheckStream, 10 M numbers", "< 3 s", sprintf("%.2f s", 1e7 / st), 1e7 / st < 3);
+        row("RSS, the replica that seeded and ran every workload", "< 64 MiB", rss " MiB", rss < 64);
+        row("Seeding through ImportOptOuts", ">= 300,000/s", seed "/s", seed >= 300000);
+        row("Filter bits per opt-out", "<= 16", sprintf("%.2f", bits / n), bits / n <= 16);
+        row("p99 at half the peak, batch: service / echo", "(ratio)", sprintf("%s / %s us", sbp, ebp), -1);
+        row("p99 at half the peak, single: service / echo", "(ratio)", sprintf("%s / %s us", ssp, esp), -1);
+    }'
+)
 redis_mem=$(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r')
 
 # A second replica: time to SERVING from the snapshot the first one published.
@@ -132,6 +167,16 @@ second_rss_loaded_run=$(awk '/^VmRSS:/ {print $2}' "/proc/$second_pid/status")
     echo "$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), client and"
     echo "server sharing the machine; Redis $(redis-server --version | awk '{print $3}' | cut -d= -f2),"
     echo "$COUNT opt-outs, 5% opted-out traffic, $SECONDS_EACH s per workload after 2 s warm-up."
+    echo
+    echo "## Targets"
+    echo
+    echo "| what | target | measured | met |"
+    echo "|---|---|---|---|"
+    echo "$targets"
+    echo
+    echo "The filter's measured false-positive rate (numbers never inserted) is measured by"
+    echo "\`cargo bench --bench filter_choice\` (README, \"Which bloom filter\"); the status below gives the"
+    echo "estimate from its fill."
     echo
     echo "## Seeding"
     echo
