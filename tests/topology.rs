@@ -405,7 +405,9 @@ async fn a_cluster_master_that_comes_back_empty_fails_closed() {
     assert_eq!(answers.len(), opted.len());
     assert!(answers.iter().all(|(o, _)| *o == Outcome::Withhold));
     let (checks, _) = load.finish().await;
-    assert!(checks > 5, "checks kept coming: {checks}");
+    // Kept coming: each check waits at most its 1 s deadline for the emptied shard, over the
+    // 2 s and more above. (It was `> 5`, which the whole suite running alongside once made 5.)
+    assert!(checks >= 3, "checks kept coming: {checks}");
     Arc::try_unwrap(server)
         .ok()
         .expect("sole owner")
