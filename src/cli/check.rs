@@ -46,6 +46,7 @@ pub(crate) async fn run(args: CheckArgs) -> Result<ExitCode, CliError> {
     let mut client = OptOutCheckClient::with_interceptor(channel, bearer);
     let mut stdout = std::io::stdout().lock();
     let write_err = |e: std::io::Error| CliError::Output(format!("stdout: {e}"));
+    let (legal_basis, basis_reference) = args.basis.fields();
     for chunk in numbers.chunks(CHUNK) {
         let mut request = tonic::Request::new(CheckRequest {
             nhs_numbers: chunk.iter().cloned().map(Bytes::from).collect(),
@@ -53,8 +54,8 @@ pub(crate) async fn run(args: CheckArgs) -> Result<ExitCode, CliError> {
             origin: proto::DataOrigin::from(args.origin) as i32,
             at_least_version: args.at_least_version.clone().unwrap_or_default(),
             extract_id: args.extract_id.clone(),
-            legal_basis: args.basis.fields().0,
-            basis_reference: args.basis.fields().1,
+            legal_basis,
+            basis_reference: basis_reference.clone(),
         });
         request.set_timeout(args.client.timeout());
         let response = client.check(request).await?.into_inner();

@@ -76,31 +76,23 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
     if args.batch == 0 {
         return Err(CliError::Usage("--batch must be at least 1".into()));
     }
-    let input = open_input(args.input.as_deref())?;
-    let delimiter = args.delimiter.byte();
-    let (source, header) = match args.format {
-        FormatArg::Csv => {
-            let (reader, header, column) =
-                open_csv(input, &args.column, delimiter).map_err(CliError::Input)?;
-            (Source::Csv(reader, column), Some(header))
-        }
-        FormatArg::Dat => (Source::Dat(std::io::BufReader::new(input)), None),
-    };
-    let mut output = Output::open(args.output.as_ref(), args.format, delimiter)?;
+    let (source, header) = open_source(&args)?;
+    let mut output = Output::open(args.output.as_ref(), args.format, args.delimiter.byte())?;
     if let Some(header) = &header {
         output.write(header)?;
     }
 
     let (req_tx, req_rx) = mpsc::channel::<CheckRequest>(4);
     let (rows_tx, mut rows_rx) = mpsc::channel::<Result<Rows, String>>(64);
+    let (legal_basis, basis_reference) = args.basis.fields();
     let template = CheckRequest {
         nhs_numbers: Vec::new(),
         purpose: proto::Purpose::from(args.purpose) as i32,
         origin: proto::DataOrigin::from(args.origin) as i32,
         at_least_version: String::new(),
         extract_id: args.extract_id.clone(),
-        legal_basis: args.basis.fields().0,
-        basis_reference: args.basis.fields().1,
+        legal_basis,
+        basis_reference,
     };
     let batch = args.batch;
     let reader_task =
@@ -115,9 +107,7 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         .check_stream(ReceiverStream::new(req_rx))
         .await?
         .into_inner();
-    let mut released = 0u64;
-    let mut withheld: BTreeMap<i32, u64> = BTreeMap::new();
-    let mut invalid_lines: Vec<u64> = Vec::new();
+    let mut answered = Answered::default();
     while let Some(response) = responses.message().await? {
         let rows = match rows_rx.recv().await {
             Some(Ok(rows)) => rows,
@@ -128,24 +118,7 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
                 ));
             }
         };
-        if rows.len() != response.decisions.len() {
-            return Err(CliError::Rpc(format!(
-                "the service answered {} decisions for {} rows",
-                response.decisions.len(),
-                rows.len()
-            )));
-        }
-        for (row, d) in rows.iter().zip(&response.decisions) {
-            if d.outcome == proto::Outcome::Release as i32 {
-                output.write(row)?;
-                released += 1;
-            } else {
-                *withheld.entry(d.reason).or_default() += 1;
-                if d.reason == proto::Reason::InvalidNhsNumber as i32 {
-                    invalid_lines.push(line_of(row));
-                }
-            }
-        }
+        answered.take(&rows, &response.decisions, &mut output)?;
         bar.inc(rows.len() as u64);
     }
     bar.finish_and_clear();
@@ -158,23 +131,74 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         Ok(Err(e)) => return Err(CliError::Input(e)),
         Err(e) => return Err(CliError::Input(format!("reader task failed: {e}"))),
     }
-    if args.strict && !invalid_lines.is_empty() {
+    if args.strict && !answered.invalid_lines.is_empty() {
         // The temporary output is dropped unrenamed: nothing is written.
         return Err(CliError::Input(format!(
             "The file contains one or more invalid NHS Numbers (--strict): {}; no output written",
-            lines_text(&invalid_lines)
+            lines_text(&answered.invalid_lines)
         )));
     }
     output.finish()?;
 
-    eprintln!("{}", summary(released, &withheld));
-    if !invalid_lines.is_empty() {
+    eprintln!("{}", summary(answered.released, &answered.withheld));
+    if !answered.invalid_lines.is_empty() {
         eprintln!(
             "invalid NHS numbers withheld: {}",
-            lines_text(&invalid_lines)
+            lines_text(&answered.invalid_lines)
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The extract's rows, and a CSV's header (written back first).
+fn open_source(args: &FilterArgs) -> Result<(Source, Option<csv::ByteRecord>), CliError> {
+    let input = open_input(args.input.as_deref())?;
+    Ok(match args.format {
+        FormatArg::Csv => {
+            let (reader, header, column) =
+                open_csv(input, &args.column, args.delimiter.byte()).map_err(CliError::Input)?;
+            (Source::Csv(reader, column), Some(header))
+        }
+        FormatArg::Dat => (Source::Dat(std::io::BufReader::new(input)), None),
+    })
+}
+
+/// What came back so far: rows released, withheld by reason, and the lines of invalid numbers.
+#[derive(Default)]
+struct Answered {
+    released: u64,
+    withheld: BTreeMap<i32, u64>,
+    invalid_lines: Vec<u64>,
+}
+
+impl Answered {
+    /// Writes the released rows of one answered chunk and counts the rest.
+    fn take(
+        &mut self,
+        rows: &Rows,
+        decisions: &[proto::Decision],
+        output: &mut Output,
+    ) -> Result<(), CliError> {
+        if rows.len() != decisions.len() {
+            return Err(CliError::Rpc(format!(
+                "the service answered {} decisions for {} rows",
+                decisions.len(),
+                rows.len()
+            )));
+        }
+        for (row, d) in rows.iter().zip(decisions) {
+            if d.outcome == proto::Outcome::Release as i32 {
+                output.write(row)?;
+                self.released += 1;
+            } else {
+                *self.withheld.entry(d.reason).or_default() += 1;
+                if d.reason == proto::Reason::InvalidNhsNumber as i32 {
+                    self.invalid_lines.push(line_of(row));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// "line 3", "lines 3, 17 and 40 more": the first twenty.

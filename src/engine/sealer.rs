@@ -48,20 +48,14 @@ async fn next_records(
     store: &dyn ConsentStore,
     upto: Option<String>,
 ) -> Result<Vec<(String, String)>, StoreError> {
+    let mut records = Pages::new(Stored::Records, upto, SEAL_PAGE);
     let mut out = Vec::new();
-    let mut after = upto;
     while out.len() < SEAL_MAX_RECORDS {
-        let page = store
-            .stored(Stored::Records, after.as_deref(), SEAL_PAGE)
-            .await?;
-        let full = page.len() == SEAL_PAGE;
-        for r in page {
-            out.push((r.id.clone(), record_hash(&r.bytes)));
-            after = Some(r.id);
-        }
-        if !full {
+        let Some(r) = records.next(store).await? else {
             break;
-        }
+        };
+        let hash = record_hash(&r.bytes);
+        out.push((r.id, hash));
     }
     Ok(out)
 }
@@ -80,7 +74,7 @@ pub async fn seal_pending(store: &dyn ConsentStore, key: &AuditKey) -> Result<u6
             .map_err(|e| StoreError::Corrupt(format!("a seal cannot be written: {e}").into()))?;
         if store.append_seal(head.seq, &line).await? {
             sealed += seal.records.len() as u64;
-            let link: String = next.hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+            let link = trail::hex(&next.hash[..8]);
             // The log line is an anchor outside the store: a trail cut back past it shows.
             tracing::info!(
                 seal = next.seq,
@@ -112,8 +106,8 @@ pub async fn verify(
     key: &AuditKey,
 ) -> Result<Result<ChangesReport, ChangesError>, StoreError> {
     let mut v = Verifier::new(key);
-    let mut seals = Pages::new(Stored::Seals);
-    let mut records = Pages::new(Stored::Records);
+    let mut seals = Pages::new(Stored::Seals, None, PAGE);
+    let mut records = Pages::new(Stored::Records, None, PAGE);
     while let Some(r) = records.next(store).await? {
         let order = id_order(&r.id).unwrap_or((u64::MAX, u64::MAX));
         while v.wants_seal(order) {
@@ -138,20 +132,22 @@ pub async fn verify(
     Ok(v.finish())
 }
 
-/// One part of the changes trail read a page at a time.
+/// One part of the changes trail read a page at a time, after an id.
 struct Pages {
     part: Stored,
+    size: usize,
     page: std::vec::IntoIter<StoredEntry>,
     after: Option<String>,
     done: bool,
 }
 
 impl Pages {
-    fn new(part: Stored) -> Self {
+    fn new(part: Stored, after: Option<String>, size: usize) -> Self {
         Pages {
             part,
+            size,
             page: Vec::new().into_iter(),
-            after: None,
+            after,
             done: false,
         }
     }
@@ -163,8 +159,10 @@ impl Pages {
         if self.done {
             return Ok(None);
         }
-        let page = store.stored(self.part, self.after.as_deref(), PAGE).await?;
-        self.done = page.len() < PAGE;
+        let page = store
+            .stored(self.part, self.after.as_deref(), self.size)
+            .await?;
+        self.done = page.len() < self.size;
         self.after = page.last().map(|e| e.id.clone()).or(self.after.take());
         self.page = page.into_iter();
         Ok(self.page.next())

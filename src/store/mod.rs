@@ -484,7 +484,7 @@ impl ImportTally {
 pub(crate) fn random_hex<const N: usize>() -> String {
     let mut b = [0u8; N];
     rand::fill(&mut b);
-    b.iter().map(|b| format!("{b:02x}")).collect()
+    crate::core::trail::hex(&b)
 }
 
 /// Wall-clock time in ms since the Unix epoch.

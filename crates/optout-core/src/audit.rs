@@ -147,7 +147,7 @@ impl AuditKey {
 
     /// A short public id of the key (8 hex digits), to tell keys apart when one is rotated.
     pub fn id(&self) -> String {
-        self.id.iter().map(|b| format!("{b:02x}")).collect()
+        crate::trail::hex(&self.id)
     }
 
     fn block(n: NhsNumber) -> Block {

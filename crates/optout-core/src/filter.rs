@@ -259,11 +259,7 @@ impl OptOutFilter {
             body.get(start..start + len)
                 .ok_or(FilterError::Snapshot("header"))
         };
-        let word = |i: usize| -> Result<u64, FilterError> {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(bytes_at(5 + 8 * i, 8)?);
-            Ok(u64::from_le_bytes(w))
-        };
+        let word = |i: usize| bytes_at(5 + 8 * i, 8).map(word_at);
         let items = word(0)?;
         let capacity = word(1)?;
         let target_fp_rate = f64::from_bits(word(2)?);

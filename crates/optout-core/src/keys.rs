@@ -228,14 +228,14 @@ pub fn hash_key(key: &str) -> [u8; 32] {
 pub fn new_key(organisation: &str, roles: &[Role]) -> (String, String) {
     let mut id = [0u8; 6];
     rand::fill(&mut id);
-    let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let id = crate::trail::hex(&id);
     let mut secret = [0u8; 32];
     rand::fill(&mut secret);
     let key = format!(
         "oo_{id}_{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
     );
-    let hash: String = hash_key(&key).iter().map(|b| format!("{b:02x}")).collect();
+    let hash = crate::trail::hex(&hash_key(&key));
     let roles: Vec<String> = roles.iter().map(|r| format!("{:?}", r.name())).collect();
     let entry = format!(
         "[[key]]\nid = \"{id}\"\norganisation = \"{organisation}\"\nroles = [{}]\nhash = \"sha256:{hash}\"\n",

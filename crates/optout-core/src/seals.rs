@@ -44,10 +44,7 @@ pub const SEAL_MAX_RECORDS: usize = 1000;
 /// The hash of a record's stored bytes: hex of the first 16 bytes of SHA-256 (the seal's MAC
 /// makes it binding).
 pub fn record_hash(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    trail::hex(&Sha256::digest(bytes)[..16])
 }
 
 /// A record id of either store (`<ms>-<seq>`), as a sortable pair; `None` if it is not one.

@@ -46,7 +46,8 @@ pub struct TrailError {
     pub problem: String,
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of bytes (hashes, MACs, key ids).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -202,27 +202,7 @@ impl RedisImport {
         key: &AuditKey,
     ) -> Result<(ImportOutcome, u64), StoreError> {
         let store = &self.store;
-        // In a cluster a change runs in steps: an import waits until none of its type is under
-        // way (none can start while the lock is held), so none lands in the replaced generation.
-        let (current, other_gen, in_flight): (Option<u64>, Option<u64>, Option<i64>) =
-            redis::pipe()
-                .get(store.key(&format!("gen:{t}")))
-                .get(store.key(&format!("gen:{other}")))
-                .hget(store.key("intents_of"), t)
-                .query_async(conn)
-                .await
-                .map_err(store_error)?;
-        if in_flight.unwrap_or(0) > 0 {
-            return Err(StoreError::Unavailable(
-                "a change of this opt-out type is under way (or being finished after a crash); \
-                 retry the import in a few seconds"
-                    .into(),
-            ));
-        }
-        let (current, other_gen) = (
-            current.unwrap_or(0).to_string(),
-            other_gen.unwrap_or(0).to_string(),
-        );
+        let (current, other_gen) = self.generations(conn, t, other).await?;
         let staged_gen = self.generation.to_string();
         let mut diff = Diff::default();
         // The parts (digests of what the import adds and removes) go to the changes trail as they
@@ -278,6 +258,37 @@ impl RedisImport {
                 version,
             },
             old_generation,
+        ))
+    }
+
+    /// The current generations of this type and the other. In a cluster a change runs in steps:
+    /// an import waits until none of its type is under way (none can start while the lock is
+    /// held), so none lands in the replaced generation.
+    async fn generations(
+        &self,
+        conn: &mut Conn,
+        t: &str,
+        other: &str,
+    ) -> Result<(String, String), StoreError> {
+        let store = &self.store;
+        let (current, other_gen, in_flight): (Option<u64>, Option<u64>, Option<i64>) =
+            redis::pipe()
+                .get(store.key(&format!("gen:{t}")))
+                .get(store.key(&format!("gen:{other}")))
+                .hget(store.key("intents_of"), t)
+                .query_async(conn)
+                .await
+                .map_err(store_error)?;
+        if in_flight.unwrap_or(0) > 0 {
+            return Err(StoreError::Unavailable(
+                "a change of this opt-out type is under way (or being finished after a crash); \
+                 retry the import in a few seconds"
+                    .into(),
+            ));
+        }
+        Ok((
+            current.unwrap_or(0).to_string(),
+            other_gen.unwrap_or(0).to_string(),
         ))
     }
 
