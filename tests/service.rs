@@ -159,8 +159,10 @@ async fn invalid_numbers_are_withheld_one_by_one_in_input_order() {
 
     // The server decodes numbers as raw bytes (no String per number): bytes that are not UTF-8
     // are one invalid number, not a failed request, and the numbers around them are answered.
-    let mut raw = check_request(vec!["9434765919".into(), String::new()], RESEARCH);
-    raw.nhs_numbers[1] = bytes::Bytes::from_static(b"943\xff765919");
+    let mut raw = check_request(Vec::new(), RESEARCH);
+    raw.nhs_numbers = [&b"9434765919"[..], &b"943\xff765919"[..]]
+        .into_iter()
+        .collect();
     let mut client = server.check_client().await;
     let r = client
         .check(raw)

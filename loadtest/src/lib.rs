@@ -461,18 +461,20 @@ fn draw_request(
     share: f64,
 ) -> (Vec<optout_core::NhsNumber>, CheckRequest) {
     let numbers: Vec<_> = (0..count).map(|_| population.draw(rng, share)).collect();
-    // All the numbers' digits in one buffer, each number a slice of it: the client shares the
+    // All the numbers' digits in one buffer (the request's NumberList): the client shares the
     // machine with the server, so it should not spend an allocation per number either.
-    let mut digits = bytes::BytesMut::with_capacity(count * 10);
+    let mut list = optout_proto::NumberList::new();
+    let mut digits = [0u8; 10];
     for n in &numbers {
-        // Writing into BytesMut cannot fail (it grows).
-        let _ = std::fmt::Write::write_fmt(&mut digits, format_args!("{n}"));
+        let mut v = n.as_u64();
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        list.push(digits);
     }
-    let digits = digits.freeze();
     let req = CheckRequest {
-        nhs_numbers: (0..numbers.len())
-            .map(|i| digits.slice(i * 10..i * 10 + 10))
-            .collect(),
+        nhs_numbers: list,
         purpose: Purpose::Research as i32,
         origin: DataOrigin::Other as i32,
         at_least_version: String::new(),

@@ -1,6 +1,5 @@
 //! `optout check`: decisions for numbers on the command line or stdin, one line each.
 
-use bytes::Bytes;
 use std::{io::Write, process::ExitCode};
 
 use clap::Args;
@@ -49,7 +48,7 @@ pub(crate) async fn run(args: CheckArgs) -> Result<ExitCode, CliError> {
     let (legal_basis, basis_reference) = args.basis.fields();
     for chunk in numbers.chunks(CHUNK) {
         let mut request = tonic::Request::new(CheckRequest {
-            nhs_numbers: chunk.iter().cloned().map(Bytes::from).collect(),
+            nhs_numbers: chunk.iter().collect(),
             purpose: proto::Purpose::from(args.purpose) as i32,
             origin: proto::DataOrigin::from(args.origin) as i32,
             at_least_version: args.at_least_version.clone().unwrap_or_default(),

@@ -9,7 +9,6 @@
 //! it and renamed only once the whole extract was checked, so a failed run never leaves a partial
 //! extract that looks whole.
 
-use bytes::Bytes;
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -86,7 +85,7 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
     let (rows_tx, mut rows_rx) = mpsc::channel::<Result<Rows, String>>(64);
     let (legal_basis, basis_reference) = args.basis.fields();
     let template = CheckRequest {
-        nhs_numbers: Vec::new(),
+        nhs_numbers: proto::NumberList::new(),
         purpose: proto::Purpose::from(args.purpose) as i32,
         origin: proto::DataOrigin::from(args.origin) as i32,
         at_least_version: String::new(),
@@ -268,7 +267,7 @@ fn read_rows(
             .map_err(|_| "the response side stopped".to_string())?;
         req_tx
             .blocking_send(CheckRequest {
-                nhs_numbers: numbers.into_iter().map(Bytes::from).collect(),
+                nhs_numbers: numbers.into_iter().collect(),
                 ..template.clone()
             })
             .map_err(|_| "the request stream closed".to_string())

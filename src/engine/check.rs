@@ -192,17 +192,17 @@ impl Checker {
         let mut maybes: Vec<(usize, NhsNumber)> = Vec::new();
         let view = self.filter.view();
         let trusted = view.trusted && !filter_behind;
-        // The numbers a few places ahead are prefetched, so their probes' cache misses overlap
-        // with this number's lookup instead of following it.
-        const AHEAD: usize = 8;
-        for (j, &(i, n)) in valid.iter().enumerate() {
-            if trusted && let Some(&(_, next)) = valid.get(j + AHEAD) {
-                view.prefetch(next);
-            }
-            if trusted && !view.may_contain(n) {
-                decisions[i] = Decision::Release(release);
-            } else {
-                maybes.push((i, n));
+        if !trusted {
+            maybes.extend_from_slice(valid);
+        } else {
+            let mut may = Vec::new();
+            view.may_contain_each(valid.iter().map(|&(_, n)| n), &mut may);
+            for (&(i, n), may) in valid.iter().zip(may) {
+                if may {
+                    maybes.push((i, n));
+                } else {
+                    decisions[i] = Decision::Release(release);
+                }
             }
         }
         Screened {

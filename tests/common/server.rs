@@ -181,7 +181,7 @@ pub fn valid_numbers(from: u64, count: usize) -> Vec<String> {
 
 pub fn check_request(numbers: Vec<String>, purpose: proto::Purpose) -> CheckRequest {
     CheckRequest {
-        nhs_numbers: numbers.into_iter().map(Into::into).collect(),
+        nhs_numbers: numbers.into_iter().collect(),
         purpose: purpose as i32,
         origin: proto::DataOrigin::Unspecified as i32,
         at_least_version: String::new(),

@@ -18,7 +18,7 @@ mod version;
 pub use audit::{
     AuditKey, AuditKeyError, AuditQuery, AuditRecord, DIGEST_LEN, IMPORT_DIGEST_CHUNK,
 };
-pub use filter::{FilterError, FilterStats, MIN_CAPACITY, OptOutFilter};
+pub use filter::{FilterError, FilterStats, MIN_CAPACITY, OptOutFilter, Probe};
 pub use nhs::{NhsNumber, NhsNumberError, Scheme};
 pub use policy::{
     Applicable, DataOrigin, Decision, LegalBasis, OptOutSet, OptOutType, Purpose, ReleaseReason,
