@@ -146,6 +146,13 @@ impl NhsNumber {
 
     /// As [`NhsNumber::parse`], from bytes as received; bytes that are not UTF-8 are a format error.
     pub fn parse_bytes(input: &[u8]) -> Result<Self, NhsNumberError> {
+        // The common form, ten ASCII digits, without the UTF-8 validation and trimming (both were
+        // visible in the server's profile); anything else takes the general path.
+        if let Ok(ten) = <&[u8; 10]>::try_from(input)
+            && ten.iter().all(u8::is_ascii_digit)
+        {
+            return Self::from_digits(&ten.map(|b| b - b'0'));
+        }
         std::str::from_utf8(input)
             .map_err(|_| NhsNumberError::Format)
             .and_then(Self::parse)
@@ -383,5 +390,32 @@ mod tests {
             .find(|s| NhsNumber::parse(s).is_ok())
             .expect("some check digit fits");
         assert!(NhsNumber::parse(&n[1..]).is_err());
+    }
+
+    proptest::proptest! {
+        /// The bytes fast path answers exactly as parsing the text does: ten digits (every
+        /// rule: check digit, placeholders, CHI dates), and any other bytes, near misses included.
+        #[test]
+        fn parse_bytes_agrees_with_parse(
+            value in 0u64..10_000_000_000,
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..14),
+            pick in 0u8..3,
+        ) {
+            let input: Vec<u8> = match pick {
+                0 => format!("{value:010}").into_bytes(),
+                1 => noise,
+                _ => {
+                    let mut b = format!("{value:010}").into_bytes();
+                    if let Some(first) = noise.first() {
+                        b[usize::from(*first) % 10] = *first;
+                    }
+                    b
+                }
+            };
+            let want = std::str::from_utf8(&input)
+                .map_err(|_| NhsNumberError::Format)
+                .and_then(NhsNumber::parse);
+            proptest::prop_assert_eq!(NhsNumber::parse_bytes(&input), want);
+        }
     }
 }
