@@ -102,6 +102,24 @@ fn describe() {
         "1 when a filter generation is loaded for the store's dataset"
     );
     describe_gauge!(
+        "optout_list_age_seconds",
+        Unit::Seconds,
+        "Age of each type's opt-out list (since the national check, or the last REPLACE import); +Inf if never imported whole"
+    );
+    describe_gauge!(
+        "optout_list_expires_in_seconds",
+        Unit::Seconds,
+        "Time until each type's list passes its maximum age (negative: expired, its numbers withheld); +Inf without a maximum age"
+    );
+    describe_gauge!(
+        "optout_list_expired",
+        "1 while a type's list is past its maximum age and the numbers it applies to are withheld"
+    );
+    describe_gauge!(
+        "optout_population_patients",
+        "Population mode: patients in the last national check (a number outside it is withheld)"
+    );
+    describe_gauge!(
         "optout_filter_fresh",
         "1 when the filter is proven caught up within the freshness bound"
     );
@@ -165,7 +183,7 @@ fn describe() {
 /// How many decisions of one batch fell on each outcome and reason: counted once per batch, for
 /// both the metrics and the audit record.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DecisionCounts([u64; 9]);
+pub struct DecisionCounts([u64; REASONS.len()]);
 
 impl DecisionCounts {
     /// The counts of a whole batch.
@@ -205,16 +223,18 @@ impl DecisionCounts {
 }
 
 /// The withhold reasons in the order of indices 2.. of [`REASONS`].
-const WITHHELD: [WithholdReason; 6] = [
+const WITHHELD: [WithholdReason; 8] = [
     WithholdReason::NationalDataOptOut,
     WithholdReason::Type1OptOut,
     WithholdReason::InvalidNhsNumber,
     WithholdReason::StoreUnavailable,
     WithholdReason::StoreRegressed,
     WithholdReason::VersionNotReached,
+    WithholdReason::NotInCheckedPopulation,
+    WithholdReason::ListTooOld,
 ];
 
-const REASONS: [(&str, &str); 9] = [
+const REASONS: [(&str, &str); 11] = [
     ("release", "no_opt_out"),
     ("release", "purpose_exempt"),
     ("withhold", "national_data_opt_out"),
@@ -223,6 +243,8 @@ const REASONS: [(&str, &str); 9] = [
     ("withhold", "store_unavailable"),
     ("withhold", "store_regressed"),
     ("withhold", "version_not_reached"),
+    ("withhold", "not_in_checked_population"),
+    ("withhold", "list_too_old"),
     // Last, after the withhold reasons that `withheld` reads from index 2.
     ("release", "basis_exempt"),
 ];
@@ -237,7 +259,9 @@ fn reason_index(d: &Decision) -> usize {
         Decision::Withhold(WithholdReason::StoreUnavailable) => 5,
         Decision::Withhold(WithholdReason::StoreRegressed) => 6,
         Decision::Withhold(WithholdReason::VersionNotReached) => 7,
-        Decision::Release(ReleaseReason::BasisExempt(_)) => 8,
+        Decision::Withhold(WithholdReason::NotInCheckedPopulation) => 8,
+        Decision::Withhold(WithholdReason::ListTooOld) => 9,
+        Decision::Release(ReleaseReason::BasisExempt(_)) => 10,
     }
 }
 
@@ -257,6 +281,27 @@ pub fn set_state_gauges(
     // Never caught up: as stale as can be said, rather than a reassuring zero.
     let age = st.age.map_or(f64::INFINITY, |a| a.as_secs_f64());
     metrics::gauge!("optout_filter_freshness_age_seconds").set(age);
+    let now = crate::store::now_ms();
+    for l in st.lists(now) {
+        let t = match l.t {
+            crate::core::OptOutType::NationalDataOptOut => "national",
+            crate::core::OptOutType::Type1 => "type1",
+        };
+        // Never imported whole: as old as can be said.
+        let age = l
+            .as_of_ms
+            .map_or(f64::INFINITY, |at| now.saturating_sub(at) as f64 / 1000.0);
+        metrics::gauge!("optout_list_age_seconds", "type" => t).set(age);
+        // No maximum age: never expires; expired: negative.
+        let left = l
+            .expires_at_ms
+            .map_or(f64::INFINITY, |e| (e as f64 - now as f64) / 1000.0);
+        metrics::gauge!("optout_list_expires_in_seconds", "type" => t).set(left);
+        metrics::gauge!("optout_list_expired", "type" => t).set(f64::from(u8::from(l.expired)));
+        if l.t == crate::core::OptOutType::NationalDataOptOut {
+            metrics::gauge!("optout_population_patients").set(l.population as f64);
+        }
+    }
     metrics::gauge!("optout_audit_backlog").set(audit_backlog as f64);
     metrics::gauge!("optout_audit_backlog_bytes").set(audit_bytes as f64);
 }

@@ -147,6 +147,7 @@ async fn every_rpc(ch: Channel, key: Option<&str>) -> Vec<(&'static str, Code)> 
                 source: "matrix".into(),
                 nhs_numbers: vec![n[1].clone()],
                 commit: true,
+                ..Default::default()
             }]))
             .await
             .map(|_| ()),
@@ -703,6 +704,7 @@ async fn audit_records_every_change_and_check_and_holds_no_nhs_number() {
             source: "practice.csv".into(),
             nhs_numbers: n[3..5].to_vec(),
             commit: true,
+            ..Default::default()
         }]))
         .await
         .expect("import");

@@ -368,6 +368,7 @@ fn import_message(numbers: Vec<String>, commit: bool) -> ImportOptOutsRequest {
         source: "replace.csv".into(),
         nhs_numbers: numbers,
         commit,
+        ..Default::default()
     }
 }
 

@@ -17,7 +17,7 @@ use common::{Cluster, RedisServer, SentinelSet, redis_config};
 use optout::{
     core::{
         AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version,
-        seals::ChangesError,
+        coverage::CoverageMode, seals::ChangesError,
     },
     engine::sealer,
     server::ServerConfig,
@@ -35,7 +35,11 @@ const TYPE1: OptOutType = OptOutType::Type1;
 #[async_trait]
 trait Backend: Send + Sync {
     /// A fresh, initialised store, bound to its dataset.
-    async fn fresh(&self, case: &str) -> Fresh;
+    async fn fresh(&self, case: &str) -> Fresh {
+        self.fresh_in(case, CoverageMode::List).await
+    }
+    /// The same, initialised in a national coverage mode.
+    async fn fresh_in(&self, case: &str, mode: CoverageMode) -> Fresh;
     /// Resets the store's dataset from outside (as FLUSHALL or a restart without data would);
     /// `false` if this backend cannot.
     async fn wipe(&self, _fresh: &Fresh) -> bool {
@@ -64,14 +68,14 @@ struct Embedded;
 
 #[async_trait]
 impl Backend for Embedded {
-    async fn fresh(&self, _case: &str) -> Fresh {
+    async fn fresh_in(&self, _case: &str, mode: CoverageMode) -> Fresh {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = EmbeddedConfig {
             data_dir: dir.path().to_path_buf(),
             change_log_len: 1000,
             cache_bytes: optout::store::embedded::DEFAULT_CACHE_BYTES,
         };
-        let (store, _) = EmbeddedStore::open(&config).expect("open");
+        let store = EmbeddedStore::init(&config, mode).expect("init");
         store.open_dataset().await.expect("bind");
         Fresh {
             store: Arc::new(store),
@@ -126,10 +130,10 @@ impl OnRedis {
 
 #[async_trait]
 impl Backend for OnRedis {
-    async fn fresh(&self, case: &str) -> Fresh {
+    async fn fresh_in(&self, case: &str, mode: CoverageMode) -> Fresh {
         let r = self.redis(case);
         let store = RedisStore::connect(&r).expect("connect");
-        store.init(64).await.expect("init");
+        store.init_with(64, mode).await.expect("init");
         store.open_dataset().await.expect("bind");
         let meta_prefix = if self.cluster {
             format!("{{{}}}", r.prefix)
@@ -348,7 +352,41 @@ async fn imports(b: &dyn Backend) {
     let tail = whole_log(s).await;
     let last = tail.last().expect("the import is in the log");
     assert_eq!(last.version, o.version);
-    assert_eq!(last.added, vec![new[1]]);
+    // A REPLACE changes the list's date: logged unlisted, so every replica rebuilds and reads
+    // the coverage with its scan.
+    assert!(last.unlisted && last.added.is_empty(), "{last:?}");
+    let coverage = s.coverage().await.expect("coverage");
+    assert_eq!(coverage.national_mode, Some(CoverageMode::List));
+    assert_eq!(coverage.version, o.version, "set by the replace, with it");
+    let as_of = coverage
+        .as_of_ms(NATIONAL)
+        .expect("a replace dates the national list");
+    assert!(as_of > 0 && coverage.as_of_ms(TYPE1).is_none());
+    assert!(coverage.population.is_empty());
+    // A national check round trip needs a store in population mode: refused here, whole.
+    let mut check = s
+        .begin_import(ImportMode::Replace, NATIONAL, "contract")
+        .await
+        .expect("begin");
+    check.stage(&new).await.expect("stage");
+    let mut population = optout::core::coverage::Population::new();
+    for n in &new {
+        population.insert(*n);
+    }
+    check.set_national_check(optout::store::NationalCheck {
+        population,
+        checked_at_ms: 1,
+    });
+    let refused = check
+        .commit(record("import-replace", "ADMIN"), &key)
+        .await
+        .expect_err("list mode refuses a national check");
+    assert!(refused.to_string().contains("list mode"), "{refused}");
+    assert_eq!(
+        s.coverage().await.expect("coverage"),
+        coverage,
+        "nothing changed"
+    );
 
     // The import's record holds the counts; its digests are in parts that name it.
     let trail = s
@@ -394,9 +432,20 @@ async fn imports(b: &dyn Backend) {
     let entry = tail.last().expect("the big import is in the log");
     assert_eq!(entry.version, o.version);
     assert!(entry.unlisted && entry.added.is_empty(), "{entry:?}");
-    assert!(
-        !tail[tail.len() - 2].unlisted,
-        "a small import lists its numbers"
+    let merge_entry = tail
+        .iter()
+        .rev()
+        .find(|e| e.version < o.version && !e.added.is_empty())
+        .expect("the small merge");
+    assert_eq!(
+        merge_entry.added,
+        vec![new[0]],
+        "a small merge lists its numbers"
+    );
+    assert_eq!(
+        s.coverage().await.expect("coverage").as_of_ms(NATIONAL),
+        Some(as_of),
+        "a merge does not make a list complete: its date stays"
     );
     let mut scanned = std::collections::HashSet::new();
     let at = s
@@ -688,11 +737,96 @@ async fn rollback_is_reported(b: &dyn Backend) {
 }
 
 /// Every case, in order, each on a fresh store.
+/// A store in population mode: a national check round trip commits its opt-outs, its population
+/// and its date together; a list REPLACE of national opt-outs is refused; a check in which nobody
+/// opted out is a valid empty list; the next check replaces population and opt-outs at once.
+async fn national_checks(b: &dyn Backend) {
+    let fresh = b
+        .fresh_in("national-checks", CoverageMode::Population)
+        .await;
+    let s = fresh.store.as_ref();
+    let key = AuditKey::new(&[3u8; 32]).expect("key");
+    let n = numbers(4_060_000_000, 6);
+    let before = s.coverage().await.expect("coverage");
+    assert_eq!(before.national_mode, Some(CoverageMode::Population));
+    assert!(before.population.is_empty() && before.as_of_ms(NATIONAL).is_none());
+
+    let population = |members: &[NhsNumber]| {
+        let mut p = optout::core::coverage::Population::new();
+        for m in members {
+            p.insert(*m);
+        }
+        p
+    };
+    let round_trip = |members: &[NhsNumber], opted: &[NhsNumber], at: u64| {
+        let (members, opted) = (members.to_vec(), opted.to_vec());
+        let key = key.clone();
+        async move {
+            let mut i = s
+                .begin_import(ImportMode::Replace, NATIONAL, "national check")
+                .await
+                .expect("begin");
+            i.stage(&opted).await.expect("stage");
+            i.set_national_check(optout::store::NationalCheck {
+                population: population(&members),
+                checked_at_ms: at,
+            });
+            i.commit(record("import-replace", "ADMIN"), &key).await
+        }
+    };
+    let list = async {
+        let mut i = s
+            .begin_import(ImportMode::Replace, NATIONAL, "list")
+            .await
+            .expect("begin");
+        i.stage(&n[..1]).await.expect("stage");
+        i.commit(record("import-replace", "ADMIN"), &key).await
+    };
+    let refused = list.await.expect_err("a list replace in population mode");
+    assert!(refused.to_string().contains("population mode"), "{refused}");
+
+    let o = round_trip(&n[..4], &n[..2], 1_000)
+        .await
+        .expect("first check");
+    assert_eq!((o.added, o.removed), (2, 0));
+    let c = s.coverage().await.expect("coverage");
+    assert_eq!(c.version, o.version);
+    assert_eq!(c.as_of_ms(NATIONAL), Some(1_000));
+    assert_eq!(c.population.len(), 4);
+    assert!(n[..4].iter().all(|m| c.population.contains(*m)));
+    assert!(!c.population.contains(n[4]));
+    let found = s.lookup(&n).await.expect("lookup");
+    let (y, e) = (set(&[NATIONAL]), OptOutSet::EMPTY);
+    assert_eq!(found.held, vec![y, y, e, e, e, e]);
+
+    // Nobody opted out this time, and the population moved: both replaced in one step.
+    let o = round_trip(&n[2..], &[], 2_000).await.expect("second check");
+    assert_eq!((o.added, o.removed), (0, 2));
+    let c = s.coverage().await.expect("coverage");
+    assert_eq!((c.version, c.as_of_ms(NATIONAL)), (o.version, Some(2_000)));
+    assert_eq!(c.population.len(), 4);
+    assert!(!c.population.contains(n[0]) && c.population.contains(n[5]));
+    assert!(
+        s.lookup(&n)
+            .await
+            .expect("lookup")
+            .held
+            .iter()
+            .all(|h| *h == OptOutSet::EMPTY)
+    );
+    let tail = whole_log(s).await;
+    assert!(
+        tail.last()
+            .is_some_and(|e| e.version == o.version && e.unlisted)
+    );
+}
+
 async fn contract(b: &dyn Backend) {
     marker(b).await;
     lookups_and_changes(b).await;
     change_feed(b).await;
     imports(b).await;
+    national_checks(b).await;
     scan(b).await;
     snapshots(b).await;
     audit(b).await;

@@ -155,6 +155,7 @@ fn message(numbers: Vec<String>, first: bool, commit: bool) -> ImportOptOutsRequ
         },
         nhs_numbers: numbers,
         commit,
+        ..Default::default()
     }
 }
 

@@ -16,9 +16,9 @@ use super::{
     source_field, store_status,
 };
 use crate::{
-    core::{NhsNumber, OptOutType},
+    core::{NhsNumber, OptOutType, coverage::Population},
     engine::admin::{Admin, AdminError, AuditSearch},
-    store::{ChangeKind, ImportMode},
+    store::{ChangeKind, ImportMode, NationalCheck},
 };
 
 /// Answers the admin RPCs.
@@ -97,6 +97,59 @@ fn import_header(first: &ImportOptOutsRequest) -> Result<ImportHeader, Status> {
     })
 }
 
+fn ms_i64(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// The national check a first message opens, if it does (`national_checked_at_unix_ms` set).
+fn national_check_header(first: &ImportOptOutsRequest) -> Result<Option<NationalCheck>, Status> {
+    let at = first.national_checked_at_unix_ms;
+    if at == 0 {
+        return Ok(None);
+    }
+    let now = i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX);
+    // A minute of clock difference between the admin's machine and this one is allowed.
+    if at < 0 || at > now.saturating_add(60_000) {
+        return Err(Status::invalid_argument(format!(
+            "national_checked_at_unix_ms {at} is not a time in the past: give when the national \
+             check was made. Nothing was imported"
+        )));
+    }
+    Ok(Some(NationalCheck {
+        population: Population::new(),
+        checked_at_ms: u64::try_from(at).unwrap_or(0),
+    }))
+}
+
+/// Adds a message's population numbers to the national check (strictly: the national service
+/// refuses a whole file for one invalid number, so a population with one was never checked).
+fn add_population(
+    check: Option<&mut NationalCheck>,
+    numbers: &[String],
+    sent: &mut u64,
+) -> Result<(), Status> {
+    let Some(check) = check else {
+        if numbers.is_empty() {
+            return Ok(());
+        }
+        return Err(Status::invalid_argument(
+            "population is set, but the first message did not open a national check \
+             (national_checked_at_unix_ms). Nothing was imported",
+        ));
+    };
+    for s in numbers {
+        let n = NhsNumber::parse(s).map_err(|e| {
+            Status::invalid_argument(format!(
+                "population position {sent}: {e}; the national service refuses a file with an \
+                 invalid number, so it was never checked. Nothing was imported"
+            ))
+        })?;
+        check.population.insert(n);
+        *sent += 1;
+    }
+    Ok(())
+}
+
 fn same_header(h: &ImportHeader, m: &ImportOptOutsRequest, index: u64) -> Result<(), Status> {
     let differs = (m.mode != 0 && import_header_mode(m.mode) != Some(h.mode))
         || (m.r#type != 0 && opt_out_type(m.r#type).ok() != Some(h.t))
@@ -148,12 +201,14 @@ impl OptOutAdmin for AdminService {
             return Err(Status::invalid_argument("the import stream is empty"));
         };
         let header = import_header(&first)?;
+        let mut check = national_check_header(&first)?;
         let mut import = self
             .admin
             .start_import(&caller, header.mode, header.t, &header.source)
             .await
             .map_err(admin_status)?;
         let mut received = 0u64;
+        let mut sent = 0u64;
         let mut rejected = Rejections::new();
         let mut message = Some(first);
         let mut index = 0u64;
@@ -165,11 +220,25 @@ impl OptOutAdmin for AdminService {
                 )));
             }
             same_header(&header, &m, index)?;
+            add_population(check.as_mut(), &m.population, &mut sent)?;
             let mut valid = Vec::with_capacity(m.nhs_numbers.len());
             for s in &m.nhs_numbers {
-                match NhsNumber::parse(s) {
-                    Ok(n) => valid.push(n),
-                    Err(e) => rejected.push(received, e),
+                match (NhsNumber::parse(s), &check) {
+                    (Ok(n), Some(c)) if !c.population.contains(n) => {
+                        return Err(Status::invalid_argument(format!(
+                            "nhs_numbers position {received}: not in the population sent before \
+                             it; a national check's opt-outs are the numbers sent that did not \
+                             come back. Nothing was imported"
+                        )));
+                    }
+                    (Ok(n), _) => valid.push(n),
+                    (Err(e), Some(_)) => {
+                        return Err(Status::invalid_argument(format!(
+                            "nhs_numbers position {received}: {e}; a national check holds only \
+                             valid numbers. Nothing was imported"
+                        )));
+                    }
+                    (Err(e), None) => rejected.push(received, e),
                 }
                 received += 1;
             }
@@ -182,6 +251,9 @@ impl OptOutAdmin for AdminService {
             return Err(Status::aborted(
                 "the import stream ended without a message marked commit; nothing was imported",
             ));
+        }
+        if let Some(c) = check {
+            import.national_check(c);
         }
         let outcome = import
             .commit(received, rejected.count())
@@ -271,6 +343,8 @@ impl OptOutAdmin for AdminService {
                     part_of: r.part_of.unwrap_or_default(),
                     legal_basis: r.legal_basis.unwrap_or_default(),
                     basis_reference: r.basis_reference.unwrap_or_default(),
+                    population: r.population.unwrap_or(0),
+                    checked_at_unix_ms: ms_i64(r.checked_at_ms.unwrap_or(0)),
                 })
                 .collect(),
         }))
@@ -306,6 +380,22 @@ impl OptOutAdmin for AdminService {
                     .unwrap_or(u64::MAX),
                 loaded_from: f.loaded_from.to_string(),
             }),
+            lists: f
+                .lists(crate::store::now_ms())
+                .iter()
+                .map(|l| super::proto::ListCoverage {
+                    r#type: opt_out_type_to_proto(l.t) as i32,
+                    mode: l.mode.to_string(),
+                    population: l.population,
+                    as_of_unix_ms: ms_i64(l.as_of_ms.unwrap_or(0)),
+                    max_age_ms: ms_i64(
+                        l.max_age
+                            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    ),
+                    expires_at_unix_ms: ms_i64(l.expires_at_ms.unwrap_or(0)),
+                    expired: l.expired,
+                })
+                .collect(),
             store_regressed: f.regressed.unwrap_or_default(),
         }))
     }

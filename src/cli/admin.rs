@@ -89,7 +89,7 @@ struct ChangeArgs {
     numbers: Vec<String>,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum ModeArg {
     /// Add the imported numbers.
     Merge,
@@ -102,9 +102,10 @@ struct ImportArgs {
     /// The opt-out type.
     #[arg(long = "type", value_enum)]
     opt_out_type: TypeArg,
-    /// Merge into, or replace, the stored set of that type.
-    #[arg(long, value_enum)]
-    mode: ModeArg,
+    /// Merge into, or replace, the stored set of that type (a national check is always a
+    /// replace).
+    #[arg(long, value_enum, required_unless_present = "from_national_check")]
+    mode: Option<ModeArg>,
     /// Where the list came from; defaults to the file name.
     #[arg(long)]
     source: Option<String>,
@@ -120,6 +121,21 @@ struct ImportArgs {
     format: Option<FormatArg>,
     /// The file; stdin if absent or "-".
     file: Option<PathBuf>,
+    /// Import a national check round trip (a store in population mode): SENT is the .dat file
+    /// sent to the national "Check for National Data Opt-outs" service (the population), RETURNED
+    /// the .dat file it sent back (the numbers without an opt-out). The opt-outs are SENT minus
+    /// RETURNED, applied as a REPLACE for that population, atomically, with the population.
+    #[arg(
+        long,
+        num_args = 2,
+        value_names = ["SENT", "RETURNED"],
+        conflicts_with_all = ["file", "column", "format"]
+    )]
+    from_national_check: Option<Vec<PathBuf>>,
+    /// When the national check was made (RFC 3339, e.g. 2026-11-27T09:00:00Z); the list's age
+    /// counts from it. Default: when RETURNED was last modified (when it was received).
+    #[arg(long, requires = "from_national_check")]
+    checked_at: Option<String>,
 }
 
 pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
@@ -280,6 +296,9 @@ async fn status(client: &mut Admin, timeout: Duration) -> Result<ExitCode, CliEr
     println!("national data opt-outs:   {}", r.national_data_opt_outs);
     println!("type 1 opt-outs:          {}", r.type_1_opt_outs);
     println!("patients with an opt-out: {}", r.patients);
+    for l in &r.lists {
+        println!("{}", list_line(l));
+    }
     if !r.store_regressed.is_empty() {
         println!(
             "STORE WENT BACK IN TIME:  {} (every number is withheld; restore the lost \
@@ -310,6 +329,39 @@ async fn status(client: &mut Admin, timeout: Duration) -> Result<ExitCode, CliEr
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One type's list in `status`: its mode, population, date and expiry.
+fn list_line(l: &proto::ListCoverage) -> String {
+    let name = match proto::OptOutType::try_from(l.r#type) {
+        Ok(proto::OptOutType::NationalDataOptOut) => "national list:",
+        Ok(proto::OptOutType::Type1) => "type 1 list:",
+        _ => "list:",
+    };
+    let time = |ms: i64| super::national_check::rfc3339(u64::try_from(ms).unwrap_or(0));
+    let mut parts = vec![format!("{} mode", l.mode)];
+    if l.mode == "population" {
+        parts.push(format!("population {}", l.population));
+    }
+    parts.push(if l.as_of_unix_ms > 0 {
+        format!("as of {}", time(l.as_of_unix_ms))
+    } else {
+        "never imported whole".into()
+    });
+    if l.max_age_ms > 0 {
+        let days = l.max_age_ms as f64 / 86_400_000.0;
+        parts.push(if l.expired {
+            format!("EXPIRED (maximum age {days} days): its numbers are withheld")
+        } else {
+            format!(
+                "expires {} (maximum age {days} days)",
+                time(l.expires_at_unix_ms)
+            )
+        });
+    } else {
+        parts.push("no maximum age".into());
+    }
+    format!("{name:<26}{}", parts.join(", "))
 }
 
 fn format_ms(ms: i64) -> String {
@@ -362,6 +414,28 @@ async fn import(
     client: &mut OptOutAdminClient<AuthChannel>,
     args: ImportArgs,
 ) -> Result<ExitCode, CliError> {
+    if let Some(files) = &args.from_national_check {
+        if args.opt_out_type != TypeArg::National || args.mode == Some(ModeArg::Merge) {
+            return Err(CliError::Usage(
+                "--from-national-check replaces the national data opt-outs: use --type \
+                 national (and --mode replace, or no --mode)"
+                    .into(),
+            ));
+        }
+        let [sent, returned] = files.as_slice() else {
+            return Err(CliError::Usage(
+                "--from-national-check takes two files: SENT RETURNED".into(),
+            ));
+        };
+        return super::national_check::import(
+            client,
+            sent,
+            returned,
+            args.checked_at.as_deref(),
+            args.source.clone(),
+        )
+        .await;
+    }
     let (input, name): (Box<dyn Read + Send>, String) = match args.file.as_deref() {
         None => (Box::new(std::io::stdin()), "stdin".into()),
         Some(p) if p.as_os_str() == "-" => (Box::new(std::io::stdin()), "stdin".into()),
@@ -376,13 +450,12 @@ async fn import(
     let source = args.source.clone().unwrap_or_else(|| name.clone());
     let header = ImportOptOutsRequest {
         mode: match args.mode {
-            ModeArg::Merge => proto::ImportMode::Merge,
-            ModeArg::Replace => proto::ImportMode::Replace,
+            Some(ModeArg::Merge) => proto::ImportMode::Merge,
+            Some(ModeArg::Replace) | None => proto::ImportMode::Replace,
         } as i32,
         r#type: proto::OptOutType::from(args.opt_out_type) as i32,
         source,
-        nhs_numbers: Vec::new(),
-        commit: false,
+        ..ImportOptOutsRequest::default()
     };
     let (tx, rx) = mpsc::channel::<ImportOptOutsRequest>(4);
     let bar = progress("numbers sent");
@@ -461,9 +534,7 @@ fn read_import(
             ImportOptOutsRequest {
                 nhs_numbers: numbers,
                 commit,
-                mode: 0,
-                r#type: 0,
-                source: String::new(),
+                ..ImportOptOutsRequest::default()
             }
         };
         first = false;

@@ -1,9 +1,40 @@
-//! `optout init-store`: initialise an empty Redis store.
+//! `optout init-store`: initialise an empty store (Redis, or the embedded store in a data
+//! directory), in a national coverage mode.
 
-use clap::Args;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
 
 use super::{CliError, serve::RedisArgs};
-use crate::store::redis::{RedisStore, defaults};
+use crate::{
+    core::coverage::CoverageMode,
+    store::{
+        embedded::{DEFAULT_CACHE_BYTES, EmbeddedConfig, EmbeddedStore},
+        redis::{RedisStore, defaults},
+    },
+};
+
+/// What a number the national list does not hold means.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub(super) enum Coverage {
+    /// A complete national list will be imported (as a national operator would): a number it
+    /// does not hold has no national data opt-out.
+    #[default]
+    List,
+    /// The results of national checks of the organisation's patients will be imported
+    /// (`admin import --from-national-check SENT RETURNED`): a number outside the population
+    /// checked is withheld (REASON_NOT_IN_CHECKED_POPULATION).
+    Population,
+}
+
+impl From<Coverage> for CoverageMode {
+    fn from(c: Coverage) -> Self {
+        match c {
+            Coverage::List => CoverageMode::List,
+            Coverage::Population => CoverageMode::Population,
+        }
+    }
+}
 
 #[derive(Args, Debug)]
 pub(super) struct InitStoreArgs {
@@ -17,13 +48,44 @@ pub(super) struct InitStoreArgs {
     /// spread over more masters; a check touches up to this many slots.
     #[arg(long, default_value_t = defaults::SHARDS)]
     shards: usize,
+    /// Initialise the embedded store in this directory instead of Redis (`serve` on an empty
+    /// directory does this itself, in list mode).
+    #[arg(long, conflicts_with_all = ["buckets", "shards"])]
+    data_dir: Option<PathBuf>,
+    /// What a number the national list does not hold means; fixed for the store's life.
+    #[arg(long, value_enum, default_value_t = Coverage::List)]
+    national_coverage: Coverage,
 }
 
 pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
+    let mode = CoverageMode::from(args.national_coverage);
+    if let Some(dir) = &args.data_dir {
+        if args.redis.config().is_some() {
+            return Err(CliError::Usage(
+                "--data-dir initialises the embedded store: leave out --redis-url and \
+                 --redis-sentinel"
+                    .into(),
+            ));
+        }
+        let config = EmbeddedConfig {
+            data_dir: dir.clone(),
+            change_log_len: 1,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        };
+        let store =
+            EmbeddedStore::init(&config, mode).map_err(|e| CliError::Usage(e.to_string()))?;
+        println!(
+            "initialised the embedded opt-out store in {}: dataset {}, national coverage {}",
+            dir.display(),
+            store.dataset_id(),
+            mode.name()
+        );
+        return Ok(());
+    }
     let Some(mut config) = args.redis.config() else {
         return Err(CliError::Usage(
-            "--redis-url or --redis-sentinel (or OPTOUT_REDIS_URL, OPTOUT_REDIS_SENTINEL) is \
-             required: the embedded store initialises itself on first start"
+            "--redis-url or --redis-sentinel (or OPTOUT_REDIS_URL, OPTOUT_REDIS_SENTINEL), or \
+             --data-dir for the embedded store, is required"
                 .into(),
         ));
     };
@@ -37,12 +99,15 @@ pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
     let shown = config.describe();
     let store = RedisStore::connect(&config).map_err(|e| CliError::Usage(e.to_string()))?;
     let id = store
-        .init(args.buckets)
+        .init_with(args.buckets, mode)
         .await
         .map_err(|e| CliError::Rpc(format!("{shown}: {e}")))?;
     println!(
-        "initialised the opt-out store at {shown} (prefix {:?}): dataset {id}, {} buckets",
-        config.prefix, args.buckets
+        "initialised the opt-out store at {shown} (prefix {:?}): dataset {id}, {} buckets, \
+         national coverage {}",
+        config.prefix,
+        args.buckets,
+        mode.name()
     );
     Ok(())
 }

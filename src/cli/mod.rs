@@ -12,6 +12,7 @@ pub mod config;
 pub mod filter;
 mod init_store;
 mod keys;
+mod national_check;
 mod serve;
 
 use std::{process::ExitCode, time::Duration};
@@ -184,7 +185,7 @@ impl From<OriginArg> for proto::DataOrigin {
 }
 
 /// The opt-out type, as typed on the command line.
-#[derive(ValueEnum, Clone, Copy, Debug)]
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum TypeArg {
     /// The national data opt-out.
     National,

@@ -203,6 +203,15 @@ pub(super) struct ServeArgs {
         default_value_t = defaults::AUDIT_CHANGES_MAX_AGE_DAYS
     )]
     audit_changes_max_age_days: u64,
+    /// Past this many days since the national list's date (the date of the national check in
+    /// population mode, else of the last REPLACE import), every number the national data opt-out
+    /// applies to is withheld (REASON_LIST_TOO_OLD), until a fresh list is imported. 0: no limit.
+    /// Fractions allowed (0.5: twelve hours).
+    #[arg(long, env = "OPTOUT_NATIONAL_MAX_AGE_DAYS", default_value_t = 0.0)]
+    national_max_age_days: f64,
+    /// The same for the type 1 list. 0: no limit.
+    #[arg(long, env = "OPTOUT_TYPE1_MAX_AGE_DAYS", default_value_t = 0.0)]
+    type1_max_age_days: f64,
     /// How often the changes trail is sealed (a hash chain and a MAC over the records written
     /// since the last seal), in ms. Needs --audit-key-file.
     #[arg(long, env = "OPTOUT_AUDIT_SEAL_INTERVAL_MS", default_value_t = ms(defaults::AUDIT_SEAL_INTERVAL))]
@@ -387,6 +396,10 @@ impl TryFrom<&ServeArgs> for ServerConfig {
             audit_key,
             audit_bound: Duration::from_millis(args.audit_bound_ms.max(1)),
             audit_queue_bytes: args.audit_queue_mib.max(4).saturating_mul(1024 * 1024),
+            max_list_age: crate::core::coverage::MaxAge {
+                national: max_age_days("--national-max-age-days", args.national_max_age_days)?,
+                type1: max_age_days("--type1-max-age-days", args.type1_max_age_days)?,
+            },
             changes_max_age: (args.audit_changes_max_age_days > 0)
                 .then(|| Duration::from_secs(args.audit_changes_max_age_days * 86_400)),
             seal_interval: Duration::from_millis(args.audit_seal_interval_ms.max(1)),
@@ -503,4 +516,20 @@ async fn received(signal: &mut Option<tokio::signal::unix::Signal>) {
         }
         None => std::future::pending::<()>().await,
     }
+}
+
+/// A maximum list age in days (0: none), as a duration.
+fn max_age_days(flag: &str, days: f64) -> Result<Option<Duration>, CliError> {
+    if days == 0.0 {
+        return Ok(None);
+    }
+    Duration::try_from_secs_f64(days * 86_400.0)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .map(Some)
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{flag} {days}: give a number of days above zero (or 0 for no limit)"
+            ))
+        })
 }

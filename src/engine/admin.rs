@@ -16,8 +16,8 @@ use crate::{
     auth::Caller,
     core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutType, Version},
     store::{
-        ChangeKind, ConsentStore, ImportMode, ImportOutcome, ImportSession, OptOutRecord,
-        StoreError, StoreStatus, WriteOutcome, now_ms,
+        ChangeKind, ConsentStore, ImportMode, ImportOutcome, ImportSession, NationalCheck,
+        OptOutRecord, StoreError, StoreStatus, WriteOutcome, now_ms,
     },
 };
 
@@ -150,6 +150,7 @@ impl Admin {
             source: source.to_string(),
             session,
             pending: Vec::with_capacity(STAGE_CHUNK),
+            check: None,
         })
     }
 
@@ -261,9 +262,18 @@ pub struct Import {
     source: String,
     session: Box<dyn ImportSession>,
     pending: Vec<NhsNumber>,
+    /// Set for a national check round trip: (patients sent, when checked), for the record.
+    check: Option<(u64, u64)>,
 }
 
 impl Import {
+    /// Makes this import a national check round trip: its population is recorded with it, and
+    /// the check's date becomes the national list's date.
+    pub fn national_check(&mut self, check: NationalCheck) {
+        self.check = Some((check.population.len(), check.checked_at_ms));
+        self.session.set_national_check(check);
+    }
+
     /// Stages valid numbers (duplicates are fine).
     pub async fn stage(
         &mut self,
@@ -293,7 +303,11 @@ impl Import {
             ImportMode::Merge => "import-merge",
             ImportMode::Replace => "import-replace",
         };
-        let audit = change_record(&self.caller, action, self.t, &self.source, received);
+        let mut audit = change_record(&self.caller, action, self.t, &self.source, received);
+        if let Some((population, checked_at_ms)) = self.check {
+            audit.population = Some(population);
+            audit.checked_at_ms = Some(checked_at_ms);
+        }
         let outcome = self.session.commit(audit, &self.admin.audit_key).await?;
         super::release_freed_memory();
         tracing::info!(

@@ -15,7 +15,9 @@ use crate::{
     auth::Caller,
     core::{
         Applicable, AuditRecord, DataOrigin, Decision, LegalBasis, NhsNumber, OptOutSet, Purpose,
-        ReleaseReason, Version, WithholdReason, applicable, decide,
+        ReleaseReason, Version, WithholdReason, applicable,
+        coverage::{Coverage, CoverageRule},
+        decide,
     },
     store::{ConsentStore, Lookup},
     telemetry::DecisionCounts,
@@ -71,6 +73,8 @@ struct Screened {
     maybes: Vec<(usize, NhsNumber)>,
     version: Version,
     trusted: bool,
+    /// What the lists covered at the filter's version (read under the same lock).
+    coverage: Arc<Coverage>,
 }
 
 impl Checker {
@@ -177,8 +181,45 @@ impl Checker {
             }
         }
         let screened = self.screen(&valid, &mut decisions, filter_behind, policy.release());
-        self.resolve(decisions, &valid, screened, policy, &input)
-            .await
+        let (coverage, generation) = (screened.coverage.clone(), screened.version);
+        let out = self
+            .resolve(decisions, &valid, screened, policy, &input)
+            .await;
+        self.cover(out, &valid, policy, &coverage, generation)
+    }
+
+    /// What no opt-out withholds may still not be released: a list of an applicable type past its
+    /// maximum age, or (in population mode) a number outside the checked population. And in
+    /// population mode an answer from another store version than the filter's generation could
+    /// pair a newer list with an older population: its releases are withheld.
+    fn cover(
+        &self,
+        mut out: CheckOutput,
+        valid: &[(usize, NhsNumber)],
+        policy: Applicable,
+        coverage: &Coverage,
+        generation: Version,
+    ) -> CheckOutput {
+        let Applicable::Types(types, _) = policy else {
+            return out;
+        };
+        let rule = if coverage.pins_version(types) && out.version != generation {
+            CoverageRule::All(WithholdReason::StoreUnavailable)
+        } else {
+            let max_age = self.filter.config().max_list_age;
+            coverage.rule(types, crate::store::now_ms(), &max_age)
+        };
+        if matches!(rule, CoverageRule::Nothing) {
+            return out;
+        }
+        for &(i, n) in valid {
+            if let Decision::Release(_) = out.decisions[i]
+                && let Some(reason) = rule.withhold(n)
+            {
+                out.decisions[i] = Decision::Withhold(reason);
+            }
+        }
+        out
     }
 
     /// Releases what the filter rules out (when it is trusted); returns the rest.
@@ -191,6 +232,7 @@ impl Checker {
     ) -> Screened {
         let mut maybes: Vec<(usize, NhsNumber)> = Vec::new();
         let view = self.filter.view();
+        let coverage = view.coverage();
         let trusted = view.trusted && !filter_behind;
         if !trusted {
             maybes.extend_from_slice(valid);
@@ -209,6 +251,7 @@ impl Checker {
             maybes,
             version: view.version(),
             trusted,
+            coverage,
         }
     }
 
@@ -225,6 +268,7 @@ impl Checker {
             maybes,
             version: filter_version,
             trusted,
+            ..
         } = screened;
         let as_filter = |decisions| CheckOutput {
             decisions,

@@ -22,7 +22,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::{
-    core::{FilterStats, NhsNumber, OptOutFilter, Version},
+    core::{
+        FilterStats, NhsNumber, OptOutFilter, OptOutType, Version,
+        coverage::{Coverage, CoverageMode, MaxAge},
+    },
     store::{ChangeEntry, StoreError},
 };
 
@@ -41,6 +44,8 @@ pub struct FilterConfig {
     pub snapshot_interval: Duration,
     /// How often the store is asked whether it is still safe (e.g. Redis's eviction policy).
     pub safety_check: Duration,
+    /// How old each type's list may be before nothing it says is released.
+    pub max_list_age: MaxAge,
 }
 
 impl FilterConfig {
@@ -52,6 +57,10 @@ impl FilterConfig {
         heartbeat: Duration::from_millis(250),
         snapshot_interval: Duration::from_secs(60),
         safety_check: Duration::from_secs(5),
+        max_list_age: MaxAge {
+            national: None,
+            type1: None,
+        },
     };
 }
 
@@ -101,10 +110,13 @@ pub enum VersionWait {
 
 const NEVER: u64 = 0;
 
-/// One generation and the version it reflects.
+/// One generation, the version it reflects, and what the store's lists covered at that version
+/// (read with the generation and swapped in with it, so the check path never pairs a filter with
+/// a population from another version).
 pub struct Generation {
     filter: OptOutFilter,
     version: Version,
+    coverage: Arc<Coverage>,
 }
 
 /// A read of the filter for one check.
@@ -118,6 +130,11 @@ impl FilterView<'_> {
     /// The version the filter reflects.
     pub fn version(&self) -> Version {
         self.guard.version
+    }
+
+    /// What the lists covered at that version (unknown until a generation is loaded).
+    pub fn coverage(&self) -> Arc<Coverage> {
+        self.guard.coverage.clone()
     }
 
     /// Whether each number may be opted out (false: certainly not), in order, into `out`. Each
@@ -154,6 +171,55 @@ impl FilterView<'_> {
 /// How many numbers ahead [`FilterView::may_contain_each`] prefetches.
 pub const SCREEN_AHEAD: usize = 8;
 
+/// One type's list as status, metrics and health show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListState {
+    /// The type.
+    pub t: OptOutType,
+    /// Its coverage mode ("unknown" until read).
+    pub mode: &'static str,
+    /// Population mode: the patients checked.
+    pub population: u64,
+    /// When it was last known complete, ms.
+    pub as_of_ms: Option<u64>,
+    /// The maximum age set for it.
+    pub max_age: Option<Duration>,
+    /// When it stops proving anything, ms (0: it never did); `None`: no maximum age.
+    pub expires_at_ms: Option<u64>,
+    /// Whether it has expired now.
+    pub expired: bool,
+}
+
+impl SyncStatus {
+    /// Each type's list, as of `now_ms`.
+    pub fn lists(&self, now_ms: u64) -> [ListState; 2] {
+        OptOutType::ALL.map(|t| {
+            let c = &self.coverage;
+            let mode = match (t, c.national_mode) {
+                (_, None) => "unknown",
+                (OptOutType::NationalDataOptOut, Some(m)) => m.name(),
+                (OptOutType::Type1, Some(_)) => "list",
+            };
+            let population = match (t, c.national_mode) {
+                (OptOutType::NationalDataOptOut, Some(CoverageMode::Population)) => {
+                    c.population.len()
+                }
+                _ => 0,
+            };
+            let expires_at_ms = c.expires_at_ms(t, &self.max_list_age);
+            ListState {
+                t,
+                mode,
+                population,
+                as_of_ms: c.as_of_ms(t),
+                max_age: self.max_list_age.of(t),
+                expires_at_ms,
+                expired: expires_at_ms.is_some_and(|e| now_ms >= e),
+            }
+        })
+    }
+}
+
 /// A snapshot of the filter's state for status and metrics.
 #[derive(Clone, Debug)]
 pub struct SyncStatus {
@@ -173,6 +239,10 @@ pub struct SyncStatus {
     pub loaded: bool,
     /// Set while the replica fails closed on a store that went back in time: why.
     pub regressed: Option<String>,
+    /// What the store's lists covered at the generation's version.
+    pub coverage: Arc<Coverage>,
+    /// How old each list may be.
+    pub max_list_age: MaxAge,
 }
 
 impl SyncedFilter {
@@ -183,6 +253,7 @@ impl SyncedFilter {
             state: RwLock::new(Generation {
                 filter,
                 version: Version::ZERO,
+                coverage: Arc::new(Coverage::unknown()),
             }),
             config,
             version: watch::channel(Version::ZERO).0,
@@ -331,12 +402,16 @@ impl SyncedFilter {
             loaded_from: *self.loaded_from.lock(),
             loaded: *self.loaded.borrow(),
             regressed: self.regression(),
+            coverage: g.coverage.clone(),
+            max_list_age: self.config.max_list_age,
         }
     }
 
     /// Stops trusting the filter at once (the store's dataset is gone or changed): every check
     /// asks the store, and health turns NOT_SERVING, until a generation is loaded again.
     pub(super) fn unload(&self) {
+        // What the old dataset covered says nothing about the next one's.
+        self.state.write().coverage = Arc::new(Coverage::unknown());
         self.loaded.send_replace(false);
         self.caught_up_at.store(NEVER, Ordering::Release);
     }
@@ -382,10 +457,31 @@ impl SyncedFilter {
         (g.version, g.filter.to_snapshot(g.version))
     }
 
-    /// Swaps in a new generation that reflects `version`.
-    pub(super) fn install(&self, filter: OptOutFilter, version: Version) {
+    /// Whether the coverage has been read from the store (for the current dataset).
+    pub(super) fn coverage_known(&self) -> bool {
+        self.state.read().coverage.national_mode.is_some()
+    }
+
+    /// Before a generation loads: the store's coverage, so that checks answered by the store
+    /// meanwhile know what absence means. In list mode that lets the store's answers stand; in
+    /// population mode they are withheld anyway until a generation pairs the filter with its
+    /// population (the store answers from its own version, not this generation's).
+    pub(super) fn set_coverage_before_load(&self, coverage: Coverage) {
         let mut g = self.state.write();
-        *g = Generation { filter, version };
+        if g.coverage.national_mode.is_none() {
+            g.coverage = Arc::new(coverage);
+        }
+    }
+
+    /// Swaps in a new generation that reflects `version`, with the coverage read for it.
+    pub(super) fn install(&self, filter: OptOutFilter, version: Version, coverage: Coverage) {
+        let coverage = Arc::new(coverage);
+        let mut g = self.state.write();
+        *g = Generation {
+            filter,
+            version,
+            coverage,
+        };
         drop(g);
         self.removed_since_build.store(0, Ordering::Relaxed);
         self.version.send_replace(version);
@@ -422,7 +518,7 @@ mod tests {
             ..FilterConfig::DEFAULT
         })
         .expect("filter");
-        synced.install(inner, Version::ZERO);
+        synced.install(inner, Version::ZERO, Coverage::unknown());
         let view = synced.view();
         for len in [0, 1, SCREEN_AHEAD - 1, SCREEN_AHEAD, SCREEN_AHEAD + 1, 200] {
             let batch = &numbers[..len];

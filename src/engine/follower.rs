@@ -13,7 +13,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use super::filter::{FilterConfig, SyncedFilter};
 use crate::{
-    core::{NhsNumber, OptOutFilter, Version},
+    core::{NhsNumber, OptOutFilter, Version, coverage::Coverage},
     store::{ConsentStore, Feed, StoreError},
 };
 
@@ -144,15 +144,20 @@ impl Follower {
             return Flow::Next;
         }
         let started = self.synced.now_ms();
+        if !self.synced.coverage_known()
+            && let Ok(coverage) = self.store.coverage().await
+        {
+            self.synced.set_coverage_before_load(coverage);
+        }
         self.generation += 1;
         let built = tokio::select! {
             r = load_generation(self.store.as_ref(), self.config, self.generation) => r,
             _ = self.shutdown.changed() => return Flow::Stop,
         };
         match built {
-            Ok((filter, version, from)) => {
+            Ok((filter, version, from, coverage)) => {
                 let stats = filter.stats();
-                self.synced.install(filter, version);
+                self.synced.install(filter, version, coverage);
                 self.synced.set_loaded_from(from);
                 super::release_freed_memory();
                 self.must_rebuild = false;
@@ -321,6 +326,25 @@ pub async fn follow(
     Follower::new(store, synced, shutdown).run().await;
 }
 
+/// The store's coverage for a generation that reflects `version`, read after the generation was
+/// built: a later REPLACE is logged unlisted, so the generation cannot pass it without another
+/// rebuild. `None` when the coverage is newer than the generation (a REPLACE landed in between):
+/// a newer population must never be paired with an older filter.
+async fn coverage_for(
+    store: &dyn ConsentStore,
+    version: Version,
+) -> Result<Option<Coverage>, StoreError> {
+    let coverage = store.coverage().await?;
+    Ok((coverage.version <= version).then_some(coverage))
+}
+
+/// A REPLACE import landed while a generation was built.
+fn replaced_meanwhile() -> StoreError {
+    StoreError::Unavailable(
+        "a REPLACE import was applied while the filter was built; building again".into(),
+    )
+}
+
 /// Builds a generation from a full scan of the store, sized for what it holds plus room to grow.
 async fn build_generation(
     store: &dyn ConsentStore,
@@ -352,13 +376,18 @@ async fn load_generation(
     store: &dyn ConsentStore,
     config: FilterConfig,
     generation: u64,
-) -> Result<(OptOutFilter, Version, &'static str), StoreError> {
+) -> Result<(OptOutFilter, Version, &'static str, Coverage), StoreError> {
     store.open_dataset().await?;
     if store.shares_snapshots() {
         match store.load_snapshot().await? {
             Some(bytes) => match OptOutFilter::from_snapshot(&bytes) {
                 Ok((filter, version)) => match catch_up(store, filter, version).await? {
-                    Some((filter, version)) => return Ok((filter, version, "snapshot")),
+                    Some((filter, version)) => {
+                        let coverage = coverage_for(store, version)
+                            .await?
+                            .ok_or_else(replaced_meanwhile)?;
+                        return Ok((filter, version, "snapshot", coverage));
+                    }
                     None => tracing::info!(
                         %version,
                         "the change log no longer reaches back to the snapshot; scanning"
@@ -370,7 +399,10 @@ async fn load_generation(
         }
     }
     let (filter, version) = build_generation(store, config, generation).await?;
-    Ok((filter, version, "scan"))
+    let coverage = coverage_for(store, version)
+        .await?
+        .ok_or_else(replaced_meanwhile)?;
+    Ok((filter, version, "scan", coverage))
 }
 
 /// Brings a freshly built generation up to the store's tip by replaying the change log.
@@ -428,12 +460,21 @@ async fn swap_in(
             return Ok(());
         }
     };
-    match catch_up(store, filter, version).await {
+    let caught_up = match catch_up(store, filter, version).await {
+        Ok(Some((filter, version))) => match coverage_for(store, version).await {
+            Ok(Some(coverage)) => Ok(Some((filter, version, coverage))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        },
+        Ok(None) => Ok(None),
+        Err(e) => Err(e),
+    };
+    match caught_up {
         // Only the follower moves the version, so a generation caught up to at least the current
         // version holds everything the current one does.
-        Ok(Some((filter, version))) if version >= synced.version() => {
+        Ok(Some((filter, version, coverage))) if version >= synced.version() => {
             let stats = filter.stats();
-            synced.install(filter, version);
+            synced.install(filter, version, coverage);
             super::release_freed_memory();
             tracing::info!(
                 items = stats.items,

@@ -86,6 +86,9 @@ impl ConsentStore for Switch {
     async fn status(&self) -> Result<StoreStatus, StoreError> {
         self.inner.status().await
     }
+    async fn coverage(&self) -> Result<crate::core::coverage::Coverage, StoreError> {
+        self.inner.coverage().await
+    }
     async fn changes_after(
         &self,
         after: Version,

@@ -110,6 +110,9 @@ pub struct ServerConfig {
     /// How often the changes trail is sealed (with a configured audit key only: seals under a
     /// random key would prove nothing).
     pub seal_interval: Duration,
+    /// How old each type's opt-out list may be before the numbers it applies to are withheld
+    /// (REASON_LIST_TOO_OLD); `None` per type: no limit.
+    pub max_list_age: crate::core::coverage::MaxAge,
     /// Per-organisation request rate.
     pub rate_limit: RateLimit,
     /// A plaintext port serving only `grpc.health.v1` (Kubernetes' gRPC probes cannot use TLS).
@@ -158,6 +161,7 @@ impl ServerConfig {
             audit_queue_bytes: defaults::AUDIT_QUEUE_MIB * 1024 * 1024,
             check_files: None,
             changes_max_age: None,
+            max_list_age: crate::core::coverage::MaxAge::default(),
             seal_interval: defaults::AUDIT_SEAL_INTERVAL,
             rate_limit: RateLimit {
                 per_second: defaults::RATE_LIMIT,

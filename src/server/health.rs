@@ -16,6 +16,12 @@ use crate::engine::filter::SyncedFilter;
 /// The health "service" that says only that the process is up (for liveness probes).
 pub const LIVENESS: &str = "liveness";
 
+/// The health "service" that says whether every opt-out list is within its maximum age:
+/// NOT_SERVING while one has expired (its numbers are withheld with REASON_LIST_TOO_OLD). Not
+/// among the services a readiness probe asks about: every replica expires at once, and taking
+/// them all out of traffic would turn withheld answers into no answers.
+pub const LISTS: &str = "lists";
+
 /// The services whose status follows the filter ("" is the server as a whole).
 const SERVICES: [&str; 3] = ["", "optout.v1.OptOutCheck", "optout.v1.OptOutAdmin"];
 
@@ -55,6 +61,34 @@ impl HealthState {
                 if loaded.changed().await.is_err() {
                     break;
                 }
+            }
+        }));
+        let lists = health.reporter.clone();
+        let filter = filter.clone();
+        tasks.helper(tokio::spawn(async move {
+            let mut expired: Option<bool> = None;
+            loop {
+                let now = filter
+                    .status()
+                    .lists(crate::store::now_ms())
+                    .iter()
+                    .any(|l| l.expired);
+                if expired != Some(now) {
+                    if now {
+                        tracing::error!(
+                            "an opt-out list is past its maximum age: the numbers it applies to \
+                             are withheld until a fresh list is imported (optout admin status)"
+                        );
+                    }
+                    let status = if now {
+                        ServingStatus::NotServing
+                    } else {
+                        ServingStatus::Serving
+                    };
+                    lists.set_service_status(LISTS, status).await;
+                    expired = Some(now);
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             }
         }));
         health

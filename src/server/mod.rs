@@ -130,8 +130,11 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     let local = listener.local_addr().ok();
     let mut tasks = Tasks::new();
-    let filter =
-        SyncedFilter::new(config.filter).map_err(|e| ServerError::Config(e.to_string()))?;
+    let filter = SyncedFilter::new(crate::engine::filter::FilterConfig {
+        max_list_age: config.max_list_age,
+        ..config.filter
+    })
+    .map_err(|e| ServerError::Config(e.to_string()))?;
     let follower = Follower::new(store.clone(), filter.clone(), tasks.stop_signal());
     tasks.follower(tokio::spawn(follower.run()));
     let health = HealthState::start(&filter, &mut tasks).await;

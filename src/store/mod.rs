@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use crate::core::{
     AuditKey, AuditQuery, AuditRecord, IMPORT_DIGEST_CHUNK, NhsNumber, OptOutSet, OptOutType,
     Version,
+    coverage::{Coverage, CoverageMode, Population},
 };
 
 /// What can go wrong in a store. Every variant turns into WITHHOLD on the check path. Each
@@ -297,6 +298,11 @@ pub trait ConsentStore: Send + Sync + 'static {
     /// The opt-outs recorded for one number.
     async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError>;
 
+    /// What the lists cover (the national mode, the checked population) and how old they are,
+    /// read in one consistent step. Changed only by REPLACE imports (each logged unlisted, so a
+    /// replica re-reads it with the scan that rebuilds its filter) and by initialisation.
+    async fn coverage(&self) -> Result<Coverage, StoreError>;
+
     /// Counts, version and dataset marker.
     async fn status(&self) -> Result<StoreStatus, StoreError>;
 
@@ -403,11 +409,69 @@ pub trait ConsentStore: Send + Sync + 'static {
     async fn append_seal(&self, after_seq: u64, line: &str) -> Result<bool, StoreError>;
 }
 
+/// A national check round trip: the patients sent to the national service and when.
+#[derive(Clone, Debug)]
+pub struct NationalCheck {
+    /// Every NHS number sent.
+    pub population: Population,
+    /// When the check was made, ms since the Unix epoch.
+    pub checked_at_ms: u64,
+}
+
+/// Whether a store in `mode` takes an import of type `t`, in `import_mode`, with or without a
+/// national check (and with how many patients in it). The store's mode is fixed at
+/// initialisation, so this can be decided before the import's lock is taken.
+pub(crate) fn import_allowed(
+    mode: CoverageMode,
+    t: OptOutType,
+    import_mode: ImportMode,
+    check: Option<&NationalCheck>,
+) -> Result<(), StoreError> {
+    let refused = |m: String| Err(StoreError::ImportRefused(m.into()));
+    match check {
+        Some(_) if t != OptOutType::NationalDataOptOut || import_mode != ImportMode::Replace => {
+            refused(
+                "a national check round trip replaces the national data opt-outs: use \
+                 --type national (a REPLACE import)"
+                    .into(),
+            )
+        }
+        Some(_) if mode != CoverageMode::Population => refused(
+            "this store is in list mode (its national list is complete, and a number it does \
+             not hold is released): a national check round trip covers only the population \
+             sent, so it needs a store initialised in population mode (optout init-store \
+             --national-coverage population)"
+                .into(),
+        ),
+        Some(c) if c.population.is_empty() => {
+            refused("the national check's population is empty: nothing was checked".into())
+        }
+        None if mode == CoverageMode::Population
+            && t == OptOutType::NationalDataOptOut
+            && import_mode == ImportMode::Replace =>
+        {
+            refused(
+                "this store is in population mode: a REPLACE of national data opt-outs must be \
+                 a national check round trip (optout admin import --type national \
+                 --from-national-check SENT RETURNED), so the population it covers is recorded \
+                 with it"
+                    .into(),
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A bulk import under way. Dropping it without commit changes nothing.
 #[async_trait]
 pub trait ImportSession: Send {
     /// Stages valid numbers (duplicates are fine).
     async fn stage(&mut self, numbers: &[NhsNumber]) -> Result<(), StoreError>;
+
+    /// Makes this import a national check round trip (a REPLACE of national opt-outs on a store
+    /// in population mode): the population the check was sent for, recorded with the opt-outs
+    /// at commit, atomically, and the date of the check as the list's date.
+    fn set_national_check(&mut self, check: NationalCheck);
 
     /// Applies the staged set atomically, with its audit record: the store fills in the version,
     /// the number of changes and the digests of the numbers added and removed.

@@ -97,6 +97,9 @@ impl ConsentStore for FaultyStore {
     async fn status(&self) -> Result<StoreStatus, StoreError> {
         self.inner.status().await
     }
+    async fn coverage(&self) -> Result<optout::core::coverage::Coverage, StoreError> {
+        self.inner.coverage().await
+    }
 
     async fn changes_after(
         &self,

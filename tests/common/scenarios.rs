@@ -19,6 +19,7 @@ pub fn import(numbers: &[String], commit: bool) -> proto::ImportOptOutsRequest {
         source: "replace".into(),
         nhs_numbers: numbers.to_vec(),
         commit,
+        ..Default::default()
     }
 }
 

@@ -235,6 +235,12 @@ pub struct AuditRecord {
     /// `import-removed` parts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part_of: Option<String>,
+    /// A national check round trip: how many patients were in the population checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub population: Option<u64>,
+    /// A national check round trip: when the check was made, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at_ms: Option<u64>,
 }
 
 /// Digests an import's part holds at most: an import of millions of numbers is recorded

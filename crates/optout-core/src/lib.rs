@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 mod audit;
+pub mod coverage;
 pub mod extract;
 mod filter;
 pub mod keys;

@@ -251,6 +251,12 @@ pub enum WithholdReason {
     StoreRegressed,
     /// The caller's `at_least_version` is beyond anything the store holds.
     VersionNotReached,
+    /// The store holds the national opt-outs of a checked population (population mode), and
+    /// this number was not in it: it was never checked.
+    NotInCheckedPopulation,
+    /// The list of an opt-out type that applies is older than its configured maximum age (or was
+    /// never imported): it no longer proves anything.
+    ListTooOld,
 }
 
 /// The decision for a valid number given the opt-outs the store holds for it.

@@ -446,6 +446,12 @@ pub mod convert {
             Decision::Withhold(WithholdReason::VersionNotReached) => {
                 (Outcome::Withhold, Reason::VersionNotReached)
             }
+            Decision::Withhold(WithholdReason::NotInCheckedPopulation) => {
+                (Outcome::Withhold, Reason::NotInCheckedPopulation)
+            }
+            Decision::Withhold(WithholdReason::ListTooOld) => {
+                (Outcome::Withhold, Reason::ListTooOld)
+            }
         };
         crate::Decision {
             outcome: outcome as i32,

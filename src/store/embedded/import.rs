@@ -1,7 +1,7 @@
 //! Imports staged in their own table, applied in one durable transaction.
 
 use super::*;
-use crate::store::ImportTally;
+use crate::store::{ImportTally, NationalCheck, import_allowed};
 
 /// An import staged in its own table. Staging commits are not fsynced (`Durability::None`): a
 /// crash loses the staging table, which is what an interrupted import should do anyway. The final
@@ -13,10 +13,16 @@ pub(super) struct EmbeddedImport {
     pub(super) opt_out: OptOutType,
     pub(super) source: String,
     pub(super) committed: bool,
+    /// Set when this import is a national check round trip.
+    pub(super) check: Option<NationalCheck>,
 }
 
 #[async_trait]
 impl ImportSession for EmbeddedImport {
+    fn set_national_check(&mut self, check: NationalCheck) {
+        self.check = Some(check);
+    }
+
     async fn stage(&mut self, numbers: &[NhsNumber]) -> Result<(), StoreError> {
         let numbers = numbers.to_vec();
         let name = self.table.clone();
@@ -46,6 +52,7 @@ impl ImportSession for EmbeddedImport {
         let key = key.clone();
         let mut audit = audit;
         let (mode, t, source) = (self.mode, self.opt_out, self.source.clone());
+        let check = self.check.take();
         let outcome = self
             .store
             .blocking(move |inner| {
@@ -60,9 +67,16 @@ impl ImportSession for EmbeddedImport {
                     t,
                 };
                 audit.part_of = Some(apply.id.clone());
+                let mut coverage = get_coverage(&txn.open_table(META).map_err(storage)?)?;
+                import_allowed(coverage.mode, t, mode, check.as_ref())?;
                 {
                     let staging = txn.open_table(staging_def).map_err(storage)?;
-                    if mode == ImportMode::Replace && staging.is_empty().map_err(storage)? {
+                    // A national check in which nobody had opted out is a valid empty list: its
+                    // population says who was checked.
+                    if mode == ImportMode::Replace
+                        && check.is_none()
+                        && staging.is_empty().map_err(storage)?
+                    {
                         return Err(StoreError::ImportRefused(format!(
                             "a REPLACE import with no valid numbers would remove every {} opt-out; \
                              use RemoveOptOuts to remove opt-outs explicitly",
@@ -79,7 +93,29 @@ impl ImportSession for EmbeddedImport {
                 let Apply {
                     writer, mut tally, ..
                 } = apply;
-                let version = writer.finish(tally.listed(), tally.removed, inner.change_log_len)?;
+                // A REPLACE changes the list's date (and a national check the population): logged
+                // unlisted, so every replica rebuilds and reads the coverage with its scan.
+                let listed = if mode == ImportMode::Replace {
+                    None
+                } else {
+                    tally.listed()
+                };
+                let version = writer.finish(listed, tally.removed, inner.change_log_len)?;
+                if mode == ImportMode::Replace {
+                    let mut meta = txn.open_table(META).map_err(storage)?;
+                    let as_of = check.as_ref().map_or(now_ms(), |c| c.checked_at_ms);
+                    match t {
+                        OptOutType::NationalDataOptOut => coverage.national_as_of_ms = Some(as_of),
+                        OptOutType::Type1 => coverage.type1_as_of_ms = Some(as_of),
+                    }
+                    coverage.version = version.to_string();
+                    if let Some(c) = &check {
+                        coverage.population_len = c.population.len();
+                        meta.insert(K_POPULATION, c.population.to_bytes().as_slice())
+                            .map_err(storage)?;
+                    }
+                    put_coverage(&mut meta, &coverage)?;
+                }
                 audit.version = version.to_string();
                 audit.applied = tally.added + tally.removed;
                 let id = audit.part_of.clone().unwrap_or_default();

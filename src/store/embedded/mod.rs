@@ -33,7 +33,10 @@ use super::{
     Cause, ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, ImportOutcome, ImportSession,
     Lookup, OptOutRecord, StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome, now_ms,
 };
-use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
+use crate::core::{
+    AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version,
+    coverage::{Coverage, CoverageMeta, CoverageMode},
+};
 
 /// Numbers a scan reads in one transaction.
 const SCAN_PAGE: usize = 65_536;
@@ -104,6 +107,30 @@ impl EmbeddedStore {
     /// new dataset marker written. A database file without the marker (or from another schema) is
     /// refused: it is not an empty opt-out list and must never be read as one.
     pub fn open(config: &EmbeddedConfig) -> Result<(Self, Opened), StoreError> {
+        Self::open_or_init(config, CoverageMode::List)
+    }
+
+    /// Initialises a store in a data directory that holds none, in the given national coverage
+    /// mode (`optout init-store --data-dir`); refuses a directory that holds one already.
+    pub fn init(config: &EmbeddedConfig, mode: CoverageMode) -> Result<Self, StoreError> {
+        let path = config.data_dir.join(DB_FILE);
+        if path.exists() {
+            return Err(StoreError::ImportRefused(
+                format!(
+                    "{} holds a store already; nothing was changed (a store's coverage mode is \
+                     chosen once, when it is initialised)",
+                    path.display()
+                )
+                .into(),
+            ));
+        }
+        Self::open_or_init(config, mode).map(|(store, _)| store)
+    }
+
+    fn open_or_init(
+        config: &EmbeddedConfig,
+        mode: CoverageMode,
+    ) -> Result<(Self, Opened), StoreError> {
         let path = config.data_dir.join(DB_FILE);
         let fresh = !path.exists();
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
@@ -126,7 +153,7 @@ impl EmbeddedStore {
             StoreError::Unavailable(format!("cannot open {}: {e}", path.display()).into())
         })?;
         if fresh {
-            initialise(&db)?;
+            initialise(&db, mode)?;
         }
         let (dataset_id, version) = read_marker(&db, &path)?;
         remove_stale_staging(&db)?;
@@ -310,7 +337,20 @@ impl ConsentStore for EmbeddedStore {
             opt_out,
             source: source.to_string(),
             committed: false,
+            check: None,
         }))
+    }
+
+    async fn coverage(&self) -> Result<Coverage, StoreError> {
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(storage)?;
+            let meta = txn.open_table(META).map_err(storage)?;
+            let coverage = get_coverage(&meta)?;
+            let population = meta.get(K_POPULATION).map_err(storage)?;
+            Coverage::from_stored(&coverage, population.as_ref().map(|p| p.value()))
+                .map_err(|e| StoreError::Corrupt(e.into()))
+        })
+        .await
     }
 
     async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {

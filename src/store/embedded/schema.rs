@@ -32,6 +32,10 @@ pub(super) const K_PATIENTS: &str = "patients";
 pub(super) const K_NEXT_SOURCE: &str = "next_source_id";
 pub(super) const K_AUDIT_SEQ: &str = "audit_seq";
 pub(super) const K_REGRESSION_ACK: &str = "regression_ack";
+/// What the lists cover (`CoverageMeta` as JSON); absent in a store made before it: list mode.
+pub(super) const K_COVERAGE: &str = "coverage";
+/// The checked population (population mode), roaring-serialised.
+pub(super) const K_POPULATION: &str = "population";
 
 pub(super) fn count_key(t: OptOutType) -> &'static str {
     match t {
@@ -53,10 +57,15 @@ pub(super) fn blocking_failed(e: tokio::task::JoinError) -> StoreError {
     ))
 }
 
-pub(super) fn initialise(db: &Database) -> Result<(), StoreError> {
+pub(super) fn initialise(db: &Database, mode: CoverageMode) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut meta = txn.open_table(META).map_err(storage)?;
+        let coverage = CoverageMeta {
+            mode,
+            ..CoverageMeta::default()
+        };
+        put_coverage(&mut meta, &coverage)?;
         let id = crate::store::random_hex::<16>();
         meta.insert(K_DATASET, id.as_bytes()).map_err(storage)?;
         meta.insert(K_SCHEMA, SCHEMA.to_le_bytes().as_slice())
@@ -326,4 +335,26 @@ pub(super) fn read_trail(
         }
     }
     Ok(out)
+}
+
+/// The coverage record (list mode when absent: a store made before coverage existed).
+pub(super) fn get_coverage(
+    meta: &impl redb::ReadableTable<&'static str, &'static [u8]>,
+) -> Result<CoverageMeta, StoreError> {
+    match meta.get(K_COVERAGE).map_err(storage)? {
+        None => Ok(CoverageMeta::default()),
+        Some(v) => serde_json::from_slice(v.value()).map_err(|e| {
+            StoreError::Corrupt(format!("the coverage record cannot be read: {e}").into())
+        }),
+    }
+}
+
+pub(super) fn put_coverage(
+    meta: &mut redb::Table<&'static str, &'static [u8]>,
+    coverage: &CoverageMeta,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_vec(coverage)
+        .map_err(|e| StoreError::Corrupt(format!("coverage: {e}").into()))?;
+    meta.insert(K_COVERAGE, json.as_slice()).map_err(storage)?;
+    Ok(())
 }

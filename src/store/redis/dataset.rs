@@ -3,6 +3,8 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use crate::core::coverage::CoverageMode;
+
 use redis::{AsyncCommands, Value};
 
 use super::{
@@ -19,6 +21,12 @@ use crate::{
 impl RedisStore {
     /// Initialises an empty store: writes the dataset marker. Refuses a store that has one.
     pub async fn init(&self, buckets: u64) -> Result<String, StoreError> {
+        self.init_with(buckets, CoverageMode::List).await
+    }
+
+    /// [`RedisStore::init`] in a national coverage mode (list: a complete national list will be
+    /// imported; population: the results of national checks of a population will).
+    pub async fn init_with(&self, buckets: u64, mode: CoverageMode) -> Result<String, StoreError> {
         self.eviction_policy_ok().await?;
         self.persistence_ok().await?;
         let id = random_hex::<16>();
@@ -31,7 +39,8 @@ impl RedisStore {
             .arg(&id)
             .arg(buckets.max(1))
             .arg(now_ms())
-            .arg(tags.join(","));
+            .arg(tags.join(","))
+            .arg(mode.name());
         let created: i64 = self.invoke_durable(&inv, &mut self.write_conn()).await?;
         if created == 0 {
             return Err(self.already_initialised());

@@ -15,7 +15,8 @@ use super::{
 use crate::{
     core::{AuditKey, AuditRecord, NhsNumber, OptOutType, Version},
     store::{
-        ImportMode, ImportOutcome, ImportSession, ImportTally, StoreError, now_ms, random_hex,
+        ImportMode, ImportOutcome, ImportSession, ImportTally, NationalCheck, StoreError,
+        import_allowed, now_ms, random_hex,
     },
 };
 
@@ -41,6 +42,7 @@ impl RedisStore {
             generation,
             value: format!("{},{source_id}", now_ms()),
             committed: false,
+            check: None,
         }))
     }
 
@@ -79,6 +81,10 @@ impl RedisStore {
     }
 }
 
+/// How long a staged population waits for its swap (an import that never commits leaves it to
+/// expire).
+const STAGED_POPULATION_TTL_MS: u64 = 86_400_000;
+
 /// An import staged into a new generation of its type.
 struct RedisImport {
     store: RedisStore,
@@ -89,6 +95,8 @@ struct RedisImport {
     /// The record value of every staged number: `recorded_at_ms,source_id`.
     value: String,
     committed: bool,
+    /// Set when this import is a national check round trip.
+    check: Option<NationalCheck>,
 }
 
 impl RedisImport {
@@ -100,6 +108,10 @@ impl RedisImport {
 
 #[async_trait]
 impl ImportSession for RedisImport {
+    fn set_national_check(&mut self, check: NationalCheck) {
+        self.check = Some(check);
+    }
+
     async fn stage(&mut self, numbers: &[NhsNumber]) -> Result<(), StoreError> {
         let g = self.generation.to_string();
         // The numbers by bucket: one multi-field HSET and one key a bucket, not one a number
@@ -142,6 +154,9 @@ impl ImportSession for RedisImport {
     ) -> Result<ImportOutcome, StoreError> {
         let store = self.store.clone();
         let mut conn = store.write_conn();
+        // The mode is fixed at initialisation, so it can be read before the lock.
+        let mode = store.coverage_mode().await?;
+        import_allowed(mode, self.opt_out, self.mode, self.check.as_ref())?;
         let t = type_code(self.opt_out);
         let other = match self.opt_out {
             OptOutType::NationalDataOptOut => "2",
@@ -227,7 +242,9 @@ impl RedisImport {
             total,
             patients,
         } = diff;
-        if self.mode == ImportMode::Replace && total == 0 {
+        // A national check in which nobody had opted out is a valid empty list: its population
+        // says who was checked.
+        if self.mode == ImportMode::Replace && total == 0 && self.check.is_none() {
             return Err(StoreError::ImportRefused(
                 format!(
                     "a REPLACE import with no valid numbers would remove every {} opt-out; use \
@@ -240,11 +257,29 @@ impl RedisImport {
         audit.applied = tally.added + tally.removed;
         let parts = tally.parts(&audit, key, &id, true);
         self.write_parts(conn, &parts).await?;
+        // The population goes next to the staged generation (same slot as the swap's keys), so
+        // the swap script moves it into place with the rest; it expires if the swap never comes.
+        if let Some(check) = &self.check {
+            let () = redis::cmd("SET")
+                .arg(store.key(&format!("population:{staged_gen}")))
+                .arg(check.population.to_bytes())
+                .arg("PX")
+                .arg(STAGED_POPULATION_TTL_MS)
+                .query_async(conn)
+                .await
+                .map_err(store_error)?;
+        }
         let swap = Swap {
             t,
             token,
             staged_gen: &staged_gen,
-            added: tally.listed(),
+            // A REPLACE changes the list's date (and a national check the population): logged
+            // unlisted, so every replica rebuilds and reads the coverage with its scan.
+            added: if self.mode == ImportMode::Replace {
+                None
+            } else {
+                tally.listed()
+            },
             removed: tally.removed,
             total,
             patients,
@@ -332,7 +367,19 @@ impl RedisImport {
                 "listed"
             } else {
                 "unlisted"
-            });
+            })
+            // The list's date (REPLACE only) and the population's size (a national check only).
+            .arg(match (self.mode, &self.check) {
+                (_, Some(c)) => c.checked_at_ms.to_string(),
+                (ImportMode::Replace, None) => now_ms().to_string(),
+                (ImportMode::Merge, None) => String::new(),
+            })
+            .arg(
+                self.check
+                    .as_ref()
+                    .map(|c| c.population.len().to_string())
+                    .unwrap_or_default(),
+            );
         let (id, old): (String, u64) = store.invoke_durable(&inv, conn).await?;
         let version = Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?;
         Ok((version, old))

@@ -18,6 +18,7 @@ mod audit;
 mod cluster;
 mod config;
 mod conn;
+mod coverage;
 mod dataset;
 mod durable;
 mod feed;
@@ -204,6 +205,10 @@ impl ConsentStore for RedisStore {
 
     async fn status(&self) -> Result<StoreStatus, StoreError> {
         self.counts().await
+    }
+
+    async fn coverage(&self) -> Result<crate::core::coverage::Coverage, StoreError> {
+        self.read_coverage().await
     }
 
     async fn changes_after(

@@ -64,12 +64,15 @@ pub(super) enum ScriptError {
     Dataset,
     /// `OPTOUTLOCKED`: an import of the type holds its lock, or the import lost it.
     Locked,
+    /// `OPTOUTREFUSED`: the import cannot be applied as it stands (the message says why).
+    Refused,
 }
 
 impl ScriptError {
-    const CODES: [(&'static str, ScriptError); 2] = [
+    const CODES: [(&'static str, ScriptError); 3] = [
         ("OPTOUTDATASET", ScriptError::Dataset),
         ("OPTOUTLOCKED", ScriptError::Locked),
+        ("OPTOUTREFUSED", ScriptError::Refused),
     ];
 
     /// The script error a Redis error carries, if it is one of ours.
@@ -92,6 +95,12 @@ pub(super) fn store_error(e: RedisError) -> StoreError {
         ),
         Some(ScriptError::Locked) => StoreError::Unavailable(
             "an import of this opt-out type is being applied; retry in a few seconds".into(),
+        ),
+        Some(ScriptError::Refused) => StoreError::ImportRefused(
+            e.detail()
+                .unwrap_or("the import was refused by the store")
+                .to_string()
+                .into(),
         ),
         None => StoreError::Unavailable(Cause::with_source(format!("redis: {e}"), e)),
     }

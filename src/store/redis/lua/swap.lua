@@ -1,5 +1,7 @@
 -- ARGV: prefix, dataset, type, lock token, new generation, added csv, removed, new
--- count, patients delta, maxlen, audit json, changes, "listed" or "unlisted". Returns
+-- count, patients delta, maxlen, audit json, changes, "listed" or "unlisted", the list's date in
+-- ms ("" for a MERGE: it does not make the list complete), the population's size ("" unless a
+-- national check round trip, whose population was staged at population:<generation>). Returns
 -- {version, old generation}. An unlisted import (more added numbers than a log entry lists) is
 -- logged with `u`: replicas rebuild their filters from a scan.
 local p, t = ARGV[1], ARGV[3]
@@ -8,6 +10,11 @@ if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
 end
 if redis.call('GET', p..'lock:'..t) ~= ARGV[4] then
   return redis.error_reply('OPTOUTLOCKED the import lock was lost')
+end
+-- Checked before anything is written (a script's writes are not undone by a later error).
+local staged_population = p..'population:'..ARGV[5]
+if ARGV[15] ~= '' and redis.call('EXISTS', staged_population) == 0 then
+  return redis.error_reply('OPTOUTREFUSED the staged population is gone (it expired?); import again')
 end
 local old = redis.call('GET', p..'gen:'..t) or '0'
 redis.call('SET', p..'gen:'..t, ARGV[5])
@@ -22,6 +29,14 @@ else
   id = redis.call('XADD', p..'log', '*', 'a', ARGV[6], 'r', ARGV[7])
 end
 redis.call('SET', p..'version', id)
+if ARGV[14] ~= '' then
+  redis.call('HSET', p..'coverage', 'as_of:'..t, ARGV[14], 'version', id)
+end
+if ARGV[15] ~= '' then
+  redis.call('RENAME', staged_population, p..'population')
+  redis.call('PERSIST', p..'population')
+  redis.call('HSET', p..'coverage', 'population_len', ARGV[15])
+end
 trim(p, tonumber(ARGV[10]))
 redis.call('DEL', p..'lock:'..t)
 redis.call('XADD', p..'changes', '*', 'r', ARGV[11], 'v', id, 'n', ARGV[12])
