@@ -104,5 +104,75 @@ fn audit_digest(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse, filter, audit_digest);
+/// Population mode's membership test (an exact roaring set of number bodies), asked for every
+/// released number: its cost per lookup, and its memory per million patients for two shapes of
+/// population, printed first. Scattered: numbers drawn across the England range (400 000 000 0 to
+/// 499 999 999 9), as a practice's or a region's patients are. Consecutive: a block of numbers as
+/// allocated, the densest case.
+fn population(c: &mut Criterion) {
+    use optout::core::coverage::Population;
+    let count = opt_outs();
+    let scattered: Vec<NhsNumber> = {
+        // A fixed multiplicative walk over the range: reproducible, no RNG needed.
+        let mut v = Vec::with_capacity(count);
+        let mut x: u64 = 12_345;
+        while v.len() < count {
+            x = (x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407))
+                >> 1;
+            if let Ok(n) = NhsNumber::from_u64(4_000_000_000 + x % 1_000_000_000) {
+                v.push(n);
+            }
+        }
+        v
+    };
+    let consecutive = valid(4_000_000_000, count);
+    let mut sets = Vec::new();
+    for (name, numbers) in [("scattered", &scattered), ("consecutive", &consecutive)] {
+        let mut p = Population::new();
+        for n in numbers.iter() {
+            p.insert(*n);
+        }
+        let per_million = p.serialized_size() as f64 * 1_000_000.0 / p.len() as f64;
+        println!(
+            "population {name}: {} patients, {} bytes ({:.2} MiB per million patients)",
+            p.len(),
+            p.serialized_size(),
+            per_million / (1024.0 * 1024.0)
+        );
+        sets.push((name, p));
+    }
+    let absent = valid(6_000_000_000, 1_000_000);
+    let mut g = c.benchmark_group("population_contains");
+    g.throughput(Throughput::Elements(1000));
+    for (name, p) in &sets {
+        let members = if *name == "scattered" {
+            &scattered
+        } else {
+            &consecutive
+        };
+        let mut at = 0;
+        g.bench_function(format!("{name}_member"), |b| {
+            b.iter(|| {
+                at = (at + 1000) % members.len().saturating_sub(1000).max(1);
+                for n in &members[at..at + 1000] {
+                    black_box(p.contains(black_box(*n)));
+                }
+            })
+        });
+        let mut at = 0;
+        g.bench_function(format!("{name}_outside"), |b| {
+            b.iter(|| {
+                at = (at + 1000) % absent.len().saturating_sub(1000).max(1);
+                for n in &absent[at..at + 1000] {
+                    black_box(p.contains(black_box(*n)));
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, parse, filter, audit_digest, population);
 criterion_main!(benches);

@@ -64,6 +64,18 @@ for sm in by_kind.get("ServiceMonitor", []):
     for ep in sm["spec"]["endpoints"]:
         assert ep["port"] in ports, f"ServiceMonitor port {ep['port']} is not a Service port"
         assert set(ep) <= {"port", "path", "interval", "scheme"}, ep
+# Every metric an alert names is one the service exports (its name appears in the source).
+import re
+source = "".join(p.read_text() for p in pathlib.Path("src").rglob("*.rs"))
+for rule in by_kind.get("PrometheusRule", []):
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1", rule["apiVersion"]
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            names = set(re.findall(r"optout_[a-z0-9_]+", r["expr"]))
+            assert names, f"alert {r['alert']} names no optout metric"
+            for name in names:
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                assert f'"{base}"' in source, f"alert {r['alert']}: {name} is not a metric of the service"
 cm = by_kind["ConfigMap"][0]
 config = tomllib.loads(cm["data"]["config.toml"])
 for key in config:
@@ -73,7 +85,8 @@ for c in by_kind["Deployment"][0]["spec"]["template"]["spec"]["containers"]:
         if arg.startswith("--"):
             flag = arg.split("=", 1)[0]
             assert f"{flag} " in help_text or f"{flag}\n" in help_text, f"Deployment arg `{flag}` is not a flag of optout serve"
-print(f"  ServiceMonitor, Deployment args and config.toml ({len(config)} settings) consistent")
+rules = sum(len(g["rules"]) for r in by_kind.get("PrometheusRule", []) for g in r["spec"]["groups"])
+print(f"  ServiceMonitor, {rules} alert rules, Deployment args and config.toml ({len(config)} settings) consistent")
 PY
 done
 

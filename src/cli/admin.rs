@@ -266,6 +266,17 @@ async fn audit(
                 } else {
                     format!("import {}", e.part_of)
                 },
+                if e.population > 0 {
+                    format!(
+                        "national check of {} patients at {}",
+                        e.population,
+                        super::national_check::rfc3339(
+                            u64::try_from(e.checked_at_unix_ms).unwrap_or(0)
+                        )
+                    )
+                } else {
+                    String::new()
+                },
             ]
             .into_iter()
             .filter(|s| !s.is_empty())
