@@ -6,6 +6,9 @@
 #
 #   bash scripts/bench.sh                 # 5,000,000 opt-outs, 10 s per workload
 #   COUNT=200000 SECONDS_EACH=3 bash scripts/bench.sh   # a quick look
+#   COVERAGE=population POOL=5000000 bash scripts/bench.sh
+#       # population mode: the store is seeded by a national check round trip of the opt-outs
+#       # and POOL clean numbers, and the traffic's clean numbers come from that pool
 #
 # Everything listens on 127.0.0.1 and is stopped at the end. Not part of CI (minutes of CPU).
 set -euo pipefail
@@ -17,6 +20,14 @@ REDIS_PORT="${REDIS_PORT:-6399}"
 SERVICE="127.0.0.1:${SERVICE_PORT:-50251}"
 ECHO="127.0.0.1:${ECHO_PORT:-50252}"
 OUT="${OUT:-BENCHMARKS.md}"
+COVERAGE="${COVERAGE:-list}"
+POOL="${POOL:-0}"
+if [ "$COVERAGE" = population ] && [ "$POOL" = 0 ]; then
+    echo "COVERAGE=population needs POOL, the clean numbers of the checked population" >&2
+    exit 1
+fi
+# The population's clean numbers (all of them in list mode), for every loadtest command.
+pool=(--checked-pool "$POOL")
 source scripts/bench-lib.sh
 
 # Persistence as the service requires of a single Redis: every acknowledged write fsynced.
@@ -25,7 +36,7 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes --
 pids+=($!)
 until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
 redis_url="redis://127.0.0.1:$REDIS_PORT"
-"$bin/optout" init-store --redis-url "$redis_url" >/dev/null
+"$bin/optout" init-store --redis-url "$redis_url" --national-coverage "$COVERAGE" >/dev/null
 
 OPTOUT_LOG=warn "$bin/optout" serve --listen "$SERVICE" --redis-url "$redis_url" \
     --rate-limit 0 --filter-capacity "$COUNT" --snapshot-interval-secs 2 \
@@ -37,14 +48,16 @@ pids+=($!)
 until "$bin/optout" admin --server "http://$SERVICE" status >/dev/null 2>&1; do sleep 0.2; done
 
 base_mem=$(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r')
-seed_out=$("$bin/optout-loadtest" seed --server "http://$SERVICE" --count "$COUNT" \
+national_check=()
+[ "$COVERAGE" = population ] && national_check=(--national-check)
+seed_out=$("$bin/optout-loadtest" seed --server "http://$SERVICE" --count "$COUNT" "${pool[@]}" "${national_check[@]}" \
     --baseline-redis-url "$redis_url")
 echo "$seed_out"
 
 run() { # label server extra-args...
     local label=$1 server=$2
     shift 2
-    "$bin/optout-loadtest" run --server "$server" --label "$label" --count "$COUNT" \
+    "$bin/optout-loadtest" run --server "$server" --label "$label" --count "$COUNT" "${pool[@]}" \
         --duration "${DURATION:-$SECONDS_EACH}" --json "$work/$label-$RANDOM.json" "$@"
 }
 results="$work/results.txt"
@@ -56,7 +69,7 @@ log_bytes() { du -sb "$work/check-log" 2>/dev/null | awk '{print $1}'; }
 mem_before=$(redis_used)
 log_before=$(log_bytes)
 # The service's batch workload, then the same against the plain Redis set (reads only).
-"$bin/optout-loadtest" run --server "http://$SERVICE" --label service --count "$COUNT" \
+"$bin/optout-loadtest" run --server "http://$SERVICE" --label service --count "$COUNT" "${pool[@]}" \
     --duration "$SECONDS_EACH" --json "$work/batch.json" --mode batch --batch 1000 \
     --concurrency 16 --connections 4 --baseline redis --baseline-redis-url "$redis_url" \
     | tee -a "$results"
@@ -98,7 +111,7 @@ h2load_lines=()
 if command -v h2load >/dev/null; then
     for batch in 1000 1; do
         body="$work/check-$batch.bin"
-        "$bin/optout-loadtest" frame --count "$COUNT" --batch "$batch" --out "$body"
+        "$bin/optout-loadtest" frame --count "$COUNT" "${pool[@]}" --batch "$batch" --out "$body"
         s=$(h2load_rps "$SERVICE" "$body" "${H2LOAD_REQUESTS:-20000}" 4 16)
         e=$(h2load_rps "$ECHO" "$body" "${H2LOAD_REQUESTS:-20000}" 4 16)
         h2load_lines+=("$(awk -v b="$batch" -v s="$s" -v e="$e" 'BEGIN {
@@ -167,6 +180,10 @@ second_rss_loaded_run=$(awk '/^VmRSS:/ {print $2}' "/proc/$second_pid/status")
     echo "$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), client and"
     echo "server sharing the machine; Redis $(redis-server --version | awk '{print $3}' | cut -d= -f2),"
     echo "$COUNT opt-outs, 5% opted-out traffic, $SECONDS_EACH s per workload after 2 s warm-up."
+    if [ "$COVERAGE" = population ]; then
+        echo "Population mode: seeded by a national check round trip of the opt-outs and $POOL"
+        echo "clean numbers; every check of a released number asks the population set."
+    fi
     echo
     echo "## Targets"
     echo

@@ -93,6 +93,7 @@ pub async fn seed(
     api_key: Option<String>,
     population: &Population,
     baseline: Option<(&str, &str)>,
+    national_check: bool,
     progress: &indicatif::ProgressBar,
 ) -> Result<(u64, Duration), Error> {
     let started = Instant::now();
@@ -102,6 +103,10 @@ pub async fn seed(
     let pop = population.clone();
     let bar = progress.clone();
     let producer = tokio::spawn(async move {
+        if national_check {
+            national_round_trip(&pop, &tx, &bar).await;
+            return;
+        }
         let mut chunk = Vec::with_capacity(10_000);
         let mut first = true;
         for n in pop.planted() {
@@ -138,6 +143,48 @@ pub async fn seed(
         }
     }
     Ok((r.received, started.elapsed()))
+}
+
+/// A national check round trip of the checked population (planted and pool), in chunks: each
+/// chunk's numbers as population, its planted ones as the opt-outs.
+async fn national_round_trip(
+    pop: &Population,
+    tx: &tokio::sync::mpsc::Sender<ImportOptOutsRequest>,
+    bar: &indicatif::ProgressBar,
+) {
+    let checked_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let mut first = true;
+    let mut population = Vec::with_capacity(10_000);
+    let mut opt_outs = Vec::new();
+    let mut send = async |population: Vec<String>, opt_outs: Vec<String>, commit: bool| {
+        bar.inc(opt_outs.len() as u64);
+        let mut m = message(opt_outs, first, commit);
+        m.population = population;
+        if first {
+            m.national_checked_at_unix_ms = checked_at;
+        }
+        first = false;
+        tx.send(m).await.is_ok()
+    };
+    for n in pop.checked() {
+        if pop.is_planted(n) {
+            opt_outs.push(n.to_string());
+        }
+        population.push(n.to_string());
+        if population.len() == 10_000
+            && !send(
+                std::mem::replace(&mut population, Vec::with_capacity(10_000)),
+                std::mem::take(&mut opt_outs),
+                false,
+            )
+            .await
+        {
+            return;
+        }
+    }
+    send(population, opt_outs, true).await;
 }
 
 fn message(numbers: Vec<String>, first: bool, commit: bool) -> ImportOptOutsRequest {

@@ -23,6 +23,17 @@ struct PopulationArgs {
     /// Seed of the population (the same seed regenerates the same planted numbers).
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Draw clean numbers only from this many (0: from all ~90 million). With `seed
+    /// --national-check`, these and the planted ones are the checked population of a store in
+    /// population mode; give the same value to `run`.
+    #[arg(long, default_value_t = 0)]
+    checked_pool: u64,
+}
+
+impl PopulationArgs {
+    fn population(&self) -> Population {
+        Population::new(self.seed, self.count).with_pool(self.checked_pool)
+    }
 }
 
 #[derive(Subcommand)]
@@ -43,6 +54,10 @@ enum Command {
         /// The baseline set's key.
         #[arg(long, default_value = "optout-loadtest:baseline")]
         baseline_key: String,
+        /// Seed a store in population mode: a national check round trip whose population is the
+        /// planted numbers and the --checked-pool clean ones.
+        #[arg(long)]
+        national_check: bool,
     },
     /// Run a workload and report (and, with --baseline redis, the same workload against Redis).
     Run(RunArgs),
@@ -144,7 +159,7 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
             opted_share,
             out,
         } => {
-            let pop = Population::new(population.seed, population.count);
+            let pop = population.population();
             let body = optout_loadtest::framed_check(&pop, batch, opted_share);
             std::fs::write(&out, &body)
                 .map_err(|e| optout_loadtest::Error::Usage(format!("{}: {e}", out.display())))?;
@@ -156,8 +171,15 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
             api_key,
             baseline_redis_url,
             baseline_key,
+            national_check,
         } => {
-            let pop = Population::new(population.seed, population.count);
+            if national_check && population.checked_pool == 0 {
+                return Err(optout_loadtest::Error::Usage(
+                    "--national-check needs --checked-pool: the clean numbers of the population"
+                        .into(),
+                ));
+            }
+            let pop = population.population();
             let bar = indicatif::ProgressBar::new(pop.count());
             if let Ok(style) = indicatif::ProgressStyle::with_template(
                 "{bar:40} {human_pos}/{human_len} opt-outs ({per_sec}, eta {eta})",
@@ -171,6 +193,7 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
                 baseline_redis_url
                     .as_deref()
                     .map(|u| (u, baseline_key.as_str())),
+                national_check,
                 &bar,
             )
             .await?;
@@ -206,7 +229,7 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
-            let pop = Population::new(args.population.seed, args.population.count);
+            let pop = args.population.population();
             let workload = Workload {
                 mode: args.mode,
                 batch: args.batch,

@@ -21,6 +21,9 @@ pub struct Population {
     /// Indices below this are planted (valid ones), at or above are clean.
     limit: u64,
     count: u64,
+    /// Clean indices drawn from: `limit..limit + pool` (all of the rest when `None`). Bounded, it
+    /// is the checked population of a store in population mode (with the planted ones).
+    pool: Option<u64>,
 }
 
 fn inverse_mod(a: u64, m: u64) -> u64 {
@@ -59,6 +62,7 @@ impl Population {
             inverse: inverse_mod(STRIDE, SPACE),
             limit: 0,
             count: count.min(SPACE / 2),
+            pool: None,
         };
         let mut found = 0;
         let mut i = 0;
@@ -78,6 +82,19 @@ impl Population {
 
     fn at(&self, i: u64) -> Option<NhsNumber> {
         with_check_digit(self.prefix(i))
+    }
+
+    /// The same population, with clean numbers drawn only from the first `pool` clean indices
+    /// (0: from all of them).
+    pub fn with_pool(mut self, pool: u64) -> Population {
+        self.pool = (pool > 0).then_some(pool.min(SPACE - self.limit));
+        self
+    }
+
+    /// The checked population of a store in population mode: every planted number and every
+    /// clean one the traffic draws from, in index order (needs a pool).
+    pub fn checked(&self) -> impl Iterator<Item = NhsNumber> + '_ {
+        (0..self.limit + self.pool.unwrap_or(0)).filter_map(|i| self.at(i))
     }
 
     /// How many opt-outs are planted.
@@ -108,7 +125,7 @@ impl Population {
             let i = if rng.random_bool(share.clamp(0.0, 1.0)) && self.limit > 0 {
                 rng.random_range(0..self.limit)
             } else {
-                rng.random_range(self.limit..SPACE)
+                rng.random_range(self.limit..self.pool.map_or(SPACE, |p| self.limit + p))
             };
             if let Some(n) = self.at(i) {
                 return n;

@@ -44,7 +44,7 @@ async fn seeds_and_runs_every_mode_with_no_leak() {
     let bar = indicatif::ProgressBar::hidden();
     let mut seeded = None;
     for _ in 0..100 {
-        if let Ok(s) = seed(&url, None, &pop, None, &bar).await {
+        if let Ok(s) = seed(&url, None, &pop, None, false, &bar).await {
             seeded = Some(s);
             break;
         }
@@ -96,5 +96,96 @@ async fn the_echo_server_releases_everything_so_the_harness_counts_leaks() {
     // The echo server releases planted numbers too: the leak counter must see every one.
     assert!(r.planted_seen > 0);
     assert_eq!(r.leaks, r.planted_seen);
+    let _ = stop.send(());
+}
+
+/// `seed --national-check`: a store in population mode is seeded with a national check round trip
+/// of the planted numbers and the clean pool, and the pool's numbers are then released (they were
+/// checked), the planted withheld, and a number outside the pool withheld as never checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_national_check_seeds_a_store_in_population_mode() {
+    use optout_proto::{CheckRequest, Purpose, Reason, opt_out_check_client::OptOutCheckClient};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let embedded = optout::store::embedded::EmbeddedConfig {
+        data_dir: dir.path().to_path_buf(),
+        change_log_len: 100,
+        cache_bytes: optout::store::embedded::DEFAULT_CACHE_BYTES,
+    };
+    drop(
+        optout::store::embedded::EmbeddedStore::init(
+            &embedded,
+            optout::core::coverage::CoverageMode::Population,
+        )
+        .expect("init"),
+    );
+    let (url, stop) = start_service(dir.path()).await;
+    let pop = Population::new(7, 2000).with_pool(3000);
+    let bar = indicatif::ProgressBar::hidden();
+    let mut seeded = None;
+    for _ in 0..100 {
+        if let Ok(s) = seed(&url, None, &pop, None, true, &bar).await {
+            seeded = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seeded.expect("seeded").0,
+        2000,
+        "the planted are the opt-outs"
+    );
+    let checked: Vec<_> = pop.checked().collect();
+    let planted = checked
+        .iter()
+        .find(|n| pop.is_planted(**n))
+        .expect("planted");
+    let clean = checked
+        .iter()
+        .find(|n| !pop.is_planted(**n))
+        .expect("clean");
+    let outside = Population::new(7, 2000)
+        .with_pool(90_000_000)
+        .checked()
+        .skip(checked.len() + 10)
+        .find(|n| !pop.is_planted(*n))
+        .expect("outside");
+    let mut client = OptOutCheckClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let mut reasons = Vec::new();
+    for _ in 0..100 {
+        let r = client
+            .check(CheckRequest {
+                nhs_numbers: [planted, clean, &outside]
+                    .map(|n| n.to_string())
+                    .into_iter()
+                    .collect(),
+                purpose: Purpose::Research as i32,
+                ..CheckRequest::default()
+            })
+            .await
+            .expect("check")
+            .into_inner();
+        reasons = r.decisions.iter().map(|d| d.reason).collect();
+        if reasons[1] == Reason::NoOptOut as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        reasons,
+        vec![
+            Reason::NationalDataOptOut as i32,
+            Reason::NoOptOut as i32,
+            Reason::NotInCheckedPopulation as i32
+        ]
+    );
+    let target = Target::Grpc { url, api_key: None };
+    let r = run(&target, &pop, &workload(Mode::Batch))
+        .await
+        .expect("run");
+    assert!(r.requests > 0 && r.planted_seen > 0, "{r:?}");
+    assert_eq!(r.leaks, 0);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
     let _ = stop.send(());
 }
