@@ -43,6 +43,7 @@ impl RedisStore {
             value: format!("{},{source_id}", now_ms()),
             committed: false,
             check: None,
+            in_flight: None,
         }))
     }
 
@@ -97,6 +98,8 @@ struct RedisImport {
     committed: bool,
     /// Set when this import is a national check round trip.
     check: Option<NationalCheck>,
+    /// The last staged chunk's writes, still under way.
+    in_flight: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
 }
 
 impl RedisImport {
@@ -133,13 +136,22 @@ impl ImportSession for RedisImport {
                 .hset_multiple(self.bucket_key(&g, *b), fields)
                 .ignore();
         }
-        let sends = pipes.into_values().map(|pipe| {
-            let mut conn = self.store.write_conn();
-            async move { pipe.query_async::<()>(&mut conn).await }
-        });
-        for r in futures::future::join_all(sends).await {
-            r.map_err(store_error)?;
-        }
+        // At most one chunk in flight: this one is built while the previous one is written, and
+        // sent once that one is acknowledged (an error surfaces here or at commit).
+        self.settle().await?;
+        let sends: Vec<_> = pipes
+            .into_values()
+            .map(|pipe| {
+                let mut conn = self.store.write_conn();
+                async move { pipe.query_async::<()>(&mut conn).await }
+            })
+            .collect();
+        self.in_flight = Some(tokio::spawn(async move {
+            for r in futures::future::join_all(sends).await {
+                r.map_err(store_error)?;
+            }
+            Ok(())
+        }));
         Ok(())
     }
 
@@ -152,6 +164,7 @@ impl ImportSession for RedisImport {
         audit: AuditRecord,
         key: &AuditKey,
     ) -> Result<ImportOutcome, StoreError> {
+        self.settle().await?;
         let store = self.store.clone();
         let mut conn = store.write_conn();
         // The mode is fixed at initialisation, so it can be read before the lock.
@@ -207,6 +220,16 @@ impl ImportSession for RedisImport {
 }
 
 impl RedisImport {
+    /// Waits for the chunk in flight, if any, and returns its error.
+    async fn settle(&mut self) -> Result<(), StoreError> {
+        match self.in_flight.take() {
+            None => Ok(()),
+            Some(h) => h.await.map_err(|e| {
+                StoreError::Unavailable(format!("an import's staging task failed: {e}").into())
+            })?,
+        }
+    }
+
     async fn diff_and_swap(
         &self,
         conn: &mut Conn,
@@ -486,9 +509,24 @@ impl Drop for RedisImport {
     /// An import that was not committed leaves a generation nobody reads: unlink it. If this
     /// process dies first, its keys stay until removed by hand (they are never read).
     fn drop(&mut self) {
-        if !self.committed {
-            self.store
-                .unlink_generation(type_code(self.opt_out), self.generation, &self.bound);
+        if self.committed {
+            return;
+        }
+        let (store, t, generation, bound) = (
+            self.store.clone(),
+            type_code(self.opt_out),
+            self.generation,
+            self.bound.clone(),
+        );
+        match (self.in_flight.take(), tokio::runtime::Handle::try_current()) {
+            // Unlinked after the chunk in flight lands, so none of it is left behind.
+            (Some(h), Ok(rt)) => {
+                rt.spawn(async move {
+                    let _ = h.await;
+                    store.unlink_generation(t, generation, &bound);
+                });
+            }
+            _ => store.unlink_generation(t, generation, &bound),
         }
     }
 }
