@@ -321,8 +321,9 @@ async fn admin_import_then_check_get_and_status() {
         stdout.contains("received 3, added 2, removed 0, rejected 1"),
         "{stdout}"
     );
+    // The invalid number is named by its line in the file (line 3; line 2 is blank).
     assert!(
-        text(&out.stderr).contains("numbers 2 of the input"),
+        text(&out.stderr).contains("the first at lines 3"),
         "{}",
         text(&out.stderr)
     );
@@ -343,14 +344,18 @@ async fn admin_import_then_check_get_and_status() {
     assert_eq!(
         text(&out.stdout),
         format!(
-            "{}\tWITHHOLD\tNATIONAL_DATA_OPT_OUT\n{}\tWITHHOLD\tNATIONAL_DATA_OPT_OUT\n{}\tRELEASE\tNO_OPT_OUT\n12\tWITHHOLD\tINVALID_NHS_NUMBER\n",
+            "{}\twithhold\tnational-data-opt-out\n{}\twithhold\tnational-data-opt-out\n{}\trelease\tno-opt-out\n12\twithhold\tinvalid-nhs-number\n",
             n[0], n[1], n[2]
         )
     );
 
     let out = optout(args(&["admin", "--server", &server.url, "get", &n[0]])).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("OPT_OUT_TYPE_NATIONAL_DATA_OPT_OUT"));
+    assert!(
+        text(&out.stdout).contains("national\trecorded 20"),
+        "{}",
+        text(&out.stdout)
+    );
     assert!(text(&out.stdout).contains("source national.txt"));
     assert!(
         text(&out.stdout).contains("scheme: NHS number (England, Wales, Isle of Man)"),
@@ -490,7 +495,7 @@ async fn serve_answers_and_exits_cleanly_on_sigterm() {
     ]))
     .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("RELEASE"));
+    assert!(text(&out.stdout).contains("release"));
     let pid = child.id().to_string();
     let status = Command::new("kill")
         .args(["-TERM", &pid])
@@ -538,7 +543,7 @@ async fn an_acknowledged_opt_out_survives_a_crash() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
-        "9434765919\tWITHHOLD\tNATIONAL_DATA_OPT_OUT\n"
+        "9434765919\twithhold\tnational-data-opt-out\n"
     );
     child.kill().expect("kill");
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
@@ -595,4 +600,242 @@ async fn init_store_and_a_malformed_redis_url_say_what_is_wrong() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[tokio::test]
+async fn health_exits_zero_when_serving_and_says_why_it_cannot_connect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir.path().join("data")).await;
+    let out = optout(args(&["health", "--server", &server.url])).await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "server: SERVING");
+    let out = optout(args(&[
+        "health",
+        "--server",
+        &server.url,
+        "--service",
+        "lists",
+    ]))
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "no maximum age set: every list is in force"
+    );
+    let out = optout(args(&[
+        "health",
+        "--server",
+        &server.url,
+        "--service",
+        "nope",
+    ]))
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown service is NOT_FOUND"
+    );
+    let url = server.url.clone();
+    server.stop().await;
+    // Nothing listens there now: exit 2, with the cause and what to try.
+    let out = optout(args(&["health", "--server", &url, "--timeout-ms", "2000"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("refused") && err.contains("is the server running"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_serve_on_the_same_data_dir_fails_before_it_says_it_listens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let (mut first, _url) = spawn_serve(&data).await;
+    let data_arg = data.to_str().expect("utf8").to_string();
+    let out = optout(args(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_arg,
+    ]))
+    .await;
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("already open in another process"), "{err}");
+    assert!(!err.contains("listening on"), "{err}");
+}
+
+/// One vocabulary: the flags' kebab-case names and RFC 3339 times on every output, JSON with the
+/// same names, and bad input named by its 1-based place.
+#[tokio::test]
+async fn every_command_speaks_the_flags_names_and_rfc3339_times() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Check records in the store, where `admin audit` reads them.
+    let mut config = common::test_config(&dir.path().join("data"));
+    config.check_files = None;
+    let server = TestServer::start_with(config).await;
+    let n = valid_numbers(4_000_000_000, 2);
+    // A bad argument is named by its position among the arguments, and nothing is sent.
+    let out = optout(args(&[
+        "admin",
+        "--server",
+        &server.url,
+        "add",
+        "--type",
+        "type1",
+        "--source",
+        "ticket-1",
+        &n[0],
+        "12",
+    ]))
+    .await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("argument 2: not 10 digits") && err.contains("nothing was sent"),
+        "{err}"
+    );
+    let out = optout(args(&[
+        "admin",
+        "--server",
+        &server.url,
+        "add",
+        "--type",
+        "type1",
+        "--source",
+        "ticket-1",
+        &n[0],
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let out = optout(args(&[
+        "check",
+        "--server",
+        &server.url,
+        "--purpose",
+        "research",
+        "--origin",
+        "gp-practice",
+        "--output",
+        "json",
+        &n[0],
+        &n[1],
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["decisions"][0]["outcome"], "withhold");
+    assert_eq!(v["decisions"][0]["reason"], "type-1-opt-out");
+    assert_eq!(v["decisions"][1]["reason"], "no-opt-out");
+    assert_eq!(v["decisions"][1]["nhs_number"], n[1].as_str());
+
+    let out = optout(args(&[
+        "admin",
+        "--server",
+        &server.url,
+        "get",
+        "--output",
+        "json",
+        &n[0],
+    ]))
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["opt_outs"][0]["type"], "type1");
+    let at = v["opt_outs"][0]["recorded_at"].as_str().expect("time");
+    assert!(at.parse::<jiff::Timestamp>().is_ok(), "RFC 3339: {at}");
+
+    let out = optout(args(&[
+        "admin",
+        "--server",
+        &server.url,
+        "status",
+        "--output",
+        "json",
+    ]))
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["type1_opt_outs"], 1);
+    assert_eq!(v["lists"][0]["type"], "national");
+    assert_eq!(v["lists"][0]["mode"], "list");
+    assert_eq!(v["filter"]["fresh"], true);
+
+    let since = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1)).to_string();
+    // Check records are written in the background, within a moment.
+    let v: serde_json::Value = poll!("the check's record", Duration::from_secs(10), {
+        let out = optout(args(&[
+            "admin",
+            "--server",
+            &server.url,
+            "audit",
+            "--from",
+            &since,
+            "--output",
+            "json",
+        ]))
+        .await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        if v.as_array()
+            .is_some_and(|r| r.iter().any(|r| r["action"] == "check"))
+        {
+            break v;
+        }
+    });
+    let records = v.as_array().expect("array");
+    let check = records
+        .iter()
+        .find(|r| r["action"] == "check")
+        .expect("the check is audited");
+    assert_eq!(check["purpose"], "research");
+    assert_eq!(check["origin"], "gp-practice");
+    assert_eq!(check["released"], 1);
+    assert_eq!(check["withheld"]["type-1-opt-out"], 1);
+    assert!(
+        check["at"]
+            .as_str()
+            .expect("time")
+            .parse::<jiff::Timestamp>()
+            .is_ok()
+    );
+    let add = records
+        .iter()
+        .find(|r| r["action"] == "add")
+        .expect("the add");
+    assert_eq!(add["type"], "type1");
+    // Text output: the same names.
+    let out = optout(args(&[
+        "admin",
+        "--server",
+        &server.url,
+        "audit",
+        "--from",
+        &since,
+    ]))
+    .await;
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("research gp-practice") && shown.contains("withheld type-1-opt-out=1"),
+        "{shown}"
+    );
+    assert!(!shown.contains("since the Unix epoch"), "{shown}");
+    let out = optout(args(&[
+        "admin",
+        "--server",
+        &server.url,
+        "audit",
+        "--from",
+        "yesterday",
+    ]))
+    .await;
+    assert!(
+        text(&out.stderr).contains("RFC 3339"),
+        "{}",
+        text(&out.stderr)
+    );
+    server.stop().await;
 }

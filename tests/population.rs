@@ -170,7 +170,7 @@ async fn a_national_check_round_trip_is_imported_and_numbers_outside_its_populat
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
-        err.contains("line 8") && err.contains("was not in the file sent"),
+        err.contains("line 8") && err.contains("not in the file sent"),
         "{err}"
     );
     // The national service's error reply.

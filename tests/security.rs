@@ -757,7 +757,7 @@ async fn audit_records_every_change_and_check_and_holds_no_nhs_number() {
     let check = &all[4];
     assert_eq!(check.extract_id, "study-42");
     assert_eq!(check.count, 6);
-    assert_eq!(check.purpose, "Research");
+    assert_eq!(check.purpose, "research");
     // n0, n1 national; n3, n4 type 1 (unspecified origin applies both): 4 withheld, 2 released.
     assert_eq!(check.applied, 2);
     assert_eq!(check.withheld.values().sum::<u64>(), 4);

@@ -12,7 +12,10 @@ use clap::{Args, Subcommand, ValueEnum};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{AuthChannel, CliError, ClientArgs, DelimiterArg, FormatArg, TypeArg, progress};
+use super::{
+    AuthChannel, CliError, ClientArgs, DelimiterArg, FormatArg, TypeArg, progress,
+    words::{self, OutputArg},
+};
 use crate::{
     api::proto::{
         self, ChangeOptOutsRequest, GetOptOutRequest, GetStatusRequest, ImportOptOutsRequest,
@@ -44,9 +47,16 @@ enum AdminCommand {
     Get {
         /// The NHS number.
         nhs_number: String,
+        /// text, or json (the same names and times, as one object).
+        #[arg(long, value_enum, default_value_t = OutputArg::Text)]
+        output: OutputArg,
     },
-    /// Show counts, version, filter and freshness.
-    Status,
+    /// Show counts, version, each list's coverage and age, filter and freshness.
+    Status {
+        /// text, or json (the same names and times, as one object).
+        #[arg(long, value_enum, default_value_t = OutputArg::Text)]
+        output: OutputArg,
+    },
     /// After the store went back in time (replicas withhold everything, NOT_SERVING): record that
     /// the lost changes were restored, and why, so replicas rebuild and serve again. Audited.
     AcknowledgeRegression {
@@ -56,11 +66,17 @@ enum AdminCommand {
     },
     /// Read the audit log: who changed or checked what, when. Filters combine.
     Audit {
-        /// From this time, ms since the Unix epoch.
-        #[arg(long, default_value_t = 0)]
+        /// From this time (RFC 3339, e.g. 2026-11-27T09:00:00Z); default: the start.
+        #[arg(long, conflicts_with = "from_ms")]
+        from: Option<String>,
+        /// Until this time (RFC 3339); default: now.
+        #[arg(long, conflicts_with = "to_ms")]
+        to: Option<String>,
+        /// From this time, ms since the Unix epoch (for scripts; --from reads better).
+        #[arg(long, default_value_t = 0, hide = true)]
         from_ms: i64,
         /// Until this time, ms since the Unix epoch (0: now).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, hide = true)]
         to_ms: i64,
         /// Only this organisation.
         #[arg(long)]
@@ -74,6 +90,9 @@ enum AdminCommand {
         /// At most this many records.
         #[arg(long, default_value_t = 1000)]
         limit: u32,
+        /// text: a line a record; json: an array of records (kebab-case names, RFC 3339 times).
+        #[arg(long, value_enum, default_value_t = OutputArg::Text)]
+        output: OutputArg,
     },
 }
 
@@ -119,6 +138,10 @@ struct ImportArgs {
     /// dat: the national file check's format (one NHS number a line followed by a comma).
     #[arg(long, value_enum)]
     format: Option<FormatArg>,
+    /// Refuse the whole file if any number in it is invalid (nothing is imported), as the
+    /// national file check does; without it invalid numbers are skipped and their lines listed.
+    #[arg(long)]
+    strict: bool,
     /// The file; stdin if absent or "-".
     file: Option<PathBuf>,
     /// Import a national check round trip (a store in population mode): SENT is the .dat file
@@ -150,15 +173,28 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
         AdminCommand::AcknowledgeRegression { reason } => {
             acknowledge(&mut client, reason, timeout).await
         }
-        AdminCommand::Get { nhs_number } => get(&mut client, nhs_number, timeout).await,
+        AdminCommand::Get { nhs_number, output } => {
+            get(&mut client, nhs_number, timeout, output).await
+        }
         AdminCommand::Audit {
+            from,
+            to,
             from_ms,
             to_ms,
             organisation,
             extract_id,
             nhs_number,
             limit,
+            output,
         } => {
+            let from_ms = match from {
+                Some(t) => words::parse_time("--from", &t)?,
+                None => from_ms,
+            };
+            let to_ms = match to {
+                Some(t) => words::parse_time("--to", &t)?,
+                None => to_ms,
+            };
             let query = proto::ReadAuditRequest {
                 from_unix_ms: from_ms,
                 to_unix_ms: to_ms,
@@ -167,9 +203,9 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
                 nhs_number: nhs_number.unwrap_or_default(),
                 limit,
             };
-            audit(&mut client, query, timeout).await
+            audit(&mut client, query, timeout, output).await
         }
-        AdminCommand::Status => status(&mut client, timeout).await,
+        AdminCommand::Status { output } => status(&mut client, timeout, output).await,
     }
 }
 
@@ -198,6 +234,7 @@ async fn get(
     client: &mut Admin,
     nhs_number: String,
     timeout: Duration,
+    output: OutputArg,
 ) -> Result<ExitCode, CliError> {
     // Say which scheme the number is in, and why it is refused when it is.
     let digits: String = nhs_number.chars().filter(char::is_ascii_digit).collect();
@@ -206,8 +243,8 @@ async fn get(
         .ok()
         .filter(|_| digits.len() == 10)
         .map(crate::core::Scheme::of);
-    match (crate::core::NhsNumber::parse(&nhs_number), scheme) {
-        (Ok(n), _) => println!("scheme: {}", n.scheme().describe()),
+    let shown_scheme = match (crate::core::NhsNumber::parse(&nhs_number), scheme) {
+        (Ok(n), _) => n.scheme().describe(),
         (Err(e), Some(s)) => {
             return Err(CliError::Input(format!(
                 "the NHS number given is not valid ({e}); its range is the {}",
@@ -219,20 +256,41 @@ async fn get(
                 "the NHS number given is not valid: {e}"
             )));
         }
-    }
-    let mut request = tonic::Request::new(GetOptOutRequest { nhs_number });
+    };
+    let mut request = tonic::Request::new(GetOptOutRequest {
+        nhs_number: nhs_number.clone(),
+    });
     request.set_timeout(timeout);
     let r = client.get_opt_out(request).await?.into_inner();
+    if output == OutputArg::Json {
+        let opt_outs: Vec<_> = r
+            .opt_outs
+            .iter()
+            .map(|o| {
+                serde_json::json!({
+                    "type": words::opt_out_type(o.r#type),
+                    "recorded_at": words::time(o.recorded_at_unix_ms),
+                    "source": o.source,
+                })
+            })
+            .collect();
+        words::print_json(&serde_json::json!({
+            "nhs_number": nhs_number,
+            "scheme": shown_scheme,
+            "opt_outs": opt_outs,
+            "version": r.version,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("scheme: {shown_scheme}");
     if r.opt_outs.is_empty() {
         println!("no opt-out recorded (version {})", r.version);
     }
     for o in r.opt_outs {
-        let t = proto::OptOutType::try_from(o.r#type)
-            .map(|t| t.as_str_name())
-            .unwrap_or("UNKNOWN");
         println!(
-            "{t}\trecorded {}\tsource {}",
-            format_ms(o.recorded_at_unix_ms),
+            "{}\trecorded {}\tsource {}",
+            words::opt_out_type(o.r#type),
+            words::time(o.recorded_at_unix_ms),
             o.source
         );
     }
@@ -243,24 +301,41 @@ async fn audit(
     client: &mut Admin,
     query: proto::ReadAuditRequest,
     timeout: Duration,
+    output: OutputArg,
 ) -> Result<ExitCode, CliError> {
     let mut request = tonic::Request::new(query);
     request.set_timeout(timeout);
     let r = client.read_audit(request).await?.into_inner();
+    if output == OutputArg::Json {
+        let records: Vec<_> = r.records.iter().map(audit_json).collect();
+        words::print_json(&serde_json::Value::Array(records))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     for e in r.records {
-        let withheld: Vec<String> = e.withheld.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let withheld: Vec<String> = e
+            .withheld
+            .iter()
+            .map(|(k, v)| format!("{}={v}", words::recorded(k)))
+            .collect();
+        // A check's count of numbers applied is what it released.
+        let applied = if e.action == "check" {
+            "released"
+        } else {
+            "applied"
+        };
         println!(
-            "{}\t{}\tkey {}\t{}\t{}\tcount {}\tapplied {}\t{}\tversion {}",
-            format_ms(e.at_unix_ms),
+            "{}\t{}\tkey {}\t{}\t{}\tcount {}\t{applied} {}\t{}\tversion {}",
+            words::time(e.at_unix_ms),
             e.organisation,
             e.key_id,
             e.action,
             [
-                e.opt_out_type,
-                e.source,
-                e.extract_id,
-                e.purpose,
-                e.origin,
+                words::recorded(&e.opt_out_type),
+                e.source.clone(),
+                e.extract_id.clone(),
+                words::recorded(&e.purpose),
+                words::recorded(&e.origin),
+                e.legal_basis.clone(),
                 if e.part_of.is_empty() {
                     String::new()
                 } else {
@@ -270,9 +345,7 @@ async fn audit(
                     format!(
                         "national check of {} patients at {}",
                         e.population,
-                        super::national_check::rfc3339(
-                            u64::try_from(e.checked_at_unix_ms).unwrap_or(0)
-                        )
+                        words::time(e.checked_at_unix_ms)
                     )
                 } else {
                     String::new()
@@ -295,10 +368,63 @@ async fn audit(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn status(client: &mut Admin, timeout: Duration) -> Result<ExitCode, CliError> {
+/// One audit record as JSON, in the CLI's names.
+fn audit_json(e: &proto::AuditEntry) -> serde_json::Value {
+    let withheld: serde_json::Map<String, serde_json::Value> = e
+        .withheld
+        .iter()
+        .map(|(k, v)| (words::recorded(k), serde_json::Value::from(*v)))
+        .collect();
+    let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let mut v = serde_json::json!({
+        "at": words::time(e.at_unix_ms),
+        "organisation": e.organisation,
+        "key_id": e.key_id,
+        "action": e.action,
+        "type": text(&e.opt_out_type).map(|t| words::recorded(&t)),
+        "source": text(&e.source),
+        "extract_id": text(&e.extract_id),
+        "purpose": text(&e.purpose).map(|p| words::recorded(&p)),
+        "origin": text(&e.origin).map(|o| words::recorded(&o)),
+        "legal_basis": text(&e.legal_basis),
+        "basis_reference": text(&e.basis_reference),
+        "count": e.count,
+        "withheld": withheld,
+        "digests": e.digests,
+        "version": e.version,
+        "import": text(&e.part_of),
+    });
+    if let Some(obj) = v.as_object_mut() {
+        let key = if e.action == "check" {
+            "released"
+        } else {
+            "applied"
+        };
+        obj.insert(key.into(), e.applied.into());
+        if e.population > 0 {
+            obj.insert("population".into(), e.population.into());
+            obj.insert(
+                "checked_at".into(),
+                words::time(e.checked_at_unix_ms).into(),
+            );
+        }
+        obj.retain(|_, v| !v.is_null());
+    }
+    v
+}
+
+async fn status(
+    client: &mut Admin,
+    timeout: Duration,
+    output: OutputArg,
+) -> Result<ExitCode, CliError> {
     let mut request = tonic::Request::new(GetStatusRequest {});
     request.set_timeout(timeout);
     let r = client.get_status(request).await?.into_inner();
+    if output == OutputArg::Json {
+        words::print_json(&status_json(&r))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "store:                    {} (dataset {})",
         r.store_kind, r.dataset_id
@@ -342,6 +468,52 @@ async fn status(client: &mut Admin, timeout: Duration) -> Result<ExitCode, CliEr
     Ok(ExitCode::SUCCESS)
 }
 
+/// `status --output json`: the same facts, the CLI's names, RFC 3339 times.
+fn status_json(r: &proto::GetStatusResponse) -> serde_json::Value {
+    let lists: Vec<_> = r
+        .lists
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "type": words::opt_out_type(l.r#type),
+                "mode": l.mode,
+                "population": l.population,
+                "as_of": (l.as_of_unix_ms > 0).then(|| words::time(l.as_of_unix_ms)),
+                "max_age_ms": (l.max_age_ms > 0).then_some(l.max_age_ms),
+                "expires_at": (l.max_age_ms > 0).then(|| words::time(l.expires_at_unix_ms)),
+                "expired": l.expired,
+            })
+        })
+        .collect();
+    let filter = r.filter.as_ref().map(|f| {
+        serde_json::json!({
+            "generation": f.generation,
+            "items": f.items,
+            "capacity": f.capacity,
+            "bits": f.bits,
+            "hash_functions": f.hash_functions,
+            "target_false_positive_rate": f.target_false_positive_rate,
+            "estimated_false_positive_rate": f.estimated_false_positive_rate,
+            "version": f.version,
+            "fresh": f.fresh,
+            "freshness_age_ms": f.freshness_age_ms,
+            "freshness_bound_ms": f.freshness_bound_ms,
+            "loaded_from": f.loaded_from,
+        })
+    });
+    serde_json::json!({
+        "store": r.store_kind,
+        "dataset": r.dataset_id,
+        "version": r.version,
+        "national_data_opt_outs": r.national_data_opt_outs,
+        "type1_opt_outs": r.type_1_opt_outs,
+        "patients": r.patients,
+        "lists": lists,
+        "filter": filter,
+        "store_regressed": (!r.store_regressed.is_empty()).then(|| r.store_regressed.clone()),
+    })
+}
+
 /// One type's list in `status`: its mode, population, date and expiry.
 fn list_line(l: &proto::ListCoverage) -> String {
     let name = match proto::OptOutType::try_from(l.r#type) {
@@ -349,7 +521,7 @@ fn list_line(l: &proto::ListCoverage) -> String {
         Ok(proto::OptOutType::Type1) => "type 1 list:",
         _ => "list:",
     };
-    let time = |ms: i64| super::national_check::rfc3339(u64::try_from(ms).unwrap_or(0));
+    let time = words::time;
     let mut parts = vec![format!("{} mode", l.mode)];
     if l.mode == "population" {
         parts.push(format!("population {}", l.population));
@@ -375,22 +547,46 @@ fn list_line(l: &proto::ListCoverage) -> String {
     format!("{name:<26}{}", parts.join(", "))
 }
 
-fn format_ms(ms: i64) -> String {
-    // Seconds since the epoch keep this free of a date library; the admin sees exact time.
-    format!("{}.{:03}s since the Unix epoch", ms / 1000, ms % 1000)
-}
-
 async fn change(
     client: &mut OptOutAdminClient<AuthChannel>,
     args: ChangeArgs,
     timeout: std::time::Duration,
     add: bool,
 ) -> Result<ExitCode, CliError> {
-    let numbers = if args.numbers.is_empty() {
-        read_lines(std::io::stdin().lock(), "stdin")?
+    // Each number with where it came from, so a bad one is named by its 1-based place.
+    let numbered: Vec<(String, String)> = if args.numbers.is_empty() {
+        read_numbered(std::io::stdin().lock(), "stdin")?
+            .into_iter()
+            .map(|(line, n)| (format!("stdin line {line}"), n))
+            .collect()
     } else {
         args.numbers
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (format!("argument {}", i + 1), n))
+            .collect()
     };
+    let bad: Vec<String> = numbered
+        .iter()
+        .filter_map(|(at, n)| {
+            crate::core::NhsNumber::parse(n)
+                .err()
+                .map(|e| format!("{at}: {e}"))
+        })
+        .collect();
+    if !bad.is_empty() {
+        return Err(CliError::Input(format!(
+            "{} invalid NHS number{}, so nothing was sent: {}{}",
+            bad.len(),
+            if bad.len() == 1 { "" } else { "s" },
+            bad.iter().take(10).cloned().collect::<Vec<_>>().join("; "),
+            if bad.len() > 10 { "; ..." } else { "" }
+        )));
+    }
+    let numbers: Vec<String> = numbered.into_iter().map(|(_, n)| n).collect();
+    if numbers.is_empty() {
+        return Err(CliError::Usage("no NHS numbers given".into()));
+    }
     let mut request = tonic::Request::new(ChangeOptOutsRequest {
         nhs_numbers: numbers,
         r#type: proto::OptOutType::from(args.opt_out_type) as i32,
@@ -405,6 +601,19 @@ async fn change(
     .into_inner();
     println!("applied {} at version {}", r.applied, r.version);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The non-blank lines of `input`, trimmed, with their 1-based line numbers.
+fn read_numbered(input: impl BufRead, what: &str) -> Result<Vec<(u64, String)>, CliError> {
+    let mut out = Vec::new();
+    for (i, line) in input.lines().enumerate() {
+        let line = line.map_err(|e| CliError::Input(format!("{what} line {}: {e}", i + 1)))?;
+        let t = line.trim();
+        if !t.is_empty() {
+            out.push((i as u64 + 1, t.to_string()));
+        }
+    }
+    Ok(out)
 }
 
 pub(crate) fn read_lines(input: impl BufRead, what: &str) -> Result<Vec<String>, CliError> {
@@ -481,32 +690,30 @@ async fn import(
         }
         (None, None) => Layout::Lines,
     };
+    let strict = args.strict;
     let reader = tokio::task::spawn_blocking(move || {
-        read_import(input, &name, &layout, header, &tx, &bar_reader)
+        read_import(input, &name, &layout, header, &tx, &bar_reader, strict)
     });
     let outcome = client.import_opt_outs(ReceiverStream::new(rx)).await;
     bar.finish_and_clear();
     // A read error is the cause of anything the service said about an uncommitted stream.
-    match reader.await {
-        Ok(Ok(())) => {}
+    let rejects = match reader.await {
+        Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             return Err(CliError::Input(format!("{e}; nothing was imported")));
         }
         Err(e) => return Err(CliError::Input(format!("reader task failed: {e}"))),
-    }
+    };
     let r = outcome?.into_inner();
     println!(
         "received {}, added {}, removed {}, rejected {} at version {}",
         r.received, r.added, r.removed, r.rejected, r.version
     );
     if r.rejected > 0 {
-        let shown: Vec<String> = r
-            .rejected_positions
-            .iter()
-            .map(|p| (p + 1).to_string())
-            .collect();
+        let shown: Vec<String> = rejects.first_lines.iter().map(u64::to_string).collect();
         eprintln!(
-            "warning: {} invalid NHS numbers were skipped; the first are numbers {} of the input",
+            "warning: {} invalid NHS numbers were skipped (--strict refuses such a file); the \
+             first at lines {}",
             r.rejected,
             shown.join(", ")
         );
@@ -524,6 +731,14 @@ enum Layout {
     Dat,
 }
 
+/// The invalid numbers an import met, by the file's 1-based line (the service skips them; with
+/// --strict the import stops at the first, uncommitted).
+#[derive(Default)]
+struct Rejects {
+    count: u64,
+    first_lines: Vec<u64>,
+}
+
 fn read_import(
     input: Box<dyn Read + Send>,
     name: &str,
@@ -531,7 +746,9 @@ fn read_import(
     header: ImportOptOutsRequest,
     tx: &mpsc::Sender<ImportOptOutsRequest>,
     bar: &indicatif::ProgressBar,
-) -> Result<(), String> {
+    strict: bool,
+) -> Result<Rejects, String> {
+    let mut rejects = Rejects::default();
     let mut first = true;
     let mut send = |numbers: Vec<String>, commit: bool| -> Result<(), String> {
         let count = numbers.len() as u64;
@@ -555,7 +772,21 @@ fn read_import(
         Ok(())
     };
     let mut chunk = Vec::with_capacity(IMPORT_CHUNK);
-    let mut take = |numbers: Vec<String>| -> Result<(), String> {
+    let mut take = |lines: Vec<u64>, numbers: Vec<String>| -> Result<(), String> {
+        for (line, n) in lines.iter().zip(&numbers) {
+            if let Err(e) = crate::core::NhsNumber::parse(n) {
+                if strict {
+                    return Err(format!(
+                        "{name} line {line}: not a valid NHS number ({e}); --strict refuses \
+                         the file"
+                    ));
+                }
+                rejects.count += 1;
+                if rejects.first_lines.len() < 20 {
+                    rejects.first_lines.push(*line);
+                }
+            }
+        }
         chunk.extend(numbers.into_iter().map(|n| n.trim().to_string()));
         if chunk.len() >= IMPORT_CHUNK {
             send(std::mem::take(&mut chunk), false)?;
@@ -570,22 +801,32 @@ fn read_import(
                 if t.is_empty() {
                     continue;
                 }
-                take(vec![t.to_string()])?;
+                take(vec![i as u64 + 1], vec![t.to_string()])?;
             }
         }
         Layout::Csv(column, delimiter) => {
             // The same strict reading as `optout filter`: header lookup, malformed rows by line.
             let (reader, _, index) =
                 open_csv(input, column, *delimiter).map_err(|e| format!("{name}: {e}"))?;
-            for_each_chunk(reader, index, IMPORT_CHUNK, |_, numbers| take(numbers))
-                .map_err(|e| format!("{name}: {e}"))?;
+            for_each_chunk(reader, index, IMPORT_CHUNK, |rows, numbers| {
+                take(lines_of(rows.iter().map(|r| r.position())), numbers)
+            })
+            .map_err(|e| format!("{name}: {e}"))?;
         }
         Layout::Dat => {
-            for_each_dat_chunk(BufReader::new(input), IMPORT_CHUNK, |_, numbers| {
-                take(numbers)
+            for_each_dat_chunk(BufReader::new(input), IMPORT_CHUNK, |rows, numbers| {
+                take(lines_of(rows.iter().map(|r| r.position())), numbers)
             })
             .map_err(|e| format!("{name}: {e}"))?;
         }
     }
-    send(chunk, true)
+    send(chunk, true)?;
+    Ok(rejects)
+}
+
+/// The 1-based lines of CSV records.
+fn lines_of<'a>(positions: impl Iterator<Item = Option<&'a csv::Position>>) -> Vec<u64> {
+    positions
+        .map(|p| p.map_or(0, csv::Position::line))
+        .collect()
 }

@@ -4,7 +4,10 @@ use std::{io::Write, process::ExitCode};
 
 use clap::Args;
 
-use super::{BasisArgs, CliError, ClientArgs, OriginArg, PurposeArg};
+use super::{
+    BasisArgs, CliError, ClientArgs, OriginArg, PurposeArg,
+    words::{self, OutputArg},
+};
 use crate::api::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient};
 
 /// How many numbers each Check call carries.
@@ -28,6 +31,10 @@ pub(crate) struct CheckArgs {
     extract_id: String,
     #[command(flatten)]
     basis: BasisArgs,
+    /// text: a line a number (the number, release or withhold, the reason); json: an array of
+    /// {nhs_number, outcome, reason}, and the version answered at.
+    #[arg(long, value_enum, default_value_t = OutputArg::Text)]
+    output: OutputArg,
     /// NHS numbers; none reads one per line from stdin.
     numbers: Vec<String>,
 }
@@ -46,6 +53,8 @@ pub(crate) async fn run(args: CheckArgs) -> Result<ExitCode, CliError> {
     let mut stdout = std::io::stdout().lock();
     let write_err = |e: std::io::Error| CliError::Output(format!("stdout: {e}"));
     let (legal_basis, basis_reference) = args.basis.fields();
+    let mut json = Vec::new();
+    let mut version = String::new();
     for chunk in numbers.chunks(CHUNK) {
         let mut request = tonic::Request::new(CheckRequest {
             nhs_numbers: chunk.iter().collect(),
@@ -59,14 +68,22 @@ pub(crate) async fn run(args: CheckArgs) -> Result<ExitCode, CliError> {
         request.set_timeout(args.client.timeout());
         let response = client.check(request).await?.into_inner();
         for (n, d) in chunk.iter().zip(&response.decisions) {
-            let outcome = proto::Outcome::try_from(d.outcome)
-                .map(|o| o.as_str_name().trim_start_matches("OUTCOME_"))
-                .unwrap_or("UNKNOWN");
-            let reason = proto::Reason::try_from(d.reason)
-                .map(|r| r.as_str_name().trim_start_matches("REASON_"))
-                .unwrap_or("UNKNOWN");
-            writeln!(stdout, "{n}\t{outcome}\t{reason}").map_err(write_err)?;
+            let (outcome, reason) = (words::outcome(d.outcome), words::reason(d.reason));
+            match args.output {
+                OutputArg::Text => {
+                    writeln!(stdout, "{n}\t{outcome}\t{reason}").map_err(write_err)?;
+                }
+                OutputArg::Json => json.push(serde_json::json!({
+                    "nhs_number": n,
+                    "outcome": outcome,
+                    "reason": reason,
+                })),
+            }
         }
+        version = response.version;
+    }
+    if args.output == OutputArg::Json {
+        words::print_json(&serde_json::json!({ "decisions": json, "version": version }))?;
     }
     stdout.flush().map_err(write_err)?;
     Ok(ExitCode::SUCCESS)

@@ -13,7 +13,8 @@ pub(crate) struct ClientArgs {
     /// The service's address.
     #[arg(long, env = "OPTOUT_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
-    /// Deadline of each unary call, in ms.
+    /// Deadline of each call of `check`, `admin` and `health`, in ms. (`filter` streams; the
+    /// server's request timeout bounds its stream.)
     #[arg(long, env = "OPTOUT_TIMEOUT_MS", default_value_t = 10_000)]
     timeout_ms: u64,
     /// API key, sent as `authorization: Bearer <key>`. Prefer the environment variable: a key on
@@ -29,6 +30,39 @@ pub(crate) struct ClientArgs {
     /// Client private key (PEM) for mutual TLS.
     #[arg(long, env = "OPTOUT_CLIENT_KEY", requires = "client_cert")]
     client_key: Option<PathBuf>,
+}
+
+/// What failed when connecting, with the error's causes (tonic says only "transport error") and
+/// what to try.
+fn connect_failure(server: &str, e: &tonic::transport::Error) -> String {
+    let mut causes = Vec::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        causes.push(s.to_string());
+        source = s.source();
+    }
+    let why = if causes.is_empty() {
+        e.to_string()
+    } else {
+        causes.join(": ")
+    };
+    let lower = why.to_lowercase();
+    let hint = if lower.contains("refused") {
+        "is the server running, and listening on that address and port (optout serve --listen)?"
+    } else if lower.contains("certificate") || lower.contains("invalid peer") {
+        "the server's certificate is not trusted: give the CA that signed it with --ca-cert"
+    } else if lower.contains("timed out") || lower.contains("deadline") {
+        "nothing answered within 5 s: check the address, the port and any firewall"
+    } else if server.starts_with("https://")
+        && (lower.contains("record") || lower.contains("handshake"))
+    {
+        "the server may not use TLS: try http://"
+    } else if lower.contains("dns") || lower.contains("resolve") || lower.contains("lookup") {
+        "the host name does not resolve"
+    } else {
+        "check --server (http:// for a plaintext server, https:// with --ca-cert for TLS)"
+    };
+    format!("{server}: {why}; {hint}")
 }
 
 /// Adds the API key to every call.
@@ -80,7 +114,7 @@ impl ClientArgs {
         endpoint
             .connect()
             .await
-            .map_err(|e| CliError::Connect(format!("{}: {e}", self.server)))
+            .map_err(|e| CliError::Connect(connect_failure(&self.server, &e)))
     }
 
     /// The channel with the API key attached.

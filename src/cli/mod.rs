@@ -10,10 +10,12 @@ mod check;
 mod client;
 pub mod config;
 pub mod filter;
+mod health;
 mod init_store;
 mod keys;
 mod national_check;
 mod serve;
+mod words;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -63,6 +65,9 @@ enum Command {
     Keys(keys::KeysArgs),
     /// Verify the audit trail files.
     Audit(audit::AuditArgs),
+    /// Ask a server whether it is SERVING (exit 0), not (1), or cannot be asked (2): for a
+    /// container's HEALTHCHECK.
+    Health(health::HealthArgs),
 }
 
 /// The purpose, as typed on the command line.
@@ -221,7 +226,28 @@ pub(crate) enum CliError {
 
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
-        CliError::Rpc(format!("{:?}: {}", s.code(), s.message()))
+        // A transport failure says only "transport error" or "h2 protocol error": add its causes
+        // and what to try.
+        let mut causes = Vec::new();
+        let mut source = std::error::Error::source(&s);
+        while let Some(e) = source {
+            causes.push(e.to_string());
+            source = e.source();
+        }
+        let mut text = format!("{:?}: {}", s.code(), s.message());
+        if !causes.is_empty() {
+            text.push_str(&format!(" ({})", causes.join(": ")));
+        }
+        let lower = text.to_lowercase();
+        if lower.contains("h2 protocol error") || lower.contains("frame with invalid size") {
+            text.push_str(
+                "; the server may use TLS: use an https:// address (with --ca-cert for a \
+                 private CA)",
+            );
+        } else if s.code() == tonic::Code::Unauthenticated {
+            text.push_str("; give an API key with --api-key or OPTOUT_API_KEY");
+        }
+        CliError::Rpc(text)
     }
 }
 
@@ -307,6 +333,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::InitStore(args) => init_store::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Keys(args) => args.run().map(|()| ExitCode::SUCCESS),
         Command::Audit(args) => audit::run(args).await,
+        Command::Health(args) => match health::run(args).await {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::from(2))
+            }
+        },
     }
 }
 

@@ -160,9 +160,8 @@ fn for_each_number(
     for_each_dat_chunk(input, CHUNK, |rows, numbers| {
         for (row, text) in rows.iter().zip(&numbers) {
             let line = row.position().map_or(0, |p| p.line());
-            let n = NhsNumber::parse(text).map_err(|e| {
-                format!("line {line}: {text:?} is not a valid NHS number ({e}); {what}")
-            })?;
+            let n = NhsNumber::parse(text)
+                .map_err(|e| format!("line {line}: not a valid NHS number ({e}); {what}"))?;
             each(line, n)?;
         }
         Ok(())
@@ -265,7 +264,7 @@ fn stream(
             // Read (and checked) once already; a number that no longer parses means the file
             // changed under us.
             let n = NhsNumber::parse(text)
-                .map_err(|e| format!("{text:?} changed since it was read: {e}"))?;
+                .map_err(|e| format!("a number changed since the file was read: {e}"))?;
             if !reply.contains(n) {
                 opt_outs.push(n.to_string());
             }
@@ -288,8 +287,8 @@ fn check_reply_within(returned: &Path, population: &Population) -> Result<(), Cl
                 Ok(())
             } else {
                 Err(format!(
-                    "line {line}: {n} was not in the file sent: these two files are not one \
-                     round trip (a reply to another request?); nothing was imported"
+                    "line {line}: a number that was not in the file sent: these two files are \
+                     not one round trip (a reply to another request?); nothing was imported"
                 ))
             }
         },

@@ -9,7 +9,7 @@ use crate::{
     api::{Limits, gate::RateLimit},
     core::AuditKey,
     engine::{check_files::CheckFilesConfig, filter::FilterConfig},
-    server::{ServerConfig, StoreConfig, TlsFiles, defaults, run},
+    server::{ServerConfig, StoreConfig, TlsFiles, defaults},
     store::redis::{RedisConfig, RedisStore, SentinelConfig, Topology, defaults as redis_defaults},
 };
 
@@ -443,11 +443,14 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let bound = listener
         .local_addr()
         .map_err(|e| CliError::Usage(format!("--listen {}: {e}", args.listen)))?;
+    // The store before the announcement: a data directory in use fails here, not after
+    // "listening on".
+    let store = crate::server::open_store(&config).await?;
     announce(
         false,
         &format!("listening on {bound} {}", describe(&config)),
     );
-    run(listener, config, shutdown).await?;
+    crate::server::serve(listener, store, config, shutdown).await?;
     Ok(())
 }
 

@@ -103,8 +103,8 @@ impl Checker {
             key_id: who.caller.key_id.clone(),
             action: "check".into(),
             extract_id: Some(who.extract_id.to_string()).filter(|e| !e.is_empty()),
-            purpose: Some(format!("{purpose:?}")),
-            origin: Some(format!("{origin:?}")),
+            purpose: Some(purpose.name().to_string()),
+            origin: Some(origin.name().to_string()),
             legal_basis: (basis != LegalBasis::None).then(|| basis.name().to_string()),
             basis_reference: Some(who.basis_reference.to_string()).filter(|r| !r.is_empty()),
             count: numbers.len() as u64,
@@ -122,7 +122,7 @@ impl Checker {
             }
         }
         for (r, n) in counts.withheld() {
-            record.withheld.insert(format!("{r:?}"), n);
+            record.withheld.insert(r.name().to_string(), n);
         }
         record.applied = released.len() as u64;
         if !self.log.submit(PendingCheck { record, released }) {

@@ -76,14 +76,20 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let store: Arc<dyn ConsentStore> = match &config.store {
+    let store = open_store(&config).await?;
+    serve(listener, store, config, shutdown).await
+}
+
+/// The configured store: Redis (connected lazily), or the embedded store opened (and locked) now,
+/// so that a data directory in use fails before the server says it is listening.
+pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn ConsentStore>, ServerError> {
+    Ok(match &config.store {
         StoreConfig::Redis(redis) => {
             tracing::info!(store = %redis.describe(), prefix = %redis.prefix, "using the Redis store");
             Arc::new(RedisStore::connect(redis)?)
         }
-        StoreConfig::Embedded { .. } => Arc::new(open_embedded(&config).await?),
-    };
-    serve(listener, store, config, shutdown).await
+        StoreConfig::Embedded { .. } => Arc::new(open_embedded(config).await?),
+    })
 }
 
 /// Opens (or, for a data directory without a database, initialises) the embedded store.

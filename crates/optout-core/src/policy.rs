@@ -97,6 +97,17 @@ pub enum Purpose {
     Planning,
 }
 
+impl Purpose {
+    /// The name on the command line and in audit records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Purpose::DirectCare => "direct-care",
+            Purpose::Research => "research",
+            Purpose::Planning => "planning",
+        }
+    }
+}
+
 /// Who holds the data being extracted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DataOrigin {
@@ -106,6 +117,17 @@ pub enum DataOrigin {
     GpPractice,
     /// Anyone else: national data opt-outs apply.
     Other,
+}
+
+impl DataOrigin {
+    /// The name on the command line and in audit records.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataOrigin::Unspecified => "unspecified",
+            DataOrigin::GpPractice => "gp-practice",
+            DataOrigin::Other => "other",
+        }
+    }
 }
 
 /// The legal basis an extract for research or planning relies on. The national data opt-out does
@@ -257,6 +279,22 @@ pub enum WithholdReason {
     /// The list of an opt-out type that applies is older than its configured maximum age (or was
     /// never imported): it no longer proves anything.
     ListTooOld,
+}
+
+impl WithholdReason {
+    /// The name in audit records and on the command line (the API's reason in kebab case).
+    pub fn name(self) -> &'static str {
+        match self {
+            WithholdReason::NationalDataOptOut => "national-data-opt-out",
+            WithholdReason::Type1OptOut => "type-1-opt-out",
+            WithholdReason::InvalidNhsNumber => "invalid-nhs-number",
+            WithholdReason::StoreUnavailable => "store-unavailable",
+            WithholdReason::StoreRegressed => "store-regressed",
+            WithholdReason::VersionNotReached => "version-not-reached",
+            WithholdReason::NotInCheckedPopulation => "not-in-checked-population",
+            WithholdReason::ListTooOld => "list-too-old",
+        }
+    }
 }
 
 /// The decision for a valid number given the opt-outs the store holds for it.

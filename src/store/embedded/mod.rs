@@ -150,7 +150,16 @@ impl EmbeddedStore {
             builder.open(&path)
         }
         .map_err(|e| {
-            StoreError::Unavailable(format!("cannot open {}: {e}", path.display()).into())
+            let why = if matches!(e, redb::DatabaseError::DatabaseAlreadyOpen) {
+                format!(
+                    "{} is already open in another process (another `optout serve` on the same \
+                     --data-dir?): stop it, or give this one its own --data-dir",
+                    path.display()
+                )
+            } else {
+                format!("cannot open {}: {e}", path.display())
+            };
+            StoreError::Unavailable(why.into())
         })?;
         if fresh {
             initialise(&db, mode)?;
