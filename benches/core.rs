@@ -134,24 +134,30 @@ fn population(c: &mut Criterion) {
         for n in numbers.iter() {
             p.insert(*n);
         }
-        let per_million = p.serialized_size() as f64 * 1_000_000.0 / p.len() as f64;
+        let flat = p.clone().for_lookups();
+        let mib_per_million =
+            |bytes: usize| bytes as f64 * 1_000_000.0 / p.len() as f64 / (1024.0 * 1024.0);
         println!(
-            "population {name}: {} patients, {} bytes ({:.2} MiB per million patients)",
+            "population {name}: {} patients; roaring {} bytes ({:.2} MiB per million patients); \
+             held for lookups as {} ({} bytes, {:.2} MiB per million)",
             p.len(),
             p.serialized_size(),
-            per_million / (1024.0 * 1024.0)
+            mib_per_million(p.serialized_size()),
+            if flat.is_dense() {
+                "a flat bit array"
+            } else {
+                "roaring"
+            },
+            flat.memory_bytes(),
+            mib_per_million(flat.memory_bytes()),
         );
-        sets.push((name, p));
+        sets.push((format!("{name}_roaring"), p, numbers));
+        sets.push((format!("{name}_held"), flat, numbers));
     }
     let absent = valid(6_000_000_000, 1_000_000);
     let mut g = c.benchmark_group("population_contains");
     g.throughput(Throughput::Elements(1000));
-    for (name, p) in &sets {
-        let members = if *name == "scattered" {
-            &scattered
-        } else {
-            &consecutive
-        };
+    for (name, p, members) in &sets {
         let mut at = 0;
         g.bench_function(format!("{name}_member"), |b| {
             b.iter(|| {

@@ -212,7 +212,13 @@ impl Checker {
         if matches!(rule, CoverageRule::Nothing) {
             return out;
         }
-        for &(i, n) in valid {
+        for (j, &(i, n)) in valid.iter().enumerate() {
+            // As for the filter: the memory of the number a few places on is asked for now.
+            if let CoverageRule::Outside(p) = rule
+                && let Some(&(_, next)) = valid.get(j + super::filter::SCREEN_AHEAD)
+            {
+                p.prefetch(next);
+            }
             if let Decision::Release(_) = out.decisions[i]
                 && let Some(reason) = rule.withhold(n)
             {

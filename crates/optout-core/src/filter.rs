@@ -336,7 +336,7 @@ fn word_at(b: &[u8]) -> u64 {
 
 /// A prefetch of the cache line holding `w`: no load is waited for, nothing can fault.
 #[inline]
-fn prefetch_read(w: &u64) {
+pub(crate) fn prefetch_read(w: &u64) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
