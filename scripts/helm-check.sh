@@ -57,11 +57,11 @@ by_kind = {}
 for d in docs:
     by_kind.setdefault(d["kind"], []).append(d)
 svc = by_kind["Service"][0]
-for sm in by_kind.get("ServiceMonitor", []):
+for sm in by_kind.get("ServiceMonitor", []) + by_kind.get("PodMonitor", []):
     assert sm["apiVersion"] == "monitoring.coreos.com/v1", sm["apiVersion"]
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items(), "ServiceMonitor selector does not match the Service"
     ports = {p["name"] for p in svc["spec"]["ports"]}
-    for ep in sm["spec"]["endpoints"]:
+    for ep in sm["spec"].get("endpoints", []):
         assert ep["port"] in ports, f"ServiceMonitor port {ep['port']} is not a Service port"
         assert set(ep) <= {"port", "path", "interval", "scheme"}, ep
 # Every metric an alert names is one the service exports (its name appears in the source).
@@ -76,7 +76,28 @@ for rule in by_kind.get("PrometheusRule", []):
             for name in names:
                 base = re.sub(r"_(bucket|sum|count)$", "", name)
                 assert f'"{base}"' in source, f"alert {r['alert']}: {name} is not a metric of the service"
-cm = by_kind["ConfigMap"][0]
+# The dashboard parses, and every metric a panel queries is one the service exports.
+for d in by_kind.get("ConfigMap", []):
+    for name, body in (d.get("data") or {}).items():
+        if not name.endswith(".json"):
+            continue
+        dash = __import__("json").loads(body)
+        for panel in dash["panels"]:
+            for t in panel["targets"]:
+                names = set(re.findall(r"optout_[a-z0-9_]+", t["expr"]))
+                assert names, f"dashboard panel {panel['title']} queries no optout metric"
+                for m in names:
+                    base = re.sub(r"_(bucket|sum|count)$", "", m)
+                    assert f'"{base}"' in source, f"dashboard panel {panel['title']}: {m} is not a metric of the service"
+# `helm test`: a Pod that runs `optout health` against the Service's health port.
+tests = [p for p in by_kind.get("Pod", []) if p["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+assert tests, "no helm test Pod"
+health_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "health")
+for t in tests:
+    args = t["spec"]["containers"][0]["args"]
+    assert args[0] == "health", args
+    assert f"{svc['metadata']['name']}:{health_port}" in " ".join(args), args
+cm = next(d for d in by_kind["ConfigMap"] if "config.toml" in (d.get("data") or {}))
 config = tomllib.loads(cm["data"]["config.toml"])
 for key in config:
     assert f"--{key} " in help_text or f"--{key}\n" in help_text, f"config.toml: `{key}` is not a flag of optout serve"
@@ -86,7 +107,7 @@ for c in by_kind["Deployment"][0]["spec"]["template"]["spec"]["containers"]:
             flag = arg.split("=", 1)[0]
             assert f"{flag} " in help_text or f"{flag}\n" in help_text, f"Deployment arg `{flag}` is not a flag of optout serve"
 rules = sum(len(g["rules"]) for r in by_kind.get("PrometheusRule", []) for g in r["spec"]["groups"])
-print(f"  ServiceMonitor, {rules} alert rules, Deployment args and config.toml ({len(config)} settings) consistent")
+print(f"  ServiceMonitor/PodMonitor, {rules} alert rules, the dashboard, the helm test, Deployment args and config.toml ({len(config)} settings) consistent")
 PY
 done
 
@@ -101,6 +122,24 @@ if "$helm" template optout "$chart" --set redis.sentinel.enabled=true >/dev/null
     exit 1
 fi
 grep -q "redis.sentinel.nodes is required" "$out/err"
+# values.schema.json refuses a misspelt key and a value out of its set, naming it.
+if "$helm" template optout "$chart" --set replicaCont=3 >/dev/null 2>"$out/err"; then
+    echo "error: the chart rendered with a misspelt value" >&2
+    exit 1
+fi
+grep -q "replicaCont" "$out/err"
+if "$helm" template optout "$chart" --set logFormat=xml >/dev/null 2>"$out/err"; then
+    echo "error: the chart rendered with logFormat=xml" >&2
+    exit 1
+fi
+grep -q "logFormat" "$out/err"
+# OpenShift: the security context's fixed IDs can be dropped for the namespace's random UID.
+"$helm" template optout "$chart" --set podSecurityContext.runAsUser=null \
+    --set podSecurityContext.runAsGroup=null --set podSecurityContext.fsGroup=null >"$out/openshift.yaml"
+if grep -q "runAsUser: 65532" "$out/openshift.yaml"; then
+    echo "error: runAsUser stayed set" >&2
+    exit 1
+fi
 # A cluster renders (and its flag is checked against optout serve like every other argument).
 "$helm" template optout "$chart" --set redis.cluster.enabled=true \
     --set 'redis.cluster.nodes={redis-0:6379,redis-1:6379}' >"$out/cluster.yaml"
