@@ -42,7 +42,68 @@ pub fn install() -> Result<PrometheusHandle, String> {
     let _ = metrics::set_global_recorder(recorder);
     let _ = HANDLE.set(handle.clone());
     describe();
+    register_at_zero();
     Ok(HANDLE.get().cloned().unwrap_or(handle))
+}
+
+/// The admin RPCs, for their metrics.
+const ADMIN_RPCS: [&str; 7] = [
+    "add_opt_outs",
+    "remove_opt_outs",
+    "import_opt_outs",
+    "get_opt_out",
+    "read_audit",
+    "get_status",
+    "acknowledge_store_regression",
+];
+
+/// Every counter an alert or a dashboard reads, at zero before its first event (a counter that
+/// appears only when something happens cannot be told apart from one nobody exports), and the
+/// build's version.
+fn register_at_zero() {
+    for (outcome, reason) in REASONS {
+        metrics::counter!("optout_check_numbers_total", "outcome" => outcome, "reason" => reason)
+            .increment(0);
+    }
+    for rpc in ["check", "check_stream"] {
+        metrics::counter!("optout_check_requests_total", "rpc" => rpc, "code" => "ok").increment(0);
+    }
+    for rpc in ADMIN_RPCS {
+        metrics::counter!("optout_admin_requests_total", "rpc" => rpc, "code" => "ok").increment(0);
+    }
+    for result in ["ok", "error", "timeout"] {
+        metrics::counter!("optout_store_lookups_total", "result" => result).increment(0);
+    }
+    metrics::counter!("optout_rate_limited_total").increment(0);
+    metrics::counter!("optout_check_version_not_reached_total").increment(0);
+    metrics::counter!("optout_store_behind_filter_total").increment(0);
+    metrics::gauge!("optout_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Counts one admin RPC by its gRPC code and records how long it took.
+pub fn observe_admin(
+    rpc: &'static str,
+    started: std::time::Instant,
+    error: Option<&tonic::Status>,
+) {
+    let code = error.map_or(tonic::Code::Ok, tonic::Status::code);
+    metrics::counter!("optout_admin_requests_total", "rpc" => rpc, "code" => code_label(code))
+        .increment(1);
+    metrics::histogram!("optout_admin_duration_seconds", "rpc" => rpc)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// The process's CPU, memory, file descriptors and threads (`process_*`, as Prometheus' client
+/// libraries name them), read just before a scrape.
+pub fn collect_process() {
+    static COLLECTOR: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    COLLECTOR
+        .get_or_init(|| {
+            let c = metrics_process::Collector::default();
+            c.describe();
+            c
+        })
+        .collect();
 }
 
 fn describe() {
@@ -50,6 +111,19 @@ fn describe() {
     describe_counter!(
         "optout_check_requests_total",
         "Check and CheckStream messages answered or refused, by rpc and gRPC code"
+    );
+    describe_counter!(
+        "optout_admin_requests_total",
+        "Admin calls (changes, imports, look-ups, status, audit reads), by rpc and gRPC code"
+    );
+    describe_histogram!(
+        "optout_admin_duration_seconds",
+        Unit::Seconds,
+        "Admin call latency, by rpc (an import: from its first message to its answer)"
+    );
+    describe_gauge!(
+        "optout_build_info",
+        "1, labelled with the version of the optout binary"
     );
     describe_counter!(
         "optout_check_numbers_total",

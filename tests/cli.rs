@@ -839,3 +839,111 @@ async fn every_command_speaks_the_flags_names_and_rfc3339_times() {
     );
     server.stop().await;
 }
+
+/// `keys list` shows what a keys file grants (never a secret); `keys revoke` removes one entry,
+/// keeps the rest, and a running server stops honouring the key at its next reload.
+#[tokio::test]
+async fn keys_are_listed_and_a_revoked_key_stops_working_on_a_running_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(&keys, "# who may call this replica\n").expect("write");
+    let keys_arg = keys.to_str().expect("utf8").to_string();
+    let new = |org: &'static str, role: &'static str| {
+        optout(args(&[
+            "keys",
+            "new",
+            "--keys-file",
+            &keys_arg,
+            "--organisation",
+            org,
+            "--role",
+            role,
+        ]))
+    };
+    let a = new("A83007", "checker").await;
+    let b = new("RW1", "admin").await;
+    assert!(a.status.success() && b.status.success());
+    let key_a = text(&a.stdout).trim().to_string();
+    let key_b = text(&b.stdout).trim().to_string();
+    let id_a = key_a.split('_').nth(1).expect("id").to_string();
+
+    let out = optout(args(&[
+        "keys",
+        "list",
+        "--keys-file",
+        &keys_arg,
+        "--output",
+        "json",
+    ]))
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v.as_array().map(Vec::len), Some(2));
+    assert_eq!(v[0]["id"], id_a.as_str());
+    assert_eq!(v[0]["organisation"], "A83007");
+    assert_eq!(v[1]["roles"][0], "admin");
+    assert!(!text(&out.stdout).contains(&key_a), "no secret is listed");
+
+    let mut config = common::test_config(&dir.path().join("data"));
+    config.keys_file = Some(keys.clone());
+    let server = TestServer::start_with(config).await;
+    let check = |key: String| {
+        optout(vec![
+            "check".into(),
+            "--server".into(),
+            server.url.clone(),
+            "--api-key".into(),
+            key,
+            "--purpose".into(),
+            "research".into(),
+            "9434765919".into(),
+        ])
+    };
+    assert!(check(key_a.clone()).await.status.success());
+
+    let out = optout(args(&[
+        "keys",
+        "revoke",
+        "--keys-file",
+        &keys_arg,
+        "--id",
+        &id_a,
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let left = std::fs::read_to_string(&keys).expect("read");
+    assert!(
+        left.starts_with("# who may call this replica"),
+        "comments kept: {left}"
+    );
+    assert!(!left.contains(&id_a) && left.contains("RW1"), "{left}");
+    poll!("the revoked key is refused", Duration::from_secs(10), {
+        let out = check(key_a.clone()).await;
+        if !out.status.success() {
+            assert!(
+                text(&out.stderr).contains("Unauthenticated"),
+                "{}",
+                text(&out.stderr)
+            );
+            break;
+        }
+    });
+    assert!(
+        check(key_b).await.status.success(),
+        "the other key still works"
+    );
+    let out = optout(args(&[
+        "keys",
+        "revoke",
+        "--keys-file",
+        &keys_arg,
+        "--id",
+        &id_a,
+    ]))
+    .await;
+    assert!(
+        text(&out.stderr).contains("no key with id"),
+        "{}",
+        text(&out.stderr)
+    );
+    server.stop().await;
+}

@@ -291,6 +291,34 @@ async fn health_port_metrics_and_json_logs_with_request_ids() {
     assert!(sample(&page, "optout_filter_bits").is_some_and(|b| b > 0.0));
     assert!(sample(&page, "optout_filter_freshness_age_seconds").is_some_and(|a| a < 5.0));
     assert!(sample(&page, "optout_audit_backlog").is_some());
+    // Registered at zero before any event, so alerts and dashboards see them from the start.
+    assert_eq!(
+        sample(
+            &page,
+            r#"optout_check_numbers_total{outcome="withhold",reason="list_too_old"}"#
+        ),
+        Some(0.0),
+        "{page}"
+    );
+    assert_eq!(sample(&page, "optout_rate_limited_total"), Some(0.0));
+    // The admin call above is counted; the build and the process are described.
+    assert_eq!(
+        sample(
+            &page,
+            r#"optout_admin_requests_total{rpc="add_opt_outs",code="ok"}"#
+        ),
+        Some(1.0),
+        "{page}"
+    );
+    assert!(page.contains(r#"optout_build_info{version=""#), "{page}");
+    assert!(
+        sample(&page, "process_resident_memory_bytes").is_some_and(|b| b > 0.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, r#"optout_list_expired{type="national"}"#),
+        Some(0.0)
+    );
     for n in &numbers {
         assert!(!page.contains(n.as_str()), "an NHS number in the metrics");
     }

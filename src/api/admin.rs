@@ -178,14 +178,22 @@ impl OptOutAdmin for AdminService {
         &self,
         request: Request<ChangeOptOutsRequest>,
     ) -> Result<Response<ChangeOptOutsResponse>, Status> {
-        self.change(ChangeKind::Add, request).await
+        let started = std::time::Instant::now();
+        let result: Result<Response<ChangeOptOutsResponse>, Status> =
+            async move { self.change(ChangeKind::Add, request).await }.await;
+        crate::telemetry::observe_admin("add_opt_outs", started, result.as_ref().err());
+        result
     }
 
     async fn remove_opt_outs(
         &self,
         request: Request<ChangeOptOutsRequest>,
     ) -> Result<Response<ChangeOptOutsResponse>, Status> {
-        self.change(ChangeKind::Remove, request).await
+        let started = std::time::Instant::now();
+        let result: Result<Response<ChangeOptOutsResponse>, Status> =
+            async move { self.change(ChangeKind::Remove, request).await }.await;
+        crate::telemetry::observe_admin("remove_opt_outs", started, result.as_ref().err());
+        result
     }
 
     /// Stages every valid number; applies them in one store transaction only when the last message
@@ -195,225 +203,259 @@ impl OptOutAdmin for AdminService {
         &self,
         request: Request<Streaming<ImportOptOutsRequest>>,
     ) -> Result<Response<ImportOptOutsResponse>, Status> {
-        let caller = caller_of(&request);
-        let mut inbound = request.into_inner();
-        let Some(first) = inbound.message().await? else {
-            return Err(Status::invalid_argument("the import stream is empty"));
-        };
-        let header = import_header(&first)?;
-        let mut check = national_check_header(&first)?;
-        let mut import = self
-            .admin
-            .start_import(&caller, header.mode, header.t, &header.source)
-            .await
-            .map_err(admin_status)?;
-        let mut received = 0u64;
-        let mut sent = 0u64;
-        let mut rejected = Rejections::new();
-        let mut message = Some(first);
-        let mut index = 0u64;
-        let mut committed = false;
-        while let Some(m) = message.take() {
-            if committed {
-                return Err(Status::invalid_argument(format!(
-                    "message {index} came after the message marked commit; nothing was imported"
-                )));
-            }
-            same_header(&header, &m, index)?;
-            add_population(check.as_mut(), &m.population, &mut sent)?;
-            let mut valid = Vec::with_capacity(m.nhs_numbers.len());
-            for s in &m.nhs_numbers {
-                match (NhsNumber::parse(s), &check) {
-                    (Ok(n), Some(c)) if !c.population.contains(n) => {
-                        return Err(Status::invalid_argument(format!(
-                            "nhs_numbers position {received}: not in the population sent before \
-                             it; a national check's opt-outs are the numbers sent that did not \
-                             come back. Nothing was imported"
-                        )));
-                    }
-                    (Ok(n), _) => valid.push(n),
-                    (Err(e), Some(_)) => {
-                        return Err(Status::invalid_argument(format!(
-                            "nhs_numbers position {received}: {e}; a national check holds only \
-                             valid numbers. Nothing was imported"
-                        )));
-                    }
-                    (Err(e), None) => rejected.push(received, e),
+        let started = std::time::Instant::now();
+        let result: Result<Response<ImportOptOutsResponse>, Status> = async move {
+            let caller = caller_of(&request);
+            let mut inbound = request.into_inner();
+            let Some(first) = inbound.message().await? else {
+                return Err(Status::invalid_argument("the import stream is empty"));
+            };
+            let header = import_header(&first)?;
+            let mut check = national_check_header(&first)?;
+            let mut import = self
+                .admin
+                .start_import(&caller, header.mode, header.t, &header.source)
+                .await
+                .map_err(admin_status)?;
+            let mut received = 0u64;
+            let mut sent = 0u64;
+            let mut rejected = Rejections::new();
+            let mut message = Some(first);
+            let mut index = 0u64;
+            let mut committed = false;
+            while let Some(m) = message.take() {
+                if committed {
+                    return Err(Status::invalid_argument(format!(
+                        "message {index} came after the message marked commit; nothing was imported"
+                    )));
                 }
-                received += 1;
+                same_header(&header, &m, index)?;
+                add_population(check.as_mut(), &m.population, &mut sent)?;
+                let mut valid = Vec::with_capacity(m.nhs_numbers.len());
+                for s in &m.nhs_numbers {
+                    match (NhsNumber::parse(s), &check) {
+                        (Ok(n), Some(c)) if !c.population.contains(n) => {
+                            return Err(Status::invalid_argument(format!(
+                                "nhs_numbers position {received}: not in the population sent before \
+                                 it; a national check's opt-outs are the numbers sent that did not \
+                                 come back. Nothing was imported"
+                            )));
+                        }
+                        (Ok(n), _) => valid.push(n),
+                        (Err(e), Some(_)) => {
+                            return Err(Status::invalid_argument(format!(
+                                "nhs_numbers position {received}: {e}; a national check holds only \
+                                 valid numbers. Nothing was imported"
+                            )));
+                        }
+                        (Err(e), None) => rejected.push(received, e),
+                    }
+                    received += 1;
+                }
+                import.stage(valid).await.map_err(admin_status)?;
+                committed = m.commit;
+                index += 1;
+                message = inbound.message().await?;
             }
-            import.stage(valid).await.map_err(admin_status)?;
-            committed = m.commit;
-            index += 1;
-            message = inbound.message().await?;
+            if !committed {
+                return Err(Status::aborted(
+                    "the import stream ended without a message marked commit; nothing was imported",
+                ));
+            }
+            if let Some(c) = check {
+                import.national_check(c);
+            }
+            let outcome = import
+                .commit(received, rejected.count())
+                .await
+                .map_err(admin_status)?;
+            Ok(Response::new(ImportOptOutsResponse {
+                received,
+                added: outcome.added,
+                removed: outcome.removed,
+                rejected: rejected.count(),
+                rejected_positions: rejected.positions().collect(),
+                version: outcome.version.to_string(),
+            }))
         }
-        if !committed {
-            return Err(Status::aborted(
-                "the import stream ended without a message marked commit; nothing was imported",
-            ));
-        }
-        if let Some(c) = check {
-            import.national_check(c);
-        }
-        let outcome = import
-            .commit(received, rejected.count())
-            .await
-            .map_err(admin_status)?;
-        Ok(Response::new(ImportOptOutsResponse {
-            received,
-            added: outcome.added,
-            removed: outcome.removed,
-            rejected: rejected.count(),
-            rejected_positions: rejected.positions().collect(),
-            version: outcome.version.to_string(),
-        }))
+        .await;
+        crate::telemetry::observe_admin("import_opt_outs", started, result.as_ref().err());
+        result
     }
 
     async fn get_opt_out(
         &self,
         request: Request<GetOptOutRequest>,
     ) -> Result<Response<GetOptOutResponse>, Status> {
-        let caller = caller_of(&request);
-        let req = request.into_inner();
-        let n = NhsNumber::parse(&req.nhs_number)
-            .map_err(|e| Status::invalid_argument(format!("nhs_number: {e}")))?;
-        let (records, version) = self.admin.get(&caller, n).await.map_err(admin_status)?;
-        Ok(Response::new(GetOptOutResponse {
-            opt_outs: records
-                .into_iter()
-                .map(|r| OptOutRecord {
-                    r#type: opt_out_type_to_proto(r.kind) as i32,
-                    recorded_at_unix_ms: r.recorded_at_ms,
-                    source: r.source,
-                })
-                .collect(),
-            version: version.to_string(),
-        }))
+        let started = std::time::Instant::now();
+        let result: Result<Response<GetOptOutResponse>, Status> = async move {
+            let caller = caller_of(&request);
+            let req = request.into_inner();
+            let n = NhsNumber::parse(&req.nhs_number)
+                .map_err(|e| Status::invalid_argument(format!("nhs_number: {e}")))?;
+            let (records, version) = self.admin.get(&caller, n).await.map_err(admin_status)?;
+            Ok(Response::new(GetOptOutResponse {
+                opt_outs: records
+                    .into_iter()
+                    .map(|r| OptOutRecord {
+                        r#type: opt_out_type_to_proto(r.kind) as i32,
+                        recorded_at_unix_ms: r.recorded_at_ms,
+                        source: r.source,
+                    })
+                    .collect(),
+                version: version.to_string(),
+            }))
+        }
+        .await;
+        crate::telemetry::observe_admin("get_opt_out", started, result.as_ref().err());
+        result
     }
 
     async fn read_audit(
         &self,
         request: Request<ReadAuditRequest>,
     ) -> Result<Response<ReadAuditResponse>, Status> {
-        let caller = caller_of(&request);
-        let req = request.into_inner();
-        let number = if req.nhs_number.is_empty() {
-            None
-        } else {
-            Some(
-                NhsNumber::parse(&req.nhs_number)
-                    .map_err(|e| Status::invalid_argument(format!("nhs_number: {e}")))?,
-            )
-        };
-        let limit = match req.limit {
-            0 => 10_000,
-            n => usize::try_from(n).unwrap_or(10_000).min(10_000),
-        };
-        let search = AuditSearch {
-            from_ms: req.from_unix_ms,
-            to_ms: req.to_unix_ms,
-            organisation: Some(req.organisation).filter(|o| !o.is_empty()),
-            extract_id: Some(req.extract_id).filter(|e| !e.is_empty()),
-            number,
-            limit,
-        };
-        let records = self
-            .admin
-            .read_audit(&caller, search)
-            .await
-            .map_err(admin_status)?;
-        Ok(Response::new(ReadAuditResponse {
-            records: records
-                .into_iter()
-                .map(|r| AuditEntry {
-                    digests: r.digest_count() as u64,
-                    at_unix_ms: r.at_ms,
-                    organisation: r.organisation,
-                    key_id: r.key_id,
-                    action: r.action,
-                    opt_out_type: r.opt_out_type.unwrap_or_default(),
-                    source: r.source.unwrap_or_default(),
-                    extract_id: r.extract_id.unwrap_or_default(),
-                    purpose: r.purpose.unwrap_or_default(),
-                    origin: r.origin.unwrap_or_default(),
-                    count: r.count,
-                    applied: r.applied,
-                    withheld: r.withheld.into_iter().collect(),
-                    version: r.version,
-                    part_of: r.part_of.unwrap_or_default(),
-                    legal_basis: r.legal_basis.unwrap_or_default(),
-                    basis_reference: r.basis_reference.unwrap_or_default(),
-                    population: r.population.unwrap_or(0),
-                    checked_at_unix_ms: ms_i64(r.checked_at_ms.unwrap_or(0)),
-                })
-                .collect(),
-        }))
+        let started = std::time::Instant::now();
+        let result: Result<Response<ReadAuditResponse>, Status> = async move {
+            let caller = caller_of(&request);
+            let req = request.into_inner();
+            let number = if req.nhs_number.is_empty() {
+                None
+            } else {
+                Some(
+                    NhsNumber::parse(&req.nhs_number)
+                        .map_err(|e| Status::invalid_argument(format!("nhs_number: {e}")))?,
+                )
+            };
+            let limit = match req.limit {
+                0 => 10_000,
+                n => usize::try_from(n).unwrap_or(10_000).min(10_000),
+            };
+            let search = AuditSearch {
+                from_ms: req.from_unix_ms,
+                to_ms: req.to_unix_ms,
+                organisation: Some(req.organisation).filter(|o| !o.is_empty()),
+                extract_id: Some(req.extract_id).filter(|e| !e.is_empty()),
+                number,
+                limit,
+            };
+            let records = self
+                .admin
+                .read_audit(&caller, search)
+                .await
+                .map_err(admin_status)?;
+            Ok(Response::new(ReadAuditResponse {
+                records: records
+                    .into_iter()
+                    .map(|r| AuditEntry {
+                        digests: r.digest_count() as u64,
+                        at_unix_ms: r.at_ms,
+                        organisation: r.organisation,
+                        key_id: r.key_id,
+                        action: r.action,
+                        opt_out_type: r.opt_out_type.unwrap_or_default(),
+                        source: r.source.unwrap_or_default(),
+                        extract_id: r.extract_id.unwrap_or_default(),
+                        purpose: r.purpose.unwrap_or_default(),
+                        origin: r.origin.unwrap_or_default(),
+                        count: r.count,
+                        applied: r.applied,
+                        withheld: r.withheld.into_iter().collect(),
+                        version: r.version,
+                        part_of: r.part_of.unwrap_or_default(),
+                        legal_basis: r.legal_basis.unwrap_or_default(),
+                        basis_reference: r.basis_reference.unwrap_or_default(),
+                        population: r.population.unwrap_or(0),
+                        checked_at_unix_ms: ms_i64(r.checked_at_ms.unwrap_or(0)),
+                    })
+                    .collect(),
+            }))
+        }
+        .await;
+        crate::telemetry::observe_admin("read_audit", started, result.as_ref().err());
+        result
     }
 
     async fn get_status(
         &self,
         _request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
-        let status = self.admin.status().await.map_err(admin_status)?;
-        let (store, f) = (status.store, status.filter);
-        Ok(Response::new(GetStatusResponse {
-            national_data_opt_outs: store.national,
-            type_1_opt_outs: store.type1,
-            patients: store.patients,
-            version: store.version.to_string(),
-            store_kind: status.store_kind.to_string(),
-            dataset_id: store.dataset_id,
-            filter: Some(FilterStatus {
-                items: f.stats.items,
-                capacity: f.stats.capacity,
-                bits: f.stats.bits,
-                hash_functions: f.stats.hash_functions,
-                target_false_positive_rate: f.stats.target_fp_rate,
-                estimated_false_positive_rate: f.stats.estimated_fp_rate,
-                generation: f.stats.generation,
-                version: f.version.to_string(),
-                freshness_age_ms: f.age.map_or(u64::MAX, |a| {
-                    u64::try_from(a.as_millis()).unwrap_or(u64::MAX)
+        let started = std::time::Instant::now();
+        let result: Result<Response<GetStatusResponse>, Status> = async move {
+            let status = self.admin.status().await.map_err(admin_status)?;
+            let (store, f) = (status.store, status.filter);
+            Ok(Response::new(GetStatusResponse {
+                national_data_opt_outs: store.national,
+                type_1_opt_outs: store.type1,
+                patients: store.patients,
+                version: store.version.to_string(),
+                store_kind: status.store_kind.to_string(),
+                dataset_id: store.dataset_id,
+                filter: Some(FilterStatus {
+                    items: f.stats.items,
+                    capacity: f.stats.capacity,
+                    bits: f.stats.bits,
+                    hash_functions: f.stats.hash_functions,
+                    target_false_positive_rate: f.stats.target_fp_rate,
+                    estimated_false_positive_rate: f.stats.estimated_fp_rate,
+                    generation: f.stats.generation,
+                    version: f.version.to_string(),
+                    freshness_age_ms: f.age.map_or(u64::MAX, |a| {
+                        u64::try_from(a.as_millis()).unwrap_or(u64::MAX)
+                    }),
+                    fresh: f.fresh,
+                    freshness_bound_ms: u64::try_from(f.freshness_bound.as_millis())
+                        .unwrap_or(u64::MAX),
+                    loaded_from: f.loaded_from.to_string(),
                 }),
-                fresh: f.fresh,
-                freshness_bound_ms: u64::try_from(f.freshness_bound.as_millis())
-                    .unwrap_or(u64::MAX),
-                loaded_from: f.loaded_from.to_string(),
-            }),
-            lists: f
-                .lists(crate::store::now_ms())
-                .iter()
-                .map(|l| super::proto::ListCoverage {
-                    r#type: opt_out_type_to_proto(l.t) as i32,
-                    mode: l.mode.to_string(),
-                    population: l.population,
-                    as_of_unix_ms: ms_i64(l.as_of_ms.unwrap_or(0)),
-                    max_age_ms: ms_i64(
-                        l.max_age
-                            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                    ),
-                    expires_at_unix_ms: ms_i64(l.expires_at_ms.unwrap_or(0)),
-                    expired: l.expired,
-                })
-                .collect(),
-            store_regressed: f.regressed.unwrap_or_default(),
-        }))
+                lists: f
+                    .lists(crate::store::now_ms())
+                    .iter()
+                    .map(|l| super::proto::ListCoverage {
+                        r#type: opt_out_type_to_proto(l.t) as i32,
+                        mode: l.mode.to_string(),
+                        population: l.population,
+                        as_of_unix_ms: ms_i64(l.as_of_ms.unwrap_or(0)),
+                        max_age_ms: ms_i64(
+                            l.max_age
+                                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                        ),
+                        expires_at_unix_ms: ms_i64(l.expires_at_ms.unwrap_or(0)),
+                        expired: l.expired,
+                    })
+                    .collect(),
+                store_regressed: f.regressed.unwrap_or_default(),
+            }))
+        }
+        .await;
+        crate::telemetry::observe_admin("get_status", started, result.as_ref().err());
+        result
     }
 
     async fn acknowledge_store_regression(
         &self,
         request: Request<AcknowledgeStoreRegressionRequest>,
     ) -> Result<Response<AcknowledgeStoreRegressionResponse>, Status> {
-        let caller = caller_of(&request);
-        let reason = super::label_field("reason", &request.get_ref().reason, 512)?;
-        let (id, version) = self
-            .admin
-            .acknowledge_regression(&caller, reason)
-            .await
-            .map_err(admin_status)?;
-        Ok(Response::new(AcknowledgeStoreRegressionResponse {
-            acknowledgement_id: id,
-            version: version.to_string(),
-        }))
+        let started = std::time::Instant::now();
+        let result: Result<Response<AcknowledgeStoreRegressionResponse>, Status> = async move {
+            let caller = caller_of(&request);
+            let reason = super::label_field("reason", &request.get_ref().reason, 512)?;
+            let (id, version) = self
+                .admin
+                .acknowledge_regression(&caller, reason)
+                .await
+                .map_err(admin_status)?;
+            Ok(Response::new(AcknowledgeStoreRegressionResponse {
+                acknowledgement_id: id,
+                version: version.to_string(),
+            }))
+        }
+        .await;
+        crate::telemetry::observe_admin(
+            "acknowledge_store_regression",
+            started,
+            result.as_ref().err(),
+        );
+        result
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
-    AuthChannel, CliError, ClientArgs, DelimiterArg, FormatArg, TypeArg, progress,
+    AuthChannel, CliError, ClientArgs, DelimiterArg, FormatArg, TypeArg,
     words::{self, OutputArg},
 };
 use crate::{
@@ -656,17 +656,24 @@ async fn import(
         )
         .await;
     }
-    let (input, name): (Box<dyn Read + Send>, String) = match args.file.as_deref() {
-        None => (Box::new(std::io::stdin()), "stdin".into()),
-        Some(p) if p.as_os_str() == "-" => (Box::new(std::io::stdin()), "stdin".into()),
-        Some(p) => (
-            Box::new(File::open(p).map_err(|e| CliError::Input(format!("{}: {e}", p.display())))?),
-            p.file_name().map_or_else(
-                || p.display().to_string(),
-                |f| f.to_string_lossy().into_owned(),
-            ),
-        ),
-    };
+    let (input, name, size): (Box<dyn Read + Send>, String, Option<u64>) =
+        match args.file.as_deref() {
+            None => (Box::new(std::io::stdin()), "stdin".into(), None),
+            Some(p) if p.as_os_str() == "-" => (Box::new(std::io::stdin()), "stdin".into(), None),
+            Some(p) => {
+                let file =
+                    File::open(p).map_err(|e| CliError::Input(format!("{}: {e}", p.display())))?;
+                let size = file.metadata().ok().map(|m| m.len());
+                (
+                    Box::new(file),
+                    p.file_name().map_or_else(
+                        || p.display().to_string(),
+                        |f| f.to_string_lossy().into_owned(),
+                    ),
+                    size,
+                )
+            }
+        };
     let source = args.source.clone().unwrap_or_else(|| name.clone());
     let header = ImportOptOutsRequest {
         mode: match args.mode {
@@ -678,8 +685,12 @@ async fn import(
         ..ImportOptOutsRequest::default()
     };
     let (tx, rx) = mpsc::channel::<ImportOptOutsRequest>(4);
-    let bar = progress("numbers sent");
+    let bar = super::progress_bytes(size, "read and sent");
     let bar_reader = bar.clone();
+    let input: Box<dyn Read + Send> = Box::new(super::Counted {
+        inner: input,
+        bar: bar.clone(),
+    });
     let layout = match (&args.column, args.format) {
         (Some(column), _) => Layout::Csv(column.clone(), args.delimiter.byte()),
         (None, Some(FormatArg::Dat)) => Layout::Dat,
@@ -751,7 +762,6 @@ fn read_import(
     let mut rejects = Rejects::default();
     let mut first = true;
     let mut send = |numbers: Vec<String>, commit: bool| -> Result<(), String> {
-        let count = numbers.len() as u64;
         let message = if first {
             ImportOptOutsRequest {
                 nhs_numbers: numbers,
@@ -768,7 +778,9 @@ fn read_import(
         first = false;
         tx.blocking_send(message)
             .map_err(|_| "the service closed the import stream".to_string())?;
-        bar.inc(count);
+        if commit {
+            super::applying(bar, "all sent; the server is applying the import");
+        }
         Ok(())
     };
     let mut chunk = Vec::with_capacity(IMPORT_CHUNK);

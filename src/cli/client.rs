@@ -38,7 +38,11 @@ fn connect_failure(server: &str, e: &tonic::transport::Error) -> String {
     let mut causes = Vec::new();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        causes.push(s.to_string());
+        let text = s.to_string();
+        // Layers often repeat the same words ("tcp connect error: tcp connect error").
+        if causes.last() != Some(&text) {
+            causes.push(text);
+        }
         source = s.source();
     }
     let why = if causes.is_empty() {

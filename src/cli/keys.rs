@@ -29,6 +29,27 @@ pub(super) enum KeysCommand {
         #[arg(long = "exempt-basis", value_enum)]
         exempt_bases: Vec<super::BasisArg>,
     },
+    /// List the keys in a keys file: id, organisation, roles, exempt bases (never a secret: the
+    /// file holds only hashes).
+    List {
+        /// The keys file.
+        #[arg(long, env = "OPTOUT_KEYS_FILE")]
+        keys_file: PathBuf,
+        /// text, or json.
+        #[arg(long, value_enum, default_value_t = super::words::OutputArg::Text)]
+        output: super::words::OutputArg,
+    },
+    /// Revoke a key: remove its entry from the keys file (the rest of the file, comments
+    /// included, is kept). Running servers re-read the file every 2 s and stop honouring the
+    /// key then, on streams already open too.
+    Revoke {
+        /// The keys file.
+        #[arg(long, env = "OPTOUT_KEYS_FILE")]
+        keys_file: PathBuf,
+        /// The key's id (the 12 hex digits after `oo_`, as `keys list` shows).
+        #[arg(long)]
+        id: String,
+    },
     /// Make an audit key: base64 of 32 random bytes on stdout, for --audit-key-file. Every
     /// replica must use the same one (digests of NHS numbers are keyed with it).
     AuditKey,
@@ -57,6 +78,8 @@ impl KeysArgs {
                 roles,
                 exempt_bases,
             } => new_key(&keys_file, &organisation, &roles, &exempt_bases),
+            KeysCommand::List { keys_file, output } => list(&keys_file, output),
+            KeysCommand::Revoke { keys_file, id } => revoke(&keys_file, &id),
         }
     }
 }
@@ -100,5 +123,123 @@ fn new_key(
         path.display()
     );
     println!("{key}");
+    Ok(())
+}
+
+fn read_keys(path: &Path) -> Result<(String, Vec<(String, crate::auth::Caller)>), CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?;
+    let keys = crate::auth::parse_keys_file(&text)
+        .map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?
+        .into_iter()
+        .map(|(id, caller, _)| (id, caller))
+        .collect();
+    Ok((text, keys))
+}
+
+fn list(path: &Path, output: super::words::OutputArg) -> Result<(), CliError> {
+    let (_, keys) = read_keys(path)?;
+    let row = |c: &crate::auth::Caller| {
+        let roles: Vec<&str> = c.roles().iter().map(|r| r.name()).collect();
+        let bases: Vec<&str> = c.bases().iter().map(|b| b.name()).collect();
+        (roles, bases)
+    };
+    if output == super::words::OutputArg::Json {
+        let all: Vec<_> = keys
+            .iter()
+            .map(|(id, c)| {
+                let (roles, bases) = row(c);
+                serde_json::json!({
+                    "id": id,
+                    "organisation": c.organisation,
+                    "roles": roles,
+                    "exempt_bases": bases,
+                })
+            })
+            .collect();
+        return super::words::print_json(&serde_json::Value::Array(all));
+    }
+    for (id, c) in &keys {
+        let (roles, bases) = row(c);
+        println!(
+            "{id}\t{}\troles {}\texempt bases {}",
+            c.organisation,
+            roles.join(","),
+            if bases.is_empty() {
+                "none".to_string()
+            } else {
+                bases.join(",")
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Removes the `[[key]]` table whose id is `id`, keeping every other line as it was; the result
+/// is checked as the server will read it, then replaces the file in one rename.
+fn revoke(path: &Path, id: &str) -> Result<(), CliError> {
+    let (text, keys) = read_keys(path)?;
+    let Some((_, caller)) = keys.iter().find(|(k, _)| k == id) else {
+        return Err(CliError::Input(format!(
+            "{}: no key with id {id:?} (`optout keys list` shows the ids)",
+            path.display()
+        )));
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut block: Vec<&str> = Vec::new();
+    let mut in_key = false;
+    let flush = |block: &mut Vec<&str>, kept: &mut String| {
+        let is_it = block.iter().any(|l| {
+            let l = l.trim();
+            l.strip_prefix("id")
+                .map(str::trim_start)
+                .and_then(|l| l.strip_prefix('='))
+                .map(|v| v.trim().trim_matches('"'))
+                == Some(id)
+        });
+        if !is_it {
+            for l in block.iter() {
+                kept.push_str(l);
+                kept.push('\n');
+            }
+        }
+        block.clear();
+    };
+    for line in text.lines() {
+        if line.trim_start().starts_with("[[") {
+            if in_key {
+                flush(&mut block, &mut kept);
+            }
+            in_key = line.trim() == "[[key]]";
+        }
+        if in_key {
+            block.push(line);
+        } else {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    if in_key {
+        flush(&mut block, &mut kept);
+    }
+    let after = crate::auth::parse_keys_file(&kept)
+        .map_err(|e| CliError::Input(format!("{}: after revoking: {e}", path.display())))?;
+    if after.iter().any(|(k, _, _)| k == id) || after.len() + 1 != keys.len() {
+        return Err(CliError::Input(format!(
+            "{}: the entry of key {id} could not be removed cleanly (edit the file by hand); \
+             nothing was changed",
+            path.display()
+        )));
+    }
+    let tmp = path.with_extension("revoke.tmp");
+    std::fs::write(&tmp, &kept)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| CliError::Output(format!("{}: {e}", path.display())))?;
+    eprintln!(
+        "revoked key {id} of {} in {}; running servers stop honouring it within their reload \
+         interval",
+        caller.organisation,
+        path.display()
+    );
     Ok(())
 }

@@ -231,7 +231,10 @@ impl From<tonic::Status> for CliError {
         let mut causes = Vec::new();
         let mut source = std::error::Error::source(&s);
         while let Some(e) = source {
-            causes.push(e.to_string());
+            let text = e.to_string();
+            if causes.last() != Some(&text) {
+                causes.push(text);
+            }
             source = e.source();
         }
         let mut text = format!("{:?}: {}", s.code(), s.message());
@@ -344,6 +347,54 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
 }
 
 /// A progress bar on stderr when it is a terminal, hidden otherwise.
+/// A progress bar over the bytes of an input of known size (a percentage and an ETA), or a
+/// counter of bytes when the size is unknown (stdin); hidden when stderr is not a terminal.
+pub(crate) fn progress_bytes(total: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let (bar, template) = match total {
+        Some(t) => (
+            indicatif::ProgressBar::new(t),
+            "{bar:30} {percent:>3}% {bytes}/{total_bytes} {msg} ({bytes_per_sec}, eta {eta})",
+        ),
+        None => (
+            indicatif::ProgressBar::new_spinner(),
+            "{spinner} {elapsed_precise} {bytes} {msg} ({bytes_per_sec})",
+        ),
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Turns a bar into the "applying" phase: everything is sent, the server is working.
+pub(crate) fn applying(bar: &indicatif::ProgressBar, what: &str) {
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_string());
+}
+
+/// A reader that moves a progress bar by the bytes it reads.
+pub(crate) struct Counted<R> {
+    pub(crate) inner: R,
+    pub(crate) bar: indicatif::ProgressBar,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
 pub(crate) fn progress(what: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() {

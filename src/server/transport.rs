@@ -85,6 +85,7 @@ pub(super) fn start_side_listeners(
         let handle = crate::telemetry::install().map_err(ServerError::Listener)?;
         let (filter, log) = (filter.clone(), check_log.clone());
         let refresh = Arc::new(move || {
+            crate::telemetry::collect_process();
             crate::telemetry::set_state_gauges(
                 &filter.status(),
                 log.backlog(),

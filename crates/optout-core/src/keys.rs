@@ -62,6 +62,16 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The key's roles.
+    pub fn roles(&self) -> &[Role] {
+        &self.roles
+    }
+
+    /// The exempt legal bases the key may claim.
+    pub fn bases(&self) -> &[LegalBasis] {
+        &self.bases
+    }
+
     /// The caller of a service that runs without keys (loopback development only).
     pub fn anonymous() -> Caller {
         Caller {
