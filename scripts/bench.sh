@@ -20,6 +20,8 @@ REDIS_PORT="${REDIS_PORT:-6399}"
 SERVICE="127.0.0.1:${SERVICE_PORT:-50251}"
 ECHO="127.0.0.1:${ECHO_PORT:-50252}"
 OUT="${OUT:-BENCHMARKS.md}"
+# The HTML page of every run (throughput over time, latency histograms, percentiles).
+REPORT="${REPORT:-target/bench-report.html}"
 COVERAGE="${COVERAGE:-list}"
 POOL="${POOL:-0}"
 if [ "$COVERAGE" = population ] && [ "$POOL" = 0 ]; then
@@ -233,4 +235,6 @@ second_rss_loaded_run=$(awk '/^VmRSS:/ {print $2}' "/proc/$second_pid/status")
     echo "$status"
     echo '```'
 } >"$OUT"
+"$bin/optout-loadtest" report --out "$REPORT" "$work"/*.json
+echo "wrote $REPORT"
 echo "wrote $OUT"

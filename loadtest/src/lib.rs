@@ -6,6 +6,7 @@
 
 pub mod echo;
 pub mod population;
+pub mod report;
 
 use std::{
     collections::BTreeMap,
@@ -261,7 +262,7 @@ pub struct Workload {
 }
 
 /// Latency percentiles in microseconds.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct Latency {
     /// Median.
     pub p50: u64,
@@ -276,7 +277,8 @@ pub struct Latency {
 }
 
 /// The outcome of one run.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Report {
     /// "service", "redis" or "echo", as labelled by the caller.
     pub target: String,
@@ -308,6 +310,10 @@ pub struct Report {
     pub planted_seen: u64,
     /// Planted numbers answered RELEASE: must be 0.
     pub leaks: u64,
+    /// Numbers answered in each second of the measured window, in order.
+    pub numbers_each_second: Vec<u64>,
+    /// The latency histogram: (upper bound in microseconds, requests), doubling from 100 us.
+    pub latency_histogram_us: Vec<(u64, u64)>,
 }
 
 struct Shared {
@@ -330,6 +336,8 @@ struct Tally {
     planted_seen: u64,
     leaks: u64,
     errors: BTreeMap<String, u64>,
+    /// Numbers answered in each second since measuring began.
+    per_second: Vec<u64>,
 }
 
 enum Conn {
@@ -416,8 +424,20 @@ pub async fn run(
         for (k, v) in t.errors {
             *tally.errors.entry(k).or_default() += v;
         }
+        if tally.per_second.len() < t.per_second.len() {
+            tally.per_second.resize(t.per_second.len(), 0);
+        }
+        for (i, n) in t.per_second.iter().enumerate() {
+            tally.per_second[i] += n;
+        }
     }
     let seconds = measure_start.elapsed().as_secs_f64();
+    // Whole seconds only: a last partial second would read as a drop in throughput.
+    tally.per_second.truncate(seconds.floor() as usize);
+    let latency_histogram_us = hist
+        .iter_log(100, 2.0)
+        .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
+        .collect();
     Ok(Report {
         target: String::new(),
         mode: format!("{:?}", workload.mode).to_lowercase(),
@@ -444,6 +464,8 @@ pub async fn run(
         errors: tally.errors,
         planted_seen: tally.planted_seen,
         leaks: tally.leaks,
+        numbers_each_second: tally.per_second,
+        latency_histogram_us,
     })
 }
 
@@ -588,6 +610,7 @@ async fn worker(
         match answers {
             Ok((answered, planted_released)) => {
                 record(
+                    &shared,
                     pooled.numbers.len(),
                     answered,
                     &planted_released,
@@ -607,9 +630,20 @@ async fn worker(
 
 /// Counts one answered request of `sent` numbers, `answered` decisions, and whether each planted
 /// number in it was released (a leak).
-fn record(sent: usize, answered: usize, planted_released: &[bool], tally: &mut Tally) {
+fn record(
+    shared: &Shared,
+    sent: usize,
+    answered: usize,
+    planted_released: &[bool],
+    tally: &mut Tally,
+) {
     tally.requests += 1;
     tally.numbers += sent as u64;
+    let second = shared.started.elapsed().as_secs() as usize;
+    if tally.per_second.len() <= second {
+        tally.per_second.resize(second + 1, 0);
+    }
+    tally.per_second[second] += sent as u64;
     tally.planted_seen += planted_released.len() as u64;
     tally.leaks += planted_released.iter().filter(|r| **r).count() as u64;
     if answered != sent {
@@ -703,7 +737,13 @@ async fn stream_worker(
                         .filter(|(n, _)| shared.population.is_planted(**n))
                         .map(|(_, d)| d.outcome == Outcome::Release as i32)
                         .collect();
-                    record(numbers.len(), r.decisions.len(), &planted_released, tally);
+                    record(
+                        shared,
+                        numbers.len(),
+                        r.decisions.len(),
+                        &planted_released,
+                        tally,
+                    );
                     let _ = hist.record(
                         u64::try_from(at.elapsed().as_micros())
                             .unwrap_or(u64::MAX)

@@ -61,6 +61,16 @@ enum Command {
     },
     /// Run a workload and report (and, with --baseline redis, the same workload against Redis).
     Run(RunArgs),
+    /// One HTML page from the JSON reports of several runs (service, Redis and echo side by
+    /// side), e.g. those scripts/bench.sh writes.
+    Report {
+        /// Where to write the page.
+        #[arg(long)]
+        out: PathBuf,
+        /// JSON files written by `run --json`.
+        #[arg(required = true)]
+        json: Vec<PathBuf>,
+    },
     /// Write a gRPC-framed Check request (a zero byte, the length, the message) for an independent
     /// client: `h2load -d FILE` posts it (scripts/h2load.sh).
     Frame {
@@ -135,6 +145,10 @@ struct RunArgs {
     /// Write the report(s) as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write the report(s) as a self-contained HTML page here (charts of throughput over time
+    /// and of the latency histogram, and the percentiles, side by side).
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Do not fail on released opt-outs (for the echo server, which releases everything).
     #[arg(long)]
     no_leak_check: bool,
@@ -204,6 +218,21 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
                 received as f64 / took.as_secs_f64(),
                 population.seed
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { out, json } => {
+            let mut reports = Vec::new();
+            for path in &json {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    optout_loadtest::Error::Usage(format!("{}: {e}", path.display()))
+                })?;
+                let mut these: Vec<optout_loadtest::Report> =
+                    serde_json::from_str(&text).map_err(|e| {
+                        optout_loadtest::Error::Usage(format!("{}: {e}", path.display()))
+                    })?;
+                reports.append(&mut these);
+            }
+            write_html(&out, &reports)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::EchoServer { listen } => {
@@ -286,6 +315,9 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
                     optout_loadtest::Error::Usage(format!("{}: {e}", path.display()))
                 })?;
             }
+            if let Some(path) = &args.report {
+                write_html(path, &reports)?;
+            }
             let leaks: u64 = reports.iter().map(|r| r.leaks).sum();
             if leaks > 0 && !args.no_leak_check {
                 eprintln!("FAIL: {leaks} opted-out numbers were released");
@@ -294,4 +326,14 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Writes the HTML page of `reports`.
+fn write_html(
+    path: &std::path::Path,
+    reports: &[optout_loadtest::Report],
+) -> Result<(), optout_loadtest::Error> {
+    let page = optout_loadtest::report::html("optout load test", reports);
+    std::fs::write(path, page)
+        .map_err(|e| optout_loadtest::Error::Usage(format!("{}: {e}", path.display())))
 }

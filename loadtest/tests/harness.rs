@@ -66,6 +66,54 @@ async fn seeds_and_runs_every_mode_with_no_leak() {
         assert!(r.errors.is_empty(), "{mode:?}: {:?}", r.errors);
         assert!(r.latency_us.p50 > 0 && r.latency_us.p50 <= r.latency_us.max);
     }
+    // The HTML report of a run: well-formed, one throughput line and one table row per report,
+    // a bar per latency bucket and report, and the figures of the JSON report.
+    let mut long = workload(Mode::Batch);
+    long.duration = Duration::from_millis(2_300);
+    let mut service = run(&target, &pop, &long).await.expect("run");
+    service.target = "service".into();
+    assert_eq!(service.numbers_each_second.len(), 2, "whole seconds only");
+    assert_eq!(
+        service.numbers_each_second.iter().sum::<u64>() <= service.numbers,
+        true
+    );
+    let echoed = optout_loadtest::Report {
+        target: "echo".into(),
+        ..service.clone()
+    };
+    let page = optout_loadtest::report::html("a <test>", &[service.clone(), echoed]);
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..roxmltree::ParsingOptions::default()
+    };
+    let doc =
+        roxmltree::Document::parse_with_options(&page, options).expect("the page is well-formed");
+    let by_id = |id: &str| {
+        doc.descendants()
+            .find(|n| n.attribute("id") == Some(id))
+            .unwrap_or_else(|| panic!("no #{id}"))
+    };
+    let lines: Vec<_> = by_id("throughput")
+        .descendants()
+        .filter(|n| n.has_tag_name("polyline"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        lines[0].attribute("points").map(|p| p.split(' ').count()),
+        Some(2)
+    );
+    let rows = by_id("percentiles")
+        .children()
+        .filter(|n| n.has_tag_name("tr"))
+        .count();
+    assert_eq!(rows, 3, "a header and a row per report");
+    let bars = by_id("latency")
+        .descendants()
+        .filter(|n| n.has_tag_name("rect") && n.attribute("width") != Some("10"))
+        .count();
+    assert_eq!(bars, 2 * service.latency_histogram_us.len());
+    assert!(page.contains(&format!("<td>{}</td>", service.latency_us.p99)));
+    assert!(page.contains("a &lt;test&gt;"), "text is escaped");
     // Open loop at a modest rate sends about rate x duration requests.
     let mut open = workload(Mode::Batch);
     open.rate = 100.0;
