@@ -39,6 +39,8 @@ trap 'rm -rf "$out"' EXIT
 # The serve flags, to check the chart's config file against.
 serve_help="$out/serve-help.txt"
 cargo run --quiet --locked -p optout --bin optout -- serve --help >"$serve_help"
+init_help="$out/init-help.txt"
+cargo run --quiet --locked -p optout --bin optout -- init-store --help >"$init_help"
 for values in default "$chart/ci/production-values.yaml"; do
     if [ "$values" = default ]; then args=(); name=default; else args=(-f "$values"); name="$(basename "$values" .yaml)"; fi
     echo "== helm lint --strict ($name)"
@@ -53,9 +55,10 @@ for values in default "$chart/ci/production-values.yaml"; do
     "$validate" --strict -k "$k8s_version" "${files[@]}"
     # What the schemas cannot see: the ServiceMonitor (a CRD, no bundled schema) must point at the
     # Service's metrics port and labels, and the config file must be TOML naming real serve flags.
-    "$venv/bin/python" - "$dir" "$serve_help" <<'PY'
+    "$venv/bin/python" - "$dir" "$serve_help" "$init_help" <<'PY'
 import pathlib, sys, tomllib, yaml
 root, help_text = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]).read_text()
+init_help = pathlib.Path(sys.argv[3]).read_text()
 docs = [d for f in sorted(root.rglob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
 by_kind = {}
 for d in docs:
@@ -93,6 +96,14 @@ for d in by_kind.get("ConfigMap", []):
                 for m in names:
                     base = re.sub(r"_(bucket|sum|count)$", "", m)
                     assert f'"{base}"' in source, f"dashboard panel {panel['title']}: {m} is not a metric of the service"
+# The init-store Job: a hook, and every argument a flag of `optout init-store`.
+for job in by_kind.get("Job", []):
+    assert "pre-install" in job["metadata"]["annotations"]["helm.sh/hook"], job["metadata"]
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "init-store", args
+    for arg in args[1:]:
+        flag = arg.split("=", 1)[0]
+        assert f"{flag} " in init_help or f"{flag}\n" in init_help, f"Job arg `{flag}` is not a flag of optout init-store"
 # `helm test`: a Pod that runs `optout health` against the Service's health port.
 tests = [p for p in by_kind.get("Pod", []) if p["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
 assert tests, "no helm test Pod"

@@ -947,3 +947,31 @@ async fn keys_are_listed_and_a_revoked_key_stops_working_on_a_running_server() {
     );
     server.stop().await;
 }
+
+/// `init-store --exists-ok` (the chart's hook runs it on every install): an initialised store in
+/// the same mode is left alone; one in another mode is an error naming both.
+#[tokio::test]
+async fn init_store_exists_ok_leaves_a_store_in_the_same_mode_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf8").to_string();
+    let init = |extra: &[&str]| {
+        let mut a = args(&["init-store", "--data-dir", &data_arg]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        optout(a)
+    };
+    let first = init(&["--national-coverage", "population", "--exists-ok"]).await;
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let again = init(&["--national-coverage", "population", "--exists-ok"]).await;
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(text(&again.stdout).contains("nothing was changed"));
+    let other = init(&["--national-coverage", "list", "--exists-ok"]).await;
+    assert!(!other.status.success());
+    assert!(
+        text(&other.stderr).contains("population mode, not list"),
+        "{}",
+        text(&other.stderr)
+    );
+    let without = init(&["--national-coverage", "population"]).await;
+    assert!(!without.status.success(), "without --exists-ok: refused");
+}

@@ -55,7 +55,7 @@ impl AdminService {
         if req.nhs_numbers.len() > self.limits.max_admin_batch {
             return Err(Status::invalid_argument(format!(
                 "nhs_numbers has {} numbers; an admin change carries at most {}: use \
-                 ImportOptOuts for bulk loads",
+                 `optout admin import` (ImportOptOuts) for bulk loads",
                 req.nhs_numbers.len(),
                 self.limits.max_admin_batch
             )));

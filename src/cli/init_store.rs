@@ -55,6 +55,40 @@ pub(super) struct InitStoreArgs {
     /// What a number the national list does not hold means; fixed for the store's life.
     #[arg(long, value_enum, default_value_t = Coverage::List)]
     national_coverage: Coverage,
+    /// Succeed, changing nothing, when the store is initialised already in the same coverage
+    /// mode (for a deployment hook that runs on every install); a different mode is an error.
+    #[arg(long)]
+    exists_ok: bool,
+}
+
+/// With --exists-ok: an initialised store in the same mode is fine; in another, an error.
+async fn already(
+    store: &dyn crate::store::ConsentStore,
+    shown: &str,
+    mode: CoverageMode,
+) -> Result<(), CliError> {
+    store
+        .open_dataset()
+        .await
+        .map_err(|e| CliError::Rpc(format!("{shown}: {e}")))?;
+    let have = store
+        .coverage()
+        .await
+        .map_err(|e| CliError::Rpc(format!("{shown}: {e}")))?
+        .national_mode
+        .unwrap_or_default();
+    if have != mode {
+        return Err(CliError::Usage(format!(
+            "{shown} is initialised in {} mode, not {}: a store's coverage mode is chosen once",
+            have.name(),
+            mode.name()
+        )));
+    }
+    println!(
+        "{shown} is initialised already (national coverage {}); nothing was changed",
+        mode.name()
+    );
+    Ok(())
 }
 
 pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
@@ -72,6 +106,11 @@ pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
             change_log_len: 1,
             cache_bytes: DEFAULT_CACHE_BYTES,
         };
+        if args.exists_ok && EmbeddedStore::db_path(dir).exists() {
+            let (store, _) =
+                EmbeddedStore::open(&config).map_err(|e| CliError::Usage(e.to_string()))?;
+            return already(&store, &dir.display().to_string(), mode).await;
+        }
         let store =
             EmbeddedStore::init(&config, mode).map_err(|e| CliError::Usage(e.to_string()))?;
         println!(
@@ -98,10 +137,13 @@ pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
     config.shards = args.shards;
     let shown = config.describe();
     let store = RedisStore::connect(&config).map_err(|e| CliError::Usage(e.to_string()))?;
-    let id = store
-        .init_with(args.buckets, mode)
-        .await
-        .map_err(|e| CliError::Rpc(format!("{shown}: {e}")))?;
+    let id = match store.init_with(args.buckets, mode).await {
+        Ok(id) => id,
+        Err(crate::store::StoreError::ImportRefused(_)) if args.exists_ok => {
+            return already(&store, &shown, mode).await;
+        }
+        Err(e) => return Err(CliError::Rpc(format!("{shown}: {e}"))),
+    };
     println!(
         "initialised the opt-out store at {shown} (prefix {:?}): dataset {id}, {} buckets, \
          national coverage {}",

@@ -27,7 +27,7 @@ use std::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{AuthChannel, CliError, progress};
+use super::{AuthChannel, CliError};
 use crate::{
     api::proto::{self, ImportOptOutsRequest, opt_out_admin_client::OptOutAdminClient},
     core::{NhsNumber, coverage::Population, extract::for_each_dat_chunk},
@@ -66,7 +66,8 @@ pub(super) async fn import(
         ..ImportOptOutsRequest::default()
     };
     let (tx, rx) = mpsc::channel::<ImportOptOutsRequest>(4);
-    let bar = progress("patients sent");
+    let size = std::fs::metadata(sent).ok().map(|m| m.len());
+    let bar = super::progress_bytes(size, "of the population read and sent");
     let bar_reader = bar.clone();
     let sent_path = sent.to_path_buf();
     let reader =
@@ -243,7 +244,6 @@ fn stream(
 ) -> Result<(), String> {
     let mut first = Some(header);
     let mut send = |population: Vec<String>, opt_outs: Vec<String>, commit: bool| {
-        let count = population.len() as u64;
         let message = ImportOptOutsRequest {
             population,
             nhs_numbers: opt_outs,
@@ -252,11 +252,18 @@ fn stream(
         };
         tx.blocking_send(message)
             .map_err(|_| "the service closed the import stream".to_string())?;
-        bar.inc(count);
+        if commit {
+            super::applying(bar, "all sent; the server is applying the national check");
+        }
         Ok::<(), String>(())
     };
     let input = File::open(sent)
-        .map(BufReader::new)
+        .map(|f| {
+            BufReader::new(super::Counted {
+                inner: f,
+                bar: bar.clone(),
+            })
+        })
         .map_err(|e| format!("{}: {e}", sent.display()))?;
     for_each_dat_chunk(input, CHUNK, |_, numbers| {
         let mut opt_outs = Vec::new();

@@ -181,11 +181,43 @@ impl Checker {
             }
         }
         let screened = self.screen(&valid, &mut decisions, filter_behind, policy.release());
-        let (coverage, generation) = (screened.coverage.clone(), screened.version);
+        let (mut coverage, generation) = (screened.coverage.clone(), screened.version);
+        let deadline = input.deadline;
         let out = self
             .resolve(decisions, &valid, screened, policy, &input)
             .await;
+        if coverage.national_mode.is_none()
+            && matches!(policy, Applicable::Types(t, _) if t.contains(crate::core::OptOutType::NationalDataOptOut))
+        {
+            coverage = self.coverage_before_load(coverage, deadline).await;
+        }
         self.cover(out, &valid, policy, &coverage, generation)
+    }
+
+    /// Before this replica has read what the store's lists cover (its first moments): asks the
+    /// store. A list-mode store's answers then stand as they always did; population mode stays
+    /// unknown here (its population must come paired with a filter generation), so its releases
+    /// are withheld until one is loaded.
+    async fn coverage_before_load(
+        &self,
+        unknown: Arc<Coverage>,
+        deadline: Instant,
+    ) -> Arc<Coverage> {
+        use crate::core::coverage::CoverageMode;
+        let list = async {
+            // The mode first: a population is not read for nothing.
+            match self.store.coverage_mode().await {
+                Ok(CoverageMode::List) => self.store.coverage().await.ok(),
+                _ => None,
+            }
+        };
+        match tokio::time::timeout(remaining(deadline), list).await {
+            Ok(Some(c)) if c.national_mode == Some(CoverageMode::List) => {
+                self.filter.set_coverage_before_load(c.clone());
+                Arc::new(c)
+            }
+            _ => unknown,
+        }
     }
 
     /// What no opt-out withholds may still not be released: a list of an applicable type past its

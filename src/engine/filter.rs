@@ -466,7 +466,7 @@ impl SyncedFilter {
     /// meanwhile know what absence means. In list mode that lets the store's answers stand; in
     /// population mode they are withheld anyway until a generation pairs the filter with its
     /// population (the store answers from its own version, not this generation's).
-    pub(super) fn set_coverage_before_load(&self, coverage: Coverage) {
+    pub(crate) fn set_coverage_before_load(&self, coverage: Coverage) {
         let mut g = self.state.write();
         if g.coverage.national_mode.is_none() {
             g.coverage = Arc::new(coverage);

@@ -303,6 +303,12 @@ pub trait ConsentStore: Send + Sync + 'static {
     /// replica re-reads it with the scan that rebuilds its filter) and by initialisation.
     async fn coverage(&self) -> Result<Coverage, StoreError>;
 
+    /// Only the national coverage mode (fixed at initialisation): what [`ConsentStore::coverage`]
+    /// says, without reading a population.
+    async fn coverage_mode(&self) -> Result<CoverageMode, StoreError> {
+        Ok(self.coverage().await?.national_mode.unwrap_or_default())
+    }
+
     /// Counts, version and dataset marker.
     async fn status(&self) -> Result<StoreStatus, StoreError>;
 

@@ -79,7 +79,8 @@ impl ImportSession for EmbeddedImport {
                     {
                         return Err(StoreError::ImportRefused(format!(
                             "a REPLACE import with no valid numbers would remove every {} opt-out; \
-                             use RemoveOptOuts to remove opt-outs explicitly",
+                             use `optout admin remove` (RemoveOptOuts) to remove opt-outs \
+                             explicitly",
                             t.name()
                         ).into()));
                     }

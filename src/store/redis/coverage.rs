@@ -42,7 +42,7 @@ impl RedisStore {
 
     /// The national coverage mode, fixed when the store was initialised (list for a store made
     /// before modes existed).
-    pub(super) async fn coverage_mode(&self) -> Result<CoverageMode, StoreError> {
+    pub(super) async fn read_coverage_mode(&self) -> Result<CoverageMode, StoreError> {
         let fields: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(self.key("coverage"))
             .query_async(&mut self.write_conn())

@@ -168,7 +168,7 @@ impl ImportSession for RedisImport {
         let store = self.store.clone();
         let mut conn = store.write_conn();
         // The mode is fixed at initialisation, so it can be read before the lock.
-        let mode = store.coverage_mode().await?;
+        let mode = store.read_coverage_mode().await?;
         import_allowed(mode, self.opt_out, self.mode, self.check.as_ref())?;
         let t = type_code(self.opt_out);
         let other = match self.opt_out {
@@ -271,7 +271,7 @@ impl RedisImport {
             return Err(StoreError::ImportRefused(
                 format!(
                     "a REPLACE import with no valid numbers would remove every {} opt-out; use \
-                 RemoveOptOuts to remove opt-outs explicitly",
+                 `optout admin remove` (RemoveOptOuts) to remove opt-outs explicitly",
                     self.opt_out.name()
                 )
                 .into(),

@@ -211,6 +211,11 @@ impl ConsentStore for RedisStore {
         self.read_coverage().await
     }
 
+    async fn coverage_mode(&self) -> Result<crate::core::coverage::CoverageMode, StoreError> {
+        self.bound()?;
+        self.read_coverage_mode().await
+    }
+
     async fn changes_after(
         &self,
         after: Version,
