@@ -74,15 +74,17 @@ for sm in by_kind.get("ServiceMonitor", []) + by_kind.get("PodMonitor", []):
 # Every metric an alert names is one the service exports (its name appears in the source).
 import re
 source = "".join(p.read_text() for p in pathlib.Path("src").rglob("*.rs"))
+def exported(expr, what):
+    names = set(re.findall(r"optout_[a-z0-9_]+", expr))
+    assert names, f"{what} names no optout metric"
+    for name in names:
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert f'"{base}"' in source, f"{what}: {name} is not a metric of the service"
 for rule in by_kind.get("PrometheusRule", []):
     assert rule["apiVersion"] == "monitoring.coreos.com/v1", rule["apiVersion"]
     for group in rule["spec"]["groups"]:
         for r in group["rules"]:
-            names = set(re.findall(r"optout_[a-z0-9_]+", r["expr"]))
-            assert names, f"alert {r['alert']} names no optout metric"
-            for name in names:
-                base = re.sub(r"_(bucket|sum|count)$", "", name)
-                assert f'"{base}"' in source, f"alert {r['alert']}: {name} is not a metric of the service"
+            exported(r["expr"], f"alert {r['alert']}")
 # The dashboard parses, and every metric a panel queries is one the service exports.
 for d in by_kind.get("ConfigMap", []):
     for name, body in (d.get("data") or {}).items():
@@ -91,11 +93,7 @@ for d in by_kind.get("ConfigMap", []):
         dash = __import__("json").loads(body)
         for panel in dash["panels"]:
             for t in panel["targets"]:
-                names = set(re.findall(r"optout_[a-z0-9_]+", t["expr"]))
-                assert names, f"dashboard panel {panel['title']} queries no optout metric"
-                for m in names:
-                    base = re.sub(r"_(bucket|sum|count)$", "", m)
-                    assert f'"{base}"' in source, f"dashboard panel {panel['title']}: {m} is not a metric of the service"
+                exported(t["expr"], f"dashboard panel {panel['title']}")
 # The init-store Job: a hook, and every argument a flag of `optout init-store`.
 for job in by_kind.get("Job", []):
     assert "pre-install" in job["metadata"]["annotations"]["helm.sh/hook"], job["metadata"]

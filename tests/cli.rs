@@ -9,31 +9,8 @@ use std::{
     time::Duration,
 };
 
-use common::{TestServer, change_request, valid_numbers};
+use common::{BIN, TestServer, args, change_request, optout, text, valid_numbers};
 use optout::api::proto::OptOutType;
-
-const BIN: &str = env!("CARGO_BIN_EXE_optout");
-
-async fn optout(args: Vec<String>) -> Output {
-    tokio::task::spawn_blocking(move || {
-        Command::new(BIN)
-            .args(&args)
-            .env("OPTOUT_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .expect("optout runs")
-    })
-    .await
-    .expect("join")
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 #[tokio::test]
 async fn filter_writes_only_releasable_rows_and_counts_the_rest() {

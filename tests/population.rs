@@ -5,38 +5,15 @@
 #[macro_use]
 mod common;
 
-use std::{
-    process::{Command, Output, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
-use common::{RedisServer, TestServer, check_request, outcome, redis_config, valid_numbers};
+use common::{
+    RedisServer, TestServer, check_request, optout, outcome, redis_config, text, valid_numbers,
+};
 use optout::{
-    api::proto::{
-        self, GetStatusRequest, ImportMode, ImportOptOutsRequest, OptOutType, Outcome, Purpose,
-        Reason,
-    },
+    api::proto::{self, ImportMode, ImportOptOutsRequest, OptOutType, Outcome, Purpose, Reason},
     core::coverage::CoverageMode,
 };
-
-const BIN: &str = env!("CARGO_BIN_EXE_optout");
-
-async fn optout(args: Vec<String>) -> Output {
-    tokio::task::spawn_blocking(move || {
-        Command::new(BIN)
-            .args(&args)
-            .env("OPTOUT_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .expect("optout runs")
-    })
-    .await
-    .expect("join")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// The national check's file format: a number and a comma a line.
 fn dat(numbers: &[String]) -> String {
@@ -220,13 +197,7 @@ async fn a_national_check_round_trip_is_imported_and_numbers_outside_its_populat
         "{}",
         text(&out.stderr)
     );
-    let status = server
-        .admin_client()
-        .await
-        .get_status(GetStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = server.status().await;
     assert_eq!(status.national_data_opt_outs, 0, "nothing was imported");
 
     // The round trip: the first three sent did not come back, so they opted out.
@@ -329,12 +300,7 @@ async fn a_list_past_its_maximum_age_is_withheld_until_a_fresh_check_is_imported
         .await
         .expect("import");
     poll!("the old list is in force", Duration::from_secs(10), {
-        let s = admin()
-            .await
-            .get_status(GetStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
+        let s = server.status().await;
         if s.national_data_opt_outs == 1 && s.lists.first().is_some_and(|l| l.population == 4) {
             assert!(s.lists[0].expired, "{:?}", s.lists[0]);
             break;
@@ -468,13 +434,7 @@ async fn population_mode_on_redis_is_shared_by_every_replica_and_bad_round_trips
         }
     );
     assert_eq!(decisions(&a, &n, Purpose::Research).await, want);
-    let s = b
-        .admin_client()
-        .await
-        .get_status(GetStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let s = b.status().await;
     let national = &s.lists[0];
     assert_eq!(
         (national.mode.as_str(), national.population),

@@ -46,12 +46,14 @@ macro_rules! eventually {
     }};
 }
 
+mod cli;
 mod faulty;
 mod redis;
 mod scenarios;
 mod server;
 mod topology;
 
+pub use cli::*;
 pub use faulty::*;
 pub use redis::*;
 pub use scenarios::*;

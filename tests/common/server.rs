@@ -101,6 +101,16 @@ impl TestServer {
             .max_encoding_message_size(64 * 1024 * 1024)
     }
 
+    /// The replica's status (admin GetStatus).
+    pub async fn status(&self) -> proto::GetStatusResponse {
+        self.admin_client()
+            .await
+            .get_status(proto::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+    }
+
     pub async fn admin_client(&self) -> OptOutAdminClient<Channel> {
         OptOutAdminClient::new(self.channel().await)
     }
