@@ -153,6 +153,15 @@ if grep -q "runAsUser: 65532" "$out/openshift.yaml"; then
     echo "error: runAsUser stayed set" >&2
     exit 1
 fi
+# The Redis password from a Secret of its own (as Bitnami's Redis chart makes it) reaches both the
+# replicas and the init-store Job as OPTOUT_REDIS_PASSWORD.
+"$helm" template optout "$chart" --set redis.passwordSecret.name=redis --set initStore.enabled=true \
+    >"$out/password.yaml"
+[ "$(grep -c "name: OPTOUT_REDIS_PASSWORD" "$out/password.yaml")" = 2 ] || {
+    echo "error: OPTOUT_REDIS_PASSWORD is not set on the Deployment and the Job" >&2
+    exit 1
+}
+grep -q "key: redis-password" "$out/password.yaml"
 # A cluster renders (and its flag is checked against optout serve like every other argument).
 "$helm" template optout "$chart" --set redis.cluster.enabled=true \
     --set 'redis.cluster.nodes={redis-0:6379,redis-1:6379}' >"$out/cluster.yaml"

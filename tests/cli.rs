@@ -952,3 +952,44 @@ async fn init_store_exists_ok_leaves_a_store_in_the_same_mode_alone() {
     let without = init(&["--national-coverage", "population"]).await;
     assert!(!without.status.success(), "without --exists-ok: refused");
 }
+
+/// `--redis-password` / OPTOUT_REDIS_PASSWORD (a password kept apart from the URL, as Bitnami's
+/// Redis chart keeps it): put into the URL, percent-encoded, never shown; a URL with a password
+/// of its own and a separate one is refused.
+#[tokio::test]
+async fn a_redis_password_kept_apart_from_the_url_is_used_and_never_shown() {
+    let password = "p@ss:w/rd%";
+    let redis = common::RedisServer::start_with(args(&["--requirepass", password]));
+    let url = redis.url();
+    let init = |url: String, password: Option<&'static str>| {
+        tokio::task::spawn_blocking(move || {
+            let mut c = Command::new(BIN);
+            c.args(["init-store", "--redis-url", &url])
+                .env("OPTOUT_LOG", "warn")
+                .stdin(Stdio::null());
+            if let Some(p) = password {
+                c.env("OPTOUT_REDIS_PASSWORD", p);
+            }
+            c.output().expect("runs")
+        })
+    };
+    let without = init(url.clone(), None).await.expect("join");
+    assert!(!without.status.success(), "NOAUTH without the password");
+    let with = init(url.clone(), Some(password)).await.expect("join");
+    assert!(with.status.success(), "{}", text(&with.stderr));
+    let shown = format!("{}{}", text(&with.stdout), text(&with.stderr));
+    assert!(shown.contains("initialised the opt-out store"), "{shown}");
+    assert!(
+        !shown.contains("p@ss") && !shown.contains("p%40ss"),
+        "{shown}"
+    );
+    let both = init(url.replace("redis://", "redis://:other@"), Some(password))
+        .await
+        .expect("join");
+    assert!(!both.status.success());
+    assert!(
+        text(&both.stderr).contains("carries a password already"),
+        "{}",
+        text(&both.stderr)
+    );
+}

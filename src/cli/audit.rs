@@ -84,7 +84,7 @@ async fn verify_changes(
     data_dir: Option<PathBuf>,
     redis: &RedisArgs,
 ) -> Result<ExitCode, CliError> {
-    let (store, shown): (Box<dyn ConsentStore>, String) = match (data_dir, redis.config()) {
+    let (store, shown): (Box<dyn ConsentStore>, String) = match (data_dir, redis.config()?) {
         (Some(dir), _) => {
             if !EmbeddedStore::exists_in(&dir) {
                 return Err(CliError::Input(format!(

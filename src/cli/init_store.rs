@@ -94,7 +94,7 @@ async fn already(
 pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
     let mode = CoverageMode::from(args.national_coverage);
     if let Some(dir) = &args.data_dir {
-        if args.redis.config().is_some() {
+        if args.redis.config()?.is_some() {
             return Err(CliError::Usage(
                 "--data-dir initialises the embedded store: leave out --redis-url and \
                  --redis-sentinel"
@@ -121,7 +121,7 @@ pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
         );
         return Ok(());
     }
-    let Some(mut config) = args.redis.config() else {
+    let Some(mut config) = args.redis.config()? else {
         return Err(CliError::Usage(
             "--redis-url or --redis-sentinel (or OPTOUT_REDIS_URL, OPTOUT_REDIS_SENTINEL), or \
              --data-dir for the embedded store, is required"

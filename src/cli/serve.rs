@@ -10,7 +10,10 @@ use crate::{
     core::AuditKey,
     engine::{check_files::CheckFilesConfig, filter::FilterConfig},
     server::{ServerConfig, StoreConfig, TlsFiles, defaults},
-    store::redis::{RedisConfig, RedisStore, SentinelConfig, Topology, defaults as redis_defaults},
+    store::redis::{
+        RedisConfig, RedisStore, SentinelConfig, Topology, defaults as redis_defaults,
+        with_password,
+    },
 };
 
 /// A duration in whole ms, for flags given in ms.
@@ -26,6 +29,11 @@ pub(super) struct RedisArgs {
     /// only carries the password, database and TLS mode of the Redis nodes.
     #[arg(long, env = "OPTOUT_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
+    /// The Redis password, when it is kept apart from the URL (Bitnami's Redis chart keeps it in
+    /// a Secret key `redis-password`): put into the URL (behind Sentinel or in a Cluster, into
+    /// the nodes' settings). A URL with a password of its own is then an error.
+    #[arg(long, env = "OPTOUT_REDIS_PASSWORD", hide_env_values = true)]
+    redis_password: Option<String>,
     /// Redis Sentinel: the sentinels' host:port, comma-separated. The store follows the master
     /// they name through failovers.
     #[arg(
@@ -79,7 +87,7 @@ pub(super) struct RedisArgs {
 
 impl RedisArgs {
     /// The Redis store's settings, or `None` for the embedded store.
-    pub(super) fn config(&self) -> Option<RedisConfig> {
+    pub(super) fn config(&self) -> Result<Option<RedisConfig>, CliError> {
         let topology = if !self.redis_cluster.is_empty() {
             Topology::Cluster(self.redis_cluster.clone())
         } else if !self.redis_sentinel.is_empty() {
@@ -88,12 +96,27 @@ impl RedisArgs {
                 master_name: self.redis_sentinel_master.clone(),
             })
         } else {
-            Topology::Single(self.redis_url.clone()?)
+            match self.redis_url.clone() {
+                Some(url) => Topology::Single(url),
+                None => return Ok(None),
+            }
         };
         let single = matches!(topology, Topology::Single(_));
         let mut config = RedisConfig::with_topology(topology);
         if !single {
             config.node_url = self.redis_url.clone();
+        }
+        if let Some(password) = &self.redis_password {
+            match &mut config.topology {
+                Topology::Single(url) => {
+                    *url = with_password(url, password).map_err(CliError::Usage)?;
+                }
+                _ => {
+                    // Behind Sentinel or in a Cluster the node settings' host is not used.
+                    let base = config.node_url.as_deref().unwrap_or("redis://redis-nodes/");
+                    config.node_url = Some(with_password(base, password).map_err(CliError::Usage)?);
+                }
+            }
         }
         if let Some(n) = self.redis_replicas_ack {
             config.replicas_ack = n;
@@ -105,7 +128,7 @@ impl RedisArgs {
         config.response_timeout = Duration::from_millis(self.redis_timeout_ms.max(1));
         config.connect_timeout = config.response_timeout;
         config.audit_len = self.redis_audit_len.max(1);
-        Some(config)
+        Ok(Some(config))
     }
 }
 
@@ -340,7 +363,7 @@ impl ServeArgs {
     }
 
     fn store(&self) -> Result<StoreConfig, CliError> {
-        Ok(match self.redis.config() {
+        Ok(match self.redis.config()? {
             Some(r) => {
                 // A malformed URL is a setting error: say so before listening. An unreachable
                 // Redis is not: the replica starts NOT_SERVING and keeps trying, so replicas may

@@ -146,8 +146,10 @@ impl RedisServer {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
                 let mut buf = [0u8; 64];
                 if s.write_all(b"PING\r\n").is_ok()
-                    && s.read(&mut buf)
-                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                    && s.read(&mut buf).is_ok_and(|n| {
+                        // A server with --requirepass answers an unauthenticated PING so.
+                        buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH")
+                    })
                 {
                     return;
                 }

@@ -138,9 +138,47 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// `url` with `password` put in (percent-encoded as a URL's user info must be), for a password
+/// kept apart from the URL (`--redis-password`). A URL that carries a password already is an
+/// error: which one was meant cannot be told.
+pub fn with_password(url: &str, password: &str) -> Result<String, String> {
+    let mut u = redis::parse_redis_url(url)
+        .ok_or_else(|| format!("{}: not a redis:// or rediss:// URL", redact_url(url)))?;
+    if u.password().is_some_and(|p| !p.is_empty()) {
+        return Err(format!(
+            "{} carries a password already, and --redis-password gives another: give one",
+            redact_url(url)
+        ));
+    }
+    // `url` encodes the user-info delimiters but passes `%` through as if it began an escape;
+    // a literal `%` must reach Redis as itself.
+    u.set_password(Some(&password.replace('%', "%25")))
+        .map_err(|()| format!("{}: this URL cannot hold a password", redact_url(url)))?;
+    Ok(u.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_kept_apart_goes_into_the_url_encoded() {
+        let u = with_password("redis://cache.example:6380/2", "p@ss:w/rd%").expect("fits");
+        let parsed = redis::parse_redis_url(&u).expect("parses");
+        assert_eq!(parsed.password(), Some("p%40ss%3Aw%2Frd%25"));
+        // And what a Redis client reads back is the password given.
+        let info = redis::IntoConnectionInfo::into_connection_info(u.as_str()).expect("info");
+        assert_eq!(info.redis_settings().password(), Some("p@ss:w/rd%"));
+        assert_eq!(parsed.host_str(), Some("cache.example"));
+        assert!(!redact_url(&u).contains("p%40ss"));
+        let with_user = with_password("rediss://app@cache.example/0", "x").expect("fits");
+        assert!(
+            with_user.starts_with("rediss://app:x@cache.example"),
+            "{with_user}"
+        );
+        assert!(with_password("redis://:old@cache.example", "new").is_err());
+        assert!(with_password("http://cache.example", "x").is_err());
+    }
 
     #[test]
     fn redacts_passwords_in_urls() {

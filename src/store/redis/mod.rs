@@ -35,7 +35,9 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use parking_lot::RwLock;
 
-pub use config::{RedisConfig, SentinelConfig, Topology, defaults, redact_nodes, redact_url};
+pub use config::{
+    RedisConfig, SentinelConfig, Topology, defaults, redact_nodes, redact_url, with_password,
+};
 use conn::{Conn, FEED_BLOCK, WRITE_TIMEOUT, cluster_conns, direct_conns, sentinel_conns};
 pub use conn::{key_slot, shard_tags};
 use layout::{Change, Flat, Layout};
