@@ -172,28 +172,32 @@ fn import_header_mode(m: i32) -> Option<ImportMode> {
     }
 }
 
+/// Runs one admin RPC and counts it by its gRPC code, with its latency
+/// (`optout_admin_requests_total`, `optout_admin_duration_seconds`).
+async fn observed<T>(
+    rpc: &'static str,
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    crate::telemetry::observe_admin(rpc, started, result.as_ref().err());
+    result
+}
+
 #[tonic::async_trait]
 impl OptOutAdmin for AdminService {
     async fn add_opt_outs(
         &self,
         request: Request<ChangeOptOutsRequest>,
     ) -> Result<Response<ChangeOptOutsResponse>, Status> {
-        let started = std::time::Instant::now();
-        let result: Result<Response<ChangeOptOutsResponse>, Status> =
-            async move { self.change(ChangeKind::Add, request).await }.await;
-        crate::telemetry::observe_admin("add_opt_outs", started, result.as_ref().err());
-        result
+        observed("add_opt_outs", self.change(ChangeKind::Add, request)).await
     }
 
     async fn remove_opt_outs(
         &self,
         request: Request<ChangeOptOutsRequest>,
     ) -> Result<Response<ChangeOptOutsResponse>, Status> {
-        let started = std::time::Instant::now();
-        let result: Result<Response<ChangeOptOutsResponse>, Status> =
-            async move { self.change(ChangeKind::Remove, request).await }.await;
-        crate::telemetry::observe_admin("remove_opt_outs", started, result.as_ref().err());
-        result
+        observed("remove_opt_outs", self.change(ChangeKind::Remove, request)).await
     }
 
     /// Stages every valid number; applies them in one store transaction only when the last message
@@ -203,8 +207,7 @@ impl OptOutAdmin for AdminService {
         &self,
         request: Request<Streaming<ImportOptOutsRequest>>,
     ) -> Result<Response<ImportOptOutsResponse>, Status> {
-        let started = std::time::Instant::now();
-        let result: Result<Response<ImportOptOutsResponse>, Status> = async move {
+        observed("import_opt_outs", async move {
             let caller = caller_of(&request);
             let mut inbound = request.into_inner();
             let Some(first) = inbound.message().await? else {
@@ -277,18 +280,15 @@ impl OptOutAdmin for AdminService {
                 rejected_positions: rejected.positions().collect(),
                 version: outcome.version.to_string(),
             }))
-        }
-        .await;
-        crate::telemetry::observe_admin("import_opt_outs", started, result.as_ref().err());
-        result
+        })
+        .await
     }
 
     async fn get_opt_out(
         &self,
         request: Request<GetOptOutRequest>,
     ) -> Result<Response<GetOptOutResponse>, Status> {
-        let started = std::time::Instant::now();
-        let result: Result<Response<GetOptOutResponse>, Status> = async move {
+        observed("get_opt_out", async move {
             let caller = caller_of(&request);
             let req = request.into_inner();
             let n = NhsNumber::parse(&req.nhs_number)
@@ -305,18 +305,15 @@ impl OptOutAdmin for AdminService {
                     .collect(),
                 version: version.to_string(),
             }))
-        }
-        .await;
-        crate::telemetry::observe_admin("get_opt_out", started, result.as_ref().err());
-        result
+        })
+        .await
     }
 
     async fn read_audit(
         &self,
         request: Request<ReadAuditRequest>,
     ) -> Result<Response<ReadAuditResponse>, Status> {
-        let started = std::time::Instant::now();
-        let result: Result<Response<ReadAuditResponse>, Status> = async move {
+        observed("read_audit", async move {
             let caller = caller_of(&request);
             let req = request.into_inner();
             let number = if req.nhs_number.is_empty() {
@@ -370,18 +367,15 @@ impl OptOutAdmin for AdminService {
                     })
                     .collect(),
             }))
-        }
-        .await;
-        crate::telemetry::observe_admin("read_audit", started, result.as_ref().err());
-        result
+        })
+        .await
     }
 
     async fn get_status(
         &self,
         _request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
-        let started = std::time::Instant::now();
-        let result: Result<Response<GetStatusResponse>, Status> = async move {
+        observed("get_status", async move {
             let status = self.admin.status().await.map_err(admin_status)?;
             let (store, f) = (status.store, status.filter);
             Ok(Response::new(GetStatusResponse {
@@ -426,18 +420,15 @@ impl OptOutAdmin for AdminService {
                     .collect(),
                 store_regressed: f.regressed.unwrap_or_default(),
             }))
-        }
-        .await;
-        crate::telemetry::observe_admin("get_status", started, result.as_ref().err());
-        result
+        })
+        .await
     }
 
     async fn acknowledge_store_regression(
         &self,
         request: Request<AcknowledgeStoreRegressionRequest>,
     ) -> Result<Response<AcknowledgeStoreRegressionResponse>, Status> {
-        let started = std::time::Instant::now();
-        let result: Result<Response<AcknowledgeStoreRegressionResponse>, Status> = async move {
+        observed("acknowledge_store_regression", async move {
             let caller = caller_of(&request);
             let reason = super::label_field("reason", &request.get_ref().reason, 512)?;
             let (id, version) = self
@@ -449,13 +440,7 @@ impl OptOutAdmin for AdminService {
                 acknowledgement_id: id,
                 version: version.to_string(),
             }))
-        }
-        .await;
-        crate::telemetry::observe_admin(
-            "acknowledge_store_regression",
-            started,
-            result.as_ref().err(),
-        );
-        result
+        })
+        .await
     }
 }

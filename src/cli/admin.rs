@@ -18,8 +18,7 @@ use super::{
 };
 use crate::{
     api::proto::{
-        self, ChangeOptOutsRequest, GetOptOutRequest, GetStatusRequest, ImportOptOutsRequest,
-        opt_out_admin_client::OptOutAdminClient,
+        self, ChangeOptOutsRequest, ImportOptOutsRequest, opt_out_admin_client::OptOutAdminClient,
     },
     core::extract::{for_each_chunk, for_each_dat_chunk, open_csv},
 };
@@ -174,7 +173,7 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
             acknowledge(&mut client, reason, timeout).await
         }
         AdminCommand::Get { nhs_number, output } => {
-            get(&mut client, nhs_number, timeout, output).await
+            super::admin_read::get(&mut client, nhs_number, timeout, output).await
         }
         AdminCommand::Audit {
             from,
@@ -203,13 +202,15 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
                 nhs_number: nhs_number.unwrap_or_default(),
                 limit,
             };
-            audit(&mut client, query, timeout, output).await
+            super::admin_read::audit(&mut client, query, timeout, output).await
         }
-        AdminCommand::Status { output } => status(&mut client, timeout, output).await,
+        AdminCommand::Status { output } => {
+            super::admin_read::status(&mut client, timeout, output).await
+        }
     }
 }
 
-type Admin = OptOutAdminClient<AuthChannel>;
+pub(super) type Admin = OptOutAdminClient<AuthChannel>;
 
 async fn acknowledge(
     client: &mut Admin,
@@ -228,323 +229,6 @@ async fn acknowledge(
         r.acknowledgement_id, r.version
     );
     Ok(ExitCode::SUCCESS)
-}
-
-async fn get(
-    client: &mut Admin,
-    nhs_number: String,
-    timeout: Duration,
-    output: OutputArg,
-) -> Result<ExitCode, CliError> {
-    // Say which scheme the number is in, and why it is refused when it is.
-    let digits: String = nhs_number.chars().filter(char::is_ascii_digit).collect();
-    let scheme = digits
-        .parse::<u64>()
-        .ok()
-        .filter(|_| digits.len() == 10)
-        .map(crate::core::Scheme::of);
-    let shown_scheme = match (crate::core::NhsNumber::parse(&nhs_number), scheme) {
-        (Ok(n), _) => n.scheme().describe(),
-        (Err(e), Some(s)) => {
-            return Err(CliError::Input(format!(
-                "the NHS number given is not valid ({e}); its range is the {}",
-                s.describe()
-            )));
-        }
-        (Err(e), None) => {
-            return Err(CliError::Input(format!(
-                "the NHS number given is not valid: {e}"
-            )));
-        }
-    };
-    let mut request = tonic::Request::new(GetOptOutRequest {
-        nhs_number: nhs_number.clone(),
-    });
-    request.set_timeout(timeout);
-    let r = client.get_opt_out(request).await?.into_inner();
-    if output == OutputArg::Json {
-        let opt_outs: Vec<_> = r
-            .opt_outs
-            .iter()
-            .map(|o| {
-                serde_json::json!({
-                    "type": words::opt_out_type(o.r#type),
-                    "recorded_at": words::time(o.recorded_at_unix_ms),
-                    "source": o.source,
-                })
-            })
-            .collect();
-        words::print_json(&serde_json::json!({
-            "nhs_number": nhs_number,
-            "scheme": shown_scheme,
-            "opt_outs": opt_outs,
-            "version": r.version,
-        }))?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("scheme: {shown_scheme}");
-    if r.opt_outs.is_empty() {
-        println!("no opt-out recorded (version {})", r.version);
-    }
-    for o in r.opt_outs {
-        println!(
-            "{}\trecorded {}\tsource {}",
-            words::opt_out_type(o.r#type),
-            words::time(o.recorded_at_unix_ms),
-            o.source
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn audit(
-    client: &mut Admin,
-    query: proto::ReadAuditRequest,
-    timeout: Duration,
-    output: OutputArg,
-) -> Result<ExitCode, CliError> {
-    let mut request = tonic::Request::new(query);
-    request.set_timeout(timeout);
-    let r = client.read_audit(request).await?.into_inner();
-    if output == OutputArg::Json {
-        let records: Vec<_> = r.records.iter().map(audit_json).collect();
-        words::print_json(&serde_json::Value::Array(records))?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    for e in r.records {
-        let withheld: Vec<String> = e
-            .withheld
-            .iter()
-            .map(|(k, v)| format!("{}={v}", words::recorded(k)))
-            .collect();
-        // A check's count of numbers applied is what it released.
-        let applied = if e.action == "check" {
-            "released"
-        } else {
-            "applied"
-        };
-        println!(
-            "{}\t{}\tkey {}\t{}\t{}\tcount {}\t{applied} {}\t{}\tversion {}",
-            words::time(e.at_unix_ms),
-            e.organisation,
-            e.key_id,
-            e.action,
-            [
-                words::recorded(&e.opt_out_type),
-                e.source.clone(),
-                e.extract_id.clone(),
-                words::recorded(&e.purpose),
-                words::recorded(&e.origin),
-                e.legal_basis.clone(),
-                if e.part_of.is_empty() {
-                    String::new()
-                } else {
-                    format!("import {}", e.part_of)
-                },
-                if e.population > 0 {
-                    format!(
-                        "national check of {} patients at {}",
-                        e.population,
-                        words::time(e.checked_at_unix_ms)
-                    )
-                } else {
-                    String::new()
-                },
-            ]
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>()
-            .join(" "),
-            e.count,
-            e.applied,
-            if withheld.is_empty() {
-                String::new()
-            } else {
-                format!("withheld {}", withheld.join(","))
-            },
-            e.version
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// One audit record as JSON, in the CLI's names.
-fn audit_json(e: &proto::AuditEntry) -> serde_json::Value {
-    let withheld: serde_json::Map<String, serde_json::Value> = e
-        .withheld
-        .iter()
-        .map(|(k, v)| (words::recorded(k), serde_json::Value::from(*v)))
-        .collect();
-    let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    let mut v = serde_json::json!({
-        "at": words::time(e.at_unix_ms),
-        "organisation": e.organisation,
-        "key_id": e.key_id,
-        "action": e.action,
-        "type": text(&e.opt_out_type).map(|t| words::recorded(&t)),
-        "source": text(&e.source),
-        "extract_id": text(&e.extract_id),
-        "purpose": text(&e.purpose).map(|p| words::recorded(&p)),
-        "origin": text(&e.origin).map(|o| words::recorded(&o)),
-        "legal_basis": text(&e.legal_basis),
-        "basis_reference": text(&e.basis_reference),
-        "count": e.count,
-        "withheld": withheld,
-        "digests": e.digests,
-        "version": e.version,
-        "import": text(&e.part_of),
-    });
-    if let Some(obj) = v.as_object_mut() {
-        let key = if e.action == "check" {
-            "released"
-        } else {
-            "applied"
-        };
-        obj.insert(key.into(), e.applied.into());
-        if e.population > 0 {
-            obj.insert("population".into(), e.population.into());
-            obj.insert(
-                "checked_at".into(),
-                words::time(e.checked_at_unix_ms).into(),
-            );
-        }
-        obj.retain(|_, v| !v.is_null());
-    }
-    v
-}
-
-async fn status(
-    client: &mut Admin,
-    timeout: Duration,
-    output: OutputArg,
-) -> Result<ExitCode, CliError> {
-    let mut request = tonic::Request::new(GetStatusRequest {});
-    request.set_timeout(timeout);
-    let r = client.get_status(request).await?.into_inner();
-    if output == OutputArg::Json {
-        words::print_json(&status_json(&r))?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "store:                    {} (dataset {})",
-        r.store_kind, r.dataset_id
-    );
-    println!("version:                  {}", r.version);
-    println!("national data opt-outs:   {}", r.national_data_opt_outs);
-    println!("type 1 opt-outs:          {}", r.type_1_opt_outs);
-    println!("patients with an opt-out: {}", r.patients);
-    for l in &r.lists {
-        println!("{}", list_line(l));
-    }
-    if !r.store_regressed.is_empty() {
-        println!(
-            "STORE WENT BACK IN TIME:  {} (every number is withheld; restore the lost \
-             changes, then `optout admin acknowledge-regression --reason ...`)",
-            r.store_regressed
-        );
-    }
-    if let Some(f) = r.filter {
-        println!(
-            "filter:                   generation {}, {} items of {} capacity, {} bits, {} hashes",
-            f.generation, f.items, f.capacity, f.bits, f.hash_functions
-        );
-        println!(
-            "false-positive rate:      target {:.4}%, estimated {:.4}%",
-            f.target_false_positive_rate * 100.0,
-            f.estimated_false_positive_rate * 100.0
-        );
-        println!(
-            "filter version:           {} ({}, last caught up {} ms ago, bound {} ms)",
-            f.version,
-            if f.fresh {
-                "fresh"
-            } else {
-                "NOT fresh: checks ask the store"
-            },
-            f.freshness_age_ms,
-            f.freshness_bound_ms
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `status --output json`: the same facts, the CLI's names, RFC 3339 times.
-fn status_json(r: &proto::GetStatusResponse) -> serde_json::Value {
-    let lists: Vec<_> = r
-        .lists
-        .iter()
-        .map(|l| {
-            serde_json::json!({
-                "type": words::opt_out_type(l.r#type),
-                "mode": l.mode,
-                "population": l.population,
-                "as_of": (l.as_of_unix_ms > 0).then(|| words::time(l.as_of_unix_ms)),
-                "max_age_ms": (l.max_age_ms > 0).then_some(l.max_age_ms),
-                "expires_at": (l.max_age_ms > 0).then(|| words::time(l.expires_at_unix_ms)),
-                "expired": l.expired,
-            })
-        })
-        .collect();
-    let filter = r.filter.as_ref().map(|f| {
-        serde_json::json!({
-            "generation": f.generation,
-            "items": f.items,
-            "capacity": f.capacity,
-            "bits": f.bits,
-            "hash_functions": f.hash_functions,
-            "target_false_positive_rate": f.target_false_positive_rate,
-            "estimated_false_positive_rate": f.estimated_false_positive_rate,
-            "version": f.version,
-            "fresh": f.fresh,
-            "freshness_age_ms": f.freshness_age_ms,
-            "freshness_bound_ms": f.freshness_bound_ms,
-            "loaded_from": f.loaded_from,
-        })
-    });
-    serde_json::json!({
-        "store": r.store_kind,
-        "dataset": r.dataset_id,
-        "version": r.version,
-        "national_data_opt_outs": r.national_data_opt_outs,
-        "type1_opt_outs": r.type_1_opt_outs,
-        "patients": r.patients,
-        "lists": lists,
-        "filter": filter,
-        "store_regressed": (!r.store_regressed.is_empty()).then(|| r.store_regressed.clone()),
-    })
-}
-
-/// One type's list in `status`: its mode, population, date and expiry.
-fn list_line(l: &proto::ListCoverage) -> String {
-    let name = match proto::OptOutType::try_from(l.r#type) {
-        Ok(proto::OptOutType::NationalDataOptOut) => "national list:",
-        Ok(proto::OptOutType::Type1) => "type 1 list:",
-        _ => "list:",
-    };
-    let time = words::time;
-    let mut parts = vec![format!("{} mode", l.mode)];
-    if l.mode == "population" {
-        parts.push(format!("population {}", l.population));
-    }
-    parts.push(if l.as_of_unix_ms > 0 {
-        format!("as of {}", time(l.as_of_unix_ms))
-    } else {
-        "never imported whole".into()
-    });
-    if l.max_age_ms > 0 {
-        let days = l.max_age_ms as f64 / 86_400_000.0;
-        parts.push(if l.expired {
-            format!("EXPIRED (maximum age {days} days): its numbers are withheld")
-        } else {
-            format!(
-                "expires {} (maximum age {days} days)",
-                time(l.expires_at_unix_ms)
-            )
-        });
-    } else {
-        parts.push("no maximum age".into());
-    }
-    format!("{name:<26}{}", parts.join(", "))
 }
 
 async fn change(

@@ -5,6 +5,7 @@
 //! over the default.
 
 mod admin;
+mod admin_read;
 mod audit;
 mod check;
 mod client;

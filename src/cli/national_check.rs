@@ -85,7 +85,7 @@ pub(super) async fn import(
          added {}, removed {} at version {}",
         population.len(),
         opt_outs,
-        rfc3339(checked_at_ms),
+        super::words::time(i64::try_from(checked_at_ms).unwrap_or(i64::MAX)),
         r.added,
         r.removed,
         r.version
@@ -131,17 +131,6 @@ fn checked_at_ms(returned: &Path, given: Option<&str>) -> Result<u64, CliError> 
             "the national check's date {at} is before 1970; give --checked-at"
         ))
     })
-}
-
-/// Milliseconds since the epoch as RFC 3339.
-pub(super) fn rfc3339(ms: u64) -> String {
-    i64::try_from(ms)
-        .ok()
-        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
-        .map_or_else(
-            || format!("{ms} ms since the Unix epoch"),
-            |t| t.to_string(),
-        )
 }
 
 fn open(path: &Path) -> Result<BufReader<File>, CliError> {

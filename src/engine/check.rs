@@ -195,27 +195,15 @@ impl Checker {
     }
 
     /// Before this replica has read what the store's lists cover (its first moments): asks the
-    /// store. A list-mode store's answers then stand as they always did; population mode stays
-    /// unknown here (its population must come paired with a filter generation), so its releases
-    /// are withheld until one is loaded.
+    /// store ([`SyncedFilter::learn_list_coverage`]); still unknown if it cannot say in time.
     async fn coverage_before_load(
         &self,
         unknown: Arc<Coverage>,
         deadline: Instant,
     ) -> Arc<Coverage> {
-        use crate::core::coverage::CoverageMode;
-        let list = async {
-            // The mode first: a population is not read for nothing.
-            match self.store.coverage_mode().await {
-                Ok(CoverageMode::List) => self.store.coverage().await.ok(),
-                _ => None,
-            }
-        };
-        match tokio::time::timeout(remaining(deadline), list).await {
-            Ok(Some(c)) if c.national_mode == Some(CoverageMode::List) => {
-                self.filter.set_coverage_before_load(c.clone());
-                Arc::new(c)
-            }
+        let learn = self.filter.learn_list_coverage(self.store.as_ref());
+        match tokio::time::timeout(remaining(deadline), learn).await {
+            Ok(Some(known)) => known,
             _ => unknown,
         }
     }

@@ -26,7 +26,7 @@ use crate::{
         FilterStats, NhsNumber, OptOutFilter, OptOutType, Version,
         coverage::{Coverage, CoverageMode, MaxAge},
     },
-    store::{ChangeEntry, StoreError},
+    store::{ChangeEntry, ConsentStore, StoreError},
 };
 
 /// How the filter is sized and how fresh it must be.
@@ -462,15 +462,27 @@ impl SyncedFilter {
         self.state.read().coverage.national_mode.is_some()
     }
 
-    /// Before a generation loads: the store's coverage, so that checks answered by the store
-    /// meanwhile know what absence means. In list mode that lets the store's answers stand; in
-    /// population mode they are withheld anyway until a generation pairs the filter with its
-    /// population (the store answers from its own version, not this generation's).
-    pub(crate) fn set_coverage_before_load(&self, coverage: Coverage) {
-        let mut g = self.state.write();
-        if g.coverage.national_mode.is_none() {
-            g.coverage = Arc::new(coverage);
+    /// Before a generation loads: learns from the store whether it is in list mode, and if so
+    /// its coverage (the lists' dates), so that the store's answers stand meanwhile as they
+    /// always did. The mode is read first, so a population is never read here: in population
+    /// mode it is only ever installed with the generation it belongs to, and the coverage stays
+    /// unknown (releases the national type applies to are withheld) until then. Returns the
+    /// list-mode coverage in force after it, if that is what it is.
+    pub(crate) async fn learn_list_coverage(
+        &self,
+        store: &dyn ConsentStore,
+    ) -> Option<Arc<Coverage>> {
+        if let Ok(CoverageMode::List) = store.coverage_mode().await
+            && let Ok(coverage) = store.coverage().await
+            && coverage.national_mode == Some(CoverageMode::List)
+        {
+            let mut g = self.state.write();
+            if g.coverage.national_mode.is_none() {
+                g.coverage = Arc::new(coverage);
+            }
         }
+        let current = self.state.read().coverage.clone();
+        (current.national_mode == Some(CoverageMode::List)).then_some(current)
     }
 
     /// Swaps in a new generation that reflects `version`, with the coverage read for it.

@@ -144,13 +144,8 @@ impl Follower {
             return Flow::Next;
         }
         let started = self.synced.now_ms();
-        // In list mode the store's answers stand before a generation loads; a population is
-        // only ever installed with the generation it belongs to.
-        if !self.synced.coverage_known()
-            && let Ok(crate::core::coverage::CoverageMode::List) = self.store.coverage_mode().await
-            && let Ok(coverage) = self.store.coverage().await
-        {
-            self.synced.set_coverage_before_load(coverage);
+        if !self.synced.coverage_known() {
+            self.synced.learn_list_coverage(self.store.as_ref()).await;
         }
         self.generation += 1;
         let built = tokio::select! {

@@ -139,10 +139,11 @@ impl Population {
         let body = Self::body(n);
         match &self.0 {
             Repr::Sparse(r) => r.contains(body),
-            Repr::Dense { base, words, .. } => body
-                .checked_sub(*base)
-                .and_then(|off| words.get((off / 64) as usize))
-                .is_some_and(|w| w >> (off_bit(body, *base)) & 1 == 1),
+            Repr::Dense { base, words, .. } => body.checked_sub(*base).is_some_and(|off| {
+                words
+                    .get((off / 64) as usize)
+                    .is_some_and(|w| w >> (off % 64) & 1 == 1)
+            }),
         }
     }
 
@@ -230,11 +231,6 @@ impl Population {
     pub fn serialized_size(&self) -> usize {
         self.to_roaring().serialized_size()
     }
-}
-
-#[inline]
-fn off_bit(body: u32, base: u32) -> u32 {
-    (body - base) % 64
 }
 
 /// How old each type's list may be before its answers prove nothing (`None`: no limit).
