@@ -114,6 +114,11 @@ cm = next(d for d in by_kind["ConfigMap"] if "config.toml" in (d.get("data") or 
 config = tomllib.loads(cm["data"]["config.toml"])
 for key in config:
     assert f"--{key} " in help_text or f"--{key}\n" in help_text, f"config.toml: `{key}` is not a flag of optout serve"
+# Traces on and a NetworkPolicy: it lets them out to the collector's port.
+if "otlp-endpoint" in config and by_kind.get("NetworkPolicy"):
+    port = int(config["otlp-endpoint"].rsplit(":", 1)[1].split("/")[0])
+    egress = by_kind["NetworkPolicy"][0]["spec"]["egress"]
+    assert any(p.get("port") == port for r in egress for p in r.get("ports", [])), "the NetworkPolicy lets no traffic out to the OTLP collector's port"
 for c in by_kind["Deployment"][0]["spec"]["template"]["spec"]["containers"]:
     for arg in c.get("args", []):
         if arg.startswith("--"):

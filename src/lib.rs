@@ -25,3 +25,4 @@ pub use optout_core as core;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod traces;

@@ -584,3 +584,256 @@ async fn a_sigterm_while_the_server_is_still_starting_is_a_graceful_shutdown() {
         );
     }
 }
+
+/// The `x-request-id` a response carries.
+fn request_id_of(metadata: &tonic::metadata::MetadataMap) -> String {
+    metadata
+        .get("x-request-id")
+        .expect("an x-request-id on the response")
+        .to_str()
+        .expect("ascii")
+        .to_string()
+}
+
+#[tokio::test]
+async fn every_response_carries_its_request_id_the_callers_when_sane() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = Served::start(&dir.path().join("data"), &[], &[]).await;
+    let mut client = OptOutCheckClient::new(Served::channel(&served.grpc).await);
+    let numbers = valid_numbers(4_500_000_000, 2);
+    let with_id = |id: Option<&str>, numbers: Vec<String>| {
+        let mut r = tonic::Request::new(check_request(numbers, Purpose::Research));
+        if let Some(id) = id {
+            r.metadata_mut()
+                .insert("x-request-id", id.parse().expect("ascii"));
+        }
+        r
+    };
+    // The caller's own id comes back as it was sent.
+    let ok = client
+        .check(with_id(Some("extract-42.batch_7"), numbers.clone()))
+        .await
+        .expect("check");
+    assert_eq!(request_id_of(ok.metadata()), "extract-42.batch_7");
+    // Without one, the server makes one (a UUID), different for each request.
+    let a = request_id_of(
+        client
+            .check(with_id(None, numbers.clone()))
+            .await
+            .expect("check")
+            .metadata(),
+    );
+    let b = request_id_of(
+        client
+            .check(with_id(None, numbers.clone()))
+            .await
+            .expect("check")
+            .metadata(),
+    );
+    assert_eq!(a.len(), 36, "{a}");
+    assert_ne!(a, b);
+    // One that is too long or holds other characters is not echoed: a fresh one instead.
+    for unusable in ["x".repeat(65), "a b".to_string(), "id;drop".to_string()] {
+        let got = request_id_of(
+            client
+                .check(with_id(Some(&unusable), numbers.clone()))
+                .await
+                .expect("check")
+                .metadata(),
+        );
+        assert_ne!(got, unusable);
+        assert_eq!(got.len(), 36, "{got}");
+    }
+    // A refused request carries it too (on the error's metadata).
+    let refused = client
+        .check(with_id(Some("refused-1"), vec![]))
+        .await
+        .expect_err("an empty batch is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(request_id_of(refused.metadata()), "refused-1");
+}
+
+/// An OTLP/gRPC trace collector on a loopback port: keeps every span it is sent.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut spans = self.spans.lock().expect("lock");
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+impl Collector {
+    /// Serves on 127.0.0.1 port 0; returns its endpoint.
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let service = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    fn spans_of(&self, trace_id: &[u8]) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+        let spans = self.spans.lock().expect("lock");
+        spans
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+}
+
+/// A span attribute's value as text.
+fn attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let value = span
+        .attributes
+        .iter()
+        .find(|a| a.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
+    Some(match value {
+        Value::StringValue(s) => s.clone(),
+        Value::IntValue(i) => i.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+#[tokio::test]
+async fn traces_go_over_otlp_as_children_of_the_callers_traceparent() {
+    let collector = Collector::default();
+    let endpoint = collector.start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Ratio 0: only callers' sampled traces are exported, none started here.
+    let served = Served::start(
+        &dir.path().join("data"),
+        &["--otlp-endpoint", &endpoint, "--otlp-sample-ratio", "0"],
+        &[],
+    )
+    .await;
+    let mut client = OptOutCheckClient::new(Served::channel(&served.grpc).await);
+    let numbers = valid_numbers(4_600_000_000, 3);
+    let traced = |traceparent: Option<&str>, numbers: Vec<String>| {
+        let mut r = tonic::Request::new(check_request(numbers, Purpose::Research));
+        if let Some(t) = traceparent {
+            r.metadata_mut()
+                .insert("traceparent", t.parse().expect("ascii"));
+        }
+        r.metadata_mut()
+            .insert("x-request-id", "traced-1".parse().expect("ascii"));
+        r
+    };
+    let sampled = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let unsampled = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let failing = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    client
+        .check(traced(
+            Some(&format!("00-{sampled}-{parent}-01")),
+            numbers.clone(),
+        ))
+        .await
+        .expect("check");
+    client
+        .check(traced(
+            Some(&format!("00-{unsampled}-{parent}-00")),
+            numbers.clone(),
+        ))
+        .await
+        .expect("check");
+    client
+        .check(traced(None, numbers.clone()))
+        .await
+        .expect("check");
+    client
+        .check(traced(Some(&format!("00-{failing}-{parent}-01")), vec![]))
+        .await
+        .expect_err("an empty batch is refused");
+
+    poll!(
+        "the sampled spans at the collector",
+        Duration::from_secs(15),
+        {
+            if !collector.spans_of(&hex(sampled)).is_empty()
+                && !collector.spans_of(&hex(failing)).is_empty()
+            {
+                break;
+            }
+        }
+    );
+    let spans = collector.spans_of(&hex(sampled));
+    let request = spans
+        .iter()
+        .find(|s| s.parent_span_id == hex(parent))
+        .unwrap_or_else(|| panic!("no span is a child of the caller's: {spans:?}"));
+    assert_eq!(request.name, "optout.v1.OptOutCheck/Check");
+    assert_eq!(
+        request.kind,
+        opentelemetry_proto::tonic::trace::v1::span::SpanKind::Server as i32
+    );
+    assert_eq!(attribute(request, "id").as_deref(), Some("traced-1"));
+    assert_eq!(attribute(request, "rpc.system").as_deref(), Some("grpc"));
+    let refused = &collector.spans_of(&hex(failing))[0];
+    assert_eq!(
+        refused.status.as_ref().map(|s| s.code),
+        Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
+    );
+    assert_eq!(
+        attribute(refused, "rpc.grpc.status_code").as_deref(),
+        Some("3")
+    );
+
+    // Give a stray export a moment, then: nothing of the unsampled trace, nothing started here,
+    // and no NHS number in anything exported.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(collector.spans_of(&hex(unsampled)).is_empty());
+    let all = collector.spans.lock().expect("lock").clone();
+    let known = [hex(sampled), hex(failing)];
+    assert!(
+        all.iter().all(|s| known.contains(&s.trace_id)),
+        "a trace started without a sampled traceparent at ratio 0: {all:?}"
+    );
+    let text = format!("{all:?}");
+    for n in &numbers {
+        assert!(!text.contains(n.as_str()), "an NHS number in a span");
+    }
+    served.sigterm();
+    let (status, _) = served.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "exit {status:?}");
+}

@@ -268,7 +268,6 @@ pub fn main() -> ExitCode {
     // rustls (for rediss://) needs one process-wide crypto provider; ring builds from crates.io
     // with a C compiler only. Installing fails only if one is already installed, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -279,13 +278,32 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let otlp = match &cli.command {
+        Command::Serve(args) => args.otlp(),
+        _ => Ok(None),
+    };
+    // The trace exporter is a task on the runtime: made inside it.
+    let traces = match otlp.and_then(|otlp| {
+        let _inside = runtime.enter();
+        init_tracing(cli.log_format, otlp.as_ref())
+    }) {
+        Ok(traces) => traces,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(traces) = traces {
+        runtime.block_on(traces.shutdown(std::time::Duration::from_secs(5)));
     }
+    code
 }
 
 /// Whether logs are JSON lines (then nothing else may be written to stderr).
@@ -305,7 +323,12 @@ fn announce(warning: bool, text: &str) {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs on stderr (and, when `otlp` names a collector, traces to it), filtered by `OPTOUT_LOG`.
+fn init_tracing(
+    format: LogFormat,
+    otlp: Option<&crate::traces::OtlpConfig>,
+) -> Result<Option<crate::traces::Traces>, String> {
+    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
     JSON_LOGS.store(
         format == LogFormat::Json,
         std::sync::atomic::Ordering::Relaxed,
@@ -313,19 +336,30 @@ fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OPTOUT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
         // Colour codes only on a terminal: in files and log collectors they are noise.
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).boxed(),
         // One JSON object per line, with the request span (its id) on every event inside it.
-        LogFormat::Json => builder
+        LogFormat::Json => logs
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .init(),
-    }
+            .boxed(),
+    };
+    let (spans, traces) = match otlp {
+        Some(config) => {
+            let (layer, traces) = crate::traces::layer(config)?;
+            (Some(layer), Some(traces))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(spans)
+        .with(filter)
+        .init();
+    Ok(traces)
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {

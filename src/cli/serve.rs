@@ -280,11 +280,47 @@ pub(super) struct ServeArgs {
     /// still working on is not cut off as idle.
     #[arg(long, env = "OPTOUT_IDLE_TIMEOUT_SECS", default_value_t = defaults::IDLE_TIMEOUT.as_secs())]
     idle_timeout_secs: u64,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://otel-collector:4317): a span
+    /// per request, the child of the caller's W3C traceparent. Off when not given.
+    #[arg(long, env = "OPTOUT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// The share of requests that start a trace when the caller sent no traceparent, 0 to 1. A
+    /// caller's traceparent decides for its own requests (sampled or not).
+    #[arg(
+        long,
+        env = "OPTOUT_OTLP_SAMPLE_RATIO",
+        default_value_t = 0.01,
+        requires = "otlp_endpoint"
+    )]
+    otlp_sample_ratio: f64,
+    /// PEM CA certificate an https:// --otlp-endpoint must chain to (the public web roots when
+    /// not given).
+    #[arg(long, env = "OPTOUT_OTLP_CA_CERT", requires = "otlp_endpoint")]
+    otlp_ca_cert: Option<PathBuf>,
     #[command(flatten)]
     redis: RedisArgs,
 }
 
 impl ServeArgs {
+    /// Where traces go, if anywhere.
+    pub(super) fn otlp(&self) -> Result<Option<crate::traces::OtlpConfig>, String> {
+        let Some(endpoint) = &self.otlp_endpoint else {
+            return Ok(None);
+        };
+        let ca_pem = match &self.otlp_ca_cert {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| format!("--otlp-ca-cert {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        Ok(Some(crate::traces::OtlpConfig {
+            endpoint: endpoint.clone(),
+            sample_ratio: self.otlp_sample_ratio,
+            ca_pem,
+        }))
+    }
+
     /// Secure by default: beyond loopback, callers must authenticate, traffic must be encrypted,
     /// and audit digests must be stable across replicas.
     fn check_exposure(&self) -> Result<(), CliError> {

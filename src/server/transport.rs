@@ -4,8 +4,15 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
+use tonic::body::Body;
+use tonic::codegen::http::{HeaderName, Request};
 use tonic::{service::Routes, transport::Server};
 use tonic_health::ServingStatus;
+use tower_http::{
+    classify::GrpcFailureClass,
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
 
 use super::{ServerConfig, ServerError, health::HealthState, tasks::Tasks};
 use crate::engine::{check_log::CheckLog, filter::SyncedFilter};
@@ -42,7 +49,23 @@ pub(super) async fn serve_grpc(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
-        .trace_fn(request_span)
+        // Outermost first: the request id is settled before the span is made, and copied onto
+        // the response (headers, trailers-only errors included) inside it.
+        .layer(
+            tower::ServiceBuilder::new()
+                .map_request(drop_unusable_request_id)
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_grpc()
+                        .make_span_with(request_span)
+                        .on_request(())
+                        .on_response(())
+                        .on_body_chunk(())
+                        .on_eos(())
+                        .on_failure(record_failure),
+                )
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+        )
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             crate::connections::limited(incoming(listener), config.max_connections, idle),
@@ -127,24 +150,56 @@ fn tokio_listener(l: &std::net::TcpListener, what: &str) -> Result<TcpListener, 
         .map_err(|e| ServerError::Listener(format!("{what} listener: {e}")))
 }
 
-/// Every request runs in a span carrying its id: the caller's `x-request-id` when it sent a sane
-/// one (so its logs and ours can be joined), else a fresh random one. No NHS number is in a span.
-fn request_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
-    let sent = req
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A caller's `x-request-id` is kept only when sane (at most 64 characters of letters, digits,
+/// `-`, `_`, `.`): anything else is dropped, and the request gets a fresh id instead.
+fn drop_unusable_request_id(mut req: Request<Body>) -> Request<Body> {
+    let usable = req.headers().get(&REQUEST_ID).is_none_or(|v| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= 64
+            && b.iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    });
+    if !usable {
+        req.headers_mut().remove(&REQUEST_ID);
+    }
+    req
+}
+
+/// The request's span: its id and method; the OpenTelemetry name, kind and attributes (used only
+/// when traces are on); the caller's trace as parent.
+fn request_span(req: &Request<Body>) -> tracing::Span {
+    let id = req
         .headers()
-        .get("x-request-id")
+        .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        });
-    let id = match sent {
-        Some(v) => v.to_string(),
-        None => format!("{:016x}", rand::random::<u64>()),
-    };
-    tracing::info_span!("request", id = %id, method = %req.uri().path())
+        .unwrap_or("");
+    let method = req.uri().path();
+    if !crate::traces::on() {
+        return tracing::info_span!("request", id = %id, method = %method);
+    }
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        method = %method,
+        otel.name = %method.trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        otel.status_code = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+    );
+    crate::traces::adopt_caller_trace(&span, req.headers());
+    span
+}
+
+/// A failed call's gRPC status on its span (no event: the service logs what matters itself).
+fn record_failure(failure: GrpcFailureClass, _latency: Duration, span: &tracing::Span) {
+    span.record("otel.status_code", "ERROR");
+    if let GrpcFailureClass::Status(status) = failure {
+        span.record("rpc.grpc.status_code", status.code_raw());
+    }
 }
 
 /// The listener's connections with TCP_NODELAY set. With its own incoming stream, tonic's
