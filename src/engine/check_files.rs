@@ -128,18 +128,16 @@ impl CheckFiles {
             self.rotate(&mut s)?;
         }
         let mut head = s.head;
-        let mut text = String::new();
+        let mut text = Vec::with_capacity(records.len() * 512);
         for r in records {
-            let (line, next) = trail::seal(head, r, &self.key)
+            head = trail::seal_into(head, r, &self.key, &mut text)
                 .map_err(|e| StoreError::Corrupt(format!("check record: {e}").into()))?;
-            text.push_str(&line);
-            text.push('\n');
-            head = next;
+            text.push(b'\n');
         }
         let Some((file, path)) = s.file.as_mut() else {
             return Err(StoreError::Unavailable("check log: no open segment".into()));
         };
-        file.write_all(text.as_bytes())
+        file.write_all(&text)
             .and_then(|()| file.sync_data())
             .map_err(|e| io_error("write", path, e))?;
         s.size += text.len() as u64;

@@ -48,17 +48,12 @@ pub struct TrailError {
 
 /// Lowercase hex of bytes (hashes, MACs, key ids).
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
     let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
-    }
+    hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
 }
 
@@ -76,17 +71,49 @@ pub fn seal<T: serde::Serialize>(
     record: &T,
     key: &AuditKey,
 ) -> Result<(String, ChainHead), serde_json::Error> {
+    let mut line = Vec::with_capacity(512);
+    let head = seal_into(head, record, key, &mut line)?;
+    // Only JSON and hex went in.
+    let line = String::from_utf8(line).unwrap_or_else(|_| unreachable!("a sealed line is UTF-8"));
+    Ok((line, head))
+}
+
+/// [`seal`], appending the line (no newline) to `out`: many records sealed into one buffer without
+/// a string of their own each.
+pub fn seal_into<T: serde::Serialize>(
+    head: ChainHead,
+    record: &T,
+    key: &AuditKey,
+    out: &mut Vec<u8>,
+) -> Result<ChainHead, serde_json::Error> {
     let seq = head.seq + 1;
-    let body = format!(
-        "{{\"seq\":{seq},\"prev\":\"{}\",\"kid\":\"{}\",\"r\":{}}}",
-        hex(&head.hash),
-        key.id(),
-        serde_json::to_string(record)?
-    );
-    let hash = link(&head.hash, body.as_bytes());
-    let mac = hex(&key.mac(&hash));
-    let line = format!("{},\"mac\":\"{mac}\"}}", &body[..body.len() - 1]);
-    Ok((line, ChainHead { seq, hash }))
+    let start = out.len();
+    let mut hex_buf = [0u8; 64];
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.extend_from_slice(b",\"prev\":\"");
+    out.extend_from_slice(hex_into(&head.hash, &mut hex_buf));
+    out.extend_from_slice(b"\",\"kid\":\"");
+    out.extend_from_slice(key.id().as_bytes());
+    out.extend_from_slice(b"\",\"r\":");
+    if let Err(e) = serde_json::to_writer(&mut *out, record) {
+        out.truncate(start);
+        return Err(e);
+    }
+    out.push(b'}');
+    let hash = link(&head.hash, &out[start..]);
+    out.pop();
+    out.extend_from_slice(b",\"mac\":\"");
+    out.extend_from_slice(hex_into(&key.mac(&hash), &mut hex_buf));
+    out.extend_from_slice(b"\"}");
+    Ok(ChainHead { seq, hash })
+}
+
+/// Lowercase hex of 32 bytes into `buf`.
+fn hex_into<'a>(bytes: &[u8; 32], buf: &'a mut [u8; 64]) -> &'a [u8] {
+    // 64 bytes of room for 32 bytes: cannot fail.
+    let _ = hex::encode_to_slice(bytes, buf);
+    buf
 }
 
 /// The parts of a line a reader needs: its record, sequence and MAC-checked hash.
@@ -251,5 +278,25 @@ mod tests {
             5
         );
         assert_eq!(open_line::<AuditRecord>(&lines[4]).expect("read").0, 5);
+    }
+
+    #[test]
+    fn lines_sealed_into_one_buffer_are_the_lines_sealed_one_by_one() {
+        let lines = trail(3);
+        let records: Vec<AuditRecord> = lines
+            .iter()
+            .map(|l| open_line::<AuditRecord>(l).expect("read").1)
+            .collect();
+        let mut buf = Vec::new();
+        let mut head = ChainHead::START;
+        for r in &records {
+            head = seal_into(head, r, &key(), &mut buf).expect("seal");
+            buf.push(b'\n');
+        }
+        let text = String::from_utf8(buf).expect("utf-8");
+        let joined: Vec<String> = text.lines().map(str::to_string).collect();
+        assert_eq!(joined, lines);
+        assert_eq!(check(&joined).expect("intact").seq, 3);
+        assert!(lines[0].starts_with(&format!("{{\"seq\":1,\"prev\":\"{}\",", "0".repeat(64))));
     }
 }
