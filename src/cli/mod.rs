@@ -268,6 +268,7 @@ pub fn main() -> ExitCode {
     // rustls (for rediss://) needs one process-wide crypto provider; ring builds from crates.io
     // with a C compiler only. Installing fails only if one is already installed, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::engine::tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

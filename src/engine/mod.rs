@@ -23,6 +23,21 @@ pub mod sealer;
 #[cfg(test)]
 mod tests;
 
+/// Makes glibc hand large freed blocks straight back to the OS. By default its threshold for
+/// serving an allocation from its own mapping rises to the largest block freed so far (up to 32
+/// MiB), so the check log's batch buffers (megabytes, several a second under batches) end up in
+/// the heap and the resident set stays at their peak. Fixed at 128 KiB (the default's start),
+/// blocks that large are mapped and unmapped each time. Measured (200 k opt-outs, Redis, single
+/// then batch workloads, 2 rounds): RSS after 49 / 50 -> 33 / 33 MiB, peak 54 / 55 -> 44 / 44 MiB;
+/// throughput within the runs' spread (single 64.7 / 67.7 -> 64.1 / 63.0 k req/s).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt sets one allocator parameter; it takes no pointers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Hands memory freed after a burst (an import applied, a filter generation built) back to the
 /// OS. glibc keeps freed memory in its per-thread arenas, and a replica's resident set would stay
 /// at the burst's peak: measured on a 5 M import into the embedded store, 138 MiB after it
