@@ -110,7 +110,7 @@ impl CheckFiles {
     }
 
     /// Seals and appends records, then fsyncs: written only once on disk.
-    pub async fn append(&self, records: Vec<AuditRecord>) -> Result<(), StoreError> {
+    pub async fn append(&self, records: Arc<Vec<AuditRecord>>) -> Result<(), StoreError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.append_blocking(&records))
             .await
@@ -270,7 +270,10 @@ mod tests {
         };
         let files = CheckFiles::open(config.clone(), key.clone()).expect("open");
         for i in 0..40 {
-            files.append(vec![record(i)]).await.expect("append");
+            files
+                .append(Arc::new(vec![record(i)]))
+                .await
+                .expect("append");
         }
         let segs = segments(dir.path()).expect("segments");
         assert_eq!(segs.len(), 4, "the current one and 3 backups: {segs:?}");
@@ -280,7 +283,7 @@ mod tests {
         drop(files);
         let again = CheckFiles::open(config, key.clone()).expect("reopen");
         again
-            .append(vec![record(40), record(41)])
+            .append(Arc::new(vec![record(40), record(41)]))
             .await
             .expect("append");
         assert_eq!(verify_dir(dir.path(), &key).expect("verifies").seq, 42);

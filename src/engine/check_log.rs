@@ -43,10 +43,12 @@ pub enum Sink {
 }
 
 impl Sink {
-    async fn append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+    /// Shared, not copied: the file sink writes on a blocking thread, and the caller keeps the
+    /// records to retry them if the write fails.
+    async fn append(&self, records: &Arc<Vec<AuditRecord>>) -> Result<(), StoreError> {
         match self {
             Sink::Store(store) => store.append_audit(records).await,
-            Sink::Files(files) => files.append(records.to_vec()).await,
+            Sink::Files(files) => files.append(Arc::clone(records)).await,
         }
     }
 }
@@ -251,7 +253,11 @@ async fn write(writer: &WriterState, sink: &Sink, batch: Vec<AuditRecord>) {
             parts.push_front(part.split_off(most));
         }
         let started = Instant::now();
-        let written = sink.append(&part).await;
+        let shared = Arc::new(part);
+        let written = sink.append(&shared).await;
+        // The sink's share is gone once it has answered (a write task that panicked dropped it
+        // unwinding); a copy only if not.
+        let part = Arc::try_unwrap(shared).unwrap_or_else(|shared| shared.as_ref().clone());
         metrics::histogram!("optout_store_audit_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         let label = if written.is_ok() { "ok" } else { "error" };
