@@ -834,6 +834,13 @@ async fn traces_go_over_otlp_as_children_of_the_callers_traceparent() {
         assert!(!text.contains(n.as_str()), "an NHS number in a span");
     }
     served.sigterm();
-    let (status, _) = served.wait(Duration::from_secs(15)).await;
+    let (status, lines) = served.wait(Duration::from_secs(15)).await;
     assert!(status.success(), "exit {status:?}");
+    // The operator is told where traces go.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("traces: a span per request over OTLP to http://127.0.0.1:")),
+        "{lines:?}"
+    );
 }

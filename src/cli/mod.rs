@@ -286,7 +286,18 @@ pub fn main() -> ExitCode {
     // The trace exporter is a task on the runtime: made inside it.
     let traces = match otlp.and_then(|otlp| {
         let _inside = runtime.enter();
-        init_tracing(cli.log_format, otlp.as_ref())
+        let traces = init_tracing(cli.log_format, otlp.as_ref())?;
+        if let Some(otlp) = &otlp {
+            announce(
+                false,
+                &format!(
+                    "traces: a span per request over OTLP to {}; requests without a sampled \
+                     traceparent traced at {} (unreachable collectors drop spans silently)",
+                    otlp.endpoint, otlp.sample_ratio
+                ),
+            );
+        }
+        Ok(traces)
     }) {
         Ok(traces) => traces,
         Err(e) => {
