@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use common::{BIN, TestServer, args, change_request, optout, text, valid_numbers};
+use common::{
+    BIN, TestServer, args, assert_stderr_has, change_request, optout, text, valid_numbers,
+};
 use optout::api::proto::OptOutType;
 
 #[tokio::test]
@@ -299,11 +301,7 @@ async fn admin_import_then_check_get_and_status() {
         "{stdout}"
     );
     // The invalid number is named by its line in the file (line 3; line 2 is blank).
-    assert!(
-        text(&out.stderr).contains("the first at lines 3"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "the first at lines 3");
 
     let out = optout(args(&[
         "check",
@@ -382,11 +380,7 @@ async fn admin_import_then_check_get_and_status() {
 async fn serve_refuses_non_loopback_addresses() {
     let out = optout(args(&["serve", "--listen", "0.0.0.0:0"])).await;
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("only on loopback"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "only on loopback");
 }
 
 #[tokio::test]
@@ -541,11 +535,7 @@ async fn init_store_and_a_malformed_redis_url_say_what_is_wrong() {
 
     let out = optout(args(&["init-store"])).await;
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("--redis-url"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "--redis-url");
 
     let redis = common::RedisServer::start();
     let url = redis.url();
@@ -572,11 +562,7 @@ async fn init_store_and_a_malformed_redis_url_say_what_is_wrong() {
     ]))
     .await;
     assert!(!out.status.success(), "a second init is refused");
-    assert!(
-        text(&out.stderr).contains("already initialised"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "already initialised");
 }
 
 #[tokio::test]
@@ -809,11 +795,7 @@ async fn every_command_speaks_the_flags_names_and_rfc3339_times() {
         "yesterday",
     ]))
     .await;
-    assert!(
-        text(&out.stderr).contains("RFC 3339"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "RFC 3339");
     server.stop().await;
 }
 
@@ -917,11 +899,7 @@ async fn keys_are_listed_and_a_revoked_key_stops_working_on_a_running_server() {
         &id_a,
     ]))
     .await;
-    assert!(
-        text(&out.stderr).contains("no key with id"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "no key with id");
     server.stop().await;
 }
 

@@ -3,7 +3,7 @@
 use std::{
     fs::File,
     io::{BufRead, BufReader, Read},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
 };
@@ -319,45 +319,9 @@ async fn import(
     args: ImportArgs,
 ) -> Result<ExitCode, CliError> {
     if let Some(files) = &args.from_national_check {
-        if args.opt_out_type != TypeArg::National || args.mode == Some(ModeArg::Merge) {
-            return Err(CliError::Usage(
-                "--from-national-check replaces the national data opt-outs: use --type \
-                 national (and --mode replace, or no --mode)"
-                    .into(),
-            ));
-        }
-        let [sent, returned] = files.as_slice() else {
-            return Err(CliError::Usage(
-                "--from-national-check takes two files: SENT RETURNED".into(),
-            ));
-        };
-        return super::national_check::import(
-            client,
-            sent,
-            returned,
-            args.checked_at.as_deref(),
-            args.source.clone(),
-        )
-        .await;
+        return import_national_check(client, &args, files).await;
     }
-    let (input, name, size): (Box<dyn Read + Send>, String, Option<u64>) =
-        match args.file.as_deref() {
-            None => (Box::new(std::io::stdin()), "stdin".into(), None),
-            Some(p) if p.as_os_str() == "-" => (Box::new(std::io::stdin()), "stdin".into(), None),
-            Some(p) => {
-                let file =
-                    File::open(p).map_err(|e| CliError::Input(format!("{}: {e}", p.display())))?;
-                let size = file.metadata().ok().map(|m| m.len());
-                (
-                    Box::new(file),
-                    p.file_name().map_or_else(
-                        || p.display().to_string(),
-                        |f| f.to_string_lossy().into_owned(),
-                    ),
-                    size,
-                )
-            }
-        };
+    let (input, name, size) = open_import_input(args.file.as_deref())?;
     let source = args.source.clone().unwrap_or_else(|| name.clone());
     let header = ImportOptOutsRequest {
         mode: match args.mode {
@@ -375,16 +339,7 @@ async fn import(
         inner: input,
         bar: bar.clone(),
     });
-    let layout = match (&args.column, args.format) {
-        (Some(column), _) => Layout::Csv(column.clone(), args.delimiter.byte()),
-        (None, Some(FormatArg::Dat)) => Layout::Dat,
-        (None, Some(FormatArg::Csv)) => {
-            return Err(CliError::Usage(
-                "--format csv needs --column, the header of the NHS-number column".into(),
-            ));
-        }
-        (None, None) => Layout::Lines,
-    };
+    let layout = import_layout(&args)?;
     let strict = args.strict;
     let reader = tokio::task::spawn_blocking(move || {
         read_import(input, &name, &layout, header, &tx, &bar_reader, strict)
@@ -414,6 +369,66 @@ async fn import(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `import --from-national-check SENT RETURNED`: a REPLACE of the national list with the
+/// national check's population.
+async fn import_national_check(
+    client: &mut OptOutAdminClient<AuthChannel>,
+    args: &ImportArgs,
+    files: &[PathBuf],
+) -> Result<ExitCode, CliError> {
+    if args.opt_out_type != TypeArg::National || args.mode == Some(ModeArg::Merge) {
+        return Err(CliError::Usage(
+            "--from-national-check replaces the national data opt-outs: use --type \
+             national (and --mode replace, or no --mode)"
+                .into(),
+        ));
+    }
+    let [sent, returned] = files else {
+        return Err(CliError::Usage(
+            "--from-national-check takes two files: SENT RETURNED".into(),
+        ));
+    };
+    super::national_check::import(
+        client,
+        sent,
+        returned,
+        args.checked_at.as_deref(),
+        args.source.clone(),
+    )
+    .await
+}
+
+/// The import's input (the file, or stdin for none or `-`), its name for the audit's source, and
+/// its size when known (for the progress bar).
+type ImportInput = (Box<dyn Read + Send>, String, Option<u64>);
+
+fn open_import_input(file: Option<&Path>) -> Result<ImportInput, CliError> {
+    let Some(p) = file.filter(|p| p.as_os_str() != "-") else {
+        return Ok((Box::new(std::io::stdin()), "stdin".into(), None));
+    };
+    let file = File::open(p).map_err(|e| CliError::Input(format!("{}: {e}", p.display())))?;
+    let size = file.metadata().ok().map(|m| m.len());
+    let name = p.file_name().map_or_else(
+        || p.display().to_string(),
+        |f| f.to_string_lossy().into_owned(),
+    );
+    Ok((Box::new(file), name, size))
+}
+
+/// How the import file is laid out, from --column and --format.
+fn import_layout(args: &ImportArgs) -> Result<Layout, CliError> {
+    Ok(match (&args.column, args.format) {
+        (Some(column), _) => Layout::Csv(column.clone(), args.delimiter.byte()),
+        (None, Some(FormatArg::Dat)) => Layout::Dat,
+        (None, Some(FormatArg::Csv)) => {
+            return Err(CliError::Usage(
+                "--format csv needs --column, the header of the NHS-number column".into(),
+            ));
+        }
+        (None, None) => Layout::Lines,
+    })
 }
 
 /// How an import file is laid out.

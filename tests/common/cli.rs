@@ -28,3 +28,10 @@ pub fn args(list: &[&str]) -> Vec<String> {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// Fails the test, showing stderr, unless the command's stderr contains `needle`.
+#[track_caller]
+pub fn assert_stderr_has(out: &std::process::Output, needle: &str) {
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(needle), "{stderr}");
+}

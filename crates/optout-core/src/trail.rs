@@ -10,6 +10,8 @@
 //!
 //! Lines stay one JSON object each, so a log shipper (Fluent Bit, Vector) reads them as they are.
 
+use std::io::Write as _;
+
 use sha2::{Digest, Sha256};
 
 use crate::AuditKey;
@@ -89,9 +91,8 @@ pub fn seal_into<T: serde::Serialize>(
     let seq = head.seq + 1;
     let start = out.len();
     let mut hex_buf = [0u8; 64];
-    out.extend_from_slice(b"{\"seq\":");
-    out.extend_from_slice(seq.to_string().as_bytes());
-    out.extend_from_slice(b",\"prev\":\"");
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{{\"seq\":{seq},\"prev\":\"");
     out.extend_from_slice(hex_into(&head.hash, &mut hex_buf));
     out.extend_from_slice(b"\",\"kid\":\"");
     out.extend_from_slice(key.id().as_bytes());
