@@ -10,7 +10,8 @@ use std::{
 };
 
 use common::{
-    FaultyStore, TestServer, change_request, check_request, outcome, test_config, valid_numbers,
+    FaultyStore, RedisServer, TestServer, change_request, check_request, init_redis, outcome,
+    redis_config, test_config, valid_numbers,
 };
 use optout::{
     api::proto::{
@@ -221,7 +222,20 @@ async fn requests_without_purpose_or_numbers_or_over_the_limit_are_rejected() {
 #[tokio::test]
 async fn direct_care_releases_opted_out_patients_as_exempt_and_origin_selects_types() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(dir.path()).await;
+    origin_selects_types(TestServer::start(dir.path()).await).await;
+}
+
+/// The same on Redis, whose lookup reads only the types the origin makes applicable.
+#[tokio::test]
+async fn origin_selects_types_on_redis_too() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    init_redis(&config).await;
+    origin_selects_types(TestServer::start_redis(config).await).await;
+}
+
+async fn origin_selects_types(server: TestServer) {
     let n = valid_numbers(4_200_000_000, 2);
     let mut admin = server.admin_client().await;
     admin

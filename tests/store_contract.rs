@@ -234,12 +234,22 @@ async fn lookups_and_changes(b: &dyn Backend) {
     assert_eq!(a2, 0, "adding again changes nothing");
     let (v3, _) = change(s, ChangeKind::Add, TYPE1, &n[1..2]).await;
     assert!(v1 < v2 && v2 < v3, "{v1} {v2} {v3}");
-    let found = s.lookup(&n).await.expect("lookup");
+    let found = s.lookup(&n, OptOutSet::ALL).await.expect("lookup");
     assert_eq!(
         found.held,
         vec![set(&[NATIONAL]), set(&[NATIONAL, TYPE1]), OptOutSet::EMPTY]
     );
     assert!(found.version >= v3);
+    // A lookup of one type reads and reports that type alone.
+    for only in [NATIONAL, TYPE1] {
+        let found = s.lookup(&n, set(&[only])).await.expect("lookup");
+        let want: Vec<OptOutSet> = [set(&[NATIONAL]), set(&[NATIONAL, TYPE1]), OptOutSet::EMPTY]
+            .into_iter()
+            .map(|h| h.intersection(set(&[only])))
+            .collect();
+        assert_eq!(found.held, want, "{only:?} alone");
+        assert!(found.version >= v3);
+    }
     let (records, _) = s.get(n[1]).await.expect("get");
     let mut kinds: Vec<_> = records.iter().map(|r| r.kind).collect();
     kinds.sort_by_key(|k| k.name());
@@ -250,7 +260,7 @@ async fn lookups_and_changes(b: &dyn Backend) {
     let (v4, removed) = change(s, ChangeKind::Remove, NATIONAL, &n[..1]).await;
     assert_eq!(removed, 1);
     assert!(v4 > v3);
-    let found = s.lookup(&n[..1]).await.expect("lookup");
+    let found = s.lookup(&n[..1], OptOutSet::ALL).await.expect("lookup");
     assert_eq!(found.held, vec![OptOutSet::EMPTY]);
     let st = s.status().await.expect("status");
     assert_eq!((st.national, st.type1, st.patients), (1, 1, 1));
@@ -313,7 +323,7 @@ async fn imports(b: &dyn Backend) {
     dropped.stage(&new).await.expect("stage");
     drop(dropped);
     assert_eq!(
-        s.lookup(&new).await.expect("lookup").held,
+        s.lookup(&new, OptOutSet::ALL).await.expect("lookup").held,
         vec![OptOutSet::EMPTY; 2],
         "an import never committed changes nothing"
     );
@@ -342,7 +352,7 @@ async fn imports(b: &dyn Backend) {
         .expect("replace");
     assert_eq!((o.added, o.removed), (1, 2));
     let found = s
-        .lookup(&[old.as_slice(), &new].concat())
+        .lookup(&[old.as_slice(), &new].concat(), OptOutSet::ALL)
         .await
         .expect("lookup");
     let n = set(&[NATIONAL]);
@@ -695,7 +705,7 @@ async fn reset_fails_closed(b: &dyn Backend) {
     if !b.wipe(&f).await {
         return;
     }
-    let looked = f.store.lookup(&n).await;
+    let looked = f.store.lookup(&n, OptOutSet::ALL).await;
     assert!(
         matches!(looked, Err(StoreError::NotInitialised(_))),
         "{looked:?}"
@@ -795,7 +805,7 @@ async fn national_checks(b: &dyn Backend) {
     assert_eq!(c.population.len(), 4);
     assert!(n[..4].iter().all(|m| c.population.contains(*m)));
     assert!(!c.population.contains(n[4]));
-    let found = s.lookup(&n).await.expect("lookup");
+    let found = s.lookup(&n, OptOutSet::ALL).await.expect("lookup");
     let (y, e) = (set(&[NATIONAL]), OptOutSet::EMPTY);
     assert_eq!(found.held, vec![y, y, e, e, e, e]);
 
@@ -807,7 +817,7 @@ async fn national_checks(b: &dyn Backend) {
     assert_eq!(c.population.len(), 4);
     assert!(!c.population.contains(n[0]) && c.population.contains(n[5]));
     assert!(
-        s.lookup(&n)
+        s.lookup(&n, OptOutSet::ALL)
             .await
             .expect("lookup")
             .held

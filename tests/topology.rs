@@ -303,14 +303,20 @@ async fn on_a_cluster_imports_are_all_or_nothing_and_removals_gets_and_scans_wor
     store.open_dataset().await.expect("open");
     let new_only =
         optout::core::NhsNumber::parse(&valid_numbers(4_500_000_000, 1)[0]).expect("valid");
-    let before = store.lookup(&[new_only]).await.expect("lookup");
+    let before = store
+        .lookup(&[new_only], optout::core::OptOutSet::ALL)
+        .await
+        .expect("lookup");
     assert!(before.held[0].is_empty());
 
     common::replace_import_never_shows_half_a_list(config.clone()).await;
 
     // The generations it remembers were replaced twice: its next lookup must notice, not answer
     // from a generation that no longer holds the list.
-    let after = store.lookup(&[new_only]).await.expect("lookup");
+    let after = store
+        .lookup(&[new_only], optout::core::OptOutSet::ALL)
+        .await
+        .expect("lookup");
     assert!(
         after.held[0].contains(optout::core::OptOutType::NationalDataOptOut),
         "a lookup read a replaced generation"

@@ -303,7 +303,8 @@ impl Checker {
         if maybes.is_empty() {
             return as_filter(decisions);
         }
-        let Some(found) = self.ask(&maybes, input.deadline).await else {
+        let types = policy.types();
+        let Some(found) = self.ask(&maybes, types, input.deadline).await else {
             // The maybes stay withheld as STORE_UNAVAILABLE.
             return as_filter(decisions);
         };
@@ -338,7 +339,7 @@ impl Checker {
         // and the store's answers come from different versions: a caller could see part of a
         // change (half of a REPLACE import). Ask the store for every number, so the whole answer
         // reflects one version; if it cannot answer, withhold everything rather than mix.
-        let all = self.ask(valid, input.deadline).await.filter(|all| {
+        let all = self.ask(valid, types, input.deadline).await.filter(|all| {
             let current = all.version >= filter_version;
             if !current {
                 store_behind_filter(all.version, filter_version);
@@ -377,11 +378,18 @@ impl Checker {
         }
     }
 
-    /// One batched store lookup within the deadline; `None` (logged) if it fails or runs out.
-    async fn ask(&self, numbers: &[(usize, NhsNumber)], deadline: Instant) -> Option<Lookup> {
+    /// One batched store lookup of the applicable `types` within the deadline; `None` (logged) if
+    /// it fails or runs out.
+    async fn ask(
+        &self,
+        numbers: &[(usize, NhsNumber)],
+        types: OptOutSet,
+        deadline: Instant,
+    ) -> Option<Lookup> {
         let list: Vec<NhsNumber> = numbers.iter().map(|(_, n)| *n).collect();
         let started = Instant::now();
-        let result = tokio::time::timeout(remaining(deadline), self.store.lookup(&list)).await;
+        let lookup = self.store.lookup(&list, types);
+        let result = tokio::time::timeout(remaining(deadline), lookup).await;
         let label = match &result {
             Ok(Ok(_)) => "ok",
             Ok(Err(_)) => "error",

@@ -22,8 +22,8 @@ use super::{
 use crate::{
     auth::Caller,
     core::{
-        AuditKey, AuditQuery, AuditRecord, DataOrigin, Decision, NhsNumber, OptOutType, Purpose,
-        ReleaseReason, Version, WithholdReason,
+        AuditKey, AuditQuery, AuditRecord, DataOrigin, Decision, NhsNumber, OptOutSet, OptOutType,
+        Purpose, ReleaseReason, Version, WithholdReason,
     },
     store::{
         ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord,
@@ -56,9 +56,9 @@ impl ConsentStore for Switch {
     fn kind(&self) -> &'static str {
         "switch"
     }
-    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
+    async fn lookup(&self, numbers: &[NhsNumber], types: OptOutSet) -> Result<Lookup, StoreError> {
         self.fail_if(&self.down)?;
-        self.inner.lookup(numbers).await
+        self.inner.lookup(numbers, types).await
     }
     async fn change(
         &self,

@@ -272,8 +272,11 @@ pub trait ConsentStore: Send + Sync + 'static {
     /// A short name for status and logs ("embedded", "redis").
     fn kind(&self) -> &'static str;
 
-    /// The opt-out types held by each number, in one round trip.
-    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError>;
+    /// The opt-out types held by each number, of those in `types`, in one round trip. A type
+    /// not asked is never reported: the check asks only for those its purpose and origin make
+    /// applicable, which halves the store's work when only one applies (`OptOutSet::ALL` for
+    /// everything).
+    async fn lookup(&self, numbers: &[NhsNumber], types: OptOutSet) -> Result<Lookup, StoreError>;
 
     /// Adds or removes one type for every number, atomically with its change-log entry and its
     /// audit record (whose `version` and `applied` the store fills in): if the audit record cannot

@@ -10,7 +10,7 @@ use std::{
 
 use async_trait::async_trait;
 use optout::{
-    core::{AuditQuery, AuditRecord, NhsNumber, OptOutType, Version},
+    core::{AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version},
     store::{
         ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, Scan,
         StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome,
@@ -54,7 +54,7 @@ impl ConsentStore for FaultyStore {
         "faulty-embedded"
     }
 
-    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
+    async fn lookup(&self, numbers: &[NhsNumber], types: OptOutSet) -> Result<Lookup, StoreError> {
         let delay = self.lookup_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -62,7 +62,7 @@ impl ConsentStore for FaultyStore {
         if self.lookup_down.load(Ordering::SeqCst) {
             return Err(down());
         }
-        self.inner.lookup(numbers).await
+        self.inner.lookup(numbers, types).await
     }
 
     async fn change(

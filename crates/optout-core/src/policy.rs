@@ -52,6 +52,8 @@ pub struct OptOutSet(u8);
 impl OptOutSet {
     /// No opt-out.
     pub const EMPTY: OptOutSet = OptOutSet(0);
+    /// Every type (a unit test holds it to [`OptOutType::ALL`]).
+    pub const ALL: OptOutSet = OptOutSet(0b110);
 
     /// Adds a type.
     pub fn insert(&mut self, t: OptOutType) {
@@ -66,6 +68,17 @@ impl OptOutSet {
     /// Whether the set is empty.
     pub fn is_empty(self) -> bool {
         self.0 == 0
+    }
+
+    /// The types in both sets.
+    pub fn intersection(self, other: OptOutSet) -> OptOutSet {
+        OptOutSet(self.0 & other.0)
+    }
+
+    /// The set as the Redis lookup takes and answers it: a bit a type, at its
+    /// [`OptOutType::code`] less one (1 national, 2 type 1).
+    pub fn mask(self) -> u8 {
+        self.0 >> 1
     }
 
     /// The types in the set, in reporting order.
@@ -213,6 +226,15 @@ impl Applicable {
             Applicable::Exempt(r) | Applicable::Types(_, r) => r,
         }
     }
+
+    /// The opt-out types that can withhold a number (none when exempt): all a store lookup
+    /// needs to read.
+    pub fn types(self) -> OptOutSet {
+        match self {
+            Applicable::Exempt(_) => OptOutSet::EMPTY,
+            Applicable::Types(t, _) => t,
+        }
+    }
 }
 
 /// The purpose policy: which opt-out types withhold data for this purpose, origin and basis.
@@ -323,6 +345,19 @@ mod tests {
 
     fn set(types: &[OptOutType]) -> OptOutSet {
         types.iter().copied().collect()
+    }
+
+    #[test]
+    fn the_set_of_every_type_and_its_bits() {
+        assert_eq!(OptOutSet::ALL, OptOutType::ALL.into_iter().collect());
+        assert_eq!(set(&[NationalDataOptOut]).mask(), 1);
+        assert_eq!(set(&[Type1]).mask(), 2);
+        assert_eq!(OptOutSet::ALL.mask(), 3);
+        assert_eq!(
+            OptOutSet::ALL.intersection(set(&[Type1])),
+            set(&[Type1]),
+            "intersection"
+        );
     }
 
     #[test]

@@ -254,7 +254,7 @@ impl ConsentStore for EmbeddedStore {
         "embedded"
     }
 
-    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
+    async fn lookup(&self, numbers: &[NhsNumber], types: OptOutSet) -> Result<Lookup, StoreError> {
         let numbers = numbers.to_vec();
         self.blocking(move |inner| {
             let txn = inner.db.begin_read().map_err(storage)?;
@@ -264,7 +264,7 @@ impl ConsentStore for EmbeddedStore {
                 .iter()
                 .map(|n| {
                     Ok(match table.get(n.as_u64()).map_err(storage)? {
-                        Some(v) => held_types(v.value())?,
+                        Some(v) => held_types(v.value())?.intersection(types),
                         None => OptOutSet::EMPTY,
                     })
                 })

@@ -150,7 +150,7 @@ async fn records_keep_type_time_and_source() {
         )
         .await
         .expect("remove");
-    let lookup = store.lookup(&[n]).await.expect("lookup");
+    let lookup = store.lookup(&[n], OptOutSet::ALL).await.expect("lookup");
     assert!(lookup.held[0].contains(OptOutType::Type1));
     assert!(!lookup.held[0].contains(OptOutType::NationalDataOptOut));
 }

@@ -35,12 +35,13 @@ pub(super) struct Change<'a> {
 /// dataset it is bound to.
 #[async_trait]
 pub(super) trait Layout: Send + Sync + 'static {
-    /// The opt-out types held by each number, with the version the answer reflects.
+    /// The opt-out types of `types` held by each number, with the version the answer reflects.
     async fn lookup(
         &self,
         s: &RedisStore,
         bound: &Bound,
         numbers: &[NhsNumber],
+        types: OptOutSet,
     ) -> Result<Lookup, StoreError>;
 
     /// The records of one number.
@@ -132,9 +133,11 @@ impl Layout for Flat {
         s: &RedisStore,
         bound: &Bound,
         numbers: &[NhsNumber],
+        types: OptOutSet,
     ) -> Result<Lookup, StoreError> {
         let mut inv = s.inner.scripts.lookup.prepare_invoke();
         inv.arg(&s.inner.prefix);
+        inv.arg(types.mask());
         inv.arg(bucket_pairs(numbers, bound.buckets));
         let reply: Value = inv.invoke_async(&mut s.conn()).await.map_err(store_error)?;
         let mut reply = array(reply)?.into_iter();
@@ -146,8 +149,9 @@ impl Layout for Flat {
         // Anything but the expected small integer is an error, never "not held".
         let held = reply
             .map(|v| {
+                // Only the types asked for: a bit of another is as wrong as any other answer.
                 let m = match v {
-                    Value::Int(m @ 0..=3) => m,
+                    Value::Int(m) if (0..=3).contains(&m) && m & !i64::from(types.mask()) == 0 => m,
                     other => {
                         return Err(StoreError::Corrupt(
                             format!("lookup answered {other:?} for a number").into(),

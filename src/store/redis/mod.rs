@@ -47,7 +47,7 @@ use super::{
     ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, StoreError,
     StoreStatus, Stored, StoredEntry, WriteOutcome,
 };
-use crate::core::{AuditQuery, AuditRecord, NhsNumber, OptOutType, Version};
+use crate::core::{AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
 
 /// The Redis store. Cheap to clone.
 #[derive(Clone)]
@@ -167,9 +167,9 @@ impl ConsentStore for RedisStore {
         "redis"
     }
 
-    async fn lookup(&self, numbers: &[NhsNumber]) -> Result<Lookup, StoreError> {
+    async fn lookup(&self, numbers: &[NhsNumber], types: OptOutSet) -> Result<Lookup, StoreError> {
         let bound = self.bound()?;
-        self.inner.layout.lookup(self, &bound, numbers).await
+        self.inner.layout.lookup(self, &bound, numbers, types).await
     }
 
     async fn change(

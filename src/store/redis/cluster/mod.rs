@@ -91,8 +91,9 @@ impl Layout for Cluster {
         s: &RedisStore,
         bound: &Bound,
         numbers: &[NhsNumber],
+        types: OptOutSet,
     ) -> Result<Lookup, StoreError> {
-        self.lookup_cluster(s, bound, numbers).await
+        self.lookup_cluster(s, bound, numbers, types).await
     }
 
     async fn get(

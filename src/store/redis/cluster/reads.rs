@@ -171,8 +171,9 @@ impl Cluster {
         s: &RedisStore,
         bound: &Bound,
         numbers: &[NhsNumber],
+        types: OptOutSet,
     ) -> Result<Lookup, StoreError> {
-        let result = self.lookup_by_master(s, bound, numbers).await;
+        let result = self.lookup_by_master(s, bound, numbers, types).await;
         if result.is_err() {
             // A slot may have moved or a master failed over: learn the masters again next time.
             *self.masters.lock() = None;
@@ -185,8 +186,18 @@ impl Cluster {
         s: &RedisStore,
         bound: &Bound,
         numbers: &[NhsNumber],
+        types: OptOutSet,
     ) -> Result<Lookup, StoreError> {
         let masters = self.masters(s, bound).await?;
+        // The types asked for, in the order each number's HEXISTS go into a pipeline.
+        let asked: Vec<(OptOutType, &str)> = [
+            (OptOutType::NationalDataOptOut, "1"),
+            (OptOutType::Type1, "2"),
+        ]
+        .into_iter()
+        .filter(|(t, _)| types.contains(*t))
+        .collect();
+        let per = asked.len();
         // Per master: the numbers it holds, and the shards they are in.
         let mut groups: HashMap<usize, (Vec<usize>, Vec<usize>)> = HashMap::new();
         for (i, n) in numbers.iter().enumerate() {
@@ -202,51 +213,54 @@ impl Cluster {
                 "not a Redis Cluster connection".into(),
             ));
         };
-        let (groups, masters) = (&groups, &masters);
+        let (groups, masters, asked) = (&groups, &masters, &asked);
         let (held, meta, _) = self
             .under_current_generations(s, bound, |(g1, g2)| async move {
-                // One pipeline per master: two HEXISTS per number, then each shard's marker.
+                // One pipeline per master: a HEXISTS per number and type asked, then each
+                // shard's marker.
                 let reads = groups.iter().map(|(&g, (idx, shards))| {
                     let mut pipe = redis::pipe();
                     for &i in idx {
                         let n = numbers[i].as_u64();
                         let b = n % bound.buckets;
-                        pipe.cmd("HEXISTS")
-                            .arg(s.data_key(bound, "1", g1, b))
-                            .arg(n);
-                        pipe.cmd("HEXISTS")
-                            .arg(s.data_key(bound, "2", g2, b))
-                            .arg(n);
+                        for &(t, code) in asked {
+                            let generation = match t {
+                                OptOutType::NationalDataOptOut => g1,
+                                OptOutType::Type1 => g2,
+                            };
+                            pipe.cmd("HEXISTS")
+                                .arg(s.data_key(bound, code, generation, b))
+                                .arg(n);
+                        }
                     }
                     for &shard in shards {
                         pipe.get(s.shard_marker(&bound.shards[shard]));
                     }
-                    let count = idx.len() * 2 + shards.len();
+                    let count = idx.len() * per + shards.len();
                     cluster.pipeline_to_slot(pipe, count, masters.route_slot[g])
                 });
                 let replies = futures::future::join_all(reads).await;
                 let mut held = vec![OptOutSet::EMPTY; numbers.len()];
                 for ((idx, shards), reply) in groups.values().zip(replies) {
                     let reply = reply.map_err(store_error)?;
-                    if reply.len() != idx.len() * 2 + shards.len() {
+                    if reply.len() != idx.len() * per + shards.len() {
                         return Err(StoreError::Corrupt(
                             format!(
                                 "a shard pipeline of {} commands answered {}",
-                                idx.len() * 2 + shards.len(),
+                                idx.len() * per + shards.len(),
                                 reply.len()
                             )
                             .into(),
                         ));
                     }
-                    for marker in &reply[idx.len() * 2..] {
+                    for marker in &reply[idx.len() * per..] {
                         Self::check_shard_marker(bound, Some(marker))?;
                     }
                     for (j, &i) in idx.iter().enumerate() {
-                        if flag(&reply[j * 2])? {
-                            held[i].insert(OptOutType::NationalDataOptOut);
-                        }
-                        if flag(&reply[j * 2 + 1])? {
-                            held[i].insert(OptOutType::Type1);
+                        for (k, &(t, _)) in asked.iter().enumerate() {
+                            if flag(&reply[j * per + k])? {
+                                held[i].insert(t);
+                            }
                         }
                     }
                 }
