@@ -95,6 +95,10 @@ struct WriterState {
 }
 
 const BATCH: usize = 1000;
+/// How long a batch gathers records after its first.
+const GATHER: Duration = Duration::from_millis(100);
+/// How often the queue is looked at while a batch gathers.
+const GATHER_POLL: Duration = Duration::from_millis(2);
 /// A batch is sent once it holds this many bytes, whatever its record count.
 const BATCH_BYTES: u64 = 4 * 1024 * 1024;
 const QUEUE: usize = 65_536;
@@ -210,16 +214,25 @@ async fn run(
                 _ = stop.changed() => continue,
             }
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        let deadline = tokio::time::Instant::now() + GATHER;
         let mut bytes = first.bytes();
         let mut pending = vec![first];
+        // Take what is queued in bulk, then look again a little later: waking for each record
+        // (with a timer set each time) cost more than writing it under single-number checks.
+        let mut more = Vec::new();
         while pending.len() < BATCH && bytes < BATCH_BYTES {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(p)) => {
-                    bytes += p.bytes();
-                    pending.push(p);
+            if rx.is_empty() {
+                let now = tokio::time::Instant::now();
+                if now >= deadline || rx.is_closed() {
+                    break;
                 }
-                _ => break,
+                tokio::time::sleep_until(deadline.min(now + GATHER_POLL)).await;
+                continue;
+            }
+            rx.recv_many(&mut more, BATCH - pending.len()).await;
+            for p in more.drain(..) {
+                bytes += p.bytes();
+                pending.push(p);
             }
         }
         let key2 = key.clone();
