@@ -31,7 +31,8 @@ pub use crate::core::keys::{Caller, KeysFileError, Role, hash_key, new_key, pars
 #[derive(Clone, Debug)]
 struct KeyEntry {
     hash: [u8; 32],
-    caller: Caller,
+    /// Shared with every request it authenticates (no copy of its strings per call).
+    caller: Arc<Caller>,
 }
 
 /// The keys in force, reloaded from the file when it changes.
@@ -64,7 +65,15 @@ impl Keyring {
         let count = entries.len();
         *self.keys.write() = entries
             .into_iter()
-            .map(|(id, caller, hash)| (id, KeyEntry { hash, caller }))
+            .map(|(id, caller, hash)| {
+                (
+                    id,
+                    KeyEntry {
+                        hash,
+                        caller: Arc::new(caller),
+                    },
+                )
+            })
             .collect();
         *self.stamp.write() = meta.modified().ok().map(|m| (m, meta.len()));
         Ok(count)
@@ -107,11 +116,11 @@ impl Keyring {
         self.keys
             .read()
             .get(&caller.key_id)
-            .is_some_and(|e| e.caller == *caller)
+            .is_some_and(|e| *e.caller == *caller)
     }
 
     /// The caller a key belongs to, if any.
-    pub fn authenticate(&self, key: &str) -> Option<Caller> {
+    pub fn authenticate(&self, key: &str) -> Option<Arc<Caller>> {
         let id = key.strip_prefix("oo_")?.get(..12)?;
         let keys = self.keys.read();
         let entry = keys.get(id)?;

@@ -119,7 +119,7 @@ impl Interceptor for Gate {
 impl Gate {
     fn admit(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let caller = match &self.state.keyring {
-            None => Caller::anonymous(),
+            None => anonymous(),
             Some(keyring) => {
                 let key = request
                     .metadata()
@@ -167,10 +167,17 @@ impl Gate {
 }
 
 /// The caller a gate admitted (anonymous if the request did not pass one, as in unit tests).
-pub(crate) fn caller_of<T>(request: &Request<T>) -> Caller {
+pub(crate) fn caller_of<T>(request: &Request<T>) -> Arc<Caller> {
     request
         .extensions()
-        .get::<Caller>()
+        .get::<Arc<Caller>>()
         .cloned()
-        .unwrap_or_else(Caller::anonymous)
+        .unwrap_or_else(anonymous)
+}
+
+/// The one anonymous caller, shared (a service without keys admits every request as it).
+fn anonymous() -> Arc<Caller> {
+    static ANONYMOUS: std::sync::LazyLock<Arc<Caller>> =
+        std::sync::LazyLock::new(|| Arc::new(Caller::anonymous()));
+    Arc::clone(&ANONYMOUS)
 }
