@@ -50,7 +50,13 @@ struct Segments {
     file: Option<(File, PathBuf)>,
     size: u64,
     head: ChainHead,
+    /// The last batch's buffer, for the next.
+    buffer: Vec<u8>,
 }
+
+/// The largest batch buffer kept between batches (a batch is at most about 4 MiB of records,
+/// `check_log::BATCH_BYTES`, ~6 MiB written: its digests are base64).
+const KEEP_BUFFER: usize = 8 * 1024 * 1024;
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Unavailable(Cause::with_source(
@@ -103,6 +109,7 @@ impl CheckFiles {
                 file: None,
                 size: 0,
                 head,
+                buffer: Vec::new(),
             })),
             config,
             key,
@@ -128,9 +135,15 @@ impl CheckFiles {
             self.rotate(&mut s)?;
         }
         let mut head = s.head;
-        let mut text = Vec::with_capacity(records.len() * 512);
+        // Sized for the batch at once (a line is its digests and under 1 KiB besides), and kept
+        // for the next batch up to `KEEP_BUFFER`: a fresh buffer of megabytes each batch cost a
+        // page fault per 4 KiB and copies as it grew.
+        let need: usize = records.iter().map(|r| r.digests.len() + 1024).sum();
+        let mut text = std::mem::take(&mut s.buffer);
+        text.clear();
+        text.reserve(need);
         for r in records {
-            head = trail::seal_into(head, r, &self.key, &mut text)
+            head = trail::seal_into(head, &self.key, &mut text, |out| r.write_json(out))
                 .map_err(|e| StoreError::Corrupt(format!("check record: {e}").into()))?;
             text.push(b'\n');
         }
@@ -142,6 +155,9 @@ impl CheckFiles {
             .map_err(|e| io_error("write", path, e))?;
         s.size += text.len() as u64;
         s.head = head;
+        if text.capacity() <= KEEP_BUFFER {
+            s.buffer = text;
+        }
         Ok(())
     }
 

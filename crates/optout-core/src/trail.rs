@@ -74,19 +74,22 @@ pub fn seal<T: serde::Serialize>(
     key: &AuditKey,
 ) -> Result<(String, ChainHead), serde_json::Error> {
     let mut line = Vec::with_capacity(512);
-    let head = seal_into(head, record, key, &mut line)?;
+    let head = seal_into(head, key, &mut line, |out| {
+        serde_json::to_writer(out, record)
+    })?;
     // Only JSON and hex went in.
     let line = String::from_utf8(line).unwrap_or_else(|_| unreachable!("a sealed line is UTF-8"));
     Ok((line, head))
 }
 
 /// [`seal`], appending the line (no newline) to `out`: many records sealed into one buffer without
-/// a string of their own each.
-pub fn seal_into<T: serde::Serialize>(
+/// a string of their own each. `record` appends the record's JSON (`serde_json::to_writer`, or
+/// [`AuditRecord::write_json`](crate::AuditRecord::write_json)).
+pub fn seal_into(
     head: ChainHead,
-    record: &T,
     key: &AuditKey,
     out: &mut Vec<u8>,
+    record: impl FnOnce(&mut Vec<u8>) -> Result<(), serde_json::Error>,
 ) -> Result<ChainHead, serde_json::Error> {
     let seq = head.seq + 1;
     let start = out.len();
@@ -97,7 +100,7 @@ pub fn seal_into<T: serde::Serialize>(
     out.extend_from_slice(b"\",\"kid\":\"");
     out.extend_from_slice(key.id().as_bytes());
     out.extend_from_slice(b"\",\"r\":");
-    if let Err(e) = serde_json::to_writer(&mut *out, record) {
+    if let Err(e) = record(&mut *out) {
         out.truncate(start);
         return Err(e);
     }
@@ -291,7 +294,7 @@ mod tests {
         let mut buf = Vec::new();
         let mut head = ChainHead::START;
         for r in &records {
-            head = seal_into(head, r, &key(), &mut buf).expect("seal");
+            head = seal_into(head, &key(), &mut buf, |out| r.write_json(out)).expect("seal");
             buf.push(b'\n');
         }
         let text = String::from_utf8(buf).expect("utf-8");
