@@ -32,9 +32,12 @@ use super::NhsNumber;
 #[derive(Clone)]
 pub struct AuditKey {
     cipher: Aes256,
-    id: [u8; 4],
-    /// Derived from the secret apart from the digest key: seals audit trail records.
-    mac_key: [u8; 32],
+    /// The public id, as the 8 hex digits every sealed line carries.
+    id_hex: [u8; 8],
+    /// HMAC-SHA-256 under the trail MAC key (derived from the secret apart from the digest key),
+    /// already keyed: each line's MAC clones it rather than hashing the key's pads again (two of
+    /// the four SHA-256 blocks of a MAC).
+    mac: Hmac<Sha256>,
 }
 
 /// An audit key that cannot be used.
@@ -81,10 +84,15 @@ impl AuditKey {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
             .map_err(|_| AuditKeyError::TooShort(secret.len()))?;
         mac.update(b"optout audit trail MAC key, HMAC-SHA-256, v1");
+        let mac_key = mac.finalize().into_bytes();
+        let mut id_hex = [0u8; 8];
+        // 8 hex digits of 4 bytes: cannot fail.
+        let _ = hex::encode_to_slice(&id[..4], &mut id_hex);
         Ok(AuditKey {
             cipher: Aes256::new(&derived),
-            id: [id[0], id[1], id[2], id[3]],
-            mac_key: mac.finalize().into_bytes().into(),
+            id_hex,
+            mac: <Hmac<Sha256> as Mac>::new_from_slice(&mac_key)
+                .map_err(|_| AuditKeyError::TooShort(secret.len()))?,
         })
     }
 
@@ -138,16 +146,20 @@ impl AuditKey {
 
     /// HMAC-SHA-256 of `data` under the key's trail MAC key.
     pub fn mac(&self, data: &[u8]) -> [u8; 32] {
-        // HMAC takes keys of any length; 32 bytes cannot fail.
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.mac_key)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts a 32-byte key"));
+        let mut m = self.mac.clone();
         m.update(data);
         m.finalize().into_bytes().into()
     }
 
     /// A short public id of the key (8 hex digits), to tell keys apart when one is rotated.
     pub fn id(&self) -> String {
-        crate::trail::hex(&self.id)
+        self.id_str().to_string()
+    }
+
+    /// [`AuditKey::id`] without a string of its own.
+    pub fn id_str(&self) -> &str {
+        // Hex digits are ASCII.
+        std::str::from_utf8(&self.id_hex).unwrap_or_default()
     }
 
     fn block(n: NhsNumber) -> Block {
@@ -594,6 +606,27 @@ mod tests {
                 String::from_utf8_lossy(&slow)
             );
         }
+    }
+
+    #[test]
+    fn the_trail_mac_and_key_id_are_as_defined() {
+        // HMAC-SHA-256 under HMAC-SHA-256(secret, label), and the first 4 bytes of
+        // SHA-256(label || secret) in hex: computed here from their definitions, so that keeping
+        // a keyed MAC state (or anything else) cannot change a sealed line.
+        let secret = [9u8; 40];
+        let key = AuditKey::new(&secret).expect("key");
+        let mut kdf = <Hmac<Sha256> as Mac>::new_from_slice(&secret).expect("hmac");
+        kdf.update(b"optout audit trail MAC key, HMAC-SHA-256, v1");
+        let mac_key = kdf.finalize().into_bytes();
+        for data in [&b""[..], b"a line", &[0x5a; 200]] {
+            let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&mac_key).expect("hmac");
+            m.update(data);
+            let want: [u8; 32] = m.finalize().into_bytes().into();
+            assert_eq!(key.mac(data), want);
+        }
+        let id = Sha256::digest([b"optout audit key id".as_slice(), &secret].concat());
+        assert_eq!(key.id(), crate::trail::hex(&id[..4]));
+        assert_eq!(key.id_str(), key.id());
     }
 
     #[test]

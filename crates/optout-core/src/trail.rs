@@ -98,7 +98,7 @@ pub fn seal_into(
     let _ = write!(out, "{{\"seq\":{seq},\"prev\":\"");
     out.extend_from_slice(hex_into(&head.hash, &mut hex_buf));
     out.extend_from_slice(b"\",\"kid\":\"");
-    out.extend_from_slice(key.id().as_bytes());
+    out.extend_from_slice(key.id_str().as_bytes());
     out.extend_from_slice(b"\",\"r\":");
     if let Err(e) = record(&mut *out) {
         out.truncate(start);
