@@ -59,6 +59,16 @@ national_check=()
 seed_out=$("$bin/optout-loadtest" seed --server "http://$SERVICE" --count "$COUNT" "${pool[@]}" "${national_check[@]}" \
     --baseline-redis-url "$redis_url")
 echo "$seed_out"
+# Until the replica's filter reflects the import (the store's version, and fresh), a "maybe" finds
+# the store ahead of the filter and the check asks the store about every number of the batch: the
+# first workload would measure that catching-up, and the half-peak rates below are taken from it.
+caught_up() {
+    "$bin/optout" admin --server "http://$SERVICE" status 2>/dev/null | awk '
+        /^version:/ {v = $2} /^filter version:/ {f = $3; fresh = ($4 == "(fresh,")}
+        END {exit !(v != "" && v == f && fresh)}'
+}
+for ((i = 0; i < 600; i++)); do caught_up && break; sleep 0.1; done
+caught_up || echo "warning: the filter did not catch up with the store within 60 s of seeding" >&2
 
 run() { # label server extra-args...
     local label=$1 server=$2
