@@ -557,3 +557,47 @@ async fn an_audit_batch_the_store_refuses_never_wedges_the_checks() {
     }
     server.stop().await;
 }
+
+/// A replica that has read an import too big to list in the change log knows its filter lacks
+/// that import's opt-outs until it is rebuilt from the store: it stops trusting the filter at
+/// once (checks ask the store), rather than answering from it until the freshness bound runs out.
+#[tokio::test]
+async fn a_filter_known_to_lack_an_import_is_not_trusted_while_it_is_rebuilt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    // Long enough that within this test only knowing, not ageing, can end the trust.
+    config.filter.freshness_bound = Duration::from_secs(60);
+    let embedded = optout::server::open_embedded(&config)
+        .await
+        .expect("embedded store");
+    let store = FaultyStore::new(Arc::new(embedded));
+    let server = TestServer::start_on(store.clone(), config).await;
+    let numbers = valid_numbers(4_600_000_000, optout::store::LOG_LIST_MAX + 1);
+    // The rebuild the import calls for (a scan, or a snapshot and the log after it) is slow.
+    store.rebuild_delay_ms.store(5_000, Ordering::SeqCst);
+    let chunks: Vec<proto::ImportOptOutsRequest> = numbers
+        .chunks(2_000)
+        .enumerate()
+        .map(|(i, c)| import(c, (i + 1) * 2_000 >= numbers.len()))
+        .collect();
+    let r = server
+        .admin_client()
+        .await
+        .import_opt_outs(tokio_stream::iter(chunks))
+        .await
+        .expect("import")
+        .into_inner();
+    assert_eq!(r.added, numbers.len() as u64);
+    // The follower reads the import's log entry within its heartbeat (250 ms) and starts the
+    // rebuild, which takes 5 s.
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    let answer = check_at(&server, &numbers[..3], "").await;
+    assert!(
+        answer
+            .iter()
+            .all(|a| *a == (Outcome::Withhold, Reason::NationalDataOptOut)),
+        "opt-outs of an import the filter is known to lack were answered from it: {answer:?}"
+    );
+    store.rebuild_delay_ms.store(0, Ordering::SeqCst);
+    server.stop().await;
+}

@@ -375,6 +375,15 @@ impl SyncedFilter {
         self.proof.send_replace((at + 1, version));
     }
 
+    /// Stops trusting the filter's "absent" until the follower proves it caught up again: the
+    /// follower learned that the store holds changes the filter lacks and cannot apply from the
+    /// log (an import too big to list, a log trimmed past the filter). Without this the filter
+    /// would be trusted until the freshness bound ran out, though known to be behind. Checks ask
+    /// the store meanwhile; health is unchanged (the filter stays loaded).
+    pub(super) fn distrust(&self) {
+        self.caught_up_at.store(NEVER, Ordering::Release);
+    }
+
     /// How the filter is sized and how fresh it must be.
     pub fn config(&self) -> FilterConfig {
         self.config

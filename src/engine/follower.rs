@@ -245,8 +245,9 @@ impl Follower {
                     tracing::info!(
                         %after,
                         "an import too big to list its numbers in the change log; rebuilding \
-                         the filter from the store"
+                         the filter from the store (checks ask the store until then)"
                     );
+                    self.synced.distrust();
                     self.must_rebuild = true;
                     return Flow::Next;
                 }
@@ -258,6 +259,7 @@ impl Follower {
             }
             Ok(Feed::Trimmed) => {
                 tracing::warn!(%after, "the change log no longer reaches this filter's version; rebuilding");
+                self.synced.distrust();
                 self.must_rebuild = true;
                 Flow::Next
             }

@@ -29,6 +29,8 @@ pub struct FaultyStore {
     /// Audit writes of more records than this at once fail (0: no limit), as a store that
     /// refuses a write too large for it would.
     pub audit_max_records: AtomicU64,
+    /// Reads of the whole store (a scan, a snapshot) wait this long first: a slow rebuild.
+    pub rebuild_delay_ms: AtomicU64,
 }
 
 impl FaultyStore {
@@ -40,7 +42,17 @@ impl FaultyStore {
             lookup_delay_ms: AtomicU64::new(0),
             audit_down: AtomicBool::new(false),
             audit_max_records: AtomicU64::new(0),
+            rebuild_delay_ms: AtomicU64::new(0),
         })
+    }
+}
+
+impl FaultyStore {
+    async fn rebuild_delay(&self) {
+        let delay = self.rebuild_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
     }
 }
 
@@ -121,6 +133,7 @@ impl ConsentStore for FaultyStore {
         if self.feed_down.load(Ordering::SeqCst) {
             return Err(down());
         }
+        self.rebuild_delay().await;
         self.inner.scan_pages(page).await
     }
 
@@ -135,6 +148,7 @@ impl ConsentStore for FaultyStore {
         if self.feed_down.load(Ordering::SeqCst) {
             return Err(down());
         }
+        self.rebuild_delay().await;
         self.inner.load_snapshot().await
     }
 
