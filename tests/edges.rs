@@ -575,15 +575,10 @@ async fn a_filter_known_to_lack_an_import_is_not_trusted_while_it_is_rebuilt() {
     let numbers = valid_numbers(4_600_000_000, optout::store::LOG_LIST_MAX + 1);
     // The rebuild the import calls for (a scan, or a snapshot and the log after it) is slow.
     store.rebuild_delay_ms.store(5_000, Ordering::SeqCst);
-    let chunks: Vec<proto::ImportOptOutsRequest> = numbers
-        .chunks(2_000)
-        .enumerate()
-        .map(|(i, c)| import(c, (i + 1) * 2_000 >= numbers.len()))
-        .collect();
     let r = server
         .admin_client()
         .await
-        .import_opt_outs(tokio_stream::iter(chunks))
+        .import_opt_outs(tokio_stream::iter(import_in_chunks(&numbers, 2_000)))
         .await
         .expect("import")
         .into_inner();

@@ -731,12 +731,11 @@ async fn an_import_too_big_to_list_is_followed_by_a_rebuild_that_withholds_it_al
     let before = status(&b).await.filter.expect("filter").generation;
 
     let n = valid_numbers(5_100_000_000, optout::store::LOG_LIST_MAX + 2_000);
-    let messages: Vec<ImportOptOutsRequest> = n
-        .chunks(5_000)
-        .enumerate()
-        .map(|(i, chunk)| ImportOptOutsRequest {
+    let messages: Vec<ImportOptOutsRequest> = common::import_in_chunks(&n, 5_000)
+        .into_iter()
+        .map(|m| ImportOptOutsRequest {
             source: "big.csv".into(),
-            ..common::import(chunk, (i + 1) * 5_000 >= n.len())
+            ..m
         })
         .collect();
     let imported = a

@@ -23,6 +23,15 @@ pub fn import(numbers: &[String], commit: bool) -> proto::ImportOptOutsRequest {
     }
 }
 
+/// A REPLACE import of `numbers` in messages of `size`, the last one committing.
+pub fn import_in_chunks(numbers: &[String], size: usize) -> Vec<proto::ImportOptOutsRequest> {
+    numbers
+        .chunks(size)
+        .enumerate()
+        .map(|(i, c)| import(c, (i + 1) * size >= numbers.len()))
+        .collect()
+}
+
 /// Two replicas on the initialised store of `config`: a REPLACE import of 3,000 opt-outs by one,
 /// while the other checks numbers of the old and the new list; no check ever sees half of each.
 pub async fn replace_import_never_shows_half_a_list(config: ServerConfig) {
@@ -73,13 +82,8 @@ pub async fn replace_import_never_shows_half_a_list(config: ServerConfig) {
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let chunks: Vec<proto::ImportOptOutsRequest> = new
-        .chunks(500)
-        .enumerate()
-        .map(|(i, c)| import(c, i == new.len() / 500 - 1))
-        .collect();
     let r = admin
-        .import_opt_outs(tokio_stream::iter(chunks))
+        .import_opt_outs(tokio_stream::iter(import_in_chunks(&new, 500)))
         .await
         .expect("replace")
         .into_inner();
