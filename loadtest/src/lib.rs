@@ -312,6 +312,10 @@ pub struct Report {
     pub planted_seen: u64,
     /// Planted numbers answered RELEASE: must be 0.
     pub leaks: u64,
+    /// Planted numbers answered RELEASE during the warm-up, which is otherwise not measured:
+    /// must be 0 too (a leak is never dropped for being early).
+    #[serde(default)]
+    pub warmup_leaks: u64,
     /// Numbers answered in each second of the measured window, in order.
     pub numbers_each_second: Vec<u64>,
     /// The latency histogram: (upper bound in microseconds, requests), doubling from 100 us.
@@ -337,6 +341,7 @@ struct Tally {
     numbers: u64,
     planted_seen: u64,
     leaks: u64,
+    warmup_leaks: u64,
     errors: BTreeMap<String, u64>,
     /// Numbers answered in each second since measuring began.
     per_second: Vec<u64>,
@@ -423,6 +428,7 @@ pub async fn run(
         tally.numbers += t.numbers;
         tally.planted_seen += t.planted_seen;
         tally.leaks += t.leaks;
+        tally.warmup_leaks += t.warmup_leaks;
         for (k, v) in t.errors {
             *tally.errors.entry(k).or_default() += v;
         }
@@ -466,6 +472,7 @@ pub async fn run(
         errors: tally.errors,
         planted_seen: tally.planted_seen,
         leaks: tally.leaks,
+        warmup_leaks: tally.warmup_leaks,
         numbers_each_second: tally.per_second,
         latency_histogram_us,
     })
@@ -607,6 +614,9 @@ async fn worker(
         };
         let elapsed = intended.elapsed();
         if !shared.measuring.load(Ordering::Relaxed) {
+            if let Ok((_, planted_released)) = &answers {
+                tally.warmup_leaks += planted_released.iter().filter(|r| **r).count() as u64;
+            }
             continue;
         }
         match answers {
@@ -770,7 +780,7 @@ pub fn summary(r: &Report) -> String {
     format!(
         "{:<8} {:<6} batch {:>5} conc {:>3} conn {:>2}{}: {:>10.0} numbers/s {:>9.0} req/s  \
          p50 {:>6} us p90 {:>6} us p99 {:>6} us p99.9 {:>6} us max {:>7} us  errors {} leaks {} \
-         (planted seen {})",
+         (planted seen {}){}",
         r.target,
         r.mode,
         r.batch,
@@ -790,6 +800,11 @@ pub fn summary(r: &Report) -> String {
         r.latency_us.max,
         errors,
         r.leaks,
-        r.planted_seen
+        r.planted_seen,
+        if r.warmup_leaks > 0 {
+            format!(" warm-up leaks {}", r.warmup_leaks)
+        } else {
+            String::new()
+        }
     )
 }

@@ -318,7 +318,7 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
             if let Some(path) = &args.report {
                 write_html(path, &reports)?;
             }
-            let leaks: u64 = reports.iter().map(|r| r.leaks).sum();
+            let leaks: u64 = reports.iter().map(|r| r.leaks + r.warmup_leaks).sum();
             if leaks > 0 && !args.no_leak_check {
                 eprintln!("FAIL: {leaks} opted-out numbers were released");
                 return Ok(ExitCode::FAILURE);

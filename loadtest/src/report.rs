@@ -88,12 +88,12 @@ fn table(out: &mut String, reports: &[Report]) {
             r.latency_us.p99,
             r.latency_us.p999,
             r.latency_us.max,
-            if r.leaks > 0 && r.target != "echo" {
+            if r.leaks + r.warmup_leaks > 0 && r.target != "echo" {
                 " class=\"leak\""
             } else {
                 ""
             },
-            r.leaks
+            r.leaks + r.warmup_leaks
         );
     }
     out.push_str("</table>\n");

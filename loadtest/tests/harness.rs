@@ -138,9 +138,16 @@ async fn the_echo_server_releases_everything_so_the_harness_counts_leaks() {
     )
     .await
     .expect("run");
-    // The echo server releases planted numbers too: the leak counter must see every one.
+    // The echo server releases planted numbers too: the leak counter must see every one, and
+    // those released during the warm-up (not measured) are still counted, apart.
     assert!(r.planted_seen > 0);
     assert_eq!(r.leaks, r.planted_seen);
+    assert!(
+        r.warmup_leaks > 0,
+        "leaks during the warm-up are counted: {}",
+        optout_loadtest::summary(&r)
+    );
+    assert!(optout_loadtest::summary(&r).contains(" warm-up leaks "));
     let _ = stop.send(());
 }
 
