@@ -763,24 +763,16 @@ async fn traces_go_over_otlp_as_children_of_the_callers_traceparent() {
     let unsampled = "5bf92f3577b34da6a3ce929d0e0e4736";
     let failing = "6bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
-    client
-        .check(traced(
-            Some(&format!("00-{sampled}-{parent}-01")),
-            numbers.clone(),
-        ))
-        .await
-        .expect("check");
-    client
-        .check(traced(
-            Some(&format!("00-{unsampled}-{parent}-00")),
-            numbers.clone(),
-        ))
-        .await
-        .expect("check");
-    client
-        .check(traced(None, numbers.clone()))
-        .await
-        .expect("check");
+    for traceparent in [
+        Some(format!("00-{sampled}-{parent}-01")),
+        Some(format!("00-{unsampled}-{parent}-00")),
+        None,
+    ] {
+        client
+            .check(traced(traceparent.as_deref(), numbers.clone()))
+            .await
+            .expect("check");
+    }
     client
         .check(traced(Some(&format!("00-{failing}-{parent}-01")), vec![]))
         .await

@@ -189,31 +189,15 @@ impl Cluster {
         types: OptOutSet,
     ) -> Result<Lookup, StoreError> {
         let masters = self.masters(s, bound).await?;
-        // The types asked for, in the order each number's HEXISTS go into a pipeline.
-        let asked: Vec<(OptOutType, &str)> = [
-            (OptOutType::NationalDataOptOut, "1"),
-            (OptOutType::Type1, "2"),
-        ]
-        .into_iter()
-        .filter(|(t, _)| types.contains(*t))
-        .collect();
-        let per = asked.len();
-        // Per master: the numbers it holds, and the shards they are in.
-        let mut groups: HashMap<usize, (Vec<usize>, Vec<usize>)> = HashMap::new();
-        for (i, n) in numbers.iter().enumerate() {
-            let shard = Self::shard_of(bound, *n);
-            let (idx, shards) = groups.entry(masters.group_of[shard]).or_default();
-            idx.push(i);
-            if !shards.contains(&shard) {
-                shards.push(shard);
-            }
-        }
+        // Each number's HEXISTS go into a pipeline in the order of `types.iter()`.
+        let per = types.iter().count();
+        let groups = Self::group_by_master(bound, &masters, numbers);
         let Conn::Cluster(cluster) = &s.inner.conn else {
             return Err(StoreError::Unavailable(
                 "not a Redis Cluster connection".into(),
             ));
         };
-        let (groups, masters, asked) = (&groups, &masters, &asked);
+        let (groups, masters) = (&groups, &masters);
         let (held, meta, _) = self
             .under_current_generations(s, bound, |(g1, g2)| async move {
                 // One pipeline per master: a HEXISTS per number and type asked, then each
@@ -223,10 +207,10 @@ impl Cluster {
                     for &i in idx {
                         let n = numbers[i].as_u64();
                         let b = n % bound.buckets;
-                        for &(t, code) in asked {
-                            let generation = match t {
-                                OptOutType::NationalDataOptOut => g1,
-                                OptOutType::Type1 => g2,
+                        for t in types.iter() {
+                            let (code, generation) = match t {
+                                OptOutType::NationalDataOptOut => ("1", g1),
+                                OptOutType::Type1 => ("2", g2),
                             };
                             pipe.cmd("HEXISTS")
                                 .arg(s.data_key(bound, code, generation, b))
@@ -243,26 +227,7 @@ impl Cluster {
                 let mut held = vec![OptOutSet::EMPTY; numbers.len()];
                 for ((idx, shards), reply) in groups.values().zip(replies) {
                     let reply = reply.map_err(store_error)?;
-                    if reply.len() != idx.len() * per + shards.len() {
-                        return Err(StoreError::Corrupt(
-                            format!(
-                                "a shard pipeline of {} commands answered {}",
-                                idx.len() * per + shards.len(),
-                                reply.len()
-                            )
-                            .into(),
-                        ));
-                    }
-                    for marker in &reply[idx.len() * per..] {
-                        Self::check_shard_marker(bound, Some(marker))?;
-                    }
-                    for (j, &i) in idx.iter().enumerate() {
-                        for (k, &(t, _)) in asked.iter().enumerate() {
-                            if flag(&reply[j * per + k])? {
-                                held[i].insert(t);
-                            }
-                        }
-                    }
+                    Self::read_group(bound, types, idx, shards.len(), &reply, &mut held)?;
                 }
                 Ok((held, Vec::new()))
             })
@@ -271,6 +236,58 @@ impl Cluster {
             held,
             version: meta.version,
         })
+    }
+
+    /// Per master: the positions of the numbers it holds, and the shards they are in.
+    fn group_by_master(
+        bound: &Bound,
+        masters: &Masters,
+        numbers: &[NhsNumber],
+    ) -> HashMap<usize, (Vec<usize>, Vec<usize>)> {
+        let mut groups: HashMap<usize, (Vec<usize>, Vec<usize>)> = HashMap::new();
+        for (i, n) in numbers.iter().enumerate() {
+            let shard = Self::shard_of(bound, *n);
+            let (idx, shards) = groups.entry(masters.group_of[shard]).or_default();
+            idx.push(i);
+            if !shards.contains(&shard) {
+                shards.push(shard);
+            }
+        }
+        groups
+    }
+
+    /// One master's pipeline reply: a flag per number (`idx`) and type asked, then its shards'
+    /// markers, each checked; the flags go into `held`.
+    fn read_group(
+        bound: &Bound,
+        types: OptOutSet,
+        idx: &[usize],
+        shards: usize,
+        reply: &[Value],
+        held: &mut [OptOutSet],
+    ) -> Result<(), StoreError> {
+        let per = types.iter().count();
+        if reply.len() != idx.len() * per + shards {
+            return Err(StoreError::Corrupt(
+                format!(
+                    "a shard pipeline of {} commands answered {}",
+                    idx.len() * per + shards,
+                    reply.len()
+                )
+                .into(),
+            ));
+        }
+        for marker in &reply[idx.len() * per..] {
+            Self::check_shard_marker(bound, Some(marker))?;
+        }
+        for (&i, flags) in idx.iter().zip(reply.chunks(per.max(1))) {
+            for (t, f) in types.iter().zip(flags) {
+                if flag(f)? {
+                    held[i].insert(t);
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn get_cluster(
