@@ -54,6 +54,11 @@ trait Backend: Send + Sync {
     async fn delete_change_record(&self, _fresh: &Fresh, _id: &str) -> bool {
         false
     }
+    /// Overwrites the national list's current generation from outside with `value`; `false` if
+    /// this backend cannot.
+    async fn set_generation(&self, _fresh: &Fresh, _value: &str) -> bool {
+        false
+    }
 }
 
 /// A fresh store and what it needs to stay alive.
@@ -158,6 +163,16 @@ impl Backend for OnRedis {
             redis::cmd("XDEL")
                 .arg(format!("{}changes", fresh.meta_prefix))
                 .arg(id),
+        )
+        .await;
+        true
+    }
+
+    async fn set_generation(&self, fresh: &Fresh, value: &str) -> bool {
+        self.command(
+            redis::cmd("SET")
+                .arg(format!("{}gen:1", fresh.meta_prefix))
+                .arg(value),
         )
         .await;
         true
@@ -725,6 +740,36 @@ async fn reset_fails_closed(b: &dyn Backend) {
     );
 }
 
+/// A lookup follows the current generation of a list, however it changed since the last lookup
+/// (a store that caches it must notice), and a generation that is not a count fails closed: read
+/// as generation 0 (empty) it would answer "not held" for everyone on the list.
+async fn generations(b: &dyn Backend) {
+    let f = b.fresh("generations").await;
+    let s = f.store.as_ref();
+    let n = numbers(4_090_000_000, 2);
+    change(s, ChangeKind::Add, NATIONAL, &n).await;
+    let held = |l: Result<optout::store::Lookup, StoreError>| l.expect("lookup").held;
+    let nat = set(&[NATIONAL]);
+    assert_eq!(held(s.lookup(&n, OptOutSet::ALL).await), vec![nat; 2]);
+    // From outside: the list moves to a generation nobody wrote (an empty one), and back.
+    if !b.set_generation(&f, "7").await {
+        return;
+    }
+    assert_eq!(
+        held(s.lookup(&n, OptOutSet::ALL).await),
+        vec![OptOutSet::EMPTY; 2],
+        "the lookup read the generation now current"
+    );
+    assert!(b.set_generation(&f, "0").await);
+    assert_eq!(held(s.lookup(&n, OptOutSet::ALL).await), vec![nat; 2]);
+    assert!(b.set_generation(&f, "not-a-generation").await);
+    let looked = s.lookup(&n, OptOutSet::ALL).await;
+    assert!(matches!(looked, Err(StoreError::Corrupt(_))), "{looked:?}");
+    // Nor is the store trusted for the other list meanwhile.
+    let looked = s.lookup(&n, set(&[TYPE1])).await;
+    assert!(matches!(looked, Err(StoreError::Corrupt(_))), "{looked:?}");
+}
+
 /// A store that went back in time says so to a reader that saw more.
 async fn rollback_is_reported(b: &dyn Backend) {
     let f = b.fresh("rollback").await;
@@ -844,6 +889,7 @@ async fn contract(b: &dyn Backend) {
     changes_sealing(b).await;
     reset_fails_closed(b).await;
     rollback_is_reported(b).await;
+    generations(b).await;
 }
 
 #[tokio::test]

@@ -75,12 +75,6 @@ impl OptOutSet {
         OptOutSet(self.0 & other.0)
     }
 
-    /// The set as the Redis lookup takes and answers it: a bit a type, at its
-    /// [`OptOutType::code`] less one (1 national, 2 type 1).
-    pub fn mask(self) -> u8 {
-        self.0 >> 1
-    }
-
     /// The types in the set, in reporting order.
     pub fn iter(self) -> impl Iterator<Item = OptOutType> {
         OptOutType::ALL
@@ -348,11 +342,8 @@ mod tests {
     }
 
     #[test]
-    fn the_set_of_every_type_and_its_bits() {
+    fn the_set_of_every_type_and_intersections() {
         assert_eq!(OptOutSet::ALL, OptOutType::ALL.into_iter().collect());
-        assert_eq!(set(&[NationalDataOptOut]).mask(), 1);
-        assert_eq!(set(&[Type1]).mask(), 2);
-        assert_eq!(OptOutSet::ALL.mask(), 3);
         assert_eq!(
             OptOutSet::ALL.intersection(set(&[Type1])),
             set(&[Type1]),

@@ -110,12 +110,12 @@ impl RedisStore {
                 ),
                 Topology::Sentinel(s) => (
                     sentinel_conns(config, s, timeouts)?,
-                    Box::new(Flat { sentinel: true }),
+                    Box::new(Flat::new(true)),
                     config.prefix.clone(),
                 ),
                 Topology::Single(url) => (
                     direct_conns(config, url, timeouts)?,
-                    Box::new(Flat { sentinel: false }),
+                    Box::new(Flat::new(false)),
                     config.prefix.clone(),
                 ),
             };

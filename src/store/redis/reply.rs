@@ -26,6 +26,20 @@ pub(super) fn version_of(v: &Value) -> Result<Version, StoreError> {
     }
 }
 
+/// A generation as `GET P gen:{t}` answers it: none yet is generation 0; anything but a count is
+/// corrupt (read as 0 it would name empty keys, and every number would read "not held").
+pub(super) fn generation_of(v: Option<Value>) -> Result<u64, StoreError> {
+    match v {
+        Some(Value::Nil) => Ok(0),
+        Some(v) => int_of(&v)
+            .and_then(|g| u64::try_from(g).ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("a generation reads {v:?}").into())),
+        None => Err(StoreError::Corrupt(
+            "a lookup's answer ended before the generations".into(),
+        )),
+    }
+}
+
 pub(super) fn text_of(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),

@@ -14,7 +14,6 @@ use crate::store::{Cause, StoreError};
 pub(super) struct Scripts {
     pub init: Script,
     pub intern: Script,
-    pub lookup: Script,
     pub get: Script,
     pub change: Script,
     pub swap: Script,
@@ -41,7 +40,6 @@ impl Scripts {
         Scripts {
             init: Script::new(include_str!("lua/init.lua")),
             intern: with_lib(include_str!("lua/intern.lua")),
-            lookup: Script::new(include_str!("lua/lookup.lua")),
             get: Script::new(include_str!("lua/get.lua")),
             change: with_lib(include_str!("lua/change.lua")),
             swap: with_lib(include_str!("lua/swap.lua")),

@@ -38,8 +38,8 @@ use super::{
     conn::{Conn, key_slot, shard_tags},
     layout::{Change, Layout},
     reply::{
-        array, audit_json, csv_of, int_of, numbers_csv, stored_number, text_of, type_code,
-        version_of,
+        array, audit_json, csv_of, generation_of, int_of, numbers_csv, stored_number, text_of,
+        type_code, version_of,
     },
     scripts::{changed, store_error},
 };

@@ -74,14 +74,7 @@ impl Cluster {
             return Err(changed());
         }
         let version = version_of(&it.next().unwrap_or(Value::Nil))?;
-        let mut next_gen = || {
-            it.next()
-                .as_ref()
-                .and_then(int_of)
-                .and_then(|g| u64::try_from(g).ok())
-                .unwrap_or(0)
-        };
-        let gens = (next_gen(), next_gen());
+        let gens = (generation_of(it.next())?, generation_of(it.next())?);
         Ok((Meta { version, gens }, it.collect()))
     }
 
