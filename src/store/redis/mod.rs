@@ -4,8 +4,8 @@
 //! slot and the opt-out data is sharded (see `cluster.rs`).
 //!
 //! Every admin write is one Lua script: records, counts and the change-log entry change together
-//! or not at all. A check's "maybe" numbers are one script call: one round trip, one consistent
-//! version. An import is staged into a new generation of its type and swapped in by moving the
+//! or not at all. A check's "maybe" numbers are read at one consistent version: on one Redis in
+//! one `MULTI`/`EXEC` round trip (`layout.rs`), on a Cluster as `cluster.rs` says. An import is staged into a new generation of its type and swapped in by moving the
 //! generation pointer, so no check ever sees half of it.
 //!
 //! Files: `config` (settings), `keys` (the key layout), `conn` (reaching one Redis, Sentinel's master or a Cluster),
