@@ -39,7 +39,8 @@ median() { sort -n | awk '{v[NR] = $1} END {if (NR) print v[int((NR + 1) / 2)]}'
 # Persistence as the service requires of a single Redis: every acknowledged write fsynced.
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync always --dir "$work" \
     --logfile "$work/redis.log" --daemonize no &
-pids+=($!)
+redis_pid=$!
+pids+=($redis_pid)
 until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
 redis_url="redis://127.0.0.1:$REDIS_PORT"
 "$bin/optout" init-store --redis-url "$redis_url" --national-coverage "$COVERAGE" >/dev/null
@@ -50,7 +51,8 @@ OPTOUT_LOG=warn "$bin/optout" serve --listen "$SERVICE" --redis-url "$redis_url"
 service_pid=$!
 pids+=($service_pid)
 OPTOUT_LOG=warn "$bin/optout-loadtest" echo-server --listen "$ECHO" 2>"$work/echo.log" &
-pids+=($!)
+echo_pid=$!
+pids+=($echo_pid)
 until "$bin/optout" admin --server "http://$SERVICE" status >/dev/null 2>&1; do sleep 0.2; done
 
 base_mem=$(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r')
@@ -102,13 +104,38 @@ batch_seconds=$(awk -F: '/"seconds":/ {gsub(/[ ,]/, "", $2); print $2; exit}' "$
     run echo "http://$ECHO" --mode single --concurrency 64 --connections 4 --no-leak-check
 } | tee -a "$results"
 
-# The ratio workloads again, alternating service and echo, for the medians.
+# The ratio workloads again, alternating service and echo, for the medians; each also measures
+# the CPU the server, Redis and the client spent on it (their user + system ticks from /proc; the
+# client is this loop's child), per number checked, the warm-up counted at the measured rate.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Ticks of the reaped children of process $1 (the shell running the loop: its clients).
+child_ticks() { awk '{print $16 + $17}' "/proc/$1/stat"; }
+cpu="$work/cpu.txt"
+: >"$cpu"
+run_cpu() { # label server-pid mode server-address run-args...
+    local label=$1 pid=$2 mode=$3 address=$4 me=$BASHPID s0 r0 c0 line
+    shift 4
+    s0=$(ticks "$pid") r0=$(ticks "$redis_pid") c0=$(child_ticks "$me")
+    line=$(run "$label" "$address" --mode "$mode" "$@")
+    echo "$line"
+    awk -v l="$label" -v m="$mode" -v s=$(($(ticks "$pid") - s0)) -v r=$(($(ticks "$redis_pid") - r0)) \
+        -v c=$(($(child_ticks "$me") - c0)) -v d="$SECONDS_EACH" -v line="$line" 'BEGIN {
+        n = split(line, f, " "); for (i = 2; i <= n; i++) if (f[i] == "numbers/s") rate = f[i-1];
+        total = rate * (d + 2); tick = 1e9 / '"$(getconf CLK_TCK)"';
+        if (total > 0) printf "%s %s %.1f %.1f %.1f\n", l, m, s * tick / total, r * tick / total, c * tick / total }' >>"$cpu"
+}
 for ((i = 2; i <= RUNS; i++)); do
-    run service "http://$SERVICE" --mode batch --batch 1000 --concurrency 16 --connections 4
-    run echo "http://$ECHO" --mode batch --batch 1000 --concurrency 16 --connections 4 --no-leak-check
-    run service "http://$SERVICE" --mode single --concurrency 64 --connections 4
-    run echo "http://$ECHO" --mode single --concurrency 64 --connections 4 --no-leak-check
+    run_cpu service "$service_pid" batch "http://$SERVICE" --batch 1000 --concurrency 16 --connections 4
+    run_cpu echo "$echo_pid" batch "http://$ECHO" --batch 1000 --concurrency 16 --connections 4 --no-leak-check
+    run_cpu service "$service_pid" single "http://$SERVICE" --concurrency 64 --connections 4
+    run_cpu echo "$echo_pid" single "http://$ECHO" --concurrency 64 --connections 4 --no-leak-check
 done | tee -a "$results"
+# The median CPU of each of the four workloads, in ns per number checked (a single-number
+# request is one number).
+cpu_rows=$(for w in "service batch" "echo batch" "service single" "echo single"; do
+    m() { grep "^$w " "$cpu" | awk -v k="$1" '{print $k}' | median; }
+    printf '| %s | %s | %s | %s |\n' "$w" "$(m 3)" "$(m 4)" "$(m 5)"
+done)
 
 peak_batch=$(grep -E '^service +batch' "$results" | head -1 | awk '{for(i=1;i<=NF;i++) if($i=="req/s") print $(i-1)}')
 peak_single=$(grep -E '^service +single' "$results" | head -1 | awk '{for(i=1;i<=NF;i++) if($i=="req/s") print $(i-1)}')
@@ -185,6 +212,17 @@ targets=$(
         row("p99 at half the peak, single: service / echo", "(ratio)", sprintf("%s / %s us", ssp, esp), -1);
     }'
 )
+# The cores Redis and the client alone would use, at their measured cost per number in the
+# service's runs, if the service answered at the target share of the echo's rate.
+cores_at_target() { # workload share echo-pattern
+    local e r c
+    e=$(nps "$3")
+    r=$(grep "^$1 " "$cpu" | awk '{print $4}' | median)
+    c=$(grep "^$1 " "$cpu" | awk '{print $5}' | median)
+    awk -v e="$e" -v x="$2" -v r="$r" -v c="$c" 'BEGIN {printf "%.2f", e * x * (r + c) / 1e9}'
+}
+cores_batch=$(cores_at_target "service batch" 0.70 '^echo +batch +batch +1000 conc +16')
+cores_single=$(cores_at_target "service single" 0.90 '^echo +single batch +1 conc +64')
 redis_mem=$(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r')
 
 # A second replica: time to SERVING from the snapshot the first one published.
@@ -228,6 +266,19 @@ second_rss_loaded_run=$(awk '/^VmRSS:/ {print $2}' "/proc/$second_pid/status")
     echo "The filter's measured false-positive rate (numbers never inserted) is measured by"
     echo "\`cargo bench --bench filter_choice\` (README, \"Which bloom filter\"); the status below gives the"
     echo "estimate from its fill."
+    echo
+    echo "## CPU per number checked"
+    echo
+    echo "Nanoseconds of CPU (user + system) per number checked, the median of the alternating runs"
+    echo "after the first ($((RUNS - 1))): the server's (service or echo), Redis's and the load client's. The"
+    echo "machine has $(nproc) cores for all three: a rate costs (server + Redis + client) x rate of them."
+    echo
+    echo "| workload | server | Redis | client |"
+    echo "|---|---|---|---|"
+    echo "$cpu_rows"
+    echo
+    echo "At 0.70 of the echo's batch rate, Redis and the client alone would use $cores_batch cores at"
+    echo "these costs, before the service's own; at 0.90 of its single-number rate, $cores_single."
     echo
     echo "## Seeding"
     echo
