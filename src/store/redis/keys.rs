@@ -38,11 +38,16 @@ impl RedisStore {
         b: u64,
     ) -> String {
         if bound.shards.is_empty() {
-            format!("{}d:{t}:{g}:{b}", self.inner.prefix)
+            format!("{}{b}", self.flat_data_key_base(t, g))
         } else {
             let tag = &bound.shards[(b % bound.shards.len() as u64) as usize];
             format!("{}{{{tag}}}d:{t}:{g}:{b}", self.inner.data_prefix)
         }
+    }
+
+    /// The hash of opt-outs of type `t`, generation `g` on one Redis, less its bucket number.
+    pub(super) fn flat_data_key_base(&self, t: &str, g: impl std::fmt::Display) -> String {
+        format!("{}d:{t}:{g}:", self.inner.prefix)
     }
 
     /// A cluster shard's copy of the dataset marker, read with its data in one round trip.
