@@ -148,11 +148,38 @@ impl Flat {
 /// How many times a lookup is tried when imports keep replacing a generation under it.
 const GENERATION_TRIES: usize = 3;
 
+/// Adds the reads of the dataset marker, the version and the generations to `pipe`; their
+/// replies are [`read_meta`]'s (every topology keeps these keys in one hash slot).
+pub(super) fn push_meta_reads(pipe: &mut redis::Pipeline, s: &RedisStore) {
+    pipe.hget(s.key("marker"), "dataset_id")
+        .get(s.key("version"))
+        .get(s.key("gen:1"))
+        .get(s.key("gen:2"));
+}
+
+/// The version and generations from the replies of [`push_meta_reads`] at the head of `reply`,
+/// if the store is still bound's dataset.
+pub(super) fn read_meta(
+    reply: &mut impl Iterator<Item = Value>,
+    bound: &Bound,
+) -> Result<(Version, Generations), StoreError> {
+    let marker = reply.next().as_ref().and_then(text_of).unwrap_or_default();
+    if marker != bound.dataset {
+        return Err(changed());
+    }
+    let version = version_of(&reply.next().unwrap_or(Value::Nil))?;
+    let generations = Generations {
+        national: generation_of(reply.next())?,
+        type1: generation_of(reply.next())?,
+    };
+    Ok((version, generations))
+}
+
 /// The current generation of each opt-out type (`P gen:{t}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Generations {
-    national: u64,
-    type1: u64,
+    pub national: u64,
+    pub type1: u64,
 }
 
 impl Generations {
@@ -240,11 +267,7 @@ impl Layout for Flat {
         for _ in 0..GENERATION_TRIES {
             let gens = self.generations.load();
             let mut pipe = redis::Pipeline::with_capacity(4 + numbers.len() * types.iter().count());
-            pipe.atomic()
-                .hget(s.key("marker"), "dataset_id")
-                .get(s.key("version"))
-                .get(s.key("gen:1"))
-                .get(s.key("gen:2"));
+            push_meta_reads(pipe.atomic(), s);
             // Each key written into one buffer and each command allocated at its size: a lookup
             // sends a command a "maybe" number, and their allocations showed in the profile.
             let bases: Vec<String> = types
@@ -264,15 +287,7 @@ impl Layout for Flat {
             }
             let reply: Vec<Value> = pipe.query_async(&mut s.conn()).await.map_err(store_error)?;
             let mut reply = reply.into_iter();
-            let marker = reply.next().as_ref().and_then(text_of).unwrap_or_default();
-            if marker != bound.dataset {
-                return Err(changed());
-            }
-            let version = version_of(&reply.next().unwrap_or(Value::Nil))?;
-            let current = Generations {
-                national: generation_of(reply.next())?,
-                type1: generation_of(reply.next())?,
-            };
+            let (version, current) = read_meta(&mut reply, bound)?;
             if types.iter().any(|t| current.of(t) != gens.of(t)) {
                 self.generations.store(current);
                 continue;

@@ -36,12 +36,9 @@ use redis::{AsyncCommands, ScriptInvocation, Value};
 use super::{
     Bound, RedisStore,
     conn::{Conn, key_slot, shard_tags},
-    layout::{Change, Layout},
-    reply::{
-        array, audit_json, csv_of, generation_of, int_of, numbers_csv, stored_number, text_of,
-        type_code, version_of,
-    },
-    scripts::{changed, store_error},
+    layout::{Change, Layout, push_meta_reads, read_meta},
+    reply::{array, audit_json, csv_of, int_of, numbers_csv, stored_number, text_of, type_code},
+    scripts::store_error,
 };
 use crate::{
     core::{NhsNumber, OptOutSet, OptOutType, Version},

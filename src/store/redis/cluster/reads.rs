@@ -57,10 +57,7 @@ impl Cluster {
         pending: bool,
     ) -> Result<(Meta, Vec<Value>), StoreError> {
         let mut pipe = redis::pipe();
-        pipe.hget(s.key("marker"), "dataset_id")
-            .get(s.key("version"))
-            .get(s.key("gen:1"))
-            .get(s.key("gen:2"));
+        push_meta_reads(&mut pipe, s);
         for sid in extra {
             pipe.hget(s.key("src"), sid);
         }
@@ -69,12 +66,8 @@ impl Cluster {
         }
         let reply: Vec<Value> = pipe.query_async(&mut s.conn()).await.map_err(store_error)?;
         let mut it = reply.into_iter();
-        let marker = it.next().as_ref().and_then(text_of).unwrap_or_default();
-        if marker != bound.dataset {
-            return Err(changed());
-        }
-        let version = version_of(&it.next().unwrap_or(Value::Nil))?;
-        let gens = (generation_of(it.next())?, generation_of(it.next())?);
+        let (version, g) = read_meta(&mut it, bound)?;
+        let gens = (g.national, g.type1);
         Ok((Meta { version, gens }, it.collect()))
     }
 
