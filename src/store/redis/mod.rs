@@ -5,8 +5,9 @@
 //!
 //! Every admin write is one Lua script: records, counts and the change-log entry change together
 //! or not at all. A check's "maybe" numbers are read at one consistent version: on one Redis in
-//! one `MULTI`/`EXEC` round trip (`layout.rs`), on a Cluster as `cluster.rs` says. An import is staged into a new generation of its type and swapped in by moving the
-//! generation pointer, so no check ever sees half of it.
+//! one `MULTI`/`EXEC` round trip (`layout.rs`), on a Cluster as `cluster.rs` says. An import is
+//! staged into a new generation of its type and swapped in by moving the generation pointer, so
+//! no check ever sees half of it.
 //!
 //! Files: `config` (settings), `keys` (the key layout), `conn` (reaching one Redis, Sentinel's master or a Cluster),
 //! `layout` (the seam between topologies, and one Redis's layout), `cluster` (the Cluster's),
