@@ -188,22 +188,30 @@ field() { # line-pattern word-before-which → the value before that word in the
 nps() {
     grep -E "$1" "$results" | awk '{for (i = 2; i <= NF; i++) if ($(i) == "numbers/s") print $(i-1)}' | median
 }
+# Each run's ratio, service over the echo run that followed it (the machine's noise, in view).
+pair_ratios() { # service-pattern echo-pattern
+    local rates='{for (i = 2; i <= NF; i++) if ($(i) == "numbers/s") print $(i-1)}'
+    paste <(grep -E "$1" "$results" | awk "$rates") <(grep -E "$2" "$results" | awk "$rates") \
+        | awk '{printf "%s%.2f", NR > 1 ? ", " : "", $1 / $2}'
+}
 p99() { grep -E "$1" "$results" | head -1 | awk '{for (i = 1; i <= NF; i++) if ($(i) == "p99") {print $(i+1); exit}}'; }
 targets=$(
     sb=$(nps '^service +batch +batch +1000 conc +16'); eb=$(nps '^echo +batch +batch +1000 conc +16')
     ss=$(nps '^service +single batch +1 conc +64'); es=$(nps '^echo +single batch +1 conc +64')
+    rb=$(pair_ratios '^service +batch +batch +1000 conc +16' '^echo +batch +batch +1000 conc +16')
+    rs=$(pair_ratios '^service +single batch +1 conc +64' '^echo +single batch +1 conc +64')
     st=$(nps '^service +stream')
     sbp=$(p99 '^service +batch .*rate'); ebp=$(p99 '^echo +batch .*rate')
     ssp=$(p99 '^service +single .*rate'); esp=$(p99 '^echo +single .*rate')
     seed_rate=$(grep -o '([0-9]*/s)' <<<"$seed_out" | tr -dc '0-9')
     bits=$(awk '/^filter:/ {for (i = 1; i <= NF; i++) if ($(i) == "bits,") print $(i-1)}' <<<"$status")
-    awk -v sb="$sb" -v eb="$eb" -v ss="$ss" -v es="$es" -v st="$st" -v rss="$((rss_kb / 1024))" \
+    awk -v sb="$sb" -v eb="$eb" -v ss="$ss" -v es="$es" -v rb="$rb" -v rs="$rs" -v st="$st" -v rss="$((rss_kb / 1024))" \
         -v seed="$seed_rate" -v bits="$bits" -v n="$COUNT" -v sbp="$sbp" -v ebp="$ebp" \
         -v ssp="$ssp" -v esp="$esp" 'function row(what, target, got, met) {
             printf "| %s | %s | %s | %s |\n", what, target, got, met < 0 ? "reported" : met ? "yes" : "no" }
         BEGIN {
-        row("Check of 1,000 numbers / echo floor (harness)", ">= 0.70", sprintf("%.2f", sb / eb), sb / eb >= 0.7);
-        row("Check of 1 number / echo floor (harness)", ">= 0.90", sprintf("%.2f", ss / es), ss / es >= 0.9);
+        row("Check of 1,000 numbers / echo floor (harness)", ">= 0.70", sprintf("%.2f (runs: %s)", sb / eb, rb), sb / eb >= 0.7);
+        row("Check of 1 number / echo floor (harness)", ">= 0.90", sprintf("%.2f (runs: %s)", ss / es, rs), ss / es >= 0.9);
         row("CheckStream, 10 M numbers", "< 3 s", sprintf("%.2f s", 1e7 / st), 1e7 / st < 3);
         row("RSS, the replica that seeded and ran every workload", "< 64 MiB", rss " MiB", rss < 64);
         row("Seeding through ImportOptOuts", ">= 300,000/s", seed "/s", seed >= 300000);
@@ -257,7 +265,8 @@ second_rss_loaded_run=$(awk '/^VmRSS:/ {print $2}' "/proc/$second_pid/status")
     echo
     echo "## Targets"
     echo
-    echo "Ratios: the median of $RUNS runs of each workload, service and echo alternating."
+    echo "Ratios: the median of $RUNS runs of each workload, service and echo alternating (each run's own ratio,"
+    echo "service over the echo run after it, in brackets: this machine is shared and noisy)."
     echo
     echo "| what | target | measured | met |"
     echo "|---|---|---|---|"
