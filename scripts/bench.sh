@@ -192,7 +192,7 @@ nps() {
 pair_ratios() { # service-pattern echo-pattern
     local rates='{for (i = 2; i <= NF; i++) if ($(i) == "numbers/s") print $(i-1)}'
     paste <(grep -E "$1" "$results" | awk "$rates") <(grep -E "$2" "$results" | awk "$rates") \
-        | awk '{printf "%s%.2f", NR > 1 ? ", " : "", $1 / $2}'
+        | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1 / $2}'
 }
 p99() { grep -E "$1" "$results" | head -1 | awk '{for (i = 1; i <= NF; i++) if ($(i) == "p99") {print $(i+1); exit}}'; }
 targets=$(
