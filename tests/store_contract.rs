@@ -116,6 +116,17 @@ impl OnRedis {
         r
     }
 
+    /// Overwrites the metadata key `name` of `fresh`'s dataset from outside.
+    async fn set_meta(&self, fresh: &Fresh, name: &str, value: &str) -> bool {
+        self.command(
+            redis::cmd("SET")
+                .arg(format!("{}{name}", fresh.meta_prefix))
+                .arg(value),
+        )
+        .await;
+        true
+    }
+
     /// Runs one command on the node holding `key`.
     async fn command(&self, cmd: &redis::Cmd) {
         if self.cluster {
@@ -169,23 +180,11 @@ impl Backend for OnRedis {
     }
 
     async fn set_generation(&self, fresh: &Fresh, value: &str) -> bool {
-        self.command(
-            redis::cmd("SET")
-                .arg(format!("{}gen:1", fresh.meta_prefix))
-                .arg(value),
-        )
-        .await;
-        true
+        self.set_meta(fresh, "gen:1", value).await
     }
 
     async fn roll_back(&self, fresh: &Fresh) -> bool {
-        self.command(
-            redis::cmd("SET")
-                .arg(format!("{}version", fresh.meta_prefix))
-                .arg("1-0"),
-        )
-        .await;
-        true
+        self.set_meta(fresh, "version", "1-0").await
     }
 }
 
