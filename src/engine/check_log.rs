@@ -219,7 +219,6 @@ async fn run(
         let mut pending = vec![first];
         // Take what is queued in bulk, then look again a little later: waking for each record
         // (with a timer set each time) cost more than writing it under single-number checks.
-        let mut more = Vec::new();
         while pending.len() < BATCH && bytes < BATCH_BYTES {
             if rx.is_empty() {
                 let now = tokio::time::Instant::now();
@@ -229,11 +228,9 @@ async fn run(
                 tokio::time::sleep_until(deadline.min(now + GATHER_POLL)).await;
                 continue;
             }
-            rx.recv_many(&mut more, BATCH - pending.len()).await;
-            for p in more.drain(..) {
-                bytes += p.bytes();
-                pending.push(p);
-            }
+            let from = pending.len();
+            rx.recv_many(&mut pending, BATCH - from).await;
+            bytes += pending[from..].iter().map(PendingCheck::bytes).sum::<u64>();
         }
         let key2 = key.clone();
         let batch: Vec<AuditRecord> = tokio::task::spawn_blocking(move || {

@@ -20,7 +20,7 @@ use super::{
     Bound, RedisStore,
     conn::Conn,
     reply::{
-        array, audit_json, bucket_pairs, generation_of, stored_number, text_of, type_code,
+        array, audit_json, bucket_pairs, flag, generation_of, stored_number, text_of, type_code,
         version_of,
     },
     scripts::{changed, store_error},
@@ -215,8 +215,8 @@ impl LastGenerations {
 }
 
 /// The types held by each number from the lookup's `HEXISTS` answers (one a number and type
-/// asked, in [`OptOutSet::iter`] order). Anything but 0 or 1, or a count that does not match, is
-/// an error, never "not held".
+/// asked, in [`OptOutSet::iter`] order). A count that does not match, or any answer [`flag`]
+/// refuses, is an error, never "not held".
 fn read_held(
     replies: impl ExactSizeIterator<Item = Value>,
     count: usize,
@@ -235,14 +235,8 @@ fn read_held(
     let mut held = vec![OptOutSet::EMPTY; count];
     let asked = (0..count).flat_map(|i| types.iter().map(move |t| (i, t)));
     for ((i, t), v) in asked.zip(replies) {
-        match v {
-            Value::Int(1) => held[i].insert(t),
-            Value::Int(0) => {}
-            other => {
-                return Err(StoreError::Corrupt(
-                    format!("a lookup answered {other:?} for a number").into(),
-                ));
-            }
+        if flag(&v)? {
+            held[i].insert(t);
         }
     }
     Ok(held)

@@ -40,6 +40,19 @@ pub(super) fn generation_of(v: Option<Value>) -> Result<u64, StoreError> {
     }
 }
 
+/// A HEXISTS answer: 0 or 1. Anything else (an error in the pipeline, a nil) is an error, never
+/// "not held".
+pub(super) fn flag(v: &Value) -> Result<bool, StoreError> {
+    match v {
+        Value::Int(0) => Ok(false),
+        Value::Int(1) => Ok(true),
+        Value::ServerError(e) => Err(StoreError::Unavailable(format!("redis: {e:?}").into())),
+        other => Err(StoreError::Corrupt(
+            format!("expected 0 or 1 from HEXISTS, got {other:?}").into(),
+        )),
+    }
+}
+
 pub(super) fn text_of(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),

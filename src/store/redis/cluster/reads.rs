@@ -16,19 +16,6 @@ pub(super) struct Masters {
     pub(super) route_slot: Vec<u16>,
 }
 
-/// A HEXISTS answer: 0 or 1. Anything else (an error in the pipeline, a nil) is an error, never
-/// "not held".
-pub(super) fn flag(v: &Value) -> Result<bool, StoreError> {
-    match v {
-        Value::Int(0) => Ok(false),
-        Value::Int(1) => Ok(true),
-        Value::ServerError(e) => Err(StoreError::Unavailable(format!("redis: {e:?}").into())),
-        other => Err(StoreError::Corrupt(
-            format!("expected 0 or 1 from HEXISTS, got {other:?}").into(),
-        )),
-    }
-}
-
 /// Shard pipelines of a bulk read (scan) in flight at once.
 pub(super) const SCAN_PARALLEL: usize = 4;
 
