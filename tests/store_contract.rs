@@ -281,6 +281,26 @@ async fn lookups_and_changes(b: &dyn Backend) {
     assert!(s.get(n[2]).await.expect("get").0.is_empty());
 }
 
+/// Removing an opt-out that is not there (never added, or removed already) changes nothing and
+/// says so, like adding one twice: a retried removal must not fail for ever (issue 27: on Redis
+/// the script passed Lua's `-0` to HINCRBY, which refused it).
+async fn removing_what_is_not_there(b: &dyn Backend) {
+    let f = b.fresh("remove-absent").await;
+    let s = f.store.as_ref();
+    let n = numbers(4_005_000_000, 2);
+    let (v1, applied) = change(s, ChangeKind::Remove, NATIONAL, &n).await;
+    assert_eq!(applied, 0, "nothing to remove");
+    let (v2, added) = change(s, ChangeKind::Add, NATIONAL, &n[..1]).await;
+    assert_eq!(added, 1);
+    let (v3, removed) = change(s, ChangeKind::Remove, NATIONAL, &n[..1]).await;
+    assert_eq!(removed, 1);
+    let (v4, again) = change(s, ChangeKind::Remove, NATIONAL, &n[..1]).await;
+    assert_eq!(again, 0, "removed already");
+    assert!(v1 < v2 && v2 < v3 && v3 < v4, "{v1} {v2} {v3} {v4}");
+    let st = s.status().await.expect("status");
+    assert_eq!((st.national, st.type1, st.patients), (0, 0, 0));
+}
+
 /// The change feed: every change in order with the numbers it added; empty, not an error, when
 /// there is nothing new.
 async fn change_feed(b: &dyn Backend) {
@@ -878,6 +898,7 @@ async fn national_checks(b: &dyn Backend) {
 async fn contract(b: &dyn Backend) {
     marker(b).await;
     lookups_and_changes(b).await;
+    removing_what_is_not_there(b).await;
     change_feed(b).await;
     imports(b).await;
     national_checks(b).await;

@@ -25,7 +25,8 @@ for i = 9, #ARGV, 2 do
     end
   end
 end
-redis.call('HINCRBY', p..'counts', t, add and applied or -applied)
+-- `0 - applied`, not `-applied`: Lua's -0 is "-0" as text, which HINCRBY refuses.
+redis.call('HINCRBY', p..'counts', t, add and applied or (0 - applied))
 redis.call('HINCRBY', p..'counts', 'patients', patients)
 local id = redis.call('XADD', p..'log', '*', 'a', table.concat(added, ','), 'r', add and 0 or applied)
 redis.call('SET', p..'version', id)

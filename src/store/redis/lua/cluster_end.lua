@@ -12,7 +12,8 @@ end
 local t = redis.call('HGET', key, 't')
 local add = redis.call('HGET', key, 'k') == 'a'
 local applied = tonumber(ARGV[4])
-redis.call('HINCRBY', p..'counts', t, add and applied or -applied)
+-- `0 - applied`, not `-applied`: Lua's -0 is "-0" as text, which HINCRBY refuses.
+redis.call('HINCRBY', p..'counts', t, add and applied or (0 - applied))
 redis.call('HINCRBY', p..'counts', 'patients', ARGV[5])
 redis.call('XADD', p..'changes', '*', 'r', redis.call('HGET', key, 'audit'), 'v', id, 'n', applied)
 if add then
