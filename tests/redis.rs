@@ -771,3 +771,99 @@ async fn an_import_too_big_to_list_is_followed_by_a_rebuild_that_withholds_it_al
     a.stop().await;
     b.stop().await;
 }
+
+/// An import holds its type's lock while it is applied (changes of that type wait). Before the
+/// lock was a lease, a call cut off mid-commit (a client deadline) or a replica killed mid-commit
+/// left it for ten minutes, and every add and removal of the type was refused meanwhile (found by
+/// the nemesis: most of its changes came back UNAVAILABLE). Now the lock is released when the
+/// call is cut off, and lapses within its lease when the replica dies.
+#[tokio::test]
+async fn an_import_cut_off_or_killed_mid_commit_holds_back_changes_for_its_lease_at_most() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    init_redis(&config).await;
+    let observer = TestServer::start_redis(config).await;
+    let flags = vec!["--redis-url".to_string(), redis.url()];
+    let mut writer = common::ServeProcess::start(&flags, scratch.path()).await;
+    let mut conn = redis.connection().await;
+    // Enough that applying it takes a while (it compares every bucket, then swaps).
+    let numbers = valid_numbers(4_200_000_000, 30_000);
+    let import = |timeout: Option<Duration>| {
+        let channel = writer.url.clone();
+        let numbers = numbers.clone();
+        async move {
+            let channel = tonic::transport::Channel::from_shared(channel)
+                .expect("url")
+                .connect()
+                .await
+                .expect("connect");
+            let mut admin =
+                optout::api::proto::opt_out_admin_client::OptOutAdminClient::new(channel);
+            let mut request = tonic::Request::new(futures::stream::iter(common::import_in_chunks(
+                &numbers, 1_000,
+            )));
+            if let Some(t) = timeout {
+                request.set_timeout(t);
+            }
+            admin.import_opt_outs(request).await
+        }
+    };
+    // Waits until the import holds the national list's lock.
+    async fn locked(conn: &mut redis::aio::MultiplexedConnection) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let held: bool = conn.exists("optout:lock:1").await.expect("EXISTS");
+            if held {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the import took its lock within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let add_succeeds_within = |limit: Duration| {
+        let observer = &observer;
+        let n = numbers[0].clone();
+        async move {
+            let started = Instant::now();
+            let mut admin = observer.admin_client().await;
+            loop {
+                let added = admin
+                    .add_opt_outs(change_request(
+                        vec![n.clone()],
+                        OptOutType::NationalDataOptOut,
+                    ))
+                    .await;
+                if added.is_ok() {
+                    return started.elapsed();
+                }
+                assert!(
+                    started.elapsed() < limit,
+                    "an add of the type is still refused {limit:?} after the import stopped: \
+                     {added:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    // 1. The caller gives up while the import is applied: the lock goes with the call.
+    let cut = tokio::spawn(import(None));
+    locked(&mut conn).await;
+    cut.abort();
+    let _ = cut.await;
+    let took = add_succeeds_within(Duration::from_secs(5)).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // 2. The replica applying it is killed: the lock lapses within its lease (10 s).
+    let killed = tokio::spawn(import(None));
+    locked(&mut conn).await;
+    writer.kill();
+    let _ = killed.await;
+    let took = add_succeeds_within(Duration::from_secs(15)).await;
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    observer.stop().await;
+}

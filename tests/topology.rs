@@ -14,8 +14,8 @@ use std::{
 };
 
 use common::{
-    Cluster, SentinelSet, TestServer, change_request, check_request, init_redis, outcome,
-    valid_numbers,
+    Cluster, SentinelSet, ServeProcess, TestServer, change_request, check_request, init_redis,
+    outcome, valid_numbers,
 };
 use optout::{
     api::proto::{OptOutType, Outcome, Purpose, Reason},
@@ -537,70 +537,6 @@ async fn on_a_cluster_a_change_cut_off_between_its_steps_is_finished_and_audited
     server.stop().await;
 }
 
-/// `optout serve` as its own process on the cluster, so that it can be killed with SIGKILL.
-struct ServeProcess {
-    child: std::process::Child,
-    url: String,
-}
-
-impl ServeProcess {
-    async fn start(cluster: &Cluster, scratch: &std::path::Path) -> ServeProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let nodes: Vec<String> = cluster
-            .nodes
-            .iter()
-            .take(3)
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_optout"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(scratch.join("unused"))
-            .args(["--redis-cluster", &nodes.join(",")])
-            .args([
-                "--redis-replicas-ack",
-                "1",
-                "--redis-replicas-ack-ms",
-                "500",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("optout serve");
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(ch) = tonic::transport::Channel::from_shared(url.clone())
-                .expect("url")
-                .connect()
-                .await
-                && let Ok(r) = tonic_health::pb::health_client::HealthClient::new(ch)
-                    .check(tonic_health::pb::HealthCheckRequest::default())
-                    .await
-                && r.into_inner().status == ServingStatus::Serving as i32
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "optout serve did not become SERVING"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        ServeProcess { child, url }
-    }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn on_a_cluster_a_writer_killed_between_the_steps_leaves_a_change_that_is_finished() {
     let cluster = Cluster::start().await;
@@ -608,7 +544,7 @@ async fn on_a_cluster_a_writer_killed_between_the_steps_leaves_a_change_that_is_
     let config = cluster.config(scratch.path());
     init_redis(&config).await;
     let observer = TestServer::start_redis(config.clone()).await;
-    let mut writer = ServeProcess::start(&cluster, scratch.path()).await;
+    let mut writer = ServeProcess::start(&cluster.serve_flags(), scratch.path()).await;
     let (n, shard_master) = cluster.number_off_the_metadata_master(4_080_000_000).await;
 
     // The add's first step lands; the writer process is killed while its shard step waits.

@@ -214,3 +214,73 @@ pub fn outcome(d: &proto::Decision) -> (proto::Outcome, proto::Reason) {
         proto::Reason::try_from(d.reason).expect("known reason"),
     )
 }
+
+/// `optout serve` as its own process (the binary the tests were built with), on a free loopback
+/// port, so that a test can kill it with SIGKILL as a crash would. Killed when dropped.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl ServeProcess {
+    /// Starts `optout serve` with the store's `flags` and waits until it is SERVING.
+    pub async fn start(flags: &[String], scratch: &Path) -> ServeProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_optout"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(scratch.join(format!("serve-{port}")))
+            .args(flags)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("optout serve");
+        let server = ServeProcess {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(ch) = Channel::from_shared(server.url.clone())
+                .expect("url")
+                .connect()
+                .await
+                && let Ok(r) = HealthClient::new(ch)
+                    .check(HealthCheckRequest::default())
+                    .await
+                && r.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                return server;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "optout serve did not become SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// SIGKILL, and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -277,6 +277,26 @@ impl Cluster {
             .expect("a node of the cluster")
     }
 
+    /// The flags that put `optout serve` on this cluster, as the in-process configuration does.
+    pub fn serve_flags(&self) -> Vec<String> {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .take(3)
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        [
+            "--redis-cluster",
+            &nodes.join(","),
+            "--redis-replicas-ack",
+            "1",
+            "--redis-replicas-ack-ms",
+            "500",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     pub fn config(&self, scratch: &std::path::Path) -> ServerConfig {
         let mut config = redis_config(&self.nodes[0], "optout:", scratch);
         let r = config.redis_mut().expect("redis");

@@ -180,37 +180,17 @@ impl ImportSession for RedisImport {
             OptOutType::NationalDataOptOut => "2",
             OptOutType::Type1 => "1",
         };
-        let token = random_hex::<8>();
-        let lock = store.key(&format!("lock:{t}"));
-        let locked: Option<String> = redis::cmd("SET")
-            .arg(&lock)
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(600_000)
-            .query_async(&mut conn)
-            .await
-            .map_err(store_error)?;
-        if locked.is_none() {
+        let Some(lease) = LockLease::take(&store, store.key(&format!("lock:{t}"))).await? else {
             return Err(StoreError::Unavailable(
                 "another import of this opt-out type is being applied; retry".into(),
             ));
-        }
+        };
         let result = self
-            .diff_and_swap(&mut conn, t, other, &token, audit, key)
+            .diff_and_swap(&mut conn, t, other, &lease.token, audit, key)
             .await;
-        if result.is_err() {
-            let _: Result<i64, _> = store
-                .inner
-                .scripts
-                .unlock
-                .prepare_invoke()
-                .key(&lock)
-                .arg(&lock)
-                .arg(&token)
-                .invoke_async(&mut conn)
-                .await;
-        }
+        // Released: by the swap when it succeeded, else now (and on any other way out, the
+        // call cut off included, when `lease` is dropped).
+        drop(lease);
         if matches!(result, Err(StoreError::Unconfirmed(_))) {
             // The swap is applied: the staged generation is the current one now and must not be
             // unlinked. The old one is kept too (a failover that loses the swap needs it).
@@ -221,6 +201,96 @@ impl ImportSession for RedisImport {
         // The old generation is unreachable now.
         store.unlink_generation(t, old_generation, &self.bound);
         Ok(outcome)
+    }
+}
+
+/// How long an import's lock lasts unless renewed. Changes of the type wait while it is held, so
+/// a replica that dies while it applies an import holds them back this long at most, not for
+/// as long as a lock without renewal must last to cover the biggest import (ten minutes before).
+const LOCK_LEASE_MS: u64 = 10_000;
+/// How often the lease is renewed while the import is applied.
+const LOCK_RENEW: std::time::Duration = std::time::Duration::from_millis(2_000);
+
+/// An import's lock on its type, renewed in the background while held. Dropping it (the import
+/// swapped in, failed, or its call was cut off) stops the renewal and deletes the lock if it is
+/// still ours; a process that dies stops renewing and the lock lapses within the lease.
+struct LockLease {
+    store: RedisStore,
+    key: String,
+    token: String,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl LockLease {
+    /// Takes the lock at `key`, or `None` if another import holds it.
+    async fn take(store: &RedisStore, key: String) -> Result<Option<LockLease>, StoreError> {
+        let token = random_hex::<8>();
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(LOCK_LEASE_MS)
+            .query_async(&mut store.write_conn())
+            .await
+            .map_err(store_error)?;
+        if locked.is_none() {
+            return Ok(None);
+        }
+        let renew = {
+            let (store, key, token) = (store.clone(), key.clone(), token.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(LOCK_RENEW).await;
+                    // A renewal that fails is retried; if the lease lapses meanwhile, the swap
+                    // finds the lock gone (or another's) and refuses: nothing is half-applied.
+                    let renewed: Result<i64, _> = store
+                        .inner
+                        .scripts
+                        .renew
+                        .prepare_invoke()
+                        .key(&key)
+                        .arg(&key)
+                        .arg(&token)
+                        .arg(LOCK_LEASE_MS)
+                        .invoke_async(&mut store.write_conn())
+                        .await;
+                    if matches!(renewed, Ok(0)) {
+                        break; // not ours any more
+                    }
+                }
+            })
+        };
+        Ok(Some(LockLease {
+            store: store.clone(),
+            key,
+            token,
+            renew,
+        }))
+    }
+}
+
+impl Drop for LockLease {
+    fn drop(&mut self) {
+        self.renew.abort();
+        // Deletes the lock if still ours (the swap deletes it itself); off the caller's path, and
+        // best effort: if it cannot run, the lease lapses.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, key, token) = (self.store.clone(), self.key.clone(), self.token.clone());
+        runtime.spawn(async move {
+            let _: Result<i64, _> = store
+                .inner
+                .scripts
+                .unlock
+                .prepare_invoke()
+                .key(&key)
+                .arg(&key)
+                .arg(&token)
+                .invoke_async(&mut store.write_conn())
+                .await;
+        });
     }
 }
 
