@@ -99,6 +99,10 @@ pub(crate) fn store_status(e: StoreError) -> Status {
         StoreError::Unsafe(m) => Status::unavailable(m.to_string()),
         StoreError::Unconfirmed(m) => Status::unavailable(m.to_string()),
         StoreError::ImportRefused(m) => Status::failed_precondition(m.to_string()),
+        // ABORTED, not UNAVAILABLE: gRPC's code for a concurrency conflict, and a definite
+        // answer (nothing changed), where UNAVAILABLE may hide a change that was applied (one
+        // its replicas did not confirm in time).
+        StoreError::Busy(m) => Status::aborted(m.to_string()),
         StoreError::Regressed(m) => Status::unavailable(m.to_string()),
     }
 }

@@ -39,6 +39,9 @@ pub enum StoreError {
     Unconfirmed(Cause),
     /// An import cannot be applied as asked.
     ImportRefused(Cause),
+    /// Refused before anything changed, because another change holds what this one needs (an
+    /// import of the type is being applied): nothing happened, the caller may retry.
+    Busy(Cause),
     /// The store is behind what this replica already saw: it lost changes (see [`Feed::Behind`]).
     Regressed(Cause),
 }
@@ -56,6 +59,7 @@ impl std::fmt::Display for StoreError {
                 write!(f, "consent store change not confirmed by its replicas: {c}")
             }
             StoreError::ImportRefused(c) => write!(f, "{c}"),
+            StoreError::Busy(c) => write!(f, "{c}"),
             StoreError::Regressed(c) => write!(f, "consent store went back in time: {c}"),
         }
     }
@@ -125,6 +129,7 @@ impl StoreError {
             | StoreError::Unsafe(c)
             | StoreError::Unconfirmed(c)
             | StoreError::ImportRefused(c)
+            | StoreError::Busy(c)
             | StoreError::Regressed(c) => c,
         }
     }

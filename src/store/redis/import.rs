@@ -181,8 +181,10 @@ impl ImportSession for RedisImport {
             OptOutType::Type1 => "1",
         };
         let Some(lease) = LockLease::take(&store, store.key(&format!("lock:{t}"))).await? else {
-            return Err(StoreError::Unavailable(
-                "another import of this opt-out type is being applied; retry".into(),
+            return Err(StoreError::Busy(
+                "another import of this opt-out type is being applied; nothing was changed, \
+                 retry"
+                    .into(),
             ));
         };
         let result = self

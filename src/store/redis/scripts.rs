@@ -93,8 +93,10 @@ pub(super) fn store_error(e: RedisError) -> StoreError {
              re-initialised); failing closed"
                 .into(),
         ),
-        Some(ScriptError::Locked) => StoreError::Unavailable(
-            "an import of this opt-out type is being applied; retry in a few seconds".into(),
+        Some(ScriptError::Locked) => StoreError::Busy(
+            "an import of this opt-out type is being applied; nothing was changed, retry in a \
+             few seconds"
+                .into(),
         ),
         Some(ScriptError::Refused) => StoreError::ImportRefused(
             e.detail()
