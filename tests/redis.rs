@@ -867,3 +867,90 @@ async fn an_import_cut_off_or_killed_mid_commit_holds_back_changes_for_its_lease
     assert!(took < Duration::from_secs(15), "{took:?}");
     observer.stop().await;
 }
+
+/// Issue 27, item 2: a Redis restored from an older copy of its append-only file loses an
+/// acknowledged add; a write lands before the replicas read again, so the store's version (a
+/// clock-based stream id) is ahead of what they saw and a version comparison notices nothing. The
+/// lost opt-out must not be released by a replica that saw it (here both: the writer, and the other
+/// once its filter reached it): they prove the store still holds what they saw, find it does not,
+/// and fail closed until an admin acknowledges.
+#[tokio::test]
+async fn a_redis_restored_from_an_older_aof_is_noticed_although_a_write_lands_first() {
+    let mut redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    init_redis(&config).await;
+    let a = TestServer::start_redis(config.clone()).await;
+    let b = TestServer::start_redis(config).await;
+    let n = valid_numbers(4_300_000_000, 3);
+    async fn add(server: &TestServer, number: &str) -> Result<String, tonic::Status> {
+        server
+            .admin_client()
+            .await
+            .add_opt_outs(change_request(
+                vec![number.to_string()],
+                OptOutType::NationalDataOptOut,
+            ))
+            .await
+            .map(|r| r.into_inner().version)
+    }
+    add(&a, &n[0]).await.expect("add N1");
+    let backup = scratch.path().join("backup");
+    redis.copy_data(&backup);
+    let v2 = add(&a, &n[1]).await.expect("add N2, acknowledged");
+    eventually!(
+        "replica B's filter reflects N2",
+        Duration::from_secs(10),
+        status(&b).await.filter.is_some_and(|f| f.version == v2)
+    );
+    redis.restore_data(&backup);
+    // An unrelated write lands before the replicas read the store again (retried while Redis
+    // comes back; through B, whose connections the restart broke too).
+    poll!("an unrelated add succeeds", Duration::from_secs(10), {
+        if add(&b, &n[2]).await.is_ok() {
+            break;
+        }
+    });
+    for (name, server) in [("A (the writer)", &a), ("B", &b)] {
+        let seen = decide(server, &n[1..2], "").await;
+        assert_eq!(
+            seen[0].0,
+            Outcome::Withhold,
+            "{name} released the lost N2: {seen:?}"
+        );
+    }
+    for server in [&a, &b] {
+        eventually!(
+            "both replicas report that the store went back in time",
+            Duration::from_secs(10),
+            !status(server).await.store_regressed.is_empty()
+        );
+        assert_eq!(
+            decide(server, &n[1..2], "").await,
+            vec![(Outcome::Withhold, Reason::StoreRegressed)]
+        );
+    }
+    // The operator restores the lost change, then acknowledges: both serve again, N2 withheld.
+    add(&a, &n[1]).await.expect("N2 re-added");
+    a.admin_client()
+        .await
+        .acknowledge_store_regression(optout::api::proto::AcknowledgeStoreRegressionRequest {
+            reason: "INC-27: restored from an older AOF; N2 re-added".into(),
+        })
+        .await
+        .expect("acknowledged");
+    for server in [&a, &b] {
+        eventually!(
+            "the replica serves again",
+            Duration::from_secs(15),
+            status(server).await.store_regressed.is_empty()
+        );
+        assert_eq!(
+            decide(server, &n[..2], "").await,
+            vec![WITHHELD, WITHHELD],
+            "N1 and the re-added N2"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}

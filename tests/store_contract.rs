@@ -54,6 +54,12 @@ trait Backend: Send + Sync {
     async fn delete_change_record(&self, _fresh: &Fresh, _id: &str) -> bool {
         false
     }
+    /// Loses the change logged at `lost` from outside, its records left as they are, with the
+    /// version set back to `back` (as a restore from a copy taken between them would); `false` if
+    /// this backend cannot.
+    async fn lose_change(&self, _fresh: &Fresh, _lost: Version, _back: Version) -> bool {
+        false
+    }
     /// Overwrites the national list's current generation from outside with `value`; `false` if
     /// this backend cannot.
     async fn set_generation(&self, _fresh: &Fresh, _value: &str) -> bool {
@@ -185,6 +191,23 @@ impl Backend for OnRedis {
 
     async fn roll_back(&self, fresh: &Fresh) -> bool {
         self.set_meta(fresh, "version", "1-0").await
+    }
+
+    async fn lose_change(&self, fresh: &Fresh, lost: Version, back: Version) -> bool {
+        let p = &fresh.meta_prefix;
+        self.command(
+            redis::cmd("XDEL")
+                .arg(format!("{p}log"))
+                .arg(lost.to_string()),
+        )
+        .await;
+        self.command(
+            redis::cmd("HDEL")
+                .arg(format!("{p}ids"))
+                .arg(lost.to_string()),
+        )
+        .await;
+        self.set_meta(fresh, "version", &back.to_string()).await
     }
 }
 
@@ -810,6 +833,48 @@ async fn rollback_is_reported(b: &dyn Backend) {
     assert!(matches!(feed, Feed::Behind { .. }), "{feed:?}");
 }
 
+/// Invariant 9: the store proves its continuity, not just its version. A change this store saw
+/// (here: acknowledged) that is lost from outside, after which another write puts the version
+/// ahead again, fails every read with `Regressed` (writes still go through, so lost changes can
+/// be restored), until the history is forgotten (an admin acknowledged the regression).
+async fn lost_history_is_reported(b: &dyn Backend) {
+    let f = b.fresh("lost-history").await;
+    let s = f.store.as_ref();
+    let n = numbers(4_085_000_000, 3);
+    let (v1, _) = change(s, ChangeKind::Add, NATIONAL, &n[..1]).await;
+    let (v2, _) = change(s, ChangeKind::Add, NATIONAL, &n[1..2]).await;
+    if !b.lose_change(&f, v2, v1).await {
+        return;
+    }
+    let (v3, _) = change(s, ChangeKind::Add, TYPE1, &n[2..]).await;
+    assert!(v3 > v2, "the store's version is ahead again: {v3} > {v2}");
+    let lookup = s.lookup(&n, OptOutSet::ALL).await;
+    assert!(
+        matches!(lookup, Err(StoreError::Regressed(_))),
+        "a lookup on a store that lost a change: {lookup:?}"
+    );
+    let feed = s.changes_after(v1, 10, Duration::ZERO).await;
+    assert!(
+        matches!(feed, Err(StoreError::Regressed(_))),
+        "the feed of a store that lost a change: {feed:?}"
+    );
+    assert!(matches!(s.scan().await, Err(StoreError::Regressed(_))));
+    s.forget_history();
+    let found = s
+        .lookup(&n, OptOutSet::ALL)
+        .await
+        .expect("lookup after acknowledgement");
+    // (This loss took the log entry only: the record is still there.)
+    assert_eq!(
+        found.held,
+        vec![set(&[NATIONAL]), set(&[NATIONAL]), set(&[TYPE1])]
+    );
+    assert!(matches!(
+        s.changes_after(v1, 10, Duration::ZERO).await,
+        Ok(Feed::Changes(_))
+    ));
+}
+
 /// Every case, in order, each on a fresh store.
 /// A store in population mode: a national check round trip commits its opt-outs, its population
 /// and its date together; a list REPLACE of national opt-outs is refused; a check in which nobody
@@ -909,6 +974,7 @@ async fn contract(b: &dyn Backend) {
     changes_sealing(b).await;
     reset_fails_closed(b).await;
     rollback_is_reported(b).await;
+    lost_history_is_reported(b).await;
     generations(b).await;
 }
 

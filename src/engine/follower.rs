@@ -133,6 +133,7 @@ impl Follower {
              what the store holds now"
         );
         self.synced.clear_regression();
+        self.store.forget_history();
         self.ack_then = None;
         self.must_rebuild = true;
         Flow::Next

@@ -388,6 +388,18 @@ pub trait ConsentStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Forgets the versions this replica saw the store reach: an admin acknowledged that the
+    /// store lost some of them, and the replica rebuilds from what it holds now. (A store that
+    /// proves its continuity on every read, as the Redis store does, fails reads with
+    /// [`StoreError::Regressed`] until then.)
+    fn forget_history(&self) {}
+
+    /// The newest version this replica saw the store reach (what continuity is proven against);
+    /// [`Version::ZERO`] for a store that does not prove it.
+    fn seen_version(&self) -> Version {
+        Version::ZERO
+    }
+
     /// Records an admin's acknowledgement that the store went back in time and the lost changes
     /// were restored (or knowingly given up), with its audit record, atomically. Returns its id.
     async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError>;

@@ -198,6 +198,28 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// Copies the append-only files as they are now: a backup taken now.
+    pub fn copy_data(&self, to: &Path) {
+        let from = self.dir.path().join("appendonlydir");
+        std::fs::create_dir_all(to).expect("create the copy's directory");
+        for entry in std::fs::read_dir(&from).expect("appendonlydir").flatten() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy an AOF file");
+        }
+    }
+
+    /// Kills the node (as `SHUTDOWN NOSAVE` would leave it), puts the append-only files copied by
+    /// [`RedisServer::copy_data`] back, and starts it again: a restore from an older backup.
+    pub fn restore_data(&mut self, from: &Path) {
+        self.kill();
+        let to = self.dir.path().join("appendonlydir");
+        let _ = std::fs::remove_dir_all(&to);
+        std::fs::create_dir_all(&to).expect("appendonlydir");
+        for entry in std::fs::read_dir(from).expect("the copy").flatten() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("restore an AOF file");
+        }
+        self.spawn();
+    }
+
     /// Writes an RDB snapshot now (`SAVE`): what a restart of a Redis without AOF comes back to.
     pub async fn save(&self) {
         let _: () = redis::cmd("SAVE")

@@ -23,6 +23,7 @@ impl RedisStore {
         wait: Duration,
     ) -> Result<Feed, StoreError> {
         let bound = self.bound()?;
+        let seen = self.must_hold()?;
         let block = u64::try_from(wait.min(FEED_BLOCK).as_millis()).unwrap_or(250);
         let mut read = redis::cmd("XREAD");
         read.arg("COUNT").arg(max.max(1));
@@ -39,7 +40,8 @@ impl RedisStore {
         pipe.add_command(read)
             .hget(self.key("marker"), "dataset_id")
             .get(self.key("log_floor"))
-            .get(self.key("version"));
+            .get(self.key("version"))
+            .hget(self.key("ids"), seen.unwrap_or(Version::ZERO).to_string());
         let sentinel = self.inner.layout.may_be_demoted();
         if sentinel {
             // Behind Sentinel, a connection may still reach a demoted master (now a replica that
@@ -52,7 +54,7 @@ impl RedisStore {
             .map_err(store_error)?;
         let mut reply = reply.into_iter();
         let mut next = || reply.next().unwrap_or(Value::Nil);
-        let (entries, marker, floor, latest) = (next(), next(), next(), next());
+        let (entries, marker, floor, latest, held) = (next(), next(), next(), next(), next());
         if sentinel && array(next())?.first().and_then(text_of).as_deref() != Some("master") {
             self.reset_sentinel_conns();
             return Err(StoreError::Unavailable(
@@ -63,6 +65,10 @@ impl RedisStore {
             return Err(changed());
         }
         let latest = version_of(&latest)?;
+        // Continuity first: the store still holds what this replica saw (the version alone is no
+        // proof: a restored store that took a write since is ahead again).
+        self.prove_held(seen, !matches!(held, Value::Nil), latest)
+            .await?;
         if after > latest {
             // The store is behind what this replica already read: Redis restarted from an older
             // snapshot, lost its last writes, or failed over to a replica that had not received

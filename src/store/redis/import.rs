@@ -449,6 +449,7 @@ impl RedisImport {
     /// entry and the audit record. Returns the version and the replaced generation.
     async fn swap(&self, conn: &mut Conn, s: Swap<'_>) -> Result<(Version, u64), StoreError> {
         let store = &self.store;
+        let seen = store.seen();
         let mut inv = store.inner.scripts.swap.prepare_invoke();
         inv.key(store.key("marker"))
             .arg(&store.inner.prefix)
@@ -479,9 +480,11 @@ impl RedisImport {
                     .as_ref()
                     .map(|c| c.population.len().to_string())
                     .unwrap_or_default(),
-            );
-        let (id, old): (String, u64) = store.invoke_durable(&inv, conn).await?;
+            )
+            .arg(seen.unwrap_or(Version::ZERO).to_string());
+        let (id, old, held): (String, u64, i64) = store.invoke_durable(&inv, conn).await?;
         let version = Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?;
+        store.wrote(seen, held == 1, version);
         Ok((version, old))
     }
 

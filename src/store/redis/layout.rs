@@ -148,21 +148,23 @@ impl Flat {
 /// How many times a lookup is tried when imports keep replacing a generation under it.
 const GENERATION_TRIES: usize = 3;
 
-/// Adds the reads of the dataset marker, the version and the generations to `pipe`; their
-/// replies are [`read_meta`]'s (every topology keeps these keys in one hash slot).
-pub(super) fn push_meta_reads(pipe: &mut redis::Pipeline, s: &RedisStore) {
+/// Adds the reads of the dataset marker, the version, the generations and whether the store
+/// still holds the entry of `seen` (see `continuity.rs`) to `pipe`; their replies are
+/// [`read_meta`]'s (every topology keeps these keys in one hash slot).
+pub(super) fn push_meta_reads(pipe: &mut redis::Pipeline, s: &RedisStore, seen: Option<Version>) {
     pipe.hget(s.key("marker"), "dataset_id")
         .get(s.key("version"))
         .get(s.key("gen:1"))
-        .get(s.key("gen:2"));
+        .get(s.key("gen:2"))
+        .hget(s.key("ids"), seen.unwrap_or(Version::ZERO).to_string());
 }
 
-/// The version and generations from the replies of [`push_meta_reads`] at the head of `reply`,
-/// if the store is still bound's dataset.
+/// The version, the generations and whether the seen entry is held, from the replies of
+/// [`push_meta_reads`] at the head of `reply`, if the store is still bound's dataset.
 pub(super) fn read_meta(
     reply: &mut impl Iterator<Item = Value>,
     bound: &Bound,
-) -> Result<(Version, Generations), StoreError> {
+) -> Result<(Version, Generations, bool), StoreError> {
     let marker = reply.next().as_ref().and_then(text_of).unwrap_or_default();
     if marker != bound.dataset {
         return Err(changed());
@@ -172,7 +174,9 @@ pub(super) fn read_meta(
         national: generation_of(reply.next())?,
         type1: generation_of(reply.next())?,
     };
-    Ok((version, generations))
+    // `HGET` rather than `HEXISTS`: the data reads are counted by their command in tests.
+    let held = !matches!(reply.next(), None | Some(Value::Nil));
+    Ok((version, generations, held))
 }
 
 /// The current generation of each opt-out type (`P gen:{t}`).
@@ -259,9 +263,10 @@ impl Layout for Flat {
         types: OptOutSet,
     ) -> Result<Lookup, StoreError> {
         for _ in 0..GENERATION_TRIES {
+            let seen = s.must_hold()?;
             let gens = self.generations.load();
-            let mut pipe = redis::Pipeline::with_capacity(4 + numbers.len() * types.iter().count());
-            push_meta_reads(pipe.atomic(), s);
+            let mut pipe = redis::Pipeline::with_capacity(5 + numbers.len() * types.iter().count());
+            push_meta_reads(pipe.atomic(), s, seen);
             // Each key written into one buffer and each command allocated at its size: a lookup
             // sends a command a "maybe" number, and their allocations showed in the profile.
             let bases: Vec<String> = types
@@ -281,7 +286,8 @@ impl Layout for Flat {
             }
             let reply: Vec<Value> = pipe.query_async(&mut s.conn()).await.map_err(store_error)?;
             let mut reply = reply.into_iter();
-            let (version, current) = read_meta(&mut reply, bound)?;
+            let (version, current, held) = read_meta(&mut reply, bound)?;
+            s.prove_held(seen, held, version).await?;
             if types.iter().any(|t| current.of(t) != gens.of(t)) {
                 self.generations.store(current);
                 continue;
@@ -352,6 +358,7 @@ impl Layout for Flat {
             source,
             audit,
         } = c;
+        let seen = s.seen();
         let mut inv = s.inner.scripts.change.prepare_invoke();
         inv.arg(&s.inner.prefix)
             .arg(&bound.dataset)
@@ -364,12 +371,13 @@ impl Layout for Flat {
             .arg(source)
             .arg(s.inner.log_len)
             .arg(audit_json(audit)?)
+            .arg(seen.unwrap_or(Version::ZERO).to_string())
             .arg(bucket_pairs(numbers, bound.buckets));
-        let (id, applied): (String, u64) = s.invoke_durable(&inv, &mut s.write_conn()).await?;
-        Ok(WriteOutcome {
-            version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?,
-            applied,
-        })
+        let (id, applied, held): (String, u64, i64) =
+            s.invoke_durable(&inv, &mut s.write_conn()).await?;
+        let version = Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?;
+        s.wrote(seen, held == 1, version);
+        Ok(WriteOutcome { version, applied })
     }
 
     async fn scan_pages(
@@ -378,18 +386,14 @@ impl Layout for Flat {
         bound: &Bound,
         page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
     ) -> Result<Version, StoreError> {
-        let (marker, version): (Option<String>, Value) = redis::pipe()
-            .hget(s.key("marker"), "dataset_id")
-            .get(s.key("version"))
-            .query_async(&mut s.conn())
-            .await
-            .map_err(store_error)?;
-        if marker.as_deref() != Some(bound.dataset.as_str()) {
-            return Err(changed());
-        }
+        let seen = s.must_hold()?;
+        let mut pipe = redis::pipe();
+        push_meta_reads(&mut pipe, s, seen);
+        let reply: Vec<Value> = pipe.query_async(&mut s.conn()).await.map_err(store_error)?;
         // Read before the records: the follower replays the log from here, which adds whatever
         // the scan misses of later changes.
-        let version = version_of(&version)?;
+        let (version, _, held) = read_meta(&mut reply.into_iter(), bound)?;
+        s.prove_held(seen, held, version).await?;
         const CHUNK: u64 = 256;
         // No de-duplication: a number in both types is inserted twice, which a bloom filter
         // absorbs, and a set of 5 million would cost far more memory than the duplicates.

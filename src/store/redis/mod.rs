@@ -19,6 +19,7 @@ mod audit;
 mod cluster;
 mod config;
 mod conn;
+mod continuity;
 mod coverage;
 mod dataset;
 mod durable;
@@ -80,6 +81,9 @@ struct Inner {
     audit_len: u64,
     /// The dataset this store is bound to, and its bucket count.
     bound: RwLock<Option<Bound>>,
+    /// The newest version this replica saw the store reach, which every read and write proves
+    /// the store still holds.
+    continuity: continuity::Continuity,
     scripts: Scripts,
 }
 
@@ -134,6 +138,7 @@ impl RedisStore {
                 log_len: config.log_len.max(1),
                 audit_len: config.audit_len.max(1),
                 bound: RwLock::new(None),
+                continuity: continuity::Continuity::default(),
                 scripts: Scripts::new(),
             }),
         })
@@ -258,6 +263,15 @@ impl ConsentStore for RedisStore {
 
     fn shares_snapshots(&self) -> bool {
         true
+    }
+
+    fn forget_history(&self) {
+        self.inner.continuity.forget();
+    }
+
+    /// The newest version this replica saw, which every read and write proves still held.
+    fn seen_version(&self) -> Version {
+        self.inner.continuity.seen()
     }
 
     async fn regression_ack(&self) -> Result<Option<String>, StoreError> {

@@ -54,6 +54,7 @@ impl Cluster {
         // alike, before any record changes) and register it as an intent holding everything
         // needed to finish it, its audit record included.
         let now = now_ms();
+        let seen = s.seen();
         let mut inv = s.inner.scripts.cluster_begin.prepare_invoke();
         inv.key(s.key("marker"))
             .arg(&s.inner.prefix)
@@ -64,11 +65,14 @@ impl Cluster {
             .arg(if add { "a" } else { "r" })
             .arg(csv_of(numbers))
             .arg(now)
-            .arg(audit_json(audit)?);
-        let (id, g, go, sid): (String, String, String, String) = inv
+            .arg(audit_json(audit)?)
+            .arg(seen.unwrap_or(Version::ZERO).to_string());
+        let (id, g, go, sid, held): (String, String, String, String, i64) = inv
             .invoke_async(&mut s.write_conn())
             .await
             .map_err(store_error)?;
+        let version = Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?;
+        s.wrote(seen, held == 1, version);
         // 2 and 3: the records in each shard, then the counts and the audit record. The intent
         // is at hand: what step 1 stored, so a recovery finishes it the same way.
         let intent = Intent {
@@ -81,10 +85,7 @@ impl Cluster {
         };
         let applied = self.finish_intent(s, bound, &id, &intent).await?;
         s.confirm_everywhere().await?;
-        Ok(WriteOutcome {
-            version: Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?,
-            applied,
-        })
+        Ok(WriteOutcome { version, applied })
     }
 
     /// Carries a registered change to its end: each shard's records (once per shard, however

@@ -43,8 +43,9 @@ impl Cluster {
         extra: &[String],
         pending: bool,
     ) -> Result<(Meta, Vec<Value>), StoreError> {
+        let seen = s.must_hold()?;
         let mut pipe = redis::pipe();
-        push_meta_reads(&mut pipe, s);
+        push_meta_reads(&mut pipe, s, seen);
         for sid in extra {
             pipe.hget(s.key("src"), sid);
         }
@@ -53,7 +54,8 @@ impl Cluster {
         }
         let reply: Vec<Value> = pipe.query_async(&mut s.conn()).await.map_err(store_error)?;
         let mut it = reply.into_iter();
-        let (version, g) = read_meta(&mut it, bound)?;
+        let (version, g, held) = read_meta(&mut it, bound)?;
+        s.prove_held(seen, held, version).await?;
         let gens = (g.national, g.type1);
         Ok((Meta { version, gens }, it.collect()))
     }

@@ -1,6 +1,7 @@
--- ARGV: prefix, dataset, 'a'|'r', type, now, source, maxlen, audit json, bucket/number pairs.
--- The audit record goes to the changes trail (`changes`), which check traffic never trims.
--- Returns {version, applied}.
+-- ARGV: prefix, dataset, 'a'|'r', type, now, source, maxlen, audit json, the newest version the
+-- writing replica saw, bucket/number pairs. The audit record goes to the changes trail
+-- (`changes`), which check traffic never trims. Returns {version, applied, whether the store
+-- still held that seen version before the change}.
 local p, t = ARGV[1], ARGV[4]
 local refused = refuse(p, ARGV[2], t)
 if refused then return refused end
@@ -12,7 +13,8 @@ local value = ARGV[5]..','..sid
 local add = ARGV[3] == 'a'
 local applied, patients = 0, 0
 local added = {}
-for i = 9, #ARGV, 2 do
+local held = holds(p, ARGV[9])
+for i = 10, #ARGV, 2 do
   local b, n = ARGV[i], ARGV[i + 1]
   local key = p..'d:'..t..':'..g..':'..b
   local changed
@@ -28,8 +30,7 @@ end
 -- `0 - applied`, not `-applied`: Lua's -0 is "-0" as text, which HINCRBY refuses.
 redis.call('HINCRBY', p..'counts', t, add and applied or (0 - applied))
 redis.call('HINCRBY', p..'counts', 'patients', patients)
-local id = redis.call('XADD', p..'log', '*', 'a', table.concat(added, ','), 'r', add and 0 or applied)
-redis.call('SET', p..'version', id)
+local id = log(p, {'a', table.concat(added, ','), 'r', add and 0 or applied})
 trim(p, tonumber(ARGV[7]))
 redis.call('XADD', p..'changes', '*', 'r', ARGV[8], 'v', id, 'n', applied)
-return {id, applied}
+return {id, applied, held}

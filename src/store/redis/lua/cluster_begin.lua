@@ -1,10 +1,12 @@
 -- Step 1 of a change. KEYS: the marker. ARGV: prefix, dataset, type, source, log maxlen,
--- 'a'|'r', the numbers (comma-separated), now, the audit record (JSON). Logs the change (adds
+-- 'a'|'r', the numbers (comma-separated), now, the audit record (JSON), the newest version the
+-- writing replica saw. Logs the change (adds
 -- with their numbers; removals before anything is deleted) and registers it as an intent:
 -- `intent:{id}` holds what finishing it needs, `intents` the ids with their start time,
 -- `intents_of` a count per type (an import waits for none), `pending` the numbers being added
 -- (a scan treats them as opted out). Returns {log entry id (the change's version), generation
--- of the type, generation of the other type, source id}.
+-- of the type, generation of the other type, source id, whether the store still held the seen
+-- version}.
 local p, t = ARGV[1], ARGV[3]
 local refused = refuse(p, ARGV[2], t)
 if refused then return refused end
@@ -15,8 +17,8 @@ local sid = intern(p, ARGV[4])
 local add = ARGV[6] == 'a'
 local count = 0
 for _ in string.gmatch(ARGV[7], '[^,]+') do count = count + 1 end
-local id = redis.call('XADD', p..'log', '*', 'a', add and ARGV[7] or '', 'r', add and 0 or count)
-redis.call('SET', p..'version', id)
+local held = holds(p, ARGV[10])
+local id = log(p, {'a', add and ARGV[7] or '', 'r', add and 0 or count})
 trim(p, tonumber(ARGV[5]))
 redis.call('HSET', p..'intent:'..id, 't', t, 'k', ARGV[6], 'g', g, 'go', go,
   'v', ARGV[8]..','..sid, 'n', ARGV[7], 'audit', ARGV[9])
@@ -25,4 +27,4 @@ redis.call('HINCRBY', p..'intents_of', t, 1)
 if add then
   for n in string.gmatch(ARGV[7], '[^,]+') do redis.call('HINCRBY', p..'pending', n, 1) end
 end
-return {id, g, go, tostring(sid)}
+return {id, g, go, tostring(sid), held}

@@ -1,8 +1,9 @@
 -- ARGV: prefix, dataset, type, lock token, new generation, added csv, removed, new
 -- count, patients delta, maxlen, audit json, changes, "listed" or "unlisted", the list's date in
 -- ms ("" for a MERGE: it does not make the list complete), the population's size ("" unless a
--- national check round trip, whose population was staged at population:<generation>). Returns
--- {version, old generation}. An unlisted import (more added numbers than a log entry lists) is
+-- national check round trip, whose population was staged at population:<generation>), the newest
+-- version the writing replica saw. Returns {version, old generation, whether the store still
+-- held that seen version}. An unlisted import (more added numbers than a log entry lists) is
 -- logged with `u`: replicas rebuild their filters from a scan.
 local p, t = ARGV[1], ARGV[3]
 if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
@@ -16,6 +17,7 @@ local staged_population = p..'population:'..ARGV[5]
 if ARGV[15] ~= '' and redis.call('EXISTS', staged_population) == 0 then
   return redis.error_reply('OPTOUTREFUSED the staged population is gone (it expired?); import again')
 end
+local held = holds(p, ARGV[16])
 local old = redis.call('GET', p..'gen:'..t) or '0'
 redis.call('SET', p..'gen:'..t, ARGV[5])
 redis.call('HSET', p..'counts', t, ARGV[8])
@@ -24,11 +26,10 @@ local id
 if ARGV[13] == 'unlisted' then
   -- `a` is not a list of numbers: a replica too old to know `u` fails to read the entry (and
   -- withholds while it cannot follow) rather than read it as "nothing added".
-  id = redis.call('XADD', p..'log', '*', 'a', 'unlisted', 'r', ARGV[7], 'u', 1)
+  id = log(p, {'a', 'unlisted', 'r', ARGV[7], 'u', 1})
 else
-  id = redis.call('XADD', p..'log', '*', 'a', ARGV[6], 'r', ARGV[7])
+  id = log(p, {'a', ARGV[6], 'r', ARGV[7]})
 end
-redis.call('SET', p..'version', id)
 if ARGV[14] ~= '' then
   redis.call('HSET', p..'coverage', 'as_of:'..t, ARGV[14], 'version', id)
 end
@@ -40,4 +41,4 @@ end
 trim(p, tonumber(ARGV[10]))
 redis.call('DEL', p..'lock:'..t)
 redis.call('XADD', p..'changes', '*', 'r', ARGV[11], 'v', id, 'n', ARGV[12])
-return {id, tonumber(old)}
+return {id, tonumber(old), held}
