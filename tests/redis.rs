@@ -954,3 +954,118 @@ async fn a_redis_restored_from_an_older_aof_is_noticed_although_a_write_lands_fi
     a.stop().await;
     b.stop().await;
 }
+
+/// Found by the nemesis (one Redis): an import's clean-up unlinked a generation that was the
+/// current one, emptying the list (every number of the type then read "no opt-out"). Here the
+/// shape that needs no restore: the import's call is cut off while its swap waits (Redis paused
+/// for writes), so the import looks abandoned and its staged generation is unlinked; but the swap
+/// was sent first, lands when the pause ends, and the "abandoned" generation is the current one.
+/// Scenario retried until the cut lands between the last write before the swap and the swap.
+#[tokio::test]
+async fn an_import_cut_off_while_its_swap_waits_does_not_unlink_the_list_it_swapped_in() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    init_redis(&config).await;
+    let server = TestServer::start_redis(config).await;
+    let mut conn = redis.connection().await;
+    // Numbers in the first buckets, so an import's comparison carries them over in its first
+    // round trip and then only reads until its swap.
+    let numbers: Vec<String> = valid_numbers(4_400_000_000, 200_000)
+        .into_iter()
+        .filter(|n| n.parse::<u64>().expect("digits") % 65_536 < 200)
+        .take(20)
+        .collect();
+    assert_eq!(numbers.len(), 20);
+    let merge = |deadline: Option<Duration>| {
+        let (url, numbers) = (server.url.clone(), numbers.clone());
+        async move {
+            let channel = tonic::transport::Channel::from_shared(url)
+                .expect("url")
+                .connect()
+                .await
+                .expect("connect");
+            let mut admin =
+                optout::api::proto::opt_out_admin_client::OptOutAdminClient::new(channel);
+            let mut message = common::import(&numbers, true);
+            message.mode = optout::api::proto::ImportMode::Merge as i32;
+            let mut request = tonic::Request::new(futures::stream::iter(vec![message]));
+            if let Some(d) = deadline {
+                request.set_timeout(d);
+            }
+            admin.import_opt_outs(request).await
+        }
+    };
+    merge(None).await.expect("the first import");
+    let mut hit = false;
+    for _attempt in 0..6 {
+        let staged: i64 = conn.get("optout:gennext:1").await.expect("gennext");
+        let staged = staged + 1;
+        // Watches Redis execute commands (MONITOR) and pauses its writes right after the
+        // comparison's first write (the carried records, after the lock was taken): the swap,
+        // a few milliseconds of reads later, then waits.
+        let watcher = {
+            let port = redis.port;
+            let prefix = format!("\"optout:d:1:{staged}:");
+            std::thread::spawn(move || pause_after_first_carry(port, &prefix))
+        };
+        let cut = tokio::spawn(merge(Some(Duration::from_millis(1_500))));
+        tokio::task::spawn_blocking(move || watcher.join())
+            .await
+            .expect("join")
+            .expect("watcher");
+        let outcome = cut.await.expect("task");
+        tokio::time::sleep(Duration::from_millis(3_500)).await;
+        let current: i64 = conn.get("optout:gen:1").await.expect("gen:1");
+        if outcome.is_err() && current == staged {
+            hit = true;
+            // The list swapped in must still hold every number, in the store and in checks.
+            let held: i64 = redis::cmd("HLEN")
+                .arg(format!(
+                    "optout:d:1:{staged}:{}",
+                    numbers[0].parse::<u64>().expect("digits") % 65_536
+                ))
+                .query_async(&mut conn)
+                .await
+                .expect("HLEN");
+            assert!(held >= 1, "the current generation was unlinked");
+            let got = decide(&server, &numbers, "").await;
+            assert!(
+                got.iter().all(|d| d.0 == Outcome::Withhold),
+                "an opted-out number released after the clean-up: {got:?}"
+            );
+            break;
+        }
+    }
+    assert!(
+        hit,
+        "the cut never landed between the comparison and the swap in 6 attempts"
+    );
+    server.stop().await;
+}
+
+/// On Redis at `port`: waits (MONITOR) for the lock of an import to be taken, then for the first
+/// write to a key starting `prefix` (quoted, as MONITOR prints it), and pauses Redis's writes for
+/// 3 s at once.
+fn pause_after_first_carry(port: u16, prefix: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut pauser = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut monitor = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    monitor.write_all(b"MONITOR\r\n").expect("MONITOR");
+    monitor
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut lines = BufReader::new(monitor).lines();
+    let mut locked = false;
+    while let Some(Ok(line)) = lines.next() {
+        if line.contains("\"SET\" \"optout:lock:1\"") {
+            locked = true;
+        } else if locked && line.contains("\"HSET\" ") && line.contains(prefix) {
+            pauser
+                .write_all(b"CLIENT PAUSE 3000 WRITE\r\n")
+                .expect("CLIENT PAUSE");
+            return;
+        }
+    }
+    panic!("no import took its lock and carried records within 10 s");
+}

@@ -61,21 +61,68 @@ impl RedisStore {
             .map_err(store_error)
     }
 
-    /// Unlinks every bucket of a generation nobody reads any more, in the background.
+    /// Unlinks every bucket of a generation nobody reads any more, in the background, unless it
+    /// is (again) the current one: the swap that replaced it may have been lost (a store restored
+    /// from an older copy), and the swap of an import whose call was cut off may have landed
+    /// after all (its reply lost), making the "abandoned" staged generation the current one.
+    /// Deleting the current generation would read as "nobody opted out" (found by the nemesis:
+    /// a restore during an import's clean-up emptied the national list).
+    ///
+    /// On one node the check and the unlink are one script, per chunk. On a Cluster the buckets
+    /// live in the shards' slots and the generation pointer in the metadata's, so the pointer is
+    /// read before each shard's chunk: on the same connection as the swap (commands of one
+    /// connection run in order, so a swap sent before is seen), though not atomically with the
+    /// unlink.
     fn unlink_generation(&self, t: &'static str, generation: u64, bound: &Bound) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let keys: Vec<String> = (0..bound.buckets)
-            .map(|b| self.data_key(bound, t, generation, b))
-            .collect();
-        let mut conn = self.write_conn();
+        let store = self.clone();
+        let bound = bound.clone();
         handle.spawn(async move {
-            for chunk in keys.chunks(1024) {
-                let r: Result<(), _> = redis::cmd("UNLINK").arg(chunk).query_async(&mut conn).await;
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "could not unlink an unused opt-out generation");
-                    return;
+            let mut conn = store.write_conn();
+            let pointer = store.key(&format!("gen:{t}"));
+            let current = generation.to_string();
+            for group in store.bucket_groups(&bound) {
+                let keys: Vec<String> = group
+                    .iter()
+                    .map(|&b| store.data_key(&bound, t, generation, b))
+                    .collect();
+                let unlinked: Result<i64, redis::RedisError> = if bound.shards.is_empty() {
+                    let mut inv = store.inner.scripts.unlink.prepare_invoke();
+                    for k in &keys {
+                        inv.key(k);
+                    }
+                    inv.arg(&pointer)
+                        .arg(&current)
+                        .invoke_async(&mut conn)
+                        .await
+                } else {
+                    match conn.get::<_, Option<String>>(&pointer).await {
+                        Ok(g) if g.as_deref() == Some(current.as_str()) => Ok(0),
+                        Ok(_) => redis::cmd("UNLINK")
+                            .arg(&keys)
+                            .query_async::<()>(&mut conn)
+                            .await
+                            .map(|()| 1),
+                        Err(e) => Err(e),
+                    }
+                };
+                match unlinked {
+                    Ok(1) => {}
+                    Ok(_) => {
+                        tracing::warn!(
+                            opt_out_type = t,
+                            generation,
+                            "not unlinking an opt-out generation: it is the current one (a \
+                             swap whose reply was lost, or a store restored from an older copy)"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not unlink an unused opt-out generation");
+                        return;
+                    }
                 }
             }
         });
