@@ -60,6 +60,11 @@ trait Backend: Send + Sync {
     async fn lose_change(&self, _fresh: &Fresh, _lost: Version, _back: Version) -> bool {
         false
     }
+    /// Takes the national list's import lock from outside, as an import being applied holds it;
+    /// `false` if this backend has no such lock.
+    async fn hold_import_lock(&self, _fresh: &Fresh) -> bool {
+        false
+    }
     /// Overwrites the national list's current generation from outside with `value`; `false` if
     /// this backend cannot.
     async fn set_generation(&self, _fresh: &Fresh, _value: &str) -> bool {
@@ -191,6 +196,10 @@ impl Backend for OnRedis {
 
     async fn roll_back(&self, fresh: &Fresh) -> bool {
         self.set_meta(fresh, "version", "1-0").await
+    }
+
+    async fn hold_import_lock(&self, fresh: &Fresh) -> bool {
+        self.set_meta(fresh, "lock:1", "contract").await
     }
 
     async fn lose_change(&self, fresh: &Fresh, lost: Version, back: Version) -> bool {
@@ -875,6 +884,29 @@ async fn lost_history_is_reported(b: &dyn Backend) {
     ));
 }
 
+/// A change of a type an import is being applied to is refused as `Busy` (ABORTED: nothing
+/// changed, retry), on every topology: behind Sentinel and in a Cluster the script runs in a
+/// pipeline with `WAIT`, where the refusal once read as "Redis unavailable" (an unknown outcome).
+async fn a_change_during_an_import_is_refused_as_busy(b: &dyn Backend) {
+    let f = b.fresh("busy").await;
+    if !b.hold_import_lock(&f).await {
+        return;
+    }
+    let n = numbers(4_087_000_000, 1);
+    for kind in [ChangeKind::Add, ChangeKind::Remove] {
+        let refused = f
+            .store
+            .change(kind, NATIONAL, &n, "contract", &record("change", "ADMIN"))
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::Busy(_))),
+            "{kind:?} while an import holds the lock: {refused:?}"
+        );
+    }
+    // The other type is not locked.
+    change(f.store.as_ref(), ChangeKind::Add, TYPE1, &n).await;
+}
+
 /// Every case, in order, each on a fresh store.
 /// A store in population mode: a national check round trip commits its opt-outs, its population
 /// and its date together; a list REPLACE of national opt-outs is refused; a check in which nobody
@@ -975,6 +1007,7 @@ async fn contract(b: &dyn Backend) {
     reset_fails_closed(b).await;
     rollback_is_reported(b).await;
     lost_history_is_reported(b).await;
+    a_change_during_an_import_is_refused_as_busy(b).await;
     generations(b).await;
 }
 

@@ -77,33 +77,44 @@ impl ScriptError {
         ("OPTOUTREFUSED", ScriptError::Refused),
     ];
 
-    /// The script error a Redis error carries, if it is one of ours.
-    pub(super) fn of(e: &RedisError) -> Option<ScriptError> {
-        let code = e.code()?;
-        Self::CODES
+    /// The script error a Redis error carries, if it is one of ours, with its detail: also
+    /// when the script ran in a pipeline (with `WAIT`, behind Sentinel or in a Cluster), where
+    /// the crate wraps it as a pipeline failure whose `code()` is none. (Unwrapped, a refusal
+    /// read as "Redis unavailable": a definite ABORTED became an unknown UNAVAILABLE, and a
+    /// missing marker did not read as a reset store.)
+    pub(super) fn of(e: &RedisError) -> Option<(ScriptError, Option<String>)> {
+        let ours = |code: &str| {
+            Self::CODES
+                .iter()
+                .find(|(c, _)| *c == code)
+                .map(|(_, s)| *s)
+        };
+        if let Some(s) = e.code().and_then(ours) {
+            return Some((s, e.detail().map(str::to_string)));
+        }
+        e.clone()
+            .into_server_errors()?
             .iter()
-            .find(|(c, _)| *c == code)
-            .map(|(_, s)| *s)
+            .find_map(|(_, err)| Some((ours(err.code())?, err.details().map(str::to_string))))
     }
 }
 
 /// The one mapping from a Redis error to a store error.
 pub(super) fn store_error(e: RedisError) -> StoreError {
     match ScriptError::of(&e) {
-        Some(ScriptError::Dataset) => StoreError::NotInitialised(
+        Some((ScriptError::Dataset, _)) => StoreError::NotInitialised(
             "the Redis store's dataset marker is missing or changed (reset, flushed or \
              re-initialised); failing closed"
                 .into(),
         ),
-        Some(ScriptError::Locked) => StoreError::Busy(
+        Some((ScriptError::Locked, _)) => StoreError::Busy(
             "an import of this opt-out type is being applied; nothing was changed, retry in a \
              few seconds"
                 .into(),
         ),
-        Some(ScriptError::Refused) => StoreError::ImportRefused(
-            e.detail()
-                .unwrap_or("the import was refused by the store")
-                .to_string()
+        Some((ScriptError::Refused, detail)) => StoreError::ImportRefused(
+            detail
+                .unwrap_or_else(|| "the import was refused by the store".to_string())
                 .into(),
         ),
         None => StoreError::Unavailable(Cause::with_source(format!("redis: {e}"), e)),
@@ -139,10 +150,13 @@ mod tests {
         };
         assert_eq!(
             ScriptError::of(&ours("OPTOUTDATASET")),
-            Some(ScriptError::Dataset)
+            Some((
+                ScriptError::Dataset,
+                Some("marker missing or changed".into())
+            ))
         );
         assert_eq!(
-            ScriptError::of(&ours("OPTOUTLOCKED")),
+            ScriptError::of(&ours("OPTOUTLOCKED")).map(|(s, _)| s),
             Some(ScriptError::Locked)
         );
         assert_eq!(ScriptError::of(&ours("OPTOUTDATASETX")), None);
