@@ -421,6 +421,64 @@ async fn a_cluster_master_that_comes_back_empty_fails_closed() {
         .await;
 }
 
+/// Found by the nemesis (Cluster): a check asked while an add was half done (logged, so in
+/// every filter and within the version the answer claims, but not yet in its shard) answered
+/// "no opt-out" at the add's own version. An answer must reflect the version it claims: the
+/// numbers of adds under way at that version are held.
+#[tokio::test]
+async fn on_a_cluster_a_check_during_a_half_done_add_withholds_it_at_the_version_it_claims() {
+    let cluster = Cluster::start().await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = cluster.config(scratch.path());
+    init_redis(&config).await;
+    let writer = TestServer::start_redis(config.clone()).await;
+    let reader = TestServer::start_redis(config.clone()).await;
+    let (n, shard_master) = cluster.number_off_the_metadata_master(4_065_000_000).await;
+
+    // The add's first step (the log) lands; its shard write waits behind the pause.
+    cluster.pause_writes(shard_master, 3000).await;
+    let mut admin = writer.admin_client().await;
+    let request = change_request(vec![n.clone()], OptOutType::NationalDataOptOut);
+    let adding = tokio::spawn(async move { admin.add_opt_outs(request).await });
+    cluster.wait_version_moves("0-0").await;
+    // The reader's filter reads the log entry: the number is a "maybe", asked of the store.
+    let logged = poll!(
+        "the reader's filter reads the add",
+        Duration::from_secs(5),
+        {
+            let status = reader
+                .admin_client()
+                .await
+                .get_status(optout::api::proto::GetStatusRequest {})
+                .await
+                .expect("status")
+                .into_inner();
+            if let Some(f) = status.filter.filter(|f| f.version != "0-0") {
+                break f.version;
+            }
+        }
+    );
+    let mut client = reader.check_client().await;
+    let answer = client
+        .check(check_request(vec![n.clone()], RESEARCH))
+        .await
+        .expect("check")
+        .into_inner();
+    let decisions: Vec<_> = answer.decisions.iter().map(outcome).collect();
+    assert!(
+        adding.await.expect("task").is_ok(),
+        "acknowledged once the pause ends"
+    );
+    assert_eq!(
+        decisions,
+        vec![WITHHELD],
+        "a check answering at {} (the add was logged at {logged}) released the number",
+        answer.version
+    );
+    reader.stop().await;
+    writer.stop().await;
+}
+
 #[tokio::test]
 async fn on_a_cluster_a_filter_built_while_an_add_is_half_done_still_holds_it() {
     let cluster = Cluster::start().await;
