@@ -658,3 +658,97 @@ async fn on_a_cluster_a_writer_killed_between_the_steps_leaves_a_change_that_is_
     );
     observer.stop().await;
 }
+
+/// Issue 27, item 1: a removal whose writer dies between its steps (its shard's master paused)
+/// is finished later by another replica's recovery; an add of the same number made meanwhile
+/// must not be undone by it. Changes of one number now run one after the other: the add is
+/// refused (ABORTED, retry) until the removal is finished, then applied after it.
+#[tokio::test]
+async fn on_a_cluster_a_removal_finished_late_never_undoes_a_later_add() {
+    let cluster = Cluster::start().await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = cluster.config(scratch.path());
+    init_redis(&config).await;
+    let a = TestServer::start_redis(config.clone()).await;
+    let mut b = ServeProcess::start(&cluster.serve_flags(), scratch.path()).await;
+    let (n, shard_master) = cluster.number_off_the_metadata_master(4_090_000_000).await;
+    add(&a, std::slice::from_ref(&n))
+        .await
+        .expect("N opted out");
+    let version: String = {
+        let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");
+        let mut conn = client.get_async_connection().await.expect("connect");
+        redis::cmd("GET")
+            .arg("{optout:}version")
+            .query_async(&mut conn)
+            .await
+            .expect("version")
+    };
+
+    // The removal's first step lands through B; its shard step waits behind the pause; B dies.
+    cluster.pause_writes(shard_master, 1500).await;
+    let paused_at = Instant::now();
+    let mut admin_b =
+        optout::api::proto::opt_out_admin_client::OptOutAdminClient::new(b.channel().await);
+    let request = change_request(vec![n.clone()], OptOutType::NationalDataOptOut);
+    let removing = tokio::spawn(async move { admin_b.remove_opt_outs(request).await });
+    cluster.wait_version_moves(&version).await;
+    b.kill();
+    assert!(removing.await.expect("task").is_err(), "never acknowledged");
+    tokio::time::sleep(Duration::from_millis(1600).saturating_sub(paused_at.elapsed())).await;
+
+    // After the pause, the patient opts out again through A: acknowledged once it can be
+    // ordered after the removal (retried while refused).
+    let mut admin_a = a.admin_client().await;
+    let added = poll!("the add is acknowledged", Duration::from_secs(30), {
+        match admin_a
+            .add_opt_outs(change_request(
+                vec![n.clone()],
+                OptOutType::NationalDataOptOut,
+            ))
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            Err(e) => assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}"),
+        }
+    });
+    // The removal is finished (recorded) by now or soon; whenever it is, N stays opted out.
+    poll!(
+        "the removal is finished and recorded",
+        Duration::from_secs(20),
+        {
+            let audit = admin_a
+                .read_audit(optout::api::proto::ReadAuditRequest {
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await
+                .expect("audit")
+                .into_inner();
+            if audit.records.iter().any(|r| r.action == "remove") {
+                break;
+            }
+        }
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut client = a.check_client().await;
+    let mut req = check_request(vec![n.clone()], RESEARCH);
+    req.at_least_version = added.version.clone();
+    let answer: Vec<_> = client
+        .check(req)
+        .await
+        .expect("check")
+        .into_inner()
+        .decisions
+        .iter()
+        .map(outcome)
+        .collect();
+    assert_eq!(
+        answer,
+        vec![WITHHELD],
+        "the add acknowledged at {} (applied {}) was undone by the older removal",
+        added.version,
+        added.applied
+    );
+    a.stop().await;
+}

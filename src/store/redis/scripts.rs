@@ -68,13 +68,17 @@ pub(super) enum ScriptError {
     Locked,
     /// `OPTOUTREFUSED`: the import cannot be applied as it stands (the message says why).
     Refused,
+    /// `OPTOUTBUSY`: another change of one of the numbers is under way (a Cluster's changes of
+    /// one number run one after the other).
+    Busy,
 }
 
 impl ScriptError {
-    const CODES: [(&'static str, ScriptError); 3] = [
+    const CODES: [(&'static str, ScriptError); 4] = [
         ("OPTOUTDATASET", ScriptError::Dataset),
         ("OPTOUTLOCKED", ScriptError::Locked),
         ("OPTOUTREFUSED", ScriptError::Refused),
+        ("OPTOUTBUSY", ScriptError::Busy),
     ];
 
     /// The script error a Redis error carries, if it is one of ours, with its detail: also
@@ -110,6 +114,11 @@ pub(super) fn store_error(e: RedisError) -> StoreError {
         Some((ScriptError::Locked, _)) => StoreError::Busy(
             "an import of this opt-out type is being applied; nothing was changed, retry in a \
              few seconds"
+                .into(),
+        ),
+        Some((ScriptError::Busy, _)) => StoreError::Busy(
+            "another change of one of these numbers is under way (it is finished within seconds \
+             if its writer stopped); nothing was changed, retry"
                 .into(),
         ),
         Some((ScriptError::Refused, detail)) => StoreError::ImportRefused(

@@ -4,12 +4,22 @@
 -- with their numbers; removals before anything is deleted) and registers it as an intent:
 -- `intent:{id}` holds what finishing it needs, `intents` the ids with their start time,
 -- `intents_of` a count per type (an import waits for none), `pending` the numbers being added
--- (a scan treats them as opted out). Returns {log entry id (the change's version), generation
+-- (a scan treats them as opted out), `inflight:{t}` a count per number of the changes under way.
+-- A change of a number that another change of the same type has under way is refused before
+-- anything is written (OPTOUTBUSY): changes of one number run one after the other, in version
+-- order, so finishing an older one (its writer died; another replica recovers it) can never undo
+-- a newer one. Returns {log entry id (the change's version), generation
 -- of the type, generation of the other type, source id, whether the store still held the seen
 -- version}.
 local p, t = ARGV[1], ARGV[3]
 local refused = refuse(p, ARGV[2], t)
 if refused then return refused end
+local inflight = p..'inflight:'..t
+for n in string.gmatch(ARGV[7], '[^,]+') do
+  if redis.call('HEXISTS', inflight, n) == 1 then
+    return redis.error_reply('OPTOUTBUSY another change of one of these numbers is under way')
+  end
+end
 local other = (t == '1') and '2' or '1'
 local g = redis.call('GET', p..'gen:'..t) or '0'
 local go = redis.call('GET', p..'gen:'..other) or '0'
@@ -24,6 +34,7 @@ redis.call('HSET', p..'intent:'..id, 't', t, 'k', ARGV[6], 'g', g, 'go', go,
   'v', ARGV[8]..','..sid, 'n', ARGV[7], 'audit', ARGV[9])
 redis.call('HSET', p..'intents', id, ARGV[8])
 redis.call('HINCRBY', p..'intents_of', t, 1)
+for n in string.gmatch(ARGV[7], '[^,]+') do redis.call('HINCRBY', inflight, n, 1) end
 if add then
   for n in string.gmatch(ARGV[7], '[^,]+') do redis.call('HINCRBY', p..'pending', n, 1) end
 end

@@ -16,10 +16,10 @@ local applied = tonumber(ARGV[4])
 redis.call('HINCRBY', p..'counts', t, add and applied or (0 - applied))
 redis.call('HINCRBY', p..'counts', 'patients', ARGV[5])
 redis.call('XADD', p..'changes', '*', 'r', redis.call('HGET', key, 'audit'), 'v', id, 'n', applied)
-if add then
-  for n in string.gmatch(redis.call('HGET', key, 'n'), '[^,]+') do
-    if redis.call('HINCRBY', p..'pending', n, -1) <= 0 then redis.call('HDEL', p..'pending', n) end
-  end
+local inflight = p..'inflight:'..t
+for n in string.gmatch(redis.call('HGET', key, 'n'), '[^,]+') do
+  if add and redis.call('HINCRBY', p..'pending', n, -1) <= 0 then redis.call('HDEL', p..'pending', n) end
+  if redis.call('HINCRBY', inflight, n, -1) <= 0 then redis.call('HDEL', inflight, n) end
 end
 redis.call('DEL', key)
 redis.call('HDEL', p..'intents', id)
