@@ -752,3 +752,43 @@ async fn on_a_cluster_a_removal_finished_late_never_undoes_a_later_add() {
     );
     a.stop().await;
 }
+
+/// Issue 27, item 4: a change's first step (log entry, intent, audit record) is lost from the
+/// metadata (here deleted from outside, as a failover of the metadata's master before it passed
+/// them on would) while its shard step waits; the last step then finds neither the intent nor a
+/// record that it finished. It must fail, and the change must not be acknowledged: the shards
+/// changed with no log entry and no audit record.
+#[tokio::test]
+async fn on_a_cluster_a_change_whose_first_step_was_lost_is_not_acknowledged() {
+    let cluster = Cluster::start().await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = cluster.config(scratch.path());
+    init_redis(&config).await;
+    let a = TestServer::start_redis(config.clone()).await;
+    let (n, shard_master) = cluster.number_off_the_metadata_master(4_095_000_000).await;
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");
+    let mut conn = client.get_async_connection().await.expect("connect");
+
+    cluster.pause_writes(shard_master, 1500).await;
+    let mut admin = a.admin_client().await;
+    let request = change_request(vec![n.clone()], OptOutType::NationalDataOptOut);
+    let adding = tokio::spawn(async move { admin.add_opt_outs(request).await });
+    cluster.wait_version_moves("0-0").await;
+    let id: String = redis::cmd("GET")
+        .arg("{optout:}version")
+        .query_async(&mut conn)
+        .await
+        .expect("version");
+    let _: () = redis::pipe()
+        .del(format!("{{optout:}}intent:{id}"))
+        .hdel("{optout:}intents", &id)
+        .query_async(&mut conn)
+        .await
+        .expect("lose step 1");
+    let outcome = adding.await.expect("task");
+    assert!(
+        outcome.is_err(),
+        "a change whose first step the store lost was acknowledged: {outcome:?}"
+    );
+    a.stop().await;
+}

@@ -71,14 +71,18 @@ pub(super) enum ScriptError {
     /// `OPTOUTBUSY`: another change of one of the numbers is under way (a Cluster's changes of
     /// one number run one after the other).
     Busy,
+    /// `OPTOUTLOST`: a Cluster change's first step (its log entry, intent and audit record) is
+    /// gone from the store: a failover of the metadata's master lost it.
+    Lost,
 }
 
 impl ScriptError {
-    const CODES: [(&'static str, ScriptError); 4] = [
+    const CODES: [(&'static str, ScriptError); 5] = [
         ("OPTOUTDATASET", ScriptError::Dataset),
         ("OPTOUTLOCKED", ScriptError::Locked),
         ("OPTOUTREFUSED", ScriptError::Refused),
         ("OPTOUTBUSY", ScriptError::Busy),
+        ("OPTOUTLOST", ScriptError::Lost),
     ];
 
     /// The script error a Redis error carries, if it is one of ours, with its detail: also
@@ -119,6 +123,12 @@ pub(super) fn store_error(e: RedisError) -> StoreError {
         Some((ScriptError::Busy, _)) => StoreError::Busy(
             "another change of one of these numbers is under way (it is finished within seconds \
              if its writer stopped); nothing was changed, retry"
+                .into(),
+        ),
+        Some((ScriptError::Lost, _)) => StoreError::Unavailable(
+            "the store lost this change's log entry and record after it began (a failover of the \
+             metadata's master): not acknowledged; its shards may hold part of it, unrecorded; \
+             retry it"
                 .into(),
         ),
         Some((ScriptError::Refused, detail)) => StoreError::ImportRefused(

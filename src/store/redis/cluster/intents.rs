@@ -146,10 +146,18 @@ impl Cluster {
             .arg(id)
             .arg(applied)
             .arg(patients);
-        let done: i64 = inv
-            .invoke_async(&mut s.write_conn())
-            .await
-            .map_err(store_error)?;
+        let done: i64 = inv.invoke_async(&mut s.write_conn()).await.map_err(|e| {
+            if matches!(ScriptError::of(&e), Some((ScriptError::Lost, _))) {
+                tracing::error!(
+                    version = %id,
+                    numbers = numbers.len(),
+                    "a change's first step was lost by the store (a failover of the \
+                     metadata's master) after its shards were changed: those changes have no \
+                     log entry or audit record; the change is not acknowledged"
+                );
+            }
+            store_error(e)
+        })?;
         Ok(u64::try_from(done).unwrap_or(0))
     }
 

@@ -40,7 +40,7 @@ use super::{
     reply::{
         array, audit_json, csv_of, flag, int_of, numbers_csv, stored_number, text_of, type_code,
     },
-    scripts::store_error,
+    scripts::{ScriptError, store_error},
 };
 use crate::{
     core::{NhsNumber, OptOutSet, OptOutType, Version},

@@ -1,13 +1,20 @@
 -- Step 3. KEYS: the marker. ARGV: prefix, dataset, the change's id, applied, patients delta.
 -- Counts the change, writes its audit record and retires the intent, once: a
--- second run returns what the first recorded. Returns the numbers changed.
+-- second run returns what the first recorded. Returns the numbers changed. With neither the intent
+-- nor the record of its finishing here, step 1 was lost (the metadata's master failed over before
+-- passing it on): no log entry, no audit record, so the change is refused (OPTOUTLOST), never
+-- reported done.
 local p, id = ARGV[1], ARGV[3]
 if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
   return redis.error_reply('OPTOUTDATASET marker missing or changed')
 end
 local key = p..'intent:'..id
 if redis.call('EXISTS', key) == 0 then
-  return tonumber(redis.call('GET', p..'finished:'..id) or '0')
+  local finished = redis.call('GET', p..'finished:'..id)
+  if not finished then
+    return redis.error_reply('OPTOUTLOST the change was lost from the store after it began')
+  end
+  return tonumber(finished)
 end
 local t = redis.call('HGET', key, 't')
 local add = redis.call('HGET', key, 'k') == 'a'
