@@ -171,6 +171,18 @@ async fn redis_killed_while_checks_run_never_releases_an_opt_out_and_recovers() 
         "nothing released while unprovable"
     );
     let during = checks.load(Ordering::SeqCst);
+    // Issue 27: a replica that can neither prove its filter nor reach its store is not ready
+    // (it would withhold everything): out of the Service; alive all the same.
+    assert_eq!(
+        server.health_of("optout.v1.OptOutCheck").await,
+        ServingStatus::NotServing as i32,
+        "readiness while the store is unreachable and the filter unproven"
+    );
+    assert_eq!(server.health().await, ServingStatus::NotServing as i32);
+    assert_eq!(
+        server.health_of("liveness").await,
+        ServingStatus::Serving as i32
+    );
 
     redis.restart();
     eventually!(

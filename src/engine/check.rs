@@ -399,6 +399,9 @@ impl Checker {
         metrics::counter!("optout_store_lookup_numbers_total").increment(list.len() as u64);
         metrics::histogram!("optout_store_lookup_duration_seconds")
             .record(started.elapsed().as_secs_f64());
+        if let Ok(Ok(_)) = &result {
+            self.filter.store_answered();
+        }
         match result {
             Ok(Ok(found)) if found.held.len() == list.len() => Some(found),
             Ok(Ok(found)) => {

@@ -81,6 +81,9 @@ pub struct SyncedFilter {
     /// When the filter was last proven caught up with the store, as ms since `epoch` plus one, so
     /// that `NEVER` (0) sorts first and `fetch_max` keeps the latest proof.
     caught_up_at: AtomicU64,
+    /// When the store last answered this replica (a feed read, a lookup), as `caught_up_at`:
+    /// with the filter not fresh, whether the replica can still answer by asking the store.
+    store_answered_at: AtomicU64,
     epoch: Instant,
     /// Opt-outs removed since the current generation was built (stale "maybes").
     removed_since_build: AtomicU64,
@@ -259,6 +262,7 @@ impl SyncedFilter {
             version: watch::channel(Version::ZERO).0,
             loaded: watch::channel(false).0,
             caught_up_at: AtomicU64::new(NEVER),
+            store_answered_at: AtomicU64::new(NEVER),
             epoch: Instant::now(),
             removed_since_build: AtomicU64::new(0),
             loaded_from: parking_lot::Mutex::new("none"),
@@ -382,6 +386,31 @@ impl SyncedFilter {
     /// the store meanwhile; health is unchanged (the filter stays loaded).
     pub(super) fn distrust(&self) {
         self.caught_up_at.store(NEVER, Ordering::Release);
+    }
+
+    /// Records that the store answered a call of this replica just now.
+    pub(crate) fn store_answered(&self) {
+        let now = self.now_ms();
+        self.store_answered_at.fetch_max(now + 1, Ordering::AcqRel);
+    }
+
+    /// Readiness: whether this replica can answer checks, i.e. a generation is loaded and either
+    /// the filter is proven fresh or the store answered within the freshness bound (so the
+    /// "maybe"s and the numbers an unproven filter cannot rule out are asked of it). A replica
+    /// that lost its store and can no longer prove its filter answers every number WITHHOLD
+    /// (`store-unavailable`): it is not ready, and leaves the Service, until either holds again.
+    /// Liveness is another matter (the process runs).
+    pub fn ready(&self) -> bool {
+        if !*self.loaded.borrow() || self.regressed() {
+            return false;
+        }
+        if self.is_fresh() {
+            return true;
+        }
+        let at = self.store_answered_at.load(Ordering::Acquire);
+        at != NEVER
+            && Duration::from_millis(self.now_ms().saturating_sub(at - 1))
+                <= self.config.freshness_bound
     }
 
     /// How the filter is sized and how fresh it must be.

@@ -239,6 +239,9 @@ impl Follower {
             Err(_) => "error",
         };
         metrics::counter!("optout_store_feed_reads_total", "result" => result).increment(1);
+        if feed.is_ok() {
+            self.synced.store_answered();
+        }
         match feed {
             Ok(Feed::Changes(entries)) => {
                 let caught_up = entries.len() < FEED_BATCH;

@@ -1,6 +1,7 @@
 //! `grpc.health.v1`: every service NOT_SERVING until the filter is loaded, and again whenever the
-//! follower unloads it (the store's dataset disappeared) or the server shuts down; `liveness`
-//! SERVING while the process runs.
+//! follower unloads it (the store's dataset disappeared, or went back in time), while the replica
+//! can neither prove its filter fresh nor reach its store (every number would be withheld), and
+//! when the server shuts down; `liveness` SERVING while the process runs.
 
 use std::sync::Arc;
 
@@ -22,6 +23,9 @@ pub const LIVENESS: &str = "liveness";
 /// them all out of traffic would turn withheld answers into no answers.
 pub const LISTS: &str = "lists";
 
+/// How often readiness is computed again (besides at once when the filter loads or unloads).
+const READY_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The services whose status follows the filter ("" is the server as a whole).
 const SERVICES: [&str; 3] = ["", "optout.v1.OptOutCheck", "optout.v1.OptOutAdmin"];
 
@@ -32,7 +36,9 @@ pub(super) struct HealthState {
 }
 
 impl HealthState {
-    /// NOT_SERVING now; then follows whether `filter` is loaded, both ways.
+    /// NOT_SERVING now; then follows whether the replica is ready ([`SyncedFilter::ready`]), both
+    /// ways: at once when the filter loads or unloads, within [`READY_POLL`] when the store stops
+    /// or starts answering.
     pub(super) async fn start(filter: &Arc<SyncedFilter>, tasks: &mut Tasks) -> Self {
         let reporter = HealthReporter::new();
         let service = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
@@ -44,10 +50,12 @@ impl HealthState {
             .await;
         let mut loaded = filter.loaded();
         let follower = health.reporter.clone();
+        let ready = filter.clone();
         tasks.helper(tokio::spawn(async move {
             let mut serving = false;
             loop {
-                let now = *loaded.borrow_and_update();
+                loaded.borrow_and_update();
+                let now = ready.ready();
                 if now != serving {
                     serving = now;
                     let status = if now {
@@ -56,10 +64,19 @@ impl HealthState {
                         ServingStatus::NotServing
                     };
                     set_all(&follower, status).await;
-                    tracing::info!(serving = now, "health changed");
+                    if now {
+                        tracing::info!(serving = now, "health changed");
+                    } else {
+                        tracing::warn!(
+                            serving = now,
+                            "health changed: not ready (no filter loaded, or it cannot be \
+                             proven fresh and the store does not answer)"
+                        );
+                    }
                 }
-                if loaded.changed().await.is_err() {
-                    break;
+                tokio::select! {
+                    changed = loaded.changed() => if changed.is_err() { break },
+                    _ = tokio::time::sleep(READY_POLL) => {}
                 }
             }
         }));

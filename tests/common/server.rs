@@ -133,6 +133,25 @@ impl TestServer {
         .unwrap_or(-1)
     }
 
+    /// Health status of one health "service" (`optout.v1.OptOutCheck`: readiness; `liveness`),
+    /// or -1 if it cannot be asked.
+    pub async fn health_of(&self, service: &str) -> i32 {
+        let Ok(ch) = Channel::from_shared(self.url.clone())
+            .expect("url")
+            .connect()
+            .await
+        else {
+            return -1;
+        };
+        HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .unwrap_or(-1)
+    }
+
     pub async fn wait_serving(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
