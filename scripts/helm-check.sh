@@ -115,11 +115,17 @@ for d in by_kind.get("ConfigMap", []):
         for panel in dash["panels"]:
             for t in panel["targets"]:
                 exported(t["expr"], f"dashboard panel {panel['title']}")
-# The init-store Job: a hook, and every argument a flag of `optout init-store`.
+# The init-store Jobs: initialise on install only; an upgrade only verifies (a store that lost its
+# data must not become a new, empty one: issue 27); every argument a flag of `optout init-store`.
 for job in by_kind.get("Job", []):
-    assert "pre-install" in job["metadata"]["annotations"]["helm.sh/hook"], job["metadata"]
+    hook = job["metadata"]["annotations"]["helm.sh/hook"]
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[0] == "init-store", args
+    assert hook in ("pre-install", "pre-upgrade"), hook
+    if hook == "pre-upgrade":
+        assert "--verify-only" in args and "--exists-ok" not in args, f"the upgrade hook may initialise a store: {args}"
+    else:
+        assert "--verify-only" not in args, args
     for arg in args[1:]:
         flag = arg.split("=", 1)[0]
         assert f"{flag} " in init_help or f"{flag}\n" in init_help, f"Job arg `{flag}` is not a flag of optout init-store"
@@ -179,12 +185,12 @@ if grep -q "runAsUser: 65532" "$out/openshift.yaml"; then
     echo "error: runAsUser stayed set" >&2
     exit 1
 fi
-# The Redis password from a Secret of its own (as Bitnami's Redis chart makes it) reaches both the
-# replicas and the init-store Job as OPTOUT_REDIS_PASSWORD.
+# The Redis password from a Secret of its own (as Bitnami's Redis chart makes it) reaches the
+# replicas and both init-store Jobs (install, upgrade) as OPTOUT_REDIS_PASSWORD.
 "$helm" template optout "$chart" --set redis.passwordSecret.name=redis --set initStore.enabled=true \
     >"$out/password.yaml"
-[ "$(grep -c "name: OPTOUT_REDIS_PASSWORD" "$out/password.yaml")" = 2 ] || {
-    echo "error: OPTOUT_REDIS_PASSWORD is not set on the Deployment and the Job" >&2
+[ "$(grep -c "name: OPTOUT_REDIS_PASSWORD" "$out/password.yaml")" = 3 ] || {
+    echo "error: OPTOUT_REDIS_PASSWORD is not set on the Deployment and both Jobs" >&2
     exit 1
 }
 grep -q "key: redis-password" "$out/password.yaml"

@@ -971,3 +971,46 @@ async fn a_redis_password_kept_apart_from_the_url_is_used_and_never_shown() {
         text(&both.stderr)
     );
 }
+
+/// Issue 27, item 3: the chart's upgrade hook runs `init-store --verify-only`. On an initialised
+/// store it changes nothing; on a store that lost its data (FLUSHALL: checks are withheld, as they
+/// should be) it fails loudly and writes nothing, where `--exists-ok` (what the hook ran before)
+/// made a new, empty dataset that every replica then released everyone from.
+#[tokio::test]
+async fn init_store_verify_only_fails_loudly_on_a_store_that_lost_its_data() {
+    let redis = common::RedisServer::start();
+    let url = redis.url();
+    let init = |extra: &[&str]| {
+        let mut a = args(&["init-store", "--redis-url", &url]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        optout(a)
+    };
+    let before = init(&["--verify-only"]).await;
+    assert!(
+        !before.status.success(),
+        "a store never initialised is not verified"
+    );
+    let first = init(&[]).await;
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let ok = init(&["--verify-only"]).await;
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert!(text(&ok.stdout).contains("nothing was changed"));
+
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHALL");
+    let lost = init(&["--verify-only"]).await;
+    assert_eq!(lost.status.code(), Some(1), "{}", text(&lost.stderr));
+    assert_stderr_has(&lost, "holds no dataset marker");
+    assert_stderr_has(&lost, "Restore it");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    assert!(keys.is_empty(), "--verify-only wrote {keys:?}");
+    let both = init(&["--verify-only", "--exists-ok"]).await;
+    assert_eq!(both.status.code(), Some(2), "the two flags conflict");
+}

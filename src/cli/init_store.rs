@@ -56,9 +56,15 @@ pub(super) struct InitStoreArgs {
     #[arg(long, value_enum, default_value_t = Coverage::List)]
     national_coverage: Coverage,
     /// Succeed, changing nothing, when the store is initialised already in the same coverage
-    /// mode (for a deployment hook that runs on every install); a different mode is an error.
-    #[arg(long)]
+    /// mode (for a deployment's install hook); a different mode is an error.
+    #[arg(long, conflicts_with = "verify_only")]
     exists_ok: bool,
+    /// Write nothing: succeed if the store is initialised (in this coverage mode), fail loudly if
+    /// it holds no dataset marker. For a deployment's upgrade hook: a store that lost its data
+    /// (flushed, restarted without persistence, the wrong database) must be restored, never
+    /// initialised again as an empty store whose replicas would release everyone.
+    #[arg(long)]
+    verify_only: bool,
 }
 
 /// With --exists-ok: an initialised store in the same mode is fine; in another, an error.
@@ -91,6 +97,25 @@ async fn already(
     Ok(())
 }
 
+/// With --verify-only: the store must hold a dataset, in `mode`; nothing is written.
+async fn verify(
+    store: &dyn crate::store::ConsentStore,
+    shown: &str,
+    mode: CoverageMode,
+) -> Result<(), CliError> {
+    match store.open_dataset().await {
+        Ok(_) => already(store, shown, mode).await,
+        Err(crate::store::StoreError::NotInitialised(_)) => Err(CliError::Rpc(format!(
+            "{shown} holds no dataset marker: it was never initialised, or it lost its data \
+             (flushed, restarted without persistence, restored from nothing, or the wrong \
+             database). Every replica withholds everything until the data is back. Restore it \
+             from a backup; only if this is meant to be a new, empty store, run `optout \
+             init-store` against it by hand. Nothing was changed."
+        ))),
+        Err(e) => Err(CliError::Rpc(format!("{shown}: {e}"))),
+    }
+}
+
 pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
     let mode = CoverageMode::from(args.national_coverage);
     if let Some(dir) = &args.data_dir {
@@ -106,7 +131,13 @@ pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
             change_log_len: 1,
             cache_bytes: DEFAULT_CACHE_BYTES,
         };
-        if args.exists_ok && EmbeddedStore::db_path(dir).exists() {
+        if args.verify_only && !EmbeddedStore::db_path(dir).exists() {
+            return Err(CliError::Rpc(format!(
+                "{} holds no embedded store; nothing was changed",
+                dir.display()
+            )));
+        }
+        if (args.exists_ok || args.verify_only) && EmbeddedStore::db_path(dir).exists() {
             let (store, _) =
                 EmbeddedStore::open(&config).map_err(|e| CliError::Usage(e.to_string()))?;
             return already(&store, &dir.display().to_string(), mode).await;
@@ -137,6 +168,9 @@ pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
     config.shards = args.shards;
     let shown = config.describe();
     let store = RedisStore::connect(&config).map_err(|e| CliError::Usage(e.to_string()))?;
+    if args.verify_only {
+        return verify(&store, &shown, mode).await;
+    }
     let id = match store.init_with(args.buckets, mode).await {
         Ok(id) => id,
         Err(crate::store::StoreError::ImportRefused(_)) if args.exists_ok => {
