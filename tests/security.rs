@@ -360,6 +360,66 @@ async fn a_revoked_key_stops_its_open_stream() {
     server.stop().await;
 }
 
+/// Issue 27, item 8: a key revoked while its import stream is open stops it, as it stops an open
+/// CheckStream: checks re-checked the key per message, imports did not, so a REPLACE could
+/// commit after its admin key was revoked.
+#[tokio::test]
+async fn a_revoked_admin_key_stops_its_open_import() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, keys) = secured(dir.path());
+    let keys_path = config.keys_file.clone().expect("keys file");
+    let server = TestServer::start_with(config).await;
+    let mut admin = admin_client(server.channel().await, Some(&keys.admin));
+    let n = valid_numbers(4_000_000_000, 4);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut first = optout::api::proto::ImportOptOutsRequest {
+        mode: optout::api::proto::ImportMode::Merge as i32,
+        r#type: optout::api::proto::OptOutType::NationalDataOptOut as i32,
+        source: "revoked".into(),
+        nhs_numbers: n[..2].to_vec(),
+        ..Default::default()
+    };
+    tx.send(first.clone()).await.expect("send");
+    let importing = tokio::spawn(async move {
+        admin
+            .import_opt_outs(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The admin's key is removed from the file while the stream is open; then the commit comes.
+    let checker = write_keys_without_admin(&keys_path);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    first.nhs_numbers = n[2..].to_vec();
+    first.commit = true;
+    tx.send(first).await.expect("send");
+    drop(tx);
+    let outcome = importing.await.expect("task");
+    let e = outcome.expect_err("no import once the key is revoked");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // Nothing was imported.
+    let mut c = check_client(server.channel().await, Some(&checker));
+    let answer = c
+        .check(check_request(n.clone(), Purpose::Research))
+        .await
+        .expect("check")
+        .into_inner();
+    assert!(
+        answer
+            .decisions
+            .iter()
+            .all(|d| d.outcome == optout::api::proto::Outcome::Release as i32),
+        "{answer:?}"
+    );
+    server.stop().await;
+}
+
+/// Rewrites the keys file with a checker of RX1 only; returns it.
+fn write_keys_without_admin(path: &Path) -> String {
+    let (checker, entry) = new_key("RX1", &[Role::Checker]);
+    std::fs::write(path, entry).expect("rewrite keys");
+    checker
+}
+
 #[tokio::test]
 async fn connections_past_the_cap_are_closed() {
     let dir = tempfile::tempdir().expect("tempdir");

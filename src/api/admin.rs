@@ -1,10 +1,12 @@
 //! The OptOutAdmin service: proto to engine types, engine errors to statuses.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
     Limits, Rejections, all_valid, deadline,
-    gate::caller_of,
+    gate::{GateState, caller_of},
     opt_out_type, opt_out_type_to_proto,
     proto::{
         AcknowledgeStoreRegressionRequest, AcknowledgeStoreRegressionResponse, AuditEntry,
@@ -26,6 +28,8 @@ use crate::{
 pub struct AdminService {
     admin: Admin,
     limits: Limits,
+    /// Whether a caller's key is still in force, asked again on every message of an import.
+    gates: Arc<GateState>,
 }
 
 /// The one mapping from admin errors to gRPC statuses.
@@ -38,8 +42,12 @@ fn admin_status(e: AdminError) -> Status {
 
 impl AdminService {
     /// A service over the admin engine.
-    pub fn new(admin: Admin, limits: Limits) -> Self {
-        AdminService { admin, limits }
+    pub fn new(admin: Admin, limits: Limits, gates: Arc<GateState>) -> Self {
+        AdminService {
+            admin,
+            limits,
+            gates,
+        }
     }
 
     async fn change(
@@ -226,7 +234,22 @@ impl OptOutAdmin for AdminService {
             let mut message = Some(first);
             let mut index = 0u64;
             let mut committed = false;
+            // A key revoked while its import is open stops it, as it stops an open CheckStream:
+            // asked again on every message and before the commit (issue 27: a REPLACE could
+            // commit after its key was revoked).
+            let in_force = |caller: &crate::auth::Caller| {
+                if self.gates.still_valid(caller) {
+                    Ok(())
+                } else {
+                    Err(Status::unauthenticated(format!(
+                        "API key {} is no longer in force (revoked or changed); nothing was \
+                         imported",
+                        caller.key_id
+                    )))
+                }
+            };
             while let Some(m) = message.take() {
+                in_force(&caller)?;
                 if committed {
                     return Err(Status::invalid_argument(format!(
                         "message {index} came after the message marked commit; nothing was imported"
@@ -265,6 +288,7 @@ impl OptOutAdmin for AdminService {
                     "the import stream ended without a message marked commit; nothing was imported",
                 ));
             }
+            in_force(&caller)?;
             if let Some(c) = check {
                 import.national_check(c);
             }

@@ -227,9 +227,13 @@ impl Engines {
         ))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
-        let admin = OptOutAdminServer::new(AdminService::new(self.admin.clone(), limits))
-            .max_decoding_message_size(limits.max_message_bytes)
-            .max_encoding_message_size(limits.max_message_bytes);
+        let admin = OptOutAdminServer::new(AdminService::new(
+            self.admin.clone(),
+            limits,
+            self.gates.clone(),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
         // v1 for current tools, v1alpha for older grpcurl and grpcui.
         let described = || {
             tonic_reflection::server::Builder::configure()
