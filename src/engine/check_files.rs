@@ -147,12 +147,29 @@ impl CheckFiles {
                 .map_err(|e| StoreError::Corrupt(format!("check record: {e}").into()))?;
             text.push(b'\n');
         }
+        let whole = s.size;
         let Some((file, path)) = s.file.as_mut() else {
             return Err(StoreError::Unavailable("check log: no open segment".into()));
         };
-        file.write_all(&text)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| io_error("write", path, e))?;
+        if let Err(e) = file.write_all(&text).and_then(|()| file.sync_data()) {
+            let shown = path.clone();
+            // A write that failed part-way (a full disk, a file-size limit) left a torn line:
+            // cut the segment back to its last whole line, so a retry appends after it and the
+            // segment still verifies (issue 27: a torn tail made `audit verify` fail for ever,
+            // and the records after it unreadable). If even that fails, the next batch goes to a
+            // new segment, which continues the chain from the last record written whole.
+            let cut = file.set_len(whole).and_then(|()| file.sync_data());
+            if let Err(c) = cut {
+                tracing::error!(
+                    error = %c,
+                    segment = %path.display(),
+                    "cannot cut a failed check-log write back to its last whole line; the next \
+                     batch starts a new segment (`optout audit verify` reports the torn line)"
+                );
+                s.file = None;
+            }
+            return Err(io_error("write", &shown, e));
+        }
         s.size += text.len() as u64;
         s.head = head;
         if text.capacity() <= KEEP_BUFFER {
