@@ -4,7 +4,7 @@
 use redis::{FromRedisValue, ScriptInvocation, Value};
 
 use super::{RedisStore, conn::Conn, scripts::store_error};
-use crate::store::StoreError;
+use crate::store::{Cause, StoreError};
 
 impl RedisStore {
     /// Runs a script that changes opt-outs; when replicas must confirm it, the layout waits for
@@ -60,7 +60,18 @@ impl RedisStore {
             .arg(self.ack_timeout_ms())
             .query_async(&mut self.write_conn())
             .await
-            .map_err(store_error)?;
+            .map_err(|e| {
+                // WAIT goes to every master; one that cannot answer (down, failing over) fails
+                // the whole of it (the crate reports "expected array of integers"). The change
+                // is applied and not confirmed: the caller must retry.
+                StoreError::Unconfirmed(Cause::with_source(
+                    format!(
+                        "the change was applied but not every master's replicas could confirm it \
+                         ({e}); a failover could lose it, retry"
+                    ),
+                    e,
+                ))
+            })?;
         self.enough_acks(acked)
     }
 }
