@@ -1081,3 +1081,52 @@ fn pause_after_first_carry(port: u16, prefix: &str) {
     }
     panic!("no import took its lock and carried records within 10 s");
 }
+
+/// Issue 27, item 10: a filter snapshot in Redis carried a CRC, not a MAC, so anyone who can
+/// write to Redis could publish an empty filter at the current version, which a cold replica
+/// loaded and released everyone from. Snapshots are sealed with the audit key every replica
+/// shares: a forged one is ignored and the cold replica scans.
+#[tokio::test]
+async fn a_forged_filter_snapshot_in_redis_is_not_loaded() {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut config = redis_config(&redis, "optout:", scratch.path());
+    config.audit_key = Some(optout::core::AuditKey::new(&[7u8; 32]).expect("key"));
+    init_redis(&config).await;
+    let a = TestServer::start_redis(config.clone()).await;
+    let n = valid_numbers(4_500_000_000, 3);
+    let version = a
+        .admin_client()
+        .await
+        .add_opt_outs(change_request(n.clone(), OptOutType::NationalDataOptOut))
+        .await
+        .expect("add")
+        .into_inner()
+        .version;
+    let mut conn = redis.connection().await;
+    poll!("A publishes a sealed snapshot", Duration::from_secs(10), {
+        let v: Option<String> = conn.get("optout:snapshot_version").await.expect("get");
+        if v.as_deref() == Some(version.as_str()) {
+            break;
+        }
+    });
+    a.stop().await;
+    // From outside: an empty filter at the current version, in the store's own framing.
+    let dataset: String = conn
+        .hget("optout:marker", "dataset_id")
+        .await
+        .expect("marker");
+    let empty = optout::core::OptOutFilter::new(10_000, 0.001, 1).expect("filter");
+    let mut forged = dataset.into_bytes();
+    forged.extend(empty.to_snapshot(optout::core::Version::parse(&version).expect("version")));
+    let _: () = conn.set("optout:snapshot", forged).await.expect("forge");
+
+    let cold = TestServer::start_redis(config).await;
+    let f = status(&cold).await.filter.expect("filter");
+    assert_eq!(f.loaded_from, "scan", "the forged snapshot was loaded");
+    assert_eq!(
+        decide(&cold, &n, "").await,
+        vec![WITHHELD, WITHHELD, WITHHELD]
+    );
+    cold.stop().await;
+}

@@ -13,7 +13,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use super::filter::{FilterConfig, SyncedFilter};
 use crate::{
-    core::{NhsNumber, OptOutFilter, Version, coverage::Coverage},
+    core::{AuditKey, NhsNumber, OptOutFilter, Version, coverage::Coverage},
     store::{ConsentStore, Feed, StoreError},
 };
 
@@ -67,6 +67,9 @@ pub struct Follower {
     /// first read after failing closed (`None`: not read yet). A different one later means an
     /// admin acknowledged this incident.
     ack_then: Option<Option<String>>,
+    /// The key shared snapshots are sealed with and must be sealed with to be loaded (the audit
+    /// key every replica shares); `None` (development, no audit key) takes them unsealed.
+    snapshot_key: Option<AuditKey>,
 }
 
 impl Follower {
@@ -90,7 +93,15 @@ impl Follower {
             last_snapshot: Instant::now(),
             published: Version::ZERO,
             ack_then: None,
+            snapshot_key: None,
         }
+    }
+
+    /// Seals the snapshots this replica publishes with `key`, and loads only snapshots sealed
+    /// with it (see [`seal_snapshot`]).
+    pub fn with_snapshot_key(mut self, key: Option<AuditKey>) -> Self {
+        self.snapshot_key = key;
+        self
     }
 
     /// Follows the store until shutdown: the only writer of the filter.
@@ -150,7 +161,12 @@ impl Follower {
         }
         self.generation += 1;
         let built = tokio::select! {
-            r = load_generation(self.store.as_ref(), self.config, self.generation) => r,
+            r = load_generation(
+                self.store.as_ref(),
+                self.config,
+                self.generation,
+                self.snapshot_key.as_ref(),
+            ) => r,
             _ = self.shutdown.changed() => return Flow::Stop,
         };
         match built {
@@ -302,6 +318,7 @@ impl Follower {
         }
         self.last_snapshot = Instant::now();
         let (version, bytes) = self.synced.snapshot();
+        let bytes = seal_snapshot(self.snapshot_key.as_ref(), bytes);
         match self.store.publish_snapshot(version, &bytes).await {
             Ok(()) => {
                 self.published = version;
@@ -380,11 +397,14 @@ async fn load_generation(
     store: &dyn ConsentStore,
     config: FilterConfig,
     generation: u64,
+    snapshot_key: Option<&AuditKey>,
 ) -> Result<(OptOutFilter, Version, &'static str, Coverage), StoreError> {
     store.open_dataset().await?;
     if store.shares_snapshots() {
         match store.load_snapshot().await? {
-            Some(bytes) => match OptOutFilter::from_snapshot(&bytes) {
+            Some(blob) => match open_snapshot(snapshot_key, &blob)
+                .and_then(|bytes| OptOutFilter::from_snapshot(bytes).map_err(|e| e.to_string()))
+            {
                 Ok((filter, version)) => match catch_up(store, filter, version).await? {
                     Some((filter, version)) => {
                         let coverage = coverage_for(store, version)
@@ -434,6 +454,54 @@ async fn catch_up(
             }
         }
     }
+}
+
+/// What a sealed snapshot starts with, before its MAC.
+const SEALED: &[u8] = b"optout-snapshot-sealed-v1:";
+
+/// A snapshot sealed with `key` (the audit key every replica shares): its MAC (HMAC-SHA-256 of
+/// the snapshot, under the key's MAC key, domain-separated from the audit trails' lines) goes in
+/// front. A snapshot carries its own CRC, which tells a torn one, not a forged one: anyone who
+/// can write to Redis could otherwise publish an empty filter at the current version, which a
+/// cold replica would load and release everyone from (issue 27, item 10). Without a key
+/// (development), unsealed.
+pub fn seal_snapshot(key: Option<&AuditKey>, bytes: Vec<u8>) -> Vec<u8> {
+    let Some(key) = key else {
+        return bytes;
+    };
+    let mut out = Vec::with_capacity(SEALED.len() + 32 + bytes.len());
+    out.extend_from_slice(SEALED);
+    out.extend_from_slice(&snapshot_mac(key, &bytes));
+    out.extend_from_slice(&bytes);
+    out
+}
+
+/// The snapshot inside `blob`, if it is sealed with `key` (any, without a key).
+fn open_snapshot<'b>(key: Option<&AuditKey>, blob: &'b [u8]) -> Result<&'b [u8], String> {
+    let sealed = blob
+        .strip_prefix(SEALED)
+        .filter(|rest| rest.len() >= 32)
+        .map(|rest| rest.split_at(32));
+    match (key, sealed) {
+        (None, Some((_, bytes))) => Ok(bytes),
+        (None, None) => Ok(blob),
+        (Some(_), None) => Err("the snapshot is not sealed with the audit key".into()),
+        (Some(key), Some((mac, bytes))) => {
+            use subtle::ConstantTimeEq;
+            if bool::from(snapshot_mac(key, bytes).ct_eq(mac)) {
+                Ok(bytes)
+            } else {
+                Err("the snapshot's seal does not match this replica's audit key".into())
+            }
+        }
+    }
+}
+
+fn snapshot_mac(key: &AuditKey, bytes: &[u8]) -> [u8; 32] {
+    let mut data = Vec::with_capacity(SEALED.len() + bytes.len());
+    data.extend_from_slice(SEALED);
+    data.extend_from_slice(bytes);
+    key.mac(&data)
 }
 
 /// The error for a store found behind `seen`.

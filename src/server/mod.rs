@@ -141,7 +141,8 @@ pub async fn serve(
         ..config.filter
     })
     .map_err(|e| ServerError::Config(e.to_string()))?;
-    let follower = Follower::new(store.clone(), filter.clone(), tasks.stop_signal());
+    let follower = Follower::new(store.clone(), filter.clone(), tasks.stop_signal())
+        .with_snapshot_key(config.audit_key.clone());
     tasks.follower(tokio::spawn(follower.run()));
     let health = HealthState::start(&filter, &mut tasks).await;
     let engines = Engines::start(&store, &filter, &config, &mut tasks)?;
