@@ -96,8 +96,22 @@ async fn main() -> std::process::ExitCode {
     }
     let table = markdown_table(&reports);
     println!("\n{table}");
+    let document = format!(
+        "# Nemesis runs\n\n\
+         Written by `{}` ({} runs, {:.0} minutes, {} s of operations and faults each, on this \
+         machine's debug or release build as given). Each row is one seed on one topology: the \
+         operations the clients drove through three `optout serve` replicas and how they ended \
+         (changes acknowledged, unknown: an error or timeout that may hide an applied change, and \
+         refused: a definite no), the checks answered, the faults injected, the releases of a \
+         number whose opt-out bound the answer that the checker had to explain, and the \
+         violations of the checker's rules (README, \"Shown by search: the nemesis\").\n\n{table}",
+        std::env::args().collect::<Vec<_>>().join(" "),
+        reports.len(),
+        began.elapsed().as_secs_f64() / 60.0,
+        args.seconds,
+    );
     if let Some(path) = &args.report
-        && let Err(e) = std::fs::write(path, &table)
+        && let Err(e) = std::fs::write(path, &document)
     {
         eprintln!("error: cannot write {}: {e}", path.display());
         return std::process::ExitCode::from(2);
