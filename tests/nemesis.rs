@@ -4,7 +4,8 @@
 //! paused, failed over and restored from older copies and the replicas killed and paused; each
 //! run's history is checked by `crates/optout-nemesis`'s checker, which shares no code with the
 //! service. A violation fails the test with the seed, the operations around it and the faults in
-//! force; `cargo run --release -p optout-nemesis -- --seed N --topology T` replays the schedule.
+//! force; `target/release/optout-nemesis --seed N --topology T --runs 1` (after `cargo build
+//! --release --workspace`) replays the schedule.
 //!
 //! `OPTOUT_NEMESIS_SEEDS` (comma-separated) and `OPTOUT_NEMESIS_SECONDS` override the seeds and
 //! the length of each run; longer searches are the README's `optout-nemesis --minutes` command.

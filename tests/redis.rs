@@ -791,10 +791,7 @@ async fn an_import_too_big_to_list_is_followed_by_a_rebuild_that_withholds_it_al
 /// call is cut off, and lapses within its lease when the replica dies.
 #[tokio::test]
 async fn an_import_cut_off_or_killed_mid_commit_holds_back_changes_for_its_lease_at_most() {
-    let redis = RedisServer::start();
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let config = redis_config(&redis, "optout:", scratch.path());
-    init_redis(&config).await;
+    let (redis, scratch, config) = common::initialised_redis().await;
     let observer = TestServer::start_redis(config).await;
     let flags = vec!["--redis-url".to_string(), redis.url()];
     let mut writer = common::ServeProcess::start(&flags, scratch.path()).await;
@@ -888,10 +885,7 @@ async fn an_import_cut_off_or_killed_mid_commit_holds_back_changes_for_its_lease
 /// and fail closed until an admin acknowledges.
 #[tokio::test]
 async fn a_redis_restored_from_an_older_aof_is_noticed_although_a_write_lands_first() {
-    let mut redis = RedisServer::start();
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let config = redis_config(&redis, "optout:", scratch.path());
-    init_redis(&config).await;
+    let (mut redis, scratch, config) = common::initialised_redis().await;
     let a = TestServer::start_redis(config.clone()).await;
     let b = TestServer::start_redis(config).await;
     let n = valid_numbers(4_300_000_000, 3);
@@ -975,10 +969,7 @@ async fn a_redis_restored_from_an_older_aof_is_noticed_although_a_write_lands_fi
 /// Scenario retried until the cut lands between the last write before the swap and the swap.
 #[tokio::test]
 async fn an_import_cut_off_while_its_swap_waits_does_not_unlink_the_list_it_swapped_in() {
-    let redis = RedisServer::start();
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let config = redis_config(&redis, "optout:", scratch.path());
-    init_redis(&config).await;
+    let (redis, _scratch, config) = common::initialised_redis().await;
     let server = TestServer::start_redis(config).await;
     let mut conn = redis.connection().await;
     // Numbers in the first buckets, so an import's comparison carries them over in its first

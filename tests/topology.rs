@@ -427,10 +427,7 @@ async fn a_cluster_master_that_comes_back_empty_fails_closed() {
 /// numbers of adds under way at that version are held.
 #[tokio::test]
 async fn on_a_cluster_a_check_during_a_half_done_add_withholds_it_at_the_version_it_claims() {
-    let cluster = Cluster::start().await;
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let config = cluster.config(scratch.path());
-    init_redis(&config).await;
+    let (cluster, _scratch, config) = common::initialised_cluster().await;
     let writer = TestServer::start_redis(config.clone()).await;
     let reader = TestServer::start_redis(config.clone()).await;
     let (n, shard_master) = cluster.number_off_the_metadata_master(4_065_000_000).await;
@@ -537,15 +534,7 @@ async fn on_a_cluster_a_change_cut_off_between_its_steps_is_finished_and_audited
 
     // A removal whose caller gives up (and whose handler is dropped, as in a crash) while its
     // shard's master is paused: the first step is done, the rest is not.
-    let version: String = {
-        let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");
-        let mut conn = client.get_async_connection().await.expect("connect");
-        redis::cmd("GET")
-            .arg("{optout:}version")
-            .query_async(&mut conn)
-            .await
-            .expect("version")
-    };
+    let version = cluster.version().await.expect("version");
     cluster.pause_writes(shard_master, 2000).await;
     let mut admin = server.admin_client().await;
     let mut request = tonic::Request::new(change_request(
@@ -665,25 +654,14 @@ async fn on_a_cluster_a_writer_killed_between_the_steps_leaves_a_change_that_is_
 /// refused (ABORTED, retry) until the removal is finished, then applied after it.
 #[tokio::test]
 async fn on_a_cluster_a_removal_finished_late_never_undoes_a_later_add() {
-    let cluster = Cluster::start().await;
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let config = cluster.config(scratch.path());
-    init_redis(&config).await;
+    let (cluster, scratch, config) = common::initialised_cluster().await;
     let a = TestServer::start_redis(config.clone()).await;
     let mut b = ServeProcess::start(&cluster.serve_flags(), scratch.path()).await;
     let (n, shard_master) = cluster.number_off_the_metadata_master(4_090_000_000).await;
     add(&a, std::slice::from_ref(&n))
         .await
         .expect("N opted out");
-    let version: String = {
-        let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");
-        let mut conn = client.get_async_connection().await.expect("connect");
-        redis::cmd("GET")
-            .arg("{optout:}version")
-            .query_async(&mut conn)
-            .await
-            .expect("version")
-    };
+    let version = cluster.version().await.expect("version");
 
     // The removal's first step lands through B; its shard step waits behind the pause; B dies.
     cluster.pause_writes(shard_master, 1500).await;
@@ -760,10 +738,7 @@ async fn on_a_cluster_a_removal_finished_late_never_undoes_a_later_add() {
 /// changed with no log entry and no audit record.
 #[tokio::test]
 async fn on_a_cluster_a_change_whose_first_step_was_lost_is_not_acknowledged() {
-    let cluster = Cluster::start().await;
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let config = cluster.config(scratch.path());
-    init_redis(&config).await;
+    let (cluster, _scratch, config) = common::initialised_cluster().await;
     let a = TestServer::start_redis(config.clone()).await;
     let (n, shard_master) = cluster.number_off_the_metadata_master(4_095_000_000).await;
     let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");

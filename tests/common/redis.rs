@@ -255,6 +255,16 @@ pub fn redis_config(redis: &RedisServer, prefix: &str, scratch: &Path) -> Server
     c
 }
 
+/// A Redis with the store initialised on it (prefix `optout:`), its scratch directory and the
+/// service's configuration: what most Redis tests start from.
+pub async fn initialised_redis() -> (RedisServer, tempfile::TempDir, ServerConfig) {
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    init_redis(&config).await;
+    (redis, scratch, config)
+}
+
 /// Writes the dataset marker, as `optout init-store` does.
 pub async fn init_redis(config: &ServerConfig) -> String {
     let store =

@@ -117,20 +117,7 @@ impl TestServer {
 
     /// Health status of the whole server (""), or -1 if it cannot be asked.
     pub async fn health(&self) -> i32 {
-        let Ok(ch) = Channel::from_shared(self.url.clone())
-            .expect("url")
-            .connect()
-            .await
-        else {
-            return -1;
-        };
-        let mut h = HealthClient::new(ch);
-        h.check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .map(|r| r.into_inner().status)
-        .unwrap_or(-1)
+        self.health_of("").await
     }
 
     /// Health status of one health "service" (`optout.v1.OptOutCheck`: readiness; `liveness`),

@@ -314,6 +314,16 @@ impl Cluster {
     }
 }
 
+/// A cluster with the store initialised on it, its scratch directory and the service's
+/// configuration: what most cluster tests start from.
+pub async fn initialised_cluster() -> (Cluster, tempfile::TempDir, ServerConfig) {
+    let cluster = Cluster::start().await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = cluster.config(scratch.path());
+    super::init_redis(&config).await;
+    (cluster, scratch, config)
+}
+
 impl Cluster {
     /// A number whose shard lives on a master other than the metadata slot's, and that master.
     pub async fn number_off_the_metadata_master(&self, from: u64) -> (String, u16) {
@@ -346,18 +356,22 @@ impl Cluster {
             .expect("CLIENT PAUSE");
     }
 
-    /// Waits until the change log's version is no longer `from` (a change's first step landed).
-    pub async fn wait_version_moves(&self, from: &str) {
+    /// The change log's version (`{optout:}version`), read straight from the cluster.
+    pub async fn version(&self) -> Option<String> {
         let client = redis::cluster::ClusterClient::new(self.urls()).expect("cluster client");
         let mut conn = client.get_async_connection().await.expect("connect");
+        redis::cmd("GET")
+            .arg("{optout:}version")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(None)
+    }
+
+    /// Waits until the change log's version is no longer `from` (a change's first step landed).
+    pub async fn wait_version_moves(&self, from: &str) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let v: Option<String> = redis::cmd("GET")
-                .arg("{optout:}version")
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(None);
-            if v.as_deref().is_some_and(|v| v != from) {
+            if self.version().await.is_some_and(|v| v != from) {
                 return;
             }
             assert!(Instant::now() < deadline, "the change was never logged");
