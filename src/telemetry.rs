@@ -75,6 +75,12 @@ fn register_at_zero() {
         metrics::counter!("optout_store_lookups_total", "result" => result).increment(0);
     }
     metrics::counter!("optout_rate_limited_total").increment(0);
+    for why in ["idle", "no_request"] {
+        metrics::counter!("optout_connections_idle_closed_total", "why" => why).increment(0);
+    }
+    for limit in ["total", "peer"] {
+        metrics::counter!("optout_connections_refused_total", "limit" => limit).increment(0);
+    }
     metrics::counter!("optout_check_version_not_reached_total").increment(0);
     metrics::counter!("optout_store_behind_filter_total").increment(0);
     metrics::gauge!("optout_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -237,11 +243,13 @@ fn describe() {
     );
     describe_counter!(
         "optout_connections_idle_closed_total",
-        "Client connections closed after --idle-timeout-secs without traffic"
+        "Client connections closed: why=idle after --idle-timeout-secs without traffic, \
+         why=no_request when no request came within --first-request-timeout-secs"
     );
     describe_counter!(
         "optout_connections_refused_total",
-        "Client connections closed at accept because --max-connections was reached"
+        "Client connections closed at accept: limit=total (--max-connections reached) or \
+         limit=peer (--max-connections-per-peer reached for the peer's address)"
     );
     describe_counter!(
         "optout_rate_limited_total",

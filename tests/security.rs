@@ -425,6 +425,7 @@ async fn connections_past_the_cap_are_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = test_config(dir.path());
     config.max_connections = 2;
+    config.max_connections_per_peer = Some(2);
     let server = TestServer::start_with(config).await;
     // The health probes of the start closed their connections; give the server a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1127,4 +1128,91 @@ async fn eventually_records(
             return found;
         }
     })
+}
+
+/// Issue 27, item 9: three TCP connections opened and left silent took every place of
+/// `--max-connections 3` for as long as the idle timeout (ten minutes). A connection that has
+/// sent no request within `--first-request-timeout-secs` is closed; and one peer address holds at
+/// most `--max-connections-per-peer` places.
+#[tokio::test]
+async fn silent_connections_lose_their_places_and_one_peer_cannot_take_them_all() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.max_connections = 3;
+    config.max_connections_per_peer = Some(3);
+    config.first_request_timeout = Duration::from_secs(1);
+    let server = TestServer::start_with(config).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let silent: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(server.addr).expect("connect"))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let req = || check_request(valid_numbers(4_000_000_000, 1), Purpose::Research);
+    let started = std::time::Instant::now();
+    poll!("a check gets a place again", Duration::from_secs(5), {
+        if let Ok(ch) = Channel::from_shared(server.url.clone())
+            .expect("url")
+            .connect()
+            .await
+            && check_client(ch, None).check(req()).await.is_ok()
+        {
+            break;
+        }
+    });
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the silent connections held the places at first"
+    );
+    drop(silent);
+    server.stop().await;
+
+    // One peer address (127.0.0.2) may hold two of ten places: its third is closed at once,
+    // while another address (127.0.0.1) is still served.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.max_connections = 10;
+    config.max_connections_per_peer = Some(2);
+    let server = TestServer::start_with(config).await;
+    let from_peer = || {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind 127.0.0.2");
+        socket
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            from_peer()
+                .connect(server.addr)
+                .await
+                .expect("connect")
+                .into_std()
+                .expect("std"),
+        );
+    }
+    let mut third = held.pop().expect("third");
+    third.set_nonblocking(false).expect("blocking");
+    third
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    // Off the runtime: the server runs on it (in this process).
+    let read = tokio::task::spawn_blocking(move || {
+        let mut buf = [0u8; 16];
+        third.read(&mut buf)
+    })
+    .await
+    .expect("join");
+    assert!(
+        matches!(read, Ok(0))
+            || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the peer's third connection is closed at once: {read:?}"
+    );
+    check_client(server.channel().await, None)
+        .check(req())
+        .await
+        .expect("another address is served");
+    drop(held);
+    server.stop().await;
 }

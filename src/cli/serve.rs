@@ -268,6 +268,14 @@ pub(super) struct ServeArgs {
     /// Client connections this replica holds at once; past it new ones are closed at once.
     #[arg(long, env = "OPTOUT_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Client connections held at once from one peer address; past it new ones from that address
+    /// are closed at once. Default: a quarter of --max-connections. Behind a proxy or a service
+    /// mesh's sidecar every client is one peer: raise it to --max-connections there.
+    #[arg(long, env = "OPTOUT_MAX_CONNECTIONS_PER_PEER")]
+    max_connections_per_peer: Option<usize>,
+    /// A new client connection that has sent no request within this many seconds is closed.
+    #[arg(long, env = "OPTOUT_FIRST_REQUEST_TIMEOUT_SECS", default_value_t = defaults::FIRST_REQUEST_TIMEOUT.as_secs())]
+    first_request_timeout_secs: u64,
     /// Longest a request may take, a whole CheckStream or import included, in seconds.
     #[arg(long, env = "OPTOUT_REQUEST_TIMEOUT_SECS", default_value_t = Limits::DEFAULT.request_timeout.as_secs())]
     request_timeout_secs: u64,
@@ -481,6 +489,8 @@ impl TryFrom<&ServeArgs> for ServerConfig {
             },
             max_concurrent_streams: args.max_concurrent_streams.max(1),
             max_connections: args.max_connections.max(1),
+            max_connections_per_peer: args.max_connections_per_peer.map(|n| n.max(1)),
+            first_request_timeout: Duration::from_secs(args.first_request_timeout_secs.max(1)),
             max_connection_age: Duration::from_secs(args.max_connection_age_secs.max(1)),
             idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
             health_listener: side("--health-listen", args.health_listen)?,

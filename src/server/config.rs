@@ -29,6 +29,8 @@ pub mod defaults {
     pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(1800);
     /// A connection idle this long is closed.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    /// How long a new connection may take to send its first request.
+    pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
     /// How often the keys file is checked for changes.
     pub const KEYS_RELOAD: Duration = Duration::from_secs(2);
     /// How long check records may fail to be written before checks withhold everything.
@@ -82,6 +84,12 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// Client connections held at once; past it, new connections are closed at once.
     pub max_connections: usize,
+    /// Client connections held at once from one peer address; `None`: a quarter of
+    /// `max_connections`. (Behind a proxy or a mesh sidecar every client is one peer: raise it.)
+    pub max_connections_per_peer: Option<usize>,
+    /// A new connection that has sent no request by then is closed, so connections opened and
+    /// left silent cannot hold the replica's places.
+    pub first_request_timeout: Duration,
     /// A connection older than this is asked to close (GOAWAY) and given the shutdown grace to
     /// finish its requests: no client holds a replica forever, and load spreads over new pods.
     pub max_connection_age: Duration,
@@ -151,6 +159,8 @@ impl ServerConfig {
             limits: Limits::DEFAULT,
             max_concurrent_streams: defaults::MAX_CONCURRENT_STREAMS,
             max_connections: defaults::MAX_CONNECTIONS,
+            max_connections_per_peer: None,
+            first_request_timeout: defaults::FIRST_REQUEST_TIMEOUT,
             max_connection_age: defaults::MAX_CONNECTION_AGE,
             idle_timeout: defaults::IDLE_TIMEOUT,
             keys_file: None,

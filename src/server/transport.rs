@@ -41,6 +41,17 @@ pub(super) async fn serve_grpc(
     let idle = config
         .idle_timeout
         .max(config.limits.request_timeout + Duration::from_secs(1));
+    let limits = crate::connections::ConnectionLimits {
+        max: config.max_connections,
+        per_peer: config
+            .max_connections_per_peer
+            .unwrap_or(config.max_connections / 4)
+            .max(1),
+        idle,
+        first_request: config.first_request_timeout,
+    };
+    let peers = crate::connections::Peers::new();
+    let requested = peers.clone();
     let server = builder
         .max_concurrent_streams(config.max_concurrent_streams)
         .timeout(config.limits.request_timeout)
@@ -53,6 +64,10 @@ pub(super) async fn serve_grpc(
         // the response (headers, trailers-only errors included) inside it.
         .layer(
             tower::ServiceBuilder::new()
+                .map_request(move |req: Request<Body>| {
+                    requested.request_on(&req);
+                    req
+                })
                 .map_request(drop_unusable_request_id)
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(
@@ -68,7 +83,7 @@ pub(super) async fn serve_grpc(
         )
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            crate::connections::limited(incoming(listener), config.max_connections, idle),
+            crate::connections::limited(incoming(listener), limits, peers),
             async {
                 shutdown.await;
                 health.set_all(ServingStatus::NotServing).await;
