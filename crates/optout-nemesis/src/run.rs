@@ -127,7 +127,7 @@ pub async fn run(config: RunConfig) -> Result<RunReport, NemesisError> {
     std::fs::create_dir_all(&dir)?;
     let programs = &config.programs;
     let store = Store::start(config.topology, programs, dir.join("redis")).await?;
-    store.init(programs)?;
+    store.init(programs).await?;
     let key = run_optout(programs, &["keys".into(), "audit-key".into()])?;
     let key_file = dir.join("audit.key");
     std::fs::write(&key_file, key.trim())?;

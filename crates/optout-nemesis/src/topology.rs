@@ -161,14 +161,27 @@ impl Store {
         }
     }
 
-    /// `optout init-store` on it.
-    pub fn init(&self, programs: &Programs) -> Result<(), NemesisError> {
+    /// `optout init-store` on it. A first attempt that its replicas did not confirm in time (a
+    /// replica still catching up after the topology came up) was applied all the same: the
+    /// retries pass `--exists-ok`.
+    pub async fn init(&self, programs: &Programs) -> Result<(), NemesisError> {
         let mut args = vec!["init-store".to_string()];
         args.extend(self.flags());
         if self.topology == Topology::Cluster {
             args.extend(["--shards".into(), "16".into()]);
         }
-        run_optout(programs, &args).map(|_| ())
+        let mut last = None;
+        for attempt in 0..5 {
+            if attempt == 1 {
+                args.push("--exists-ok".into());
+            }
+            match run_optout(programs, &args) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Err(last.unwrap_or_else(|| NemesisError::Setup("init-store".into())))
     }
 
     async fn wait_sentinels_ready(&self) -> Result<(), NemesisError> {
@@ -248,12 +261,34 @@ impl Store {
         }
         let roles = self.cluster_roles().await;
         let masters: Vec<_> = roles.iter().filter(|r| r.master).collect();
-        masters.len() == 3
-            && masters.iter().all(|m| {
+        if masters.len() != 3
+            || !masters.iter().all(|m| {
                 roles
                     .iter()
                     .any(|r| !r.master && r.master_id == m.id && r.link_up)
             })
+        {
+            return false;
+        }
+        // Each master's replica has caught up with it (WAIT needs no write of its own).
+        for m in masters {
+            let Some(node) = self.nodes.iter().find(|n| n.port == m.port) else {
+                return false;
+            };
+            let Ok(mut conn) = node.connection().await else {
+                return false;
+            };
+            let acked: i64 = redis::cmd("WAIT")
+                .arg(1)
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(0);
+            if acked < 1 {
+                return false;
+            }
+        }
+        true
     }
 
     /// `CLUSTER NODES` as the first node that answers sees it.
