@@ -22,7 +22,7 @@ use redis::Value;
 
 use super::{
     RedisStore,
-    reply::{array, version_of},
+    reply::{array, text_of, version_of},
     scripts::store_error,
 };
 use crate::{core::Version, store::StoreError};
@@ -105,6 +105,14 @@ impl RedisStore {
             && !held
             && !self.in_log(seen).await?
         {
+            if self.inner.layout.may_be_demoted() && !self.still_master().await? {
+                // Behind Sentinel, a connection may still reach a demoted master (a replica now,
+                // perhaps lagging): what it lacks says nothing of the store. Ask again.
+                self.reset_sentinel_conns();
+                return Err(StoreError::Unavailable(
+                    "the Redis node Sentinel named is no longer the master; asking again".into(),
+                ));
+            }
             return Err(self.inner.continuity.lose(seen, version));
         }
         self.inner.continuity.broken()?;
@@ -123,6 +131,15 @@ impl RedisStore {
             }
             _ => self.inner.continuity.saw(version),
         }
+    }
+
+    /// Whether the node this store's connections reach says it is a master (`ROLE`).
+    async fn still_master(&self) -> Result<bool, StoreError> {
+        let role: Value = redis::cmd("ROLE")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        Ok(array(role)?.first().and_then(text_of).as_deref() == Some("master"))
     }
 
     /// Whether the change log holds the entry `v`, or was trimmed past it (no proof either way).
