@@ -1121,3 +1121,75 @@ async fn a_forged_filter_snapshot_in_redis_is_not_loaded() {
     );
     cold.stop().await;
 }
+
+/// Issue 27, item 3's server side: a store that lost its data (FLUSHALL) and was initialised
+/// again is a new, empty dataset. Replicas that served the old one used to load it and release
+/// everyone; since they prove the store's continuity, they find the history they saw gone and
+/// fail closed until an admin acknowledges (having restored the lists). A replica started
+/// afterwards has seen nothing and loads the new dataset.
+#[tokio::test]
+async fn a_store_initialised_again_after_it_lost_its_data_is_not_served_by_replicas_that_knew_it() {
+    let (redis, _scratch, config) = common::initialised_redis().await;
+    let server = TestServer::start_redis(config.clone()).await;
+    let n = valid_numbers(4_310_000_000, 2);
+    server
+        .admin_client()
+        .await
+        .add_opt_outs(change_request(n.clone(), OptOutType::NationalDataOptOut))
+        .await
+        .expect("add");
+    let mut c = redis.connection().await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut c)
+        .await
+        .expect("flushall");
+    init_redis(&config).await;
+    let regressed = |server: &TestServer| {
+        let url = server.url.clone();
+        async move {
+            let channel = tonic::transport::Channel::from_shared(url)
+                .expect("url")
+                .connect()
+                .await
+                .expect("connect");
+            optout::api::proto::opt_out_admin_client::OptOutAdminClient::new(channel)
+                .get_status(GetStatusRequest {})
+                .await
+                .map(|r| r.into_inner().store_regressed)
+                .unwrap_or_default()
+        }
+    };
+    eventually!(
+        "the replica that knew the old dataset fails closed",
+        Duration::from_secs(10),
+        !regressed(&server).await.is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        decide(&server, &n, "").await,
+        vec![
+            (Outcome::Withhold, Reason::StoreRegressed),
+            (Outcome::Withhold, Reason::StoreRegressed)
+        ],
+        "the opt-outs of the lost dataset are not released from the new, empty one"
+    );
+    // The admin restores the list, then acknowledges: served again, from the new dataset.
+    let mut admin = server.admin_client().await;
+    admin
+        .add_opt_outs(change_request(n.clone(), OptOutType::NationalDataOptOut))
+        .await
+        .expect("restored through the failing-closed replica");
+    admin
+        .acknowledge_store_regression(optout::api::proto::AcknowledgeStoreRegressionRequest {
+            reason: "INC-27: store flushed and re-initialised; list re-imported".into(),
+        })
+        .await
+        .expect("acknowledged");
+    eventually!(
+        "served again",
+        Duration::from_secs(15),
+        regressed(&server).await.is_empty()
+            && decide(&server, &n, "").await == vec![WITHHELD, WITHHELD]
+    );
+    server.stop().await;
+}
