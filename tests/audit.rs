@@ -307,3 +307,120 @@ async fn the_changes_trail_in_redis_is_sealed_and_a_record_altered_removed_or_fo
         "{out}"
     );
 }
+
+/// The id of the last record the seals cover, read as the sealer reads it.
+async fn sealed_upto(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> String {
+    let seals = entries(conn, &format!("{prefix}changes_seals")).await;
+    let Some((_, fields)) = seals.last() else {
+        return String::new();
+    };
+    let line = fields
+        .iter()
+        .find(|(k, _)| k.as_slice() == b"l")
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default();
+    let (_, seal) = optout::core::trail::open_line::<optout::core::seals::ChangesSeal>(&line)
+        .expect("a seal line");
+    seal.upto().unwrap_or_default().to_string()
+}
+
+/// Issue 27 item 7: a record XADDed to the changes trail by hand was covered by the next seal
+/// and verified as genuine. Each record now carries a MAC its replica computed under the audit
+/// key; the sealer leaves out a record without a valid one, and `verify-changes` names it, as it
+/// names a genuine record copied to a new id.
+#[tokio::test]
+async fn a_record_added_to_the_changes_trail_by_hand_is_not_sealed_as_genuine() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("audit.key");
+    std::fs::write(&key_file, AuditKey::generate()).expect("write key");
+    let key = AuditKey::from_file(&std::fs::read(&key_file).expect("read")).expect("key");
+    let prefix = "forged:";
+    let mut config = redis_config(&redis, prefix, dir.path());
+    init_redis(&config).await;
+    config.audit_key = Some(key.clone());
+    config.seal_interval = Duration::from_millis(50);
+    let server = TestServer::start_redis(config).await;
+    let mut admin = server.admin_client().await;
+    let mut conn = redis.connection().await;
+    let stream = format!("{prefix}changes");
+    let n = valid_numbers(4_920_000_000, 4);
+    let mut add = async |i: usize| {
+        admin
+            .add_opt_outs(change_request(
+                vec![n[i].clone()],
+                OptOutType::NationalDataOptOut,
+            ))
+            .await
+            .expect("add");
+    };
+    add(0).await;
+    let genuine = entries(&mut conn, &stream).await;
+    assert_eq!(genuine.len(), 1);
+
+    // Forged: the genuine record's fields with another organisation, appended by hand, then a
+    // genuine change after it, so a seal that takes whatever is there would cover it.
+    let mut fields = genuine[0].1.clone();
+    for (k, v) in fields.iter_mut() {
+        if k.as_slice() == b"r" {
+            *v = String::from_utf8_lossy(v)
+                .replacen("\"organisation\":\"", "\"organisation\":\"X", 1)
+                .into_bytes();
+        }
+    }
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(&stream).arg("*");
+    for (k, v) in &fields {
+        xadd.arg(k.as_slice()).arg(v.as_slice());
+    }
+    let forged: String = xadd.query_async(&mut conn).await.expect("xadd");
+    add(1).await;
+    let newest = entries(&mut conn, &stream)
+        .await
+        .last()
+        .expect("a record")
+        .0
+        .clone();
+    eventually!("the newest record sealed", Duration::from_secs(10), {
+        sealed_upto(&mut conn, prefix).await == newest
+    });
+    let (code, out) = verify_changes(&key_file, &redis, prefix);
+    assert_eq!(code, 1, "a forged record must not verify: {out}");
+    assert!(out.contains(&format!("record {forged}")), "{out}");
+    // No seal vouches for it: deleted again, the trail verifies, every genuine record sealed.
+    let _: i64 = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg(&forged)
+        .query_async(&mut conn)
+        .await
+        .expect("xdel");
+    let (code, out) = verify_changes(&key_file, &redis, prefix);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("verified: 2 records"), "{out}");
+
+    // A genuine record copied whole (its MAC with it) to a new id: the sealer cannot tell a copy
+    // from the records it has not seen, but the verifier names it.
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(&stream).arg("*");
+    for (k, v) in &genuine[0].1 {
+        xadd.arg(k.as_slice()).arg(v.as_slice());
+    }
+    let copy: String = xadd.query_async(&mut conn).await.expect("xadd");
+    add(2).await;
+    let newest = entries(&mut conn, &stream)
+        .await
+        .last()
+        .expect("a record")
+        .0
+        .clone();
+    eventually!("the newest record sealed", Duration::from_secs(10), {
+        sealed_upto(&mut conn, prefix).await == newest
+    });
+    let (code, out) = verify_changes(&key_file, &redis, prefix);
+    assert_eq!(code, 1, "a copied record must not verify: {out}");
+    assert!(
+        out.contains(&format!("record {copy}: a copy of record {}", genuine[0].0)),
+        "{out}"
+    );
+    server.stop().await;
+}

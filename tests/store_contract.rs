@@ -124,6 +124,8 @@ impl OnRedis {
     fn redis(&self, case: &str) -> RedisConfig {
         let mut r = self.config.redis().expect("redis").clone();
         r.prefix = format!("contract:{case}:");
+        // The key the sealing cases seal under: each record this store writes carries its MAC.
+        r.record_key = Some(std::sync::Arc::new(AuditKey::new(&[9u8; 32]).expect("key")));
         r
     }
 
@@ -558,6 +560,17 @@ async fn imports(b: &dyn Backend) {
         "{refused:?}"
     );
     assert_eq!(s.status().await.expect("status").national, 3);
+
+    // Every record the imports wrote (parts, main records) carries a MAC that verifies where the
+    // store writes them (Redis, under the key its replica holds): all sealed, none refused.
+    let sealed = sealer::seal_pass(s, &key).await.expect("seal");
+    assert!(sealed.refused.is_empty(), "{sealed:?}");
+    assert!(sealed.records > 0);
+    let report = sealer::verify(s, &key)
+        .await
+        .expect("read")
+        .expect("verifies");
+    assert_eq!(report.unsealed, 0, "{report:?}");
 }
 
 /// The whole change log, oldest first.
@@ -715,7 +728,11 @@ async fn changes_sealing(b: &dyn Backend) {
         s.record_access(&record("get", org)).await.expect("record");
     }
     change(s, ChangeKind::Add, NATIONAL, &numbers(4_200_000_000, 2)).await;
-    assert_eq!(sealer::seal_pending(s, &key).await.expect("seal"), 4);
+    // An acknowledgement's record too (its own script).
+    s.acknowledge_regression(&record("acknowledge-regression", "RX1"))
+        .await
+        .expect("acknowledge");
+    assert_eq!(sealer::seal_pending(s, &key).await.expect("seal"), 5);
     assert_eq!(sealer::seal_pending(s, &key).await.expect("seal"), 0);
     // A writer that read an older last seal loses the race instead of forking the chain.
     assert!(!s.append_seal(0, "{}").await.expect("append"));
@@ -726,10 +743,10 @@ async fn changes_sealing(b: &dyn Backend) {
         .await
         .expect("read")
         .expect("intact");
-    assert_eq!((report.seals, report.records, report.unsealed), (1, 4, 1));
+    assert_eq!((report.seals, report.records, report.unsealed), (1, 5, 1));
     assert_eq!(sealer::seal_pending(s, &key).await.expect("seal"), 1);
     let records = s.stored(Stored::Records, None, 100).await.expect("records");
-    assert_eq!(records.len(), 5);
+    assert_eq!(records.len(), 6);
     // Paging after an id returns what follows it.
     let after = s
         .stored(Stored::Records, Some(&records[1].id), 2)

@@ -43,10 +43,14 @@ fn sealed_head(last: Option<&StoredEntry>) -> Result<(ChainHead, Option<String>)
 const SEAL_PAGE: usize = 16;
 
 /// The next seal's records after `upto`: ids and hashes of up to [`SEAL_MAX_RECORDS`], read a
-/// small page at a time.
+/// small page at a time. A record whose MAC does not verify under `key` (or that lacks one where
+/// the store writes them) is left out, and its id added to `refused`: no seal ever vouches for a
+/// record no replica wrote (issue 27 item 7).
 async fn next_records(
     store: &dyn ConsentStore,
+    key: &AuditKey,
     upto: Option<String>,
+    refused: &mut Vec<String>,
 ) -> Result<Vec<(String, String)>, StoreError> {
     let mut records = Pages::new(Stored::Records, upto, SEAL_PAGE);
     let mut out = Vec::new();
@@ -54,20 +58,45 @@ async fn next_records(
         let Some(r) = records.next(store).await? else {
             break;
         };
+        if !r.mac.sealable(key) {
+            if !refused.contains(&r.id) {
+                refused.push(r.id);
+            }
+            continue;
+        }
         let hash = record_hash(&r.bytes);
         out.push((r.id, hash));
     }
     Ok(out)
 }
 
+/// What one sealing pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sealed {
+    /// Records sealed.
+    pub records: u64,
+    /// Records left out: no valid MAC (written around the service, or by a replica without the
+    /// audit key). `optout audit verify-changes` names them.
+    pub refused: Vec<String>,
+}
+
 /// Seals every record written since the last seal; returns how many this call sealed.
 pub async fn seal_pending(store: &dyn ConsentStore, key: &AuditKey) -> Result<u64, StoreError> {
+    Ok(seal_pass(store, key).await?.records)
+}
+
+/// Seals every record written since the last seal that carries a valid MAC.
+pub async fn seal_pass(store: &dyn ConsentStore, key: &AuditKey) -> Result<Sealed, StoreError> {
     let mut sealed = 0u64;
+    let mut refused = Vec::new();
     loop {
         let (head, upto) = sealed_head(store.last_seal().await?.as_ref())?;
-        let records = next_records(store, upto).await?;
+        let records = next_records(store, key, upto, &mut refused).await?;
         if records.is_empty() {
-            return Ok(sealed);
+            return Ok(Sealed {
+                records: sealed,
+                refused,
+            });
         }
         let seal = ChangesSeal { records };
         let (line, next) = trail::seal(head, &seal, key)
@@ -92,10 +121,27 @@ pub async fn seal_pending(store: &dyn ConsentStore, key: &AuditKey) -> Result<u6
 pub async fn run(store: std::sync::Arc<dyn ConsentStore>, key: AuditKey, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Refused records already reported: each is logged once, not every interval.
+    let mut reported = std::collections::HashSet::new();
     loop {
         tick.tick().await;
-        if let Err(e) = seal_pending(store.as_ref(), &key).await {
-            tracing::warn!(error = %e, "cannot seal the changes trail; retrying");
+        match seal_pass(store.as_ref(), &key).await {
+            Ok(s) => {
+                for id in s.refused {
+                    if reported.len() > 10_000 {
+                        reported.clear();
+                    }
+                    if reported.insert(id.clone()) {
+                        tracing::error!(
+                            record = %id,
+                            "a record of the changes trail carries no valid MAC under the audit \
+                             key: not sealed (written around the service, or by a replica \
+                             without this audit key); `optout audit verify-changes` names it"
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot seal the changes trail; retrying"),
         }
     }
 }
@@ -120,7 +166,7 @@ pub async fn verify(
                 None => v.seals_done(),
             }
         }
-        if let Err(e) = v.record(&r.id, &r.bytes) {
+        if let Err(e) = v.record(&r.id, &r.bytes, &r.mac) {
             return Ok(Err(e));
         }
     }

@@ -40,7 +40,7 @@ use crate::{
     store::{
         ConsentStore, StoreError,
         embedded::{EmbeddedConfig, EmbeddedStore, Opened},
-        redis::RedisStore,
+        redis::{RedisConfig, RedisStore},
     },
 };
 use health::HealthState;
@@ -86,7 +86,12 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn ConsentStore>, 
     Ok(match &config.store {
         StoreConfig::Redis(redis) => {
             tracing::info!(store = %redis.describe(), prefix = %redis.prefix, "using the Redis store");
-            Arc::new(RedisStore::connect(redis)?)
+            // Records this replica writes to the changes trail carry a MAC under the audit key.
+            let redis = RedisConfig {
+                record_key: config.audit_key.clone().map(Arc::new),
+                ..redis.clone()
+            };
+            Arc::new(RedisStore::connect(&redis)?)
         }
         StoreConfig::Embedded { .. } => Arc::new(open_embedded(config).await?),
     })

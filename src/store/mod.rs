@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use crate::core::seals::RecordMac;
 use crate::core::{
     AuditKey, AuditQuery, AuditRecord, IMPORT_DIGEST_CHUNK, NhsNumber, OptOutSet, OptOutType,
     Version,
@@ -262,13 +263,17 @@ pub enum Stored {
     Seals,
 }
 
-/// One stored record or seal: its id (`<ms>-<seq>`, increasing) and its bytes as stored.
+/// One stored record or seal: its id (`<ms>-<seq>`, increasing), its bytes as stored, and the
+/// MAC a record carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredEntry {
     /// The id in the store.
     pub id: String,
     /// The bytes as stored (a record's fields, a seal's line).
     pub bytes: Vec<u8>,
+    /// What the record carries to show a replica wrote it: the backend says where its content
+    /// and MAC are, the sealer and the verifier check them ([`RecordMac::NotUsed`] for a seal).
+    pub mac: RecordMac,
 }
 
 /// The consent store.

@@ -273,12 +273,12 @@ pub async fn init_redis(config: &ServerConfig) -> String {
 }
 
 impl TestServer {
-    /// Starts the server as the binary does: on Redis when configured.
+    /// Starts the server as the binary does: on Redis when configured, the store opened by
+    /// the server's own `open_store` (which hands it the audit key for record MACs).
     pub async fn start_redis(config: ServerConfig) -> TestServer {
-        let store: Arc<dyn ConsentStore> = Arc::new(
-            optout::store::redis::RedisStore::connect(config.redis().expect("redis"))
-                .expect("connect"),
-        );
+        let store: Arc<dyn ConsentStore> = optout::server::open_store(&config)
+            .await
+            .expect("open the store");
         Self::start_on(store, config).await
     }
 }

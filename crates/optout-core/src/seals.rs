@@ -1,5 +1,15 @@
 //! Tamper evidence for the changes trail, which lives in the consent store.
 //!
+//! Each record a replica writes to a Redis store also carries a MAC of its content under the
+//! audit key ([`record_mac`]), computed by the replica before the store's script runs (the script
+//! adds the version and the count, which the MAC does not cover and the seal does). The sealer
+//! seals only records whose MAC verifies, and the verifier requires it: a record added to the
+//! trail by hand (issue 27 item 7: an `XADD` to `changes`, which the next seal used to cover as
+//! genuine) is named, sealed or not; a copy of a genuine record is named as replayed. Records
+//! without a MAC are accepted only where a seal covers them: written before MACs, and sealed by
+//! a replica of that version. The embedded store's trail is written only through the service,
+//! which holds its file locked, and carries no MACs ([`RecordMac::NotUsed`]).
+//!
 //! A record of the changes trail is written by the store together with the change it records (in
 //! Redis by the change's own script, which cannot compute a MAC without being handed the key, and
 //! in the Cluster by a step that must not fail). So the service seals the trail just after: a
@@ -45,6 +55,47 @@ pub const SEAL_MAX_RECORDS: usize = 1000;
 /// makes it binding).
 pub fn record_hash(bytes: &[u8]) -> String {
     trail::hex(&Sha256::digest(bytes)[..16])
+}
+
+/// The MAC a record of the changes trail carries: hex of the first 16 bytes of HMAC-SHA-256,
+/// under the audit key, of a domain tag and the record's content (its JSON as the replica wrote
+/// it).
+pub fn record_mac(key: &AuditKey, content: &[u8]) -> String {
+    let mut data = Vec::with_capacity(RECORD_MAC_DOMAIN.len() + content.len());
+    data.extend_from_slice(RECORD_MAC_DOMAIN);
+    data.extend_from_slice(content);
+    trail::hex(&key.mac(&data)[..16])
+}
+
+/// Keeps a record's MAC apart from every other MAC made under the audit key.
+const RECORD_MAC_DOMAIN: &[u8] = b"optout changes-trail record v1\n";
+
+/// What a stored record carries to show a replica wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordMac {
+    /// The content the writer MACed and the MAC stored beside it.
+    Carried {
+        /// The content as stored (a Redis record's `r` field).
+        content: Vec<u8>,
+        /// The MAC as stored (the `m` field).
+        mac: String,
+    },
+    /// No MAC where the store writes them: written around the service, by a replica without the
+    /// audit key, or before MACs were written.
+    Absent,
+    /// The store writes none (the embedded store), or the entry is a seal.
+    NotUsed,
+}
+
+impl RecordMac {
+    /// Whether a record with this MAC may be sealed under `key`.
+    pub fn sealable(&self, key: &AuditKey) -> bool {
+        match self {
+            RecordMac::Carried { content, mac } => record_mac(key, content) == *mac,
+            RecordMac::Absent => false,
+            RecordMac::NotUsed => true,
+        }
+    }
 }
 
 /// A record id of either store (`<ms>-<seq>`), as a sortable pair; `None` if it is not one.
@@ -105,6 +156,29 @@ pub enum ChangesError {
         /// The record's id in the store.
         id: String,
     },
+    /// A record whose MAC does not verify under the audit key: written around the service.
+    #[error("record {id}: its MAC does not verify under the audit key: added or altered by hand")]
+    Forged {
+        /// The record's id in the store.
+        id: String,
+    },
+    /// A record without a MAC that no seal covers, in a store whose replicas MAC every record.
+    #[error(
+        "record {id}: carries no MAC and no seal covers it: added by hand, or written by a \
+         replica without the audit key (or older than record MACs)"
+    )]
+    Unauthenticated {
+        /// The record's id in the store.
+        id: String,
+    },
+    /// A record whose content and MAC are those of an earlier record: a genuine record copied.
+    #[error("record {id}: a copy of record {first} (the same content and MAC): replayed by hand")]
+    Replayed {
+        /// The copy's id in the store.
+        id: String,
+        /// The earlier record's id.
+        first: String,
+    },
 }
 
 /// Checks the changes trail: feed it seal lines in sequence order ([`Verifier::seal`]) and
@@ -119,6 +193,9 @@ pub struct Verifier<'k> {
     sealed_upto: Option<(u64, u64)>,
     seals_done: bool,
     seen_record: bool,
+    /// The MACs of the records read so far, with their ids: a record's MAC is unique to its
+    /// content (which carries its time, caller and numbers), so a repeat is a copy.
+    macs: std::collections::HashMap<String, String>,
     report: ChangesReport,
 }
 
@@ -132,6 +209,7 @@ impl<'k> Verifier<'k> {
             sealed_upto: None,
             seals_done: false,
             seen_record: false,
+            macs: std::collections::HashMap::new(),
             report: ChangesReport::default(),
         }
     }
@@ -171,9 +249,45 @@ impl<'k> Verifier<'k> {
         Ok(())
     }
 
-    /// The next record of the trail, in id order, with its bytes as stored.
-    pub fn record(&mut self, id: &str, bytes: &[u8]) -> Result<(), ChangesError> {
+    /// The next record of the trail, in id order, with its bytes as stored and the MAC it carries.
+    pub fn record(&mut self, id: &str, bytes: &[u8], mac: &RecordMac) -> Result<(), ChangesError> {
         let order = id_order(id).ok_or_else(|| ChangesError::Added { id: id.into() })?;
+        let sealed = self.against_seals(id, order, bytes)?;
+        match mac {
+            RecordMac::Carried { content, mac } => {
+                if record_mac(self.key, content) != *mac {
+                    return Err(ChangesError::Forged { id: id.into() });
+                }
+                if let Some(first) = self.macs.insert(mac.clone(), id.to_string()) {
+                    return Err(ChangesError::Replayed {
+                        id: id.into(),
+                        first,
+                    });
+                }
+            }
+            // Sealers seal no record without a MAC where MACs are written: none ever will. One
+            // under a seal was written and sealed before MACs: the seal vouches for it.
+            RecordMac::Absent if !sealed => {
+                return Err(ChangesError::Unauthenticated { id: id.into() });
+            }
+            RecordMac::Absent | RecordMac::NotUsed => {}
+        }
+        if sealed {
+            self.report.records += 1;
+        } else {
+            self.report.unsealed += 1;
+        }
+        Ok(())
+    }
+
+    /// Matches a record against the seals: `Ok(true)` when a seal covers it, `Ok(false)` when it
+    /// is newer than every seal.
+    fn against_seals(
+        &mut self,
+        id: &str,
+        order: (u64, u64),
+        bytes: &[u8],
+    ) -> Result<bool, ChangesError> {
         while let Some((o, sealed_id, _, seal)) = self.pending.front() {
             if *o >= order {
                 break;
@@ -198,16 +312,12 @@ impl<'k> Verifier<'k> {
                     });
                 }
                 self.pending.pop_front();
-                self.report.records += 1;
-                Ok(())
+                Ok(true)
             }
             _ if self.sealed_upto.is_some_and(|upto| order < upto) => {
                 Err(ChangesError::Added { id: id.into() })
             }
-            _ => {
-                self.report.unsealed += 1;
-                Ok(())
-            }
+            _ => Ok(false),
         }
     }
 
@@ -263,10 +373,21 @@ mod tests {
     }
 
     fn verify(seals: &[String], recs: &[(String, Vec<u8>)]) -> Result<ChangesReport, ChangesError> {
+        let unmaced: Vec<_> = recs
+            .iter()
+            .map(|(id, b)| (id.clone(), b.clone(), RecordMac::NotUsed))
+            .collect();
+        verify_maced(seals, &unmaced)
+    }
+
+    fn verify_maced(
+        seals: &[String],
+        recs: &[(String, Vec<u8>, RecordMac)],
+    ) -> Result<ChangesReport, ChangesError> {
         let key = key();
         let mut v = Verifier::new(&key);
         let mut next = seals.iter();
-        for (id, bytes) in recs {
+        for (id, bytes, mac) in recs {
             let order = id_order(id).expect("id");
             while v.wants_seal(order) {
                 match next.next() {
@@ -274,7 +395,7 @@ mod tests {
                     None => v.seals_done(),
                 }
             }
-            v.record(id, bytes)?;
+            v.record(id, bytes, mac)?;
         }
         for line in next {
             v.seal(line)?;
@@ -351,5 +472,70 @@ mod tests {
         let report = verify(&s[1..], &recs[4..]).expect("trimmed");
         assert_eq!(report.gone_before_start, 1, "{report:?}");
         assert_eq!(report.records, 4);
+    }
+
+    /// A Redis record: its content MACed under `key`, stored with the MAC (as `bytes`).
+    fn maced(i: u64, key: &AuditKey) -> (String, Vec<u8>, RecordMac) {
+        let content = format!("{{\"record\":{i}}}").into_bytes();
+        let mac = record_mac(key, &content);
+        let mut bytes = content.clone();
+        bytes.extend_from_slice(mac.as_bytes());
+        (
+            format!("{}-0", 2000 + i),
+            bytes,
+            RecordMac::Carried { content, mac },
+        )
+    }
+
+    #[test]
+    fn a_record_without_a_valid_mac_is_never_sealed_and_is_named_sealed_or_not() {
+        let recs: Vec<_> = (1..=4).map(|i| maced(i, &key())).collect();
+        let plain: Vec<_> = recs
+            .iter()
+            .map(|(id, b, _)| (id.clone(), b.clone()))
+            .collect();
+        let s = seals(&plain[..3], 3);
+        let report = verify_maced(&s, &recs).expect("intact");
+        assert_eq!((report.records, report.unsealed), (3, 1), "{report:?}");
+        assert!(recs.iter().all(|(_, _, m)| m.sealable(&key())));
+
+        // Forged under another key, or without one: the sealer leaves it out and the verifier
+        // names it, at the unsealed tail as in a sealed stretch.
+        let other = AuditKey::new(&[6u8; 32]).expect("key");
+        let forged = maced(9, &other);
+        assert!(!forged.2.sealable(&key()));
+        assert!(!RecordMac::Absent.sealable(&key()));
+        assert!(RecordMac::NotUsed.sealable(&key()));
+        let mut tail = recs.clone();
+        tail.push(forged.clone());
+        assert_eq!(
+            verify_maced(&s, &tail),
+            Err(ChangesError::Forged {
+                id: forged.0.clone()
+            })
+        );
+        let mut bare = recs.clone();
+        bare.push(("2010-0".into(), b"{}".to_vec(), RecordMac::Absent));
+        assert_eq!(
+            verify_maced(&s, &bare),
+            Err(ChangesError::Unauthenticated {
+                id: "2010-0".into()
+            })
+        );
+        // Without a MAC but under a seal: written and sealed before MACs; the seal vouches.
+        let mut old = recs.clone();
+        old[1].2 = RecordMac::Absent;
+        assert!(verify_maced(&s, &old).is_ok());
+
+        // A genuine record copied to a new id: its MAC verifies, but it is a repeat.
+        let mut copied = recs.clone();
+        copied.push(("2010-0".into(), recs[1].1.clone(), recs[1].2.clone()));
+        assert_eq!(
+            verify_maced(&s, &copied),
+            Err(ChangesError::Replayed {
+                id: "2010-0".into(),
+                first: recs[1].0.clone()
+            })
+        );
     }
 }

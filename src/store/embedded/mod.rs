@@ -31,7 +31,8 @@ use tokio::sync::watch;
 
 use super::{
     Cause, ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, ImportOutcome, ImportSession,
-    Lookup, OptOutRecord, StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome, now_ms,
+    Lookup, OptOutRecord, RecordMac, StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome,
+    now_ms,
 };
 use crate::core::{
     AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version,

@@ -144,6 +144,8 @@ pub(super) fn read_stored(
         out.push(StoredEntry {
             id: format!("{ms}-{seq}"),
             bytes: v.value().to_vec(),
+            // Written only through the service, which holds the file locked.
+            mac: RecordMac::NotUsed,
         });
     }
     Ok(out)
@@ -161,6 +163,7 @@ pub(super) fn last_seal(txn: &ReadTransaction) -> Result<Option<StoredEntry>, St
         StoredEntry {
             id: format!("{ms}-{seq}"),
             bytes: v.value().to_vec(),
+            mac: RecordMac::NotUsed,
         }
     }))
 }

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     core::{AuditQuery, AuditRecord, Version},
-    store::{StoreError, Stored, StoredEntry},
+    store::{RecordMac, StoreError, Stored, StoredEntry},
 };
 
 /// The stream of seals over the changes trail.
@@ -48,12 +48,17 @@ impl RedisStore {
             if let Some(len) = maxlen {
                 xadd.arg("MAXLEN").arg("~").arg(len);
             }
-            xadd.arg("*")
-                .arg("r")
-                .arg(audit_json(r)?)
-                .arg("v")
-                .arg(&r.version)
-                .ignore();
+            // The changes trail's records carry their MAC; check records are sealed on their own.
+            let (json, mac) = if stream == "changes" {
+                self.signed_record(r)?
+            } else {
+                (audit_json(r)?, String::new())
+            };
+            xadd.arg("*").arg("r").arg(json).arg("v").arg(&r.version);
+            if !mac.is_empty() {
+                xadd.arg("m").arg(mac);
+            }
+            xadd.ignore();
         }
         let (marker,): (Option<String>,) = pipe
             .query_async(&mut self.write_conn())
@@ -224,6 +229,7 @@ fn stored_entry(part: Stored, entry: Value) -> Result<StoredEntry, StoreError> {
         .ok_or_else(|| StoreError::Corrupt("a changes trail entry without an id".into()))?;
     let fields = array(e.next().unwrap_or(Value::Nil))?;
     let mut bytes = Vec::new();
+    let (mut content, mut mac) = (None, None);
     for pair in fields.chunks(2) {
         let (Some(Value::BulkString(name)), Some(Value::BulkString(value))) =
             (pair.first(), pair.get(1))
@@ -234,6 +240,11 @@ fn stored_entry(part: Stored, entry: Value) -> Result<StoredEntry, StoreError> {
         };
         match part {
             Stored::Records => {
+                match name.as_slice() {
+                    b"r" => content = Some(value.clone()),
+                    b"m" => mac = Some(String::from_utf8_lossy(value).into_owned()),
+                    _ => {}
+                }
                 for b in [name, value] {
                     bytes.extend_from_slice(
                         &u32::try_from(b.len()).unwrap_or(u32::MAX).to_be_bytes(),
@@ -245,5 +256,10 @@ fn stored_entry(part: Stored, entry: Value) -> Result<StoredEntry, StoreError> {
             Stored::Seals => {}
         }
     }
-    Ok(StoredEntry { id, bytes })
+    let mac = match (part, content, mac) {
+        (Stored::Seals, ..) => RecordMac::NotUsed,
+        (Stored::Records, Some(content), Some(mac)) => RecordMac::Carried { content, mac },
+        (Stored::Records, ..) => RecordMac::Absent,
+    };
+    Ok(StoredEntry { id, bytes, mac })
 }

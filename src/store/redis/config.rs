@@ -1,6 +1,8 @@
 //! Where the Redis store is and how it behaves: the settings `optout` builds from its flags.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use crate::core::AuditKey;
 
 /// The defaults of the Redis store's settings (also those of the `optout` flags).
 pub mod defaults {
@@ -63,6 +65,10 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Audit records kept (approximately; the oldest are trimmed past it).
     pub audit_len: u64,
+    /// The audit key: each record this replica writes to the changes trail carries a MAC under
+    /// it (`optout_core::seals::record_mac`), which the sealer and `audit verify-changes`
+    /// require. `None` (no `--audit-key-file`): records carry none, and no replica seals them.
+    pub record_key: Option<Arc<AuditKey>>,
 }
 
 impl RedisConfig {
@@ -87,6 +93,7 @@ impl RedisConfig {
             replicas_ack,
             replicas_ack_timeout: defaults::REPLICAS_ACK_TIMEOUT,
             assume_durable: false,
+            record_key: None,
         }
     }
 

@@ -9,7 +9,7 @@ use redis::{AsyncCommands, Value};
 
 use super::{
     Bound, RedisStore,
-    reply::{audit_json, version_of},
+    reply::version_of,
     safety::check_eviction_policy,
     scripts::{changed, not_initialised, store_error},
 };
@@ -140,8 +140,9 @@ impl RedisStore {
         inv.key(self.key("marker"))
             .arg(&self.inner.prefix)
             .arg(&bound.dataset)
-            .arg(&id)
-            .arg(audit_json(audit)?);
+            .arg(&id);
+        let (json, mac) = self.signed_record(audit)?;
+        inv.arg(json).arg(mac);
         self.invoke_durable(&inv, &mut self.write_conn()).await
     }
 }

@@ -9,7 +9,7 @@ use redis::{AsyncCommands, Value};
 use super::{
     Bound, RedisStore,
     conn::Conn,
-    reply::{array, audit_json, csv_of, pairs_map, text_of, type_code},
+    reply::{array, csv_of, pairs_map, text_of, type_code},
     scripts::store_error,
 };
 use crate::{
@@ -480,12 +480,17 @@ impl RedisImport {
         for chunk in parts.chunks(16) {
             let mut pipe = redis::pipe();
             for part in chunk {
-                pipe.cmd("XADD")
+                let (json, mac) = self.store.signed_record(part)?;
+                let xadd = pipe
+                    .cmd("XADD")
                     .arg(self.store.key("changes"))
                     .arg("*")
                     .arg("r")
-                    .arg(audit_json(part)?)
-                    .ignore();
+                    .arg(json);
+                if !mac.is_empty() {
+                    xadd.arg("m").arg(mac);
+                }
+                xadd.ignore();
             }
             let () = pipe.query_async(conn).await.map_err(store_error)?;
         }
@@ -497,6 +502,7 @@ impl RedisImport {
     async fn swap(&self, conn: &mut Conn, s: Swap<'_>) -> Result<(Version, u64), StoreError> {
         let store = &self.store;
         let seen = store.seen();
+        let (json, mac) = store.signed_record(s.audit)?;
         let mut inv = store.inner.scripts.swap.prepare_invoke();
         inv.key(store.key("marker"))
             .arg(&store.inner.prefix)
@@ -509,7 +515,7 @@ impl RedisImport {
             .arg(s.total)
             .arg(s.patients)
             .arg(store.inner.log_len)
-            .arg(audit_json(s.audit)?)
+            .arg(json)
             .arg(s.audit.applied)
             .arg(if s.added.is_some() {
                 "listed"
@@ -528,7 +534,8 @@ impl RedisImport {
                     .map(|c| c.population.len().to_string())
                     .unwrap_or_default(),
             )
-            .arg(seen.unwrap_or(Version::ZERO).to_string());
+            .arg(seen.unwrap_or(Version::ZERO).to_string())
+            .arg(mac);
         let (id, old, held): (String, u64, i64) = store.invoke_durable(&inv, conn).await?;
         let version = Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?;
         store.wrote(seen, held == 1, version);

@@ -20,8 +20,7 @@ use super::{
     Bound, RedisStore,
     conn::Conn,
     reply::{
-        array, audit_json, bucket_pairs, flag, generation_of, stored_number, text_of, type_code,
-        version_of,
+        array, bucket_pairs, flag, generation_of, stored_number, text_of, type_code, version_of,
     },
     scripts::{changed, store_error},
 };
@@ -359,6 +358,7 @@ impl Layout for Flat {
             audit,
         } = c;
         let seen = s.seen();
+        let (json, mac) = s.signed_record(audit)?;
         let mut inv = s.inner.scripts.change.prepare_invoke();
         inv.arg(&s.inner.prefix)
             .arg(&bound.dataset)
@@ -370,8 +370,9 @@ impl Layout for Flat {
             .arg(now_ms())
             .arg(source)
             .arg(s.inner.log_len)
-            .arg(audit_json(audit)?)
+            .arg(json)
             .arg(seen.unwrap_or(Version::ZERO).to_string())
+            .arg(mac)
             .arg(bucket_pairs(numbers, bound.buckets));
         let (id, applied, held): (String, u64, i64) =
             s.invoke_durable(&inv, &mut s.write_conn()).await?;

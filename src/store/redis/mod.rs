@@ -49,7 +49,7 @@ use super::{
     ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, StoreError,
     StoreStatus, Stored, StoredEntry, WriteOutcome,
 };
-use crate::core::{AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
+use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
 
 /// The Redis store. Cheap to clone.
 #[derive(Clone)]
@@ -85,6 +85,8 @@ struct Inner {
     /// the store still holds.
     continuity: continuity::Continuity,
     scripts: Scripts,
+    /// Each record written to the changes trail carries a MAC under this key.
+    record_key: Option<Arc<AuditKey>>,
 }
 
 /// The dataset a store is bound to.
@@ -140,8 +142,22 @@ impl RedisStore {
                 bound: RwLock::new(None),
                 continuity: continuity::Continuity::default(),
                 scripts: Scripts::new(),
+                record_key: config.record_key.clone(),
             }),
         })
+    }
+
+    /// A changes-trail record as written: its JSON and its MAC under the audit key (empty
+    /// without a key). The scripts store the MAC as the entry's `m` field.
+    fn signed_record(&self, r: &AuditRecord) -> Result<(String, String), StoreError> {
+        let json = reply::audit_json(r)?;
+        let mac = self
+            .inner
+            .record_key
+            .as_ref()
+            .map(|k| crate::core::seals::record_mac(k, json.as_bytes()))
+            .unwrap_or_default();
+        Ok((json, mac))
     }
 
     fn bound(&self) -> Result<Bound, StoreError> {

@@ -55,6 +55,7 @@ impl Cluster {
         // needed to finish it, its audit record included.
         let now = now_ms();
         let seen = s.seen();
+        let (json, mac) = s.signed_record(audit)?;
         let mut inv = s.inner.scripts.cluster_begin.prepare_invoke();
         inv.key(s.key("marker"))
             .arg(&s.inner.prefix)
@@ -65,8 +66,9 @@ impl Cluster {
             .arg(if add { "a" } else { "r" })
             .arg(csv_of(numbers))
             .arg(now)
-            .arg(audit_json(audit)?)
-            .arg(seen.unwrap_or(Version::ZERO).to_string());
+            .arg(json)
+            .arg(seen.unwrap_or(Version::ZERO).to_string())
+            .arg(mac);
         let (id, g, go, sid, held): (String, String, String, String, i64) = inv
             .invoke_async(&mut s.write_conn())
             .await

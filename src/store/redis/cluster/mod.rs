@@ -37,9 +37,7 @@ use super::{
     Bound, RedisStore,
     conn::{Conn, key_slot, shard_tags},
     layout::{Change, Layout, push_meta_reads, read_meta},
-    reply::{
-        array, audit_json, csv_of, flag, int_of, numbers_csv, stored_number, text_of, type_code,
-    },
+    reply::{array, csv_of, flag, int_of, numbers_csv, stored_number, text_of, type_code},
     scripts::{ScriptError, store_error},
 };
 use crate::{

@@ -1,4 +1,5 @@
--- KEYS: the marker. ARGV: prefix, dataset, acknowledgement id, audit json. Records an admin's acknowledgement that the store went back in time, with
+-- KEYS: the marker. ARGV: prefix, dataset, acknowledgement id, audit json, its MAC ('' without
+-- an audit key). Records an admin's acknowledgement that the store went back in time, with
 -- its audit record in the changes trail. Returns the id.
 local p = ARGV[1]
 if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
@@ -6,5 +7,9 @@ if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
 end
 redis.call('SET', p..'regression_ack', ARGV[3])
 local v = redis.call('GET', p..'version') or '0-0'
-redis.call('XADD', p..'changes', '*', 'r', ARGV[4], 'v', v, 'n', 0)
+if ARGV[5] ~= '' then
+  redis.call('XADD', p..'changes', '*', 'r', ARGV[4], 'v', v, 'n', 0, 'm', ARGV[5])
+else
+  redis.call('XADD', p..'changes', '*', 'r', ARGV[4], 'v', v, 'n', 0)
+end
 return ARGV[3]

@@ -1,5 +1,5 @@
 -- ARGV: prefix, dataset, 'a'|'r', type, now, source, maxlen, audit json, the newest version the
--- writing replica saw, bucket/number pairs. The audit record goes to the changes trail
+-- writing replica saw, the audit record's MAC ('' without an audit key), bucket/number pairs. The audit record goes to the changes trail
 -- (`changes`), which check traffic never trims. Returns {version, applied, whether the store
 -- still held that seen version before the change}.
 local p, t = ARGV[1], ARGV[4]
@@ -14,7 +14,7 @@ local add = ARGV[3] == 'a'
 local applied, patients = 0, 0
 local added = {}
 local held = holds(p, ARGV[9])
-for i = 10, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   local b, n = ARGV[i], ARGV[i + 1]
   local key = p..'d:'..t..':'..g..':'..b
   local changed
@@ -32,5 +32,5 @@ redis.call('HINCRBY', p..'counts', t, add and applied or (0 - applied))
 redis.call('HINCRBY', p..'counts', 'patients', patients)
 local id = log(p, {'a', table.concat(added, ','), 'r', add and 0 or applied})
 trim(p, tonumber(ARGV[7]))
-redis.call('XADD', p..'changes', '*', 'r', ARGV[8], 'v', id, 'n', applied)
+record(p, ARGV[8], ARGV[10], id, applied)
 return {id, applied, held}

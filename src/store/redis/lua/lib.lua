@@ -25,6 +25,15 @@ local function log(p, fields)
   redis.call('SET', p..'version', id)
   return id
 end
+-- Appends an audit record (`json`) to the changes trail with the change's version `v`, the count
+-- `n` and, when the replica has the audit key, the MAC it made of the record (`m`).
+local function record(p, json, mac, v, n)
+  if mac ~= '' then
+    redis.call('XADD', p..'changes', '*', 'r', json, 'v', v, 'n', n, 'm', mac)
+  else
+    redis.call('XADD', p..'changes', '*', 'r', json, 'v', v, 'n', n)
+  end
+end
 local function trim(p, maxlen)
   local len = redis.call('XLEN', p..'log')
   if len <= maxlen then return end

@@ -2,7 +2,7 @@
 -- count, patients delta, maxlen, audit json, changes, "listed" or "unlisted", the list's date in
 -- ms ("" for a MERGE: it does not make the list complete), the population's size ("" unless a
 -- national check round trip, whose population was staged at population:<generation>), the newest
--- version the writing replica saw. Returns {version, old generation, whether the store still
+-- version the writing replica saw, the audit record's MAC ('' without an audit key). Returns {version, old generation, whether the store still
 -- held that seen version}. An unlisted import (more added numbers than a log entry lists) is
 -- logged with `u`: replicas rebuild their filters from a scan.
 local p, t = ARGV[1], ARGV[3]
@@ -40,5 +40,5 @@ if ARGV[15] ~= '' then
 end
 trim(p, tonumber(ARGV[10]))
 redis.call('DEL', p..'lock:'..t)
-redis.call('XADD', p..'changes', '*', 'r', ARGV[11], 'v', id, 'n', ARGV[12])
+record(p, ARGV[11], ARGV[17], id, ARGV[12])
 return {id, tonumber(old), held}
