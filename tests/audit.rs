@@ -51,6 +51,7 @@ async fn checks_go_to_sealed_segments_that_verify_and_any_edit_is_named() {
         max_segment_bytes: 1 << 20,
         max_backups: 0,
         max_age: None,
+        anchor_interval: Duration::from_secs(60),
     });
     let store_dir = dir.path().join("data");
     let server = TestServer::start_with(config).await;
@@ -423,4 +424,122 @@ async fn a_record_added_to_the_changes_trail_by_hand_is_not_sealed_as_genuine() 
         "{out}"
     );
     server.stop().await;
+}
+
+/// `optout audit verify DIR --data-dir STORE`: (exit code, stdout and stderr).
+fn verify_anchored(key: &Path, dir: &Path, store: &Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--audit-key-file"])
+        .arg(key)
+        .arg(dir)
+        .arg("--data-dir")
+        .arg(store)
+        .env_remove("OPTOUT_REDIS_URL")
+        .output()
+        .expect("optout runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Lines in every segment of `dir`.
+fn lines_on_disk(dir: &Path) -> usize {
+    segments(dir)
+        .expect("segments")
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        })
+        .sum()
+}
+
+/// Issue 27 item 6: lines deleted from the end of the check log, or its newest or oldest
+/// segments, with the service stopped, left a chain that `audit verify` called verified. The
+/// replica now anchors where its log stands in the store's changes trail (each rotation, each
+/// interval, at shutdown); verify, given the store, names the cut.
+#[tokio::test]
+async fn a_check_log_cut_short_or_missing_segments_is_named_against_its_anchors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("audit.key");
+    std::fs::write(&key_file, AuditKey::generate()).expect("write key");
+    let log_dir = dir.path().join("check-log");
+    let store_dir = dir.path().join("data");
+    let config = || {
+        let mut config = test_config(&store_dir);
+        config.audit_key =
+            Some(AuditKey::from_file(&std::fs::read(&key_file).expect("read")).expect("key"));
+        config.check_files = Some(CheckFilesConfig {
+            dir: log_dir.clone(),
+            // A new segment for every batch.
+            max_segment_bytes: 1,
+            max_backups: 0,
+            max_age: None,
+            anchor_interval: Duration::from_secs(60),
+        });
+        config
+    };
+    let n = valid_numbers(4_930_000_000, 2);
+    let run = async |checks: usize| {
+        let server = TestServer::start_with(config()).await;
+        let mut checker = server.check_client().await;
+        for _ in 0..checks {
+            let before = lines_on_disk(&log_dir);
+            checker
+                .check(check_request(n.clone(), Purpose::Research))
+                .await
+                .expect("check");
+            eventually!("the check's record on disk", Duration::from_secs(5), {
+                lines_on_disk(&log_dir) > before
+            });
+        }
+        server.stop().await;
+    };
+    run(4).await;
+    let segs = segments(&log_dir).expect("segments");
+    assert_eq!(segs.len(), 4, "{segs:?}");
+    let (code, said) = verify_anchored(&key_file, &log_dir, &store_dir);
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("complete up to sequence 4"), "{said}");
+
+    // The newest segment deleted with the service stopped: without the store the rest is still
+    // a chain; against the anchors it is cut.
+    let newest = std::fs::read(&segs[3]).expect("read");
+    std::fs::remove_file(&segs[3]).expect("remove");
+    let (code, said) = verify(&key_file, &log_dir);
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("not compared with anchors"), "{said}");
+    let (code, said) = verify_anchored(&key_file, &log_dir, &store_dir);
+    assert_eq!(code, 1, "{said}");
+    assert!(said.contains("lines 4..=4 were cut from its end"), "{said}");
+    std::fs::write(&segs[3], &newest).expect("put back");
+
+    // The oldest segment deleted.
+    let oldest = std::fs::read(&segs[0]).expect("read");
+    std::fs::remove_file(&segs[0]).expect("remove");
+    let (code, said) = verify_anchored(&key_file, &log_dir, &store_dir);
+    assert_eq!(code, 1, "{said}");
+    assert!(said.contains("segments were deleted"), "{said}");
+    std::fs::write(&segs[0], &oldest).expect("put back");
+    assert_eq!(verify_anchored(&key_file, &log_dir, &store_dir).0, 0);
+
+    // Cut back by one line and written again after a restart: the chain is whole, but line 4 is
+    // not the line anchored.
+    std::fs::remove_file(&segs[3]).expect("remove");
+    run(1).await;
+    let (code, said) = verify(&key_file, &log_dir);
+    assert_eq!(code, 0, "{said}");
+    let (code, said) = verify_anchored(&key_file, &log_dir, &store_dir);
+    assert_eq!(code, 1, "{said}");
+    assert!(said.contains("line 4 is not the line anchored"), "{said}");
+
+    // The log's id replaced: no anchor names it. Within the grace (ten minutes) that is a new
+    // log, reported as not anchored, never as complete; past it, refused (unit-tested in core).
+    std::fs::write(log_dir.join("checks.id"), "another\n").expect("write");
+    let (code, said) = verify_anchored(&key_file, &log_dir, &store_dir);
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("compared with 0 anchors"), "{said}");
 }

@@ -55,6 +55,7 @@ async fn a_check_log_write_cut_short_by_a_full_disk_leaves_no_torn_line() {
             max_segment_bytes: 64 * 1024 * 1024,
             max_backups: 0,
             max_age: None,
+            anchor_interval: std::time::Duration::from_secs(60),
         },
         key,
     )

@@ -12,7 +12,8 @@ use clap::{Args, Subcommand};
 use super::{CliError, serve::RedisArgs};
 use crate::{
     core::{
-        AuditKey,
+        AuditKey, AuditQuery, AuditRecord,
+        anchors::{ANCHOR_ACTION, AnchorCheck, LOG_ID_FILE},
         trail::{self, ChainHead},
     },
     engine::{check_files::segments, sealer},
@@ -33,7 +34,10 @@ pub(super) struct AuditArgs {
 enum AuditCommand {
     /// Verify check-log segments: every record's MAC under the audit key, and the chain from
     /// each record to the next. Give the directory (every segment, oldest first) or files in
-    /// order. Exit 0 when they verify; 1, naming the file and line, when they do not.
+    /// order. Given the store too (--data-dir, with the embedded service stopped, or
+    /// --redis-url, --redis-sentinel, --redis-cluster), a directory is also compared with the
+    /// anchors its replica recorded there: lines cut from the end or segments deleted are named.
+    /// Exit 0 when they verify; 1, naming the file and line, when they do not.
     Verify {
         /// The audit key file the records were sealed under.
         #[arg(long, env = "OPTOUT_AUDIT_KEY_FILE")]
@@ -41,6 +45,11 @@ enum AuditCommand {
         /// A check-log directory, or segment files in order.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// The embedded store's directory, to compare with the log's anchors.
+        #[arg(long, conflicts_with_all = ["redis_url", "redis_sentinel", "redis_cluster"])]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
     /// Verify the changes trail (admin changes and reads) in the consent store against its seals:
     /// names the first record altered, removed or added around the service, and any seal altered
@@ -63,7 +72,13 @@ pub(super) async fn run(args: AuditArgs) -> Result<ExitCode, CliError> {
         AuditCommand::Verify {
             audit_key_file,
             paths,
-        } => verify_files(&read_key(&audit_key_file)?, &paths),
+            data_dir,
+            redis,
+        } => {
+            let key = read_key(&audit_key_file)?;
+            let store = open_store(data_dir, &redis).await?;
+            verify_files(&key, &paths, store).await
+        }
         AuditCommand::VerifyChanges {
             audit_key_file,
             data_dir,
@@ -78,13 +93,15 @@ fn read_key(path: &Path) -> Result<AuditKey, CliError> {
         .map_err(|e| CliError::Usage(format!("--audit-key-file {}: {e}", path.display())))
 }
 
-/// Opens the named store (never creating one) and verifies its changes trail.
-async fn verify_changes(
-    key: &AuditKey,
+/// A store opened to read (never created), with how to name it.
+type Opened = (Box<dyn ConsentStore>, String);
+
+/// Opens the named store, if one is named (never creating one).
+async fn open_store(
     data_dir: Option<PathBuf>,
     redis: &RedisArgs,
-) -> Result<ExitCode, CliError> {
-    let (store, shown): (Box<dyn ConsentStore>, String) = match (data_dir, redis.config()?) {
+) -> Result<Option<Opened>, CliError> {
+    Ok(Some(match (data_dir, redis.config()?) {
         (Some(dir), _) => {
             if !EmbeddedStore::exists_in(&dir) {
                 return Err(CliError::Input(format!(
@@ -114,13 +131,22 @@ async fn verify_changes(
                 .map_err(|e| CliError::Rpc(format!("{}: {e}", config.describe())))?;
             (Box::new(store), config.describe())
         }
-        (None, None) => {
-            return Err(CliError::Usage(
-                "name the store: --data-dir DIR (embedded), or --redis-url, --redis-sentinel or \
-                 --redis-cluster"
-                    .into(),
-            ));
-        }
+        (None, None) => return Ok(None),
+    }))
+}
+
+/// Opens the named store and verifies its changes trail.
+async fn verify_changes(
+    key: &AuditKey,
+    data_dir: Option<PathBuf>,
+    redis: &RedisArgs,
+) -> Result<ExitCode, CliError> {
+    let Some((store, shown)) = open_store(data_dir, redis).await? else {
+        return Err(CliError::Usage(
+            "name the store: --data-dir DIR (embedded), or --redis-url, --redis-sentinel or \
+             --redis-cluster"
+                .into(),
+        ));
     };
     let verdict = sealer::verify(store.as_ref(), key)
         .await
@@ -147,11 +173,61 @@ async fn verify_changes(
     }
 }
 
-/// Verifies check-log segment files in order.
-fn verify_files(key: &AuditKey, paths: &[PathBuf]) -> Result<ExitCode, CliError> {
+/// How old a check log may be with no anchor in the store: ten default anchor intervals.
+const ANCHOR_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The anchors of the log in `dir`, read from `store`: the log's id and a check over them.
+async fn anchors_of(
+    dir: &Path,
+    store: &dyn ConsentStore,
+    shown: &str,
+) -> Result<AnchorCheck, CliError> {
+    let id_file = dir.join(LOG_ID_FILE);
+    let log = std::fs::read_to_string(&id_file).map_err(|e| {
+        CliError::Input(format!(
+            "{}: {e}: the log's id, which its anchors name, is missing",
+            id_file.display()
+        ))
+    })?;
+    let records = store
+        .read_audit(&AuditQuery {
+            action: Some(ANCHOR_ACTION.into()),
+            limit: usize::MAX,
+            ..AuditQuery::default()
+        })
+        .await
+        .map_err(|e| CliError::Rpc(format!("{shown}: {e}")))?;
+    Ok(AnchorCheck::new(
+        log.trim(),
+        records
+            .into_iter()
+            .filter_map(|r| r.check_log.map(|a| (r.at_ms, a))),
+    ))
+}
+
+/// Verifies check-log segment files in order, and a directory against its anchors in `store`.
+async fn verify_files(
+    key: &AuditKey,
+    paths: &[PathBuf],
+    store: Option<Opened>,
+) -> Result<ExitCode, CliError> {
     let files = files_of(paths)?;
+    let mut anchors = match (&store, paths) {
+        (Some((s, shown)), [dir]) if dir.is_dir() => {
+            Some(anchors_of(dir, s.as_ref(), shown).await?)
+        }
+        (Some(_), _) => {
+            return Err(CliError::Usage(
+                "comparing with the anchors in the store needs the check-log directory (one \
+                 path, a directory), not files"
+                    .into(),
+            ));
+        }
+        (None, _) => None,
+    };
     let mut head: Option<ChainHead> = None;
     let mut records = 0u64;
+    let mut first_at_ms = None;
     for file in &files {
         let text = std::fs::read_to_string(file)
             .map_err(|e| CliError::Input(format!("{}: {e}", file.display())))?;
@@ -169,10 +245,42 @@ fn verify_files(key: &AuditKey, paths: &[PathBuf]) -> Result<ExitCode, CliError>
                 return Ok(ExitCode::from(1));
             }
         }
+        if let Some(check) = anchors.as_mut() {
+            for line in &lines {
+                let Some((seq, r)) = trail::open_line::<AuditRecord>(line) else {
+                    continue;
+                };
+                first_at_ms.get_or_insert(r.at_ms);
+                if let Err(e) = check.line(seq, line) {
+                    println!("NOT VERIFIED: {} {e}", file.display());
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
     }
     let last = head.map_or(0, |h| h.seq);
+    let compared = match (anchors, &store) {
+        (Some(check), Some((_, shown))) => {
+            let grace = i64::try_from(ANCHOR_GRACE.as_millis()).unwrap_or(i64::MAX);
+            let now = i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX);
+            match check.finish(first_at_ms, grace, now) {
+                Ok(r) => format!(
+                    "; compared with {} anchors in {shown}: complete up to sequence {} ({} newer \
+                     lines not anchored yet)",
+                    r.anchors, r.anchored_upto, r.after_anchor
+                ),
+                Err(e) => {
+                    println!("NOT VERIFIED: {} {e}", paths[0].display());
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        _ => "; not compared with anchors (give the store, --data-dir or --redis-url, to show \
+              lines cut from the end or segments deleted)"
+            .to_string(),
+    };
     println!(
-        "verified: {records} records in {} files, up to sequence {last}, under audit key {}",
+        "verified: {records} records in {} files, up to sequence {last}, under audit key {}{compared}",
         files.len(),
         key.id()
     );

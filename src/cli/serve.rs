@@ -219,6 +219,12 @@ pub(super) struct ServeArgs {
     /// Closed check-log segments older than this many days are deleted (0: keep).
     #[arg(long, env = "OPTOUT_CHECK_LOG_MAX_AGE_DAYS", default_value_t = defaults::CHECK_LOG_MAX_AGE_DAYS)]
     check_log_max_age_days: u64,
+    /// How often, while checks are written, where the check log stands is recorded in the
+    /// store's changes trail (also at each rotation and at shutdown), in seconds: `optout audit
+    /// verify` given the store then shows lines cut from the log's end or segments deleted, up to
+    /// the last such anchor. One small record per interval per busy replica.
+    #[arg(long, env = "OPTOUT_CHECK_LOG_ANCHOR_INTERVAL_SECS", default_value_t = defaults::CHECK_LOG_ANCHOR_INTERVAL.as_secs())]
+    check_log_anchor_interval_secs: u64,
     /// Records of admin changes and reads older than this many days are deleted (0: keep all).
     #[arg(
         long,
@@ -482,6 +488,7 @@ impl TryFrom<&ServeArgs> for ServerConfig {
                 max_backups: args.check_log_max_backups,
                 max_age: (args.check_log_max_age_days > 0)
                     .then(|| Duration::from_secs(args.check_log_max_age_days * 86_400)),
+                anchor_interval: Duration::from_secs(args.check_log_anchor_interval_secs.max(1)),
             }),
             rate_limit: RateLimit {
                 per_second: args.rate_limit,

@@ -180,6 +180,7 @@ impl Admin {
             organisation: search.organisation,
             extract_id: search.extract_id,
             digest: search.number.map(|n| self.audit_key.digest(n)),
+            action: None,
             limit: search.limit,
         };
         let mut records = self.store.read_audit(&query).await?;

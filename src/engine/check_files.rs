@@ -6,6 +6,11 @@
 //! log shipper can follow them. A batch is appended and fsynced before the check log counts it
 //! written. Each start opens a new segment that continues the chain from the newest line on disk
 //! (a line torn by a crash is left as it is and reported by `optout audit verify`).
+//!
+//! The chain cannot show lines cut from its end or whole segments deleted (what is left is still
+//! a chain), so [`anchor`] records where the log stands in the consent store's changes trail
+//! (`optout_core::anchors`): at each rotation, every anchor interval while lines are written, and
+//! at shutdown. `optout audit verify DIR` given the store compares.
 
 use std::{
     fs::{File, OpenOptions},
@@ -16,13 +21,15 @@ use std::{
 };
 
 use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
 
 use crate::{
     core::{
         AuditKey, AuditQuery, AuditRecord,
+        anchors::{ANCHOR_ACTION, LOG_ID_FILE, LogAnchor},
         trail::{self, ChainHead},
     },
-    store::{Cause, StoreError},
+    store::{Cause, ConsentStore, StoreError},
 };
 
 /// Where and how long check records are kept on disk.
@@ -36,6 +43,8 @@ pub struct CheckFilesConfig {
     pub max_backups: usize,
     /// Closed segments older than this are deleted; `None` keeps them.
     pub max_age: Option<Duration>,
+    /// How often, while lines are written, where the log stands is anchored in the store.
+    pub anchor_interval: Duration,
 }
 
 /// The segment writer. Cheap to clone.
@@ -44,12 +53,18 @@ pub struct CheckFiles {
     inner: Arc<Mutex<Segments>>,
     config: CheckFilesConfig,
     key: AuditKey,
+    /// The log's id ([`LOG_ID_FILE`]): anchors name it.
+    log_id: Arc<str>,
+    /// Notified at each rotation: the oldest line on disk may have moved.
+    rotated: Arc<Notify>,
 }
 
 struct Segments {
     file: Option<(File, PathBuf)>,
     size: u64,
     head: ChainHead,
+    /// The first sequence number on disk (by the oldest segment's name; 0: none yet).
+    oldest: u64,
     /// The last batch's buffer, for the next.
     buffer: Vec<u8>,
 }
@@ -80,6 +95,42 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The first sequence number a segment holds, from its name.
+fn first_seq(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("checks-")?
+        .strip_suffix(".jsonl")?
+        .parse()
+        .ok()
+}
+
+/// The first sequence number on disk: the oldest segment's (0: no segment).
+fn oldest_on_disk(dir: &Path) -> std::io::Result<u64> {
+    Ok(segments(dir)?
+        .first()
+        .and_then(|p| first_seq(p))
+        .unwrap_or(0))
+}
+
+/// The log's id: read from [`LOG_ID_FILE`], or made and written (fsynced) for a new directory.
+fn log_id(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join(LOG_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut raw = [0u8; 16];
+    rand::fill(&mut raw);
+    let id = trail::hex(&raw);
+    let mut f = File::create(&path)?;
+    f.write_all(format!("{id}\n").as_bytes())?;
+    f.sync_all()?;
+    Ok(id)
+}
+
 /// The last well-formed line of the newest segment: where the chain goes on.
 fn last_head(dir: &Path) -> std::io::Result<ChainHead> {
     for path in segments(dir)?.iter().rev() {
@@ -104,15 +155,34 @@ impl CheckFiles {
     pub fn open(config: CheckFilesConfig, key: AuditKey) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&config.dir).map_err(|e| io_error("directory", &config.dir, e))?;
         let head = last_head(&config.dir).map_err(|e| io_error("directory", &config.dir, e))?;
+        let oldest =
+            oldest_on_disk(&config.dir).map_err(|e| io_error("directory", &config.dir, e))?;
+        let log_id = log_id(&config.dir)
+            .map_err(|e| io_error("id file", &config.dir.join(LOG_ID_FILE), e))?;
         Ok(CheckFiles {
             inner: Arc::new(Mutex::new(Segments {
                 file: None,
                 size: 0,
                 head,
+                oldest,
                 buffer: Vec::new(),
             })),
             config,
             key,
+            log_id: log_id.into(),
+            rotated: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Where the log stands now (`None` before its first line).
+    pub fn anchor_point(&self) -> Option<LogAnchor> {
+        let s = self.inner.lock();
+        (s.head.seq > 0).then(|| LogAnchor {
+            log: self.log_id.to_string(),
+            seq: s.head.seq,
+            // The head's hash is the newest line's chain link (`trail::line_hash`).
+            link: trail::hex(&s.head.hash[..16]),
+            oldest: s.oldest.max(1),
         })
     }
 
@@ -194,6 +264,11 @@ impl CheckFiles {
         if let Err(e) = self.retain(&path) {
             tracing::warn!(error = %e, "check log retention failed; keeping old segments");
         }
+        match oldest_on_disk(&self.config.dir) {
+            Ok(o) => s.oldest = o,
+            Err(e) => tracing::warn!(error = %e, "cannot list the check log's segments"),
+        }
+        self.rotated.notify_one();
         Ok(())
     }
 
@@ -235,6 +310,55 @@ impl CheckFiles {
                     e,
                 ))
             })?
+    }
+}
+
+/// Records where `files` stands in the changes trail of `store` (`optout_core::anchors`): after
+/// each rotation, every `interval` while lines are written, and once more when `last_call` turns
+/// true (at shutdown, after the check log wrote what was queued). A failed write is retried at
+/// the next turn.
+pub async fn anchor(
+    files: CheckFiles,
+    store: Arc<dyn ConsentStore>,
+    interval: Duration,
+    mut last_call: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut written: Option<LogAnchor> = None;
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            () = files.rotated.notified() => false,
+            changed = last_call.changed() => changed.is_err() || *last_call.borrow(),
+        };
+        let Some(point) = files.anchor_point() else {
+            if last {
+                return;
+            }
+            continue;
+        };
+        if written.as_ref() != Some(&point) {
+            let record = AuditRecord {
+                at_ms: i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX),
+                organisation: "-".into(),
+                key_id: "-".into(),
+                action: ANCHOR_ACTION.into(),
+                check_log: Some(point.clone()),
+                ..AuditRecord::default()
+            };
+            match store.record_access(&record).await {
+                Ok(()) => written = Some(point),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot anchor the check log in the store; retrying (`optout audit verify` \
+                     cannot show lines cut after the last anchor)"
+                ),
+            }
+        }
+        if last {
+            return;
+        }
     }
 }
 
@@ -300,6 +424,7 @@ mod tests {
             max_segment_bytes: 600,
             max_backups: 3,
             max_age: None,
+            anchor_interval: Duration::from_secs(60),
         };
         let files = CheckFiles::open(config.clone(), key.clone()).expect("open");
         for i in 0..40 {

@@ -47,6 +47,8 @@ pub mod defaults {
     pub const CHECK_LOG_MAX_BACKUPS: usize = 0;
     /// Days closed check-log segments are kept (0: no limit).
     pub const CHECK_LOG_MAX_AGE_DAYS: u64 = 0;
+    /// How often, while checks are written, a check log's position is anchored in the store.
+    pub const CHECK_LOG_ANCHOR_INTERVAL: Duration = Duration::from_secs(60);
     /// How often the records of the changes trail written since the last seal are sealed.
     pub const AUDIT_SEAL_INTERVAL: Duration = Duration::from_secs(1);
     /// Days the changes trail keeps its records (0: all).

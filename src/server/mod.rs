@@ -199,6 +199,14 @@ impl Engines {
             Some(c) => Some(CheckFiles::open(c.clone(), audit_key.clone())?),
             None => None,
         };
+        if let (Some(f), Some(c)) = (&files, &config.check_files) {
+            tasks.anchor(tokio::spawn(crate::engine::check_files::anchor(
+                f.clone(),
+                store.clone(),
+                c.anchor_interval,
+                tasks.last_anchor_signal(),
+            )));
+        }
         let sink = match &files {
             Some(f) => Sink::Files(Box::new(f.clone())),
             None => Sink::Store(store.clone()),

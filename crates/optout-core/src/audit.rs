@@ -253,6 +253,9 @@ pub struct AuditRecord {
     /// A national check round trip: when the check was made, ms since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checked_at_ms: Option<u64>,
+    /// A check log's anchor (action `check-log-anchor`): where a replica's log stood.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_log: Option<crate::anchors::LogAnchor>,
 }
 
 /// The fields of an [`AuditRecord`] before `digests`, borrowed, serialised exactly as the record
@@ -319,8 +322,12 @@ impl AuditRecord {
             part_of,
             population,
             checked_at_ms,
+            check_log,
         } = self;
-        let digests_last = part_of.is_none() && population.is_none() && checked_at_ms.is_none();
+        let digests_last = part_of.is_none()
+            && population.is_none()
+            && checked_at_ms.is_none()
+            && check_log.is_none();
         if digests.is_empty() || !digests_last || !is_base64(digests) {
             return serde_json::to_writer(out, self);
         }
@@ -413,6 +420,8 @@ pub struct AuditQuery {
     pub extract_id: Option<String>,
     /// Only records that mention this number's digest.
     pub digest: Option<[u8; DIGEST_LEN]>,
+    /// Only records of this action.
+    pub action: Option<String>,
     /// At most this many records, oldest first.
     pub limit: usize,
 }
@@ -428,6 +437,7 @@ impl AuditQuery {
                 .as_ref()
                 .is_none_or(|e| r.extract_id.as_ref() == Some(e))
             && self.digest.as_ref().is_none_or(|d| r.mentions(d))
+            && self.action.as_ref().is_none_or(|a| *a == r.action)
     }
 }
 

@@ -5,6 +5,7 @@
 //! re-exports it as `optout::core`.
 #![deny(missing_docs)]
 
+pub mod anchors;
 mod audit;
 pub mod coverage;
 pub mod extract;
