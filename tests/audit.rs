@@ -325,6 +325,34 @@ async fn sealed_upto(conn: &mut redis::aio::MultiplexedConnection, prefix: &str)
     seal.upto().unwrap_or_default().to_string()
 }
 
+/// Appends an entry with these fields to a stream, as anyone who can write to Redis can.
+async fn append_by_hand(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    fields: &[(Vec<u8>, Vec<u8>)],
+) -> String {
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(stream).arg("*");
+    for (k, v) in fields {
+        xadd.arg(k.as_slice()).arg(v.as_slice());
+    }
+    xadd.query_async(conn).await.expect("xadd")
+}
+
+/// Waits until the seals cover the newest record of the changes trail.
+async fn wait_sealed(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+    let stream = format!("{prefix}changes");
+    let newest = entries(conn, &stream)
+        .await
+        .last()
+        .expect("a record")
+        .0
+        .clone();
+    eventually!("the newest record sealed", Duration::from_secs(10), {
+        sealed_upto(conn, prefix).await == newest
+    });
+}
+
 /// Issue 27 item 7: a record XADDed to the changes trail by hand was covered by the next seal
 /// and verified as genuine. Each record now carries a MAC its replica computed under the audit
 /// key; the sealer leaves out a record without a valid one, and `verify-changes` names it, as it
@@ -369,22 +397,9 @@ async fn a_record_added_to_the_changes_trail_by_hand_is_not_sealed_as_genuine() 
                 .into_bytes();
         }
     }
-    let mut xadd = redis::cmd("XADD");
-    xadd.arg(&stream).arg("*");
-    for (k, v) in &fields {
-        xadd.arg(k.as_slice()).arg(v.as_slice());
-    }
-    let forged: String = xadd.query_async(&mut conn).await.expect("xadd");
+    let forged = append_by_hand(&mut conn, &stream, &fields).await;
     add(1).await;
-    let newest = entries(&mut conn, &stream)
-        .await
-        .last()
-        .expect("a record")
-        .0
-        .clone();
-    eventually!("the newest record sealed", Duration::from_secs(10), {
-        sealed_upto(&mut conn, prefix).await == newest
-    });
+    wait_sealed(&mut conn, prefix).await;
     let (code, out) = verify_changes(&key_file, &redis, prefix);
     assert_eq!(code, 1, "a forged record must not verify: {out}");
     assert!(out.contains(&format!("record {forged}")), "{out}");
@@ -401,22 +416,9 @@ async fn a_record_added_to_the_changes_trail_by_hand_is_not_sealed_as_genuine() 
 
     // A genuine record copied whole (its MAC with it) to a new id: the sealer cannot tell a copy
     // from the records it has not seen, but the verifier names it.
-    let mut xadd = redis::cmd("XADD");
-    xadd.arg(&stream).arg("*");
-    for (k, v) in &genuine[0].1 {
-        xadd.arg(k.as_slice()).arg(v.as_slice());
-    }
-    let copy: String = xadd.query_async(&mut conn).await.expect("xadd");
+    let copy = append_by_hand(&mut conn, &stream, &genuine[0].1).await;
     add(2).await;
-    let newest = entries(&mut conn, &stream)
-        .await
-        .last()
-        .expect("a record")
-        .0
-        .clone();
-    eventually!("the newest record sealed", Duration::from_secs(10), {
-        sealed_upto(&mut conn, prefix).await == newest
-    });
+    wait_sealed(&mut conn, prefix).await;
     let (code, out) = verify_changes(&key_file, &redis, prefix);
     assert_eq!(code, 1, "a copied record must not verify: {out}");
     assert!(
