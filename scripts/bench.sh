@@ -23,6 +23,8 @@ REDIS_PORT="${REDIS_PORT:-6399}"
 SERVICE="127.0.0.1:${SERVICE_PORT:-50251}"
 ECHO="127.0.0.1:${ECHO_PORT:-50252}"
 OUT="${OUT:-BENCHMARKS.md}"
+# The soak section (scripts/soak.sh) is kept when the rest is written again.
+soak_section=$(awk '/^<!-- soak: /,/^<!-- \/soak -->/' "$OUT" 2>/dev/null || true)
 # The HTML page of every run (throughput over time, latency histograms, percentiles).
 REPORT="${REPORT:-target/bench-report.html}"
 COVERAGE="${COVERAGE:-list}"
@@ -327,6 +329,7 @@ second_rss_loaded_run=$(awk '/^VmRSS:/ {print $2}' "/proc/$second_pid/status")
     echo "$status"
     echo '```'
 } >"$OUT"
+[ -n "$soak_section" ] && printf '\n%s\n' "$soak_section" >>"$OUT"
 "$bin/optout-loadtest" report --out "$REPORT" "$work"/*.json
 echo "wrote $REPORT"
 echo "wrote $OUT"

@@ -412,6 +412,25 @@ pub fn code_label(code: tonic::Code) -> &'static str {
     }
 }
 
+/// How often the recorder's histogram samples are folded into their buckets.
+const UPKEEP: Duration = Duration::from_secs(5);
+
+/// Runs the recorder's upkeep every [`UPKEEP`] until `stop` turns true. The recorder keeps each
+/// histogram sample (8 bytes: every check's and every store lookup's duration) until upkeep or a
+/// scrape folds it into the buckets; a replica nobody scraped held them all, about 10 MiB a
+/// minute under load (issue 32). The crate's own HTTP exporter runs the same upkeep; this
+/// service renders its own endpoint, so it runs it here.
+pub async fn upkeep(handle: PrometheusHandle, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(UPKEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 /// Serves the scrape endpoint on `listener` until `stop` turns true. `refresh` sets the state
 /// gauges just before each scrape is rendered.
 pub async fn serve(

@@ -131,6 +131,10 @@ pub(super) fn start_side_listeners(
             );
         }) as Arc<dyn Fn() + Send + Sync>;
         let stop = tasks.side_stop_signal();
+        tasks.side(tokio::spawn(crate::telemetry::upkeep(
+            handle.clone(),
+            tasks.side_stop_signal(),
+        )));
         tasks.side(tokio::spawn(crate::telemetry::serve(
             listener, handle, refresh, stop,
         )));
