@@ -118,6 +118,9 @@ for store in $STORES; do
     done
     wait "$load" || true
     cat "$d/run.txt"
+    echo "$store: seconds, RSS MiB, RssAnon MiB (loaded replica)${idle:+, RSS MiB (idle replica)}:"
+    tr '\n' ';' <"$samples"
+    echo
     rate=$(grep -o '[0-9]* numbers/s' "$d/run.txt" | head -1 | tr -dc '0-9')
     awk -v store="$store" -v warm="$WARMUP" -v rate="${rate:-0}" '
         { t[NR] = $1; r[NR] = $2; a[NR] = $3; b[NR] = $4 }
