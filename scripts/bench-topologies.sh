@@ -20,31 +20,7 @@ MODES="${MODES:-single sentinel cluster}"
 BASE_PORT="${BASE_PORT:-7400}"
 SERVICE="127.0.0.1:${SERVICE_PORT:-50261}"
 OUT="${OUT:-BENCHMARKS-topologies.md}"
-work="$(mktemp -d)"
-pids=()
-stop_all() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    pids=()
-}
-trap 'stop_all; rm -rf "$work"' EXIT
-
-cargo build --release --locked -p optout --bin optout >/dev/null
-cargo build --release --locked -p optout-loadtest --bin optout-loadtest >/dev/null
-bin=target/release
-for tool in redis-server redis-cli; do
-    command -v "$tool" >/dev/null || { echo "$tool is missing: bash scripts/test.sh installs it" >&2; exit 1; }
-done
-
-node() { # port dir extra-args...
-    local port=$1 dir=$2
-    shift 2
-    mkdir -p "$dir"
-    redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --save "" --appendonly yes --appendfsync always \
-        --repl-diskless-sync-delay 0 --logfile "$dir/redis.log" "$@" &
-    pids+=($!)
-    until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
-}
+source scripts/topology-lib.sh
 
 results="$work/results.txt"
 : >"$results"
@@ -72,19 +48,7 @@ for mode in $MODES; do
         until redis-cli -p $((BASE_PORT + 10)) sentinel master optout | grep -A1 '^num-other-sentinels$' | grep -q '^2$'; do sleep 0.2; done
         ;;
     cluster)
-        nodes=()
-        for i in 0 1 2 3 4 5; do
-            node $((BASE_PORT + i)) "$d/n$i" --cluster-enabled yes --cluster-config-file nodes.conf \
-                --cluster-node-timeout 2000
-            nodes+=("127.0.0.1:$((BASE_PORT + i))")
-        done
-        redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >/dev/null
-        for n in "${nodes[@]}"; do
-            until redis-cli -p "${n##*:}" cluster info | grep -q 'cluster_state:ok'; do sleep 0.2; done
-        done
-        until [ "$(redis-cli -p "$BASE_PORT" cluster nodes | grep -c 'slave.*connected')" = 3 ]; do sleep 0.2; done
-        sleep 1
-        store=(--redis-cluster "$(IFS=,; echo "${nodes[*]:0:3}")")
+        cluster "$BASE_PORT" "$d"
         ;;
     *) echo "unknown mode $mode (single, sentinel, cluster)" >&2; exit 2 ;;
     esac

@@ -25,31 +25,7 @@ SERVICE="127.0.0.1:${SERVICE_PORT:-50361}"
 IDLE="127.0.0.1:$((${SERVICE_PORT:-50361} + 1))"
 METRICS="127.0.0.1:$((${SERVICE_PORT:-50361} + 2))"
 OUT="${OUT:-BENCHMARKS.md}"
-work="$(mktemp -d)"
-pids=()
-stop_all() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    pids=()
-}
-trap 'stop_all; rm -rf "$work"' EXIT
-
-cargo build --release --locked -p optout --bin optout >/dev/null
-cargo build --release --locked -p optout-loadtest --bin optout-loadtest >/dev/null
-bin=target/release
-for tool in redis-server redis-cli; do
-    command -v "$tool" >/dev/null || { echo "$tool is missing: bash scripts/test.sh installs it" >&2; exit 1; }
-done
-
-node() { # port dir extra-args...
-    local port=$1 dir=$2
-    shift 2
-    mkdir -p "$dir"
-    redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --save "" --appendonly yes --appendfsync always \
-        --repl-diskless-sync-delay 0 --logfile "$dir/redis.log" "$@" &
-    pids+=($!)
-    until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
-}
+source scripts/topology-lib.sh
 rss() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 anon() { awk '/^RssAnon:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 # The replica's check log, bounded: at millions of numbers a second it writes about 50 MB/s.
@@ -64,33 +40,22 @@ serve() { # listen dir extra-args...
 
 rows="$work/rows.txt"
 : >"$rows"
-for store in $STORES; do
-    d="$work/$store"
+for kind in $STORES; do
+    d="$work/$kind"
     mkdir -p "$d"
-    case "$store" in
+    case "$kind" in
     single)
         node "$BASE_PORT" "$d/n0"
         args=(--redis-url "redis://127.0.0.1:$BASE_PORT")
         ;;
     cluster)
-        nodes=()
-        for i in 0 1 2 3 4 5; do
-            node $((BASE_PORT + i)) "$d/n$i" --cluster-enabled yes --cluster-config-file nodes.conf \
-                --cluster-node-timeout 2000
-            nodes+=("127.0.0.1:$((BASE_PORT + i))")
-        done
-        redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >/dev/null
-        for n in "${nodes[@]}"; do
-            until redis-cli -p "${n##*:}" cluster info | grep -q 'cluster_state:ok'; do sleep 0.2; done
-        done
-        until [ "$(redis-cli -p "$BASE_PORT" cluster nodes | grep -c 'slave.*connected')" = 3 ]; do sleep 0.2; done
-        sleep 1
-        args=(--redis-cluster "$(IFS=,; echo "${nodes[*]:0:3}")")
+        cluster "$BASE_PORT" "$d"
+        args=("${store[@]}")
         ;;
     embedded)
         args=()
         ;;
-    *) echo "unknown store $store (single, cluster, embedded)" >&2; exit 2 ;;
+    *) echo "unknown store $kind (single, cluster, embedded)" >&2; exit 2 ;;
     esac
     [ "${#args[@]}" -gt 0 ] && "$bin/optout" init-store "${args[@]}" >/dev/null
     serve "$SERVICE" "$d/a" "${args[@]}" --metrics-listen "$METRICS"
@@ -104,7 +69,7 @@ for store in $STORES; do
     "$bin/optout-loadtest" seed --server "http://$SERVICE" --count "$COUNT" >/dev/null
     sleep 5
     seconds=$((MINUTES * 60))
-    "$bin/optout-loadtest" run --server "http://$SERVICE" --label "$store" --count "$COUNT" \
+    "$bin/optout-loadtest" run --server "http://$SERVICE" --label "$kind" --count "$COUNT" \
         --mode batch --batch 1000 --concurrency 8 --connections 2 --duration "$seconds" \
         >"$d/run.txt" 2>&1 &
     load=$!
@@ -118,11 +83,11 @@ for store in $STORES; do
     done
     wait "$load" || true
     cat "$d/run.txt"
-    echo "$store: seconds, RSS MiB, RssAnon MiB (loaded replica)${idle:+, RSS MiB (idle replica)}:"
+    echo "$kind: seconds, RSS MiB, RssAnon MiB (loaded replica)${idle:+, RSS MiB (idle replica)}:"
     tr '\n' ';' <"$samples"
     echo
     rate=$(grep -o '[0-9]* numbers/s' "$d/run.txt" | head -1 | tr -dc '0-9')
-    awk -v store="$store" -v warm="$WARMUP" -v rate="${rate:-0}" '
+    awk -v store="$kind" -v warm="$WARMUP" -v rate="${rate:-0}" '
         { t[NR] = $1; r[NR] = $2; a[NR] = $3; b[NR] = $4 }
         END {
             w = 1; for (i = 1; i <= NR; i++) if (t[i] <= warm) w = i;
