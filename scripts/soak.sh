@@ -65,7 +65,14 @@ for kind in $STORES; do
         serve "$IDLE" "$d/b" "${args[@]}"
         idle=$!
     fi
-    until "$bin/optout" admin --server "http://$SERVICE" status >/dev/null 2>&1; do sleep 0.2; done
+    # Both replicas up, or the run stops saying which did not start (a port still in use).
+    for r in "$SERVICE/$loaded/a" ${idle:+"$IDLE/$idle/b"}; do
+        IFS=/ read -r addr pid name <<<"$r"
+        until "$bin/optout" admin --server "http://$addr" status >/dev/null 2>&1; do
+            kill -0 "$pid" 2>/dev/null || { echo "replica $name did not start: $(tail -1 "$d/$name.log")" >&2; exit 1; }
+            sleep 0.2
+        done
+    done
     "$bin/optout-loadtest" seed --server "http://$SERVICE" --count "$COUNT" >/dev/null
     sleep 5
     seconds=$((MINUTES * 60))
