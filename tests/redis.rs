@@ -1144,20 +1144,14 @@ async fn a_store_initialised_again_after_it_lost_its_data_is_not_served_by_repli
         .await
         .expect("flushall");
     init_redis(&config).await;
-    let regressed = |server: &TestServer| {
-        let url = server.url.clone();
-        async move {
-            let channel = tonic::transport::Channel::from_shared(url)
-                .expect("url")
-                .connect()
-                .await
-                .expect("connect");
-            optout::api::proto::opt_out_admin_client::OptOutAdminClient::new(channel)
-                .get_status(GetStatusRequest {})
-                .await
-                .map(|r| r.into_inner().store_regressed)
-                .unwrap_or_default()
-        }
+    let regressed = async |server: &TestServer| {
+        server
+            .admin_client()
+            .await
+            .get_status(GetStatusRequest {})
+            .await
+            .map(|r| r.into_inner().store_regressed)
+            .unwrap_or_default()
     };
     eventually!(
         "the replica that knew the old dataset fails closed",

@@ -48,17 +48,14 @@ impl RedisStore {
             if let Some(len) = maxlen {
                 xadd.arg("MAXLEN").arg("~").arg(len);
             }
+            xadd.arg("*");
             // The changes trail's records carry their MAC; check records are sealed on their own.
-            let (json, mac) = if stream == "changes" {
-                self.signed_record(r)?
+            if stream == "changes" {
+                self.push_record(xadd, r)?;
             } else {
-                (audit_json(r)?, String::new())
-            };
-            xadd.arg("*").arg("r").arg(json).arg("v").arg(&r.version);
-            if !mac.is_empty() {
-                xadd.arg("m").arg(mac);
+                xadd.arg("r").arg(audit_json(r)?);
             }
-            xadd.ignore();
+            xadd.arg("v").arg(&r.version).ignore();
         }
         let (marker,): (Option<String>,) = pipe
             .query_async(&mut self.write_conn())

@@ -480,16 +480,8 @@ impl RedisImport {
         for chunk in parts.chunks(16) {
             let mut pipe = redis::pipe();
             for part in chunk {
-                let (json, mac) = self.store.signed_record(part)?;
-                let xadd = pipe
-                    .cmd("XADD")
-                    .arg(self.store.key("changes"))
-                    .arg("*")
-                    .arg("r")
-                    .arg(json);
-                if !mac.is_empty() {
-                    xadd.arg("m").arg(mac);
-                }
+                let xadd = pipe.cmd("XADD").arg(self.store.key("changes")).arg("*");
+                self.store.push_record(xadd, part)?;
                 xadd.ignore();
             }
             let () = pipe.query_async(conn).await.map_err(store_error)?;

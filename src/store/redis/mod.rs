@@ -147,6 +147,17 @@ impl RedisStore {
         })
     }
 
+    /// Appends a changes-trail record's fields to the `XADD` last pushed on `pipe`: `r`, its
+    /// JSON, and `m`, its MAC when this replica has the audit key.
+    fn push_record(&self, pipe: &mut redis::Pipeline, r: &AuditRecord) -> Result<(), StoreError> {
+        let (json, mac) = self.signed_record(r)?;
+        pipe.arg("r").arg(json);
+        if !mac.is_empty() {
+            pipe.arg("m").arg(mac);
+        }
+        Ok(())
+    }
+
     /// A changes-trail record as written: its JSON and its MAC under the audit key (empty
     /// without a key). The scripts store the MAC as the entry's `m` field.
     fn signed_record(&self, r: &AuditRecord) -> Result<(String, String), StoreError> {

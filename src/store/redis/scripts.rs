@@ -50,11 +50,11 @@ impl Scripts {
             unlink: Script::new(include_str!("lua/unlink.lua")),
             scan: Script::new(include_str!("lua/scan.lua")),
             snapshot: Script::new(include_str!("lua/snapshot.lua")),
-            acknowledge: Script::new(include_str!("lua/acknowledge.lua")),
+            acknowledge: with_lib(include_str!("lua/acknowledge.lua")),
             seal: Script::new(include_str!("lua/seal.lua")),
             cluster_begin: with_lib(include_str!("lua/cluster_begin.lua")),
             cluster_shard: Script::new(include_str!("lua/cluster_shard.lua")),
-            cluster_end: Script::new(include_str!("lua/cluster_end.lua")),
+            cluster_end: with_lib(include_str!("lua/cluster_end.lua")),
         }
     }
 }

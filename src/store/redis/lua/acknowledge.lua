@@ -7,9 +7,5 @@ if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
 end
 redis.call('SET', p..'regression_ack', ARGV[3])
 local v = redis.call('GET', p..'version') or '0-0'
-if ARGV[5] ~= '' then
-  redis.call('XADD', p..'changes', '*', 'r', ARGV[4], 'v', v, 'n', 0, 'm', ARGV[5])
-else
-  redis.call('XADD', p..'changes', '*', 'r', ARGV[4], 'v', v, 'n', 0)
-end
+record(p, ARGV[4], ARGV[5], v, 0)
 return ARGV[3]

@@ -1,6 +1,6 @@
 -- ARGV: prefix, dataset, 'a'|'r', type, now, source, maxlen, audit json, the newest version the
--- writing replica saw, the audit record's MAC ('' without an audit key), bucket/number pairs. The audit record goes to the changes trail
--- (`changes`), which check traffic never trims. Returns {version, applied, whether the store
+-- writing replica saw, the audit record's MAC ('' without an audit key), bucket/number pairs.
+-- The audit record goes to the changes trail (`changes`), which check traffic never trims. Returns {version, applied, whether the store
 -- still held that seen version before the change}.
 local p, t = ARGV[1], ARGV[4]
 local refused = refuse(p, ARGV[2], t)

@@ -22,14 +22,8 @@ local applied = tonumber(ARGV[4])
 -- `0 - applied`, not `-applied`: Lua's -0 is "-0" as text, which HINCRBY refuses.
 redis.call('HINCRBY', p..'counts', t, add and applied or (0 - applied))
 redis.call('HINCRBY', p..'counts', 'patients', ARGV[5])
--- The record's MAC was made by the replica that began the change (an intent of an older
--- version has none).
-local mac = redis.call('HGET', key, 'm')
-if mac and mac ~= '' then
-  redis.call('XADD', p..'changes', '*', 'r', redis.call('HGET', key, 'audit'), 'v', id, 'n', applied, 'm', mac)
-else
-  redis.call('XADD', p..'changes', '*', 'r', redis.call('HGET', key, 'audit'), 'v', id, 'n', applied)
-end
+-- The record's MAC was made by the replica that began the change.
+record(p, redis.call('HGET', key, 'audit'), redis.call('HGET', key, 'm'), id, applied)
 local inflight = p..'inflight:'..t
 for n in string.gmatch(redis.call('HGET', key, 'n'), '[^,]+') do
   if add and redis.call('HINCRBY', p..'pending', n, -1) <= 0 then redis.call('HDEL', p..'pending', n) end

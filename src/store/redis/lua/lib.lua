@@ -27,8 +27,9 @@ local function log(p, fields)
 end
 -- Appends an audit record (`json`) to the changes trail with the change's version `v`, the count
 -- `n` and, when the replica has the audit key, the MAC it made of the record (`m`).
+-- `mac` is '' (or false, from an intent of an older version) when there is none.
 local function record(p, json, mac, v, n)
-  if mac ~= '' then
+  if mac and mac ~= '' then
     redis.call('XADD', p..'changes', '*', 'r', json, 'v', v, 'n', n, 'm', mac)
   else
     redis.call('XADD', p..'changes', '*', 'r', json, 'v', v, 'n', n)

@@ -2,8 +2,8 @@
 -- count, patients delta, maxlen, audit json, changes, "listed" or "unlisted", the list's date in
 -- ms ("" for a MERGE: it does not make the list complete), the population's size ("" unless a
 -- national check round trip, whose population was staged at population:<generation>), the newest
--- version the writing replica saw, the audit record's MAC ('' without an audit key). Returns {version, old generation, whether the store still
--- held that seen version}. An unlisted import (more added numbers than a log entry lists) is
+-- version the writing replica saw, the audit record's MAC ('' without an audit key). Returns
+-- {version, old generation, whether the store still held that seen version}. An unlisted import (more added numbers than a log entry lists) is
 -- logged with `u`: replicas rebuild their filters from a scan.
 local p, t = ARGV[1], ARGV[3]
 if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
