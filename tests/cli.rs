@@ -840,7 +840,46 @@ async fn keys_are_listed_and_a_revoked_key_stops_working_on_a_running_server() {
     assert_eq!(v[0]["id"], id_a.as_str());
     assert_eq!(v[0]["organisation"], "A83007");
     assert_eq!(v[1]["roles"][0], "admin");
+    assert_eq!(
+        v[0]["purposes"],
+        serde_json::json!(["research", "planning"])
+    );
     assert!(!text(&out.stdout).contains(&key_a), "no secret is listed");
+    // Direct care is granted by name only, and listed.
+    let care = optout(args(&[
+        "keys",
+        "new",
+        "--keys-file",
+        &keys_arg,
+        "--organisation",
+        "Y01",
+        "--role",
+        "checker",
+        "--purpose",
+        "direct-care",
+    ]))
+    .await;
+    assert!(care.status.success(), "{}", text(&care.stderr));
+    let key_care = text(&care.stdout).trim().to_string();
+    let id_care = key_care.split('_').nth(1).expect("id").to_string();
+    let out = optout(args(&["keys", "list", "--keys-file", &keys_arg])).await;
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(&id_care) && l.contains("purposes direct-care\t")),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = optout(args(&[
+        "keys",
+        "revoke",
+        "--keys-file",
+        &keys_arg,
+        "--id",
+        &id_care,
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
 
     let mut config = common::test_config(&dir.path().join("data"));
     config.keys_file = Some(keys.clone());

@@ -992,12 +992,13 @@ async fn when_the_audit_cannot_be_written_admin_changes_are_refused_and_checks_w
 async fn exempt_legal_bases_by_key_release_with_the_basis_named_and_are_audited() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut config, keys) = secured(dir.path());
-    // A key of RX3 that may claim consent and section 251, appended to the keys file.
+    // A key of RX3 that may claim consent, a CAG approval setting the opt-out aside and a legal
+    // requirement, appended to the keys file.
     let (exempt_key, entry) = new_key("RX3", &[Role::Checker]);
     let path = config.keys_file.clone().expect("keys file");
     let mut text = std::fs::read_to_string(&path).expect("read");
     text.push_str(&format!(
-        "\n{entry}exempt_bases = [\"consent\", \"section-251\"]\n"
+        "\n{entry}exempt_bases = [\"consent\", \"cag-opt-out-set-aside\", \"legal-requirement\"]\n"
     ));
     std::fs::write(&path, text).expect("write");
     config.keys_reload = Duration::from_secs(60);
@@ -1045,20 +1046,46 @@ async fn exempt_legal_bases_by_key_release_with_the_basis_named_and_are_audited(
             .expect("consent"),
         vec![release(Reason::ExemptConsent); 3]
     );
-    // Section 251 lifts the national opt-out; the GP practice's type 1 objection stands.
+    // A CAG approval that sets the opt-out aside lifts the national opt-out; the GP practice's
+    // type 1 objection stands.
     assert_eq!(
         ask(
             exempt_key.clone(),
-            LegalBasis::Section251,
+            LegalBasis::CagOptOutSetAside,
             "CAG 10-02(d)/2026"
         )
         .await
         .expect("s251"),
         vec![
-            release(Reason::ExemptSection251),
+            release(Reason::ExemptCagOptOutSetAside),
             (Outcome::Withhold, Reason::Type1OptOut),
-            release(Reason::ExemptSection251)
+            release(Reason::ExemptCagOptOutSetAside)
         ]
+    );
+    // A legal requirement lifts the national opt-out, and type 1 stands (s259 collections are
+    // what type 1 objections exist to stop).
+    assert_eq!(
+        ask(
+            exempt_key.clone(),
+            LegalBasis::LegalRequirement,
+            "HSCA 2012 s259 direction"
+        )
+        .await
+        .expect("legal requirement"),
+        vec![
+            release(Reason::ExemptLegalRequirement),
+            (Outcome::Withhold, Reason::Type1OptOut),
+            release(Reason::ExemptLegalRequirement)
+        ]
+    );
+    // A CAG basis needs the approval's reference.
+    let e = ask(exempt_key.clone(), LegalBasis::CagOptOutSetAside, "IRAS 1")
+        .await
+        .expect_err("not a CAG reference");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("not a CAG approval reference"),
+        "{e:?}"
     );
     // No basis: as before this field existed.
     assert_eq!(
@@ -1093,7 +1120,7 @@ async fn exempt_legal_bases_by_key_release_with_the_basis_named_and_are_audited(
     let records = eventually_records(&mut reader, "RX3").await;
     let s251 = records
         .iter()
-        .find(|r| r.legal_basis == "section-251")
+        .find(|r| r.legal_basis == "cag-opt-out-set-aside")
         .expect("the section 251 check is recorded");
     assert_eq!(s251.basis_reference, "CAG 10-02(d)/2026");
     assert_eq!(s251.applied, 2);
@@ -1105,7 +1132,7 @@ async fn exempt_legal_bases_by_key_release_with_the_basis_named_and_are_audited(
     server.stop().await;
 }
 
-/// RX3's check records, once the three answered checks are written.
+/// RX3's check records, once the four answered checks are written.
 async fn eventually_records(
     reader: &mut OptOutAdminClient<Authed>,
     organisation: &str,
@@ -1124,7 +1151,7 @@ async fn eventually_records(
             .into_iter()
             .filter(|r| r.action == "check")
             .collect();
-        if found.len() >= 3 {
+        if found.len() >= 4 {
             return found;
         }
     })
@@ -1214,5 +1241,99 @@ async fn silent_connections_lose_their_places_and_one_peer_cannot_take_them_all(
         .await
         .expect("another address is served");
     drop(held);
+    server.stop().await;
+}
+
+/// A purpose is granted per key: a checker key whose entry lists no purposes may ask for research
+/// and planning, and direct care (which releases every valid number) is PERMISSION_DENIED and
+/// counted; a key granted direct care gets it.
+#[tokio::test]
+async fn direct_care_is_refused_to_a_key_not_granted_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut config, keys) = secured(dir.path());
+    config.keys_reload = Duration::from_secs(60);
+    let server = TestServer::start_with(config).await;
+    let ch = server.channel().await;
+    let n = valid_numbers(4_700_000_000, 2);
+    let v = admin_client(ch.clone(), Some(&keys.admin))
+        .add_opt_outs(change_request(
+            vec![n[0].clone()],
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add")
+        .into_inner()
+        .version;
+    let ask = |key: String, purpose: Purpose| {
+        let (ch, n, v) = (ch.clone(), n.clone(), v.clone());
+        async move {
+            let mut req = check_request(n, purpose);
+            req.at_least_version = v;
+            check_client(ch, Some(&key)).check(req).await.map(|r| {
+                r.into_inner()
+                    .decisions
+                    .iter()
+                    .map(outcome)
+                    .collect::<Vec<_>>()
+            })
+        }
+    };
+    let e = ask(keys.checker.clone(), Purpose::DirectCare)
+        .await
+        .expect_err("a checker key without direct care granted asked for direct care");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("direct-care"), "{e:?}");
+    assert_eq!(
+        ask(keys.checker.clone(), Purpose::Research)
+            .await
+            .expect("research is granted by default"),
+        vec![
+            (Outcome::Withhold, Reason::NationalDataOptOut),
+            (Outcome::Release, Reason::NoOptOut)
+        ]
+    );
+    // An admin key is no different: direct care only by name.
+    let e = ask(keys.admin.clone(), Purpose::DirectCare)
+        .await
+        .expect_err("an admin key without direct care");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    server.stop().await;
+
+    // A key granted direct care (and nothing else), added to the file while the server runs.
+    let (care_key, entry) = new_key("RX4", &[Role::Checker]);
+    let path = dir.path().join("keys.toml");
+    let mut text = std::fs::read_to_string(&path).expect("read");
+    text.push_str(&format!("\n{entry}purposes = [\"direct-care\"]\n"));
+    std::fs::write(&path, text).expect("write");
+    let mut config = test_config(&dir.path().join("data"));
+    config.keys_file = Some(path);
+    let server = TestServer::start_with(config).await;
+    let ch = server.channel().await;
+    let ask = |key: String, purpose: Purpose| {
+        let ch = ch.clone();
+        let n = n.clone();
+        async move {
+            check_client(ch, Some(&key))
+                .check(check_request(n, purpose))
+                .await
+                .map(|r| {
+                    r.into_inner()
+                        .decisions
+                        .iter()
+                        .map(outcome)
+                        .collect::<Vec<_>>()
+                })
+        }
+    };
+    assert_eq!(
+        ask(care_key.clone(), Purpose::DirectCare)
+            .await
+            .expect("granted"),
+        vec![(Outcome::Release, Reason::PurposeExempt); 2]
+    );
+    let e = ask(care_key, Purpose::Research)
+        .await
+        .expect_err("not granted research");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     server.stop().await;
 }

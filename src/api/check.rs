@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     auth::Caller,
-    core::{LegalBasis, NhsNumber},
+    core::NhsNumber,
     engine::check::{CheckInput, Checker, Requester},
 };
 
@@ -70,17 +70,30 @@ impl CheckService {
             ));
         }
         let extract_id = super::label_field("extract_id", &req.extract_id, super::LABEL_MAX)?;
+        let purpose = purpose(req.purpose)?;
         let basis = legal_basis_from_proto(req.legal_basis)?;
         let basis_reference =
             super::label_field("basis_reference", &req.basis_reference, super::LABEL_MAX)?;
-        if basis != LegalBasis::None && basis_reference.trim().is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "legal_basis {}: basis_reference is required (the CAG number, the statute or \
-                 order, the consent study or assessment)",
-                basis.name()
+        if let Some(problem) = basis.reference_problem(basis_reference) {
+            return Err(Status::invalid_argument(problem));
+        }
+        // What the caller claims must be granted to its key: the purpose (direct care releases
+        // every valid number) and the legal basis. Refusals are counted by what was claimed.
+        if !caller.may_purpose(purpose) {
+            metrics::counter!("optout_check_claims_refused_total", "claim" => "purpose")
+                .increment(1);
+            let granted: Vec<&str> = caller.purposes().iter().map(|p| p.name()).collect();
+            return Err(Status::permission_denied(format!(
+                "API key {} may not check for the purpose {} (it may for: {}): list it under \
+                 purposes for this key in the keys file",
+                caller.key_id,
+                purpose.name(),
+                granted.join(", ")
             )));
         }
         if !caller.may_claim(basis) {
+            metrics::counter!("optout_check_claims_refused_total", "claim" => "legal_basis")
+                .increment(1);
             return Err(Status::permission_denied(format!(
                 "API key {} may not claim the legal basis {}: list it under exempt_bases for \
                  this key in the keys file",
@@ -112,7 +125,7 @@ impl CheckService {
             .collect();
         let input = CheckInput {
             numbers: &parsed,
-            purpose: purpose(req.purpose)?,
+            purpose,
             origin: origin(req.origin)?,
             basis,
             at_least_version: version_field("at_least_version", &req.at_least_version)?,

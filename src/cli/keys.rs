@@ -28,9 +28,13 @@ pub(super) enum KeysCommand {
         /// An exempt legal basis the key may claim in checks (repeat for more); none by default.
         #[arg(long = "exempt-basis", value_enum)]
         exempt_bases: Vec<super::BasisArg>,
+        /// A purpose the key may check for (repeat for more); research and planning by default.
+        /// direct-care releases every valid number: grant it only to direct care systems.
+        #[arg(long = "purpose", value_enum)]
+        purposes: Vec<super::PurposeArg>,
     },
-    /// List the keys in a keys file: id, organisation, roles, exempt bases (never a secret: the
-    /// file holds only hashes).
+    /// List the keys in a keys file: id, organisation, roles, purposes, exempt bases (never a
+    /// secret: the file holds only hashes).
     List {
         /// The keys file.
         #[arg(long, env = "OPTOUT_KEYS_FILE")]
@@ -77,7 +81,8 @@ impl KeysArgs {
                 organisation,
                 roles,
                 exempt_bases,
-            } => new_key(&keys_file, &organisation, &roles, &exempt_bases),
+                purposes,
+            } => new_key(&keys_file, &organisation, &roles, &exempt_bases, &purposes),
             KeysCommand::List { keys_file, output } => list(&keys_file, output),
             KeysCommand::Revoke { keys_file, id } => revoke(&keys_file, &id),
         }
@@ -89,6 +94,7 @@ fn new_key(
     organisation: &str,
     roles: &[RoleArg],
     bases: &[super::BasisArg],
+    purposes: &[super::PurposeArg],
 ) -> Result<(), CliError> {
     use std::io::Write;
     let roles: Vec<crate::auth::Role> = roles
@@ -106,6 +112,14 @@ fn new_key(
             .map(|v| format!("{:?}", v.get_name()))
             .collect();
         entry.push_str(&format!("exempt_bases = [{}]\n", names.join(", ")));
+    }
+    if !purposes.is_empty() {
+        let names: Vec<String> = purposes
+            .iter()
+            .filter_map(|p| p.to_possible_value())
+            .map(|v| format!("{:?}", v.get_name()))
+            .collect();
+        entry.push_str(&format!("purposes = [{}]\n", names.join(", ")));
     }
     // Check the entry the way the server will, before touching the file.
     let existing = std::fs::read_to_string(path).unwrap_or_default();
@@ -142,17 +156,19 @@ fn list(path: &Path, output: super::words::OutputArg) -> Result<(), CliError> {
     let row = |c: &crate::auth::Caller| {
         let roles: Vec<&str> = c.roles().iter().map(|r| r.name()).collect();
         let bases: Vec<&str> = c.bases().iter().map(|b| b.name()).collect();
-        (roles, bases)
+        let purposes: Vec<&str> = c.purposes().iter().map(|p| p.name()).collect();
+        (roles, bases, purposes)
     };
     if output == super::words::OutputArg::Json {
         let all: Vec<_> = keys
             .iter()
             .map(|(id, c)| {
-                let (roles, bases) = row(c);
+                let (roles, bases, purposes) = row(c);
                 serde_json::json!({
                     "id": id,
                     "organisation": c.organisation,
                     "roles": roles,
+                    "purposes": purposes,
                     "exempt_bases": bases,
                 })
             })
@@ -160,11 +176,12 @@ fn list(path: &Path, output: super::words::OutputArg) -> Result<(), CliError> {
         return super::words::print_json(&serde_json::Value::Array(all));
     }
     for (id, c) in &keys {
-        let (roles, bases) = row(c);
+        let (roles, bases, purposes) = row(c);
         println!(
-            "{id}\t{}\troles {}\texempt bases {}",
+            "{id}\t{}\troles {}\tpurposes {}\texempt bases {}",
             c.organisation,
             roles.join(","),
+            purposes.join(","),
             if bases.is_empty() {
                 "none".to_string()
             } else {

@@ -121,19 +121,28 @@ pub(crate) enum BasisArg {
     PublicInterest,
     /// Anonymised in line with the ICO code.
     Anonymised,
-    /// Supported by CAG under section 251 and exempted from the national data opt-out.
-    #[value(name = "section-251")]
-    Section251,
+    /// A section 251 approval whose CAG decision expressly sets the national opt-out aside.
+    CagOptOutSetAside,
+    /// Communicable disease and risks to public health (COPI regulation 3).
+    PublicHealth,
+    /// Non-contracted activity invoice validation.
+    InvoiceValidation,
+    /// Official statistics by the ONS.
+    OfficialStatistics,
+    /// A direction that expressly sets type 1 objections aside.
+    #[value(name = "direction-type-1-set-aside")]
+    DirectionType1SetAside,
 }
 
 /// `--legal-basis` and `--basis-reference`, shared by `check` and `filter`.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct BasisArgs {
     /// The legal basis the extract relies on; an exempt one lifts opt-outs (the national one
-    /// always, type 1 for consent and a legal requirement) if your API key may claim it.
+    /// always, type 1 only for consent and a direction that sets type 1 aside) if your API key
+    /// may claim it.
     #[arg(long, value_enum, default_value_t = BasisArg::None)]
     legal_basis: BasisArg,
-    /// The basis's reference: the CAG number, the statute or order, the study (audited).
+    /// The basis's reference: the CAG approval, the statute or order, the study (audited).
     #[arg(long, default_value = "")]
     basis_reference: String,
 }
@@ -147,7 +156,11 @@ impl BasisArgs {
             BasisArg::LegalRequirement => proto::LegalBasis::LegalRequirement,
             BasisArg::PublicInterest => proto::LegalBasis::PublicInterest,
             BasisArg::Anonymised => proto::LegalBasis::Anonymised,
-            BasisArg::Section251 => proto::LegalBasis::Section251,
+            BasisArg::CagOptOutSetAside => proto::LegalBasis::CagOptOutSetAside,
+            BasisArg::PublicHealth => proto::LegalBasis::PublicHealth,
+            BasisArg::InvoiceValidation => proto::LegalBasis::InvoiceValidation,
+            BasisArg::OfficialStatistics => proto::LegalBasis::OfficialStatistics,
+            BasisArg::DirectionType1SetAside => proto::LegalBasis::DirectionType1SetAside,
         };
         (b as i32, self.basis_reference.clone())
     }

@@ -112,8 +112,8 @@ mod tests {
             "national-data-opt-out"
         );
         assert_eq!(
-            reason(proto::Reason::ExemptSection251 as i32),
-            "exempt-section-251"
+            reason(proto::Reason::ExemptCagOptOutSetAside as i32),
+            "exempt-cag-opt-out-set-aside"
         );
         assert_eq!(outcome(proto::Outcome::Withhold as i32), "withhold");
         assert_eq!(opt_out_type(proto::OptOutType::Type1 as i32), "type1");

@@ -223,7 +223,7 @@ pub struct AuditRecord {
     /// Data origin (checks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
-    /// The legal basis a check claimed ("consent", "section-251", ...; absent: none).
+    /// The legal basis a check claimed ("consent", "cag-opt-out-set-aside", ...; absent: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub legal_basis: Option<String>,
     /// The reference given for that basis (a CAG number, a statute, a study).

@@ -14,9 +14,11 @@
 //! organisation = "RX1"          # ODS code of the calling organisation
 //! roles = ["checker"]           # "checker": OptOutCheck; "admin": OptOutAdmin and checks
 //! hash = "sha256:9b71d2..."
+//! purposes = ["research"]       # what checks may claim; absent: research and planning
+//! exempt_bases = ["consent"]    # legal bases checks may claim; absent: none
 //! ```
 
-use crate::LegalBasis;
+use crate::{LegalBasis, Purpose};
 use base64::Engine;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -59,6 +61,8 @@ pub struct Caller {
     roles: Vec<Role>,
     /// The exempt legal bases this key may claim in a check (`exempt_bases` in the keys file).
     bases: Vec<LegalBasis>,
+    /// The purposes this key may claim in a check (`purposes` in the keys file).
+    purposes: Vec<Purpose>,
 }
 
 impl Caller {
@@ -72,6 +76,11 @@ impl Caller {
         &self.bases
     }
 
+    /// The purposes the key may claim.
+    pub fn purposes(&self) -> &[Purpose] {
+        &self.purposes
+    }
+
     /// The caller of a service that runs without keys (loopback development only).
     pub fn anonymous() -> Caller {
         Caller {
@@ -79,7 +88,14 @@ impl Caller {
             key_id: "-".into(),
             roles: vec![Role::Checker, Role::Admin],
             bases: LegalBasis::EXEMPT.to_vec(),
+            purposes: Purpose::ALL.to_vec(),
         }
+    }
+
+    /// Whether the caller may check for `purpose`: only the purposes its keys-file entry lists
+    /// (research and planning when it lists none).
+    pub fn may_purpose(&self, purpose: Purpose) -> bool {
+        self.purposes.contains(&purpose)
     }
 
     /// Whether the caller may claim `basis` for a check: always for none; an exempt basis only
@@ -137,6 +153,8 @@ struct KeyToml {
     /// Exempt legal bases the key may claim (see `LegalBasis::name`); none by default.
     #[serde(default)]
     exempt_bases: Vec<String>,
+    /// Purposes the key may claim (see `Purpose::name`); absent: research and planning.
+    purposes: Option<Vec<String>>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -189,6 +207,15 @@ pub fn parse_keys_file(text: &str) -> Result<Vec<(String, Caller, [u8; 32])>, Ke
         let mut bases = Vec::new();
         for b in &k.exempt_bases {
             match LegalBasis::parse(b) {
+                None if b == "section-251" => {
+                    return Err(bad(
+                        "exempt basis \"section-251\" is no longer accepted: a section 251 \
+                         approval leaves the national data opt-out in force unless its CAG \
+                         decision sets it aside. Grant \"cag-opt-out-set-aside\" to keys whose \
+                         approval does, and nothing to the others"
+                            .into(),
+                    ));
+                }
                 Some(LegalBasis::None) | None => {
                     let names: Vec<&str> = LegalBasis::EXEMPT.iter().map(|b| b.name()).collect();
                     return Err(bad(format!(
@@ -199,6 +226,29 @@ pub fn parse_keys_file(text: &str) -> Result<Vec<(String, Caller, [u8; 32])>, Ke
                 Some(basis) => bases.push(basis),
             }
         }
+        let purposes = match &k.purposes {
+            None => Purpose::DEFAULT_GRANTED.to_vec(),
+            Some(names) => {
+                let mut purposes = Vec::new();
+                for p in names {
+                    purposes.push(Purpose::parse(p).ok_or_else(|| {
+                        let known: Vec<&str> = Purpose::ALL.iter().map(|p| p.name()).collect();
+                        bad(format!(
+                            "unknown purpose {p:?} (purposes are {})",
+                            known.join(", ")
+                        ))
+                    })?);
+                }
+                if purposes.is_empty() {
+                    return Err(bad(
+                        "purposes is empty: list what the key may check for, or leave it out \
+                         for research and planning"
+                            .into(),
+                    ));
+                }
+                purposes
+            }
+        };
         let hex = k
             .hash
             .strip_prefix("sha256:")
@@ -211,6 +261,7 @@ pub fn parse_keys_file(text: &str) -> Result<Vec<(String, Caller, [u8; 32])>, Ke
                 key_id: k.id.clone(),
                 roles,
                 bases,
+                purposes,
             },
             hash,
         ));
@@ -235,6 +286,7 @@ pub fn hash_key(key: &str) -> [u8; 32] {
 }
 
 /// A new key: returns `(key, keys-file entry)`. The key is shown once; only its hash is stored.
+/// The entry lists no purposes (research and planning) and no exempt bases.
 pub fn new_key(organisation: &str, roles: &[Role]) -> (String, String) {
     let mut id = [0u8; 6];
     rand::fill(&mut id);
@@ -264,9 +316,12 @@ mod tests {
         let plain = parse_keys_file(&entry).expect("parses");
         assert!(plain[0].1.may_claim(LegalBasis::None));
         assert!(!plain[0].1.may_claim(LegalBasis::Consent));
-        let listed = format!("{entry}exempt_bases = [\"consent\", \"section-251\"]\n");
+        let listed = format!("{entry}exempt_bases = [\"consent\", \"cag-opt-out-set-aside\"]\n");
         let caller = &parse_keys_file(&listed).expect("parses")[0].1;
-        assert!(caller.may_claim(LegalBasis::Consent) && caller.may_claim(LegalBasis::Section251));
+        assert!(
+            caller.may_claim(LegalBasis::Consent)
+                && caller.may_claim(LegalBasis::CagOptOutSetAside)
+        );
         assert!(!caller.may_claim(LegalBasis::PublicInterest));
         let wrong = format!("{entry}exempt_bases = [\"none\"]\n");
         let e = parse_keys_file(&wrong).expect_err("none is not an exempt basis");
@@ -275,6 +330,28 @@ mod tests {
             "{e}"
         );
         assert!(Caller::anonymous().may_claim(LegalBasis::Anonymised));
+        let old = format!("{entry}exempt_bases = [\"section-251\"]\n");
+        let e = parse_keys_file(&old).expect_err("the former section-251 grant");
+        assert!(e.to_string().contains("cag-opt-out-set-aside"), "{e}");
+    }
+
+    #[test]
+    fn a_key_claims_only_its_purposes_and_direct_care_only_by_name() {
+        let (_, entry) = new_key("RX1", &[Role::Checker]);
+        let plain = &parse_keys_file(&entry).expect("parses")[0].1;
+        assert!(plain.may_purpose(Purpose::Research) && plain.may_purpose(Purpose::Planning));
+        assert!(!plain.may_purpose(Purpose::DirectCare));
+        let care = format!("{entry}purposes = [\"direct-care\"]\n");
+        let care = &parse_keys_file(&care).expect("parses")[0].1;
+        assert!(care.may_purpose(Purpose::DirectCare) && !care.may_purpose(Purpose::Research));
+        for (bad, says) in [
+            ("purposes = []", "purposes is empty"),
+            ("purposes = [\"care\"]", "unknown purpose \"care\""),
+        ] {
+            let e = parse_keys_file(&format!("{entry}{bad}\n")).expect_err(bad);
+            assert!(e.to_string().contains(says), "{e}");
+        }
+        assert!(Caller::anonymous().may_purpose(Purpose::DirectCare));
     }
 
     #[test]
@@ -299,6 +376,7 @@ mod tests {
             key_id: "k".into(),
             roles: vec![Role::Admin],
             bases: Vec::new(),
+            purposes: Vec::new(),
         };
         assert!(admin.may(Role::Checker) && admin.may(Role::Admin));
     }

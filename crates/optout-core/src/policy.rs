@@ -105,6 +105,18 @@ pub enum Purpose {
 }
 
 impl Purpose {
+    /// Every purpose.
+    pub const ALL: [Purpose; 3] = [Purpose::DirectCare, Purpose::Research, Purpose::Planning];
+
+    /// What a key may claim when its keys-file entry lists no purposes: research and planning.
+    /// Direct care releases every valid number, so it is granted only by name.
+    pub const DEFAULT_GRANTED: [Purpose; 2] = [Purpose::Research, Purpose::Planning];
+
+    /// The inverse of [`Purpose::name`].
+    pub fn parse(name: &str) -> Option<Purpose> {
+        Purpose::ALL.into_iter().find(|p| p.name() == name)
+    }
+
     /// The name on the command line and in audit records.
     pub fn name(self) -> &'static str {
         match self {
@@ -139,33 +151,53 @@ impl DataOrigin {
 
 /// The legal basis an extract for research or planning relies on. The national data opt-out does
 /// not apply under the exempt ones (National Data Opt-out Operational Policy Guidance, "when the
-/// opt-out does not apply"); the type 1 opt-out, an objection recorded at the GP practice, is
-/// lifted by fewer of them (see [`LegalBasis::lifts`]).
+/// opt-out does not apply" and the specific exemptions of its chapter 7); the type 1 opt-out, an
+/// objection recorded at the GP practice, is lifted by only two of them (see
+/// [`LegalBasis::lifts`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LegalBasis {
     /// None claimed: the opt-outs apply.
     None,
     /// The patient's explicit consent to this use.
     Consent,
-    /// A legal requirement: a statute or a court order.
+    /// A legal requirement: a statute (a direction under the Health and Social Care Act 2012,
+    /// s254/s259) or a court order. Type 1 stands: it exists to keep GP data in the practice in
+    /// exactly these collections.
     LegalRequirement,
     /// An overriding public interest.
     PublicInterest,
     /// The data is anonymised in line with the ICO code of practice.
     Anonymised,
-    /// A flow the Confidentiality Advisory Group supported under section 251 and exempted from
-    /// the national data opt-out.
-    Section251,
+    /// An approval under section 251 whose Confidentiality Advisory Group decision expressly sets
+    /// the national data opt-out aside. CAG's standard condition is that the opt-out *applies*; a
+    /// section 251 approval alone is not this basis. Wire value of the former `section-251`.
+    CagOptOutSetAside,
+    /// Communicable disease and other risks to public health (regulation 3 of the Health Service
+    /// (Control of Patient Information) Regulations 2002).
+    PublicHealth,
+    /// Non-contracted activity invoice validation, a specific exemption of the guidance.
+    InvoiceValidation,
+    /// Data for the Office for National Statistics to produce official statistics (Statistics
+    /// and Registration Service Act 2007), a specific exemption of the guidance.
+    OfficialStatistics,
+    /// A direction that explicitly sets type 1 objections aside (NHS England has directed this
+    /// for named collections, such as pandemic planning). The one basis besides consent that lifts
+    /// type 1; granted to a key separately from `legal-requirement`.
+    DirectionType1SetAside,
 }
 
 impl LegalBasis {
     /// Every basis that lifts an opt-out.
-    pub const EXEMPT: [LegalBasis; 5] = [
+    pub const EXEMPT: [LegalBasis; 9] = [
         LegalBasis::Consent,
         LegalBasis::LegalRequirement,
         LegalBasis::PublicInterest,
         LegalBasis::Anonymised,
-        LegalBasis::Section251,
+        LegalBasis::CagOptOutSetAside,
+        LegalBasis::PublicHealth,
+        LegalBasis::InvoiceValidation,
+        LegalBasis::OfficialStatistics,
+        LegalBasis::DirectionType1SetAside,
     ];
 
     /// The name used in keys files, the command line and audit records.
@@ -176,7 +208,11 @@ impl LegalBasis {
             LegalBasis::LegalRequirement => "legal-requirement",
             LegalBasis::PublicInterest => "public-interest",
             LegalBasis::Anonymised => "anonymised",
-            LegalBasis::Section251 => "section-251",
+            LegalBasis::CagOptOutSetAside => "cag-opt-out-set-aside",
+            LegalBasis::PublicHealth => "public-health",
+            LegalBasis::InvoiceValidation => "invoice-validation",
+            LegalBasis::OfficialStatistics => "official-statistics",
+            LegalBasis::DirectionType1SetAside => "direction-type-1-set-aside",
         }
     }
 
@@ -188,17 +224,67 @@ impl LegalBasis {
             .find(|b| b.name() == name)
     }
 
+    /// What `basis_reference` must name under this basis, for messages.
+    pub fn reference_hint(self) -> &'static str {
+        match self {
+            LegalBasis::None => "nothing",
+            LegalBasis::Consent => "the consent study or record",
+            LegalBasis::LegalRequirement => "the statute, direction or court order",
+            LegalBasis::PublicInterest => "the public interest decision",
+            LegalBasis::Anonymised => "the anonymisation assessment",
+            LegalBasis::CagOptOutSetAside => {
+                "the CAG approval that sets the opt-out aside, by its reference (such as 19/CAG/0123)"
+            }
+            LegalBasis::PublicHealth => "the regulation 3 notice or the UKHSA request",
+            LegalBasis::InvoiceValidation => "the CAG approval of the invoice validation flow",
+            LegalBasis::OfficialStatistics => "the ONS data request or agreement",
+            LegalBasis::DirectionType1SetAside => {
+                "the direction that sets type 1 aside, by its name and date"
+            }
+        }
+    }
+
+    /// What is wrong with `reference` for this basis, if anything: every exempt basis needs one,
+    /// and a CAG basis one that names the approval (it contains "CAG").
+    pub fn reference_problem(self, reference: &str) -> Option<String> {
+        if self == LegalBasis::None {
+            return None;
+        }
+        let r = reference.trim();
+        if r.is_empty() {
+            return Some(format!(
+                "legal_basis {}: basis_reference is required ({})",
+                self.name(),
+                self.reference_hint()
+            ));
+        }
+        if matches!(
+            self,
+            LegalBasis::CagOptOutSetAside | LegalBasis::InvoiceValidation
+        ) && !r.to_ascii_uppercase().contains("CAG")
+        {
+            return Some(format!(
+                "legal_basis {}: basis_reference {r:?} is not a CAG approval reference ({})",
+                self.name(),
+                self.reference_hint()
+            ));
+        }
+        None
+    }
+
     /// Whether this basis lifts opt-outs of type `t`. The national data opt-out: every exempt
     /// basis. The type 1 opt-out only for the patient's own consent (it supersedes their general
-    /// objection for this use) and a legal requirement (an objection cannot override a statute
-    /// or a court order); under a public interest, anonymisation or section 251 support, a GP
-    /// practice's type 1 objections still stand. Where guidance leaves room, the narrower reading
-    /// is taken: a wrongly withheld row costs one row, a wrongly released one breaks a choice.
+    /// objection for this use) and a direction that expressly sets type 1 aside. A legal
+    /// requirement alone does not: type 1 objections exist to keep GP data in the practice in
+    /// the collections the law mandates (Health and Social Care Act 2012, s259). Under every
+    /// other basis a GP practice's type 1 objections stand. Where guidance leaves room, the
+    /// narrower reading is taken: a wrongly withheld row costs one row, a wrongly released one
+    /// breaks a choice.
     pub fn lifts(self, t: OptOutType) -> bool {
         match (self, t) {
             (LegalBasis::None, _) => false,
             (_, OptOutType::NationalDataOptOut) => true,
-            (LegalBasis::Consent | LegalBasis::LegalRequirement, OptOutType::Type1) => true,
+            (LegalBasis::Consent | LegalBasis::DirectionType1SetAside, OptOutType::Type1) => true,
             (_, OptOutType::Type1) => false,
         }
     }
@@ -432,15 +518,36 @@ mod tests {
                 assert_eq!(decide(a, set(&[NationalDataOptOut])), exempt);
             }
         }
-        assert!(LegalBasis::Consent.lifts(Type1) && LegalBasis::LegalRequirement.lifts(Type1));
+        assert!(LegalBasis::Consent.lifts(Type1));
+        assert!(
+            !LegalBasis::LegalRequirement.lifts(Type1),
+            "a legal requirement alone does not set aside a GP practice's type 1 objection"
+        );
+        assert!(LegalBasis::DirectionType1SetAside.lifts(Type1));
         for b in [
             LegalBasis::PublicInterest,
             LegalBasis::Anonymised,
-            LegalBasis::Section251,
+            LegalBasis::CagOptOutSetAside,
+            LegalBasis::PublicHealth,
+            LegalBasis::InvoiceValidation,
+            LegalBasis::OfficialStatistics,
             LegalBasis::None,
         ] {
             assert!(!b.lifts(Type1), "{b:?}");
         }
+        // Every exempt basis lifts the national opt-out; only consent and a direction that sets
+        // type 1 aside lift type 1 (two of nine).
+        assert!(
+            LegalBasis::EXEMPT
+                .iter()
+                .all(|b| b.lifts(NationalDataOptOut))
+        );
+        assert_eq!(
+            LegalBasis::EXEMPT.iter().filter(|b| b.lifts(Type1)).count(),
+            2
+        );
+        // The former name is not a basis: a key granted "section-251" must be re-granted.
+        assert_eq!(LegalBasis::parse("section-251"), None);
         assert!(!LegalBasis::None.lifts(NationalDataOptOut));
         assert_eq!(LegalBasis::parse("none"), Some(LegalBasis::None));
         assert_eq!(LegalBasis::parse("Consent"), None);
@@ -449,6 +556,38 @@ mod tests {
             applicable(Purpose::DirectCare, DataOrigin::Other, LegalBasis::Consent),
             Applicable::Exempt(ReleaseReason::PurposeExempt)
         );
+    }
+
+    #[test]
+    fn references_name_what_each_basis_rests_on() {
+        assert!(LegalBasis::None.reference_problem("").is_none());
+        for b in LegalBasis::EXEMPT {
+            let e = b.reference_problem("  ").expect("a reference is required");
+            assert!(e.contains(b.name()) && e.contains("required"), "{e}");
+        }
+        let e = LegalBasis::CagOptOutSetAside
+            .reference_problem("IRAS 12345")
+            .expect("not a CAG reference");
+        assert!(e.contains("not a CAG approval reference"), "{e}");
+        assert!(
+            LegalBasis::CagOptOutSetAside
+                .reference_problem("19/CAG/0123")
+                .is_none()
+        );
+        assert!(
+            LegalBasis::Consent
+                .reference_problem("IRAS 12345")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn purposes_parse_and_direct_care_is_not_granted_by_default() {
+        for p in Purpose::ALL {
+            assert_eq!(Purpose::parse(p.name()), Some(p));
+        }
+        assert!(!Purpose::DEFAULT_GRANTED.contains(&Purpose::DirectCare));
+        assert_eq!(Purpose::parse("direct_care"), None);
     }
 
     #[test]

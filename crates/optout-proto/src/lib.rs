@@ -392,7 +392,11 @@ pub mod convert {
             Ok(crate::LegalBasis::LegalRequirement) => Ok(LegalBasis::LegalRequirement),
             Ok(crate::LegalBasis::PublicInterest) => Ok(LegalBasis::PublicInterest),
             Ok(crate::LegalBasis::Anonymised) => Ok(LegalBasis::Anonymised),
-            Ok(crate::LegalBasis::Section251) => Ok(LegalBasis::Section251),
+            Ok(crate::LegalBasis::CagOptOutSetAside) => Ok(LegalBasis::CagOptOutSetAside),
+            Ok(crate::LegalBasis::PublicHealth) => Ok(LegalBasis::PublicHealth),
+            Ok(crate::LegalBasis::InvoiceValidation) => Ok(LegalBasis::InvoiceValidation),
+            Ok(crate::LegalBasis::OfficialStatistics) => Ok(LegalBasis::OfficialStatistics),
+            Ok(crate::LegalBasis::DirectionType1SetAside) => Ok(LegalBasis::DirectionType1SetAside),
             Err(_) => Err(Status::invalid_argument(format!(
                 "legal_basis {b} is not a known LegalBasis"
             ))),
@@ -423,7 +427,13 @@ pub mod convert {
                     optout_core::LegalBasis::LegalRequirement => Reason::ExemptLegalRequirement,
                     optout_core::LegalBasis::PublicInterest => Reason::ExemptPublicInterest,
                     optout_core::LegalBasis::Anonymised => Reason::ExemptAnonymised,
-                    optout_core::LegalBasis::Section251 => Reason::ExemptSection251,
+                    optout_core::LegalBasis::CagOptOutSetAside => Reason::ExemptCagOptOutSetAside,
+                    optout_core::LegalBasis::PublicHealth => Reason::ExemptPublicHealth,
+                    optout_core::LegalBasis::InvoiceValidation => Reason::ExemptInvoiceValidation,
+                    optout_core::LegalBasis::OfficialStatistics => Reason::ExemptOfficialStatistics,
+                    optout_core::LegalBasis::DirectionType1SetAside => {
+                        Reason::ExemptDirectionType1SetAside
+                    }
                     // `applicable` never gives BasisExempt(None); answer as for no opt-out.
                     optout_core::LegalBasis::None => Reason::NoOptOut,
                 },
