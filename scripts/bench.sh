@@ -45,7 +45,9 @@ redis_pid=$!
 pids+=($redis_pid)
 until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
 redis_url="redis://127.0.0.1:$REDIS_PORT"
-"$bin/optout" init-store --redis-url "$redis_url" --national-coverage "$COVERAGE" >/dev/null
+owner=()
+[ "$COVERAGE" = population ] && owner=(--organisation BENCH)
+"$bin/optout" init-store --redis-url "$redis_url" --national-coverage "$COVERAGE" "${owner[@]}" >/dev/null
 
 OPTOUT_LOG=warn "$bin/optout" serve --listen "$SERVICE" --redis-url "$redis_url" \
     --rate-limit 0 --filter-capacity "$COUNT" --snapshot-interval-secs 2 \

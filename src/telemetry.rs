@@ -305,7 +305,7 @@ impl DecisionCounts {
 }
 
 /// The withhold reasons in the order of indices 2.. of [`REASONS`].
-const WITHHELD: [WithholdReason; 8] = [
+const WITHHELD: [WithholdReason; 9] = [
     WithholdReason::NationalDataOptOut,
     WithholdReason::Type1OptOut,
     WithholdReason::InvalidNhsNumber,
@@ -314,9 +314,10 @@ const WITHHELD: [WithholdReason; 8] = [
     WithholdReason::VersionNotReached,
     WithholdReason::NotInCheckedPopulation,
     WithholdReason::ListTooOld,
+    WithholdReason::ListNeverImported,
 ];
 
-const REASONS: [(&str, &str); 11] = [
+const REASONS: [(&str, &str); 12] = [
     ("release", "no_opt_out"),
     ("release", "purpose_exempt"),
     ("withhold", "national_data_opt_out"),
@@ -327,6 +328,7 @@ const REASONS: [(&str, &str); 11] = [
     ("withhold", "version_not_reached"),
     ("withhold", "not_in_checked_population"),
     ("withhold", "list_too_old"),
+    ("withhold", "list_never_imported"),
     // Last, after the withhold reasons that `withheld` reads from index 2.
     ("release", "basis_exempt"),
 ];
@@ -343,7 +345,8 @@ fn reason_index(d: &Decision) -> usize {
         Decision::Withhold(WithholdReason::VersionNotReached) => 7,
         Decision::Withhold(WithholdReason::NotInCheckedPopulation) => 8,
         Decision::Withhold(WithholdReason::ListTooOld) => 9,
-        Decision::Release(ReleaseReason::BasisExempt(_)) => 10,
+        Decision::Withhold(WithholdReason::ListNeverImported) => 10,
+        Decision::Release(ReleaseReason::BasisExempt(_)) => 11,
     }
 }
 

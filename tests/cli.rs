@@ -466,7 +466,12 @@ async fn serve_answers_and_exits_cleanly_on_sigterm() {
     ]))
     .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("release"));
+    // A new store with the default list ages releases nobody: no list was imported whole.
+    assert!(
+        text(&out.stdout).contains("withhold\tlist-never-imported"),
+        "{}",
+        text(&out.stdout)
+    );
     let pid = child.id().to_string();
     let status = Command::new("kill")
         .args(["-TERM", &pid])
@@ -954,11 +959,40 @@ async fn init_store_exists_ok_leaves_a_store_in_the_same_mode_alone() {
         a.extend(extra.iter().map(|s| s.to_string()));
         optout(a)
     };
-    let first = init(&["--national-coverage", "population", "--exists-ok"]).await;
+    let population = |extra: &[&str]| {
+        let mut a = args(&[
+            "init-store",
+            "--data-dir",
+            &data_arg,
+            "--national-coverage",
+            "population",
+            "--organisation",
+            "RX1",
+        ]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        optout(a)
+    };
+    let first = population(&["--exists-ok"]).await;
     assert!(first.status.success(), "{}", text(&first.stderr));
-    let again = init(&["--national-coverage", "population", "--exists-ok"]).await;
+    let again = population(&["--exists-ok"]).await;
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert!(text(&again.stdout).contains("nothing was changed"));
+    // The same store for another organisation: refused, nothing changed.
+    let mut a = args(&["init-store", "--data-dir", &data_arg]);
+    a.extend(args(&[
+        "--national-coverage",
+        "population",
+        "--organisation",
+        "RX2",
+        "--verify-only",
+    ]));
+    let owner = optout(a).await;
+    assert!(!owner.status.success());
+    assert!(
+        text(&owner.stderr).contains("belongs to organisation RX1"),
+        "{}",
+        text(&owner.stderr)
+    );
     let other = init(&["--national-coverage", "list", "--exists-ok"]).await;
     assert!(!other.status.success());
     assert!(
@@ -966,7 +1000,7 @@ async fn init_store_exists_ok_leaves_a_store_in_the_same_mode_alone() {
         "{}",
         text(&other.stderr)
     );
-    let without = init(&["--national-coverage", "population"]).await;
+    let without = population(&[]).await;
     assert!(!without.status.success(), "without --exists-ok: refused");
 }
 

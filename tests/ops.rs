@@ -202,7 +202,21 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 #[tokio::test]
 async fn health_port_metrics_and_json_logs_with_request_ids() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let served = Served::start(&dir.path().join("data"), &["--log-format", "json"], &[]).await;
+    // Lists without a maximum age: this store is fed by single adds, and the releases are what
+    // the metrics below count (tests/population.rs holds the default ages).
+    let served = Served::start(
+        &dir.path().join("data"),
+        &[
+            "--log-format",
+            "json",
+            "--national-max-age-days",
+            "none",
+            "--type1-max-age-days",
+            "none",
+        ],
+        &[],
+    )
+    .await;
     assert_eq!(
         served.health_of("liveness").await,
         Some(ServingStatus::Serving)

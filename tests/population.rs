@@ -12,7 +12,7 @@ use common::{
 };
 use optout::{
     api::proto::{self, ImportMode, ImportOptOutsRequest, OptOutType, Outcome, Purpose, Reason},
-    core::coverage::CoverageMode,
+    core::coverage::{CoverageMode, MaxAge},
 };
 
 /// The national check's file format: a number and a comma a line.
@@ -42,6 +42,14 @@ const NATIONAL: (Outcome, Reason) = (Outcome::Withhold, Reason::NationalDataOptO
 const RELEASED: (Outcome, Reason) = (Outcome::Release, Reason::NoOptOut);
 const OUTSIDE: (Outcome, Reason) = (Outcome::Withhold, Reason::NotInCheckedPopulation);
 const TOO_OLD: (Outcome, Reason) = (Outcome::Withhold, Reason::ListTooOld);
+
+/// The test configuration with the default maximum age of the national list: a store in
+/// population mode does not serve without one.
+fn population_config(data: &std::path::Path) -> optout::server::ServerConfig {
+    let mut c = common::test_config(data);
+    c.max_list_age.national = MaxAge::DEFAULT.national;
+    c
+}
 
 fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
@@ -91,6 +99,8 @@ async fn a_national_check_round_trip_is_imported_and_numbers_outside_its_populat
             &data_arg,
             "--national-coverage",
             "population",
+            "--organisation",
+            "A83007",
         ]
         .map(String::from)
         .to_vec(),
@@ -106,14 +116,14 @@ async fn a_national_check_round_trip_is_imported_and_numbers_outside_its_populat
     .await;
     assert!(!again.status.success(), "a store is initialised once");
 
-    let server = TestServer::start(&data).await;
+    let server = TestServer::start_with(population_config(&data)).await;
     let n = valid_numbers(4_100_000_000, 12);
     let (sent, outside) = (&n[..10], &n[10..]);
 
     // Nothing checked yet: nobody is known to have no opt-out.
     assert_eq!(
         decisions(&server, &n[..1], Purpose::Research).await,
-        vec![OUTSIDE]
+        vec![(Outcome::Withhold, Reason::ListNeverImported)]
     );
 
     let write = |name: &str, body: String| {
@@ -137,6 +147,9 @@ async fn a_national_check_round_trip_is_imported_and_numbers_outside_its_populat
         .map(String::from)
         .to_vec();
         a.extend(extra.iter().map(|s| s.to_string()));
+        if extra.is_empty() {
+            a.extend(["--checked-at".to_string(), "2026-01-05".to_string()]);
+        }
         optout(a)
     };
 
@@ -283,10 +296,10 @@ async fn a_list_past_its_maximum_age_is_withheld_until_a_fresh_check_is_imported
     let server = TestServer::start_with(c).await;
     let n = valid_numbers(4_200_000_000, 4);
 
-    // Never imported, and a maximum age is set: too old already.
+    // Never imported, and a maximum age is set: it proves nothing.
     assert_eq!(
         decisions(&server, &n[..1], Purpose::Research).await,
-        vec![TOO_OLD]
+        vec![(Outcome::Withhold, Reason::ListNeverImported)]
     );
     // A check made two days ago: imported, and past its age at once.
     let admin = || async { server.admin_client().await };
@@ -364,7 +377,8 @@ async fn health_of(server: &TestServer, service: &str) -> i32 {
 async fn population_mode_on_redis_is_shared_by_every_replica_and_bad_round_trips_are_refused() {
     let redis = RedisServer::start();
     let scratch = tempfile::tempdir().expect("tempdir");
-    let config = redis_config(&redis, "optout:", scratch.path());
+    let mut config = redis_config(&redis, "optout:", scratch.path());
+    config.max_list_age.national = MaxAge::DEFAULT.national;
     optout::store::redis::RedisStore::connect(config.redis().expect("redis"))
         .expect("connect")
         .init_with(64, CoverageMode::Population)
@@ -461,6 +475,327 @@ async fn population_mode_on_redis_is_shared_by_every_replica_and_bad_round_trips
             break;
         }
     });
+    // A reply of an older check, imported again through the other replica: refused, under the
+    // national type's import lock.
+    let err = b
+        .admin_client()
+        .await
+        .import_opt_outs(tokio_stream::iter(round_trip(
+            sent,
+            &sent[..2],
+            now_ms() - 86_400_000,
+        )))
+        .await
+        .expect_err("an older check");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("older than the national check in force"),
+        "{}",
+        err.message()
+    );
     a.stop().await;
     b.stop().await;
+}
+
+/// `optout serve` on `data` with `flags`, waited for at most 15 s: its exit status and stderr,
+/// or `None` if it was still running (then killed).
+fn serve_exits(
+    data: &std::path::Path,
+    flags: &[&str],
+) -> Option<(std::process::ExitStatus, String)> {
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(flags)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("optout serve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            return Some((status, err));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Issue 28 item 4: a national list cannot go stale unnoticed. The check's date is never a file's
+/// modification time; an older check than the one in force is refused unless a reason is given
+/// (and audited); a maximum age is the default, so a store in population mode does not serve
+/// without one, and a fresh list-mode store does not release everyone.
+#[tokio::test]
+async fn a_national_list_cannot_go_stale_unnoticed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf8").to_string();
+    let init = optout(common::args(&[
+        "init-store",
+        "--data-dir",
+        &data_arg,
+        "--national-coverage",
+        "population",
+        "--organisation",
+        "RX1",
+    ]))
+    .await;
+    assert!(init.status.success(), "stderr: {}", text(&init.stderr));
+    // Population mode does not serve without a maximum age for the national list, from the
+    // command line or the library.
+    let (status, stderr) = serve_exits(&data, &["--national-max-age-days", "none"])
+        .expect("optout serve refused to start");
+    assert!(
+        !status.success() && stderr.contains("needs a maximum age"),
+        "{stderr}"
+    );
+    let mut none = population_config(&data);
+    none.max_list_age = MaxAge::NONE;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let refused = optout::server::run(listener, none, async {})
+        .await
+        .expect_err("population mode without a maximum list age");
+    assert!(
+        refused.to_string().contains("needs a maximum age"),
+        "{refused}"
+    );
+    let server = TestServer::start_with(population_config(&data)).await;
+    let n = valid_numbers(4_400_000_000, 6);
+    let write = |name: &str, body: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).expect("write");
+        p.to_str().expect("utf8").to_string()
+    };
+    let sent = write("sent.dat", dat(&n));
+    let returned = write("returned.dat", dat(&n[1..]));
+    let import = |extra: &[&str]| {
+        let mut a = common::args(&[
+            "admin",
+            "--server",
+            &server.url,
+            "import",
+            "--type",
+            "national",
+            "--from-national-check",
+            &sent,
+            &returned,
+        ]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        optout(a)
+    };
+    // Without --checked-at the date would be RETURNED's modification time, set after the check
+    // (the list would look younger than it is): refused as a usage error.
+    let out = import(&[]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--checked-at"),
+        "{}",
+        text(&out.stderr)
+    );
+    let day = |days_ago: i64| {
+        (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * days_ago)).to_string()
+    };
+    let out = import(&["--checked-at", &day(1)]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // An older reply imported again would move the list back in time: refused, nothing changed.
+    let out = import(&["--checked-at", &day(3)]).await;
+    assert!(!out.status.success(), "an older check was imported");
+    assert!(
+        text(&out.stderr).contains("older than the national check in force"),
+        "{}",
+        text(&out.stderr)
+    );
+    let status = server.status().await;
+    let as_of = status.lists[0].as_of_unix_ms;
+    assert!(
+        as_of > now_ms() - 2 * 86_400_000,
+        "the list's date did not move back"
+    );
+    // Meant, and said why: imported, and the reason is in the audit.
+    let out = import(&[
+        "--checked-at",
+        &day(3),
+        "--allow-older-check",
+        "INC-4411: the newer reply was for another population",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let audit = server
+        .admin_client()
+        .await
+        .read_audit(proto::ReadAuditRequest::default())
+        .await
+        .expect("audit")
+        .into_inner();
+    assert!(
+        audit
+            .records
+            .iter()
+            .any(|r| r.action == "import-replace" && r.override_reason.starts_with("INC-4411")),
+        "the override is audited"
+    );
+    server.stop().await;
+
+    // By default (the service's own configuration, not the tests'), a fresh list-mode store
+    // releases nobody: no list has been imported whole.
+    let fresh = dir.path().join("fresh");
+    let server = TestServer::start_with(optout::server::ServerConfig::new(fresh)).await;
+    let v = server
+        .admin_client()
+        .await
+        .add_opt_outs(common::change_request(
+            vec![n[0].clone()],
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add")
+        .into_inner()
+        .version;
+    let mut req = check_request(n[..2].to_vec(), Purpose::Research);
+    req.at_least_version = v;
+    req.origin = proto::DataOrigin::Other as i32;
+    let ask = |req: proto::CheckRequest| async {
+        server
+            .check_client()
+            .await
+            .check(req)
+            .await
+            .expect("check")
+            .into_inner()
+            .decisions
+            .iter()
+            .map(outcome)
+            .collect::<Vec<_>>()
+    };
+    const NEVER: (Outcome, Reason) = (Outcome::Withhold, Reason::ListNeverImported);
+    assert_eq!(
+        ask(req.clone()).await,
+        vec![NATIONAL, NEVER],
+        "an opt-out withholds as one; absence proves nothing yet"
+    );
+    // The whole national list imported: absence proves no national opt-out.
+    let r = server
+        .admin_client()
+        .await
+        .import_opt_outs(tokio_stream::iter(vec![common::import(&n[..1], true)]))
+        .await
+        .expect("replace")
+        .into_inner();
+    req.at_least_version = r.version;
+    assert_eq!(ask(req.clone()).await, vec![NATIONAL, RELEASED]);
+    // GP-held data: type 1 applies too, and its list was never imported whole.
+    req.origin = proto::DataOrigin::GpPractice as i32;
+    assert_eq!(ask(req).await, vec![NATIONAL, NEVER]);
+    server.stop().await;
+}
+
+/// Issue 28 item 4: the national check's licence lets an organisation apply its result to its
+/// own patients only. A population-mode store names its organisation at init-store and answers
+/// checks from that organisation's keys alone.
+#[tokio::test]
+async fn a_population_store_answers_only_the_organisation_it_belongs_to() {
+    use optout::auth::{Role, new_key};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf8").to_string();
+    let init = |extra: &[&str]| {
+        let mut a = common::args(&[
+            "init-store",
+            "--data-dir",
+            &data_arg,
+            "--national-coverage",
+            "population",
+        ]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        optout(a)
+    };
+    let out = init(&[]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--organisation"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = init(&["--organisation", "RX1"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("checks of organisation RX1 only"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let (own, e1) = new_key("RX1", &[Role::Checker]);
+    let (other, e2) = new_key("RX2", &[Role::Checker]);
+    let (admin, e3) = new_key("RX1", &[Role::Admin]);
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(&keys, format!("{e1}\n{e2}\n{e3}")).expect("keys");
+    let mut config = population_config(&data);
+    config.keys_file = Some(keys);
+    let server = TestServer::start_with(config).await;
+    let n = valid_numbers(4_500_000_000, 3);
+    let mut import = tonic::Request::new(tokio_stream::iter(round_trip(&n, &n[..1], now_ms())));
+    import.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {admin}").parse().expect("header"),
+    );
+    server
+        .admin_client()
+        .await
+        .import_opt_outs(import)
+        .await
+        .expect("round trip");
+    let ask = |key: String| {
+        let numbers = n.clone();
+        let server = &server;
+        async move {
+            let mut req = tonic::Request::new(check_request(numbers, Purpose::Research));
+            req.get_mut().origin = proto::DataOrigin::Other as i32;
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {key}").parse().expect("header"),
+            );
+            server.check_client().await.check(req).await.map(|r| {
+                r.into_inner()
+                    .decisions
+                    .iter()
+                    .map(outcome)
+                    .collect::<Vec<_>>()
+            })
+        }
+    };
+    poll!(
+        "the owner's checks are answered",
+        Duration::from_secs(10),
+        {
+            if ask(own.clone()).await.ok() == Some(vec![NATIONAL, RELEASED, RELEASED]) {
+                break;
+            }
+        }
+    );
+    let e = ask(other).await.expect_err("another organisation's key");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("organisation RX1"), "{e:?}");
+    let mut status = tonic::Request::new(proto::GetStatusRequest {});
+    status.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {admin}").parse().expect("header"),
+    );
+    let s = server
+        .admin_client()
+        .await
+        .get_status(status)
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(s.lists[0].owner, "RX1");
+    server.stop().await;
 }

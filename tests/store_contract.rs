@@ -454,6 +454,7 @@ async fn imports(b: &dyn Backend) {
     check.set_national_check(optout::store::NationalCheck {
         population,
         checked_at_ms: 1,
+        older_reason: None,
     });
     let refused = check
         .commit(record("import-replace", "ADMIN"), &key)
@@ -946,21 +947,27 @@ async fn national_checks(b: &dyn Backend) {
         }
         p
     };
+    let round_trip_why =
+        |members: &[NhsNumber], opted: &[NhsNumber], at: u64, why: Option<&str>| {
+            let (members, opted) = (members.to_vec(), opted.to_vec());
+            let key = key.clone();
+            let why = why.map(str::to_string);
+            async move {
+                let mut i = s
+                    .begin_import(ImportMode::Replace, NATIONAL, "national check")
+                    .await
+                    .expect("begin");
+                i.stage(&opted).await.expect("stage");
+                i.set_national_check(optout::store::NationalCheck {
+                    population: population(&members),
+                    checked_at_ms: at,
+                    older_reason: why,
+                });
+                i.commit(record("import-replace", "ADMIN"), &key).await
+            }
+        };
     let round_trip = |members: &[NhsNumber], opted: &[NhsNumber], at: u64| {
-        let (members, opted) = (members.to_vec(), opted.to_vec());
-        let key = key.clone();
-        async move {
-            let mut i = s
-                .begin_import(ImportMode::Replace, NATIONAL, "national check")
-                .await
-                .expect("begin");
-            i.stage(&opted).await.expect("stage");
-            i.set_national_check(optout::store::NationalCheck {
-                population: population(&members),
-                checked_at_ms: at,
-            });
-            i.commit(record("import-replace", "ADMIN"), &key).await
-        }
+        round_trip_why(members, opted, at, None)
     };
     let list = async {
         let mut i = s
@@ -1007,6 +1014,25 @@ async fn national_checks(b: &dyn Backend) {
         tail.last()
             .is_some_and(|e| e.version == o.version && e.unlisted)
     );
+
+    // An older check than the one in force would move the list back in time: refused, nothing
+    // changed; with a reason it is applied.
+    let refused = round_trip(&n[..4], &n[..1], 1_500)
+        .await
+        .expect_err("an older check");
+    assert!(
+        refused
+            .to_string()
+            .contains("older than the national check in force"),
+        "{refused}"
+    );
+    let c = s.coverage().await.expect("coverage");
+    assert_eq!((c.version, c.as_of_ms(NATIONAL)), (o.version, Some(2_000)));
+    let o = round_trip_why(&n[..4], &n[..1], 1_500, Some("the newer reply was wrong"))
+        .await
+        .expect("an older check, meant");
+    let c = s.coverage().await.expect("coverage");
+    assert_eq!((c.version, c.as_of_ms(NATIONAL)), (o.version, Some(1_500)));
 }
 
 async fn contract(b: &dyn Backend) {

@@ -213,6 +213,9 @@ async fn a_national_check_seeds_a_store_in_population_mode() {
                     .into_iter()
                     .collect(),
                 purpose: Purpose::Research as i32,
+                // Data held outside GP practices, as the load test checks: type 1, never
+                // imported whole here, does not apply.
+                origin: optout_proto::DataOrigin::Other as i32,
                 ..CheckRequest::default()
             })
             .await

@@ -123,9 +123,16 @@ fn national_check_header(first: &ImportOptOutsRequest) -> Result<Option<National
              check was made. Nothing was imported"
         )));
     }
+    let older = super::label_field(
+        "older_check_reason",
+        &first.older_check_reason,
+        super::LABEL_MAX,
+    )?
+    .trim();
     Ok(Some(NationalCheck {
         population: Population::new(),
         checked_at_ms: u64::try_from(at).unwrap_or(0),
+        older_reason: (!older.is_empty()).then(|| older.to_string()),
     }))
 }
 
@@ -388,6 +395,7 @@ impl OptOutAdmin for AdminService {
                         basis_reference: r.basis_reference.unwrap_or_default(),
                         population: r.population.unwrap_or(0),
                         checked_at_unix_ms: ms_i64(r.checked_at_ms.unwrap_or(0)),
+                        override_reason: r.override_reason.unwrap_or_default(),
                     })
                     .collect(),
             }))
@@ -440,6 +448,7 @@ impl OptOutAdmin for AdminService {
                         ),
                         expires_at_unix_ms: ms_i64(l.expires_at_ms.unwrap_or(0)),
                         expired: l.expired,
+                        owner: l.owner.clone().unwrap_or_default(),
                     })
                     .collect(),
                 store_regressed: f.regressed.unwrap_or_default(),

@@ -101,6 +101,18 @@ impl CheckService {
                 basis.name()
             )));
         }
+        if !caller.is_anonymous()
+            && let Some(owner) = self.checker.owned_by_another(&caller.organisation)
+        {
+            metrics::counter!("optout_check_claims_refused_total", "claim" => "organisation")
+                .increment(1);
+            return Err(Status::permission_denied(format!(
+                "this store holds the national check results of organisation {owner}, which \
+                 its licence lets {owner} apply to its own patients only; organisation {} needs \
+                 its own store (or prefix) fed by its own national checks",
+                caller.organisation
+            )));
+        }
         // A key removed from the keys file stops being honoured within the reload interval, on
         // streams opened before too.
         if !self.gates.still_valid(caller) {

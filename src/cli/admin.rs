@@ -151,13 +151,21 @@ struct ImportArgs {
         long,
         num_args = 2,
         value_names = ["SENT", "RETURNED"],
-        conflicts_with_all = ["file", "column", "format"]
+        conflicts_with_all = ["file", "column", "format"],
+        requires = "checked_at"
     )]
     from_national_check: Option<Vec<PathBuf>>,
-    /// When the national check was made (RFC 3339, e.g. 2026-11-27T09:00:00Z); the list's age
-    /// counts from it. Default: when RETURNED was last modified (when it was received).
+    /// When the national check was made: no later than when SENT was sent to the national
+    /// service (your MESH client's log of the send). The list's age counts from it. RFC 3339
+    /// (2026-11-27T09:00:00Z) or a date (2026-11-27: its start, UTC). Required with
+    /// --from-national-check: a file's modification time is when the reply was written or
+    /// copied, after the check, and would make the list look younger than it is.
     #[arg(long, requires = "from_national_check")]
     checked_at: Option<String>,
+    /// Import a national check older than the one in force (which would move the list back in
+    /// time), and why: the newer check was wrong, say. Recorded in the audit.
+    #[arg(long, value_name = "REASON", requires = "from_national_check")]
+    allow_older_check: Option<String>,
 }
 
 pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
@@ -394,7 +402,8 @@ async fn import_national_check(
         client,
         sent,
         returned,
-        args.checked_at.as_deref(),
+        args.checked_at.as_deref().unwrap_or_default(),
+        args.allow_older_check.clone(),
         args.source.clone(),
     )
     .await

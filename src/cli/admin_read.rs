@@ -130,6 +130,11 @@ pub(super) async fn audit(
                 } else {
                     String::new()
                 },
+                if e.override_reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("overridden: {}", e.override_reason)
+                },
             ]
             .into_iter()
             .filter(|s| !s.is_empty())
@@ -173,6 +178,7 @@ fn audit_json(e: &proto::AuditEntry) -> serde_json::Value {
         "digests": e.digests,
         "version": e.version,
         "import": text(&e.part_of),
+        "override_reason": text(&e.override_reason),
     });
     if let Some(obj) = v.as_object_mut() {
         let key = if e.action == "check" {
@@ -262,6 +268,7 @@ fn status_json(r: &proto::GetStatusResponse) -> serde_json::Value {
                 "max_age_ms": (l.max_age_ms > 0).then_some(l.max_age_ms),
                 "expires_at": (l.max_age_ms > 0).then(|| words::time(l.expires_at_unix_ms)),
                 "expired": l.expired,
+                "owner": (!l.owner.is_empty()).then(|| l.owner.clone()),
             })
         })
         .collect();
@@ -305,6 +312,11 @@ fn list_line(l: &proto::ListCoverage) -> String {
     let mut parts = vec![format!("{} mode", l.mode)];
     if l.mode == "population" {
         parts.push(format!("population {}", l.population));
+        parts.push(if l.owner.is_empty() {
+            "no owning organisation named".into()
+        } else {
+            format!("checks of {} only", l.owner)
+        });
     }
     parts.push(if l.as_of_unix_ms > 0 {
         format!("as of {}", time(l.as_of_unix_ms))

@@ -55,6 +55,12 @@ pub(super) struct InitStoreArgs {
     /// What a number the national list does not hold means; fixed for the store's life.
     #[arg(long, value_enum, default_value_t = Coverage::List)]
     national_coverage: Coverage,
+    /// With --national-coverage population: the organisation (ODS code) whose patients the
+    /// national checks are made for. The national check's licence lets an organisation apply
+    /// the result to its own patients only, so the store answers checks from that
+    /// organisation's keys alone. Fixed for the store's life.
+    #[arg(long, required_if_eq("national_coverage", "population"))]
+    organisation: Option<String>,
     /// Succeed, changing nothing, when the store is initialised already in the same coverage
     /// mode (for a deployment's install hook); a different mode is an error.
     #[arg(long, conflicts_with = "verify_only")]
@@ -67,22 +73,36 @@ pub(super) struct InitStoreArgs {
     verify_only: bool,
 }
 
-/// With --exists-ok: an initialised store in the same mode is fine; in another, an error.
+/// With --exists-ok: an initialised store in the same mode (and, in population mode, for the
+/// same organisation) is fine; otherwise an error.
 async fn already(
     store: &dyn crate::store::ConsentStore,
     shown: &str,
     mode: CoverageMode,
+    owner: Option<&str>,
 ) -> Result<(), CliError> {
     store
         .open_dataset()
         .await
         .map_err(|e| CliError::Rpc(format!("{shown}: {e}")))?;
-    let have = store
+    let coverage = store
         .coverage()
         .await
-        .map_err(|e| CliError::Rpc(format!("{shown}: {e}")))?
-        .national_mode
-        .unwrap_or_default();
+        .map_err(|e| CliError::Rpc(format!("{shown}: {e}")))?;
+    let have = coverage.national_mode.unwrap_or_default();
+    match (coverage.owner.as_deref(), owner) {
+        (Some(stored), Some(given)) if stored != given => {
+            return Err(CliError::Usage(format!(
+                "{shown} belongs to organisation {stored}, not {given}: a population-mode store \
+                 holds one organisation's national checks"
+            )));
+        }
+        (None, Some(_)) if have == CoverageMode::Population => eprintln!(
+            "warning: {shown} names no owning organisation (initialised before owners were \
+             recorded): it answers every organisation's keys"
+        ),
+        _ => {}
+    }
     if have != mode {
         return Err(CliError::Usage(format!(
             "{shown} is initialised in {} mode, not {}: a store's coverage mode is chosen once",
@@ -102,9 +122,10 @@ async fn verify(
     store: &dyn crate::store::ConsentStore,
     shown: &str,
     mode: CoverageMode,
+    owner: Option<&str>,
 ) -> Result<(), CliError> {
     match store.open_dataset().await {
-        Ok(_) => already(store, shown, mode).await,
+        Ok(_) => already(store, shown, mode, owner).await,
         Err(crate::store::StoreError::NotInitialised(_)) => Err(CliError::Rpc(format!(
             "{shown} holds no dataset marker: it was never initialised, or it lost its data \
              (flushed, restarted without persistence, restored from nothing, or the wrong \
@@ -118,6 +139,21 @@ async fn verify(
 
 pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
     let mode = CoverageMode::from(args.national_coverage);
+    let owner = args.organisation.as_deref().map(str::trim);
+    if let Some(o) = owner {
+        if mode != CoverageMode::Population {
+            return Err(CliError::Usage(
+                "--organisation names the owner of a store in population mode: add \
+                 --national-coverage population, or leave it out"
+                    .into(),
+            ));
+        }
+        if !crate::core::keys::valid_organisation(o) {
+            return Err(CliError::Usage(format!(
+                "--organisation {o:?}: give an ODS code (1 to 64 letters, digits, '-' or '_')"
+            )));
+        }
+    }
     if let Some(dir) = &args.data_dir {
         if args.redis.config()?.is_some() {
             return Err(CliError::Usage(
@@ -140,15 +176,16 @@ pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
         if (args.exists_ok || args.verify_only) && EmbeddedStore::db_path(dir).exists() {
             let (store, _) =
                 EmbeddedStore::open(&config).map_err(|e| CliError::Usage(e.to_string()))?;
-            return already(&store, &dir.display().to_string(), mode).await;
+            return already(&store, &dir.display().to_string(), mode, owner).await;
         }
-        let store =
-            EmbeddedStore::init(&config, mode).map_err(|e| CliError::Usage(e.to_string()))?;
+        let store = EmbeddedStore::init_owned(&config, mode, owner)
+            .map_err(|e| CliError::Usage(e.to_string()))?;
         println!(
-            "initialised the embedded opt-out store in {}: dataset {}, national coverage {}",
+            "initialised the embedded opt-out store in {}: dataset {}, national coverage {}{}",
             dir.display(),
             store.dataset_id(),
-            mode.name()
+            mode.name(),
+            owned_by(owner)
         );
         return Ok(());
     }
@@ -169,21 +206,28 @@ pub(super) async fn run(args: InitStoreArgs) -> Result<(), CliError> {
     let shown = config.describe();
     let store = RedisStore::connect(&config).map_err(|e| CliError::Usage(e.to_string()))?;
     if args.verify_only {
-        return verify(&store, &shown, mode).await;
+        return verify(&store, &shown, mode, owner).await;
     }
-    let id = match store.init_with(args.buckets, mode).await {
+    let id = match store.init_owned(args.buckets, mode, owner).await {
         Ok(id) => id,
         Err(crate::store::StoreError::ImportRefused(_)) if args.exists_ok => {
-            return already(&store, &shown, mode).await;
+            return already(&store, &shown, mode, owner).await;
         }
         Err(e) => return Err(CliError::Rpc(format!("{shown}: {e}"))),
     };
     println!(
         "initialised the opt-out store at {shown} (prefix {:?}): dataset {id}, {} buckets, \
-         national coverage {}",
+         national coverage {}{}",
         config.prefix,
         args.buckets,
-        mode.name()
+        mode.name(),
+        owned_by(owner)
     );
     Ok(())
+}
+
+fn owned_by(owner: Option<&str>) -> String {
+    owner.map_or_else(String::new, |o| {
+        format!(", answering checks of organisation {o} only")
+    })
 }

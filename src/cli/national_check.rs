@@ -43,10 +43,11 @@ pub(super) async fn import(
     client: &mut OptOutAdminClient<AuthChannel>,
     sent: &Path,
     returned: &Path,
-    checked_at: Option<&str>,
+    checked_at: &str,
+    allow_older: Option<String>,
     source: Option<String>,
 ) -> Result<ExitCode, CliError> {
-    let checked_at_ms = checked_at_ms(returned, checked_at)?;
+    let checked_at_ms = checked_at_ms(checked_at)?;
     let reply = read_returned(returned)?;
     let population = read_sent(sent, &reply)?;
     check_reply_within(returned, &population)?;
@@ -63,6 +64,7 @@ pub(super) async fn import(
         r#type: proto::OptOutType::NationalDataOptOut as i32,
         source,
         national_checked_at_unix_ms: i64::try_from(checked_at_ms).unwrap_or(i64::MAX),
+        older_check_reason: allow_older.unwrap_or_default(),
         ..ImportOptOutsRequest::default()
     };
     let (tx, rx) = mpsc::channel::<ImportOptOutsRequest>(4);
@@ -100,35 +102,32 @@ fn file_name(p: &Path) -> String {
     )
 }
 
-/// The check's date: given, or when RETURNED was last modified (an older date than the truth at
-/// worst, so the list expires early rather than late).
-fn checked_at_ms(returned: &Path, given: Option<&str>) -> Result<u64, CliError> {
-    let at = match given {
-        Some(s) => s.parse::<jiff::Timestamp>().map_err(|e| {
-            CliError::Usage(format!(
-                "--checked-at {s:?}: {e}; give an RFC 3339 time such as 2026-11-27T09:00:00Z"
-            ))
-        })?,
-        None => {
-            let modified = std::fs::metadata(returned)
-                .and_then(|m| m.modified())
-                .map_err(|e| CliError::Input(format!("{}: {e}", returned.display())))?;
-            jiff::Timestamp::try_from(modified).map_err(|e| {
-                CliError::Input(format!(
-                    "{}: its modification time cannot be read as a date ({e}); give --checked-at",
-                    returned.display()
-                ))
-            })?
-        }
+/// The check's date, as given: an RFC 3339 time, or a date (its start in UTC, no later than any
+/// check made that day). Never a file's modification time: RETURNED is written after the check,
+/// and copies get new times, so the list would look younger than it is and expire late.
+fn checked_at_ms(given: &str) -> Result<u64, CliError> {
+    let at = match given.parse::<jiff::Timestamp>() {
+        Ok(at) => at,
+        Err(e) => match given.parse::<jiff::civil::Date>() {
+            Ok(date) => format!("{date}T00:00:00Z")
+                .parse::<jiff::Timestamp>()
+                .map_err(|e| CliError::Usage(format!("--checked-at {given:?}: {e}")))?,
+            Err(_) => {
+                return Err(CliError::Usage(format!(
+                    "--checked-at {given:?}: {e}; give an RFC 3339 time such as \
+                     2026-11-27T09:00:00Z, or a date such as 2026-11-27"
+                )));
+            }
+        },
     };
     if at > jiff::Timestamp::now() + jiff::SignedDuration::from_mins(1) {
         return Err(CliError::Usage(format!(
-            "the national check's date {at} is in the future; give --checked-at"
+            "--checked-at {given:?} is in the future: give when the national check was made"
         )));
     }
     u64::try_from(at.as_millisecond()).map_err(|_| {
         CliError::Usage(format!(
-            "the national check's date {at} is before 1970; give --checked-at"
+            "--checked-at {given:?} is before 1970: give when the national check was made"
         ))
     })
 }

@@ -234,13 +234,15 @@ pub(super) struct ServeArgs {
     audit_changes_max_age_days: u64,
     /// Past this many days since the national list's date (the date of the national check in
     /// population mode, else of the last REPLACE import), every number the national data opt-out
-    /// applies to is withheld (REASON_LIST_TOO_OLD), until a fresh list is imported. 0: no limit.
-    /// Fractions allowed (0.5: twelve hours).
-    #[arg(long, env = "OPTOUT_NATIONAL_MAX_AGE_DAYS", default_value_t = 0.0)]
-    national_max_age_days: f64,
-    /// The same for the type 1 list. 0: no limit.
-    #[arg(long, env = "OPTOUT_TYPE1_MAX_AGE_DAYS", default_value_t = 0.0)]
-    type1_max_age_days: f64,
+    /// applies to is withheld (REASON_LIST_TOO_OLD) until a fresh list is imported; before the
+    /// list is first imported whole, too (REASON_LIST_NEVER_IMPORTED). Fractions allowed (0.5:
+    /// twelve hours). "none": no limit, and a list never imported whole releases what it does not
+    /// hold (refused for a store in population mode).
+    #[arg(long, env = "OPTOUT_NATIONAL_MAX_AGE_DAYS", default_value = "30", value_parser = max_age_days)]
+    national_max_age_days: MaxAgeArg,
+    /// The same for the type 1 list.
+    #[arg(long, env = "OPTOUT_TYPE1_MAX_AGE_DAYS", default_value = "30", value_parser = max_age_days)]
+    type1_max_age_days: MaxAgeArg,
     /// How often the changes trail is sealed (a hash chain and a MAC over the records written
     /// since the last seal), in ms. Needs --audit-key-file.
     #[arg(long, env = "OPTOUT_AUDIT_SEAL_INTERVAL_MS", default_value_t = ms(defaults::AUDIT_SEAL_INTERVAL))]
@@ -470,8 +472,8 @@ impl TryFrom<&ServeArgs> for ServerConfig {
             audit_bound: Duration::from_millis(args.audit_bound_ms.max(1)),
             audit_queue_bytes: args.audit_queue_mib.max(4).saturating_mul(1024 * 1024),
             max_list_age: crate::core::coverage::MaxAge {
-                national: max_age_days("--national-max-age-days", args.national_max_age_days)?,
-                type1: max_age_days("--type1-max-age-days", args.type1_max_age_days)?,
+                national: args.national_max_age_days.0,
+                type1: args.type1_max_age_days.0,
             },
             changes_max_age: (args.audit_changes_max_age_days > 0)
                 .then(|| Duration::from_secs(args.audit_changes_max_age_days * 86_400)),
@@ -597,18 +599,21 @@ async fn received(signal: &mut Option<tokio::signal::unix::Signal>) {
     }
 }
 
-/// A maximum list age in days (0: none), as a duration.
-fn max_age_days(flag: &str, days: f64) -> Result<Option<Duration>, CliError> {
-    if days == 0.0 {
-        return Ok(None);
+/// A maximum list age: a duration, or `None` for no limit.
+#[derive(Clone, Copy, Debug)]
+struct MaxAgeArg(Option<Duration>);
+
+/// A maximum list age in days (fractions allowed), or "none".
+fn max_age_days(s: &str) -> Result<MaxAgeArg, String> {
+    if s == "none" {
+        return Ok(MaxAgeArg(None));
     }
+    let days: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of days (or \"none\" for no limit)"))?;
     Duration::try_from_secs_f64(days * 86_400.0)
         .ok()
         .filter(|d| !d.is_zero())
-        .map(Some)
-        .ok_or_else(|| {
-            CliError::Usage(format!(
-                "{flag} {days}: give a number of days above zero (or 0 for no limit)"
-            ))
-        })
+        .map(|d| MaxAgeArg(Some(d)))
+        .ok_or_else(|| format!("{s}: give a number of days above zero (or \"none\" for no limit)"))
 }

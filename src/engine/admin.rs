@@ -263,15 +263,20 @@ pub struct Import {
     source: String,
     session: Box<dyn ImportSession>,
     pending: Vec<NhsNumber>,
-    /// Set for a national check round trip: (patients sent, when checked), for the record.
-    check: Option<(u64, u64)>,
+    /// Set for a national check round trip: (patients sent, when checked, why an older check
+    /// is imported), for the record.
+    check: Option<(u64, u64, Option<String>)>,
 }
 
 impl Import {
     /// Makes this import a national check round trip: its population is recorded with it, and
     /// the check's date becomes the national list's date.
     pub fn national_check(&mut self, check: NationalCheck) {
-        self.check = Some((check.population.len(), check.checked_at_ms));
+        self.check = Some((
+            check.population.len(),
+            check.checked_at_ms,
+            check.older_reason.clone(),
+        ));
         self.session.set_national_check(check);
     }
 
@@ -305,9 +310,10 @@ impl Import {
             ImportMode::Replace => "import-replace",
         };
         let mut audit = change_record(&self.caller, action, self.t, &self.source, received);
-        if let Some((population, checked_at_ms)) = self.check {
+        if let Some((population, checked_at_ms, older)) = self.check.take() {
             audit.population = Some(population);
             audit.checked_at_ms = Some(checked_at_ms);
+            audit.override_reason = older;
         }
         let outcome = self.session.commit(audit, &self.admin.audit_key).await?;
         super::release_freed_memory();

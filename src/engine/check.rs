@@ -87,6 +87,18 @@ impl Checker {
         Checker { store, filter, log }
     }
 
+    /// The organisation a population-mode store belongs to, when it is not `organisation`: the
+    /// national check's licence lets an organisation apply the result to its own patients only.
+    /// `None`: this caller's checks may be answered here.
+    pub fn owned_by_another(&self, organisation: &str) -> Option<String> {
+        let view = self.filter.view();
+        let coverage = view.coverage();
+        coverage
+            .population_owner()
+            .filter(|owner| *owner != organisation)
+            .map(str::to_string)
+    }
+
     /// Checks one batch and records it. Never fails: what cannot be proven releasable is
     /// withheld, and if the check log cannot take the record (failing past its bound, or full),
     /// everything is withheld rather than released unrecorded.

@@ -57,10 +57,7 @@ impl FilterConfig {
         heartbeat: Duration::from_millis(250),
         snapshot_interval: Duration::from_secs(60),
         safety_check: Duration::from_secs(5),
-        max_list_age: MaxAge {
-            national: None,
-            type1: None,
-        },
+        max_list_age: MaxAge::DEFAULT,
     };
 }
 
@@ -175,7 +172,7 @@ impl FilterView<'_> {
 pub const SCREEN_AHEAD: usize = 8;
 
 /// One type's list as status, metrics and health show it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListState {
     /// The type.
     pub t: OptOutType,
@@ -191,6 +188,8 @@ pub struct ListState {
     pub expires_at_ms: Option<u64>,
     /// Whether it has expired now.
     pub expired: bool,
+    /// Population mode: the organisation whose checks alone the store answers.
+    pub owner: Option<String>,
 }
 
 impl SyncStatus {
@@ -218,6 +217,10 @@ impl SyncStatus {
                 max_age: self.max_list_age.of(t),
                 expires_at_ms,
                 expired: expires_at_ms.is_some_and(|e| now_ms >= e),
+                owner: match t {
+                    OptOutType::NationalDataOptOut => c.population_owner().map(str::to_string),
+                    OptOutType::Type1 => None,
+                },
             }
         })
     }

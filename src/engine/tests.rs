@@ -181,8 +181,11 @@ impl Rig {
             audit_down: AtomicBool::new(false),
             behind: AtomicBool::new(false),
         });
+        // Lists without a maximum age: the rig's store is fed by single changes (the ages are
+        // `Coverage::rule`'s and tests/population.rs's).
         let filter = SyncedFilter::new(FilterConfig {
             capacity: 1000,
+            max_list_age: crate::core::coverage::MaxAge::NONE,
             ..FilterConfig::DEFAULT
         })
         .expect("filter");

@@ -173,7 +173,7 @@ impl ServerConfig {
             audit_queue_bytes: defaults::AUDIT_QUEUE_MIB * 1024 * 1024,
             check_files: None,
             changes_max_age: None,
-            max_list_age: crate::core::coverage::MaxAge::default(),
+            max_list_age: crate::core::coverage::MaxAge::DEFAULT,
             seal_interval: defaults::AUDIT_SEAL_INTERVAL,
             rate_limit: RateLimit {
                 per_second: defaults::RATE_LIMIT,

@@ -140,6 +140,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let local = listener.local_addr().ok();
+    check_list_ages(store.as_ref(), &config.max_list_age).await?;
     let mut tasks = Tasks::new();
     let filter = SyncedFilter::new(crate::engine::filter::FilterConfig {
         max_list_age: config.max_list_age,
@@ -159,6 +160,51 @@ pub async fn serve(
     let result = transport::serve_grpc(listener, &config, routes, &health, shutdown).await;
     tasks.shut_down().await;
     result
+}
+
+/// A store in population mode does not serve without a maximum age for its national list: its
+/// answers are only as good as the last national check. Turning a limit off in list mode is said
+/// loudly. A store that cannot be asked now is not refused here: checks withhold what an unknown
+/// mode or a population without a limit covers (`Coverage::rule`).
+async fn check_list_ages(
+    store: &dyn ConsentStore,
+    max_age: &crate::core::coverage::MaxAge,
+) -> Result<(), ServerError> {
+    use crate::core::{OptOutType, coverage::CoverageMode};
+    let coverage = tokio::time::timeout(std::time::Duration::from_secs(5), store.coverage()).await;
+    let population = match &coverage {
+        Ok(Ok(c)) if c.national_mode == Some(CoverageMode::Population) => Some(c),
+        _ => None,
+    };
+    if let Some(c) = population
+        && c.owner.is_none()
+    {
+        tracing::warn!(
+            "this store is in population mode but names no owning organisation (it was \
+             initialised before owners were recorded): checks from every organisation's keys \
+             are answered, which the national check's licence does not allow; make a new store \
+             with `optout init-store --national-coverage population --organisation ODS`"
+        );
+    }
+    if max_age.national.is_none() && population.is_some() {
+        return Err(ServerError::Config(
+            "this store is in population mode, and --national-max-age-days is none: its answers \
+             are only as good as the last national check, so it needs a maximum age (30 days by \
+             default)"
+                .into(),
+        ));
+    }
+    for t in OptOutType::ALL {
+        if max_age.of(t).is_none() {
+            tracing::error!(
+                opt_out = t.name(),
+                "no maximum list age: a {} list never imported whole releases every number it \
+                 does not hold, however old it is",
+                t.name()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The engines and what guards them.

@@ -447,6 +447,41 @@ pub struct NationalCheck {
     pub population: Population,
     /// When the check was made, ms since the Unix epoch.
     pub checked_at_ms: u64,
+    /// Set when an admin imports a check older than the one in force on purpose: why.
+    pub older_reason: Option<String>,
+}
+
+/// Refuses a national check older than the one in force (`in_force_ms`, the national list's
+/// date), unless the admin said why: re-importing an old reply would move the list back in time
+/// and clear its expiry. Called under the national type's import lock, so no other check can be
+/// swapped in between.
+pub(crate) fn check_not_older(
+    check: Option<&NationalCheck>,
+    in_force_ms: Option<u64>,
+) -> Result<(), StoreError> {
+    let (Some(c), Some(in_force)) = (check, in_force_ms) else {
+        return Ok(());
+    };
+    if c.checked_at_ms >= in_force || c.older_reason.is_some() {
+        return Ok(());
+    }
+    let at = |ms: u64| {
+        i64::try_from(ms)
+            .ok()
+            .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+            .map_or_else(|| format!("{ms} ms"), |t| t.to_string())
+    };
+    Err(StoreError::ImportRefused(
+        format!(
+            "this national check (checked at {}) is older than the national check in force \
+             (checked at {}): importing it would move the list back in time. Nothing was \
+             imported. If that is meant, import it with the reason (--allow-older-check REASON, \
+             older_check_reason), which is audited",
+            at(c.checked_at_ms),
+            at(in_force)
+        )
+        .into(),
+    ))
 }
 
 /// Whether a store in `mode` takes an import of type `t`, in `import_mode`, with or without a

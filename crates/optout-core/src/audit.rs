@@ -256,6 +256,10 @@ pub struct AuditRecord {
     /// A check log's anchor (action `check-log-anchor`): where a replica's log stood.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check_log: Option<crate::anchors::LogAnchor>,
+    /// Why an admin overrode a refusal: a national check older than the one in force imported
+    /// on purpose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub override_reason: Option<String>,
 }
 
 /// The fields of an [`AuditRecord`] before `digests`, borrowed, serialised exactly as the record
@@ -323,11 +327,13 @@ impl AuditRecord {
             population,
             checked_at_ms,
             check_log,
+            override_reason,
         } = self;
         let digests_last = part_of.is_none()
             && population.is_none()
             && checked_at_ms.is_none()
-            && check_log.is_none();
+            && check_log.is_none()
+            && override_reason.is_none();
         if digests.is_empty() || !digests_last || !is_base64(digests) {
             return serde_json::to_writer(out, self);
         }

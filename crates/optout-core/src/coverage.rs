@@ -233,8 +233,12 @@ impl Population {
     }
 }
 
-/// How old each type's list may be before its answers prove nothing (`None`: no limit).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How old each type's list may be before its answers prove nothing (`None`: no limit). With a
+/// limit, a list never imported whole proves nothing either (`ListNeverImported`): a new or lost
+/// store does not release everyone. [`MaxAge::DEFAULT`] is the service's default; turning a limit
+/// off is an explicit choice (and refused for a store in population mode), so there is no
+/// `Default`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaxAge {
     /// The national data opt-out list (the national check's refresh period).
     pub national: Option<Duration>,
@@ -243,6 +247,24 @@ pub struct MaxAge {
 }
 
 impl MaxAge {
+    /// The default limit of each type: 30 days, a monthly refresh with days to spare for a
+    /// weekly one. NHS England's guidance asks for the national check before each use of the
+    /// data; the limit is how long a replica trusts the last one.
+    pub const DEFAULT_DAYS: u64 = 30;
+
+    /// Both types limited to [`MaxAge::DEFAULT_DAYS`].
+    pub const DEFAULT: MaxAge = MaxAge {
+        national: Some(Duration::from_secs(MaxAge::DEFAULT_DAYS * 86_400)),
+        type1: Some(Duration::from_secs(MaxAge::DEFAULT_DAYS * 86_400)),
+    };
+
+    /// No limits: lists never imported whole release what they do not hold. Explicit only
+    /// (`--national-max-age-days none`); the tests of other subjects use it.
+    pub const NONE: MaxAge = MaxAge {
+        national: None,
+        type1: None,
+    };
+
     /// The limit for one type.
     pub fn of(&self, t: OptOutType) -> Option<Duration> {
         match t {
@@ -266,6 +288,11 @@ pub struct Coverage {
     /// When each type's list was last known complete, ms since the Unix epoch: the date of the
     /// national check, or of the last REPLACE import. Index: national, type 1.
     pub as_of_ms: [Option<u64>; 2],
+    /// In population mode: the organisation (ODS code) whose patients were checked, named at
+    /// initialisation. The national check's licence lets it apply the result to its own
+    /// patients only, so checks from other organisations' keys are refused. `None`: a store
+    /// initialised before owners were recorded.
+    pub owner: Option<String>,
 }
 
 impl Default for Coverage {
@@ -316,6 +343,9 @@ pub struct CoverageMeta {
     /// Patients in the population (population mode).
     #[serde(default)]
     pub population_len: u64,
+    /// The organisation a population-mode store belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 fn index(t: OptOutType) -> usize {
@@ -333,6 +363,7 @@ impl Coverage {
             version: Version::ZERO,
             population: Population::new(),
             as_of_ms: [None, None],
+            owner: None,
         }
     }
 
@@ -365,7 +396,17 @@ impl Coverage {
             version,
             population,
             as_of_ms: [meta.national_as_of_ms, meta.type1_as_of_ms],
+            owner: meta.owner.clone(),
         })
+    }
+
+    /// The organisation whose checks this store answers alone, if it is in population mode and
+    /// names one.
+    pub fn population_owner(&self) -> Option<&str> {
+        match self.national_mode {
+            Some(CoverageMode::Population) => self.owner.as_deref(),
+            _ => None,
+        }
     }
 
     /// When a type's list was last known complete.
@@ -400,10 +441,15 @@ impl Coverage {
     /// what is left to ask per number is at most a population membership.
     pub fn rule(&self, types: OptOutSet, now_ms: u64, max_age: &MaxAge) -> CoverageRule<'_> {
         for t in OptOutType::ALL {
-            if types.contains(t)
-                && self
-                    .expires_at_ms(t, max_age)
-                    .is_some_and(|expires| now_ms >= expires)
+            if !types.contains(t) || max_age.of(t).is_none() {
+                continue;
+            }
+            if self.as_of_ms(t).is_none() {
+                return CoverageRule::All(WithholdReason::ListNeverImported);
+            }
+            if self
+                .expires_at_ms(t, max_age)
+                .is_some_and(|expires| now_ms >= expires)
             {
                 return CoverageRule::All(WithholdReason::ListTooOld);
             }
@@ -414,6 +460,12 @@ impl Coverage {
         match self.national_mode {
             None => CoverageRule::All(WithholdReason::StoreUnavailable),
             Some(CoverageMode::List) => CoverageRule::Nothing,
+            // A checked population proves something only as long as its check is young: without
+            // a maximum age it cannot be shown to be (the server refuses to start so; a store
+            // that turned to population mode under a running replica lands here).
+            Some(CoverageMode::Population) if max_age.national.is_none() => {
+                CoverageRule::All(WithholdReason::ListTooOld)
+            }
             Some(CoverageMode::Population) => CoverageRule::Outside(&self.population),
         }
     }
@@ -466,18 +518,26 @@ mod tests {
     fn outside_the_checked_population_is_withheld_inside_is_not() {
         let (inside, outside) = (nhs(9_434_765_919), nhs(4_010_232_137));
         let c = population_mode(&[inside]);
-        let none = MaxAge::default();
-        assert_eq!(c.withhold(national(), inside, 2_000, &none), None);
+        let young = MaxAge {
+            national: Some(Duration::from_secs(86_400)),
+            type1: None,
+        };
+        assert_eq!(c.withhold(national(), inside, 2_000, &young), None);
         assert_eq!(
-            c.withhold(national(), outside, 2_000, &none),
+            c.withhold(national(), outside, 2_000, &young),
             Some(WithholdReason::NotInCheckedPopulation)
         );
         assert_eq!(
-            c.withhold(both(), outside, 2_000, &none),
+            c.withhold(both(), outside, 2_000, &young),
             Some(WithholdReason::NotInCheckedPopulation)
         );
         // Type 1 only (the national type lifted): the population does not matter.
-        assert_eq!(c.withhold(type1(), outside, 2_000, &none), None);
+        assert_eq!(c.withhold(type1(), outside, 2_000, &young), None);
+        // A population without a maximum age cannot be shown to be young.
+        assert_eq!(
+            c.withhold(national(), inside, 2_000, &MaxAge::NONE),
+            Some(WithholdReason::ListTooOld)
+        );
         assert!(c.pins_version(national()) && !c.pins_version(type1()));
     }
 
@@ -485,10 +545,28 @@ mod tests {
     fn list_mode_releases_absent_numbers_and_unknown_mode_does_not() {
         let list = Coverage::from_stored(&CoverageMeta::default(), None).expect("list");
         let n = nhs(4_010_232_137);
-        assert_eq!(list.withhold(both(), n, 0, &MaxAge::default()), None);
+        assert_eq!(list.withhold(both(), n, 0, &MaxAge::NONE), None);
+        // With the default limits, a list never imported whole proves nothing: a new (or lost)
+        // store does not release everyone.
+        assert_eq!(
+            list.withhold(both(), n, 0, &MaxAge::DEFAULT),
+            Some(WithholdReason::ListNeverImported)
+        );
+        let mut imported = list.clone();
+        imported.as_of_ms = [Some(1_000), None];
+        assert_eq!(
+            imported.withhold(national(), n, 2_000, &MaxAge::DEFAULT),
+            None,
+            "the national list was imported whole and is young"
+        );
+        assert_eq!(
+            imported.withhold(both(), n, 2_000, &MaxAge::DEFAULT),
+            Some(WithholdReason::ListNeverImported),
+            "type 1 applies too, and was never imported whole"
+        );
         assert!(!list.pins_version(both()));
         assert_eq!(
-            Coverage::unknown().withhold(both(), n, 0, &MaxAge::default()),
+            Coverage::unknown().withhold(both(), n, 0, &MaxAge::NONE),
             Some(WithholdReason::StoreUnavailable)
         );
         assert!(Coverage::unknown().pins_version(national()));
@@ -517,10 +595,10 @@ mod tests {
         assert_eq!(c.expires_at_ms(OptOutType::Type1, &max), Some(0));
         assert_eq!(
             c.withhold(type1(), n, 5, &max),
-            Some(WithholdReason::ListTooOld)
+            Some(WithholdReason::ListNeverImported)
         );
         // No limit, no expiry.
-        assert_eq!(c.withhold(type1(), n, u64::MAX, &MaxAge::default()), None);
+        assert_eq!(c.withhold(type1(), n, u64::MAX, &MaxAge::NONE), None);
     }
 
     #[test]

@@ -92,6 +92,11 @@ impl Caller {
         }
     }
 
+    /// Whether this is the caller of a service running without keys.
+    pub fn is_anonymous(&self) -> bool {
+        self.key_id == "-"
+    }
+
     /// Whether the caller may check for `purpose`: only the purposes its keys-file entry lists
     /// (research and planning when it lists none).
     pub fn may_purpose(&self, purpose: Purpose) -> bool {
@@ -157,6 +162,16 @@ struct KeyToml {
     purposes: Option<Vec<String>>,
 }
 
+/// Whether `org` is a well-formed organisation code (an ODS code): 1 to 64 letters, digits, '-'
+/// or '_'.
+pub fn valid_organisation(org: &str) -> bool {
+    !org.is_empty()
+        && org.len() <= 64
+        && org
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 fn valid_id(id: &str) -> bool {
     id.len() == 12
         && id
@@ -183,12 +198,7 @@ pub fn parse_keys_file(text: &str) -> Result<Vec<(String, Caller, [u8; 32])>, Ke
             return Err(bad("the id appears twice".into()));
         }
         let org = k.organisation.trim();
-        if org.is_empty()
-            || org.len() > 64
-            || !org
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !valid_organisation(org) {
             return Err(bad(
                 "organisation must be 1 to 64 letters, digits, '-' or '_' (an ODS code)".into(),
             ));

@@ -378,9 +378,12 @@ pub enum WithholdReason {
     /// The store holds the national opt-outs of a checked population (population mode), and
     /// this number was not in it: it was never checked.
     NotInCheckedPopulation,
-    /// The list of an opt-out type that applies is older than its configured maximum age (or was
-    /// never imported): it no longer proves anything.
+    /// The list of an opt-out type that applies is older than its configured maximum age: it no
+    /// longer proves anything.
     ListTooOld,
+    /// The list of an opt-out type that applies was never imported whole (a REPLACE, or a
+    /// national check): a number it does not hold proves nothing.
+    ListNeverImported,
 }
 
 impl WithholdReason {
@@ -395,6 +398,7 @@ impl WithholdReason {
             WithholdReason::VersionNotReached => "version-not-reached",
             WithholdReason::NotInCheckedPopulation => "not-in-checked-population",
             WithholdReason::ListTooOld => "list-too-old",
+            WithholdReason::ListNeverImported => "list-never-imported",
         }
     }
 }

@@ -151,6 +151,13 @@ pub async fn run(config: RunConfig) -> Result<RunReport, NemesisError> {
             "500",
             "--shutdown-grace-secs",
             "1",
+            // The nemesis searches the store protocol under faults, through single changes from
+            // an empty store; with the default list ages every answer would be "never imported"
+            // and the history would prove nothing. tests/population.rs holds the ages.
+            "--national-max-age-days",
+            "none",
+            "--type1-max-age-days",
+            "none",
         ]
         .map(String::from),
     );

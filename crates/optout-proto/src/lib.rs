@@ -462,6 +462,9 @@ pub mod convert {
             Decision::Withhold(WithholdReason::ListTooOld) => {
                 (Outcome::Withhold, Reason::ListTooOld)
             }
+            Decision::Withhold(WithholdReason::ListNeverImported) => {
+                (Outcome::Withhold, Reason::ListNeverImported)
+            }
         };
         crate::Decision {
             outcome: outcome as i32,

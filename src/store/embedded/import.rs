@@ -69,6 +69,7 @@ impl ImportSession for EmbeddedImport {
                 audit.part_of = Some(apply.id.clone());
                 let mut coverage = get_coverage(&txn.open_table(META).map_err(storage)?)?;
                 import_allowed(coverage.mode, t, mode, check.as_ref())?;
+                crate::store::check_not_older(check.as_ref(), coverage.national_as_of_ms)?;
                 {
                     let staging = txn.open_table(staging_def).map_err(storage)?;
                     // A national check in which nobody had opted out is a valid empty list: its

@@ -108,12 +108,21 @@ impl EmbeddedStore {
     /// new dataset marker written. A database file without the marker (or from another schema) is
     /// refused: it is not an empty opt-out list and must never be read as one.
     pub fn open(config: &EmbeddedConfig) -> Result<(Self, Opened), StoreError> {
-        Self::open_or_init(config, CoverageMode::List)
+        Self::open_or_init(config, CoverageMode::List, None)
     }
 
     /// Initialises a store in a data directory that holds none, in the given national coverage
     /// mode (`optout init-store --data-dir`); refuses a directory that holds one already.
     pub fn init(config: &EmbeddedConfig, mode: CoverageMode) -> Result<Self, StoreError> {
+        Self::init_owned(config, mode, None)
+    }
+
+    /// [`EmbeddedStore::init`] naming the organisation a population-mode store belongs to.
+    pub fn init_owned(
+        config: &EmbeddedConfig,
+        mode: CoverageMode,
+        owner: Option<&str>,
+    ) -> Result<Self, StoreError> {
         let path = config.data_dir.join(DB_FILE);
         if path.exists() {
             return Err(StoreError::ImportRefused(
@@ -125,12 +134,13 @@ impl EmbeddedStore {
                 .into(),
             ));
         }
-        Self::open_or_init(config, mode).map(|(store, _)| store)
+        Self::open_or_init(config, mode, owner).map(|(store, _)| store)
     }
 
     fn open_or_init(
         config: &EmbeddedConfig,
         mode: CoverageMode,
+        owner: Option<&str>,
     ) -> Result<(Self, Opened), StoreError> {
         let path = config.data_dir.join(DB_FILE);
         let fresh = !path.exists();
@@ -163,7 +173,7 @@ impl EmbeddedStore {
             StoreError::Unavailable(why.into())
         })?;
         if fresh {
-            initialise(&db, mode)?;
+            initialise(&db, mode, owner)?;
         }
         let (dataset_id, version) = read_marker(&db, &path)?;
         remove_stale_staging(&db)?;

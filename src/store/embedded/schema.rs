@@ -57,12 +57,17 @@ pub(super) fn blocking_failed(e: tokio::task::JoinError) -> StoreError {
     ))
 }
 
-pub(super) fn initialise(db: &Database, mode: CoverageMode) -> Result<(), StoreError> {
+pub(super) fn initialise(
+    db: &Database,
+    mode: CoverageMode,
+    owner: Option<&str>,
+) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut meta = txn.open_table(META).map_err(storage)?;
         let coverage = CoverageMeta {
             mode,
+            owner: owner.map(str::to_string),
             ..CoverageMeta::default()
         };
         put_coverage(&mut meta, &coverage)?;

@@ -35,6 +35,7 @@ impl RedisStore {
             national_as_of_ms: ms("as_of:1")?,
             type1_as_of_ms: ms("as_of:2")?,
             population_len: ms("population_len")?.unwrap_or(0),
+            owner: fields.get("owner").cloned(),
         };
         Coverage::from_stored(&meta, population.as_deref())
             .map_err(|e| StoreError::Corrupt(e.into()))
@@ -49,6 +50,21 @@ impl RedisStore {
             .await
             .map_err(store_error)?;
         self.mode_of(&fields)
+    }
+
+    /// The national list's date (`None`: never imported whole).
+    pub(super) async fn read_national_as_of(&self) -> Result<Option<u64>, StoreError> {
+        let at: Option<String> = redis::cmd("HGET")
+            .arg(self.key("coverage"))
+            .arg("as_of:1")
+            .query_async(&mut self.write_conn())
+            .await
+            .map_err(store_error)?;
+        at.map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| StoreError::Corrupt("coverage: as_of:1".into()))
+        })
+        .transpose()
     }
 
     fn mode_of(&self, fields: &HashMap<String, String>) -> Result<CoverageMode, StoreError> {

@@ -27,6 +27,16 @@ impl RedisStore {
     /// [`RedisStore::init`] in a national coverage mode (list: a complete national list will be
     /// imported; population: the results of national checks of a population will).
     pub async fn init_with(&self, buckets: u64, mode: CoverageMode) -> Result<String, StoreError> {
+        self.init_owned(buckets, mode, None).await
+    }
+
+    /// [`RedisStore::init_with`] naming the organisation a population-mode store belongs to.
+    pub async fn init_owned(
+        &self,
+        buckets: u64,
+        mode: CoverageMode,
+        owner: Option<&str>,
+    ) -> Result<String, StoreError> {
         self.eviction_policy_ok().await?;
         self.persistence_ok().await?;
         let id = random_hex::<16>();
@@ -40,7 +50,8 @@ impl RedisStore {
             .arg(buckets.max(1))
             .arg(now_ms())
             .arg(tags.join(","))
-            .arg(mode.name());
+            .arg(mode.name())
+            .arg(owner.unwrap_or_default());
         let created: i64 = self.invoke_durable(&inv, &mut self.write_conn()).await?;
         if created == 0 {
             return Err(self.already_initialised());

@@ -234,6 +234,11 @@ impl ImportSession for RedisImport {
                     .into(),
             ));
         };
+        // Under the lock: no other national check can be swapped in between.
+        if self.check.is_some() {
+            let in_force = store.read_national_as_of().await?;
+            crate::store::check_not_older(self.check.as_ref(), in_force)?;
+        }
         let result = self
             .diff_and_swap(&mut conn, t, other, &lease.token, audit, key)
             .await;
