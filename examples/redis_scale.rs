@@ -108,6 +108,7 @@ async fn main() -> Result<(), Error> {
         .begin_import(
             ImportMode::Replace,
             OptOutType::NationalDataOptOut,
+            None,
             "scale-run.csv",
         )
         .await?;

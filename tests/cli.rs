@@ -655,6 +655,8 @@ async fn every_command_speaks_the_flags_names_and_rfc3339_times() {
         "add",
         "--type",
         "type1",
+        "--practice",
+        "A83007",
         "--source",
         "ticket-1",
         &n[0],
@@ -674,6 +676,8 @@ async fn every_command_speaks_the_flags_names_and_rfc3339_times() {
         "add",
         "--type",
         "type1",
+        "--practice",
+        "A83007",
         "--source",
         "ticket-1",
         &n[0],
@@ -1086,4 +1090,121 @@ async fn init_store_verify_only_fails_loudly_on_a_store_that_lost_its_data() {
     assert!(keys.is_empty(), "--verify-only wrote {keys:?}");
     let both = init(&["--verify-only", "--exists-ok"]).await;
     assert_eq!(both.status.code(), Some(2), "the two flags conflict");
+}
+
+/// Issue 28 item 3: type 1 opt-outs belong to practices. One practice's REPLACE (the README's own
+/// `admin import --type type1 --mode replace practice-A83007-type1.txt`) used to make the whole
+/// type 1 set equal to that file, deleting every other practice's objections: the release path
+/// reproduced with the binary of 15638fb (B81001's objection to 9434765919 was removed by
+/// A83007's file and the number released for GP-held data). Now the file replaces A83007's
+/// objections only, `admin get`, the audit and `admin status` name the practices, and a type 1
+/// change without its practice is a usage error.
+#[tokio::test]
+async fn a_practice_replaces_its_own_type_1_opt_outs_and_no_other_practice_s() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir.path().join("data")).await;
+    let run = |a: &[&str]| {
+        let mut all = args(&["admin", "--server", &server.url]);
+        all.extend(args(a));
+        optout(all)
+    };
+    let out = run(&[
+        "add",
+        "--type",
+        "type1",
+        "--practice",
+        "B81001",
+        "--source",
+        "gp-feed",
+        "9434765919",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let file = dir.path().join("practice-A83007-type1.txt");
+    std::fs::write(&file, "4010232137\n").expect("write");
+    let file_arg = file.to_str().expect("utf8");
+    let out = run(&["import", "--type", "type1", "--mode", "replace", file_arg]).await;
+    assert!(
+        !out.status.success(),
+        "a type 1 import without its practice"
+    );
+    assert!(
+        text(&out.stderr).contains("--practice is required"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&[
+        "import",
+        "--type",
+        "type1",
+        "--practice",
+        "A83007",
+        "--mode",
+        "replace",
+        file_arg,
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("added 1, removed 0"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = optout(args(&[
+        "check",
+        "--server",
+        &server.url,
+        "--purpose",
+        "research",
+        "--origin",
+        "gp-practice",
+        "9434765919",
+        "4010232137",
+    ]))
+    .await;
+    assert_eq!(
+        text(&out.stdout),
+        "9434765919\twithhold\ttype-1-opt-out\n4010232137\twithhold\ttype-1-opt-out\n",
+        "B81001's objection stands after A83007's file"
+    );
+    // A second practice for the same patient; get names both.
+    let out = run(&[
+        "add",
+        "--type",
+        "type1",
+        "--practice",
+        "a83007",
+        "--source",
+        "gp-feed",
+        "9434765919",
+    ])
+    .await;
+    assert!(
+        text(&out.stdout).contains("applied 1"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(&["get", "9434765919"]).await;
+    assert!(
+        text(&out.stdout).contains("practices B81001,A83007"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(&["audit", "--output", "json"]).await;
+    let records: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        records
+            .as_array()
+            .expect("records")
+            .iter()
+            .any(|r| r["action"] == "import-replace" && r["practice"] == "A83007"),
+        "{records}"
+    );
+    let out = run(&["status"]).await;
+    assert!(
+        text(&out.stdout).contains("1 practices (oldest list A83007 of"),
+        "{}",
+        text(&out.stdout)
+    );
+    server.stop().await;
 }

@@ -251,6 +251,7 @@ async fn an_unreadable_filter_snapshot_is_never_used() {
         .change(
             optout::store::ChangeKind::Add,
             optout::core::OptOutType::NationalDataOptOut,
+            None,
             &[opted],
             "test",
             &audit,

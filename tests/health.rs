@@ -33,6 +33,7 @@ async fn not_serving_until_the_filter_loads_yet_checks_answer_from_the_store() {
         .change(
             ChangeKind::Add,
             optout::core::OptOutType::NationalDataOptOut,
+            None,
             &[opted],
             "seed",
             &optout::core::AuditRecord::default(),

@@ -166,6 +166,8 @@ fn no_nhs_number_reaches_the_logs_at_any_level() {
             "add",
             "--type",
             "type1",
+            "--practice",
+            "A83007",
             "--source",
             "t",
             &n[2],
@@ -189,6 +191,8 @@ fn no_nhs_number_reaches_the_logs_at_any_level() {
             "import",
             "--type",
             "type1",
+            "--practice",
+            "A83007",
             "--mode",
             "merge",
             list.to_str().expect("utf8")

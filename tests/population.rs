@@ -421,6 +421,7 @@ async fn population_mode_on_redis_is_shared_by_every_replica_and_bad_round_trips
         .await
         .import_opt_outs(tokio_stream::iter(vec![ImportOptOutsRequest {
             r#type: OptOutType::Type1 as i32,
+            practice: common::PRACTICE.into(),
             ..common::import(&n[7..], true)
         }]))
         .await

@@ -394,6 +394,7 @@ async fn foreign_keys_are_never_touched_and_a_store_is_initialised_once() {
     let r = admin
         .import_opt_outs(tokio_stream::iter(vec![ImportOptOutsRequest {
             r#type: OptOutType::Type1 as i32,
+            practice: common::PRACTICE.into(),
             ..common::import(&n[100..], true)
         }]))
         .await
@@ -1184,6 +1185,118 @@ async fn a_store_initialised_again_after_it_lost_its_data_is_not_served_by_repli
         Duration::from_secs(15),
         regressed(&server).await.is_empty()
             && decide(&server, &n, "").await == vec![WITHHELD, WITHHELD]
+    );
+    server.stop().await;
+}
+
+/// Type 1 records written before practices were (`recorded_at,source_id`, no practices) belong to
+/// the unknown practice: a practice's removal or REPLACE leaves them, `admin get` says "unknown",
+/// and only a removal naming the unknown practice clears them.
+#[tokio::test]
+async fn type_1_records_from_before_practices_belong_to_the_unknown_practice() {
+    let (redis, _scratch, config) = common::initialised_redis().await;
+    let server = TestServer::start_redis(config).await;
+    let n = valid_numbers(4_080_000_000, 2);
+    let mut admin = server.admin_client().await;
+    admin
+        .add_opt_outs(change_request(n.clone(), OptOutType::Type1))
+        .await
+        .expect("add");
+    // Rewrite both records as an older replica wrote them.
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("optout:d:2:*")
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    for k in &keys {
+        let fields: std::collections::HashMap<String, String> =
+            conn.hgetall(k).await.expect("hgetall");
+        for (number, value) in fields {
+            let legacy: Vec<&str> = value.splitn(3, ',').take(2).collect();
+            let _: () = conn.hset(k, &number, legacy.join(",")).await.expect("hset");
+        }
+    }
+    let practices = |r: optout::api::proto::GetOptOutResponse| r.opt_outs[0].practices.clone();
+    let got = admin
+        .get_opt_out(optout::api::proto::GetOptOutRequest {
+            nhs_number: n[0].clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(practices(got), vec!["unknown".to_string()]);
+    // A83007's removal and A83007's REPLACE leave them.
+    let r = admin
+        .remove_opt_outs(change_request(n[..1].to_vec(), OptOutType::Type1))
+        .await
+        .expect("remove")
+        .into_inner();
+    assert_eq!(r.applied, 0);
+    let other = valid_numbers(4_090_000_000, 1);
+    let r = admin
+        .import_opt_outs(tokio_stream::iter(vec![ImportOptOutsRequest {
+            r#type: OptOutType::Type1 as i32,
+            practice: common::PRACTICE.into(),
+            ..common::import(&other, true)
+        }]))
+        .await
+        .expect("A83007's list")
+        .into_inner();
+    assert_eq!((r.added, r.removed), (1, 0));
+    assert_eq!(status(&server).await.type_1_opt_outs, 3);
+    // Adding a practice to a legacy record keeps the unknown practice beside it.
+    let mut add_b = change_request(n[1..].to_vec(), OptOutType::Type1);
+    add_b.practice = "B81001".into();
+    admin.add_opt_outs(add_b).await.expect("add B");
+    let got = admin
+        .get_opt_out(optout::api::proto::GetOptOutRequest {
+            nhs_number: n[1].clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(practices(got), vec!["unknown".to_string(), "B81001".into()]);
+    // The unknown practice cannot be added to, only removed from.
+    let mut unknown = change_request(n[..1].to_vec(), OptOutType::Type1);
+    unknown.practice = "unknown".into();
+    let e = admin
+        .add_opt_outs(unknown.clone())
+        .await
+        .expect_err("adding to the unknown practice");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let r = admin
+        .remove_opt_outs(unknown)
+        .await
+        .expect("remove unknown")
+        .into_inner();
+    assert_eq!(r.applied, 1);
+    let mut unknown = change_request(n[1..].to_vec(), OptOutType::Type1);
+    unknown.practice = "unknown".into();
+    admin
+        .remove_opt_outs(unknown)
+        .await
+        .expect("remove unknown");
+    let mut req = check_request(n.clone(), RESEARCH);
+    req.at_least_version = status(&server).await.version;
+    let got: Vec<_> = server
+        .check_client()
+        .await
+        .check(req)
+        .await
+        .expect("check")
+        .into_inner()
+        .decisions
+        .iter()
+        .map(outcome)
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (Outcome::Release, Reason::NoOptOut),
+            (Outcome::Withhold, Reason::Type1OptOut)
+        ],
+        "n0 held by no practice now; n1 still B81001's"
     );
     server.stop().await;
 }

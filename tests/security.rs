@@ -144,6 +144,7 @@ async fn every_rpc(ch: Channel, key: Option<&str>) -> Vec<(&'static str, Code)> 
             a.import_opt_outs(tokio_stream::iter(vec![ImportOptOutsRequest {
                 mode: ImportMode::Merge as i32,
                 r#type: OptOutType::Type1 as i32,
+                practice: common::PRACTICE.into(),
                 source: "matrix".into(),
                 nhs_numbers: vec![n[1].clone()],
                 commit: true,
@@ -762,6 +763,7 @@ async fn audit_records_every_change_and_check_and_holds_no_nhs_number() {
         .import_opt_outs(tokio_stream::iter(vec![ImportOptOutsRequest {
             mode: ImportMode::Replace as i32,
             r#type: OptOutType::Type1 as i32,
+            practice: common::PRACTICE.into(),
             source: "practice.csv".into(),
             nhs_numbers: n[3..5].to_vec(),
             commit: true,

@@ -318,6 +318,7 @@ async fn admin_change_with_an_invalid_number_writes_nothing_and_names_positions(
             nhs_numbers: valid_numbers(4_300_000_000, 1),
             r#type: OptOutType::Type1 as i32,
             source: "  ".into(),
+            practice: common::PRACTICE.into(),
         })
         .await
         .expect_err("no source");

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use common::{Cluster, RedisServer, SentinelSet, redis_config};
 use optout::{
     core::{
-        AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version,
+        AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Practice, Version,
         coverage::CoverageMode, seals::ChangesError,
     },
     engine::sealer,
@@ -247,17 +247,24 @@ fn set(types: &[OptOutType]) -> OptOutSet {
     s
 }
 
+/// A change; type 1 ones are practice A83007's.
 async fn change(
     store: &dyn ConsentStore,
     kind: ChangeKind,
     t: OptOutType,
     n: &[NhsNumber],
 ) -> (Version, u64) {
+    let a = practice("A83007");
+    let p = (t == TYPE1).then_some(&a);
     let o = store
-        .change(kind, t, n, "contract", &record("change", "ADMIN"))
+        .change(kind, t, p, n, "contract", &record("change", "ADMIN"))
         .await
         .expect("change");
     (o.version, o.applied)
+}
+
+fn practice(code: &str) -> Practice {
+    Practice::parse(code, true).expect("practice")
 }
 
 /// The dataset marker: bound once, stable, reported by status.
@@ -385,7 +392,7 @@ async fn imports(b: &dyn Backend) {
     change(s, ChangeKind::Add, NATIONAL, &old).await;
 
     let mut dropped = s
-        .begin_import(ImportMode::Replace, NATIONAL, "contract")
+        .begin_import(ImportMode::Replace, NATIONAL, None, "contract")
         .await
         .expect("begin");
     dropped.stage(&new).await.expect("stage");
@@ -397,7 +404,7 @@ async fn imports(b: &dyn Backend) {
     );
 
     let mut merge = s
-        .begin_import(ImportMode::Merge, NATIONAL, "contract")
+        .begin_import(ImportMode::Merge, NATIONAL, None, "contract")
         .await
         .expect("begin");
     merge.stage(&new[..1]).await.expect("stage");
@@ -408,7 +415,7 @@ async fn imports(b: &dyn Backend) {
     assert_eq!((o.added, o.removed), (1, 0));
 
     let mut replace = s
-        .begin_import(ImportMode::Replace, NATIONAL, "contract")
+        .begin_import(ImportMode::Replace, NATIONAL, None, "contract")
         .await
         .expect("begin");
     replace.stage(&[old[0]]).await.expect("stage");
@@ -443,7 +450,7 @@ async fn imports(b: &dyn Backend) {
     assert!(coverage.population.is_empty());
     // A national check round trip needs a store in population mode: refused here, whole.
     let mut check = s
-        .begin_import(ImportMode::Replace, NATIONAL, "contract")
+        .begin_import(ImportMode::Replace, NATIONAL, None, "contract")
         .await
         .expect("begin");
     check.stage(&new).await.expect("stage");
@@ -498,7 +505,12 @@ async fn imports(b: &dyn Backend) {
     // rebuilds from a scan, which holds them all.
     let many = numbers(4_050_000_000, LOG_LIST_MAX + 7);
     let mut big = s
-        .begin_import(ImportMode::Merge, TYPE1, "contract")
+        .begin_import(
+            ImportMode::Merge,
+            TYPE1,
+            Some(&practice("A83007")),
+            "contract",
+        )
         .await
         .expect("begin");
     big.stage(&many).await.expect("stage");
@@ -552,7 +564,7 @@ async fn imports(b: &dyn Backend) {
     );
 
     let empty = s
-        .begin_import(ImportMode::Replace, NATIONAL, "contract")
+        .begin_import(ImportMode::Replace, NATIONAL, None, "contract")
         .await
         .expect("begin");
     let refused = empty.commit(record("import-replace", "ADMIN"), &key).await;
@@ -914,7 +926,14 @@ async fn a_change_during_an_import_is_refused_as_busy(b: &dyn Backend) {
     for kind in [ChangeKind::Add, ChangeKind::Remove] {
         let refused = f
             .store
-            .change(kind, NATIONAL, &n, "contract", &record("change", "ADMIN"))
+            .change(
+                kind,
+                NATIONAL,
+                None,
+                &n,
+                "contract",
+                &record("change", "ADMIN"),
+            )
             .await;
         assert!(
             matches!(refused, Err(StoreError::Busy(_))),
@@ -954,7 +973,7 @@ async fn national_checks(b: &dyn Backend) {
             let why = why.map(str::to_string);
             async move {
                 let mut i = s
-                    .begin_import(ImportMode::Replace, NATIONAL, "national check")
+                    .begin_import(ImportMode::Replace, NATIONAL, None, "national check")
                     .await
                     .expect("begin");
                 i.stage(&opted).await.expect("stage");
@@ -971,7 +990,7 @@ async fn national_checks(b: &dyn Backend) {
     };
     let list = async {
         let mut i = s
-            .begin_import(ImportMode::Replace, NATIONAL, "list")
+            .begin_import(ImportMode::Replace, NATIONAL, None, "list")
             .await
             .expect("begin");
         i.stage(&n[..1]).await.expect("stage");
@@ -1035,6 +1054,159 @@ async fn national_checks(b: &dyn Backend) {
     assert_eq!((c.version, c.as_of_ms(NATIONAL)), (o.version, Some(1_500)));
 }
 
+/// Type 1 opt-outs belong to practices (issue 28 item 3): a patient holds type 1 while any
+/// practice does; a practice's REPLACE replaces its own objections only, and dates its list (the
+/// type 1 list's date is its oldest practice's); `get` names the practices; the unknown practice
+/// (records from before practices were) is cleared only by an explicit removal.
+async fn type1_practices(b: &dyn Backend) {
+    let f = b.fresh("type1-practices").await;
+    let s = f.store.as_ref();
+    let key = AuditKey::new(&[5u8; 32]).expect("key");
+    let (a, bp) = (practice("A83007"), practice("B81001"));
+    let n = numbers(4_070_000_000, 4);
+    let t1 = set(&[TYPE1]);
+    let e = OptOutSet::EMPTY;
+    let add = |p: &Practice, ns: &[NhsNumber]| {
+        let (p, ns) = (p.clone(), ns.to_vec());
+        async move {
+            s.change(
+                ChangeKind::Add,
+                TYPE1,
+                Some(&p),
+                &ns,
+                "gp",
+                &record("add", "GP"),
+            )
+            .await
+            .expect("add")
+        }
+    };
+    // A holds n0 and n1; B holds n1 and n2.
+    assert_eq!(add(&a, &n[..2]).await.applied, 2);
+    assert_eq!(add(&bp, &n[1..3]).await.applied, 2, "n1 gains a practice");
+    assert_eq!(add(&bp, &n[1..2]).await.applied, 0, "held by B already");
+    let st = s.status().await.expect("status");
+    assert_eq!((st.type1, st.patients), (3, 3));
+    let (records, _) = s.get(n[1]).await.expect("get");
+    assert_eq!(records[0].practices, vec![a.clone(), bp.clone()]);
+
+    // B withdraws n1: A still holds it.
+    let o = s
+        .change(
+            ChangeKind::Remove,
+            TYPE1,
+            Some(&bp),
+            &n[1..2],
+            "gp",
+            &record("remove", "GP"),
+        )
+        .await
+        .expect("remove");
+    assert_eq!(o.applied, 1);
+    let held = s.lookup(&n, OptOutSet::ALL).await.expect("lookup").held;
+    assert_eq!(held, vec![t1, t1, t1, e]);
+
+    // A's whole list is now n3 alone: A's objections to n0 and n1 go, B's n2 stays.
+    let mut import = s
+        .begin_import(ImportMode::Replace, TYPE1, Some(&a), "practice-A83007.txt")
+        .await
+        .expect("begin");
+    import.stage(&n[3..]).await.expect("stage");
+    let o = import
+        .commit(record("import-replace", "GP"), &key)
+        .await
+        .expect("a practice's replace");
+    assert_eq!((o.added, o.removed), (1, 2));
+    let held = s.lookup(&n, OptOutSet::ALL).await.expect("lookup").held;
+    assert_eq!(held, vec![e, e, t1, t1], "B's objection to n2 stands");
+    let st = s.status().await.expect("status");
+    assert_eq!((st.type1, st.patients), (2, 2));
+    let c = s.coverage().await.expect("coverage");
+    let a_at = c
+        .practices
+        .get("A83007")
+        .copied()
+        .expect("A's list is dated");
+    assert_eq!(c.as_of_ms(TYPE1), Some(a_at));
+
+    // B's whole list: the type 1 list is as old as the older of the two.
+    let mut import = s
+        .begin_import(ImportMode::Replace, TYPE1, Some(&bp), "practice-B81001.txt")
+        .await
+        .expect("begin");
+    import.stage(&n[2..3]).await.expect("stage");
+    import
+        .commit(record("import-replace", "GP"), &key)
+        .await
+        .expect("B's replace");
+    let c = s.coverage().await.expect("coverage");
+    assert_eq!(c.practices.len(), 2);
+    assert_eq!(c.as_of_ms(TYPE1), c.practices.values().min().copied());
+    assert_eq!(c.as_of_ms(TYPE1), Some(a_at));
+
+    // An empty practice file is refused, as every empty REPLACE is.
+    let empty = s
+        .begin_import(ImportMode::Replace, TYPE1, Some(&bp), "empty.txt")
+        .await
+        .expect("begin");
+    assert!(
+        empty
+            .commit(record("import-replace", "GP"), &key)
+            .await
+            .is_err()
+    );
+    // Naming no practice for type 1 (or one for the national type) is refused.
+    assert!(
+        s.change(
+            ChangeKind::Add,
+            TYPE1,
+            None,
+            &n[..1],
+            "gp",
+            &record("add", "GP")
+        )
+        .await
+        .is_err()
+    );
+    assert!(
+        s.change(
+            ChangeKind::Add,
+            NATIONAL,
+            Some(&a),
+            &n[..1],
+            "x",
+            &record("add", "X")
+        )
+        .await
+        .is_err()
+    );
+
+    // The unknown practice: removing it clears what no practice was named for. (Records written
+    // before practices were are read as the unknown practice's; removing A's objection from a
+    // record held by the unknown practice leaves it.)
+    let unknown = Practice::unknown();
+    // The refused import's lock is let go in the background: a change may find it for a moment.
+    let gone = loop {
+        match s
+            .change(
+                ChangeKind::Remove,
+                TYPE1,
+                Some(&unknown),
+                &n[2..3],
+                "gp",
+                &record("remove", "GP"),
+            )
+            .await
+        {
+            Err(StoreError::Busy(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => break other.expect("remove unknown"),
+        }
+    };
+    assert_eq!(gone.applied, 0, "n2 is B's, not the unknown practice's");
+    let held = s.lookup(&n, OptOutSet::ALL).await.expect("lookup").held;
+    assert_eq!(held, vec![e, e, t1, t1]);
+}
+
 async fn contract(b: &dyn Backend) {
     marker(b).await;
     lookups_and_changes(b).await;
@@ -1042,6 +1214,7 @@ async fn contract(b: &dyn Backend) {
     change_feed(b).await;
     imports(b).await;
     national_checks(b).await;
+    type1_practices(b).await;
     scan(b).await;
     snapshots(b).await;
     audit(b).await;

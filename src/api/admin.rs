@@ -18,7 +18,7 @@ use super::{
     source_field, store_status,
 };
 use crate::{
-    core::{NhsNumber, OptOutType, coverage::Population},
+    core::{NhsNumber, OptOutType, Practice, coverage::Population},
     engine::admin::{Admin, AdminError, AuditSearch},
     store::{ChangeKind, ImportMode, NationalCheck},
 };
@@ -59,6 +59,7 @@ impl AdminService {
         let caller = caller_of(&request);
         let req = request.into_inner();
         let t = opt_out_type(req.r#type)?;
+        let practice = practice_field(&req.practice, kind == ChangeKind::Remove)?;
         let source = source_field(&req.source)?;
         if req.nhs_numbers.len() > self.limits.max_admin_batch {
             return Err(Status::invalid_argument(format!(
@@ -71,7 +72,14 @@ impl AdminService {
         let numbers = all_valid("nhs_numbers", &req.nhs_numbers)?;
         let outcome = self
             .admin
-            .change(&caller, kind, t, &numbers, source, deadline)
+            .change(
+                &caller,
+                kind,
+                (t, practice.as_ref()),
+                &numbers,
+                source,
+                deadline,
+            )
             .await
             .map_err(admin_status)?;
         Ok(Response::new(ChangeOptOutsResponse {
@@ -81,10 +89,21 @@ impl AdminService {
     }
 }
 
+/// A request's practice (empty: none), as an ODS code; `unknown` only where allowed (removals).
+fn practice_field(code: &str, unknown_allowed: bool) -> Result<Option<Practice>, Status> {
+    if code.trim().is_empty() {
+        return Ok(None);
+    }
+    Practice::parse(code, unknown_allowed)
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("practice: {e}")))
+}
+
 /// The settings an import stream fixes with its first message.
 struct ImportHeader {
     mode: ImportMode,
     t: OptOutType,
+    practice: Option<Practice>,
     source: String,
 }
 
@@ -101,6 +120,7 @@ fn import_header(first: &ImportOptOutsRequest) -> Result<ImportHeader, Status> {
     Ok(ImportHeader {
         mode,
         t: opt_out_type(first.r#type)?,
+        practice: practice_field(&first.practice, false)?,
         source: source_field(&first.source)?.to_string(),
     })
 }
@@ -168,11 +188,14 @@ fn add_population(
 fn same_header(h: &ImportHeader, m: &ImportOptOutsRequest, index: u64) -> Result<(), Status> {
     let differs = (m.mode != 0 && import_header_mode(m.mode) != Some(h.mode))
         || (m.r#type != 0 && opt_out_type(m.r#type).ok() != Some(h.t))
-        || (!m.source.is_empty() && m.source.trim() != h.source);
+        || (!m.source.is_empty() && m.source.trim() != h.source)
+        || (!m.practice.trim().is_empty()
+            && h.practice.as_ref().map(Practice::stored)
+                != Some(m.practice.trim().to_ascii_uppercase().as_str()));
     if differs {
         return Err(Status::invalid_argument(format!(
-            "message {index} of the import changes mode, type or source; they are fixed by the \
-             first message. Nothing was imported"
+            "message {index} of the import changes mode, type, practice or source; they are \
+             fixed by the first message. Nothing was imported"
         )));
     }
     Ok(())
@@ -232,7 +255,12 @@ impl OptOutAdmin for AdminService {
             let mut check = national_check_header(&first)?;
             let mut import = self
                 .admin
-                .start_import(&caller, header.mode, header.t, &header.source)
+                .start_import(
+                    &caller,
+                    header.mode,
+                    (header.t, header.practice.as_ref()),
+                    &header.source,
+                )
                 .await
                 .map_err(admin_status)?;
             let mut received = 0u64;
@@ -332,6 +360,7 @@ impl OptOutAdmin for AdminService {
                         r#type: opt_out_type_to_proto(r.kind) as i32,
                         recorded_at_unix_ms: r.recorded_at_ms,
                         source: r.source,
+                        practices: r.practices.iter().map(|p| p.name().to_string()).collect(),
                     })
                     .collect(),
                 version: version.to_string(),
@@ -396,6 +425,7 @@ impl OptOutAdmin for AdminService {
                         population: r.population.unwrap_or(0),
                         checked_at_unix_ms: ms_i64(r.checked_at_ms.unwrap_or(0)),
                         override_reason: r.override_reason.unwrap_or_default(),
+                        practice: r.practice.unwrap_or_default(),
                     })
                     .collect(),
             }))
@@ -449,6 +479,14 @@ impl OptOutAdmin for AdminService {
                         expires_at_unix_ms: ms_i64(l.expires_at_ms.unwrap_or(0)),
                         expired: l.expired,
                         owner: l.owner.clone().unwrap_or_default(),
+                        practices: l
+                            .practices
+                            .iter()
+                            .map(|(p, at)| super::proto::PracticeList {
+                                practice: p.clone(),
+                                as_of_unix_ms: ms_i64(*at),
+                            })
+                            .collect(),
                     })
                     .collect(),
                 store_regressed: f.regressed.unwrap_or_default(),

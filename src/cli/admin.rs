@@ -100,6 +100,11 @@ struct ChangeArgs {
     /// The opt-out type.
     #[arg(long = "type", value_enum)]
     opt_out_type: TypeArg,
+    /// Type 1 (and required there): the ODS code of the GP practice whose objection this is
+    /// (A83007). A patient holds type 1 while any practice does. `--practice unknown` removes the
+    /// type 1 opt-outs recorded before practices were.
+    #[arg(long)]
+    practice: Option<String>,
     /// Where the change came from (a file name, a ticket).
     #[arg(long)]
     source: String,
@@ -120,6 +125,10 @@ struct ImportArgs {
     /// The opt-out type.
     #[arg(long = "type", value_enum)]
     opt_out_type: TypeArg,
+    /// Type 1 (and required there): the ODS code of the GP practice whose list this is
+    /// (A83007). `--mode replace` replaces that practice's objections only.
+    #[arg(long, conflicts_with = "from_national_check")]
+    practice: Option<String>,
     /// Merge into, or replace, the stored set of that type (a national check is always a
     /// replace).
     #[arg(long, value_enum, required_unless_present = "from_national_check")]
@@ -279,10 +288,12 @@ async fn change(
     if numbers.is_empty() {
         return Err(CliError::Usage("no NHS numbers given".into()));
     }
+    let practice = practice_arg(args.opt_out_type, args.practice.as_deref(), !add)?;
     let mut request = tonic::Request::new(ChangeOptOutsRequest {
         nhs_numbers: numbers,
         r#type: proto::OptOutType::from(args.opt_out_type) as i32,
         source: args.source,
+        practice,
     });
     request.set_timeout(timeout);
     let r = if add {
@@ -293,6 +304,33 @@ async fn change(
     .into_inner();
     println!("applied {} at version {}", r.applied, r.version);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--practice`, checked before anything is sent: required for type 1 (its opt-outs belong to
+/// practices), refused for the national type; `unknown` only for removals.
+fn practice_arg(t: TypeArg, practice: Option<&str>, removal: bool) -> Result<String, CliError> {
+    match (t, practice) {
+        (TypeArg::Type1, None) => Err(CliError::Usage(
+            "--practice is required with --type type1: a type 1 opt-out belongs to the GP \
+             practice that recorded it (its ODS code, such as A83007)"
+                .into(),
+        )),
+        (TypeArg::National, Some(_)) => Err(CliError::Usage(
+            "--practice is for --type type1 only: a national data opt-out belongs to no practice"
+                .into(),
+        )),
+        (_, None) => Ok(String::new()),
+        (_, Some(p)) => crate::core::Practice::parse(p, removal)
+            .map(|p| p.stored().to_string())
+            .map(|s| {
+                if s == crate::core::practice::UNKNOWN_STORED {
+                    crate::core::practice::UNKNOWN_NAME.to_string()
+                } else {
+                    s
+                }
+            })
+            .map_err(|e| CliError::Usage(format!("--practice: {e}"))),
+    }
 }
 
 /// The non-blank lines of `input`, trimmed, with their 1-based line numbers.
@@ -329,9 +367,11 @@ async fn import(
     if let Some(files) = &args.from_national_check {
         return import_national_check(client, &args, files).await;
     }
+    let practice = practice_arg(args.opt_out_type, args.practice.as_deref(), false)?;
     let (input, name, size) = open_import_input(args.file.as_deref())?;
     let source = args.source.clone().unwrap_or_else(|| name.clone());
     let header = ImportOptOutsRequest {
+        practice,
         mode: match args.mode {
             Some(ModeArg::Merge) => proto::ImportMode::Merge,
             Some(ModeArg::Replace) | None => proto::ImportMode::Replace,

@@ -47,11 +47,17 @@ pub(super) async fn get(
             .opt_outs
             .iter()
             .map(|o| {
-                serde_json::json!({
+                let mut v = serde_json::json!({
                     "type": words::opt_out_type(o.r#type),
                     "recorded_at": words::time(o.recorded_at_unix_ms),
                     "source": o.source,
-                })
+                });
+                if !o.practices.is_empty()
+                    && let Some(obj) = v.as_object_mut()
+                {
+                    obj.insert("practices".into(), o.practices.clone().into());
+                }
+                v
             })
             .collect();
         words::print_json(&serde_json::json!({
@@ -68,10 +74,15 @@ pub(super) async fn get(
     }
     for o in r.opt_outs {
         println!(
-            "{}\trecorded {}\tsource {}",
+            "{}\trecorded {}\tsource {}{}",
             words::opt_out_type(o.r#type),
             words::time(o.recorded_at_unix_ms),
-            o.source
+            o.source,
+            if o.practices.is_empty() {
+                String::new()
+            } else {
+                format!("\tpractices {}", o.practices.join(","))
+            }
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -135,6 +146,11 @@ pub(super) async fn audit(
                 } else {
                     format!("overridden: {}", e.override_reason)
                 },
+                if e.practice.is_empty() {
+                    String::new()
+                } else {
+                    format!("practice {}", e.practice)
+                },
             ]
             .into_iter()
             .filter(|s| !s.is_empty())
@@ -179,6 +195,7 @@ fn audit_json(e: &proto::AuditEntry) -> serde_json::Value {
         "version": e.version,
         "import": text(&e.part_of),
         "override_reason": text(&e.override_reason),
+        "practice": text(&e.practice),
     });
     if let Some(obj) = v.as_object_mut() {
         let key = if e.action == "check" {
@@ -269,6 +286,10 @@ fn status_json(r: &proto::GetStatusResponse) -> serde_json::Value {
                 "expires_at": (l.max_age_ms > 0).then(|| words::time(l.expires_at_unix_ms)),
                 "expired": l.expired,
                 "owner": (!l.owner.is_empty()).then(|| l.owner.clone()),
+                "practices": l.practices.iter().map(|p| serde_json::json!({
+                    "practice": p.practice,
+                    "as_of": words::time(p.as_of_unix_ms),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -310,6 +331,18 @@ fn list_line(l: &proto::ListCoverage) -> String {
     };
     let time = words::time;
     let mut parts = vec![format!("{} mode", l.mode)];
+    if !l.practices.is_empty() {
+        let oldest = l.practices.iter().min_by_key(|p| p.as_of_unix_ms);
+        parts.push(format!(
+            "{} practices{}",
+            l.practices.len(),
+            oldest.map_or_else(String::new, |p| format!(
+                " (oldest list {} of {})",
+                p.practice,
+                time(p.as_of_unix_ms)
+            ))
+        ));
+    }
     if l.mode == "population" {
         parts.push(format!("population {}", l.population));
         parts.push(if l.owner.is_empty() {

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     auth::Caller,
-    core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutType, Version},
+    core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutType, Practice, Version},
     store::{
         ChangeKind, ConsentStore, ImportMode, ImportOutcome, ImportSession, NationalCheck,
         OptOutRecord, StoreError, StoreStatus, WriteOutcome, now_ms,
@@ -96,7 +96,7 @@ impl Admin {
         &self,
         caller: &Caller,
         kind: ChangeKind,
-        t: OptOutType,
+        (t, practice): (OptOutType, Option<&Practice>),
         numbers: &[NhsNumber],
         source: &str,
         deadline: Instant,
@@ -106,21 +106,34 @@ impl Admin {
                 "nhs_numbers is empty: nothing to change".into(),
             ));
         }
+        practice_named(t, practice)?;
+        if kind == ChangeKind::Add && practice.is_some_and(Practice::is_unknown) {
+            return Err(AdminError::Invalid(
+                "practice \"unknown\" holds the type 1 opt-outs recorded before practices were: \
+                 it can only be removed from"
+                    .into(),
+            ));
+        }
         let action = match kind {
             ChangeKind::Add => "add",
             ChangeKind::Remove => "remove",
         };
         let audit = AuditRecord {
             digests: self.audit_key.digests(numbers.iter().copied()),
+            practice: practice.map(|p| p.name().to_string()),
             ..change_record(caller, action, t, source, numbers.len() as u64)
         };
         // No deadline on the write itself: once sent to the store it either commits or fails,
         // and cutting it off would leave the caller unsure which. The audit record is written in
         // the same transaction: no record, no change.
-        let outcome = self.store.change(kind, t, numbers, source, &audit).await?;
+        let outcome = self
+            .store
+            .change(kind, t, practice, numbers, source, &audit)
+            .await?;
         tracing::info!(
             action = ?kind,
             opt_out = t.name(),
+            practice = practice.map(Practice::name),
             source,
             count = numbers.len(),
             applied = outcome.applied,
@@ -138,15 +151,24 @@ impl Admin {
         &self,
         caller: &Caller,
         mode: ImportMode,
-        t: OptOutType,
+        (t, practice): (OptOutType, Option<&Practice>),
         source: &str,
     ) -> Result<Import, AdminError> {
-        let session = self.store.begin_import(mode, t, source).await?;
+        practice_named(t, practice)?;
+        if practice.is_some_and(Practice::is_unknown) {
+            return Err(AdminError::Invalid(
+                "practice \"unknown\" holds the type 1 opt-outs recorded before practices were: \
+                 it cannot be imported, only removed from"
+                    .into(),
+            ));
+        }
+        let session = self.store.begin_import(mode, t, practice, source).await?;
         Ok(Import {
             admin: self.clone(),
             caller: caller.clone(),
             mode,
             t,
+            practice: practice.cloned(),
             source: source.to_string(),
             session,
             pending: Vec::with_capacity(STAGE_CHUNK),
@@ -263,6 +285,8 @@ pub struct Import {
     source: String,
     session: Box<dyn ImportSession>,
     pending: Vec<NhsNumber>,
+    /// Type 1: the practice whose list this is.
+    practice: Option<Practice>,
     /// Set for a national check round trip: (patients sent, when checked, why an older check
     /// is imported), for the record.
     check: Option<(u64, u64, Option<String>)>,
@@ -310,6 +334,7 @@ impl Import {
             ImportMode::Replace => "import-replace",
         };
         let mut audit = change_record(&self.caller, action, self.t, &self.source, received);
+        audit.practice = self.practice.as_ref().map(|p| p.name().to_string());
         if let Some((population, checked_at_ms, older)) = self.check.take() {
             audit.population = Some(population);
             audit.checked_at_ms = Some(checked_at_ms);
@@ -320,6 +345,7 @@ impl Import {
         tracing::info!(
             mode = ?self.mode,
             opt_out = self.t.name(),
+            practice = self.practice.as_ref().map(Practice::name),
             source = self.source,
             received,
             rejected,
@@ -333,6 +359,23 @@ impl Import {
             .wait_for_version(outcome.version, APPLY_WAIT)
             .await;
         Ok(outcome)
+    }
+}
+
+/// A type 1 change or import names its practice; a national one does not.
+fn practice_named(t: OptOutType, practice: Option<&Practice>) -> Result<(), AdminError> {
+    match (t, practice) {
+        (OptOutType::Type1, None) => Err(AdminError::Invalid(
+            "practice is required for type 1: a type 1 opt-out belongs to the GP practice that \
+             recorded it (its ODS code, such as A83007)"
+                .into(),
+        )),
+        (OptOutType::NationalDataOptOut, Some(_)) => Err(AdminError::Invalid(
+            "practice is for type 1 opt-outs only: a national data opt-out belongs to no \
+             practice"
+                .into(),
+        )),
+        _ => Ok(()),
     }
 }
 

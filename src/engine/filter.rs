@@ -190,6 +190,8 @@ pub struct ListState {
     pub expired: bool,
     /// Population mode: the organisation whose checks alone the store answers.
     pub owner: Option<String>,
+    /// Type 1: each practice's last whole list, ms.
+    pub practices: Vec<(String, u64)>,
 }
 
 impl SyncStatus {
@@ -220,6 +222,12 @@ impl SyncStatus {
                 owner: match t {
                     OptOutType::NationalDataOptOut => c.population_owner().map(str::to_string),
                     OptOutType::Type1 => None,
+                },
+                practices: match t {
+                    OptOutType::NationalDataOptOut => Vec::new(),
+                    OptOutType::Type1 => {
+                        c.practices.iter().map(|(p, at)| (p.clone(), *at)).collect()
+                    }
                 },
             }
         })

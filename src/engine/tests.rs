@@ -64,21 +64,25 @@ impl ConsentStore for Switch {
         &self,
         kind: ChangeKind,
         opt_out: OptOutType,
+        practice: Option<&crate::core::Practice>,
         numbers: &[NhsNumber],
         source: &str,
         audit: &AuditRecord,
     ) -> Result<WriteOutcome, StoreError> {
         self.inner
-            .change(kind, opt_out, numbers, source, audit)
+            .change(kind, opt_out, practice, numbers, source, audit)
             .await
     }
     async fn begin_import(
         &self,
         mode: ImportMode,
         opt_out: OptOutType,
+        practice: Option<&crate::core::Practice>,
         source: &str,
     ) -> Result<Box<dyn ImportSession>, StoreError> {
-        self.inner.begin_import(mode, opt_out, source).await
+        self.inner
+            .begin_import(mode, opt_out, practice, source)
+            .await
     }
     async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
         self.inner.get(number).await
@@ -218,8 +222,10 @@ impl Rig {
             action: "add".into(),
             ..AuditRecord::default()
         };
+        let practice = crate::core::Practice::parse("A83007", false).expect("practice");
+        let practice = (t == OptOutType::Type1).then_some(&practice);
         self.store
-            .change(ChangeKind::Add, t, &[n], "test", &audit)
+            .change(ChangeKind::Add, t, practice, &[n], "test", &audit)
             .await
             .expect("add")
             .version

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 pub use crate::core::seals::RecordMac;
 use crate::core::{
     AuditKey, AuditQuery, AuditRecord, IMPORT_DIGEST_CHUNK, NhsNumber, OptOutSet, OptOutType,
-    Version,
+    Practice, Version,
     coverage::{Coverage, CoverageMode, Population},
 };
 
@@ -145,6 +145,24 @@ pub struct OptOutRecord {
     pub recorded_at_ms: i64,
     /// Where the change came from.
     pub source: String,
+    /// Type 1: the practices holding it (the unknown practice for records from before
+    /// practices were); empty for the national type.
+    pub practices: Vec<Practice>,
+}
+
+/// Whether a change or an import of type `t` names its practice as it must: type 1 always (type 1
+/// opt-outs belong to the practice that recorded them), the national type never.
+pub(crate) fn practice_ok(t: OptOutType, practice: Option<&Practice>) -> Result<(), StoreError> {
+    match (t, practice) {
+        (OptOutType::Type1, None) => Err(StoreError::ImportRefused(
+            "a type 1 opt-out belongs to the GP practice that recorded it: name the practice"
+                .into(),
+        )),
+        (OptOutType::NationalDataOptOut, Some(_)) => Err(StoreError::ImportRefused(
+            "a national data opt-out belongs to no practice: leave the practice out".into(),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The answer of a batched lookup.
@@ -291,20 +309,28 @@ pub trait ConsentStore: Send + Sync + 'static {
     /// Adds or removes one type for every number, atomically with its change-log entry and its
     /// audit record (whose `version` and `applied` the store fills in): if the audit record cannot
     /// be written, the change does not happen.
+    ///
+    /// Type 1 changes name the practice (see [`practice_ok`]): an add records the practice's
+    /// objection, a removal withdraws it, and the number holds type 1 while any practice does.
+    /// `applied` counts the numbers whose opt-outs changed (a practice added to a number another
+    /// practice already holds counts, though the number held type 1 already).
     async fn change(
         &self,
         kind: ChangeKind,
         opt_out: OptOutType,
+        practice: Option<&Practice>,
         numbers: &[NhsNumber],
         source: &str,
         audit: &AuditRecord,
     ) -> Result<WriteOutcome, StoreError>;
 
-    /// Starts a bulk import. Nothing is visible until the session commits.
+    /// Starts a bulk import. Nothing is visible until the session commits. A type 1 import is
+    /// one practice's list: a REPLACE replaces that practice's opt-outs only (and dates its list).
     async fn begin_import(
         &self,
         mode: ImportMode,
         opt_out: OptOutType,
+        practice: Option<&Practice>,
         source: &str,
     ) -> Result<Box<dyn ImportSession>, StoreError>;
 
@@ -482,6 +508,25 @@ pub(crate) fn check_not_older(
         )
         .into(),
     ))
+}
+
+/// The type 1 practices of a record as stored by the Redis backend (`recorded_at,source_id` before
+/// practices were, `recorded_at,source_id,P1;P2` after), and the record with `practices` instead.
+pub(crate) mod stored_practices {
+    use optout_core::practice::{self, Practice};
+
+    /// The practices of a stored type 1 value.
+    pub(crate) fn of(value: &str) -> Vec<Practice> {
+        practice::parse_list(value.splitn(3, ',').nth(2).unwrap_or(""))
+    }
+
+    /// `value` holding `practices` (which must not be empty).
+    pub(crate) fn with(value: &str, practices: &[Practice]) -> String {
+        let mut parts = value.splitn(3, ',');
+        let at = parts.next().unwrap_or("0");
+        let sid = parts.next().unwrap_or("0");
+        format!("{at},{sid},{}", practice::join_list(practices))
+    }
 }
 
 /// Whether a store in `mode` takes an import of type `t`, in `import_mode`, with or without a

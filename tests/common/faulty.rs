@@ -81,6 +81,7 @@ impl ConsentStore for FaultyStore {
         &self,
         kind: ChangeKind,
         opt_out: OptOutType,
+        practice: Option<&optout::core::Practice>,
         numbers: &[NhsNumber],
         source: &str,
         audit: &AuditRecord,
@@ -89,7 +90,7 @@ impl ConsentStore for FaultyStore {
             return Err(down());
         }
         self.inner
-            .change(kind, opt_out, numbers, source, audit)
+            .change(kind, opt_out, practice, numbers, source, audit)
             .await
     }
 
@@ -97,9 +98,12 @@ impl ConsentStore for FaultyStore {
         &self,
         mode: ImportMode,
         opt_out: OptOutType,
+        practice: Option<&optout::core::Practice>,
         source: &str,
     ) -> Result<Box<dyn ImportSession>, StoreError> {
-        self.inner.begin_import(mode, opt_out, source).await
+        self.inner
+            .begin_import(mode, opt_out, practice, source)
+            .await
     }
 
     async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {

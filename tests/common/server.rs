@@ -209,11 +209,20 @@ pub fn check_request(numbers: Vec<String>, purpose: proto::Purpose) -> CheckRequ
     }
 }
 
+/// The practice of the tests' type 1 opt-outs.
+pub const PRACTICE: &str = "A83007";
+
+/// An add or remove of `numbers`; type 1 ones are [`PRACTICE`]'s.
 pub fn change_request(numbers: Vec<String>, t: proto::OptOutType) -> ChangeOptOutsRequest {
     ChangeOptOutsRequest {
         nhs_numbers: numbers,
         r#type: t as i32,
         source: "test".into(),
+        practice: if t == proto::OptOutType::Type1 {
+            PRACTICE.into()
+        } else {
+            String::new()
+        },
     }
 }
 

@@ -260,6 +260,10 @@ pub struct AuditRecord {
     /// on purpose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub override_reason: Option<String>,
+    /// A type 1 change or import: the practice whose objections it records or withdraws (its
+    /// ODS code, or "unknown").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub practice: Option<String>,
 }
 
 /// The fields of an [`AuditRecord`] before `digests`, borrowed, serialised exactly as the record
@@ -328,12 +332,14 @@ impl AuditRecord {
             checked_at_ms,
             check_log,
             override_reason,
+            practice,
         } = self;
         let digests_last = part_of.is_none()
             && population.is_none()
             && checked_at_ms.is_none()
             && check_log.is_none()
-            && override_reason.is_none();
+            && override_reason.is_none()
+            && practice.is_none();
         if digests.is_empty() || !digests_last || !is_base64(digests) {
             return serde_json::to_writer(out, self);
         }

@@ -293,6 +293,10 @@ pub struct Coverage {
     /// patients only, so checks from other organisations' keys are refused. `None`: a store
     /// initialised before owners were recorded.
     pub owner: Option<String>,
+    /// Type 1: when each practice's list was last imported whole (a REPLACE scoped to the
+    /// practice), ms. The type 1 list's date (`as_of_ms[1]`) is the oldest of them: the union of
+    /// the practices' lists is as current as its stalest part.
+    pub practices: std::collections::BTreeMap<String, u64>,
 }
 
 impl Default for Coverage {
@@ -346,6 +350,18 @@ pub struct CoverageMeta {
     /// The organisation a population-mode store belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Type 1: each practice's last whole list, ms.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub type1_practices: std::collections::BTreeMap<String, u64>,
+}
+
+impl CoverageMeta {
+    /// Records a whole list of one practice's type 1 opt-outs at `at_ms`: the type 1 list's date
+    /// becomes the oldest practice's.
+    pub fn practice_replaced(&mut self, practice: &str, at_ms: u64) {
+        self.type1_practices.insert(practice.to_string(), at_ms);
+        self.type1_as_of_ms = self.type1_practices.values().min().copied();
+    }
 }
 
 fn index(t: OptOutType) -> usize {
@@ -364,6 +380,7 @@ impl Coverage {
             population: Population::new(),
             as_of_ms: [None, None],
             owner: None,
+            practices: std::collections::BTreeMap::new(),
         }
     }
 
@@ -397,6 +414,7 @@ impl Coverage {
             population,
             as_of_ms: [meta.national_as_of_ms, meta.type1_as_of_ms],
             owner: meta.owner.clone(),
+            practices: meta.type1_practices.clone(),
         })
     }
 
@@ -510,6 +528,8 @@ mod tests {
             national_as_of_ms: Some(1_000),
             type1_as_of_ms: None,
             population_len: population.len(),
+            owner: None,
+            type1_practices: Default::default(),
         };
         Coverage::from_stored(&meta, Some(&population.to_bytes())).expect("reads back")
     }

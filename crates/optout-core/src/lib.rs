@@ -13,6 +13,7 @@ mod filter;
 pub mod keys;
 mod nhs;
 mod policy;
+pub mod practice;
 pub mod seals;
 pub mod trail;
 mod version;
@@ -26,4 +27,5 @@ pub use policy::{
     Applicable, DataOrigin, Decision, LegalBasis, OptOutSet, OptOutType, Purpose, ReleaseReason,
     WithholdReason, applicable, decide,
 };
+pub use practice::Practice;
 pub use version::{Version, VersionError};

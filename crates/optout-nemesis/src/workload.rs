@@ -149,6 +149,18 @@ impl Targets {
     }
 }
 
+/// Every type 1 change is one practice's: the history's model of type 1 as one set per number
+/// stays exact (a patient holds type 1 while this practice does). Several practices are the
+/// store contract's and tests/service.rs's.
+const PRACTICE: &str = "A83007";
+
+fn practice_of(k: Kind) -> String {
+    match k {
+        Kind::National => String::new(),
+        Kind::Type1 => PRACTICE.into(),
+    }
+}
+
 fn type_code(k: Kind) -> i32 {
     match k {
         Kind::National => proto::OptOutType::NationalDataOptOut as i32,
@@ -179,6 +191,7 @@ pub async fn change(
                     nhs_numbers: texts,
                     r#type: type_code(opt_out),
                     source,
+                    practice: practice_of(opt_out),
                 });
                 request.set_timeout(CHANGE_DEADLINE);
                 let r = if kind == ChangeKind::Add {
@@ -200,6 +213,7 @@ pub async fn change(
                     proto::ImportOptOutsRequest {
                         mode: mode as i32,
                         r#type: type_code(opt_out),
+                        practice: practice_of(opt_out),
                         source,
                         nhs_numbers: texts[..half].to_vec(),
                         ..Default::default()

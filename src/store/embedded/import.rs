@@ -11,6 +11,8 @@ pub(super) struct EmbeddedImport {
     pub(super) table: String,
     pub(super) mode: ImportMode,
     pub(super) opt_out: OptOutType,
+    /// Type 1: the practice whose list this is.
+    pub(super) practice: Option<Practice>,
     pub(super) source: String,
     pub(super) committed: bool,
     /// Set when this import is a national check round trip.
@@ -52,6 +54,7 @@ impl ImportSession for EmbeddedImport {
         let key = key.clone();
         let mut audit = audit;
         let (mode, t, source) = (self.mode, self.opt_out, self.source.clone());
+        let practice = self.practice.clone();
         let check = self.check.take();
         let outcome = self
             .store
@@ -65,6 +68,7 @@ impl ImportSession for EmbeddedImport {
                     id: crate::store::random_hex::<8>(),
                     key: &key,
                     t,
+                    practice: practice.as_ref(),
                 };
                 audit.part_of = Some(apply.id.clone());
                 let mut coverage = get_coverage(&txn.open_table(META).map_err(storage)?)?;
@@ -86,10 +90,11 @@ impl ImportSession for EmbeddedImport {
                         ).into()));
                     }
                     let mut table = txn.open_table(OPTOUTS).map_err(storage)?;
+                    let mut practices = txn.open_table(PRACTICES).map_err(storage)?;
                     if mode == ImportMode::Replace {
-                        apply.remove_unstaged(&mut table, &staging, &audit)?;
+                        apply.remove_unstaged(&mut table, &mut practices, &staging, &audit)?;
                     }
-                    apply.add_staged(&mut table, &staging, &audit)?;
+                    apply.add_staged(&mut table, &mut practices, &staging, &audit)?;
                 }
                 txn.delete_table(staging_def).map_err(storage)?;
                 let Apply {
@@ -106,9 +111,16 @@ impl ImportSession for EmbeddedImport {
                 if mode == ImportMode::Replace {
                     let mut meta = txn.open_table(META).map_err(storage)?;
                     let as_of = check.as_ref().map_or(now_ms(), |c| c.checked_at_ms);
-                    match t {
-                        OptOutType::NationalDataOptOut => coverage.national_as_of_ms = Some(as_of),
-                        OptOutType::Type1 => coverage.type1_as_of_ms = Some(as_of),
+                    match (t, &practice) {
+                        (OptOutType::NationalDataOptOut, _) => {
+                            coverage.national_as_of_ms = Some(as_of)
+                        }
+                        // One practice's whole list: the type 1 list is as old as its oldest
+                        // practice's.
+                        (OptOutType::Type1, Some(p)) => {
+                            coverage.practice_replaced(p.stored(), as_of)
+                        }
+                        (OptOutType::Type1, None) => coverage.type1_as_of_ms = Some(as_of),
                     }
                     coverage.version = version.to_string();
                     if let Some(c) = &check {
@@ -180,13 +192,17 @@ struct Apply<'t> {
     id: String,
     key: &'t AuditKey,
     t: OptOutType,
+    /// Type 1: the practice whose list this is (its objections only are replaced).
+    practice: Option<&'t Practice>,
 }
 
 impl Apply<'_> {
-    /// REPLACE: removes the type from every number that was not staged.
+    /// REPLACE: removes the type (type 1: this practice's objection) from every number that was
+    /// not staged.
     fn remove_unstaged(
         &mut self,
         table: &mut redb::Table<u64, &[u8]>,
+        practices: &mut redb::Table<u64, &str>,
         staging: &redb::Table<u64, ()>,
         main: &AuditRecord,
     ) -> Result<(), StoreError> {
@@ -204,7 +220,11 @@ impl Apply<'_> {
                 }
             }
             for n in gone {
-                if self.writer.remove(table, n, self.t)? {
+                let lost = match self.practice {
+                    Some(p) => self.writer.remove_type1(table, practices, n, p)?.1,
+                    None => self.writer.remove(table, n, self.t)?,
+                };
+                if lost {
                     self.tally.remove(NhsNumber::from_stored(n).map_err(|e| {
                         StoreError::Corrupt(format!("stored number invalid: {e}").into())
                     })?);
@@ -218,17 +238,22 @@ impl Apply<'_> {
         }
     }
 
-    /// Adds the type to every staged number.
+    /// Adds the type (type 1: this practice's objection) to every staged number.
     fn add_staged(
         &mut self,
         table: &mut redb::Table<u64, &[u8]>,
+        practices: &mut redb::Table<u64, &str>,
         staging: &redb::Table<u64, ()>,
         main: &AuditRecord,
     ) -> Result<(), StoreError> {
         for (i, item) in staging.iter().map_err(storage)?.enumerate() {
             let (k, _) = item.map_err(storage)?;
             let n = k.value();
-            if self.writer.add(table, n, self.t)? {
+            let gained = match self.practice {
+                Some(p) => self.writer.add_type1(table, practices, n, p)?.1,
+                None => self.writer.add(table, n, self.t)?,
+            };
+            if gained {
                 self.tally.add(NhsNumber::from_stored(n).map_err(|e| {
                     StoreError::Corrupt(format!("staged number invalid: {e}").into())
                 })?);

@@ -35,7 +35,7 @@ use super::{
     now_ms,
 };
 use crate::core::{
-    AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version,
+    AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Practice, Version,
     coverage::{Coverage, CoverageMeta, CoverageMode},
 };
 
@@ -289,40 +289,56 @@ impl ConsentStore for EmbeddedStore {
         &self,
         kind: ChangeKind,
         opt_out: OptOutType,
+        practice: Option<&Practice>,
         numbers: &[NhsNumber],
         source: &str,
         audit: &AuditRecord,
     ) -> Result<WriteOutcome, StoreError> {
+        super::practice_ok(opt_out, practice)?;
         let numbers = numbers.to_vec();
         let source = source.to_string();
+        let practice = practice.cloned();
         let mut audit = audit.clone();
         let outcome = self
             .blocking(move |inner| {
                 let txn = inner.db.begin_write().map_err(storage)?;
                 let mut writer = Writer::new(&txn, &source)?;
                 let mut added = Vec::new();
-                let mut applied = 0u64;
+                let (mut applied, mut lost) = (0u64, 0u64);
                 {
                     let mut table = txn.open_table(OPTOUTS).map_err(storage)?;
+                    let mut practices = txn.open_table(PRACTICES).map_err(storage)?;
                     for n in &numbers {
-                        let changed = match kind {
-                            ChangeKind::Add => writer.add(&mut table, n.as_u64(), opt_out)?,
-                            ChangeKind::Remove => writer.remove(&mut table, n.as_u64(), opt_out)?,
+                        let v = n.as_u64();
+                        // (changed, gained or lost the type)
+                        let (changed, moved) = match (kind, &practice) {
+                            (ChangeKind::Add, Some(p)) => {
+                                writer.add_type1(&mut table, &mut practices, v, p)?
+                            }
+                            (ChangeKind::Remove, Some(p)) => {
+                                writer.remove_type1(&mut table, &mut practices, v, p)?
+                            }
+                            (ChangeKind::Add, None) => {
+                                let c = writer.add(&mut table, v, opt_out)?;
+                                (c, c)
+                            }
+                            (ChangeKind::Remove, None) => {
+                                let c = writer.remove(&mut table, v, opt_out)?;
+                                (c, c)
+                            }
                         };
                         if changed {
                             applied += 1;
-                            if kind == ChangeKind::Add {
-                                added.push(*n);
+                        }
+                        if moved {
+                            match kind {
+                                ChangeKind::Add => added.push(*n),
+                                ChangeKind::Remove => lost += 1,
                             }
                         }
                     }
                 }
-                let removed = if kind == ChangeKind::Remove {
-                    applied
-                } else {
-                    0
-                };
-                let version = writer.finish(Some(&added), removed, inner.change_log_len)?;
+                let version = writer.finish(Some(&added), lost, inner.change_log_len)?;
                 audit.version = version.to_string();
                 audit.applied = applied;
                 write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&audit))?;
@@ -338,8 +354,10 @@ impl ConsentStore for EmbeddedStore {
         &self,
         mode: ImportMode,
         opt_out: OptOutType,
+        practice: Option<&Practice>,
         source: &str,
     ) -> Result<Box<dyn ImportSession>, StoreError> {
+        super::practice_ok(opt_out, practice)?;
         let table = format!("{STAGING_PREFIX}{}", super::random_hex::<8>());
         let name = table.clone();
         self.blocking(move |inner| {
@@ -355,6 +373,7 @@ impl ConsentStore for EmbeddedStore {
             table,
             mode,
             opt_out,
+            practice: practice.cloned(),
             source: source.to_string(),
             committed: false,
             check: None,
@@ -382,6 +401,13 @@ impl ConsentStore for EmbeddedStore {
                 return Ok((Vec::new(), version));
             };
             let sources = txn.open_table(SOURCES).map_err(storage)?;
+            // A store made before practices were has no such table: every type 1 record is the
+            // unknown practice's.
+            let practices = match txn.open_table(PRACTICES) {
+                Ok(t) => Some(t),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(storage(e)),
+            };
             let mut records = decode_entries(v.value())?
                 .into_iter()
                 .map(|e| {
@@ -390,10 +416,16 @@ impl ConsentStore for EmbeddedStore {
                         .map_err(storage)?
                         .map(|s| s.value().to_string())
                         .unwrap_or_default();
+                    let practices = match (e.kind, &practices) {
+                        (OptOutType::NationalDataOptOut, _) => Vec::new(),
+                        (OptOutType::Type1, Some(t)) => stored_list(t, number.as_u64())?,
+                        (OptOutType::Type1, None) => vec![Practice::unknown()],
+                    };
                     Ok(OptOutRecord {
                         kind: e.kind,
                         recorded_at_ms: e.recorded_at_ms,
                         source,
+                        practices,
                     })
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;

@@ -18,6 +18,11 @@ pub(super) const CHANGE_AUDIT: TableDefinition<(u64, u64), &[u8]> =
 pub(super) const CHANGE_SEALS: TableDefinition<(u64, u64), &[u8]> =
     TableDefinition::new("change_seals");
 
+/// Type 1: the practices holding each number's type 1 opt-out, joined (`optout_core::practice`).
+/// A number holding type 1 with no row here holds it from the unknown practice (recorded before
+/// practices were).
+pub(super) const PRACTICES: TableDefinition<u64, &str> = TableDefinition::new("type1_practices");
+
 pub(super) const DB_FILE: &str = "optout.redb";
 pub(super) const STAGING_PREFIX: &str = "import-";
 pub(super) const SCHEMA: u64 = 1;
@@ -80,6 +85,7 @@ pub(super) fn initialise(
         txn.open_table(OPTOUTS).map_err(storage)?;
         txn.open_table(SOURCES).map_err(storage)?;
         txn.open_table(SOURCE_IDS).map_err(storage)?;
+        txn.open_table(PRACTICES).map_err(storage)?;
         txn.open_table(CHANGES).map_err(storage)?;
         txn.open_table(AUDIT).map_err(storage)?;
         txn.open_table(CHANGE_AUDIT).map_err(storage)?;

@@ -28,6 +28,7 @@ async fn writes_advance_the_version_and_feed_the_log() {
         .change(
             ChangeKind::Add,
             OptOutType::Type1,
+            Some(&crate::core::Practice::parse("A83007", false).expect("practice")),
             &ns,
             "t1",
             &AuditRecord::default(),
@@ -39,6 +40,7 @@ async fn writes_advance_the_version_and_feed_the_log() {
         .change(
             ChangeKind::Add,
             OptOutType::Type1,
+            Some(&crate::core::Practice::parse("A83007", false).expect("practice")),
             &ns[..1],
             "t1",
             &AuditRecord::default(),
@@ -70,6 +72,7 @@ async fn a_trimmed_log_says_so() {
             .change(
                 ChangeKind::Add,
                 OptOutType::NationalDataOptOut,
+                None,
                 &[n],
                 "s",
                 &AuditRecord::default(),
@@ -118,6 +121,7 @@ async fn records_keep_type_time_and_source() {
         .change(
             ChangeKind::Add,
             OptOutType::Type1,
+            Some(&crate::core::Practice::parse("A83007", false).expect("practice")),
             &[n],
             "practice-A.csv",
             &AuditRecord::default(),
@@ -128,6 +132,7 @@ async fn records_keep_type_time_and_source() {
         .change(
             ChangeKind::Add,
             OptOutType::NationalDataOptOut,
+            None,
             &[n],
             "ticket-9",
             &AuditRecord::default(),
@@ -144,6 +149,7 @@ async fn records_keep_type_time_and_source() {
         .change(
             ChangeKind::Remove,
             OptOutType::NationalDataOptOut,
+            None,
             &[n],
             "t",
             &AuditRecord::default(),
@@ -218,4 +224,63 @@ async fn the_changes_trail_file_is_sealed_and_an_edit_in_it_is_named() {
         Err(ChangesError::Altered { id, .. }) => assert_eq!(id, records[1].id),
         other => panic!("the edit must be named, got {other:?}"),
     }
+}
+
+/// A store made before practices were has no practices table: its type 1 records are the unknown
+/// practice's, a practice's removal leaves them, and removing the unknown practice clears them.
+#[tokio::test]
+async fn type_1_records_from_before_practices_belong_to_the_unknown_practice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), 10);
+    let n = numbers(1)[0];
+    let a = crate::core::Practice::parse("A83007", false).expect("practice");
+    let audit = AuditRecord::default();
+    store
+        .change(
+            ChangeKind::Add,
+            OptOutType::Type1,
+            Some(&a),
+            &[n],
+            "s",
+            &audit,
+        )
+        .await
+        .expect("add");
+    // As an older version left it: no practices table at all.
+    {
+        let txn = store.inner.db.begin_write().expect("txn");
+        assert!(txn.delete_table(PRACTICES).expect("delete"));
+        txn.commit().expect("commit");
+    }
+    let (records, _) = store.get(n).await.expect("get");
+    assert_eq!(records[0].practices, vec![crate::core::Practice::unknown()]);
+    let o = store
+        .change(
+            ChangeKind::Remove,
+            OptOutType::Type1,
+            Some(&a),
+            &[n],
+            "s",
+            &audit,
+        )
+        .await
+        .expect("remove A");
+    assert_eq!(
+        o.applied, 0,
+        "A does not hold it: the unknown practice does"
+    );
+    let o = store
+        .change(
+            ChangeKind::Remove,
+            OptOutType::Type1,
+            Some(&crate::core::Practice::unknown()),
+            &[n],
+            "s",
+            &audit,
+        )
+        .await
+        .expect("remove unknown");
+    assert_eq!(o.applied, 1);
+    let lookup = store.lookup(&[n], OptOutSet::ALL).await.expect("lookup");
+    assert!(lookup.held[0].is_empty());
 }

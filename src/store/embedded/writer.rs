@@ -81,6 +81,64 @@ impl<'t> Writer<'t> {
         Ok(true)
     }
 
+    /// Records type 1 from `practice` for `n`. Returns whether anything changed, and whether `n`
+    /// gained type 1 (it held it from no practice before).
+    pub(super) fn add_type1(
+        &mut self,
+        table: &mut redb::Table<u64, &[u8]>,
+        practices: &mut redb::Table<u64, &str>,
+        n: u64,
+        practice: &Practice,
+    ) -> Result<(bool, bool), StoreError> {
+        if self.add(table, n, OptOutType::Type1)? {
+            practices.insert(n, practice.stored()).map_err(storage)?;
+            return Ok((true, true));
+        }
+        let list = stored_list(practices, n)?;
+        match crate::core::practice::with(&list, practice) {
+            None => Ok((false, false)),
+            Some(list) => {
+                practices
+                    .insert(n, crate::core::practice::join_list(&list).as_str())
+                    .map_err(storage)?;
+                Ok((true, false))
+            }
+        }
+    }
+
+    /// Withdraws `practice`'s type 1 for `n`. Returns whether anything changed, and whether `n`
+    /// lost type 1 (no practice holds it any more).
+    pub(super) fn remove_type1(
+        &mut self,
+        table: &mut redb::Table<u64, &[u8]>,
+        practices: &mut redb::Table<u64, &str>,
+        n: u64,
+        practice: &Practice,
+    ) -> Result<(bool, bool), StoreError> {
+        let holds = match table.get(n).map_err(storage)? {
+            Some(v) => held_types(v.value())?.contains(OptOutType::Type1),
+            None => false,
+        };
+        if !holds {
+            return Ok((false, false));
+        }
+        let list = stored_list(practices, n)?;
+        match crate::core::practice::without(&list, practice) {
+            None => Ok((false, false)),
+            Some(rest) if rest.is_empty() => {
+                practices.remove(n).map_err(storage)?;
+                self.remove(table, n, OptOutType::Type1)?;
+                Ok((true, true))
+            }
+            Some(rest) => {
+                practices
+                    .insert(n, crate::core::practice::join_list(&rest).as_str())
+                    .map_err(storage)?;
+                Ok((true, false))
+            }
+        }
+    }
+
     /// Allocates the version, updates counts and appends the change-log entry (trimming it).
     pub(super) fn finish(
         self,
@@ -120,6 +178,20 @@ impl<'t> Writer<'t> {
         put_version(&mut meta, K_LOG_FLOOR, floor)?;
         Ok(version)
     }
+}
+
+/// The practices holding `n`'s type 1 opt-out (the unknown practice with no row).
+pub(super) fn stored_list(
+    practices: &impl redb::ReadableTable<u64, &'static str>,
+    n: u64,
+) -> Result<Vec<Practice>, StoreError> {
+    Ok(crate::core::practice::parse_list(
+        practices
+            .get(n)
+            .map_err(storage)?
+            .as_ref()
+            .map_or("", |v| v.value()),
+    ))
 }
 
 pub(super) fn intern_source(txn: &WriteTransaction, source: &str) -> Result<u32, StoreError> {

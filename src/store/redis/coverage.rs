@@ -15,10 +15,16 @@ impl RedisStore {
     /// The coverage, the hash and the population read in one MULTI (one consistent state).
     pub(super) async fn read_coverage(&self) -> Result<Coverage, StoreError> {
         self.bound()?;
-        let (fields, population): (HashMap<String, String>, Option<Vec<u8>>) = redis::pipe()
+        type Read = (
+            HashMap<String, String>,
+            Option<Vec<u8>>,
+            std::collections::BTreeMap<String, u64>,
+        );
+        let (fields, population, practices): Read = redis::pipe()
             .atomic()
             .hgetall(self.key("coverage"))
             .get(self.key("population"))
+            .hgetall(self.key("t1_practices"))
             .query_async(&mut self.write_conn())
             .await
             .map_err(store_error)?;
@@ -36,6 +42,7 @@ impl RedisStore {
             type1_as_of_ms: ms("as_of:2")?,
             population_len: ms("population_len")?.unwrap_or(0),
             owner: fields.get("owner").cloned(),
+            type1_practices: practices,
         };
         Coverage::from_stored(&meta, population.as_deref())
             .map_err(|e| StoreError::Corrupt(e.into()))

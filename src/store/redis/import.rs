@@ -13,7 +13,7 @@ use super::{
     scripts::store_error,
 };
 use crate::{
-    core::{AuditKey, AuditRecord, NhsNumber, OptOutType, Version},
+    core::{AuditKey, AuditRecord, NhsNumber, OptOutType, Practice, Version},
     store::{
         ImportMode, ImportOutcome, ImportSession, ImportTally, NationalCheck, StoreError,
         import_allowed, now_ms, random_hex,
@@ -25,6 +25,7 @@ impl RedisStore {
         &self,
         mode: ImportMode,
         opt_out: OptOutType,
+        practice: Option<&Practice>,
         source: &str,
     ) -> Result<Box<dyn ImportSession>, StoreError> {
         let bound = self.bound()?;
@@ -40,7 +41,11 @@ impl RedisStore {
             mode,
             opt_out,
             generation,
-            value: format!("{},{source_id}", now_ms()),
+            value: match practice {
+                Some(p) => format!("{},{source_id},{}", now_ms(), p.stored()),
+                None => format!("{},{source_id}", now_ms()),
+            },
+            practice: practice.cloned(),
             committed: false,
             check: None,
             in_flight: None,
@@ -140,8 +145,12 @@ struct RedisImport {
     mode: ImportMode,
     opt_out: OptOutType,
     generation: u64,
-    /// The record value of every staged number: `recorded_at_ms,source_id`.
+    /// The record value of every staged number: `recorded_at_ms,source_id` (type 1:
+    /// `recorded_at_ms,source_id,practice`).
     value: String,
+    /// Type 1: the practice whose list this is. A REPLACE replaces its objections only: a number
+    /// another practice holds keeps type 1.
+    practice: Option<Practice>,
     committed: bool,
     /// Set when this import is a national check round trip.
     check: Option<NationalCheck>,
@@ -393,10 +402,11 @@ impl RedisImport {
             mut tally,
             total,
             patients,
+            staged,
         } = diff;
         // A national check in which nobody had opted out is a valid empty list: its population
         // says who was checked.
-        if self.mode == ImportMode::Replace && total == 0 && self.check.is_none() {
+        if self.mode == ImportMode::Replace && staged == 0 && self.check.is_none() {
             return Err(StoreError::ImportRefused(
                 format!(
                     "a REPLACE import with no valid numbers would remove every {} opt-out; use \
@@ -532,7 +542,13 @@ impl RedisImport {
                     .unwrap_or_default(),
             )
             .arg(seen.unwrap_or(Version::ZERO).to_string())
-            .arg(mac);
+            .arg(mac)
+            .arg(
+                self.practice
+                    .as_ref()
+                    .map(Practice::stored)
+                    .unwrap_or_default(),
+            );
         let (id, old, held): (String, u64, i64) = store.invoke_durable(&inv, conn).await?;
         let version = Version::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string().into()))?;
         store.wrote(seen, held == 1, version);
@@ -582,29 +598,60 @@ impl RedisImport {
                 }
             }
             let key = self.bucket_key(staged_gen, b);
+            let mut kept = 0u64;
             for (n, v) in &old {
-                if self.mode == ImportMode::Merge || new.contains(n) {
-                    carry.hset(&key, n, v).ignore();
-                    carrying = true;
-                } else {
-                    if let Some(n) = parse_number(n) {
-                        diff.tally.remove(n);
+                match self.carried(v, new.contains(n)) {
+                    Some(value) => {
+                        carry.hset(&key, n, value).ignore();
+                        carrying = true;
+                        if !new.contains(n) {
+                            kept += 1;
+                        }
                     }
-                    if !in_other.contains(n) {
-                        diff.patients -= 1;
+                    None => {
+                        if let Some(n) = parse_number(n) {
+                            diff.tally.remove(n);
+                        }
+                        if !in_other.contains(n) {
+                            diff.patients -= 1;
+                        }
                     }
                 }
             }
-            diff.total += u64::try_from(new.len()).unwrap_or(0);
-            if self.mode == ImportMode::Merge {
-                diff.total +=
-                    u64::try_from(old.keys().filter(|n| !new.contains(*n)).count()).unwrap_or(0);
-            }
+            diff.total += u64::try_from(new.len()).unwrap_or(0) + kept;
+            diff.staged += u64::try_from(new.len()).unwrap_or(0);
         }
         if carrying {
             let _: () = carry.query_async(conn).await.map_err(store_error)?;
         }
         Ok(())
+    }
+}
+
+impl RedisImport {
+    /// What becomes of a current record `v` in the staged generation (`None`: the number loses
+    /// the type); `staged`: the import holds the number. MERGE keeps every record and REPLACE
+    /// only the staged ones, each with its original date and source. Type 1 is one practice's
+    /// list: a staged number gains the practice, and a REPLACE withdraws the practice from a
+    /// number it does not hold, which keeps type 1 while another practice holds it.
+    fn carried(&self, v: &str, staged: bool) -> Option<String> {
+        use crate::store::stored_practices;
+        let Some(p) = &self.practice else {
+            return (self.mode == ImportMode::Merge || staged).then(|| v.to_string());
+        };
+        let list = stored_practices::of(v);
+        if staged {
+            let list = optout_core::practice::with(&list, p).unwrap_or(list);
+            return Some(stored_practices::with(v, &list));
+        }
+        if self.mode == ImportMode::Merge {
+            return Some(v.to_string());
+        }
+        match optout_core::practice::without(&list, p) {
+            None => Some(v.to_string()),
+            Some(rest) if rest.is_empty() => None,
+            Some(rest) => Some(stored_practices::with(v, &rest)),
+        }
     }
 }
 
@@ -629,6 +676,8 @@ struct Diff {
     total: u64,
     /// Change of the distinct patients count.
     patients: i64,
+    /// Numbers the import holds.
+    staged: u64,
 }
 
 /// A stored field as an NHS number (`None` if it is not one).

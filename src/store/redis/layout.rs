@@ -25,7 +25,7 @@ use super::{
     scripts::{changed, store_error},
 };
 use crate::{
-    core::{AuditRecord, NhsNumber, OptOutSet, OptOutType, Version},
+    core::{AuditRecord, NhsNumber, OptOutSet, OptOutType, Practice, Version},
     store::{ChangeKind, Lookup, OptOutRecord, StoreError, WriteOutcome, now_ms},
 };
 
@@ -33,6 +33,8 @@ use crate::{
 pub(super) struct Change<'a> {
     pub kind: ChangeKind,
     pub opt_out: OptOutType,
+    /// Type 1: the practice whose objection is recorded or withdrawn.
+    pub practice: Option<&'a Practice>,
     pub numbers: &'a [NhsNumber],
     pub source: &'a str,
     pub audit: &'a AuditRecord,
@@ -339,6 +341,10 @@ impl Layout for Flat {
                 kind: t,
                 recorded_at_ms: at,
                 source: reply.get(i + 1).and_then(text_of).unwrap_or_default(),
+                practices: match t {
+                    OptOutType::Type1 => crate::store::stored_practices::of(&value),
+                    OptOutType::NationalDataOptOut => Vec::new(),
+                },
             });
         }
         Ok((records, version))
@@ -353,6 +359,7 @@ impl Layout for Flat {
         let Change {
             kind,
             opt_out,
+            practice,
             numbers,
             source,
             audit,
@@ -373,6 +380,7 @@ impl Layout for Flat {
             .arg(json)
             .arg(seen.unwrap_or(Version::ZERO).to_string())
             .arg(mac)
+            .arg(practice.map(Practice::stored).unwrap_or_default())
             .arg(bucket_pairs(numbers, bound.buckets));
         let (id, applied, held): (String, u64, i64) =
             s.invoke_durable(&inv, &mut s.write_conn()).await?;

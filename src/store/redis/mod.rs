@@ -49,7 +49,9 @@ use super::{
     ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, StoreError,
     StoreStatus, Stored, StoredEntry, WriteOutcome,
 };
-use crate::core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version};
+use crate::core::{
+    AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Practice, Version,
+};
 
 /// The Redis store. Cheap to clone.
 #[derive(Clone)]
@@ -209,14 +211,17 @@ impl ConsentStore for RedisStore {
         &self,
         kind: ChangeKind,
         opt_out: OptOutType,
+        practice: Option<&Practice>,
         numbers: &[NhsNumber],
         source: &str,
         audit: &AuditRecord,
     ) -> Result<WriteOutcome, StoreError> {
+        crate::store::practice_ok(opt_out, practice)?;
         let bound = self.bound()?;
         let change = Change {
             kind,
             opt_out,
+            practice,
             numbers,
             source,
             audit,
@@ -228,9 +233,11 @@ impl ConsentStore for RedisStore {
         &self,
         mode: ImportMode,
         opt_out: OptOutType,
+        practice: Option<&Practice>,
         source: &str,
     ) -> Result<Box<dyn ImportSession>, StoreError> {
-        self.start_import(mode, opt_out, source).await
+        crate::store::practice_ok(opt_out, practice)?;
+        self.start_import(mode, opt_out, practice, source).await
     }
 
     async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {

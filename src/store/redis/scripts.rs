@@ -53,7 +53,7 @@ impl Scripts {
             acknowledge: with_lib(include_str!("lua/acknowledge.lua")),
             seal: Script::new(include_str!("lua/seal.lua")),
             cluster_begin: with_lib(include_str!("lua/cluster_begin.lua")),
-            cluster_shard: Script::new(include_str!("lua/cluster_shard.lua")),
+            cluster_shard: with_lib(include_str!("lua/cluster_shard.lua")),
             cluster_end: with_lib(include_str!("lua/cluster_end.lua")),
         }
     }

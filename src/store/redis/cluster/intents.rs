@@ -14,6 +14,9 @@ pub(super) struct Intent {
     /// The record value of an added number: `recorded_at_ms,source_id`.
     pub(super) value: String,
     pub(super) numbers: Vec<NhsNumber>,
+    /// Type 1: the practice whose objection is recorded or withdrawn ('' otherwise, and in an
+    /// intent written before practices were).
+    pub(super) practice: String,
 }
 
 impl Intent {
@@ -30,6 +33,7 @@ impl Intent {
             go: field("go"),
             value: field("v"),
             numbers: numbers_csv(&field("n"))?,
+            practice: field("pr"),
         }))
     }
 }
@@ -44,6 +48,7 @@ impl Cluster {
         let Change {
             kind,
             opt_out,
+            practice,
             numbers,
             source,
             audit,
@@ -68,7 +73,8 @@ impl Cluster {
             .arg(now)
             .arg(json)
             .arg(seen.unwrap_or(Version::ZERO).to_string())
-            .arg(mac);
+            .arg(mac)
+            .arg(practice.map(Practice::stored).unwrap_or_default());
         let (id, g, go, sid, held): (String, String, String, String, i64) = inv
             .invoke_async(&mut s.write_conn())
             .await
@@ -84,6 +90,7 @@ impl Cluster {
             go,
             value: format!("{now},{sid}"),
             numbers: numbers.to_vec(),
+            practice: practice.map(|p| p.stored().to_string()).unwrap_or_default(),
         };
         let applied = self.finish_intent(s, bound, &id, &intent).await?;
         s.confirm_everywhere().await?;
@@ -108,6 +115,7 @@ impl Cluster {
             go,
             value,
             numbers,
+            practice,
         } = intent;
         let add = *add;
         let other = if t == "1" { "2" } else { "1" };
@@ -125,7 +133,8 @@ impl Cluster {
                 .arg(&bound.dataset)
                 .arg(if add { "a" } else { "r" })
                 .arg(value)
-                .arg(format!("{}{{{tag}}}done:{id}", s.inner.data_prefix));
+                .arg(format!("{}{{{tag}}}done:{id}", s.inner.data_prefix))
+                .arg(practice);
             for n in list {
                 let b = n.as_u64() % bound.buckets;
                 inv.arg(s.data_key(bound, t, g, b))
@@ -133,21 +142,23 @@ impl Cluster {
                     .arg(n.as_u64());
             }
             let mut conn = s.write_conn();
-            async move { inv.invoke_async::<(i64, i64)>(&mut conn).await }
+            async move { inv.invoke_async::<(i64, i64, i64)>(&mut conn).await }
         });
-        let (mut applied, mut patients) = (0i64, 0i64);
+        let (mut moved, mut patients, mut applied) = (0i64, 0i64, 0i64);
         for r in futures::future::join_all(writes).await {
-            let (a, p) = r.map_err(store_error)?;
-            applied += a;
+            let (m, p, a) = r.map_err(store_error)?;
+            moved += m;
             patients += p;
+            applied += a;
         }
         let mut inv = s.inner.scripts.cluster_end.prepare_invoke();
         inv.key(s.key("marker"))
             .arg(&s.inner.prefix)
             .arg(&bound.dataset)
             .arg(id)
-            .arg(applied)
-            .arg(patients);
+            .arg(moved)
+            .arg(patients)
+            .arg(applied);
         let done: i64 = inv.invoke_async(&mut s.write_conn()).await.map_err(|e| {
             if matches!(ScriptError::of(&e), Some((ScriptError::Lost, _))) {
                 tracing::error!(

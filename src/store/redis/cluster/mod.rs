@@ -41,7 +41,7 @@ use super::{
     scripts::{ScriptError, store_error},
 };
 use crate::{
-    core::{NhsNumber, OptOutSet, OptOutType, Version},
+    core::{NhsNumber, OptOutSet, OptOutType, Practice, Version},
     store::{ChangeKind, Lookup, OptOutRecord, StoreError, WriteOutcome, now_ms},
 };
 

@@ -307,7 +307,7 @@ impl Cluster {
                 // The sources' names are read with the generations, by their ids.
                 let sids = values
                     .iter()
-                    .map(|(_, v)| v.rsplit(',').next().unwrap_or_default().to_string())
+                    .map(|(_, v)| v.split(',').nth(1).unwrap_or_default().to_string())
                     .collect();
                 Ok((values, sids))
             })
@@ -323,6 +323,10 @@ impl Cluster {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0),
                 source,
+                practices: match t {
+                    OptOutType::Type1 => crate::store::stored_practices::of(v),
+                    OptOutType::NationalDataOptOut => Vec::new(),
+                },
             })
             .collect();
         Ok((records, meta.version))

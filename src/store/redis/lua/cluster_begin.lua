@@ -1,6 +1,7 @@
 -- Step 1 of a change. KEYS: the marker. ARGV: prefix, dataset, type, source, log maxlen,
 -- 'a'|'r', the numbers (comma-separated), now, the audit record (JSON), the newest version the
--- writing replica saw, the audit record's MAC ('' without an audit key). Logs the change (adds
+-- writing replica saw, the audit record's MAC ('' without an audit key), the practice (type 1;
+-- '' for the national type). Logs the change (adds
 -- with their numbers; removals before anything is deleted) and registers it as an intent:
 -- `intent:{id}` holds what finishing it needs, `intents` the ids with their start time,
 -- `intents_of` a count per type (an import waits for none), `pending` the numbers being added
@@ -31,7 +32,7 @@ local held = holds(p, ARGV[10])
 local id = log(p, {'a', add and ARGV[7] or '', 'r', add and 0 or count})
 trim(p, tonumber(ARGV[5]))
 redis.call('HSET', p..'intent:'..id, 't', t, 'k', ARGV[6], 'g', g, 'go', go,
-  'v', ARGV[8]..','..sid, 'n', ARGV[7], 'audit', ARGV[9], 'm', ARGV[11])
+  'v', ARGV[8]..','..sid, 'n', ARGV[7], 'audit', ARGV[9], 'm', ARGV[11], 'pr', ARGV[12] or '')
 redis.call('HSET', p..'intents', id, ARGV[8])
 redis.call('HINCRBY', p..'intents_of', t, 1)
 for n in string.gmatch(ARGV[7], '[^,]+') do redis.call('HINCRBY', inflight, n, 1) end

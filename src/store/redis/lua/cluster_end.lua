@@ -1,4 +1,5 @@
--- Step 3. KEYS: the marker. ARGV: prefix, dataset, the change's id, applied, patients delta.
+-- Step 3. KEYS: the marker. ARGV: prefix, dataset, the change's id, the numbers that gained or
+-- lost the type, patients delta, the numbers changed (absent from an older replica: the first).
 -- Counts the change, writes its audit record and retires the intent, once: a
 -- second run returns what the first recorded. Returns the numbers changed. With neither the intent
 -- nor the record of its finishing here, step 1 was lost (the metadata's master failed over before
@@ -18,9 +19,10 @@ if redis.call('EXISTS', key) == 0 then
 end
 local t = redis.call('HGET', key, 't')
 local add = redis.call('HGET', key, 'k') == 'a'
-local applied = tonumber(ARGV[4])
--- `0 - applied`, not `-applied`: Lua's -0 is "-0" as text, which HINCRBY refuses.
-redis.call('HINCRBY', p..'counts', t, add and applied or (0 - applied))
+local moved = tonumber(ARGV[4])
+local applied = tonumber(ARGV[6] or ARGV[4])
+-- `0 - moved`, not `-moved`: Lua's -0 is "-0" as text, which HINCRBY refuses.
+redis.call('HINCRBY', p..'counts', t, add and moved or (0 - moved))
 redis.call('HINCRBY', p..'counts', 'patients', ARGV[5])
 -- The record's MAC was made by the replica that began the change.
 record(p, redis.call('HGET', key, 'audit'), redis.call('HGET', key, 'm'), id, applied)

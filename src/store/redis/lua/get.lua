@@ -7,7 +7,8 @@ for t = 1, 2 do
   local g = redis.call('GET', p..'gen:'..t) or '0'
   local v = redis.call('HGET', p..'d:'..t..':'..g..':'..b, n)
   if v then
-    local sid = string.match(v, ',(%d+)$')
+    -- `now,sid` or, type 1, `now,sid,practices`.
+    local sid = string.match(v, '^[^,]*,(%d+)')
     out[#out + 1] = v
     out[#out + 1] = (sid and redis.call('HGET', p..'src', sid)) or ''
   else

@@ -58,3 +58,48 @@ local function holds(p, seen)
   if sms and fms and (sms < fms or (sms == fms and sseq <= fseq)) then return 1 end
   return 0
 end
+-- Type 1 practices (see optout_core::practice). A type 1 value is `now,sid,P1;P2`; one written
+-- before practices were, `now,sid`, belongs to the unknown practice '?'.
+local function practices_of(v)
+  local list = {}
+  local third = string.match(v, '^[^,]*,[^,]*,(.*)$')
+  if third then
+    for q in string.gmatch(third, '[^;]+') do list[#list + 1] = q end
+  end
+  if #list == 0 then list[1] = '?' end
+  return list
+end
+local function with_practices(v, list)
+  return string.match(v, '^([^,]*,[^,]*)')..','..table.concat(list, ';')
+end
+-- Records (add) or withdraws practice `pr`'s type 1 objection for number `n` in bucket `key`;
+-- `value` is a new record's `now,sid`. Returns whether the record changed (0/1) and whether the
+-- number gained or lost type 1 (0/1): it holds type 1 while any practice does.
+local function practice_change(key, n, value, pr, add)
+  local cur = redis.call('HGET', key, n)
+  if add then
+    if not cur then
+      redis.call('HSET', key, n, value..','..pr)
+      return 1, 1
+    end
+    local list = practices_of(cur)
+    for _, q in ipairs(list) do
+      if q == pr then return 0, 0 end
+    end
+    list[#list + 1] = pr
+    redis.call('HSET', key, n, with_practices(cur, list))
+    return 1, 0
+  end
+  if not cur then return 0, 0 end
+  local rest, found = {}, false
+  for _, q in ipairs(practices_of(cur)) do
+    if q == pr then found = true else rest[#rest + 1] = q end
+  end
+  if not found then return 0, 0 end
+  if #rest == 0 then
+    redis.call('HDEL', key, n)
+    return 1, 1
+  end
+  redis.call('HSET', key, n, with_practices(cur, rest))
+  return 1, 0
+end

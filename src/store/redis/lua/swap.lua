@@ -2,7 +2,9 @@
 -- count, patients delta, maxlen, audit json, changes, "listed" or "unlisted", the list's date in
 -- ms ("" for a MERGE: it does not make the list complete), the population's size ("" unless a
 -- national check round trip, whose population was staged at population:<generation>), the newest
--- version the writing replica saw, the audit record's MAC ('' without an audit key). Returns
+-- version the writing replica saw, the audit record's MAC ('' without an audit key), the
+-- practice whose type 1 list this is ('' otherwise: a REPLACE of type 1 then dates the practice's
+-- list, and the type 1 list's date is its oldest practice's). Returns
 -- {version, old generation, whether the store still held that seen version}. An unlisted import (more added numbers than a log entry lists) is
 -- logged with `u`: replicas rebuild their filters from a scan.
 local p, t = ARGV[1], ARGV[3]
@@ -30,7 +32,14 @@ if ARGV[13] == 'unlisted' then
 else
   id = log(p, {'a', ARGV[6], 'r', ARGV[7]})
 end
-if ARGV[14] ~= '' then
+if ARGV[14] ~= '' and ARGV[18] and ARGV[18] ~= '' then
+  redis.call('HSET', p..'t1_practices', ARGV[18], ARGV[14])
+  local oldest, oldest_ms
+  for _, at in ipairs(redis.call('HVALS', p..'t1_practices')) do
+    if oldest_ms == nil or tonumber(at) < oldest_ms then oldest, oldest_ms = at, tonumber(at) end
+  end
+  redis.call('HSET', p..'coverage', 'as_of:'..t, oldest, 'version', id)
+elseif ARGV[14] ~= '' then
   redis.call('HSET', p..'coverage', 'as_of:'..t, ARGV[14], 'version', id)
 end
 if ARGV[15] ~= '' then
