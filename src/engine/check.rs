@@ -91,9 +91,8 @@ impl Checker {
     /// national check's licence lets an organisation apply the result to its own patients only.
     /// `None`: this caller's checks may be answered here.
     pub fn owned_by_another(&self, organisation: &str) -> Option<String> {
-        let view = self.filter.view();
-        let coverage = view.coverage();
-        coverage
+        self.filter
+            .coverage()
             .population_owner()
             .filter(|owner| *owner != organisation)
             .map(str::to_string)

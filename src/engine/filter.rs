@@ -283,6 +283,12 @@ impl SyncedFilter {
         }))
     }
 
+    /// What the lists covered at the loaded generation's version (no freshness read: for what
+    /// does not depend on it, such as a population store's owner).
+    pub fn coverage(&self) -> Arc<Coverage> {
+        self.state.read().coverage.clone()
+    }
+
     /// Reads the filter for one check.
     pub fn view(&self) -> FilterView<'_> {
         let trusted = self.is_fresh();
