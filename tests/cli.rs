@@ -1128,11 +1128,7 @@ async fn a_practice_replaces_its_own_type_1_opt_outs_and_no_other_practice_s() {
         !out.status.success(),
         "a type 1 import without its practice"
     );
-    assert!(
-        text(&out.stderr).contains("--practice is required"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_stderr_has(&out, "--practice is required");
     let out = run(&[
         "import",
         "--type",

@@ -26,16 +26,8 @@ async fn decisions(
     purpose: Purpose,
 ) -> Vec<(Outcome, Reason)> {
     server
-        .check_client()
+        .decide(check_request(numbers.to_vec(), purpose))
         .await
-        .check(check_request(numbers.to_vec(), purpose))
-        .await
-        .expect("check")
-        .into_inner()
-        .decisions
-        .iter()
-        .map(outcome)
-        .collect()
 }
 
 const NATIONAL: (Outcome, Reason) = (Outcome::Withhold, Reason::NationalDataOptOut);
@@ -173,19 +165,11 @@ async fn a_national_check_round_trip_is_imported_and_numbers_outside_its_populat
     )
     .await;
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("error reply"),
-        "{}",
-        text(&out.stderr)
-    );
+    common::assert_stderr_has(&out, "error reply");
     // An empty reply while the file sent was not.
     let out = import(write("empty.dat", String::new()), &[]).await;
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("reply is empty"),
-        "{}",
-        text(&out.stderr)
-    );
+    common::assert_stderr_has(&out, "reply is empty");
     // A plain list REPLACE would say nothing about who was checked: refused in population mode.
     let list = write("list.txt", sent.join("\n"));
     let out = optout(
@@ -205,11 +189,7 @@ async fn a_national_check_round_trip_is_imported_and_numbers_outside_its_populat
     )
     .await;
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("population mode"),
-        "{}",
-        text(&out.stderr)
-    );
+    common::assert_stderr_has(&out, "population mode");
     let status = server.status().await;
     assert_eq!(status.national_data_opt_outs, 0, "nothing was imported");
 
@@ -597,11 +577,7 @@ async fn a_national_list_cannot_go_stale_unnoticed() {
     // (the list would look younger than it is): refused as a usage error.
     let out = import(&[]).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("--checked-at"),
-        "{}",
-        text(&out.stderr)
-    );
+    common::assert_stderr_has(&out, "--checked-at");
     let day = |days_ago: i64| {
         (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * days_ago)).to_string()
     };
@@ -610,11 +586,7 @@ async fn a_national_list_cannot_go_stale_unnoticed() {
     // An older reply imported again would move the list back in time: refused, nothing changed.
     let out = import(&["--checked-at", &day(3)]).await;
     assert!(!out.status.success(), "an older check was imported");
-    assert!(
-        text(&out.stderr).contains("older than the national check in force"),
-        "{}",
-        text(&out.stderr)
-    );
+    common::assert_stderr_has(&out, "older than the national check in force");
     let status = server.status().await;
     let as_of = status.lists[0].as_of_unix_ms;
     assert!(
@@ -664,19 +636,7 @@ async fn a_national_list_cannot_go_stale_unnoticed() {
     let mut req = check_request(n[..2].to_vec(), Purpose::Research);
     req.at_least_version = v;
     req.origin = proto::DataOrigin::Other as i32;
-    let ask = |req: proto::CheckRequest| async {
-        server
-            .check_client()
-            .await
-            .check(req)
-            .await
-            .expect("check")
-            .into_inner()
-            .decisions
-            .iter()
-            .map(outcome)
-            .collect::<Vec<_>>()
-    };
+    let ask = |req: proto::CheckRequest| server.decide(req);
     const NEVER: (Outcome, Reason) = (Outcome::Withhold, Reason::ListNeverImported);
     assert_eq!(
         ask(req.clone()).await,
@@ -721,11 +681,7 @@ async fn a_population_store_answers_only_the_organisation_it_belongs_to() {
     };
     let out = init(&[]).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("--organisation"),
-        "{}",
-        text(&out.stderr)
-    );
+    common::assert_stderr_has(&out, "--organisation");
     let out = init(&["--organisation", "RX1"]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(

@@ -1279,19 +1279,8 @@ async fn type_1_records_from_before_practices_belong_to_the_unknown_practice() {
         .expect("remove unknown");
     let mut req = check_request(n.clone(), RESEARCH);
     req.at_least_version = status(&server).await.version;
-    let got: Vec<_> = server
-        .check_client()
-        .await
-        .check(req)
-        .await
-        .expect("check")
-        .into_inner()
-        .decisions
-        .iter()
-        .map(outcome)
-        .collect();
     assert_eq!(
-        got,
+        server.decide(req).await,
         vec![
             (Outcome::Release, Reason::NoOptOut),
             (Outcome::Withhold, Reason::Type1OptOut)

@@ -104,6 +104,20 @@ impl TestServer {
             .max_encoding_message_size(64 * 1024 * 1024)
     }
 
+    /// The decisions of one check, as (outcome, reason) pairs.
+    pub async fn decide(&self, req: CheckRequest) -> Vec<(proto::Outcome, proto::Reason)> {
+        self.check_client()
+            .await
+            .check(req)
+            .await
+            .expect("check")
+            .into_inner()
+            .decisions
+            .iter()
+            .map(outcome)
+            .collect()
+    }
+
     /// The replica's status (admin GetStatus).
     pub async fn status(&self) -> proto::GetStatusResponse {
         self.admin_client()
