@@ -4,7 +4,7 @@
 #   docker build -t optout-service:0.1.0 .
 #
 # Not built in CI (no container engine runs there); the Helm chart that runs it is rendered and
-# validated by scripts/test.sh. README, "Running in a container", shows a `docker run` that starts.
+# validated by scripts/test.sh. docs/src/operations.md, "Running in a container", shows a `docker run` that starts.
 
 # Same toolchain as development (rustc 1.95); pin by digest in a release pipeline.
 FROM docker.io/library/rust:1.95-bookworm AS build
@@ -34,5 +34,5 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["/usr/local/bin/optout", "health", "--server", "http://127.0.0.1:50052", "--timeout-ms", "2000"]
 ENTRYPOINT ["/usr/local/bin/optout"]
 # Beyond loopback the service requires keys, TLS and an audit key (it refuses to start without):
-# mount them and pass their flags or OPTOUT_* variables (README, "Running in a container").
+# mount them and pass their flags or OPTOUT_* variables (docs/src/operations.md, "Running in a container").
 CMD ["serve", "--listen=0.0.0.0:50051", "--health-listen=0.0.0.0:50052", "--metrics-listen=0.0.0.0:9090", "--log-format=json"]

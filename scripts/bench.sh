@@ -277,7 +277,7 @@ second_rss_loaded_run=$(awk '/^VmRSS:/ {print $2}' "/proc/$second_pid/status")
     echo "$targets"
     echo
     echo "The filter's measured false-positive rate (numbers never inserted) is measured by"
-    echo "\`cargo bench --bench filter_choice\` (README, \"Which bloom filter\"); the status below gives the"
+    echo "\`cargo bench --bench filter_choice\` (docs/src/performance.md, \"Which bloom filter\"); the status below gives the"
     echo "estimate from its fill."
     echo
     echo "## CPU per number checked"

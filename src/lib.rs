@@ -4,7 +4,7 @@
 //! each, RELEASE or WITHHOLD with a reason. The one rule: never release the data of a patient who
 //! opted out; every doubt resolves to WITHHOLD.
 //!
-//! Layout (arrows point inward only; the README's "Code map" says the same):
+//! Layout (arrows point inward only; the README's "Code map" says the same, and docs/src/architecture.md includes it):
 //! - [`core`]: the `optout-core` crate: NHS numbers, purpose policy, decisions, versions, the
 //!   opted-out filter, audit records, the keys file, CSV extracts. Pure.
 //! - [`store`]: the consent store trait, the embedded (redb) store and the Redis store.

@@ -1198,7 +1198,7 @@ async fn a_practice_replaces_its_own_type_1_opt_outs_and_no_other_practice_s() {
     );
     let out = run(&["status"]).await;
     assert!(
-        text(&out.stdout).contains("1 practices (oldest list A83007 of"),
+        text(&out.stdout).contains("1 practice (oldest list A83007 of"),
         "{}",
         text(&out.stdout)
     );

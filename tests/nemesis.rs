@@ -8,7 +8,7 @@
 //! --release --workspace`) replays the schedule.
 //!
 //! `OPTOUT_NEMESIS_SEEDS` (comma-separated) and `OPTOUT_NEMESIS_SECONDS` override the seeds and
-//! the length of each run; longer searches are the README's `optout-nemesis --minutes` command.
+//! the length of each run; longer searches are the `optout-nemesis --minutes` command in docs/src/guarantees.md.
 
 use std::{path::PathBuf, time::Duration};
 

@@ -1,7 +1,7 @@
 //! The NHS number rule against an independent oracle: the PyPI `nhs-number` package (pinned in
 //! `tests/nhs-oracle-requirements.txt`, installed by `scripts/test.sh`), over a million random
 //! ten-digit strings, every boundary of the numbering ranges, and every DDMMYY prefix of the
-//! Scottish CHI range with a valid check digit. Zero disagreements, apart from the two the README
+//! Scottish CHI range with a valid check digit. Zero disagreements, apart from the two docs/src/using.md
 //! lists: 000 000 0000 and 999 999 9999 pass the checksum, and the oracle accepts them, but they
 //! are placeholders, not patients.
 
@@ -12,7 +12,7 @@ use std::{
 
 use optout::core::NhsNumber;
 
-/// Deliberate disagreements (README, "What is accepted as an NHS number").
+/// Deliberate disagreements (docs/src/using.md, "What is accepted as an NHS number").
 const PLACEHOLDERS: [&str; 2] = ["0000000000", "9999999999"];
 
 /// A small deterministic generator (splitmix64): the same candidates on every run.

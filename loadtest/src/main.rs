@@ -1,4 +1,4 @@
-//! `optout-loadtest`: seed, run, echo-server. See the README's "Load testing" section.
+//! `optout-loadtest`: seed, run, echo-server. See docs/src/performance.md, "Load testing".
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 

@@ -334,8 +334,9 @@ fn list_line(l: &proto::ListCoverage) -> String {
     if !l.practices.is_empty() {
         let oldest = l.practices.iter().min_by_key(|p| p.as_of_unix_ms);
         parts.push(format!(
-            "{} practices{}",
+            "{} practice{}{}",
             l.practices.len(),
+            if l.practices.len() == 1 { "" } else { "s" },
             oldest.map_or_else(String::new, |p| format!(
                 " (oldest list {} of {})",
                 p.practice,

@@ -64,7 +64,7 @@ pub(super) struct RedisArgs {
     /// Trust that this Redis keeps every acknowledged write through a crash although the service
     /// cannot read its persistence settings (a managed Redis that hides CONFIG). Without it, a
     /// single Redis (no replica acknowledgement) must run `appendonly yes` with `appendfsync
-    /// always`, or serve and init-store refuse it. See README "Guarantees".
+    /// always`, or serve and init-store refuse it. See docs/src/guarantees.md.
     #[arg(long, env = "OPTOUT_REDIS_ASSUME_DURABLE")]
     redis_assume_durable: bool,
     /// How long a change waits for those confirmations, in ms, before it fails unacknowledged.

@@ -109,7 +109,7 @@ async fn main() -> std::process::ExitCode {
          (changes acknowledged, unknown: an error or timeout that may hide an applied change, and \
          refused: a definite no), the checks answered, the faults injected, the releases of a \
          number whose opt-out bound the answer that the checker had to explain, and the \
-         violations of the checker's rules (README, \"Shown by search: the nemesis\").\n\n{table}",
+         violations of the checker's rules (docs/src/guarantees.md, \"Shown by search: the nemesis\").\n\n{table}",
         std::env::args().collect::<Vec<_>>().join(" "),
         reports.len(),
         began.elapsed().as_secs_f64() / 60.0,

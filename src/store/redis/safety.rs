@@ -45,7 +45,7 @@ pub(super) fn check_eviction_policy(info_memory: &str) -> Result<(), StoreError>
 const DURABILITY_ADVICE: &str = "set `appendonly yes` and `appendfsync always` (redis.conf, or \
      CONFIG SET appendonly yes, CONFIG SET appendfsync always, CONFIG REWRITE), or run Redis behind \
      Sentinel or as a Cluster with --redis-replicas-ack 1 or more; on a managed Redis that hides \
-     CONFIG but keeps every acknowledged write (see README \"Guarantees\"), pass \
+     CONFIG but keeps every acknowledged write (see docs/src/guarantees.md), pass \
      --redis-assume-durable";
 
 /// Refuses persistence that could lose an acknowledged change when the Redis process crashes.
