@@ -52,7 +52,7 @@ fi
 "${OPTOUT_TEST_REDIS_SERVER:-redis-server}" --version
 "${OPTOUT_TEST_REDIS_CLI:-redis-cli}" --version
 
-# The NHS number oracle (tests/nhs_oracle.rs): the PyPI nhs-number package, pinned by hash.
+# The NHS number oracle (tests/it/nhs_oracle.rs): the PyPI nhs-number package, pinned by hash.
 oracle=target/tools/nhs-oracle
 oracle_want="$(sha256sum tests/nhs-oracle-requirements.txt | cut -d' ' -f1)"
 if [ ! -x "$oracle/bin/python" ] || [ "$(cat "$oracle/.requirements.sha256" 2>/dev/null)" != "$oracle_want" ]; then
@@ -76,7 +76,7 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
 echo "== cargo test (unit, property, black-box, the store contract, benches once on small data)"
-# tests/store_contract.rs runs the one ConsentStore contract against all four stores: embedded, one
+# tests/it/store_contract.rs runs the one ConsentStore contract against all four stores: embedded, one
 # Redis, Redis behind Sentinel and a Redis Cluster (real redis-server processes on loopback).
 # The core benchmark fills a filter with 5 million opt-outs; in test mode a smaller one will do.
 log="$(mktemp)"

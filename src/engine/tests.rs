@@ -186,7 +186,7 @@ impl Rig {
             behind: AtomicBool::new(false),
         });
         // Lists without a maximum age: the rig's store is fed by single changes (the ages are
-        // `Coverage::rule`'s and tests/population.rs's).
+        // `Coverage::rule`'s and tests/it/population.rs's).
         let filter = SyncedFilter::new(FilterConfig {
             capacity: 1000,
             max_list_age: crate::core::coverage::MaxAge::NONE,

@@ -25,7 +25,7 @@ pub struct TestServer {
 
 /// A small configuration suited to tests. Lists have no maximum age here (a store fed by single
 /// adds releases what it does not hold, as most tests of other subjects expect); the default
-/// limits, and a never-imported list withheld, are tested in tests/population.rs.
+/// limits, and a never-imported list withheld, are tested in tests/it/population.rs.
 pub fn test_config(data_dir: &Path) -> ServerConfig {
     let mut c = ServerConfig::new(data_dir.to_path_buf());
     c.filter.capacity = 10_000;

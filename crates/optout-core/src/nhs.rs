@@ -15,7 +15,7 @@
 //!
 //! [`Scheme`] names the numbering scheme a number belongs to (England, Wales and the Isle of Man;
 //! Scotland's CHI; Northern Ireland's H&C; ...), with the ranges of the PyPI `nhs-number` package,
-//! against which `tests/nhs_oracle.rs` checks this rule.
+//! against which `tests/it/nhs_oracle.rs` checks this rule.
 
 use std::fmt;
 

@@ -153,7 +153,7 @@ pub async fn run(config: RunConfig) -> Result<RunReport, NemesisError> {
             "1",
             // The nemesis searches the store protocol under faults, through single changes from
             // an empty store; with the default list ages every answer would be "never imported"
-            // and the history would prove nothing. tests/population.rs holds the ages.
+            // and the history would prove nothing. tests/it/population.rs holds the ages.
             "--national-max-age-days",
             "none",
             "--type1-max-age-days",

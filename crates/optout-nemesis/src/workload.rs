@@ -151,7 +151,7 @@ impl Targets {
 
 /// Every type 1 change is one practice's: the history's model of type 1 as one set per number
 /// stays exact (a patient holds type 1 while this practice does). Several practices are the
-/// store contract's and tests/service.rs's.
+/// store contract's and tests/it/service.rs's.
 const PRACTICE: &str = "A83007";
 
 fn practice_of(k: Kind) -> String {

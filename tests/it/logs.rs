@@ -2,16 +2,13 @@
 //! logging at TRACE, then every number used is searched for in what the server and the command
 //! line wrote to stderr.
 
-#[macro_use]
-mod common;
-
 use std::{
     io::Read,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use common::valid_numbers;
+use crate::common::valid_numbers;
 
 const BIN: &str = env!("CARGO_BIN_EXE_optout");
 

@@ -1,7 +1,6 @@
 //! Callers, roles, TLS, rate limits and the audit log, against the real server.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use std::{
     path::Path,
@@ -9,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::common::{
     FaultyStore, TestServer, change_request, check_request, outcome, test_config, valid_numbers,
 };
 use optout::{

@@ -1,15 +1,14 @@
 //! Black-box tests: the real server on 127.0.0.1 port 0 over the embedded store, called through
 //! the generated gRPC clients.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use std::{
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::common::{
     FaultyStore, RedisServer, TestServer, change_request, check_request, init_redis, outcome,
     redis_config, test_config, valid_numbers,
 };

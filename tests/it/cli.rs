@@ -1,7 +1,6 @@
 //! The `optout` binary against the real server: filter, check, admin and serve.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use std::{
     io::{BufRead, BufReader},
@@ -9,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use common::{
+use crate::common::{
     BIN, TestServer, args, assert_stderr_has, change_request, optout, text, valid_numbers,
 };
 use optout::api::proto::OptOutType;

@@ -2,12 +2,11 @@
 //! "no opt-out" only for the population it checked, and a list past its maximum age proves
 //! nothing. Against the real server, the `optout` binary, the embedded store and a real Redis.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     RedisServer, TestServer, check_request, optout, outcome, redis_config, text, valid_numbers,
 };
 use optout::{

@@ -1,15 +1,12 @@
 //! Health and reflection: generic gRPC tools work without the .proto file, and probes see
 //! NOT_SERVING until the filter is loaded.
 
-#[macro_use]
-mod common;
-
 use std::{
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
-use common::{FaultyStore, TestServer, check_request, outcome, test_config, valid_numbers};
+use crate::common::{FaultyStore, TestServer, check_request, outcome, test_config, valid_numbers};
 use optout::{
     api::proto::{Outcome, Purpose, Reason},
     server::open_embedded,

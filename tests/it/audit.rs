@@ -2,12 +2,9 @@
 //! `ReadAudit`, and checked by `optout audit verify`, which names the first record that was
 //! altered, removed or reordered.
 
-#[macro_use]
-mod common;
-
 use std::{path::Path, process::Command, time::Duration};
 
-use common::{
+use crate::common::{
     RedisServer, TestServer, change_request, check_request, init_redis, redis_config, test_config,
     valid_numbers,
 };

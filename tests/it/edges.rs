@@ -2,12 +2,9 @@
 //! data that does not parse, and callers who push on the limits. Each test names the rule it pins,
 //! and runs against real redis-server processes (or the real embedded store) and the real server.
 
-#[macro_use]
-mod common;
-
 use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
-use common::*;
+use crate::common::*;
 use optout::{
     api::proto::{self, Outcome, Reason},
     core::OptOutFilter,

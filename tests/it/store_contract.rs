@@ -7,13 +7,10 @@
 //! same Redis). Cases that need to break a store from outside (reset it, roll it back) run where
 //! the backend can do that (Redis); the embedded store's file cannot be changed under it.
 
-#[macro_use]
-mod common;
-
 use std::{path::Path, sync::Arc, time::Duration};
 
+use crate::common::{Cluster, RedisServer, SentinelSet, redis_config};
 use async_trait::async_trait;
-use common::{Cluster, RedisServer, SentinelSet, redis_config};
 use optout::{
     core::{
         AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Practice, Version,

@@ -1,8 +1,7 @@
 //! Replicas on a shared Redis store: real redis-server processes on free loopback ports, owned and
 //! stopped by each test; the real server on 127.0.0.1 port 0; generated gRPC clients.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use std::{
     sync::{
@@ -12,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::common::{
     FaultyStore, RedisServer, TestServer, change_request, check_request, init_redis, outcome,
     redis_config, valid_numbers,
 };

@@ -1,9 +1,6 @@
 //! Running it like production, through the real binary: the health port, Prometheus metrics, JSON
 //! logs with request ids, the config file's order of precedence, and graceful shutdown.
 
-#[macro_use]
-mod common;
-
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
@@ -11,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{change_request, check_request, valid_numbers};
+use crate::common::{change_request, check_request, valid_numbers};
 use optout::api::proto::{
     OptOutType, Purpose, opt_out_admin_client::OptOutAdminClient,
     opt_out_check_client::OptOutCheckClient,
@@ -203,7 +200,7 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 async fn health_port_metrics_and_json_logs_with_request_ids() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Lists without a maximum age: this store is fed by single adds, and the releases are what
-    // the metrics below count (tests/population.rs holds the default ages).
+    // the metrics below count (tests/it/population.rs holds the default ages).
     let served = Served::start(
         &dir.path().join("data"),
         &[

@@ -2,8 +2,7 @@
 //! processes on free loopback ports, started and stopped by PID by each test, under steady checks
 //! from a generated gRPC client against the real server.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use std::{
     sync::{
@@ -13,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::common::{
     Cluster, SentinelSet, ServeProcess, TestServer, change_request, check_request, init_redis,
     outcome, valid_numbers,
 };
