@@ -1204,52 +1204,75 @@ async fn type1_practices(b: &dyn Backend) {
     assert_eq!(held, vec![e, e, t1, t1]);
 }
 
-async fn contract(b: &dyn Backend) {
-    marker(b).await;
-    lookups_and_changes(b).await;
-    removing_what_is_not_there(b).await;
-    change_feed(b).await;
-    imports(b).await;
-    national_checks(b).await;
-    type1_practices(b).await;
-    scan(b).await;
-    snapshots(b).await;
-    audit(b).await;
-    changes_retention(b).await;
-    changes_sealing(b).await;
-    reset_fails_closed(b).await;
-    rollback_is_reported(b).await;
-    lost_history_is_reported(b).await;
-    a_change_during_an_import_is_refused_as_busy(b).await;
-    generations(b).await;
+/// One test per (store, case), so a failure names both: `store_contract::cluster::imports`.
+/// Each Redis test starts its own topology (a Cluster takes about a second), and each case works
+/// in a fresh store of its own, as SpiceDB's datastore suite does.
+macro_rules! contract {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(&super::Embedded).await;
+                }
+            )*
+        }
+        mod one_redis {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let redis = RedisServer::start();
+                    let backend = OnRedis::new(
+                        |p| redis_config(&redis, "unused:", p),
+                        false,
+                        vec![redis.url()],
+                    );
+                    super::$case(&backend).await;
+                }
+            )*
+        }
+        mod sentinel {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let set = SentinelSet::start().await;
+                    let backend = OnRedis::new(|p| set.config(p), false, vec![set.master.url()]);
+                    super::$case(&backend).await;
+                }
+            )*
+        }
+        mod cluster {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let cluster = Cluster::start().await;
+                    let backend = OnRedis::new(|p| cluster.config(p), true, cluster.urls());
+                    super::$case(&backend).await;
+                }
+            )*
+        }
+    };
 }
 
-#[tokio::test]
-async fn the_embedded_store_keeps_the_contract() {
-    contract(&Embedded).await;
-}
-
-#[tokio::test]
-async fn one_redis_keeps_the_contract() {
-    let redis = RedisServer::start();
-    let backend = OnRedis::new(
-        |p| redis_config(&redis, "unused:", p),
-        false,
-        vec![redis.url()],
-    );
-    contract(&backend).await;
-}
-
-#[tokio::test]
-async fn redis_behind_sentinel_keeps_the_contract() {
-    let set = SentinelSet::start().await;
-    let backend = OnRedis::new(|p| set.config(p), false, vec![set.master.url()]);
-    contract(&backend).await;
-}
-
-#[tokio::test]
-async fn a_redis_cluster_keeps_the_contract() {
-    let cluster = Cluster::start().await;
-    let backend = OnRedis::new(|p| cluster.config(p), true, cluster.urls());
-    contract(&backend).await;
-}
+contract!(
+    marker,
+    lookups_and_changes,
+    removing_what_is_not_there,
+    change_feed,
+    imports,
+    national_checks,
+    type1_practices,
+    scan,
+    snapshots,
+    audit,
+    changes_retention,
+    changes_sealing,
+    reset_fails_closed,
+    rollback_is_reported,
+    lost_history_is_reported,
+    a_change_during_an_import_is_refused_as_busy,
+    generations,
+);
