@@ -17,7 +17,7 @@ use super::{
     words::{self, OutputArg},
 };
 use crate::{
-    api::proto::{
+    cli::client::proto::{
         self, ChangeOptOutsRequest, ImportOptOutsRequest, opt_out_admin_client::OptOutAdminClient,
     },
     core::extract::{for_each_chunk, for_each_dat_chunk, open_csv},

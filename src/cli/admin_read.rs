@@ -8,7 +8,7 @@ use super::{
     admin::Admin,
     words::{self, OutputArg},
 };
-use crate::api::proto::{self, GetOptOutRequest, GetStatusRequest};
+use crate::cli::client::proto::{self, GetOptOutRequest, GetStatusRequest};
 
 pub(super) async fn get(
     client: &mut Admin,

@@ -8,7 +8,7 @@ use super::{
     BasisArgs, CliError, ClientArgs, OriginArg, PurposeArg,
     words::{self, OutputArg},
 };
-use crate::api::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient};
+use crate::cli::client::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient};
 
 /// How many numbers each Check call carries.
 const CHUNK: usize = 1000;

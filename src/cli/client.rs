@@ -7,6 +7,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::CliError;
 
+/// The wire types, for every client command: the CLI reaches the API through this module and the
+/// proto crate, never through the server's `api` services.
+pub(crate) use optout_proto as proto;
+
 /// Where a client command finds the service.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ClientArgs {

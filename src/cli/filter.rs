@@ -26,7 +26,7 @@ use super::{
     reason_name,
 };
 use crate::{
-    api::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient},
+    cli::client::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient},
     core::extract::{self, for_each_chunk, for_each_dat_chunk, line_of, open_csv},
 };
 

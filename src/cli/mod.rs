@@ -24,7 +24,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 pub(crate) use client::{AuthChannel, ClientArgs};
 
-use crate::api::proto;
+use crate::cli::client::proto;
 
 /// Online NHS opt-out enforcement: RELEASE or WITHHOLD for each NHS number of an extract.
 #[derive(Parser, Debug)]

@@ -29,7 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{AuthChannel, CliError};
 use crate::{
-    api::proto::{self, ImportOptOutsRequest, opt_out_admin_client::OptOutAdminClient},
+    cli::client::proto::{self, ImportOptOutsRequest, opt_out_admin_client::OptOutAdminClient},
     core::{NhsNumber, coverage::Population, extract::for_each_dat_chunk},
 };
 

@@ -4,7 +4,7 @@
 
 use clap::ValueEnum;
 
-use crate::api::proto;
+use crate::cli::client::proto;
 
 /// How a command prints what it found.
 #[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]

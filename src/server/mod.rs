@@ -6,6 +6,7 @@
 //! port until shutdown; [`tasks::Tasks`] owns every background task and stops them in order.
 
 mod config;
+mod gauges;
 mod health;
 mod tasks;
 mod transport;

@@ -124,11 +124,7 @@ pub(super) fn start_side_listeners(
         let (filter, log) = (filter.clone(), check_log.clone());
         let refresh = Arc::new(move || {
             crate::telemetry::collect_process();
-            crate::telemetry::set_state_gauges(
-                &filter.status(),
-                log.backlog(),
-                log.backlog_bytes(),
-            );
+            super::gauges::set_state_gauges(&filter.status(), log.backlog(), log.backlog_bytes());
         }) as Arc<dyn Fn() + Send + Sync>;
         let stop = tasks.side_stop_signal();
         tasks.side(tokio::spawn(crate::telemetry::upkeep(
