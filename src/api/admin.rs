@@ -18,9 +18,9 @@ use super::{
     source_field, store_status,
 };
 use crate::{
-    core::{NhsNumber, OptOutType, Practice, coverage::Population},
+    core::{NhsNumber, OptOutType, Practice},
     engine::admin::{Admin, AdminError, AuditSearch},
-    store::{ChangeKind, ImportMode, NationalCheck},
+    store::{ChangeKind, ImportMode},
 };
 
 /// Answers the admin RPCs.
@@ -129,62 +129,6 @@ fn ms_i64(ms: u64) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
-/// The national check a first message opens, if it does (`national_checked_at_unix_ms` set).
-fn national_check_header(first: &ImportOptOutsRequest) -> Result<Option<NationalCheck>, Status> {
-    let at = first.national_checked_at_unix_ms;
-    if at == 0 {
-        return Ok(None);
-    }
-    let now = i64::try_from(crate::store::now_ms()).unwrap_or(i64::MAX);
-    // A minute of clock difference between the admin's machine and this one is allowed.
-    if at < 0 || at > now.saturating_add(60_000) {
-        return Err(Status::invalid_argument(format!(
-            "national_checked_at_unix_ms {at} is not a time in the past: give when the national \
-             check was made. Nothing was imported"
-        )));
-    }
-    let older = super::label_field(
-        "older_check_reason",
-        &first.older_check_reason,
-        super::LABEL_MAX,
-    )?
-    .trim();
-    Ok(Some(NationalCheck {
-        population: Population::new(),
-        checked_at_ms: u64::try_from(at).unwrap_or(0),
-        older_reason: (!older.is_empty()).then(|| older.to_string()),
-    }))
-}
-
-/// Adds a message's population numbers to the national check (strictly: the national service
-/// refuses a whole file for one invalid number, so a population with one was never checked).
-fn add_population(
-    check: Option<&mut NationalCheck>,
-    numbers: &[String],
-    sent: &mut u64,
-) -> Result<(), Status> {
-    let Some(check) = check else {
-        if numbers.is_empty() {
-            return Ok(());
-        }
-        return Err(Status::invalid_argument(
-            "population is set, but the first message did not open a national check \
-             (national_checked_at_unix_ms). Nothing was imported",
-        ));
-    };
-    for s in numbers {
-        let n = NhsNumber::parse(s).map_err(|e| {
-            Status::invalid_argument(format!(
-                "population position {sent}: {e}; the national service refuses a file with an \
-                 invalid number, so it was never checked. Nothing was imported"
-            ))
-        })?;
-        check.population.insert(n);
-        *sent += 1;
-    }
-    Ok(())
-}
-
 fn same_header(h: &ImportHeader, m: &ImportOptOutsRequest, index: u64) -> Result<(), Status> {
     let differs = (m.mode != 0 && import_header_mode(m.mode) != Some(h.mode))
         || (m.r#type != 0 && opt_out_type(m.r#type).ok() != Some(h.t))
@@ -252,7 +196,13 @@ impl OptOutAdmin for AdminService {
                 return Err(Status::invalid_argument("the import stream is empty"));
             };
             let header = import_header(&first)?;
-            let mut check = national_check_header(&first)?;
+            let older = super::label_field(
+                "older_check_reason",
+                &first.older_check_reason,
+                super::LABEL_MAX,
+            )?
+            .trim()
+            .to_string();
             let mut import = self
                 .admin
                 .start_import(
@@ -263,14 +213,20 @@ impl OptOutAdmin for AdminService {
                 )
                 .await
                 .map_err(admin_status)?;
-            let mut received = 0u64;
-            let mut sent = 0u64;
+            if first.national_checked_at_unix_ms != 0 {
+                import
+                    .open_national_check(
+                        first.national_checked_at_unix_ms,
+                        (!older.is_empty()).then_some(older),
+                    )
+                    .map_err(admin_status)?;
+            }
             let mut rejected = Rejections::new();
             let mut message = Some(first);
             let mut index = 0u64;
             let mut committed = false;
             // A key revoked while its import is open stops it, as it stops an open CheckStream:
-            // asked again on every message and before the commit (issue 27: a REPLACE could
+            // asked again on every message and before the commit (a REPLACE could otherwise
             // commit after its key was revoked).
             let in_force = |caller: &crate::auth::Caller| {
                 if self.gates.still_valid(caller) {
@@ -291,29 +247,13 @@ impl OptOutAdmin for AdminService {
                     )));
                 }
                 same_header(&header, &m, index)?;
-                add_population(check.as_mut(), &m.population, &mut sent)?;
-                let mut valid = Vec::with_capacity(m.nhs_numbers.len());
-                for s in &m.nhs_numbers {
-                    match (NhsNumber::parse(s), &check) {
-                        (Ok(n), Some(c)) if !c.population.contains(n) => {
-                            return Err(Status::invalid_argument(format!(
-                                "nhs_numbers position {received}: not in the population sent before \
-                                 it; a national check's opt-outs are the numbers sent that did not \
-                                 come back. Nothing was imported"
-                            )));
-                        }
-                        (Ok(n), _) => valid.push(n),
-                        (Err(e), Some(_)) => {
-                            return Err(Status::invalid_argument(format!(
-                                "nhs_numbers position {received}: {e}; a national check holds only \
-                                 valid numbers. Nothing was imported"
-                            )));
-                        }
-                        (Err(e), None) => rejected.push(received, e),
-                    }
-                    received += 1;
-                }
-                import.stage(valid).await.map_err(admin_status)?;
+                import.add_population(&m.population).map_err(admin_status)?;
+                import
+                    .receive(&m.nhs_numbers, &mut |position, e| {
+                        rejected.push(position, e)
+                    })
+                    .await
+                    .map_err(admin_status)?;
                 committed = m.commit;
                 index += 1;
                 message = inbound.message().await?;
@@ -324,11 +264,9 @@ impl OptOutAdmin for AdminService {
                 ));
             }
             in_force(&caller)?;
-            if let Some(c) = check {
-                import.national_check(c);
-            }
+            let received = import.received();
             let outcome = import
-                .commit(received, rejected.count())
+                .commit(rejected.count())
                 .await
                 .map_err(admin_status)?;
             Ok(Response::new(ImportOptOutsResponse {

@@ -14,7 +14,10 @@ use super::{
 };
 use crate::{
     auth::Caller,
-    core::{AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutType, Practice, Version},
+    core::{
+        AuditKey, AuditQuery, AuditRecord, NhsNumber, NhsNumberError, OptOutType, Practice,
+        Version, coverage::Population,
+    },
     store::{
         ChangeKind, ConsentStore, ImportMode, ImportOutcome, ImportSession, NationalCheck,
         OptOutRecord, StoreError, StoreStatus, WriteOutcome, now_ms,
@@ -173,6 +176,9 @@ impl Admin {
             session,
             pending: Vec::with_capacity(STAGE_CHUNK),
             check: None,
+            building: None,
+            received: 0,
+            sent: 0,
         })
     }
 
@@ -290,12 +296,109 @@ pub struct Import {
     /// Set for a national check round trip: (patients sent, when checked, why an older check
     /// is imported), for the record.
     check: Option<(u64, u64, Option<String>)>,
+    /// A national check round trip being received: the population sent so far.
+    building: Option<NationalCheck>,
+    /// Numbers received so far (valid or not): the position of the next one.
+    received: u64,
+    /// Population numbers received so far.
+    sent: u64,
 }
 
 impl Import {
+    /// Opens a national check round trip (a REPLACE of national opt-outs on a store in
+    /// population mode): the population is received with the opt-outs, before them, and the
+    /// check's date, `checked_at_ms`, becomes the list's date. A date in the future (beyond a
+    /// minute of clock difference) is refused.
+    pub fn open_national_check(
+        &mut self,
+        checked_at_ms: i64,
+        older_reason: Option<String>,
+    ) -> Result<(), AdminError> {
+        let now = now_ms_i64();
+        if checked_at_ms <= 0 || checked_at_ms > now.saturating_add(60_000) {
+            return Err(AdminError::Invalid(format!(
+                "national_checked_at_unix_ms {checked_at_ms} is not a time in the past: give when \
+                 the national check was made. Nothing was imported"
+            )));
+        }
+        self.building = Some(NationalCheck {
+            population: Population::new(),
+            checked_at_ms: u64::try_from(checked_at_ms).unwrap_or(0),
+            older_reason,
+        });
+        Ok(())
+    }
+
+    /// Adds population numbers to the national check being received, strictly: the national
+    /// service refuses a whole file for one invalid number, so a population with one was never
+    /// checked.
+    pub fn add_population(&mut self, numbers: &[String]) -> Result<(), AdminError> {
+        let Some(check) = &mut self.building else {
+            if numbers.is_empty() {
+                return Ok(());
+            }
+            return Err(AdminError::Invalid(
+                "population is set, but the first message did not open a national check \
+                 (national_checked_at_unix_ms). Nothing was imported"
+                    .into(),
+            ));
+        };
+        for s in numbers {
+            let n = NhsNumber::parse(s).map_err(|e| {
+                AdminError::Invalid(format!(
+                    "population position {}: {e}; the national service refuses a file with an \
+                     invalid number, so it was never checked. Nothing was imported",
+                    self.sent
+                ))
+            })?;
+            check.population.insert(n);
+            self.sent += 1;
+        }
+        Ok(())
+    }
+
+    /// Receives opt-outs as sent: valid numbers are staged, and an invalid one is skipped and
+    /// passed to `rejected` with its position, except in a national check, which holds only
+    /// valid numbers of the population sent before them (a national check's opt-outs are the
+    /// numbers sent that did not come back).
+    pub async fn receive(
+        &mut self,
+        numbers: &[String],
+        rejected: &mut (dyn FnMut(u64, NhsNumberError) + Send),
+    ) -> Result<(), AdminError> {
+        let mut valid = Vec::with_capacity(numbers.len());
+        for s in numbers {
+            let position = self.received;
+            match (NhsNumber::parse(s), &self.building) {
+                (Ok(n), Some(c)) if !c.population.contains(n) => {
+                    return Err(AdminError::Invalid(format!(
+                        "nhs_numbers position {position}: not in the population sent before it; \
+                         a national check's opt-outs are the numbers sent that did not come \
+                         back. Nothing was imported"
+                    )));
+                }
+                (Ok(n), _) => valid.push(n),
+                (Err(e), Some(_)) => {
+                    return Err(AdminError::Invalid(format!(
+                        "nhs_numbers position {position}: {e}; a national check holds only valid \
+                         numbers. Nothing was imported"
+                    )));
+                }
+                (Err(e), None) => rejected(position, e),
+            }
+            self.received += 1;
+        }
+        self.stage(valid).await
+    }
+
+    /// Numbers received so far, valid or not.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
     /// Makes this import a national check round trip: its population is recorded with it, and
     /// the check's date becomes the national list's date.
-    pub fn national_check(&mut self, check: NationalCheck) {
+    fn national_check(&mut self, check: NationalCheck) {
         self.check = Some((
             check.population.len(),
             check.checked_at_ms,
@@ -317,14 +420,14 @@ impl Import {
         Ok(())
     }
 
-    /// Applies the staged set atomically with its audit record (`received`: every number sent,
-    /// valid or not; `rejected`: the invalid ones), and waits a moment for this replica's filter
-    /// to show it.
-    pub async fn commit(
-        mut self,
-        received: u64,
-        rejected: u64,
-    ) -> Result<ImportOutcome, AdminError> {
+    /// Applies the staged set atomically with its audit record (with the national check being
+    /// received, if any; `rejected`: the invalid numbers skipped), and waits a moment for this
+    /// replica's filter to show it.
+    pub async fn commit(mut self, rejected: u64) -> Result<ImportOutcome, AdminError> {
+        let received = self.received;
+        if let Some(check) = self.building.take() {
+            self.national_check(check);
+        }
         if !self.pending.is_empty() {
             self.session.stage(&self.pending).await?;
             self.pending = Vec::new();

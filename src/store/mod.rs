@@ -477,6 +477,29 @@ pub struct NationalCheck {
     pub older_reason: Option<String>,
 }
 
+/// Refuses a REPLACE import that staged nothing (`empty`): it would remove every opt-out of its
+/// type (of its practice, for type 1), and an empty or truncated file must not wipe a list. A
+/// national check in which nobody had opted out is a valid empty list: its population says who
+/// was checked.
+pub(crate) fn refuse_empty_replace(
+    mode: ImportMode,
+    empty: bool,
+    check: Option<&NationalCheck>,
+    t: OptOutType,
+) -> Result<(), StoreError> {
+    if mode == ImportMode::Replace && empty && check.is_none() {
+        return Err(StoreError::ImportRefused(
+            format!(
+                "a REPLACE import with no valid numbers would remove every {} opt-out; use \
+                 `optout admin remove` (RemoveOptOuts) to remove opt-outs explicitly",
+                t.name()
+            )
+            .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses a national check older than the one in force (`in_force_ms`, the national list's
 /// date), unless the admin said why: re-importing an old reply would move the list back in time
 /// and clear its expiry. Called under the national type's import lock, so no other check can be

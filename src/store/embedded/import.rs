@@ -76,19 +76,12 @@ impl ImportSession for EmbeddedImport {
                 crate::store::check_not_older(check.as_ref(), coverage.national_as_of_ms)?;
                 {
                     let staging = txn.open_table(staging_def).map_err(storage)?;
-                    // A national check in which nobody had opted out is a valid empty list: its
-                    // population says who was checked.
-                    if mode == ImportMode::Replace
-                        && check.is_none()
-                        && staging.is_empty().map_err(storage)?
-                    {
-                        return Err(StoreError::ImportRefused(format!(
-                            "a REPLACE import with no valid numbers would remove every {} opt-out; \
-                             use `optout admin remove` (RemoveOptOuts) to remove opt-outs \
-                             explicitly",
-                            t.name()
-                        ).into()));
-                    }
+                    crate::store::refuse_empty_replace(
+                        mode,
+                        staging.is_empty().map_err(storage)?,
+                        check.as_ref(),
+                        t,
+                    )?;
                     let mut table = txn.open_table(OPTOUTS).map_err(storage)?;
                     let mut practices = txn.open_table(PRACTICES).map_err(storage)?;
                     if mode == ImportMode::Replace {

@@ -404,18 +404,12 @@ impl RedisImport {
             patients,
             staged,
         } = diff;
-        // A national check in which nobody had opted out is a valid empty list: its population
-        // says who was checked.
-        if self.mode == ImportMode::Replace && staged == 0 && self.check.is_none() {
-            return Err(StoreError::ImportRefused(
-                format!(
-                    "a REPLACE import with no valid numbers would remove every {} opt-out; use \
-                 `optout admin remove` (RemoveOptOuts) to remove opt-outs explicitly",
-                    self.opt_out.name()
-                )
-                .into(),
-            ));
-        }
+        crate::store::refuse_empty_replace(
+            self.mode,
+            staged == 0,
+            self.check.as_ref(),
+            self.opt_out,
+        )?;
         audit.applied = tally.added + tally.removed;
         let parts = tally.parts(&audit, key, &id, true);
         self.write_parts(conn, &parts).await?;
