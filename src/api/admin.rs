@@ -15,12 +15,11 @@ use super::{
         ImportOptOutsResponse, OptOutRecord, ReadAuditRequest, ReadAuditResponse,
         opt_out_admin_server::OptOutAdmin,
     },
-    source_field, store_status,
+    source_field,
 };
 use crate::{
     core::{NhsNumber, OptOutType, Practice},
-    engine::admin::{Admin, AdminError, AuditSearch},
-    store::{ChangeKind, ImportMode},
+    engine::admin::{Admin, AdminError, AuditSearch, ChangeKind, ErrorKind, ImportMode},
 };
 
 /// Answers the admin RPCs.
@@ -32,11 +31,17 @@ pub struct AdminService {
     gates: Arc<GateState>,
 }
 
-/// The one mapping from admin errors to gRPC statuses.
+/// The one mapping from the engine's errors to gRPC statuses. ABORTED for a conflict, not
+/// UNAVAILABLE: gRPC's code for it, and a definite answer (nothing changed), where UNAVAILABLE
+/// may hide a change that was applied (one its replicas did not confirm in time).
 fn admin_status(e: AdminError) -> Status {
-    match e {
-        AdminError::Invalid(m) => Status::invalid_argument(m),
-        AdminError::Store(e) => store_status(e),
+    let m = e.message();
+    match e.kind() {
+        ErrorKind::Invalid => Status::invalid_argument(m),
+        ErrorKind::Refused => Status::failed_precondition(m),
+        ErrorKind::Busy => Status::aborted(m),
+        ErrorKind::Unavailable => Status::unavailable(m),
+        ErrorKind::Corrupt => Status::data_loss(m),
     }
 }
 
@@ -403,7 +408,7 @@ impl OptOutAdmin for AdminService {
                     loaded_from: f.loaded_from.to_string(),
                 }),
                 lists: f
-                    .lists(crate::store::now_ms())
+                    .lists_now()
                     .iter()
                     .map(|l| super::proto::ListCoverage {
                         r#type: opt_out_type_to_proto(l.t) as i32,

@@ -1,5 +1,5 @@
 //! The gRPC layer: thin adapters that validate, convert, call the check engine or the store, and
-//! convert back. Errors become gRPC statuses in one place ([`store_status`]).
+//! convert back. The engine's errors become gRPC statuses in one place (`admin::admin_status`).
 
 mod admin;
 mod check;
@@ -12,10 +12,7 @@ use tonic::{Status, metadata::MetadataMap};
 pub use admin::AdminService;
 pub use check::CheckService;
 
-use crate::{
-    core::{NhsNumber, NhsNumberError},
-    store::StoreError,
-};
+use crate::core::{NhsNumber, NhsNumberError};
 
 pub use optout_proto as proto;
 pub(crate) use optout_proto::convert::{
@@ -88,23 +85,6 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
-}
-
-/// The one mapping from store errors to gRPC statuses.
-pub(crate) fn store_status(e: StoreError) -> Status {
-    match e {
-        StoreError::Unavailable(m) => Status::unavailable(m.to_string()),
-        StoreError::NotInitialised(m) => Status::failed_precondition(m.to_string()),
-        StoreError::Corrupt(m) => Status::data_loss(m.to_string()),
-        StoreError::Unsafe(m) => Status::unavailable(m.to_string()),
-        StoreError::Unconfirmed(m) => Status::unavailable(m.to_string()),
-        StoreError::ImportRefused(m) => Status::failed_precondition(m.to_string()),
-        // ABORTED, not UNAVAILABLE: gRPC's code for a concurrency conflict, and a definite
-        // answer (nothing changed), where UNAVAILABLE may hide a change that was applied (one
-        // its replicas did not confirm in time).
-        StoreError::Busy(m) => Status::aborted(m.to_string()),
-        StoreError::Regressed(m) => Status::unavailable(m.to_string()),
-    }
 }
 
 /// The source of an admin change: required, short, printable.

@@ -19,8 +19,8 @@ use crate::{
         Version, coverage::Population,
     },
     store::{
-        ChangeKind, ConsentStore, ImportMode, ImportOutcome, ImportSession, NationalCheck,
-        OptOutRecord, StoreError, StoreStatus, WriteOutcome, now_ms,
+        ConsentStore, ImportOutcome, ImportSession, NationalCheck, OptOutRecord, StoreError,
+        StoreStatus, WriteOutcome, now_ms,
     },
 };
 
@@ -30,15 +30,61 @@ const STAGE_CHUNK: usize = 50_000;
 /// is durable either way; the wait gives the caller read-your-writes on this replica).
 const APPLY_WAIT: Duration = Duration::from_secs(1);
 
-/// Why an admin operation was not done.
+pub use crate::store::{ChangeKind, ImportMode};
+
+/// Why an admin operation was not done: the engine's one error type. The api maps its
+/// [`AdminError::kind`] to a status, and needs no store type to do it.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// The request cannot be carried out as asked; nothing changed.
     #[error("{0}")]
     Invalid(String),
-    /// The store refused or failed.
+    /// The store refused or failed (its error keeps the cause underneath, for the logs).
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What kind of failure an [`AdminError`] is, for the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is wrong as sent.
+    Invalid,
+    /// The request cannot be carried out in the state the store is in (an import refused, a
+    /// store not initialised); nothing changed.
+    Refused,
+    /// Another change of the same numbers or an import is under way: nothing changed, retry.
+    /// A definite answer, where `Unavailable` may hide a change that was applied.
+    Busy,
+    /// The store could not be asked, or could not confirm (a change may have been applied).
+    Unavailable,
+    /// The store holds what it cannot have written.
+    Corrupt,
+}
+
+impl AdminError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AdminError::Invalid(_) => ErrorKind::Invalid,
+            AdminError::Store(e) => match e {
+                StoreError::NotInitialised(_) | StoreError::ImportRefused(_) => ErrorKind::Refused,
+                StoreError::Busy(_) => ErrorKind::Busy,
+                StoreError::Corrupt(_) => ErrorKind::Corrupt,
+                StoreError::Unavailable(_)
+                | StoreError::Unsafe(_)
+                | StoreError::Unconfirmed(_)
+                | StoreError::Regressed(_) => ErrorKind::Unavailable,
+            },
+        }
+    }
+
+    /// What to tell the caller.
+    pub fn message(&self) -> String {
+        match self {
+            AdminError::Invalid(m) => m.clone(),
+            AdminError::Store(e) => e.message().to_string(),
+        }
+    }
 }
 
 /// The admin engine of one replica.

@@ -195,6 +195,11 @@ pub struct ListState {
 }
 
 impl SyncStatus {
+    /// Each type's list, as of now.
+    pub fn lists_now(&self) -> [ListState; 2] {
+        self.lists(crate::store::now_ms())
+    }
+
     /// Each type's list, as of `now_ms`.
     pub fn lists(&self, now_ms: u64) -> [ListState; 2] {
         OptOutType::ALL.map(|t| {
