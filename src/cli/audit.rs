@@ -17,11 +17,7 @@ use crate::{
         trail::{self, ChainHead},
     },
     engine::{check_files::segments, sealer},
-    store::{
-        ConsentStore,
-        embedded::{EmbeddedConfig, EmbeddedStore},
-        redis::RedisStore,
-    },
+    store::ConsentStore,
 };
 
 #[derive(Args, Debug)]
@@ -94,45 +90,31 @@ fn read_key(path: &Path) -> Result<AuditKey, CliError> {
 }
 
 /// A store opened to read (never created), with how to name it.
-type Opened = (Box<dyn ConsentStore>, String);
+type Opened = (std::sync::Arc<dyn ConsentStore>, String);
 
-/// Opens the named store, if one is named (never creating one).
+/// Opens the named store, if one is named (never creating one), through the store's one factory.
 async fn open_store(
     data_dir: Option<PathBuf>,
     redis: &RedisArgs,
 ) -> Result<Option<Opened>, CliError> {
-    Ok(Some(match (data_dir, redis.config()?) {
-        (Some(dir), _) => {
-            if !EmbeddedStore::exists_in(&dir) {
-                return Err(CliError::Input(format!(
-                    "--data-dir {}: no embedded store there",
-                    dir.display()
-                )));
-            }
-            let config = EmbeddedConfig {
-                data_dir: dir.clone(),
-                change_log_len: crate::server::defaults::CHANGE_LOG_LEN,
-                cache_bytes: crate::store::embedded::DEFAULT_CACHE_BYTES,
-            };
-            let (store, _) = tokio::task::spawn_blocking(move || EmbeddedStore::open(&config))
-                .await
-                .map_err(|e| CliError::Input(format!("opening the store: {e}")))?
-                .map_err(|e| CliError::Input(format!("--data-dir {}: {e}", dir.display())))?;
-            (
-                Box::new(store),
-                format!("embedded store in {}", dir.display()),
-            )
-        }
-        (None, Some(config)) => {
-            let store = RedisStore::connect(&config).map_err(|e| CliError::Usage(e.to_string()))?;
-            store
-                .open_dataset()
-                .await
-                .map_err(|e| CliError::Rpc(format!("{}: {e}", config.describe())))?;
-            (Box::new(store), config.describe())
-        }
+    let config = match (data_dir, redis.config()?) {
+        (Some(dir), _) => crate::store::StoreConfig::Embedded {
+            data_dir: dir,
+            change_log_len: crate::server::defaults::CHANGE_LOG_LEN,
+            cache_bytes: crate::store::embedded::DEFAULT_CACHE_BYTES,
+        },
+        (None, Some(config)) => crate::store::StoreConfig::Redis(config),
         (None, None) => return Ok(None),
-    }))
+    };
+    let opened = crate::store::open(&config, None, crate::store::Create::Never)
+        .await
+        .map_err(|e| CliError::Input(e.message().to_string()))?;
+    opened
+        .store
+        .open_dataset()
+        .await
+        .map_err(|e| CliError::Rpc(format!("{}: {e}", opened.shown)))?;
+    Ok(Some((opened.store, opened.shown)))
 }
 
 /// Opens the named store and verifies its changes trail.

@@ -57,21 +57,7 @@ pub mod defaults {
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 }
 
-/// Which consent store the server answers from.
-#[derive(Clone, Debug)]
-pub enum StoreConfig {
-    /// The embedded store (redb) in a directory: one replica, no Redis.
-    Embedded {
-        /// The data directory; created, with a new empty dataset, if it holds no database.
-        data_dir: PathBuf,
-        /// Change-log entries kept.
-        change_log_len: u64,
-        /// The database's page cache, in bytes.
-        cache_bytes: usize,
-    },
-    /// The shared Redis store: one Redis, Sentinel's master, or a Cluster.
-    Redis(RedisConfig),
-}
+pub use crate::store::StoreConfig;
 
 /// Everything `run` needs.
 #[derive(Clone, Debug)]

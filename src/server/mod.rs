@@ -40,8 +40,7 @@ use crate::{
     },
     store::{
         ConsentStore, StoreError,
-        embedded::{EmbeddedConfig, EmbeddedStore, Opened},
-        redis::{RedisConfig, RedisStore},
+        embedded::{EmbeddedConfig, EmbeddedStore},
     },
 };
 use health::HealthState;
@@ -81,24 +80,31 @@ pub async fn run(
     serve(listener, store, config, shutdown).await
 }
 
-/// The configured store: Redis (connected lazily), or the embedded store opened (and locked) now,
-/// so that a data directory in use fails before the server says it is listening.
+/// The configured store, chosen by the store's one factory ([`crate::store::open`]): Redis
+/// (connected lazily; the records this replica writes to the changes trail carry a MAC under the
+/// audit key), or the embedded store opened (and locked) now, so that a data directory in use
+/// fails before the server says it is listening; a directory without a database gets a new,
+/// empty dataset, said loudly.
 pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn ConsentStore>, ServerError> {
-    Ok(match &config.store {
-        StoreConfig::Redis(redis) => {
-            tracing::info!(store = %redis.describe(), prefix = %redis.prefix, "using the Redis store");
-            // Records this replica writes to the changes trail carry a MAC under the audit key.
-            let redis = RedisConfig {
-                record_key: config.audit_key.clone().map(Arc::new),
-                ..redis.clone()
-            };
-            Arc::new(RedisStore::connect(&redis)?)
-        }
-        StoreConfig::Embedded { .. } => Arc::new(open_embedded(config).await?),
-    })
+    let opened = crate::store::open(
+        &config.store,
+        config.audit_key.clone().map(Arc::new),
+        crate::store::Create::IfMissing,
+    )
+    .await?;
+    if opened.created {
+        tracing::warn!(
+            store = %opened.shown,
+            "no database in the data directory: initialised a new, EMPTY opt-out dataset"
+        );
+    } else {
+        tracing::info!(store = %opened.shown, "using the store");
+    }
+    Ok(opened.store)
 }
 
-/// Opens (or, for a data directory without a database, initialises) the embedded store.
+/// The embedded store of `config`, opened (or initialised) as [`open_store`] would, as its own
+/// type (for tests that reach inside it).
 pub async fn open_embedded(config: &ServerConfig) -> Result<EmbeddedStore, ServerError> {
     let StoreConfig::Embedded {
         data_dir,
@@ -115,21 +121,9 @@ pub async fn open_embedded(config: &ServerConfig) -> Result<EmbeddedStore, Serve
         change_log_len: *change_log_len,
         cache_bytes: *cache_bytes,
     };
-    let (store, opened) = tokio::task::spawn_blocking(move || EmbeddedStore::open(&embedded))
+    let (store, _) = tokio::task::spawn_blocking(move || EmbeddedStore::open(&embedded))
         .await
         .map_err(|e| ServerError::Config(format!("store open task failed: {e}")))??;
-    match opened {
-        Opened::Initialised => tracing::warn!(
-            data_dir = %data_dir.display(),
-            dataset = store.dataset_id(),
-            "no database in the data directory: initialised a new, EMPTY opt-out dataset"
-        ),
-        Opened::Existing => tracing::info!(
-            data_dir = %data_dir.display(),
-            dataset = store.dataset_id(),
-            "opened the embedded store"
-        ),
-    }
     Ok(store)
 }
 
