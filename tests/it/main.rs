@@ -13,6 +13,7 @@ mod audit;
 mod cli;
 mod edges;
 mod health;
+mod layering;
 mod logs;
 mod nhs_oracle;
 mod ops;
