@@ -76,7 +76,7 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
 echo "== cargo test (unit, property, black-box, the store contract, benches once on small data)"
-# tests/it/store_contract.rs runs the one ConsentStore contract against all four stores: embedded, one
+# tests/it/store_contract/ runs the one ConsentStore contract against all four stores: embedded, one
 # Redis, Redis behind Sentinel and a Redis Cluster (real redis-server processes on loopback).
 # The core benchmark fills a filter with 5 million opt-outs; in test mode a smaller one will do.
 log="$(mktemp)"

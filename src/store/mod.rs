@@ -6,7 +6,7 @@
 //!
 //! Implementations: [`embedded::EmbeddedStore`] (redb, one replica, the default) and
 //! [`redis::RedisStore`] (one Redis, Sentinel or Cluster, shared by many replicas). Both pass the
-//! same contract suite (`tests/it/store_contract.rs`).
+//! same contract suite (`tests/it/store_contract/`).
 
 pub mod embedded;
 pub mod redis;
