@@ -23,7 +23,7 @@ use optout::{
     core::{NhsNumber, OptOutType},
     server::{ServerConfig, serve},
     store::{
-        ConsentStore, ImportMode,
+        ChangeFeed, ConsentStore, ImportMode, Writes,
         redis::{RedisConfig, RedisStore},
     },
 };

@@ -19,7 +19,7 @@ use crate::{
         coverage::{Coverage, CoverageRule},
         decide,
     },
-    store::{ConsentStore, Lookup},
+    store::{CheckReads, Lookup},
     telemetry::DecisionCounts,
 };
 
@@ -61,7 +61,7 @@ pub struct CheckOutput {
 /// The check engine shared by Check and CheckStream.
 #[derive(Clone)]
 pub struct Checker {
-    store: Arc<dyn ConsentStore>,
+    store: Arc<dyn CheckReads>,
     filter: Arc<SyncedFilter>,
     log: Arc<CheckLog>,
 }
@@ -79,11 +79,7 @@ struct Screened {
 
 impl Checker {
     /// A checker over a store and the filter that follows it; every answer is recorded in `log`.
-    pub fn new(
-        store: Arc<dyn ConsentStore>,
-        filter: Arc<SyncedFilter>,
-        log: Arc<CheckLog>,
-    ) -> Self {
+    pub fn new(store: Arc<dyn CheckReads>, filter: Arc<SyncedFilter>, log: Arc<CheckLog>) -> Self {
         Checker { store, filter, log }
     }
 

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use super::check_files::CheckFiles;
 use crate::{
     core::{AuditKey, AuditRecord, NhsNumber},
-    store::{ConsentStore, StoreError},
+    store::{AuditTrail, StoreError},
 };
 
 /// Where check records go: the consent store's checks trail, or segment files on this replica's
@@ -37,7 +37,7 @@ use crate::{
 #[derive(Clone)]
 pub enum Sink {
     /// The consent store (`append_audit`).
-    Store(Arc<dyn ConsentStore>),
+    Store(Arc<dyn AuditTrail>),
     /// Sealed JSON-lines segments on disk.
     Files(Box<CheckFiles>),
 }

@@ -26,7 +26,7 @@ use crate::{
         FilterStats, NhsNumber, OptOutFilter, OptOutType, Version,
         coverage::{Coverage, CoverageMode, MaxAge},
     },
-    store::{ChangeEntry, ConsentStore, StoreError},
+    store::{ChangeEntry, CheckReads, StoreError},
 };
 
 /// How the filter is sized and how fresh it must be.
@@ -530,7 +530,7 @@ impl SyncedFilter {
     /// list-mode coverage in force after it, if that is what it is.
     pub(crate) async fn learn_list_coverage(
         &self,
-        store: &dyn ConsentStore,
+        store: &dyn CheckReads,
     ) -> Option<Arc<Coverage>> {
         if let Ok(CoverageMode::List) = store.coverage_mode().await
             && let Ok(coverage) = store.coverage().await

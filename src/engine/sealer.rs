@@ -16,7 +16,7 @@ use crate::{
         },
         trail::{self, ChainHead},
     },
-    store::{ConsentStore, StoreError, Stored, StoredEntry},
+    store::{AuditTrail, StoreError, Stored, StoredEntry},
 };
 
 /// Entries read from the store at once while verifying.
@@ -47,7 +47,7 @@ const SEAL_PAGE: usize = 16;
 /// the store writes them) is left out, and its id added to `refused`: no seal ever vouches for a
 /// record no replica wrote (issue 27 item 7).
 async fn next_records(
-    store: &dyn ConsentStore,
+    store: &dyn AuditTrail,
     key: &AuditKey,
     upto: Option<String>,
     refused: &mut Vec<String>,
@@ -81,12 +81,12 @@ pub struct Sealed {
 }
 
 /// Seals every record written since the last seal; returns how many this call sealed.
-pub async fn seal_pending(store: &dyn ConsentStore, key: &AuditKey) -> Result<u64, StoreError> {
+pub async fn seal_pending(store: &dyn AuditTrail, key: &AuditKey) -> Result<u64, StoreError> {
     Ok(seal_pass(store, key).await?.records)
 }
 
 /// Seals every record written since the last seal that carries a valid MAC.
-pub async fn seal_pass(store: &dyn ConsentStore, key: &AuditKey) -> Result<Sealed, StoreError> {
+pub async fn seal_pass(store: &dyn AuditTrail, key: &AuditKey) -> Result<Sealed, StoreError> {
     let mut sealed = 0u64;
     let mut refused = Vec::new();
     loop {
@@ -118,7 +118,7 @@ pub async fn seal_pass(store: &dyn ConsentStore, key: &AuditKey) -> Result<Seale
 }
 
 /// Seals the changes trail every `interval` until the task is dropped.
-pub async fn run(store: std::sync::Arc<dyn ConsentStore>, key: AuditKey, interval: Duration) {
+pub async fn run(store: std::sync::Arc<dyn AuditTrail>, key: AuditKey, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Refused records already reported: each is logged once, not every interval.
@@ -148,7 +148,7 @@ pub async fn run(store: std::sync::Arc<dyn ConsentStore>, key: AuditKey, interva
 
 /// Verifies the changes trail of `store` under `key`: `Ok(Err(..))` names what is wrong with it.
 pub async fn verify(
-    store: &dyn ConsentStore,
+    store: &dyn AuditTrail,
     key: &AuditKey,
 ) -> Result<Result<ChangesReport, ChangesError>, StoreError> {
     let mut v = Verifier::new(key);
@@ -198,7 +198,7 @@ impl Pages {
         }
     }
 
-    async fn next(&mut self, store: &dyn ConsentStore) -> Result<Option<StoredEntry>, StoreError> {
+    async fn next(&mut self, store: &dyn AuditTrail) -> Result<Option<StoredEntry>, StoreError> {
         if let Some(e) = self.page.next() {
             return Ok(Some(e));
         }

@@ -26,8 +26,9 @@ use crate::{
         Purpose, ReleaseReason, Version, WithholdReason,
     },
     store::{
-        ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord,
-        StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome,
+        AuditTrail, ChangeFeed, ChangeKind, CheckReads, ConsentStore, Feed, ImportMode,
+        ImportSession, Lookup, OptOutRecord, StoreError, StoreStatus, Stored, StoredEntry,
+        WriteOutcome, Writes,
         embedded::{EmbeddedConfig, EmbeddedStore},
     },
 };
@@ -52,14 +53,23 @@ impl Switch {
 }
 
 #[async_trait]
-impl ConsentStore for Switch {
+impl CheckReads for Switch {
     fn kind(&self) -> &'static str {
         "switch"
     }
+
     async fn lookup(&self, numbers: &[NhsNumber], types: OptOutSet) -> Result<Lookup, StoreError> {
         self.fail_if(&self.down)?;
         self.inner.lookup(numbers, types).await
     }
+
+    async fn coverage(&self) -> Result<crate::core::coverage::Coverage, StoreError> {
+        self.inner.coverage().await
+    }
+}
+
+#[async_trait]
+impl Writes for Switch {
     async fn change(
         &self,
         kind: ChangeKind,
@@ -73,6 +83,7 @@ impl ConsentStore for Switch {
             .change(kind, opt_out, practice, numbers, source, audit)
             .await
     }
+
     async fn begin_import(
         &self,
         mode: ImportMode,
@@ -84,15 +95,22 @@ impl ConsentStore for Switch {
             .begin_import(mode, opt_out, practice, source)
             .await
     }
+
     async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
         self.inner.get(number).await
     }
+
     async fn status(&self) -> Result<StoreStatus, StoreError> {
         self.inner.status().await
     }
-    async fn coverage(&self) -> Result<crate::core::coverage::Coverage, StoreError> {
-        self.inner.coverage().await
+
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
+        self.inner.acknowledge_regression(audit).await
     }
+}
+
+#[async_trait]
+impl ChangeFeed for Switch {
     async fn changes_after(
         &self,
         after: Version,
@@ -107,6 +125,7 @@ impl ConsentStore for Switch {
         }
         self.inner.changes_after(after, max, wait).await
     }
+
     async fn scan_pages(
         &self,
         page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
@@ -114,29 +133,36 @@ impl ConsentStore for Switch {
         self.fail_if(&self.down)?;
         self.inner.scan_pages(page).await
     }
+
     async fn open_dataset(&self) -> Result<String, StoreError> {
         self.fail_if(&self.down)?;
         self.inner.open_dataset().await
     }
+
     async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
         self.inner.regression_ack().await
     }
-    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
-        self.inner.acknowledge_regression(audit).await
-    }
+}
+
+#[async_trait]
+impl AuditTrail for Switch {
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
         self.fail_if(&self.audit_down)?;
         self.inner.append_audit(records).await
     }
+
     async fn trim_changes(&self, before_ms: u64) -> Result<u64, StoreError> {
         self.inner.trim_changes(before_ms).await
     }
+
     async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
         self.inner.record_access(record).await
     }
+
     async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.read_audit(query).await
     }
+
     async fn stored(
         &self,
         part: Stored,
@@ -145,9 +171,11 @@ impl ConsentStore for Switch {
     ) -> Result<Vec<StoredEntry>, StoreError> {
         self.inner.stored(part, after, limit).await
     }
+
     async fn last_seal(&self) -> Result<Option<StoredEntry>, StoreError> {
         self.inner.last_seal().await
     }
+
     async fn append_seal(&self, after_seq: u64, line: &str) -> Result<bool, StoreError> {
         self.inner.append_seal(after_seq, line).await
     }

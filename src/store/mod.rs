@@ -384,9 +384,9 @@ pub struct StoredEntry {
     pub mac: RecordMac,
 }
 
-/// The consent store.
+/// What the check path reads: lookups and what the lists cover (and which store this is).
 #[async_trait]
-pub trait ConsentStore: Send + Sync + 'static {
+pub trait CheckReads: Send + Sync + 'static {
     /// A short name for status and logs ("embedded", "redis").
     fn kind(&self) -> &'static str;
 
@@ -396,6 +396,21 @@ pub trait ConsentStore: Send + Sync + 'static {
     /// everything).
     async fn lookup(&self, numbers: &[NhsNumber], types: OptOutSet) -> Result<Lookup, StoreError>;
 
+    /// What the lists cover (the national mode, the checked population) and how old they are,
+    /// read in one consistent step. Changed only by REPLACE imports (each logged unlisted, so a
+    /// replica re-reads it with the scan that rebuilds its filter) and by initialisation.
+    async fn coverage(&self) -> Result<Coverage, StoreError>;
+
+    /// Only the national coverage mode (fixed at initialisation): what [`ConsentStore::coverage`]
+    /// says, without reading a population.
+    async fn coverage_mode(&self) -> Result<CoverageMode, StoreError> {
+        Ok(self.coverage().await?.national_mode.unwrap_or_default())
+    }
+}
+
+/// Admin writes and reads of one number: changes, imports, look-ups, counts, acknowledgements.
+#[async_trait]
+pub trait Writes: Send + Sync + 'static {
     /// Adds or removes one type for every number, atomically with its change-log entry and its
     /// audit record (whose `version` and `applied` the store fills in): if the audit record cannot
     /// be written, the change does not happen.
@@ -427,20 +442,18 @@ pub trait ConsentStore: Send + Sync + 'static {
     /// The opt-outs recorded for one number.
     async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError>;
 
-    /// What the lists cover (the national mode, the checked population) and how old they are,
-    /// read in one consistent step. Changed only by REPLACE imports (each logged unlisted, so a
-    /// replica re-reads it with the scan that rebuilds its filter) and by initialisation.
-    async fn coverage(&self) -> Result<Coverage, StoreError>;
-
-    /// Only the national coverage mode (fixed at initialisation): what [`ConsentStore::coverage`]
-    /// says, without reading a population.
-    async fn coverage_mode(&self) -> Result<CoverageMode, StoreError> {
-        Ok(self.coverage().await?.national_mode.unwrap_or_default())
-    }
-
     /// Counts, version and dataset marker.
     async fn status(&self) -> Result<StoreStatus, StoreError>;
 
+    /// Records an admin's acknowledgement that the store went back in time and the lost changes
+    /// were restored (or knowingly given up), with its audit record, atomically. Returns its id.
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError>;
+}
+
+/// What a follower reads to keep a filter: the change feed, scans, snapshots, and the proofs
+/// that the store is the one it was and has not gone back in time.
+#[async_trait]
+pub trait ChangeFeed: Send + Sync + 'static {
     /// The changes after `after`, at most `max` entries; waits up to `wait` for one if there is
     /// none yet.
     async fn changes_after(
@@ -520,11 +533,11 @@ pub trait ConsentStore: Send + Sync + 'static {
     fn seen_version(&self) -> Version {
         Version::ZERO
     }
+}
 
-    /// Records an admin's acknowledgement that the store went back in time and the lost changes
-    /// were restored (or knowingly given up), with its audit record, atomically. Returns its id.
-    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError>;
-
+/// The audit trails: check records, admin reads, retention, and the changes trail's seals.
+#[async_trait]
+pub trait AuditTrail: Send + Sync + 'static {
     /// Appends check records durably, to the checks trail.
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
 
@@ -555,6 +568,12 @@ pub trait ConsentStore: Send + Sync + 'static {
     /// when another writer sealed first.
     async fn append_seal(&self, after_seq: u64, line: &str) -> Result<bool, StoreError>;
 }
+
+/// The consent store: every role. A store implements the four; each part of the service takes
+/// the role it uses (`Arc<dyn ConsentStore>` upcasts to any of them).
+pub trait ConsentStore: CheckReads + Writes + ChangeFeed + AuditTrail {}
+
+impl<T: CheckReads + Writes + ChangeFeed + AuditTrail + ?Sized> ConsentStore for T {}
 
 /// A national check round trip: the patients sent to the national service and when.
 #[derive(Clone, Debug)]

@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use optout::{
     core::{AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Version},
     store::{
-        ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, Scan,
-        StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome,
+        AuditTrail, ChangeFeed, ChangeKind, CheckReads, ConsentStore, Feed, ImportMode,
+        ImportSession, Lookup, OptOutRecord, Scan, StoreError, StoreStatus, Stored, StoredEntry,
+        WriteOutcome, Writes,
     },
 };
 
@@ -61,7 +62,7 @@ fn down() -> StoreError {
 }
 
 #[async_trait]
-impl ConsentStore for FaultyStore {
+impl CheckReads for FaultyStore {
     fn kind(&self) -> &'static str {
         "faulty-embedded"
     }
@@ -77,6 +78,13 @@ impl ConsentStore for FaultyStore {
         self.inner.lookup(numbers, types).await
     }
 
+    async fn coverage(&self) -> Result<optout::core::coverage::Coverage, StoreError> {
+        self.inner.coverage().await
+    }
+}
+
+#[async_trait]
+impl Writes for FaultyStore {
     async fn change(
         &self,
         kind: ChangeKind,
@@ -113,10 +121,14 @@ impl ConsentStore for FaultyStore {
     async fn status(&self) -> Result<StoreStatus, StoreError> {
         self.inner.status().await
     }
-    async fn coverage(&self) -> Result<optout::core::coverage::Coverage, StoreError> {
-        self.inner.coverage().await
-    }
 
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
+        self.inner.acknowledge_regression(audit).await
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for FaultyStore {
     async fn changes_after(
         &self,
         after: Version,
@@ -164,6 +176,17 @@ impl ConsentStore for FaultyStore {
         self.inner.shares_snapshots()
     }
 
+    async fn check_safe(&self) -> Result<(), StoreError> {
+        self.inner.check_safe().await
+    }
+
+    async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
+        self.inner.regression_ack().await
+    }
+}
+
+#[async_trait]
+impl AuditTrail for FaultyStore {
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
         let max = self.audit_max_records.load(Ordering::SeqCst);
         if self.audit_down.load(Ordering::SeqCst) || (max > 0 && records.len() as u64 > max) {
@@ -175,12 +198,15 @@ impl ConsentStore for FaultyStore {
     async fn trim_changes(&self, before_ms: u64) -> Result<u64, StoreError> {
         self.inner.trim_changes(before_ms).await
     }
+
     async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
         self.inner.record_access(record).await
     }
+
     async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.read_audit(query).await
     }
+
     async fn stored(
         &self,
         part: Stored,
@@ -189,22 +215,12 @@ impl ConsentStore for FaultyStore {
     ) -> Result<Vec<StoredEntry>, StoreError> {
         self.inner.stored(part, after, limit).await
     }
+
     async fn last_seal(&self) -> Result<Option<StoredEntry>, StoreError> {
         self.inner.last_seal().await
     }
+
     async fn append_seal(&self, after_seq: u64, line: &str) -> Result<bool, StoreError> {
         self.inner.append_seal(after_seq, line).await
-    }
-
-    async fn check_safe(&self) -> Result<(), StoreError> {
-        self.inner.check_safe().await
-    }
-
-    async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
-        self.inner.regression_ack().await
-    }
-
-    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
-        self.inner.acknowledge_regression(audit).await
     }
 }

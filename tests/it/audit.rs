@@ -15,7 +15,7 @@ use optout::{
         check_files::{CheckFilesConfig, segments},
         sealer,
     },
-    store::{ConsentStore, redis::RedisStore},
+    store::{AuditTrail, ChangeFeed, redis::RedisStore},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_optout");

@@ -8,7 +8,7 @@ use crate::common::*;
 use optout::{
     api::proto::{self, Outcome, Reason},
     core::OptOutFilter,
-    store::{ConsentStore, redis::RedisStore},
+    store::{ChangeFeed, Writes, redis::RedisStore},
 };
 
 type Answer = Vec<(Outcome, Reason)>;

@@ -23,7 +23,7 @@ use optout::{
     auth::{Role, new_key},
     core::AuditKey,
     server::{ServerConfig, TlsFiles, open_embedded},
-    store::ConsentStore,
+    store::{AuditTrail, ConsentStore},
 };
 use tonic::{
     Code, Request, Status,

@@ -296,7 +296,7 @@ async fn on_a_cluster_imports_are_all_or_nothing_and_removals_gets_and_scans_wor
     let config = cluster.config(scratch.path());
     init_redis(&config).await;
     // A store that looked up numbers before the imports: it remembers the generations it read.
-    use optout::store::ConsentStore;
+    use optout::store::{ChangeFeed, CheckReads, Writes};
     let store =
         optout::store::redis::RedisStore::connect(config.redis().expect("redis")).expect("connect");
     store.open_dataset().await.expect("open");

@@ -30,9 +30,9 @@ use redb::{
 use tokio::sync::watch;
 
 use super::{
-    Cause, ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, ImportOutcome, ImportSession,
-    Lookup, OptOutRecord, RecordMac, StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome,
-    now_ms,
+    AuditTrail, Cause, ChangeEntry, ChangeFeed, ChangeKind, CheckReads, Feed, ImportMode,
+    ImportOutcome, ImportSession, Lookup, OptOutRecord, RecordMac, StoreError, StoreStatus, Stored,
+    StoredEntry, WriteOutcome, Writes, now_ms,
 };
 use crate::core::{
     AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Practice, Version,
@@ -260,7 +260,7 @@ impl Inner {
 }
 
 #[async_trait]
-impl ConsentStore for EmbeddedStore {
+impl CheckReads for EmbeddedStore {
     fn kind(&self) -> &'static str {
         "embedded"
     }
@@ -285,6 +285,21 @@ impl ConsentStore for EmbeddedStore {
         .await
     }
 
+    async fn coverage(&self) -> Result<Coverage, StoreError> {
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(storage)?;
+            let meta = txn.open_table(META).map_err(storage)?;
+            let coverage = get_coverage(&meta)?;
+            let population = meta.get(K_POPULATION).map_err(storage)?;
+            Coverage::from_stored(&coverage, population.as_ref().map(|p| p.value()))
+                .map_err(|e| StoreError::Corrupt(e.into()))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Writes for EmbeddedStore {
     async fn change(
         &self,
         kind: ChangeKind,
@@ -380,18 +395,6 @@ impl ConsentStore for EmbeddedStore {
         }))
     }
 
-    async fn coverage(&self) -> Result<Coverage, StoreError> {
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_read().map_err(storage)?;
-            let meta = txn.open_table(META).map_err(storage)?;
-            let coverage = get_coverage(&meta)?;
-            let population = meta.get(K_POPULATION).map_err(storage)?;
-            Coverage::from_stored(&coverage, population.as_ref().map(|p| p.value()))
-                .map_err(|e| StoreError::Corrupt(e.into()))
-        })
-        .await
-    }
-
     async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
         self.blocking(move |inner| {
             let txn = inner.db.begin_read().map_err(storage)?;
@@ -450,6 +453,26 @@ impl ConsentStore for EmbeddedStore {
         .await
     }
 
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
+        let id = super::random_hex::<16>();
+        let audit = audit.clone();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_write().map_err(storage)?;
+            {
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                meta.insert(K_REGRESSION_ACK, id.as_bytes())
+                    .map_err(storage)?;
+            }
+            write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&audit))?;
+            txn.commit().map_err(storage)?;
+            Ok(id)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for EmbeddedStore {
     async fn changes_after(
         &self,
         after: Version,
@@ -485,23 +508,43 @@ impl ConsentStore for EmbeddedStore {
         .await
     }
 
-    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
-        let id = super::random_hex::<16>();
-        let audit = audit.clone();
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(storage)?;
-            {
-                let mut meta = txn.open_table(META).map_err(storage)?;
-                meta.insert(K_REGRESSION_ACK, id.as_bytes())
-                    .map_err(storage)?;
+    async fn scan_pages(
+        &self,
+        page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
+    ) -> Result<Version, StoreError> {
+        // The version first, then the numbers a page (one read transaction) at a time.
+        let version = self
+            .blocking(|inner| read_version(&inner.db.begin_read().map_err(storage)?))
+            .await?;
+        let mut from = 0u64;
+        loop {
+            let numbers = self
+                .blocking(move |inner| {
+                    let txn = inner.db.begin_read().map_err(storage)?;
+                    let table = txn.open_table(OPTOUTS).map_err(storage)?;
+                    let mut numbers = Vec::with_capacity(SCAN_PAGE);
+                    for item in table.range(from..).map_err(storage)?.take(SCAN_PAGE) {
+                        let (k, _) = item.map_err(storage)?;
+                        numbers.push(NhsNumber::from_stored(k.value()).map_err(|e| {
+                            StoreError::Corrupt(
+                                format!("stored key is not a valid NHS number: {e}").into(),
+                            )
+                        })?);
+                    }
+                    Ok(numbers)
+                })
+                .await?;
+            page(&numbers);
+            match numbers.last() {
+                Some(last) if numbers.len() == SCAN_PAGE => from = last.as_u64() + 1,
+                _ => return Ok(version),
             }
-            write_audit(&txn, CHANGE_AUDIT, std::slice::from_ref(&audit))?;
-            txn.commit().map_err(storage)?;
-            Ok(id)
-        })
-        .await
+        }
     }
+}
 
+#[async_trait]
+impl AuditTrail for EmbeddedStore {
     async fn trim_changes(&self, before_ms: u64) -> Result<u64, StoreError> {
         self.blocking(move |inner| {
             let txn = inner.db.begin_write().map_err(storage)?;
@@ -589,39 +632,5 @@ impl ConsentStore for EmbeddedStore {
             Ok(added)
         })
         .await
-    }
-
-    async fn scan_pages(
-        &self,
-        page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
-    ) -> Result<Version, StoreError> {
-        // The version first, then the numbers a page (one read transaction) at a time.
-        let version = self
-            .blocking(|inner| read_version(&inner.db.begin_read().map_err(storage)?))
-            .await?;
-        let mut from = 0u64;
-        loop {
-            let numbers = self
-                .blocking(move |inner| {
-                    let txn = inner.db.begin_read().map_err(storage)?;
-                    let table = txn.open_table(OPTOUTS).map_err(storage)?;
-                    let mut numbers = Vec::with_capacity(SCAN_PAGE);
-                    for item in table.range(from..).map_err(storage)?.take(SCAN_PAGE) {
-                        let (k, _) = item.map_err(storage)?;
-                        numbers.push(NhsNumber::from_stored(k.value()).map_err(|e| {
-                            StoreError::Corrupt(
-                                format!("stored key is not a valid NHS number: {e}").into(),
-                            )
-                        })?);
-                    }
-                    Ok(numbers)
-                })
-                .await?;
-            page(&numbers);
-            match numbers.last() {
-                Some(last) if numbers.len() == SCAN_PAGE => from = last.as_u64() + 1,
-                _ => return Ok(version),
-            }
-        }
     }
 }

@@ -46,8 +46,8 @@ use layout::{Change, Flat, Layout};
 use scripts::{Scripts, not_initialised};
 
 use super::{
-    ChangeKind, ConsentStore, Feed, ImportMode, ImportSession, Lookup, OptOutRecord, StoreError,
-    StoreStatus, Stored, StoredEntry, WriteOutcome,
+    AuditTrail, ChangeFeed, ChangeKind, CheckReads, Feed, ImportMode, ImportSession, Lookup,
+    OptOutRecord, StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome, Writes,
 };
 use crate::core::{
     AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Practice, Version,
@@ -197,7 +197,7 @@ impl RedisStore {
 
 /// The trait, each method handed to the file of its concern.
 #[async_trait]
-impl ConsentStore for RedisStore {
+impl CheckReads for RedisStore {
     fn kind(&self) -> &'static str {
         "redis"
     }
@@ -207,6 +207,18 @@ impl ConsentStore for RedisStore {
         self.inner.layout.lookup(self, &bound, numbers, types).await
     }
 
+    async fn coverage(&self) -> Result<crate::core::coverage::Coverage, StoreError> {
+        self.read_coverage().await
+    }
+
+    async fn coverage_mode(&self) -> Result<crate::core::coverage::CoverageMode, StoreError> {
+        self.bound()?;
+        self.read_coverage_mode().await
+    }
+}
+
+#[async_trait]
+impl Writes for RedisStore {
     async fn change(
         &self,
         kind: ChangeKind,
@@ -249,15 +261,13 @@ impl ConsentStore for RedisStore {
         self.counts().await
     }
 
-    async fn coverage(&self) -> Result<crate::core::coverage::Coverage, StoreError> {
-        self.read_coverage().await
+    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
+        self.record_ack(audit).await
     }
+}
 
-    async fn coverage_mode(&self) -> Result<crate::core::coverage::CoverageMode, StoreError> {
-        self.bound()?;
-        self.read_coverage_mode().await
-    }
-
+#[async_trait]
+impl ChangeFeed for RedisStore {
     async fn changes_after(
         &self,
         after: Version,
@@ -311,11 +321,10 @@ impl ConsentStore for RedisStore {
     async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
         self.ack_id().await
     }
+}
 
-    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
-        self.record_ack(audit).await
-    }
-
+#[async_trait]
+impl AuditTrail for RedisStore {
     async fn trim_changes(&self, before_ms: u64) -> Result<u64, StoreError> {
         self.bound()?;
         let minid = format!("{before_ms}-0");

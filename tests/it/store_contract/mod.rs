@@ -19,7 +19,8 @@ use optout::{
     engine::sealer,
     server::ServerConfig,
     store::{
-        ChangeEntry, ChangeKind, ConsentStore, Feed, ImportMode, LOG_LIST_MAX, StoreError, Stored,
+        ChangeEntry, ChangeFeed, ChangeKind, ConsentStore, Feed, ImportMode, LOG_LIST_MAX,
+        StoreError, Stored,
         embedded::{EmbeddedConfig, EmbeddedStore},
         redis::{RedisConfig, RedisStore},
     },
