@@ -68,6 +68,9 @@ fn register_at_zero() {
     for rpc in ["check", "check_stream"] {
         metrics::counter!("optout_check_requests_total", "rpc" => rpc, "code" => "ok").increment(0);
     }
+    for claim in ["purpose", "legal_basis", "organisation"] {
+        metrics::counter!("optout_check_claims_refused_total", "claim" => claim).increment(0);
+    }
     for rpc in ADMIN_RPCS {
         metrics::counter!("optout_admin_requests_total", "rpc" => rpc, "code" => "ok").increment(0);
     }
@@ -117,6 +120,11 @@ fn describe() {
     describe_counter!(
         "optout_check_requests_total",
         "Check and CheckStream messages answered or refused, by rpc and gRPC code"
+    );
+    describe_counter!(
+        "optout_check_claims_refused_total",
+        "Checks refused because the key may not claim what they claimed: a purpose, a legal \
+         basis, or another organisation's population store"
     );
     describe_counter!(
         "optout_admin_requests_total",

@@ -80,38 +80,41 @@ impl CheckService {
         // What the caller claims must be granted to its key: the purpose (direct care releases
         // every valid number) and the legal basis. Refusals are counted by what was claimed.
         if !caller.may_purpose(purpose) {
-            metrics::counter!("optout_check_claims_refused_total", "claim" => "purpose")
-                .increment(1);
             let granted: Vec<&str> = caller.purposes().iter().map(|p| p.name()).collect();
-            return Err(Status::permission_denied(format!(
-                "API key {} may not check for the purpose {} (it may for: {}): list it under \
+            return Err(refused(
+                "purpose",
+                format!(
+                    "API key {} may not check for the purpose {} (it may for: {}): list it under \
                  purposes for this key in the keys file",
-                caller.key_id,
-                purpose.name(),
-                granted.join(", ")
-            )));
+                    caller.key_id,
+                    purpose.name(),
+                    granted.join(", ")
+                ),
+            ));
         }
         if !caller.may_claim(basis) {
-            metrics::counter!("optout_check_claims_refused_total", "claim" => "legal_basis")
-                .increment(1);
-            return Err(Status::permission_denied(format!(
-                "API key {} may not claim the legal basis {}: list it under exempt_bases for \
+            return Err(refused(
+                "legal_basis",
+                format!(
+                    "API key {} may not claim the legal basis {}: list it under exempt_bases for \
                  this key in the keys file",
-                caller.key_id,
-                basis.name()
-            )));
+                    caller.key_id,
+                    basis.name()
+                ),
+            ));
         }
         if !caller.is_anonymous()
             && let Some(owner) = self.checker.owned_by_another(&caller.organisation)
         {
-            metrics::counter!("optout_check_claims_refused_total", "claim" => "organisation")
-                .increment(1);
-            return Err(Status::permission_denied(format!(
-                "this store holds the national check results of organisation {owner}, which \
+            return Err(refused(
+                "organisation",
+                format!(
+                    "this store holds the national check results of organisation {owner}, which \
                  its licence lets {owner} apply to its own patients only; organisation {} needs \
                  its own store (or prefix) fed by its own national checks",
-                caller.organisation
-            )));
+                    caller.organisation
+                ),
+            ));
         }
         // A key removed from the keys file stops being honoured within the reload interval, on
         // streams opened before too.
@@ -154,6 +157,13 @@ impl CheckService {
             version: out.version.to_string(),
         })
     }
+}
+
+/// A claim the caller's key does not cover (a purpose, a legal basis, another organisation's
+/// store): PERMISSION_DENIED, counted by what was claimed.
+fn refused(claim: &'static str, message: String) -> Status {
+    metrics::counter!("optout_check_claims_refused_total", "claim" => claim).increment(1);
+    Status::permission_denied(message)
 }
 
 /// The stream, ended with DEADLINE_EXCEEDED once `limit` has passed. The server's request timeout

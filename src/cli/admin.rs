@@ -321,14 +321,7 @@ fn practice_arg(t: TypeArg, practice: Option<&str>, removal: bool) -> Result<Str
         )),
         (_, None) => Ok(String::new()),
         (_, Some(p)) => crate::core::Practice::parse(p, removal)
-            .map(|p| p.stored().to_string())
-            .map(|s| {
-                if s == crate::core::practice::UNKNOWN_STORED {
-                    crate::core::practice::UNKNOWN_NAME.to_string()
-                } else {
-                    s
-                }
-            })
+            .map(|p| p.name().to_string())
             .map_err(|e| CliError::Usage(format!("--practice: {e}"))),
     }
 }

@@ -156,13 +156,6 @@ impl Admin {
             ));
         }
         practice_named(t, practice)?;
-        if kind == ChangeKind::Add && practice.is_some_and(Practice::is_unknown) {
-            return Err(AdminError::Invalid(
-                "practice \"unknown\" holds the type 1 opt-outs recorded before practices were: \
-                 it can only be removed from"
-                    .into(),
-            ));
-        }
         let action = match kind {
             ChangeKind::Add => "add",
             ChangeKind::Remove => "remove",
@@ -204,13 +197,6 @@ impl Admin {
         source: &str,
     ) -> Result<Import, AdminError> {
         practice_named(t, practice)?;
-        if practice.is_some_and(Practice::is_unknown) {
-            return Err(AdminError::Invalid(
-                "practice \"unknown\" holds the type 1 opt-outs recorded before practices were: \
-                 it cannot be imported, only removed from"
-                    .into(),
-            ));
-        }
         let session = self.store.begin_import(mode, t, practice, source).await?;
         Ok(Import {
             admin: self.clone(),
@@ -511,21 +497,11 @@ impl Import {
     }
 }
 
-/// A type 1 change or import names its practice; a national one does not.
+/// A type 1 change or import names its practice, a national one none (the store's rule, asked
+/// before the store is: a request that breaks it is invalid as sent). Whether the unknown practice
+/// may be named is the parse's (`Practice::parse`): only removals may.
 fn practice_named(t: OptOutType, practice: Option<&Practice>) -> Result<(), AdminError> {
-    match (t, practice) {
-        (OptOutType::Type1, None) => Err(AdminError::Invalid(
-            "practice is required for type 1: a type 1 opt-out belongs to the GP practice that \
-             recorded it (its ODS code, such as A83007)"
-                .into(),
-        )),
-        (OptOutType::NationalDataOptOut, Some(_)) => Err(AdminError::Invalid(
-            "practice is for type 1 opt-outs only: a national data opt-out belongs to no \
-             practice"
-                .into(),
-        )),
-        _ => Ok(()),
-    }
+    crate::store::practice_ok(t, practice).map_err(|e| AdminError::Invalid(e.message().into()))
 }
 
 /// The audit record of an admin change, before the store fills in what it changed.

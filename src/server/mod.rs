@@ -116,14 +116,12 @@ pub async fn open_embedded(config: &ServerConfig) -> Result<EmbeddedStore, Serve
             "the configuration names a Redis store, not the embedded one".into(),
         ));
     };
-    let embedded = EmbeddedConfig {
+    let (store, _) = EmbeddedStore::open_async(EmbeddedConfig {
         data_dir: data_dir.clone(),
         change_log_len: *change_log_len,
         cache_bytes: *cache_bytes,
-    };
-    let (store, _) = tokio::task::spawn_blocking(move || EmbeddedStore::open(&embedded))
-        .await
-        .map_err(|e| ServerError::Config(format!("store open task failed: {e}")))??;
+    })
+    .await?;
     Ok(store)
 }
 

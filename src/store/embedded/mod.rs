@@ -111,6 +111,13 @@ impl EmbeddedStore {
         Self::open_or_init(config, CoverageMode::List, None)
     }
 
+    /// [`EmbeddedStore::open`] off the async runtime (opening reads and may create the file).
+    pub async fn open_async(config: EmbeddedConfig) -> Result<(Self, Opened), StoreError> {
+        tokio::task::spawn_blocking(move || Self::open(&config))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store open task failed: {e}").into()))?
+    }
+
     /// Initialises a store in a data directory that holds none, in the given national coverage
     /// mode (`optout init-store --data-dir`); refuses a directory that holds one already.
     pub fn init(config: &EmbeddedConfig, mode: CoverageMode) -> Result<Self, StoreError> {

@@ -1,7 +1,7 @@
 //! Bulk imports: staged into a new generation of their type, compared with the current one under
 //! the type's lock, and swapped in by one script, so no check ever sees half of an import.
 
-use std::collections::HashSet;
+use std::{borrow::Cow, collections::HashSet};
 
 use async_trait::async_trait;
 use redis::{AsyncCommands, Value};
@@ -596,7 +596,7 @@ impl RedisImport {
             for (n, v) in &old {
                 match self.carried(v, new.contains(n)) {
                     Some(value) => {
-                        carry.hset(&key, n, value).ignore();
+                        carry.hset(&key, n, value.as_ref()).ignore();
                         carrying = true;
                         if !new.contains(n) {
                             kept += 1;
@@ -628,23 +628,24 @@ impl RedisImport {
     /// only the staged ones, each with its original date and source. Type 1 is one practice's
     /// list: a staged number gains the practice, and a REPLACE withdraws the practice from a
     /// number it does not hold, which keeps type 1 while another practice holds it.
-    fn carried(&self, v: &str, staged: bool) -> Option<String> {
+    /// A record kept as it was is borrowed: a national import carries millions of them.
+    fn carried<'v>(&self, v: &'v str, staged: bool) -> Option<Cow<'v, str>> {
         use crate::store::stored_practices;
         let Some(p) = &self.practice else {
-            return (self.mode == ImportMode::Merge || staged).then(|| v.to_string());
+            return (self.mode == ImportMode::Merge || staged).then_some(Cow::Borrowed(v));
         };
         let list = stored_practices::of(v);
         if staged {
             let list = optout_core::practice::with(&list, p).unwrap_or(list);
-            return Some(stored_practices::with(v, &list));
+            return Some(Cow::Owned(stored_practices::with(v, &list)));
         }
         if self.mode == ImportMode::Merge {
-            return Some(v.to_string());
+            return Some(Cow::Borrowed(v));
         }
         match optout_core::practice::without(&list, p) {
-            None => Some(v.to_string()),
+            None => Some(Cow::Borrowed(v)),
             Some(rest) if rest.is_empty() => None,
-            Some(rest) => Some(stored_practices::with(v, &rest)),
+            Some(rest) => Some(Cow::Owned(stored_practices::with(v, &rest))),
         }
     }
 }
