@@ -75,6 +75,9 @@ cargo fmt --all --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
+echo "== cargo doc (each crate's API documentation; a broken link fails)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps --quiet
+
 echo "== cargo test (unit, property, black-box, the store contract, benches once on small data)"
 # tests/it/store_contract/ runs the one ConsentStore contract against all four stores: embedded, one
 # Redis, Redis behind Sentinel and a Redis Cluster (real redis-server processes on loopback).

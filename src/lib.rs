@@ -7,8 +7,10 @@
 //! Layout (arrows point inward only; the README's "Code map" says the same, and docs/src/architecture.md includes it):
 //! - [`core`]: the `optout-core` crate: NHS numbers, purpose policy, decisions, versions, the
 //!   opted-out filter, audit records, the keys file, CSV extracts. Pure.
-//! - [`store`]: the consent store trait, the embedded (redb) store and the Redis store.
-//! - [`engine`]: the check path, the check log, the filter and its follower, admin operations.
+//! - [`store`]: the `optout-store` contract, the embedded (redb) and Redis backends (crates of
+//!   their own), and the factory that chooses one.
+//! - [`engine`]: the `optout-engine` crate: the check path, the check log, the filter and its
+//!   follower, admin operations.
 //!   No transport.
 //! - [`api`]: the tonic services, thin: proto to engine types, engine errors to statuses.
 //! - [`auth`], [`connections`], [`telemetry`]: keys, connection limits, metrics.
@@ -20,8 +22,8 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod connections;
-pub mod engine;
 pub use optout_core as core;
+pub use optout_engine as engine;
 pub mod server;
 pub mod store;
 pub mod telemetry;

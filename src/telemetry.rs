@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
-use crate::core::{Decision, ReleaseReason, WithholdReason};
+use crate::core::REASON_LABELS;
 
 /// Buckets of every latency histogram, in seconds: 100 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -61,7 +61,7 @@ const ADMIN_RPCS: [&str; 7] = [
 /// appears only when something happens cannot be told apart from one nobody exports), and the
 /// build's version.
 fn register_at_zero() {
-    for (outcome, reason) in REASONS {
+    for (outcome, reason) in REASON_LABELS {
         metrics::counter!("optout_check_numbers_total", "outcome" => outcome, "reason" => reason)
             .increment(0);
     }
@@ -116,6 +116,15 @@ pub fn collect_process() {
 }
 
 fn describe() {
+    describe_requests();
+    describe_store();
+    describe_filter();
+    describe_audit();
+    describe_connections();
+}
+
+/// Checks and admin calls: requests, decisions, durations, the build.
+fn describe_requests() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         "optout_check_requests_total",
@@ -149,6 +158,15 @@ fn describe() {
         "Time to answer one Check (or one CheckStream message), by rpc"
     );
     describe_counter!(
+        "optout_check_version_not_reached_total",
+        "Checks whose at_least_version was beyond anything the store holds"
+    );
+}
+
+/// The consent store as the check path and the follower use it.
+fn describe_store() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
         "optout_store_lookups_total",
         "Batched store lookups of the check path, by result (ok, error, timeout)"
     );
@@ -165,15 +183,23 @@ fn describe() {
         "optout_store_feed_reads_total",
         "Reads of the store's change feed by the filter follower, by result"
     );
+    describe_gauge!(
+        "optout_store_regressed",
+        "1 while this replica fails closed because the store went back in time"
+    );
     describe_counter!(
-        "optout_store_audit_writes_total",
-        "Batched writes of check audit records to the store, by result (ok, error)"
+        "optout_store_regressions_total",
+        "Times this replica saw the store go back in time and failed closed"
     );
-    describe_histogram!(
-        "optout_store_audit_write_duration_seconds",
-        Unit::Seconds,
-        "Time of one batched audit write (one round trip to Redis)"
+    describe_counter!(
+        "optout_store_behind_filter_total",
+        "Store answers older than the filter's version, withheld"
     );
+}
+
+/// The filter and the lists it answers from: size, freshness, age.
+fn describe_filter() {
+    use metrics::{Unit, describe_gauge};
     describe_gauge!("optout_filter_items", "Opt-outs in the filter generation");
     describe_gauge!(
         "optout_filter_capacity",
@@ -221,6 +247,20 @@ fn describe() {
         Unit::Seconds,
         "How far the store's version was ahead of the filter's at the last store lookup"
     );
+}
+
+/// The check log and the changes trail: backlog, writes, refusals.
+fn describe_audit() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "optout_store_audit_writes_total",
+        "Batched writes of check audit records to the store, by result (ok, error)"
+    );
+    describe_histogram!(
+        "optout_store_audit_write_duration_seconds",
+        Unit::Seconds,
+        "Time of one batched audit write (one round trip to Redis)"
+    );
     describe_gauge!(
         "optout_audit_backlog",
         "Check audit records queued and not yet written"
@@ -233,22 +273,11 @@ fn describe() {
         "optout_audit_queue_full_total",
         "Checks withheld because the audit queue was full (records or bytes)"
     );
-    describe_gauge!(
-        "optout_store_regressed",
-        "1 while this replica fails closed because the store went back in time"
-    );
-    describe_counter!(
-        "optout_store_regressions_total",
-        "Times this replica saw the store go back in time and failed closed"
-    );
-    describe_counter!(
-        "optout_store_behind_filter_total",
-        "Store answers older than the filter's version, withheld"
-    );
-    describe_counter!(
-        "optout_check_version_not_reached_total",
-        "Checks whose at_least_version was beyond anything the store holds"
-    );
+}
+
+/// Connections, rate limits and authentication in front of the services.
+fn describe_connections() {
+    use metrics::describe_counter;
     describe_counter!(
         "optout_connections_idle_closed_total",
         "Client connections closed: why=idle after --idle-timeout-secs without traffic, \
@@ -268,94 +297,6 @@ fn describe() {
         "optout_auth_refused_total",
         "Requests refused by authentication or role, by gRPC code"
     );
-}
-
-/// How many decisions of one batch fell on each outcome and reason: counted once per batch, for
-/// both the metrics and the audit record.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DecisionCounts([u64; REASONS.len()]);
-
-impl DecisionCounts {
-    /// The counts of a whole batch.
-    pub fn of(decisions: &[Decision]) -> Self {
-        let mut c = DecisionCounts::default();
-        for d in decisions {
-            c.add(d);
-        }
-        c
-    }
-
-    /// Counts one decision.
-    #[inline]
-    pub fn add(&mut self, d: &Decision) {
-        self.0[reason_index(d)] += 1;
-    }
-
-    /// The withheld numbers by reason, for reasons that occurred.
-    pub fn withheld(&self) -> impl Iterator<Item = (WithholdReason, u64)> + '_ {
-        WITHHELD
-            .iter()
-            .zip(&self.0[2..2 + WITHHELD.len()])
-            .filter(|(_, n)| **n > 0)
-            .map(|(r, n)| (*r, *n))
-    }
-
-    /// Adds the batch to `optout_check_numbers_total`: one increment per reason present.
-    pub fn record(&self) {
-        for (i, n) in self.0.iter().enumerate() {
-            if *n > 0 {
-                let (outcome, reason) = REASONS[i];
-                metrics::counter!("optout_check_numbers_total", "outcome" => outcome, "reason" => reason)
-                    .increment(*n);
-            }
-        }
-    }
-}
-
-/// The withhold reasons in the order of indices 2.. of [`REASONS`].
-const WITHHELD: [WithholdReason; 9] = [
-    WithholdReason::NationalDataOptOut,
-    WithholdReason::Type1OptOut,
-    WithholdReason::InvalidNhsNumber,
-    WithholdReason::StoreUnavailable,
-    WithholdReason::StoreRegressed,
-    WithholdReason::VersionNotReached,
-    WithholdReason::NotInCheckedPopulation,
-    WithholdReason::ListTooOld,
-    WithholdReason::ListNeverImported,
-];
-
-const REASONS: [(&str, &str); 12] = [
-    ("release", "no_opt_out"),
-    ("release", "purpose_exempt"),
-    ("withhold", "national_data_opt_out"),
-    ("withhold", "type1_opt_out"),
-    ("withhold", "invalid_nhs_number"),
-    ("withhold", "store_unavailable"),
-    ("withhold", "store_regressed"),
-    ("withhold", "version_not_reached"),
-    ("withhold", "not_in_checked_population"),
-    ("withhold", "list_too_old"),
-    ("withhold", "list_never_imported"),
-    // Last, after the withhold reasons that `withheld` reads from index 2.
-    ("release", "basis_exempt"),
-];
-
-fn reason_index(d: &Decision) -> usize {
-    match d {
-        Decision::Release(ReleaseReason::NoOptOut) => 0,
-        Decision::Release(ReleaseReason::PurposeExempt) => 1,
-        Decision::Withhold(WithholdReason::NationalDataOptOut) => 2,
-        Decision::Withhold(WithholdReason::Type1OptOut) => 3,
-        Decision::Withhold(WithholdReason::InvalidNhsNumber) => 4,
-        Decision::Withhold(WithholdReason::StoreUnavailable) => 5,
-        Decision::Withhold(WithholdReason::StoreRegressed) => 6,
-        Decision::Withhold(WithholdReason::VersionNotReached) => 7,
-        Decision::Withhold(WithholdReason::NotInCheckedPopulation) => 8,
-        Decision::Withhold(WithholdReason::ListTooOld) => 9,
-        Decision::Withhold(WithholdReason::ListNeverImported) => 10,
-        Decision::Release(ReleaseReason::BasisExempt(_)) => 11,
-    }
 }
 
 /// The gRPC code as a label value.
@@ -385,7 +326,7 @@ pub fn code_label(code: tonic::Code) -> &'static str {
 /// How often the recorder's histogram samples are folded into their buckets.
 const UPKEEP: Duration = Duration::from_secs(5);
 
-/// Runs the recorder's upkeep every [`UPKEEP`] until `stop` turns true. The recorder keeps each
+/// Runs the recorder's upkeep every `UPKEEP` (5 s) until `stop` turns true. The recorder keeps each
 /// histogram sample (8 bytes: every check's and every store lookup's duration) until upkeep or a
 /// scrape folds it into the buckets; a replica nobody scraped held them all, about 10 MiB a
 /// minute under load (issue 32). The crate's own HTTP exporter runs the same upkeep; this

@@ -3,7 +3,7 @@
 //!
 //! [`serve`] reads as its steps: the filter and its follower, health, the engines (check, check
 //! log, admin) with the keys and rate limits in front of them, the side listeners, then the gRPC
-//! port until shutdown; [`tasks::Tasks`] owns every background task and stops them in order.
+//! port until shutdown; `tasks::Tasks` owns every background task and stops them in order.
 
 mod config;
 mod gauges;

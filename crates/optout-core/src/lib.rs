@@ -7,6 +7,7 @@
 
 pub mod anchors;
 mod audit;
+mod counts;
 pub mod coverage;
 pub mod extract;
 mod filter;
@@ -21,6 +22,7 @@ mod version;
 pub use audit::{
     AuditKey, AuditKeyError, AuditQuery, AuditRecord, DIGEST_LEN, IMPORT_DIGEST_CHUNK,
 };
+pub use counts::{DecisionCounts, REASON_LABELS};
 pub use filter::{FilterError, FilterStats, MIN_CAPACITY, OptOutFilter, Probe};
 pub use nhs::{NhsNumber, NhsNumberError, Scheme};
 pub use policy::{

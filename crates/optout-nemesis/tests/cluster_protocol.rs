@@ -1,4 +1,4 @@
-//! The Redis Cluster change protocol (`src/store/redis/cluster/intents.rs` and the
+//! The Redis Cluster change protocol (`crates/optout-store-redis/src/cluster/intents.rs` and the
 //! `cluster_*.lua` scripts) as a model, every interleaving of its steps explored by the
 //! `stateright` model checker: the kind of picture a protocol of this many steps needs, and one
 //! the nemesis, which samples interleavings, cannot give.

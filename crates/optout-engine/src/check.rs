@@ -12,15 +12,14 @@ use super::{
     filter::{SyncedFilter, VersionWait},
 };
 use crate::{
-    auth::Caller,
     core::{
-        Applicable, AuditRecord, DataOrigin, Decision, LegalBasis, NhsNumber, OptOutSet, Purpose,
-        ReleaseReason, Version, WithholdReason, applicable,
+        Applicable, AuditRecord, DataOrigin, Decision, DecisionCounts, LegalBasis, NhsNumber,
+        OptOutSet, Purpose, ReleaseReason, Version, WithholdReason, applicable,
         coverage::{Coverage, CoverageRule},
         decide,
+        keys::Caller,
     },
     store::{CheckReads, Lookup},
-    telemetry::DecisionCounts,
 };
 
 /// One batch to check.
@@ -136,7 +135,10 @@ impl Checker {
             withhold_released(&mut out.decisions);
             counts = DecisionCounts::of(&out.decisions);
         }
-        counts.record();
+        for (outcome, reason, n) in counts.labelled() {
+            metrics::counter!("optout_check_numbers_total", "outcome" => outcome, "reason" => reason)
+                .increment(n);
+        }
         out
     }
 

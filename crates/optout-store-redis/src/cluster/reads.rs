@@ -324,7 +324,7 @@ impl Cluster {
                     .unwrap_or(0),
                 source,
                 practices: match t {
-                    OptOutType::Type1 => crate::store::stored_practices::of(v),
+                    OptOutType::Type1 => crate::stored_practices::of(v),
                     OptOutType::NationalDataOptOut => Vec::new(),
                 },
             })

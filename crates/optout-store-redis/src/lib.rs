@@ -13,7 +13,11 @@
 //! `layout` (the seam between topologies, and one Redis's layout), `cluster` (the Cluster's),
 //! `scripts` and `lua/` (the Lua scripts and their errors), `reply` (reading replies), `safety`
 //! (eviction, persistence, the master's role), `durable` (replica confirmation), `dataset`
-//! (marker, init, counts), `feed` (the change log), `import`, `snapshot`, `audit`.
+//! (marker, init, counts), `feed` (the change log), `import` and `lease` (its lock), `snapshot`, `audit`.
+#![deny(missing_docs)]
+
+use optout_core as core;
+use optout_store as store;
 
 mod audit;
 mod cluster;
@@ -27,10 +31,12 @@ mod feed;
 mod import;
 mod keys;
 mod layout;
+mod lease;
 mod reply;
 mod safety;
 mod scripts;
 mod snapshot;
+mod stored_practices;
 
 use std::{sync::Arc, time::Duration};
 
@@ -45,12 +51,12 @@ pub use conn::{key_slot, shard_tags};
 use layout::{Change, Flat, Layout};
 use scripts::{Scripts, not_initialised};
 
-use super::{
-    AuditTrail, ChangeFeed, ChangeKind, CheckReads, Feed, ImportMode, ImportSession, Lookup,
-    OptOutRecord, StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome, Writes,
-};
 use crate::core::{
     AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Practice, Version,
+};
+use crate::store::{
+    AuditTrail, ChangeFeed, ChangeKind, CheckReads, Feed, ImportMode, ImportSession, Lookup,
+    OptOutRecord, StoreError, StoreStatus, Stored, StoredEntry, WriteOutcome, Writes,
 };
 
 /// The Redis store. Cheap to clone.

@@ -4,13 +4,13 @@
 //! call per request. Admin writes go through it and each returns the version it took effect at;
 //! the change feed lets every replica's filter follow those writes in order.
 //!
-//! Implementations: [`embedded::EmbeddedStore`] (redb, one replica, the default) and
-//! [`redis::RedisStore`] (one Redis, Sentinel or Cluster, shared by many replicas). Both pass the
-//! same contract suite (`tests/it/store_contract/`).
+//! Implementations, each a crate that knows only this one: `optout-store-embedded` (redb, one
+//! replica, the default) and `optout-store-redis` (one Redis, Sentinel or Cluster, shared by many
+//! replicas). Both pass the same contract suite (`tests/it/store_contract/`).
+#![deny(missing_docs)]
 
-pub mod embedded;
-mod open;
-pub mod redis;
+use optout_core as core;
+
 mod rules;
 
 use std::time::Duration;
@@ -23,10 +23,7 @@ use crate::core::{
     Practice, Version,
     coverage::{Coverage, CoverageMode, Population},
 };
-pub use open::{Create, OpenedStore, StoreConfig, open};
-pub(crate) use rules::{
-    check_not_older, import_allowed, practice_ok, refuse_empty_replace, stored_practices,
-};
+pub use rules::{check_not_older, import_allowed, practice_ok, refuse_empty_replace};
 
 /// What can go wrong in a store. Every variant turns into WITHHOLD on the check path. Each
 /// carries a [`Cause`]: what to tell the caller, and the redis or redb error underneath (its
@@ -302,7 +299,7 @@ pub trait CheckReads: Send + Sync + 'static {
     /// replica re-reads it with the scan that rebuilds its filter) and by initialisation.
     async fn coverage(&self) -> Result<Coverage, StoreError>;
 
-    /// Only the national coverage mode (fixed at initialisation): what [`ConsentStore::coverage`]
+    /// Only the national coverage mode (fixed at initialisation): what [`CheckReads::coverage`]
     /// says, without reading a population.
     async fn coverage_mode(&self) -> Result<CoverageMode, StoreError> {
         Ok(self.coverage().await?.national_mode.unwrap_or_default())
@@ -374,7 +371,7 @@ pub trait ChangeFeed: Send + Sync + 'static {
     ) -> Result<Version, StoreError>;
 
     /// Every opted-out number at once, with the version it reflects (tests and tools; a filter is
-    /// built from [`ConsentStore::scan_pages`]).
+    /// built from [`ChangeFeed::scan_pages`]).
     async fn scan(&self) -> Result<Scan, StoreError> {
         let mut numbers = Vec::new();
         let version = self
@@ -390,7 +387,7 @@ pub trait ChangeFeed: Send + Sync + 'static {
 
     /// Whether the store is still configured so that it cannot silently lose opt-outs. On
     /// [`StoreError::Unsafe`] the store has also unbound itself (every call fails until
-    /// [`ConsentStore::open_dataset`] succeeds again). Called periodically by the filter follower.
+    /// [`ChangeFeed::open_dataset`] succeeds again). Called periodically by the filter follower.
     async fn check_safe(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -507,14 +504,15 @@ pub trait ImportSession: Send {
     ) -> Result<ImportOutcome, StoreError>;
 }
 
-/// `N` random bytes as lower-case hex: dataset markers, acknowledgement ids, lock tokens.
 /// What an import changes, tallied as it is applied page by page: the counts, the added numbers
 /// while few enough to list in the change log ([`LOG_LIST_MAX`]), and the numbers whose digests
 /// wait for an audit part. Its memory is bounded whatever the import's size.
 #[derive(Debug, Default)]
-pub(crate) struct ImportTally {
-    pub(crate) added: u64,
-    pub(crate) removed: u64,
+pub struct ImportTally {
+    /// Numbers the import added.
+    pub added: u64,
+    /// Numbers the import removed.
+    pub removed: u64,
     listed: Vec<NhsNumber>,
     unlisted: bool,
     /// Added, then removed numbers not yet in an audit part.
@@ -523,7 +521,7 @@ pub(crate) struct ImportTally {
 
 impl ImportTally {
     /// A number the import added.
-    pub(crate) fn add(&mut self, n: NhsNumber) {
+    pub fn add(&mut self, n: NhsNumber) {
         self.added += 1;
         if !self.unlisted {
             if self.listed.len() < LOG_LIST_MAX {
@@ -537,19 +535,19 @@ impl ImportTally {
     }
 
     /// A number the import removed.
-    pub(crate) fn remove(&mut self, n: NhsNumber) {
+    pub fn remove(&mut self, n: NhsNumber) {
         self.removed += 1;
         self.waiting[1].push(n);
     }
 
     /// The added numbers, when few enough to list in the change log.
-    pub(crate) fn listed(&self) -> Option<&[NhsNumber]> {
+    pub fn listed(&self) -> Option<&[NhsNumber]> {
         (!self.unlisted).then_some(self.listed.as_slice())
     }
 
     /// The audit parts ready to write for the import whose main record is `main`: every full
     /// part, and with `all` the rest too.
-    pub(crate) fn parts(
+    pub fn parts(
         &mut self,
         main: &AuditRecord,
         key: &AuditKey,
@@ -570,14 +568,15 @@ impl ImportTally {
     }
 }
 
-pub(crate) fn random_hex<const N: usize>() -> String {
+/// `N` random bytes as lower-case hex: dataset markers, acknowledgement ids, lock tokens.
+pub fn random_hex<const N: usize>() -> String {
     let mut b = [0u8; N];
     rand::fill(&mut b);
     crate::core::trail::hex(&b)
 }
 
 /// Wall-clock time in ms since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

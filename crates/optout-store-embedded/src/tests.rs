@@ -165,10 +165,8 @@ async fn records_keep_type_time_and_source() {
 /// by the seals; and a clock stepping back never puts a new record before a sealed one.
 #[tokio::test]
 async fn the_changes_trail_file_is_sealed_and_an_edit_in_it_is_named() {
-    use crate::{
-        core::seals::{ChangesError, id_order},
-        engine::sealer,
-    };
+    use crate::core::seals::{ChangesError, id_order};
+    use optout_engine::sealer;
     let dir = tempfile::tempdir().expect("tempdir");
     let key = AuditKey::new(&[7u8; 32]).expect("key");
     let store = open(dir.path(), 100);

@@ -1,14 +1,13 @@
 //! What a store refuses before it writes, the same on every backend: a change or import that
 //! names a practice wrongly, an import its coverage mode does not take, an empty REPLACE, a
-//! national check older than the one in force; and how the Redis store keeps a type 1 record's
-//! practices.
+//! national check older than the one in force.
 
 use super::{ImportMode, NationalCheck, StoreError};
 use crate::core::{OptOutType, Practice, coverage::CoverageMode};
 
 /// Whether a change or an import of type `t` names its practice as it must: type 1 always (type 1
 /// opt-outs belong to the practice that recorded them), the national type never.
-pub(crate) fn practice_ok(t: OptOutType, practice: Option<&Practice>) -> Result<(), StoreError> {
+pub fn practice_ok(t: OptOutType, practice: Option<&Practice>) -> Result<(), StoreError> {
     match (t, practice) {
         (OptOutType::Type1, None) => Err(StoreError::ImportRefused(
             "a type 1 opt-out belongs to the GP practice that recorded it: name the practice"
@@ -21,29 +20,10 @@ pub(crate) fn practice_ok(t: OptOutType, practice: Option<&Practice>) -> Result<
     }
 }
 
-/// The type 1 practices of a record as stored by the Redis backend (`recorded_at,source_id` before
-/// practices were, `recorded_at,source_id,P1;P2` after), and the record with `practices` instead.
-pub(crate) mod stored_practices {
-    use optout_core::practice::{self, Practice};
-
-    /// The practices of a stored type 1 value.
-    pub(crate) fn of(value: &str) -> Vec<Practice> {
-        practice::parse_list(value.splitn(3, ',').nth(2).unwrap_or(""))
-    }
-
-    /// `value` holding `practices` (which must not be empty).
-    pub(crate) fn with(value: &str, practices: &[Practice]) -> String {
-        let mut parts = value.splitn(3, ',');
-        let at = parts.next().unwrap_or("0");
-        let sid = parts.next().unwrap_or("0");
-        format!("{at},{sid},{}", practice::join_list(practices))
-    }
-}
-
 /// Whether a store in `mode` takes an import of type `t`, in `import_mode`, with or without a
 /// national check (and with how many patients in it). The store's mode is fixed at
 /// initialisation, so this can be decided before the import's lock is taken.
-pub(crate) fn import_allowed(
+pub fn import_allowed(
     mode: CoverageMode,
     t: OptOutType,
     import_mode: ImportMode,
@@ -88,7 +68,7 @@ pub(crate) fn import_allowed(
 /// type (of its practice, for type 1), and an empty or truncated file must not wipe a list. A
 /// national check in which nobody had opted out is a valid empty list: its population says who
 /// was checked.
-pub(crate) fn refuse_empty_replace(
+pub fn refuse_empty_replace(
     mode: ImportMode,
     empty: bool,
     check: Option<&NationalCheck>,
@@ -111,7 +91,7 @@ pub(crate) fn refuse_empty_replace(
 /// date), unless the admin said why: re-importing an old reply would move the list back in time
 /// and clear its expiry. Called under the national type's import lock, so no other check can be
 /// swapped in between.
-pub(crate) fn check_not_older(
+pub fn check_not_older(
     check: Option<&NationalCheck>,
     in_force_ms: Option<u64>,
 ) -> Result<(), StoreError> {

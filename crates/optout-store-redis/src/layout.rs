@@ -342,7 +342,7 @@ impl Layout for Flat {
                 recorded_at_ms: at,
                 source: reply.get(i + 1).and_then(text_of).unwrap_or_default(),
                 practices: match t {
-                    OptOutType::Type1 => crate::store::stored_practices::of(&value),
+                    OptOutType::Type1 => crate::stored_practices::of(&value),
                     OptOutType::NationalDataOptOut => Vec::new(),
                 },
             });

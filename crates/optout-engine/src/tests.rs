@@ -20,7 +20,7 @@ use super::{
     follower::Follower,
 };
 use crate::{
-    auth::Caller,
+    core::keys::Caller,
     core::{
         AuditKey, AuditQuery, AuditRecord, DataOrigin, Decision, NhsNumber, OptOutSet, OptOutType,
         Purpose, ReleaseReason, Version, WithholdReason,
@@ -29,9 +29,9 @@ use crate::{
         AuditTrail, ChangeFeed, ChangeKind, CheckReads, ConsentStore, Feed, ImportMode,
         ImportSession, Lookup, OptOutRecord, StoreError, StoreStatus, Stored, StoredEntry,
         WriteOutcome, Writes,
-        embedded::{EmbeddedConfig, EmbeddedStore},
     },
 };
+use optout_store_embedded::{EmbeddedConfig, EmbeddedStore};
 
 /// The embedded store, with switches that make its reads or its audit appends fail.
 struct Switch {
@@ -204,7 +204,7 @@ impl Rig {
         let config = EmbeddedConfig {
             data_dir: dir.path().to_path_buf(),
             change_log_len: 1000,
-            cache_bytes: crate::store::embedded::DEFAULT_CACHE_BYTES,
+            cache_bytes: optout_store_embedded::DEFAULT_CACHE_BYTES,
         };
         let (inner, _) = EmbeddedStore::open(&config).expect("open");
         let store = Arc::new(Switch {

@@ -265,7 +265,7 @@ pub struct SyncStatus {
 }
 
 impl SyncedFilter {
-    /// An empty, unloaded filter: until [`follow`] loads it, every check asks the store.
+    /// An empty, unloaded filter: until [`follow`](crate::follower::follow) loads it, every check asks the store.
     pub fn new(config: FilterConfig) -> Result<Arc<Self>, crate::core::FilterError> {
         let filter = OptOutFilter::new(crate::core::MIN_CAPACITY, config.fp_rate, 0)?;
         Ok(Arc::new(SyncedFilter {

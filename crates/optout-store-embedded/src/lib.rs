@@ -15,6 +15,10 @@
 //! - `import-<id>`: staging tables of imports under way, deleted on commit, abort or next open.
 //!
 //! redb is synchronous, so every call runs on tokio's blocking pool.
+#![deny(missing_docs)]
+
+use optout_core as core;
+use optout_store as store;
 
 use std::{
     path::{Path, PathBuf},
@@ -29,14 +33,14 @@ use redb::{
 };
 use tokio::sync::watch;
 
-use super::{
-    AuditTrail, Cause, ChangeEntry, ChangeFeed, ChangeKind, CheckReads, Feed, ImportMode,
-    ImportOutcome, ImportSession, Lookup, OptOutRecord, RecordMac, StoreError, StoreStatus, Stored,
-    StoredEntry, WriteOutcome, Writes, now_ms,
-};
 use crate::core::{
     AuditKey, AuditQuery, AuditRecord, NhsNumber, OptOutSet, OptOutType, Practice, Version,
     coverage::{Coverage, CoverageMeta, CoverageMode},
+};
+use crate::store::{
+    AuditTrail, Cause, ChangeEntry, ChangeFeed, ChangeKind, CheckReads, Feed, ImportMode,
+    ImportOutcome, ImportSession, Lookup, OptOutRecord, RecordMac, StoreError, StoreStatus, Stored,
+    StoredEntry, WriteOutcome, Writes, now_ms,
 };
 
 /// Numbers a scan reads in one transaction.
@@ -316,7 +320,7 @@ impl Writes for EmbeddedStore {
         source: &str,
         audit: &AuditRecord,
     ) -> Result<WriteOutcome, StoreError> {
-        super::practice_ok(opt_out, practice)?;
+        crate::store::practice_ok(opt_out, practice)?;
         let numbers = numbers.to_vec();
         let source = source.to_string();
         let practice = practice.cloned();
@@ -379,8 +383,8 @@ impl Writes for EmbeddedStore {
         practice: Option<&Practice>,
         source: &str,
     ) -> Result<Box<dyn ImportSession>, StoreError> {
-        super::practice_ok(opt_out, practice)?;
-        let table = format!("{STAGING_PREFIX}{}", super::random_hex::<8>());
+        crate::store::practice_ok(opt_out, practice)?;
+        let table = format!("{STAGING_PREFIX}{}", crate::store::random_hex::<8>());
         let name = table.clone();
         self.blocking(move |inner| {
             let mut txn = inner.db.begin_write().map_err(storage)?;
@@ -461,7 +465,7 @@ impl Writes for EmbeddedStore {
     }
 
     async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
-        let id = super::random_hex::<16>();
+        let id = crate::store::random_hex::<16>();
         let audit = audit.clone();
         self.blocking(move |inner| {
             let txn = inner.db.begin_write().map_err(storage)?;

@@ -1,8 +1,13 @@
-//! The one place a backend is chosen: the configuration of a store, and `open`.
+//! The consent store as the server and the CLI see it: the contract (the `optout-store` crate,
+//! re-exported), the two backends (`optout-store-redis`, `optout-store-embedded`), and the one
+//! place a backend is chosen: the configuration of a store, and `open`.
 
 use std::sync::Arc;
 
-use super::{ConsentStore, StoreError, embedded, redis};
+pub use optout_store::*;
+pub use optout_store_embedded as embedded;
+pub use optout_store_redis as redis;
+
 use crate::core::AuditKey;
 
 /// Which consent store the server answers from.

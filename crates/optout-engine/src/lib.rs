@@ -1,6 +1,6 @@
-//! The engine: everything the service does, free of any transport. The gRPC adapters in
-//! [`crate::api`] convert proto to these types and these errors to statuses; tests drive the
-//! engine directly.
+//! The engine: everything the service does, free of any transport and of any backend. The gRPC
+//! adapters (`optout::api`) convert proto to these types and these errors to statuses; tests
+//! drive the engine directly.
 //!
 //! - [`check`]: the check path and the audit gate ("nothing released unrecorded").
 //! - [`check_log`]: recording checks off the hot path, in batches, bounded by bytes.
@@ -9,8 +9,12 @@
 //! - [`sealer`]: sealing the changes trail and verifying it.
 //! - [`admin`]: opt-out changes, imports, look-ups, audit reads, status, acknowledgements.
 //!
-//! May import `core`, `store`, `auth` (who is calling) and `telemetry`; never `api`, `server` or
-//! `cli`.
+//! Depends on `optout-core` and the store contract (`optout-store`) only: naming tonic, prost or a
+//! backend does not compile (its Cargo.toml lists none of them).
+#![deny(missing_docs)]
+
+use optout_core as core;
+use optout_store as store;
 
 pub mod admin;
 pub mod check;
