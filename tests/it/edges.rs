@@ -199,16 +199,16 @@ async fn a_store_answer_older_than_the_filter_is_withheld() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let (mut redis, config) = rdb_only_redis(scratch.path());
     init_redis(&config).await;
-    let store = FaultyStore::new(Arc::new(
+    let faulty = FaultyStore::new(Arc::new(
         RedisStore::connect(config.redis().expect("redis")).expect("connect"),
     ));
-    let server = TestServer::start_on(store.clone(), config).await;
+    let server = TestServer::start_on(faulty.store(), config).await;
     let n = valid_numbers(4_020_000_000, 2);
     add(&server, &n[..1]).await;
     redis.save().await;
     add(&server, &n[1..]).await;
     // The follower cannot see what happens next; only the check path can notice.
-    store.feed_down.store(true, Ordering::SeqCst);
+    faulty.feed_down.store(true, Ordering::SeqCst);
     redis.restart();
     // The check connection reconnects on its first use after the restart.
     let mut admin = server.admin_client().await;
@@ -465,16 +465,16 @@ async fn the_audit_queue_is_bounded_by_bytes_and_recovers() {
     // Far longer than the test: only the byte bound can stop releases here.
     config.audit_bound = Duration::from_secs(120);
     config.audit_queue_bytes = 4 * 1024 * 1024;
-    let store = FaultyStore::new(Arc::new(
+    let faulty = FaultyStore::new(Arc::new(
         optout::server::open_embedded(&config)
             .await
             .expect("embedded store"),
     ));
-    let server = TestServer::start_on(store.clone(), config).await;
+    let server = TestServer::start_on(faulty.store(), config).await;
     let mut client = server.check_client().await;
     let numbers = valid_numbers(4_090_000_000, 10_000);
     let releases = |answer: &Answer| answer.iter().all(|a| a.0 == Outcome::Release);
-    store.audit_down.store(true, Ordering::SeqCst);
+    faulty.audit_down.store(true, Ordering::SeqCst);
     // 10,000 released numbers hold about 80 KB each until written: 4 MiB is about 50 checks.
     let mut released_while_down = 0;
     for _ in 0..120 {
@@ -493,7 +493,7 @@ async fn the_audit_queue_is_bounded_by_bytes_and_recovers() {
         "releases stop once 4 MiB of records wait: {released_while_down} of 120 released"
     );
     // The store takes records again: the queue drains and checks release again.
-    store.audit_down.store(false, Ordering::SeqCst);
+    faulty.audit_down.store(false, Ordering::SeqCst);
     eventually!("checks release again", Duration::from_secs(10), {
         let r = client
             .check(check_request(numbers.clone(), proto::Purpose::Research))
@@ -510,14 +510,14 @@ async fn an_audit_batch_the_store_refuses_never_wedges_the_checks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = test_config(dir.path());
     config.audit_bound = Duration::from_millis(500);
-    let store = FaultyStore::new(Arc::new(
+    let faulty = FaultyStore::new(Arc::new(
         optout::server::open_embedded(&config)
             .await
             .expect("embedded store"),
     ));
     // The store takes records one at a time only: every batch of several fails as a whole.
-    store.audit_max_records.store(1, Ordering::SeqCst);
-    let server = TestServer::start_on(store.clone(), config).await;
+    faulty.audit_max_records.store(1, Ordering::SeqCst);
+    let server = TestServer::start_on(faulty.store(), config).await;
     let mut client = server.check_client().await;
     let numbers = valid_numbers(4_095_000_000, 10);
     for i in 0..30 {
@@ -568,11 +568,11 @@ async fn a_filter_known_to_lack_an_import_is_not_trusted_while_it_is_rebuilt() {
     let embedded = optout::server::open_embedded(&config)
         .await
         .expect("embedded store");
-    let store = FaultyStore::new(Arc::new(embedded));
-    let server = TestServer::start_on(store.clone(), config).await;
+    let faulty = FaultyStore::new(Arc::new(embedded));
+    let server = TestServer::start_on(faulty.store(), config).await;
     let numbers = valid_numbers(4_600_000_000, optout::store::LOG_LIST_MAX + 1);
     // The rebuild the import calls for (a scan, or a snapshot and the log after it) is slow.
-    store.rebuild_delay_ms.store(5_000, Ordering::SeqCst);
+    faulty.rebuild_delay_ms.store(5_000, Ordering::SeqCst);
     let r = server
         .admin_client()
         .await
@@ -591,6 +591,6 @@ async fn a_filter_known_to_lack_an_import_is_not_trusted_while_it_is_rebuilt() {
             .all(|a| *a == (Outcome::Withhold, Reason::NationalDataOptOut)),
         "opt-outs of an import the filter is known to lack were answered from it: {answer:?}"
     );
-    store.rebuild_delay_ms.store(0, Ordering::SeqCst);
+    faulty.rebuild_delay_ms.store(0, Ordering::SeqCst);
     server.stop().await;
 }

@@ -39,7 +39,7 @@ async fn not_serving_until_the_filter_loads_yet_checks_answer_from_the_store() {
         .expect("seed");
     let faulty = FaultyStore::new(inner);
     faulty.feed_down.store(true, Ordering::SeqCst); // the scan that loads the filter fails
-    let server = TestServer::start_unready(faulty.clone(), config).await;
+    let server = TestServer::start_unready(faulty.store(), config).await;
 
     let mut status = -1;
     for _ in 0..50 {

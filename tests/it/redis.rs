@@ -283,7 +283,7 @@ async fn a_new_replica_starts_from_the_snapshot_and_a_replica_behind_a_trimmed_l
     let faulty = FaultyStore::new(Arc::new(
         optout::store::redis::RedisStore::connect(config.redis().expect("redis")).expect("connect"),
     ));
-    let behind = TestServer::start_on(faulty.clone(), config.clone()).await;
+    let behind = TestServer::start_on(faulty.store(), config.clone()).await;
     faulty.feed_down.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let generation_before = status(&behind).await.filter.expect("filter").generation;

@@ -904,7 +904,7 @@ async fn when_the_audit_cannot_be_written_admin_changes_are_refused_and_checks_w
     let (config, keys) = secured(dir.path());
     let inner: Arc<dyn ConsentStore> = Arc::new(open_embedded(&config).await.expect("store"));
     let faulty = FaultyStore::new(inner);
-    let server = TestServer::start_on(faulty.clone(), config).await;
+    let server = TestServer::start_on(faulty.store(), config).await;
     let ch = server.channel().await;
     let n = valid_numbers(4_500_000_000, 3);
     let mut checker = check_client(ch.clone(), Some(&keys.checker));

@@ -481,7 +481,7 @@ async fn a_store_that_cannot_answer_turns_maybes_into_withhold_within_the_deadli
     let config = test_config(dir.path());
     let inner: Arc<dyn ConsentStore> = Arc::new(open_embedded(&config).await.expect("store"));
     let faulty = FaultyStore::new(inner);
-    let server = TestServer::start_on(faulty.clone(), config).await;
+    let server = TestServer::start_on(faulty.store(), config).await;
     let n = valid_numbers(4_600_000_000, 2);
     server
         .admin_client()
@@ -540,7 +540,7 @@ async fn a_filter_that_cannot_prove_freshness_stops_trusting_its_absent_answers(
     config.filter.freshness_bound = Duration::from_millis(1500);
     let inner: Arc<dyn ConsentStore> = Arc::new(open_embedded(&config).await.expect("store"));
     let faulty = FaultyStore::new(inner);
-    let server = TestServer::start_on(faulty.clone(), config).await;
+    let server = TestServer::start_on(faulty.store(), config).await;
     let n = valid_numbers(4_700_000_000, 2);
 
     // The change feed breaks: the filter no longer hears of new opt-outs.

@@ -1,6 +1,6 @@
 //! Unit tests of the engine over the real embedded store: the check path, the audit gate, and the
-//! follower's freshness under paused tokio time. Faults are injected by [`Switch`], which wraps
-//! the real store and fails chosen calls at once (no I/O, so paused time cannot race it).
+//! follower's freshness under paused tokio time. Faults are injected by [`Switches`], which wrap
+//! roles of the real store and fail chosen calls at once (no I/O, so paused time cannot race it).
 
 use std::{
     sync::{
@@ -26,23 +26,23 @@ use crate::{
         Purpose, ReleaseReason, Version, WithholdReason,
     },
     store::{
-        AuditTrail, ChangeFeed, ChangeKind, CheckReads, ConsentStore, Feed, ImportMode,
-        ImportSession, Lookup, OptOutRecord, StoreError, StoreStatus, Stored, StoredEntry,
-        WriteOutcome, Writes,
+        AuditTrail, ChangeFeed, ChangeKind, CheckReads, ConsentStore, Feed, Lookup, Roles,
+        StoreError, Stored, StoredEntry,
     },
 };
 use optout_store_embedded::{EmbeddedConfig, EmbeddedStore};
 
-/// The embedded store, with switches that make its reads or its audit appends fail.
-struct Switch {
-    inner: EmbeddedStore,
+/// Switches that make the embedded store's reads, feed or audit appends fail, each role broken
+/// by a wrapper of that role alone (the rest of the store is the real one, through [`Roles`]).
+struct Switches {
+    inner: Arc<EmbeddedStore>,
     down: AtomicBool,
     audit_down: AtomicBool,
     /// The feed says the store went back in time (as a Redis restored from an older copy would).
     behind: AtomicBool,
 }
 
-impl Switch {
+impl Switches {
     fn fail_if(&self, flag: &AtomicBool) -> Result<(), StoreError> {
         if flag.load(Ordering::SeqCst) {
             Err(StoreError::Unavailable("switched off by the test".into()))
@@ -50,117 +50,92 @@ impl Switch {
             Ok(())
         }
     }
+
+    /// The real store with the switches in front of its reads, its feed and its trail.
+    fn store(self: &Arc<Self>) -> Arc<dyn ConsentStore> {
+        Arc::new(Roles {
+            reads: Arc::new(ReadSwitch(self.clone())),
+            feed: Arc::new(FeedSwitch(self.clone())),
+            audit: Arc::new(TrailSwitch(self.clone())),
+            ..Roles::of(self.inner.clone())
+        })
+    }
 }
 
+struct ReadSwitch(Arc<Switches>);
+
 #[async_trait]
-impl CheckReads for Switch {
+impl CheckReads for ReadSwitch {
     fn kind(&self) -> &'static str {
         "switch"
     }
 
     async fn lookup(&self, numbers: &[NhsNumber], types: OptOutSet) -> Result<Lookup, StoreError> {
-        self.fail_if(&self.down)?;
-        self.inner.lookup(numbers, types).await
+        self.0.fail_if(&self.0.down)?;
+        self.0.inner.lookup(numbers, types).await
     }
 
     async fn coverage(&self) -> Result<crate::core::coverage::Coverage, StoreError> {
-        self.inner.coverage().await
+        self.0.inner.coverage().await
     }
 }
 
-#[async_trait]
-impl Writes for Switch {
-    async fn change(
-        &self,
-        kind: ChangeKind,
-        opt_out: OptOutType,
-        practice: Option<&crate::core::Practice>,
-        numbers: &[NhsNumber],
-        source: &str,
-        audit: &AuditRecord,
-    ) -> Result<WriteOutcome, StoreError> {
-        self.inner
-            .change(kind, opt_out, practice, numbers, source, audit)
-            .await
-    }
-
-    async fn begin_import(
-        &self,
-        mode: ImportMode,
-        opt_out: OptOutType,
-        practice: Option<&crate::core::Practice>,
-        source: &str,
-    ) -> Result<Box<dyn ImportSession>, StoreError> {
-        self.inner
-            .begin_import(mode, opt_out, practice, source)
-            .await
-    }
-
-    async fn get(&self, number: NhsNumber) -> Result<(Vec<OptOutRecord>, Version), StoreError> {
-        self.inner.get(number).await
-    }
-
-    async fn status(&self) -> Result<StoreStatus, StoreError> {
-        self.inner.status().await
-    }
-
-    async fn acknowledge_regression(&self, audit: &AuditRecord) -> Result<String, StoreError> {
-        self.inner.acknowledge_regression(audit).await
-    }
-}
+struct FeedSwitch(Arc<Switches>);
 
 #[async_trait]
-impl ChangeFeed for Switch {
+impl ChangeFeed for FeedSwitch {
     async fn changes_after(
         &self,
         after: Version,
         max: usize,
         wait: Duration,
     ) -> Result<Feed, StoreError> {
-        self.fail_if(&self.down)?;
-        if self.behind.load(Ordering::SeqCst) {
+        self.0.fail_if(&self.0.down)?;
+        if self.0.behind.load(Ordering::SeqCst) {
             return Ok(Feed::Behind {
                 store: Version::ZERO,
             });
         }
-        self.inner.changes_after(after, max, wait).await
+        self.0.inner.changes_after(after, max, wait).await
     }
 
     async fn scan_pages(
         &self,
         page: &mut (dyn for<'n> FnMut(&'n [NhsNumber]) + Send),
     ) -> Result<Version, StoreError> {
-        self.fail_if(&self.down)?;
-        self.inner.scan_pages(page).await
+        self.0.fail_if(&self.0.down)?;
+        self.0.inner.scan_pages(page).await
     }
 
     async fn open_dataset(&self) -> Result<String, StoreError> {
-        self.fail_if(&self.down)?;
-        self.inner.open_dataset().await
+        self.0.fail_if(&self.0.down)?;
+        self.0.inner.open_dataset().await
     }
 
     async fn regression_ack(&self) -> Result<Option<String>, StoreError> {
-        self.inner.regression_ack().await
+        self.0.inner.regression_ack().await
     }
 }
 
+struct TrailSwitch(Arc<Switches>);
+
 #[async_trait]
-impl AuditTrail for Switch {
+impl AuditTrail for TrailSwitch {
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
-        self.fail_if(&self.audit_down)?;
-        self.inner.append_audit(records).await
+        self.0.fail_if(&self.0.audit_down)?;
+        self.0.inner.append_audit(records).await
     }
 
     async fn trim_changes(&self, before_ms: u64) -> Result<u64, StoreError> {
-        self.inner.trim_changes(before_ms).await
+        self.0.inner.trim_changes(before_ms).await
     }
 
     async fn record_access(&self, record: &AuditRecord) -> Result<(), StoreError> {
-        self.inner.record_access(record).await
+        self.0.inner.record_access(record).await
     }
 
     async fn read_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
-        self.inner.read_audit(query).await
+        self.0.inner.read_audit(query).await
     }
 
     async fn stored(
@@ -169,22 +144,23 @@ impl AuditTrail for Switch {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<StoredEntry>, StoreError> {
-        self.inner.stored(part, after, limit).await
+        self.0.inner.stored(part, after, limit).await
     }
 
     async fn last_seal(&self) -> Result<Option<StoredEntry>, StoreError> {
-        self.inner.last_seal().await
+        self.0.inner.last_seal().await
     }
 
     async fn append_seal(&self, after_seq: u64, line: &str) -> Result<bool, StoreError> {
-        self.inner.append_seal(after_seq, line).await
+        self.0.inner.append_seal(after_seq, line).await
     }
 }
 
 /// A store, a filter followed by a running follower, a check log and a checker.
 struct Rig {
     _dir: tempfile::TempDir,
-    store: Arc<Switch>,
+    switches: Arc<Switches>,
+    store: Arc<dyn ConsentStore>,
     filter: Arc<SyncedFilter>,
     log: Arc<CheckLog>,
     checker: Checker,
@@ -207,8 +183,8 @@ impl Rig {
             cache_bytes: optout_store_embedded::DEFAULT_CACHE_BYTES,
         };
         let (inner, _) = EmbeddedStore::open(&config).expect("open");
-        let store = Arc::new(Switch {
-            inner,
+        let switches = Arc::new(Switches {
+            inner: Arc::new(inner),
             down: AtomicBool::new(false),
             audit_down: AtomicBool::new(false),
             behind: AtomicBool::new(false),
@@ -222,7 +198,8 @@ impl Rig {
         })
         .expect("filter");
         let (stop, stop_rx) = watch::channel(false);
-        let dyn_store: Arc<dyn ConsentStore> = store.clone();
+        let store = switches.store();
+        let dyn_store = store.clone();
         tokio::spawn(Follower::new(dyn_store.clone(), filter.clone(), stop_rx.clone()).run());
         let key = AuditKey::new(&[7u8; 32]).expect("key");
         let (log, _task) = CheckLog::start(
@@ -237,6 +214,7 @@ impl Rig {
         loaded.wait_for(|l| *l).await.expect("the filter loads");
         Rig {
             _dir: dir,
+            switches,
             store,
             filter,
             log,
@@ -347,7 +325,7 @@ async fn a_filter_that_cannot_prove_it_is_fresh_sends_every_number_to_the_store(
     );
     // The store stops answering: the filter ages past its bound and stops being trusted, and
     // the store cannot answer either, so nothing is released.
-    rig.store.down.store(true, Ordering::SeqCst);
+    rig.switches.down.store(true, Ordering::SeqCst);
     tokio::time::advance(FilterConfig::DEFAULT.freshness_bound * 2).await;
     rig.until("the filter is stale", |r| !r.filter.view().trusted)
         .await;
@@ -356,7 +334,7 @@ async fn a_filter_that_cannot_prove_it_is_fresh_sends_every_number_to_the_store(
         vec![UNAVAILABLE]
     );
     // Back: the next feed read proves it fresh again.
-    rig.store.down.store(false, Ordering::SeqCst);
+    rig.switches.down.store(false, Ordering::SeqCst);
     rig.until("the filter is fresh again", |r| r.filter.view().trusted)
         .await;
     assert_eq!(
@@ -376,7 +354,7 @@ async fn nothing_is_released_while_checks_cannot_be_recorded_past_the_bound() {
         rig.check(&[Some(n)], Purpose::DirectCare).await.decisions,
         vec![exempt]
     );
-    rig.store.audit_down.store(true, Ordering::SeqCst);
+    rig.switches.audit_down.store(true, Ordering::SeqCst);
     // Within the bound, releases go on (their records wait in the queue).
     assert_eq!(
         rig.check(&[Some(n)], Purpose::DirectCare).await.decisions,
@@ -389,7 +367,7 @@ async fn nothing_is_released_while_checks_cannot_be_recorded_past_the_bound() {
         rig.check(&[Some(n)], Purpose::DirectCare).await.decisions,
         vec![UNAVAILABLE]
     );
-    rig.store.audit_down.store(false, Ordering::SeqCst);
+    rig.switches.audit_down.store(false, Ordering::SeqCst);
     rig.until("the log accepts again", |r| r.log.accepting())
         .await;
     assert_eq!(
@@ -404,7 +382,7 @@ async fn a_store_that_went_back_in_time_is_not_trusted_again_until_an_admin_ackn
     let free = number(4_400_000_000);
     rig.until("the filter is fresh", |r| r.filter.view().trusted)
         .await;
-    rig.store.behind.store(true, Ordering::SeqCst);
+    rig.switches.behind.store(true, Ordering::SeqCst);
     rig.until("the follower fails closed", |r| r.filter.regressed())
         .await;
     let regressed = Decision::Withhold(WithholdReason::StoreRegressed);
@@ -413,7 +391,7 @@ async fn a_store_that_went_back_in_time_is_not_trusted_again_until_an_admin_ackn
         vec![regressed]
     );
     // The store answers normally again (restored), but nothing is trusted without an admin.
-    rig.store.behind.store(false, Ordering::SeqCst);
+    rig.switches.behind.store(false, Ordering::SeqCst);
     // Several acknowledgement polls (every 500 ms) and feed reads go by: still failing closed.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(rig.filter.regressed(), "no silent rebuild");

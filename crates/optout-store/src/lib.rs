@@ -11,6 +11,7 @@
 
 use optout_core as core;
 
+mod roles;
 mod rules;
 
 use std::time::Duration;
@@ -23,6 +24,7 @@ use crate::core::{
     Practice, Version,
     coverage::{Coverage, CoverageMode, Population},
 };
+pub use roles::Roles;
 pub use rules::{check_not_older, import_allowed, practice_ok, refuse_empty_replace};
 
 /// What can go wrong in a store. Every variant turns into WITHHOLD on the check path. Each
