@@ -2,7 +2,8 @@
 //! them: a crate can only name what its Cargo.toml lists, and [`each_crate_depends_only_on_what_the_code_map_allows`]
 //! holds those lists. Inside the `optout` crate (api, server, cli, telemetry), the sources are
 //! read: each rule names a folder and what its code may not name. A line counts unless it is a
-//! comment; a rule broken fails with the file, the line and the rule.
+//! comment, and a `use` declaration counts by the full paths it imports, however its groups are
+//! spread over lines; a rule broken fails with the file, the line and the rule.
 
 use std::path::{Path, PathBuf};
 
@@ -161,20 +162,97 @@ fn rust_files(path: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Where `text` names `what` as a path, outside comments: (line number, line).
+/// Whether `what` occurs in `l` as a whole path (not inside a longer name).
+fn occurs(l: &str, what: &str) -> bool {
+    l.match_indices(what).any(|(i, _)| {
+        let before = l[..i].chars().last();
+        let after = l[i + what.len()..].chars().next();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
+            && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')
+    })
+}
+
+/// Where `text` names `what` as a path, outside comments: (line number, line). A `use`
+/// declaration counts by the full paths it imports, however its groups are spread over lines
+/// (`use crate::{\n    store::StoreError,\n};` names `crate::store`), at its first line.
 fn named(text: &str, what: &str) -> Vec<(usize, String)> {
-    text.lines()
+    let mut found: Vec<(usize, String)> = text
+        .lines()
         .enumerate()
-        .filter(|(_, l)| !l.trim_start().starts_with("//"))
-        .filter(|(_, l)| {
-            l.match_indices(what).any(|(i, _)| {
-                let before = l[..i].chars().last();
-                let after = l[i + what.len()..].chars().next();
-                !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
-                    && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')
-            })
-        })
+        .filter(|(_, l)| !l.trim_start().starts_with("//") && occurs(l, what))
         .map(|(i, l)| (i + 1, l.to_string()))
+        .collect();
+    for (line, path) in use_paths(text) {
+        if occurs(&path, what) && !found.iter().any(|(n, _)| *n == line) {
+            found.push((line, format!("use {path}")));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Each `use` declaration of `text`, with its first line's number, expanded to the full paths it
+/// imports: `use crate::{api, store::{A, B}};` gives `crate::api`, `crate::store::A` and
+/// `crate::store::B`.
+fn use_paths(text: &str) -> Vec<(usize, String)> {
+    let code = |l: &str| l.split("//").next().unwrap_or("").to_string();
+    let mut out = Vec::new();
+    let mut lines = text.lines().enumerate();
+    while let Some((i, l)) = lines.next() {
+        let t = l.trim_start();
+        let t = ["pub(crate) ", "pub(super) ", "pub "]
+            .iter()
+            .find_map(|v| t.strip_prefix(v))
+            .unwrap_or(t);
+        let Some(rest) = t.strip_prefix("use ") else {
+            continue;
+        };
+        let mut decl = code(rest);
+        while !decl.contains(';') {
+            match lines.next() {
+                Some((_, more)) => decl.push_str(&code(more)),
+                None => break,
+            }
+        }
+        let decl: String = decl
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        out.extend(expand(&decl).into_iter().map(|p| (i + 1, p)));
+    }
+    out
+}
+
+/// The paths of one use tree, written without spaces.
+fn expand(tree: &str) -> Vec<String> {
+    let Some(open) = tree.find('{') else {
+        return vec![tree.to_string()];
+    };
+    let (prefix, inner) = (
+        &tree[..open],
+        &tree[open + 1..tree.rfind('}').unwrap_or(tree.len())],
+    );
+    let mut items = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in inner.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&inner[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&inner[start..]);
+    items
+        .into_iter()
+        .filter(|item| !item.is_empty())
+        .flat_map(|item| expand(&format!("{prefix}{item}")))
         .collect()
 }
 
@@ -235,4 +313,20 @@ fn a_broken_rule_is_found() {
         1
     );
     assert!(named("use crate::stores;", "crate::store").is_empty());
+    // A name inside a use group spread over lines, nested, is found at the group's first line.
+    let grouped = "use crate::{\n    engine::check,\n    store::{\n        // why\n        Lookup,\n    },\n};\n";
+    assert_eq!(
+        named(grouped, "crate::store"),
+        vec![(1, "use crate::store::Lookup".to_string())]
+    );
+    assert!(named(grouped, "crate::cli").is_empty());
+    assert_eq!(
+        expand("crate::{api,store::{A,B},cli}"),
+        [
+            "crate::api",
+            "crate::store::A",
+            "crate::store::B",
+            "crate::cli"
+        ]
+    );
 }
