@@ -1,7 +1,7 @@
 # The optout service as a container image: built in a Rust image, shipped as the binary alone on a
 # distroless base (glibc and CA certificates, no shell, no package manager), as a non-root user.
 #
-#   docker build -t optout-service:0.1.0 .
+#   docker build --build-arg OPTOUT_GIT_COMMIT=$(git rev-parse --short=12 HEAD) -t optout-service:0.1.0 .
 #
 # Not built in CI (no container engine runs there); the Helm chart that runs it is rendered and
 # validated by scripts/test.sh. docs/src/operations.md, "Running in a container", shows a `docker run` that starts.
@@ -13,6 +13,9 @@ WORKDIR /src
 # registry and the target directory are BuildKit caches, so a rebuild compiles only what changed.
 # The dist profile: release with LTO, without symbols (Cargo.toml says what it measured).
 COPY . .
+# .git is not copied (.dockerignore): the commit `optout --version` and optout_build_info carry.
+ARG OPTOUT_GIT_COMMIT=unknown
+ENV OPTOUT_GIT_COMMIT=${OPTOUT_GIT_COMMIT}
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --profile dist --locked -p optout --bin optout \

@@ -86,7 +86,12 @@ fn register_at_zero() {
     }
     metrics::counter!("optout_check_version_not_reached_total").increment(0);
     metrics::counter!("optout_store_behind_filter_total").increment(0);
-    metrics::gauge!("optout_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!(
+        "optout_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => env!("OPTOUT_GIT_COMMIT")
+    )
+    .set(1.0);
 }
 
 /// Counts one admin RPC by its gRPC code and records how long it took.
@@ -146,7 +151,7 @@ fn describe_requests() {
     );
     describe_gauge!(
         "optout_build_info",
-        "1, labelled with the version of the optout binary"
+        "1, labelled with the version of the optout binary and the git commit it was built from"
     );
     describe_counter!(
         "optout_check_numbers_total",

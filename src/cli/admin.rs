@@ -65,12 +65,13 @@ enum AdminCommand {
     },
     /// Read the audit log: who changed or checked what, when. Filters combine.
     Audit {
-        /// From this time (RFC 3339, e.g. 2026-11-27T09:00:00Z); default: the start.
-        #[arg(long, conflicts_with = "from_ms")]
-        from: Option<String>,
-        /// Until this time (RFC 3339); default: now.
-        #[arg(long, conflicts_with = "to_ms")]
-        to: Option<String>,
+        /// From this time: RFC 3339 (2026-11-27T09:00:00Z), a date (2026-11-27, from its start,
+        /// UTC) or how long ago (24h, 7d); default: the start.
+        #[arg(long, visible_alias = "since", conflicts_with = "from_ms", value_parser = words::time_arg)]
+        from: Option<i64>,
+        /// Until this time, written as for --from; default: now.
+        #[arg(long, conflicts_with = "to_ms", value_parser = words::time_arg)]
+        to: Option<i64>,
         /// From this time, ms since the Unix epoch (for scripts; --from reads better).
         #[arg(long, default_value_t = 0, hide = true)]
         from_ms: i64,
@@ -203,14 +204,8 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
             limit,
             output,
         } => {
-            let from_ms = match from {
-                Some(t) => words::parse_time("--from", &t)?,
-                None => from_ms,
-            };
-            let to_ms = match to {
-                Some(t) => words::parse_time("--to", &t)?,
-                None => to_ms,
-            };
+            let from_ms = from.unwrap_or(from_ms);
+            let to_ms = to.unwrap_or(to_ms);
             let query = proto::ReadAuditRequest {
                 from_unix_ms: from_ms,
                 to_unix_ms: to_ms,

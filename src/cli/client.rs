@@ -11,28 +11,47 @@ use super::CliError;
 /// proto crate, never through the server's `api` services.
 pub(crate) use optout_proto as proto;
 
-/// Where a client command finds the service.
+/// Where a client command finds the service. Global: given before or after a subcommand
+/// (`optout admin --server X add` and `optout admin add --server X` are the same).
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ClientArgs {
     /// The service's address.
-    #[arg(long, env = "OPTOUT_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "OPTOUT_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     server: String,
-    /// Deadline of each call of `check`, `admin` and `health`, in ms. (`filter` streams; the
-    /// server's request timeout bounds its stream.)
-    #[arg(long, env = "OPTOUT_TIMEOUT_MS", default_value_t = 10_000)]
-    timeout_ms: u64,
+    /// Deadline of each call of `check`, `admin` and `health` (500ms, 10s, 2m). (`filter`
+    /// streams; the server's request timeout bounds its stream.)
+    #[arg(long, global = true, env = "OPTOUT_TIMEOUT", default_value = "10s", value_parser = super::words::duration_arg)]
+    timeout: Duration,
+    /// The deadline in ms, as earlier versions took it.
+    #[arg(long, global = true, env = "OPTOUT_TIMEOUT_MS", hide = true)]
+    timeout_ms: Option<u64>,
     /// API key, sent as `authorization: Bearer <key>`. Prefer the environment variable: a key on
     /// the command line is visible to other users of the machine.
-    #[arg(long, env = "OPTOUT_API_KEY", hide_env_values = true)]
+    #[arg(long, global = true, env = "OPTOUT_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// CA certificate (PEM) that signed the server's certificate, for https:// servers.
-    #[arg(long, env = "OPTOUT_CA_CERT")]
+    #[arg(long, global = true, env = "OPTOUT_CA_CERT")]
     ca_cert: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS.
-    #[arg(long, env = "OPTOUT_CLIENT_CERT", requires = "client_key")]
+    #[arg(
+        long,
+        global = true,
+        env = "OPTOUT_CLIENT_CERT",
+        requires = "client_key"
+    )]
     client_cert: Option<PathBuf>,
     /// Client private key (PEM) for mutual TLS.
-    #[arg(long, env = "OPTOUT_CLIENT_KEY", requires = "client_cert")]
+    #[arg(
+        long,
+        global = true,
+        env = "OPTOUT_CLIENT_KEY",
+        requires = "client_cert"
+    )]
     client_key: Option<PathBuf>,
 }
 
@@ -95,6 +114,13 @@ pub(super) fn read_file(flag: &str, path: &std::path::Path) -> Result<Vec<u8>, C
 
 impl ClientArgs {
     pub(crate) async fn channel(&self) -> Result<Channel, CliError> {
+        if !(self.server.starts_with("http://") || self.server.starts_with("https://")) {
+            return Err(CliError::Usage(format!(
+                "--server {:?}: give the scheme, http://{} for a plaintext server or https://{} \
+                 for TLS",
+                self.server, self.server, self.server
+            )));
+        }
         let mut endpoint = Endpoint::from_shared(self.server.clone())
             .map_err(|e| CliError::Usage(format!("--server {:?}: {e}", self.server)))?
             .connect_timeout(Duration::from_secs(5))
@@ -139,6 +165,6 @@ impl ClientArgs {
     }
 
     pub(crate) fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
+        self.timeout_ms.map_or(self.timeout, Duration::from_millis)
     }
 }

@@ -26,9 +26,17 @@ pub(crate) use client::{AuthChannel, ClientArgs};
 
 use crate::cli::client::proto;
 
+/// The version and the git commit the binary was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("OPTOUT_GIT_COMMIT"),
+    ")"
+);
+
 /// Online NHS opt-out enforcement: RELEASE or WITHHOLD for each NHS number of an extract.
 #[derive(Parser, Debug)]
-#[command(name = "optout", version, about)]
+#[command(name = "optout", version = VERSION, about)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,6 +77,12 @@ enum Command {
     /// Ask a server whether it is SERVING (exit 0), not (1), or cannot be asked (2): for a
     /// container's HEALTHCHECK.
     Health(health::HealthArgs),
+    /// Print a completion script for a shell, e.g.
+    /// `optout completion bash > /etc/bash_completion.d/optout`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// The purpose, as typed on the command line.
@@ -238,6 +252,28 @@ pub(crate) enum CliError {
     Server(#[from] crate::server::ServerError),
 }
 
+impl CliError {
+    /// 2 for a usage error (what was typed cannot be run as typed), 1 for an operation that
+    /// failed; the README's "Exit codes" says the same.
+    pub(crate) fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::Usage(_) => ExitCode::from(2),
+            _ => ExitCode::FAILURE,
+        }
+    }
+}
+
+/// A client command whose output is piped into `head` ends quietly when the reader goes, as Unix
+/// tools do, instead of panicking on the failed write (Rust ignores SIGPIPE by default). Not for
+/// `serve`: a client closing its connection must not end the server.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: restores one signal's default disposition before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
         // A transport failure says only "transport error" or "h2 protocol error": add its causes
@@ -278,6 +314,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !matches!(cli.command, Command::Serve(_)) {
+        default_sigpipe();
+    }
     // rustls (for rediss://) needs one process-wide crypto provider; ring builds from crates.io
     // with a C compiler only. Installing fails only if one is already installed, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -322,7 +361,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            e.exit_code()
         }
     };
     if let Some(traces) = traces {
@@ -396,6 +435,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::InitStore(args) => init_store::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Keys(args) => args.run().map(|()| ExitCode::SUCCESS),
         Command::Audit(args) => audit::run(args).await,
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "optout", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Health(args) => match health::run(args).await {
             Ok(code) => Ok(code),
             Err(e) => {

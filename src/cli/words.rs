@@ -71,26 +71,50 @@ pub(crate) fn recorded(name: &str) -> String {
     out
 }
 
-/// Milliseconds since the Unix epoch as RFC 3339 (UTC, to the millisecond); 0 is "never".
+/// Milliseconds since the Unix epoch as RFC 3339 (UTC, always three fractional digits, so times
+/// sort as text); 0 is "never".
 pub(crate) fn time(ms: i64) -> String {
     if ms == 0 {
         return "never".into();
     }
     jiff::Timestamp::from_millisecond(ms).map_or_else(
         |_| format!("{ms} ms since the Unix epoch"),
-        |t| t.to_string(),
+        |t| format!("{t:.3}"),
     )
 }
 
-/// An RFC 3339 time given to a flag, as ms since the Unix epoch.
-pub(crate) fn parse_time(flag: &str, s: &str) -> Result<i64, super::CliError> {
-    s.parse::<jiff::Timestamp>()
-        .map(|t| t.as_millisecond())
-        .map_err(|e| {
-            super::CliError::Usage(format!(
-                "{flag} {s:?}: {e}; give an RFC 3339 time such as 2026-11-27T09:00:00Z"
-            ))
-        })
+/// A length of time as people write it: `500ms`, `2s`, `90m`, `8d`, `1h30m` (a day is 24 hours),
+/// or an ISO 8601 duration (`PT2S`). For clap's `value_parser`.
+pub(crate) fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    let span: jiff::Span = s.trim().parse().map_err(|e| {
+        format!("{s:?} is not a length of time ({e}); write it as 500ms, 2s, 90m, 8d or 1h30m")
+    })?;
+    let d = span
+        .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    std::time::Duration::try_from(d).map_err(|_| format!("{s:?} is negative"))
+}
+
+/// A time as people give it: RFC 3339 (`2026-11-27T09:00:00Z`), a date (its start, UTC), or how
+/// long ago (`24h`, `7d`), as ms since the Unix epoch. For clap's `value_parser`.
+pub(crate) fn time_arg(s: &str) -> Result<i64, String> {
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return Ok(t.as_millisecond());
+    }
+    if let Ok(date) = s.parse::<jiff::civil::Date>() {
+        return format!("{date}T00:00:00Z")
+            .parse::<jiff::Timestamp>()
+            .map(|t| t.as_millisecond())
+            .map_err(|e| format!("{s:?}: {e}"));
+    }
+    let ago = duration_arg(s).map_err(|_| {
+        format!(
+            "{s:?} is not a time: give an RFC 3339 time (2026-11-27T09:00:00Z), a date \
+             (2026-11-27) or how long ago (24h, 7d)"
+        )
+    })?;
+    let now = jiff::Timestamp::now().as_millisecond();
+    Ok(now.saturating_sub(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX)))
 }
 
 /// Prints a JSON value on stdout.
@@ -127,10 +151,26 @@ mod tests {
         );
         assert_eq!(time(1_795_951_207_726), "2026-11-29T11:20:07.726Z");
         assert_eq!(time(0), "never");
-        assert_eq!(
-            parse_time("--from", "2026-11-29T11:20:07.726Z").expect("parses"),
-            1_795_951_207_726
-        );
-        assert!(parse_time("--from", "yesterday").is_err());
+        assert_eq!(time_arg("2026-11-29T11:20:07.726Z"), Ok(1_795_951_207_726));
+    }
+
+    #[test]
+    fn durations_and_times_as_people_write_them() {
+        use std::time::Duration;
+        assert_eq!(duration_arg("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration_arg("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(duration_arg("8d"), Ok(Duration::from_secs(8 * 86_400)));
+        assert_eq!(duration_arg("1h30m"), Ok(Duration::from_secs(5_400)));
+        assert!(duration_arg("2").is_err_and(|e| e.contains("500ms, 2s")));
+        assert!(duration_arg("soon").is_err());
+        assert_eq!(time_arg("2026-11-27T09:00:00Z"), Ok(1_795_770_000_000));
+        assert_eq!(time_arg("2026-11-27"), Ok(1_795_737_600_000));
+        let now = jiff::Timestamp::now().as_millisecond();
+        let day_ago = time_arg("24h").expect("relative");
+        assert!((now - 86_400_000 - day_ago).abs() < 5_000, "{day_ago}");
+        assert!(time_arg("yesterday").is_err_and(|e| e.contains("how long ago")));
+        // Three fractional digits always: these sort as text in time order.
+        assert_eq!(time(1_795_770_000_620), "2026-11-27T09:00:00.620Z");
+        assert_eq!(time(1_795_770_000_000), "2026-11-27T09:00:00.000Z");
     }
 }

@@ -605,7 +605,7 @@ async fn health_exits_zero_when_serving_and_says_why_it_cannot_connect() {
     let url = server.url.clone();
     server.stop().await;
     // Nothing listens there now: exit 2, with the cause and what to try.
-    let out = optout(args(&["health", "--server", &url, "--timeout-ms", "2000"])).await;
+    let out = optout(args(&["health", "--server", &url, "--timeout", "2s"])).await;
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert!(

@@ -12,6 +12,7 @@ mod common;
 mod audit;
 mod cli;
 mod edges;
+mod grammar;
 mod health;
 mod layering;
 mod logs;

@@ -1,0 +1,129 @@
+//! One grammar for every command (issue 30 item 1): client flags anywhere after the command,
+//! lengths of time and times as people write them, exit code 2 for what cannot be run as typed and
+//! 1 for what failed, completion scripts, the build's commit, and a quiet end into a closed pipe.
+
+use std::{
+    io::Read,
+    process::{Command, Stdio},
+};
+
+use crate::common::{BIN, TestServer, args, assert_stderr_has, optout, text, valid_numbers};
+
+#[tokio::test]
+async fn client_flags_go_anywhere_and_usage_errors_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(dir.path()).await;
+    let n = valid_numbers(4_100_000_000, 1);
+    // --server and --timeout after the subcommand, where a user types them.
+    let out = optout(args(&[
+        "admin",
+        "add",
+        "--type",
+        "national",
+        "--source",
+        "t-1",
+        &n[0],
+        "--server",
+        &server.url,
+        "--timeout",
+        "5s",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = optout(args(&[
+        "admin",
+        "audit",
+        "--since",
+        "1h",
+        "--server",
+        &server.url,
+        "--output",
+        "json",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("\"add\""),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // What cannot be run as typed: 2, with what to type instead, and nothing sent.
+    let out = optout(args(&["admin", "status", "--server", "localhost:1"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(&out, "give the scheme, http://localhost:1");
+    let out = optout(args(&[
+        "admin",
+        "audit",
+        "--from",
+        "yesterday",
+        "--server",
+        &server.url,
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(&out, "how long ago (24h, 7d)");
+    let out = optout(args(&[
+        "check",
+        "--timeout",
+        "10",
+        "--server",
+        &server.url,
+        &n[0],
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(&out, "write it as 500ms, 2s");
+
+    // What failed: 1.
+    let out = optout(args(&["admin", "status", "--server", "http://127.0.0.1:1"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(&out, "is the server running");
+}
+
+#[tokio::test]
+async fn completion_scripts_and_the_version_with_its_commit() {
+    let out = optout(args(&["completion", "bash"])).await;
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("_optout()"));
+    let out = optout(args(&["completion", "fish"])).await;
+    assert!(text(&out.stdout).contains("complete -c optout"));
+    let out = optout(args(&["completion", "tcsh"])).await;
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = optout(args(&["--version"])).await;
+    let version = text(&out.stdout);
+    let commit = version
+        .trim()
+        .strip_prefix(concat!("optout ", env!("CARGO_PKG_VERSION"), " ("))
+        .and_then(|v| v.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{version}"));
+    assert!(!commit.is_empty(), "{version}");
+}
+
+/// `optout completion bash | head -1`: the reader goes after one line; the command ends (by
+/// SIGPIPE, as Unix tools do) instead of panicking on the write. Its 78 KB do not fit a pipe's
+/// 64 KiB, so the write meets the closed pipe every time.
+#[test]
+fn a_client_command_piped_into_head_ends_quietly() {
+    let mut child = Command::new(BIN)
+        .args(["completion", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let mut first = [0u8; 64];
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut first)
+        .expect("reads");
+    let out = child.wait_with_output().expect("ends");
+    let stderr = text(&out.stderr);
+    assert!(
+        out.status.code() != Some(101) && !stderr.contains("panicked"),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
