@@ -19,8 +19,9 @@ use std::{
 
 use hdrhistogram::Histogram;
 use optout_proto::{
-    CheckRequest, DataOrigin, ImportMode, ImportOptOutsRequest, OptOutType, Outcome, Purpose,
-    opt_out_admin_client::OptOutAdminClient, opt_out_check_client::OptOutCheckClient,
+    CheckRequest, DataOrigin, GetStatusRequest, ImportMode, ImportOptOutsRequest, OptOutType,
+    Outcome, Purpose, opt_out_admin_client::OptOutAdminClient,
+    opt_out_check_client::OptOutCheckClient,
 };
 use population::Population;
 use rand::SeedableRng;
@@ -87,19 +88,48 @@ async fn connect(url: &str) -> Result<Channel, Error> {
         .await?)
 }
 
+/// What a seed did.
+#[derive(Clone, Debug)]
+pub struct Seeded {
+    /// Numbers sent.
+    pub received: u64,
+    /// Opt-outs added and removed by the REPLACE.
+    pub added: u64,
+    /// Opt-outs of the national list before that were not in the population: removed.
+    pub removed: u64,
+    /// The service's import, without the baseline set.
+    pub took: Duration,
+}
+
 /// Plants `population`'s opt-outs through ImportOptOuts (REPLACE of national opt-outs), and, if
-/// given, the same numbers into a plain Redis set for the baseline.
+/// given, the same numbers into a plain Redis set for the baseline. A REPLACE removes every
+/// national opt-out not in the synthetic population, so a store that holds any is refused unless
+/// `force` (a store made for load tests, or one holding only an earlier seed).
 pub async fn seed(
     server: &str,
     api_key: Option<String>,
     population: &Population,
     baseline: Option<(&str, &str)>,
     national_check: bool,
+    force: bool,
     progress: &indicatif::ProgressBar,
-) -> Result<(u64, Duration), Error> {
+) -> Result<Seeded, Error> {
     let started = Instant::now();
     let mut admin = OptOutAdminClient::with_interceptor(connect(server).await?, Bearer(api_key))
         .max_encoding_message_size(64 * 1024 * 1024);
+    let held = admin
+        .get_status(GetStatusRequest {})
+        .await?
+        .into_inner()
+        .national_data_opt_outs;
+    if held > 0 && !force {
+        return Err(Error::Usage(format!(
+            "{server} holds {held} national data opt-outs. `seed` REPLACEs the national list with \
+             synthetic numbers and would remove every one of them. Seed a store made for load \
+             tests (a fresh `optout init-store`, or an empty data directory), or pass --force if \
+             this store holds only an earlier seed. Nothing was changed"
+        )));
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<ImportOptOutsRequest>(8);
     let pop = population.clone();
     let bar = progress.clone();
@@ -145,7 +175,12 @@ pub async fn seed(
                 .await?;
         }
     }
-    Ok((r.received, took))
+    Ok(Seeded {
+        received: r.received,
+        added: r.added,
+        removed: r.removed,
+        took,
+    })
 }
 
 /// A national check round trip of the checked population (planted and pool), in chunks: each

@@ -58,6 +58,10 @@ enum Command {
         /// planted numbers and the --checked-pool clean ones.
         #[arg(long)]
         national_check: bool,
+        /// Seed although the store already holds national opt-outs: the REPLACE removes every one
+        /// not in the synthetic population. Only for a store that holds an earlier seed.
+        #[arg(long)]
+        force: bool,
     },
     /// Run a workload and report (and, with --baseline redis, the same workload against Redis).
     Run(RunArgs),
@@ -160,7 +164,10 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            match e {
+                optout_loadtest::Error::Usage(_) => ExitCode::from(2),
+                optout_loadtest::Error::Remote(_) => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -186,6 +193,7 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
             baseline_redis_url,
             baseline_key,
             national_check,
+            force,
         } => {
             if national_check && population.checked_pool == 0 {
                 return Err(optout_loadtest::Error::Usage(
@@ -200,7 +208,7 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
             ) {
                 bar.set_style(style);
             }
-            let (received, took) = seed(
+            let seeded = seed(
                 &server,
                 api_key,
                 &pop,
@@ -208,15 +216,20 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
                     .as_deref()
                     .map(|u| (u, baseline_key.as_str())),
                 national_check,
+                force,
                 &bar,
             )
             .await?;
             bar.finish_and_clear();
             println!(
-                "seeded {received} opt-outs in {:.2} s ({:.0}/s) with seed {}",
-                took.as_secs_f64(),
-                received as f64 / took.as_secs_f64(),
-                population.seed
+                "seeded {} opt-outs in {:.2} s ({:.0}/s) with seed {}: the national list \
+                 REPLACEd, {} added, {} removed",
+                seeded.received,
+                seeded.took.as_secs_f64(),
+                seeded.received as f64 / seeded.took.as_secs_f64(),
+                population.seed,
+                seeded.added,
+                seeded.removed
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -44,13 +44,36 @@ async fn seeds_and_runs_every_mode_with_no_leak() {
     let bar = indicatif::ProgressBar::hidden();
     let mut seeded = None;
     for _ in 0..100 {
-        if let Ok(s) = seed(&url, None, &pop, None, false, &bar).await {
+        if let Ok(s) = seed(&url, None, &pop, None, false, false, &bar).await {
             seeded = Some(s);
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(seeded.expect("seeded").0, 3000);
+    assert_eq!(seeded.expect("seeded").received, 3000);
+
+    // A second seed would REPLACE the list the store now holds: refused, nothing changed, unless
+    // forced, and then what it removed is said.
+    let other = Population::new(8, 1000);
+    let refused = seed(&url, None, &other, None, false, false, &bar)
+        .await
+        .expect_err("a store holding opt-outs is not replaced without --force");
+    let text = refused.to_string();
+    assert!(
+        matches!(refused, optout_loadtest::Error::Usage(_))
+            && text.contains("holds 3000 national data opt-outs")
+            && text.contains("--force")
+            && text.contains("Nothing was changed"),
+        "{text}"
+    );
+    let forced = seed(&url, None, &other, None, false, true, &bar)
+        .await
+        .expect("forced");
+    assert_eq!((forced.added, forced.removed), (1000, 3000));
+    let again = seed(&url, None, &pop, None, false, true, &bar)
+        .await
+        .expect("the first population back");
+    assert_eq!((again.added, again.removed), (3000, 1000));
     let target = Target::Grpc {
         url: url.clone(),
         api_key: None,
@@ -175,14 +198,14 @@ async fn a_national_check_seeds_a_store_in_population_mode() {
     let bar = indicatif::ProgressBar::hidden();
     let mut seeded = None;
     for _ in 0..100 {
-        if let Ok(s) = seed(&url, None, &pop, None, true, &bar).await {
+        if let Ok(s) = seed(&url, None, &pop, None, true, false, &bar).await {
             seeded = Some(s);
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        seeded.expect("seeded").0,
+        seeded.expect("seeded").received,
         2000,
         "the planted are the opt-outs"
     );
