@@ -94,7 +94,7 @@ for sm in by_kind.get("ServiceMonitor", []) + by_kind.get("PodMonitor", []):
         assert set(ep) <= {"port", "path", "interval", "scheme"}, ep
 # Every metric an alert names is one the service exports (its name appears in the source).
 import re
-source = "".join(p.read_text() for p in pathlib.Path("src").rglob("*.rs"))
+source = "".join(p.read_text() for d in ("src", "crates") for p in pathlib.Path(d).rglob("*.rs"))
 def exported(expr, what):
     names = set(re.findall(r"optout_[a-z0-9_]+", expr))
     assert names, f"{what} names no optout metric"
@@ -137,6 +137,24 @@ for t in tests:
     args = t["spec"]["containers"][0]["args"]
     assert args[0] == "health", args
     assert f"{svc['metadata']['name']}:{health_port}" in " ".join(args), args
+# Every selector of the server's pods (Service, PodDisruptionBudget, NetworkPolicy, PodMonitor)
+# matches the Deployment's pods and no pod of another component (the helm test, the init-store
+# Jobs): a test pod the NetworkPolicy selected could not reach the health port, and one the Service
+# selected would be sent checks.
+server_pods = by_kind["Deployment"][0]["spec"]["template"]["metadata"]["labels"]
+others = [("the helm test pod", p["metadata"]["labels"]) for p in tests] + [
+    (f"Job {j['metadata']['name']}", j["spec"]["template"]["metadata"]["labels"]) for j in by_kind.get("Job", [])
+]
+selectors = [("Service", svc["spec"]["selector"])]
+selectors += [("PodDisruptionBudget", d["spec"]["selector"]["matchLabels"]) for d in by_kind.get("PodDisruptionBudget", [])]
+selectors += [("NetworkPolicy", d["spec"]["podSelector"]["matchLabels"]) for d in by_kind.get("NetworkPolicy", [])]
+selectors += [("PodMonitor", d["spec"]["selector"]["matchLabels"]) for d in by_kind.get("PodMonitor", [])]
+for what, sel in selectors:
+    assert sel.items() <= server_pods.items(), f"the {what} does not select the server's pods: {sel}"
+    for who, labels in others:
+        assert not sel.items() <= labels.items(), f"the {what} selects {who}: {sel} <= {labels}"
+for who, labels in others + [("the server's pods", server_pods)]:
+    assert labels.get("app.kubernetes.io/component"), f"{who} carry no app.kubernetes.io/component"
 cm = next(d for d in by_kind["ConfigMap"] if "config.toml" in (d.get("data") or {}))
 config = tomllib.loads(cm["data"]["config.toml"])
 for key in config:

@@ -20,6 +20,17 @@ app.kubernetes.io/name: {{ include "optout.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{- /*
+The server's pods: what the Service, the PodDisruptionBudget, the NetworkPolicy and the PodMonitor
+select, so the `helm test` pod and the init-store Jobs (other components) are never among them. The
+Deployment's own selector stays name and instance, as it cannot change on an upgrade; its
+ReplicaSets select by pod-template-hash too, so they never adopt a pod of another component.
+*/}}
+{{- define "optout.serverSelectorLabels" -}}
+{{ include "optout.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
 {{- define "optout.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "optout.selectorLabels" . }}
