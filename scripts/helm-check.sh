@@ -153,6 +153,13 @@ for what, sel in selectors:
     assert sel.items() <= server_pods.items(), f"the {what} does not select the server's pods: {sel}"
     for who, labels in others:
         assert not sel.items() <= labels.items(), f"the {what} selects {who}: {sel} <= {labels}"
+# Check-log retention holds as written: on a claim, the age alone (no segment count cuts it short).
+deploy_spec = by_kind["Deployment"][0]["spec"]["template"]["spec"]
+server_args = dict(a.split("=", 1) for c in deploy_spec["containers"] for a in c.get("args", []) if "=" in a)
+if "--check-log-dir" in server_args:
+    on_claim = any("persistentVolumeClaim" in v for v in deploy_spec.get("volumes", []) if v["name"] == "check-log")
+    if on_claim:
+        assert server_args["--check-log-max-backups"] == "0", f"check log on a claim kept by count: {server_args}"
 for who, labels in others + [("the server's pods", server_pods)]:
     assert labels.get("app.kubernetes.io/component"), f"{who} carry no app.kubernetes.io/component"
 cm = next(d for d in by_kind["ConfigMap"] if "config.toml" in (d.get("data") or {}))
