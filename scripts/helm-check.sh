@@ -162,6 +162,18 @@ if "--check-log-dir" in server_args:
         assert server_args["--check-log-max-backups"] == "0", f"check log on a claim kept by count: {server_args}"
 for who, labels in others + [("the server's pods", server_pods)]:
     assert labels.get("app.kubernetes.io/component"), f"{who} carry no app.kubernetes.io/component"
+# values.schema.json names, under config, exactly the serve flags the chart does not set itself
+# (as an argument, or through the OPTOUT_ variable it sets), so a misspelt setting, or one the
+# chart owns, fails `helm install` instead of the pod's start.
+serve_flags = set(re.findall(r"^\s+--([a-z0-9-]+)", help_text, re.M)) - {"help", "version"}
+templates = "".join(p.read_text() for p in pathlib.Path("helm/optout-service/templates").rglob("*.yaml"))
+owned = {f for f in serve_flags if re.search(rf"--{re.escape(f)}\b", templates)}
+owned |= {f for f in serve_flags if "OPTOUT_" + f.upper().replace("-", "_") in templates}
+owned |= {"config"}
+schema = __import__("json").loads(pathlib.Path("helm/optout-service/values.schema.json").read_text())
+in_schema = set(schema["properties"]["config"]["properties"])
+assert schema["properties"]["config"].get("additionalProperties") is False, "config takes any key"
+assert in_schema == serve_flags - owned, f"values.schema.json config: missing {sorted(serve_flags - owned - in_schema)}, not settable {sorted(in_schema - (serve_flags - owned))}"
 cm = next(d for d in by_kind["ConfigMap"] if "config.toml" in (d.get("data") or {}))
 config = tomllib.loads(cm["data"]["config.toml"])
 for key in config:
@@ -203,6 +215,11 @@ if "$helm" template optout "$chart" --set logFormat=xml >/dev/null 2>"$out/err";
     exit 1
 fi
 grep -q "logFormat" "$out/err"
+if "$helm" template optout "$chart" --set config.filter-capcity=5 >/dev/null 2>"$out/err"; then
+    echo "error: the chart rendered with a misspelt serve setting" >&2
+    exit 1
+fi
+grep -q "filter-capcity" "$out/err"
 # OpenShift: the security context's fixed IDs can be dropped for the namespace's random UID.
 "$helm" template optout "$chart" --set podSecurityContext.runAsUser=null \
     --set podSecurityContext.runAsGroup=null --set podSecurityContext.fsGroup=null >"$out/openshift.yaml"
