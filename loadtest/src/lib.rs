@@ -810,11 +810,46 @@ async fn stream_worker(
 }
 
 /// Prints a report for people.
+/// The failed requests by status code, most first: `Unauthenticated 46487, DeadlineExceeded 3`.
+pub fn error_breakdown(r: &Report) -> String {
+    let mut by: Vec<(&String, &u64)> = r.errors.iter().collect();
+    by.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    by.iter()
+        .map(|(code, n)| format!("{code} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why a run against `server` would measure nothing useful, when the store can say so: it holds
+/// no national opt-out (never seeded), so every planted number would come back RELEASE. `None`
+/// when it holds some, or cannot be asked (a checker key, the echo server).
+pub async fn unseeded(
+    server: &str,
+    api_key: Option<String>,
+    population: &Population,
+) -> Option<String> {
+    let channel = connect(server).await.ok()?;
+    let mut admin = OptOutAdminClient::with_interceptor(channel, Bearer(api_key));
+    let status = admin
+        .get_status(GetStatusRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    (status.national_data_opt_outs == 0 && population.count() > 0).then(|| {
+        format!(
+            "{server} holds no national data opt-outs, so every planted number would come back \
+             RELEASE: seed it first (optout-loadtest seed --server {server} --count {})",
+            population.count()
+        )
+    })
+}
+
+/// One line of a run: rates, latency percentiles, errors by status code, leaks.
 pub fn summary(r: &Report) -> String {
     let errors: u64 = r.errors.values().sum();
     format!(
         "{:<8} {:<6} batch {:>5} conc {:>3} conn {:>2}{}: {:>10.0} numbers/s {:>9.0} req/s  \
-         p50 {:>6} us p90 {:>6} us p99 {:>6} us p99.9 {:>6} us max {:>7} us  errors {} leaks {} \
+         p50 {:>6} us p90 {:>6} us p99 {:>6} us p99.9 {:>6} us max {:>7} us  errors {}{} leaks {} \
          (planted seen {}){}",
         r.target,
         r.mode,
@@ -834,6 +869,11 @@ pub fn summary(r: &Report) -> String {
         r.latency_us.p999,
         r.latency_us.max,
         errors,
+        if errors > 0 {
+            format!(" ({})", error_breakdown(r))
+        } else {
+            String::new()
+        },
         r.leaks,
         r.planted_seen,
         if r.warmup_leaks > 0 {

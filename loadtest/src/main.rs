@@ -122,9 +122,9 @@ struct RunArgs {
     /// Connections shared by the workers.
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// Seconds to measure.
-    #[arg(long, default_value_t = 10.0)]
-    duration: f64,
+    /// How long to measure: 10s, 500ms, 2m (a bare number is seconds).
+    #[arg(long, default_value = "10s", value_parser = length_of_time)]
+    duration: Duration,
     /// Stop after this many requests (messages in stream mode) instead; 0: no limit.
     #[arg(long, default_value_t = 0)]
     count_requests: u64,
@@ -134,9 +134,9 @@ struct RunArgs {
     /// Share of planted (opted-out) numbers in the traffic.
     #[arg(long, default_value_t = 0.05)]
     opted_share: f64,
-    /// Seconds of warm-up before measuring.
-    #[arg(long, default_value_t = 2.0)]
-    warmup: f64,
+    /// Warm-up before measuring, written as --duration.
+    #[arg(long, default_value = "2s", value_parser = length_of_time)]
+    warmup: Duration,
     /// Also run the same workload straight against Redis ("redis").
     #[arg(long)]
     baseline: Option<String>,
@@ -156,6 +156,9 @@ struct RunArgs {
     /// Do not fail on released opt-outs (for the echo server, which releases everything).
     #[arg(long)]
     no_leak_check: bool,
+    /// Do not fail on failed requests (an overload test that expects some).
+    #[arg(long)]
+    allow_errors: bool,
 }
 
 #[tokio::main]
@@ -277,12 +280,17 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
                 batch: args.batch,
                 concurrency: args.concurrency,
                 connections: args.connections,
-                duration: Duration::from_secs_f64(args.duration.max(0.1)),
+                duration: args.duration.max(Duration::from_millis(100)),
                 count: args.count_requests,
                 rate: args.rate,
                 opted_share: args.opted_share,
-                warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
+                warmup: args.warmup,
             };
+            if let Some(why) =
+                optout_loadtest::unseeded(&args.server, args.api_key.clone(), &pop).await
+            {
+                return Err(optout_loadtest::Error::Usage(why));
+            }
             let mut reports: Vec<Report> = Vec::new();
             let mut r = run(
                 &Target::Grpc {
@@ -331,12 +339,36 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
             if let Some(path) = &args.report {
                 write_html(path, &reports)?;
             }
+            let mut failed = false;
             let leaks: u64 = reports.iter().map(|r| r.leaks + r.warmup_leaks).sum();
             if leaks > 0 && !args.no_leak_check {
+                let planted: u64 = reports.iter().map(|r| r.planted_seen).sum();
                 eprintln!("FAIL: {leaks} opted-out numbers were released");
-                return Ok(ExitCode::FAILURE);
+                if leaks >= planted {
+                    eprintln!(
+                        "      every planted opt-out came back RELEASE: was the store seeded with \
+                         this --seed and --count (optout-loadtest seed --seed {} --count {})?",
+                        args.population.seed, args.population.count
+                    );
+                }
+                failed = true;
             }
-            Ok(ExitCode::SUCCESS)
+            for r in &reports {
+                let errors: u64 = r.errors.values().sum();
+                if errors > 0 && !args.allow_errors {
+                    eprintln!(
+                        "FAIL: {errors} {} requests failed ({}); --allow-errors to accept them",
+                        r.target,
+                        optout_loadtest::error_breakdown(r)
+                    );
+                    failed = true;
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }
@@ -349,4 +381,18 @@ fn write_html(
     let page = optout_loadtest::report::html("optout load test", reports);
     std::fs::write(path, page)
         .map_err(|e| optout_loadtest::Error::Usage(format!("{}: {e}", path.display())))
+}
+
+/// A length of time as people write it (`10s`, `500ms`, `2m`), or a bare number of seconds.
+fn length_of_time(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"));
+    }
+    let span: jiff::Span = s.parse().map_err(|e| {
+        format!("{s:?} is not a length of time ({e}); write it as 10s, 500ms or 2m")
+    })?;
+    let d = span
+        .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    Duration::try_from(d).map_err(|_| format!("{s:?} is negative"))
 }

@@ -267,3 +267,85 @@ async fn a_national_check_seeds_a_store_in_population_mode() {
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     let _ = stop.send(());
 }
+
+/// `optout-loadtest run`, the binary: a store never seeded is named before anything is measured
+/// (exit 2), and failed requests are broken down by status code and fail the run (exit 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_says_seed_first_and_fails_on_errors_by_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, stop) = start_service(dir.path()).await;
+    let run_bin = {
+        let url = url.clone();
+        move |extra: &[&str]| {
+            let mut args = vec![
+                "run",
+                "--server",
+                url.as_str(),
+                "--count",
+                "2000",
+                "--duration",
+                "300ms",
+                "--warmup",
+                "0s",
+                "--concurrency",
+                "2",
+                "--connections",
+                "1",
+            ];
+            args.extend_from_slice(extra);
+            std::process::Command::new(env!("CARGO_BIN_EXE_optout-loadtest"))
+                .args(&args)
+                .output()
+                .expect("runs")
+        }
+    };
+    let unseeded = tokio::task::spawn_blocking({
+        let run_bin = run_bin.clone();
+        move || run_bin(&[])
+    })
+    .await
+    .expect("join");
+    let err = String::from_utf8_lossy(&unseeded.stderr);
+    assert_eq!(unseeded.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("holds no national data opt-outs") && err.contains("seed it first"),
+        "{err}"
+    );
+
+    let bar = indicatif::ProgressBar::hidden();
+    let mut seeded = false;
+    for _ in 0..100 {
+        if seed(
+            &url,
+            None,
+            &Population::new(42, 2000),
+            None,
+            false,
+            false,
+            &bar,
+        )
+        .await
+        .is_ok()
+        {
+            seeded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seeded);
+    // Batches over the server's --max-batch (10,000): every request refused.
+    let refused = tokio::task::spawn_blocking(move || run_bin(&["--batch", "20000"]))
+        .await
+        .expect("join");
+    let (out, err) = (
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr),
+    );
+    assert_eq!(refused.status.code(), Some(1), "{out}{err}");
+    assert!(out.contains("(InvalidArgument "), "{out}");
+    assert!(
+        err.contains("service requests failed (InvalidArgument ") && err.contains("--allow-errors"),
+        "{err}"
+    );
+    let _ = stop.send(());
+}
