@@ -391,17 +391,21 @@ async fn import(
         Err(e) => return Err(CliError::Input(format!("reader task failed: {e}"))),
     };
     let r = outcome?.into_inner();
+    // Duplicates: valid numbers the file held more than once (counted once by the import).
     println!(
-        "received {}, added {}, removed {}, rejected {} at version {}",
-        r.received, r.added, r.removed, r.rejected, r.version
+        "received {}, duplicates {}, added {}, removed {}, rejected {} at version {}",
+        r.received,
+        rejects.duplicates(),
+        r.added,
+        r.removed,
+        r.rejected,
+        r.version
     );
     if r.rejected > 0 {
-        let shown: Vec<String> = rejects.first_lines.iter().map(u64::to_string).collect();
         eprintln!(
-            "warning: {} invalid NHS numbers were skipped (--strict refuses such a file); the \
-             first at lines {}",
+            "warning: {} invalid NHS numbers were skipped (--strict refuses such a file); {}",
             r.rejected,
-            shown.join(", ")
+            first_at(&rejects.first_lines)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -484,6 +488,59 @@ enum Layout {
 struct Rejects {
     count: u64,
     first_lines: Vec<u64>,
+    /// The distinct valid numbers of the file (a compressed set: a few MB for millions), for its
+    /// count of duplicates.
+    distinct: crate::core::coverage::Population,
+    valid: u64,
+}
+
+impl Rejects {
+    /// Valid numbers the file holds more than once.
+    fn duplicates(&self) -> u64 {
+        self.valid - self.distinct.len()
+    }
+}
+
+/// "at line 3" for one line, or "the first at lines 3, 7, 9".
+fn first_at(lines: &[u64]) -> String {
+    let shown: Vec<String> = lines.iter().map(u64::to_string).collect();
+    match shown.as_slice() {
+        [one] => format!("at line {one}"),
+        _ => format!("the first at lines {}", shown.join(", ")),
+    }
+}
+
+/// A first line that cannot be an NHS number and says what the file is instead: a header row, a
+/// CSV, or the national check's `.dat`. Read as one number a line, every row would be rejected.
+fn not_a_list_of_numbers(name: &str, line: &str) -> Option<String> {
+    if crate::core::NhsNumber::parse(line).is_ok() {
+        return None;
+    }
+    let body = line.trim_end_matches(',');
+    if line.ends_with(',') && body.chars().all(|c| c.is_ascii_digit() || c == ' ') {
+        return Some(format!(
+            "{name} line 1 ({line:?}) is in the national check's .dat layout (a number and a \
+             comma): give --format dat"
+        ));
+    }
+    if let Some(d) = [',', ';', '\t', '|']
+        .into_iter()
+        .find(|d| line.contains(*d))
+    {
+        let fields: Vec<&str> = line.split(d).map(str::trim).collect();
+        return Some(format!(
+            "{name} line 1 looks like a CSV header ({}): name the NHS number column with \
+             --column NAME{}",
+            fields.join(&d.to_string()),
+            if d == ',' { "" } else { " and the --delimiter" }
+        ));
+    }
+    line.chars().any(|c| c.is_ascii_alphabetic()).then(|| {
+        format!(
+            "{name} line 1 ({line:?}) looks like a header, not an NHS number: for a CSV give \
+             --column {line}; for a list of numbers remove the line"
+        )
+    })
 }
 
 fn read_import(
@@ -522,16 +579,23 @@ fn read_import(
     let mut chunk = Vec::with_capacity(IMPORT_CHUNK);
     let mut take = |lines: Vec<u64>, numbers: Vec<String>| -> Result<(), String> {
         for (line, n) in lines.iter().zip(&numbers) {
-            if let Err(e) = crate::core::NhsNumber::parse(n) {
-                if strict {
-                    return Err(format!(
-                        "{name} line {line}: not a valid NHS number ({e}); --strict refuses \
-                         the file"
-                    ));
+            match crate::core::NhsNumber::parse(n) {
+                Ok(n) => {
+                    rejects.valid += 1;
+                    rejects.distinct.insert(n);
+                    continue;
                 }
-                rejects.count += 1;
-                if rejects.first_lines.len() < 20 {
-                    rejects.first_lines.push(*line);
+                Err(e) => {
+                    if strict {
+                        return Err(format!(
+                            "{name} line {line}: not a valid NHS number ({e}); --strict refuses \
+                         the file"
+                        ));
+                    }
+                    rejects.count += 1;
+                    if rejects.first_lines.len() < 20 {
+                        rejects.first_lines.push(*line);
+                    }
                 }
             }
         }
@@ -543,11 +607,17 @@ fn read_import(
     };
     match layout {
         Layout::Lines => {
+            let mut first_line = true;
             for (i, line) in BufReader::new(input).lines().enumerate() {
                 let line = line.map_err(|e| format!("{name} line {}: {e}", i + 1))?;
                 let t = line.trim();
                 if t.is_empty() {
                     continue;
+                }
+                if std::mem::take(&mut first_line)
+                    && let Some(why) = not_a_list_of_numbers(name, t)
+                {
+                    return Err(why);
                 }
                 take(vec![i as u64 + 1], vec![t.to_string()])?;
             }

@@ -296,11 +296,11 @@ async fn admin_import_then_check_get_and_status() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains("received 3, added 2, removed 0, rejected 1"),
+        stdout.contains("received 3, duplicates 0, added 2, removed 0, rejected 1"),
         "{stdout}"
     );
     // The invalid number is named by its line in the file (line 3; line 2 is blank).
-    assert_stderr_has(&out, "the first at lines 3");
+    assert_stderr_has(&out, "skipped (--strict refuses such a file); at line 3");
 
     let out = optout(args(&[
         "check",

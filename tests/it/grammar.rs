@@ -127,3 +127,78 @@ fn a_client_command_piped_into_head_ends_quietly() {
         out.status
     );
 }
+
+/// A file that is not one NHS number a line is named before anything is sent (every row would be
+/// rejected: "rejected 63", exit 0, before), and a summary counts the file's duplicates.
+#[tokio::test]
+async fn an_import_that_is_not_a_list_of_numbers_is_refused_with_what_to_give() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir.path().join("data")).await;
+    let n = valid_numbers(4_300_000_000, 1);
+    let cases = [
+        (
+            "header.txt",
+            format!("nhs_number\n{}\n", n[0]),
+            "--column nhs_number",
+        ),
+        (
+            "extract.csv",
+            format!("id,nhs_number\n1,{}\n", n[0]),
+            "looks like a CSV header (id,nhs_number)",
+        ),
+        ("national.dat", format!("{},\n", n[0]), "give --format dat"),
+    ];
+    for (file, body, hint) in cases {
+        let path = dir.path().join(file);
+        std::fs::write(&path, body).expect("write");
+        let out = optout(args(&[
+            "admin",
+            "import",
+            "--server",
+            &server.url,
+            "--type",
+            "national",
+            "--mode",
+            "merge",
+            "--source",
+            "t",
+            path.to_str().expect("utf-8"),
+        ]))
+        .await;
+        assert_eq!(out.status.code(), Some(1), "{file}");
+        assert_stderr_has(&out, hint);
+        assert_stderr_has(&out, "nothing was imported");
+    }
+    let status = server
+        .admin_client()
+        .await
+        .get_status(optout::api::proto::GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.national_data_opt_outs, 0, "nothing was imported");
+
+    let path = dir.path().join("twice.txt");
+    std::fs::write(&path, format!("{0}\n{0}\n123\n", n[0])).expect("write");
+    let out = optout(args(&[
+        "admin",
+        "import",
+        "--server",
+        &server.url,
+        "--type",
+        "national",
+        "--mode",
+        "merge",
+        "--source",
+        "t",
+        path.to_str().expect("utf-8"),
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("received 3, duplicates 1, added 1, removed 0, rejected 1"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_stderr_has(&out, "skipped (--strict refuses such a file); at line 3");
+}
