@@ -385,10 +385,26 @@ impl ServeArgs {
         }))
     }
 
+    /// The audit key: --audit-key-file's; on the embedded store without one, the data
+    /// directory's own (made on first start, kept with the data, so the check log it keys can be
+    /// verified after a restart); on Redis without one, none (the server uses a key for this
+    /// process only, and says so loudly).
     fn audit_key(&self) -> Result<Option<AuditKey>, CliError> {
-        let Some(path) = &self.audit_key_file else {
-            return Ok(None);
+        let path = match &self.audit_key_file {
+            Some(path) => path.clone(),
+            None if self.redis.config()?.is_none() => data_dir_audit_key(&self.data_dir)?,
+            None => {
+                announce(
+                    true,
+                    "no --audit-key-file: audit digests and the check log are keyed with a key for \
+                     this process only, and cannot be verified after a restart or matched across \
+                     replicas. Make one (`optout keys audit-key > audit.key`) and give it to every \
+                     replica",
+                );
+                return Ok(None);
+            }
         };
+        let path = &path;
         let raw = read_file("--audit-key-file", path)?;
         AuditKey::from_file(&raw)
             .map(Some)
@@ -616,4 +632,39 @@ fn max_age_days(s: &str) -> Result<MaxAgeArg, String> {
         .filter(|d| !d.is_zero())
         .map(|d| MaxAgeArg(Some(d)))
         .ok_or_else(|| format!("{s}: give a number of days above zero (or \"none\" for no limit)"))
+}
+
+/// The embedded store's audit key, `DATA_DIR/audit-key`: read if it is there, else made (32
+/// random bytes, base64, readable by the owner only) and announced.
+fn data_dir_audit_key(data_dir: &std::path::Path) -> Result<PathBuf, CliError> {
+    let path = data_dir.join("audit-key");
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| CliError::Usage(format!("--data-dir {}: {e}", data_dir.display())))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let written = options.open(&path).and_then(|mut f| {
+        use std::io::Write;
+        f.write_all(AuditKey::generate().as_bytes())?;
+        f.sync_all()
+    });
+    written.map_err(|e| {
+        CliError::Usage(format!(
+            "{}: cannot write the audit key: {e}",
+            path.display()
+        ))
+    })?;
+    announce(
+        true,
+        &format!(
+            "made an audit key for this data directory in {}: back it up with the data (the check \
+             log cannot be verified without it); --audit-key-file gives one of your own",
+            path.display()
+        ),
+    );
+    Ok(path)
 }

@@ -202,3 +202,51 @@ async fn an_import_that_is_not_a_list_of_numbers_is_refused_with_what_to_give() 
     );
     assert_stderr_has(&out, "skipped (--strict refuses such a file); at line 3");
 }
+
+/// The embedded store keeps its own audit key in its data directory, made once and kept, so a
+/// check log written before a restart can be verified after it (a random key per process could
+/// never be); Redis without --audit-key-file says loudly that its key lasts one process.
+#[tokio::test]
+async fn the_embedded_store_keeps_an_audit_key_in_its_data_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    // --max-batch 0 stops serve after the key, before it listens.
+    let serve = |extra: &[&str]| {
+        let mut a = args(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-batch",
+            "0",
+            "--data-dir",
+        ]);
+        a.push(data.to_str().expect("utf-8").to_string());
+        a.extend(args(extra));
+        optout(a)
+    };
+    let first = serve(&[]).await;
+    assert_eq!(first.status.code(), Some(2));
+    assert_stderr_has(&first, "made an audit key for this data directory");
+    let path = data.join("audit-key");
+    let key = std::fs::read_to_string(&path).expect("the key is kept");
+    assert_eq!(key.trim().len(), 44, "base64 of 32 bytes: {key}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "readable by its owner only");
+    }
+    let second = serve(&[]).await;
+    assert!(
+        !text(&second.stderr).contains("made an audit key"),
+        "{}",
+        text(&second.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("key"),
+        key,
+        "the same key"
+    );
+
+    let redis = serve(&["--redis-url", "redis://127.0.0.1:1"]).await;
+    assert_stderr_has(&redis, "for this process only");
+}
