@@ -53,15 +53,58 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli, ConfigError> {
         return Ok(Cli::from_arg_matches(&matches)?);
     };
     let extra = file_args(&path, serve)?;
+    let from_file: Vec<String> = extra
+        .iter()
+        .filter_map(|a| {
+            a.to_str()?
+                .strip_prefix("--")?
+                .split('=')
+                .next()
+                .map(String::from)
+        })
+        .collect();
     let mut all = args;
     all.extend(extra);
     let merged = Cli::command()
         .try_get_matches_from(all)
-        .map_err(|e| ConfigError::File {
+        .map_err(|e| file_error(&path, &from_file, &e))?;
+    Ok(Cli::from_arg_matches(&merged)?)
+}
+
+/// A value of the file clap refused, named by the file's key (`max-batch`) rather than the flag
+/// clap parsed it as (`--max-batch <MAX_BATCH>`); anything else as clap says it.
+fn file_error(path: &Path, from_file: &[String], e: &clap::Error) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue};
+    let text = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        Some(ContextValue::Strings(list)) => Some(list.join(", ")),
+        _ => None,
+    };
+    let key = text(ContextKind::InvalidArg).and_then(|flag| {
+        let long = flag
+            .strip_prefix("--")?
+            .split([' ', '='])
+            .next()?
+            .to_string();
+        from_file.contains(&long).then_some(long)
+    });
+    match (key, text(ContextKind::InvalidValue)) {
+        (Some(key), Some(value)) => {
+            let why = std::error::Error::source(e)
+                .map(|s| format!(": {s}"))
+                .or_else(|| text(ContextKind::ValidValue).map(|v| format!(" (one of {v})")))
+                .unwrap_or_default();
+            ConfigError::Setting {
+                path: path.display().to_string(),
+                key,
+                reason: format!("invalid value {value:?}{why}"),
+            }
+        }
+        _ => ConfigError::File {
             path: path.display().to_string(),
             reason: e.render().to_string().trim().to_string(),
-        })?;
-    Ok(Cli::from_arg_matches(&merged)?)
+        },
+    }
 }
 
 /// The file's settings as `--key=value` arguments, leaving out those set by flag or environment.

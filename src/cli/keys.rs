@@ -26,7 +26,7 @@ pub(super) enum KeysCommand {
         #[arg(long = "role", value_enum, required = true)]
         roles: Vec<RoleArg>,
         /// An exempt legal basis the key may claim in checks (repeat for more); none by default.
-        #[arg(long = "exempt-basis", value_enum)]
+        #[arg(long = "exempt-basis", value_parser = exempt_basis())]
         exempt_bases: Vec<super::BasisArg>,
         /// A purpose the key may check for (repeat for more); research and planning by default.
         /// direct-care releases every valid number: grant it only to direct care systems.
@@ -259,4 +259,17 @@ fn revoke(path: &Path, id: &str) -> Result<(), CliError> {
         path.display()
     );
     Ok(())
+}
+
+/// The exempt legal bases, as --exempt-basis takes them: every basis but `none` (a key without an
+/// exempt basis is one given no --exempt-basis), so --help offers only what is accepted.
+fn exempt_basis() -> impl clap::builder::TypedValueParser<Value = super::BasisArg> {
+    use clap::{ValueEnum, builder::TypedValueParser};
+    let names: Vec<clap::builder::PossibleValue> = super::BasisArg::value_variants()
+        .iter()
+        .filter(|b| **b != super::BasisArg::None)
+        .filter_map(|b| b.to_possible_value())
+        .collect();
+    clap::builder::PossibleValuesParser::new(names)
+        .map(|s: String| super::BasisArg::from_str(&s, false).unwrap_or_default())
 }

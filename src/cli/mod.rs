@@ -68,7 +68,8 @@ enum Command {
     Filter(filter::FilterArgs),
     /// Maintain the opt-out lists.
     Admin(admin::AdminArgs),
-    /// Initialise an empty Redis store: write its dataset marker (once, like a schema migration).
+    /// Initialise an empty store, Redis (--redis-url, --redis-sentinel, --redis-cluster) or embedded
+    /// (--data-dir): write its dataset marker and coverage mode (once, like a schema migration).
     InitStore(init_store::InitStoreArgs),
     /// Manage API keys.
     Keys(keys::KeysArgs),

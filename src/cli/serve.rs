@@ -455,8 +455,8 @@ impl TryFrom<&ServeArgs> for ServerConfig {
 
     /// The server's configuration from the flags (whose defaults are the server's own).
     fn try_from(args: &ServeArgs) -> Result<Self, CliError> {
-        let audit_key = args.audit_key()?;
         args.check_ranges()?;
+        let audit_key = args.audit_key()?;
         let side = |flag: &str, addr: Option<SocketAddr>| -> Result<_, CliError> {
             addr.map(|a| {
                 std::net::TcpListener::bind(a)

@@ -91,6 +91,35 @@ async fn completion_scripts_and_the_version_with_its_commit() {
     let out = optout(args(&["completion", "tcsh"])).await;
     assert_eq!(out.status.code(), Some(2));
 
+    // --help offers only what is accepted: a key without an exempt basis is given none.
+    let out = optout(args(&["keys", "new", "--help"])).await;
+    assert!(
+        !text(&out.stdout).contains("- none:"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = optout(args(&[
+        "keys",
+        "new",
+        "--keys-file",
+        "/nonexistent/k.toml",
+        "--organisation",
+        "RX1",
+        "--role",
+        "checker",
+        "--exempt-basis",
+        "none",
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(&out, "invalid value 'none' for '--exempt-basis");
+    let out = optout(args(&["init-store", "--help"])).await;
+    assert!(
+        text(&out.stdout).contains("or embedded (--data-dir)"),
+        "{}",
+        text(&out.stdout)
+    );
+
     let out = optout(args(&["--version"])).await;
     let version = text(&out.stdout);
     let commit = version
@@ -210,16 +239,11 @@ async fn an_import_that_is_not_a_list_of_numbers_is_refused_with_what_to_give() 
 async fn the_embedded_store_keeps_an_audit_key_in_its_data_directory() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    // --max-batch 0 stops serve after the key, before it listens.
+    // A --listen address in use stops serve after the key, before it opens the store.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let listen = taken.local_addr().expect("addr").to_string();
     let serve = |extra: &[&str]| {
-        let mut a = args(&[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--max-batch",
-            "0",
-            "--data-dir",
-        ]);
+        let mut a = args(&["serve", "--listen", &listen, "--data-dir"]);
         a.push(data.to_str().expect("utf-8").to_string());
         a.extend(args(extra));
         optout(a)

@@ -436,7 +436,7 @@ async fn config_file_is_beneath_environment_which_is_beneath_flags() {
         ),
         (
             "max-batch = \"lots\"\n",
-            vec!["--max-batch", "lots", "optout.toml"],
+            vec!["setting `max-batch`: invalid value \"lots\"", "optout.toml"],
         ),
         (
             "filter-capacity = [1, 2]\n",
