@@ -87,8 +87,8 @@ enum AdminCommand {
         /// Only records about this patient ("who released data about this patient?").
         #[arg(long)]
         nhs_number: Option<String>,
-        /// At most this many records.
-        #[arg(long, default_value_t = 1000)]
+        /// At most this many records (up to 10,000); when there are more, it says how to read on.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: u32,
         /// text: a line a record; json: an array of records (kebab-case names, RFC 3339 times).
         #[arg(long, value_enum, default_value_t = OutputArg::Text)]
@@ -212,7 +212,8 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
                 organisation: organisation.unwrap_or_default(),
                 extract_id: extract_id.unwrap_or_default(),
                 nhs_number: nhs_number.unwrap_or_default(),
-                limit,
+                // One more than shown: whether there are more to read.
+                limit: limit + 1,
             };
             super::admin_read::audit(&mut client, query, timeout, output).await
         }

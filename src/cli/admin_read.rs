@@ -94,9 +94,25 @@ pub(super) async fn audit(
     timeout: Duration,
     output: OutputArg,
 ) -> Result<ExitCode, CliError> {
+    // The caller asked for one record more than it shows (the server gives at most 10,000).
+    let shown = usize::try_from(query.limit.saturating_sub(1)).unwrap_or(usize::MAX);
     let mut request = tonic::Request::new(query);
     request.set_timeout(timeout);
-    let r = client.read_audit(request).await?.into_inner();
+    let mut r = client.read_audit(request).await?.into_inner();
+    let more = if r.records.len() > shown {
+        r.records.truncate(shown);
+        Some("more records match")
+    } else if r.records.len() == shown && shown == 10_000 {
+        Some("more records may match")
+    } else {
+        None
+    };
+    if let (Some(more), Some(last)) = (more, r.records.last()) {
+        eprintln!(
+            "{more}: read on with --from {} (records of that millisecond shown here come again)",
+            words::time(last.at_unix_ms)
+        );
+    }
     if output == OutputArg::Json {
         let records: Vec<_> = r.records.iter().map(audit_json).collect();
         words::print_json(&serde_json::Value::Array(records))?;

@@ -47,6 +47,19 @@ async fn client_flags_go_anywhere_and_usage_errors_exit_2() {
         "{}",
         text(&out.stdout)
     );
+    // A page shorter than what matches says so, and how to read on.
+    let out = optout(args(&[
+        "admin",
+        "audit",
+        "--limit",
+        "1",
+        "--server",
+        &server.url,
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 1);
+    assert_stderr_has(&out, "more records match: read on with --from 20");
 
     // What cannot be run as typed: 2, with what to type instead, and nothing sent.
     let out = optout(args(&["admin", "status", "--server", "localhost:1"])).await;
