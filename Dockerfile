@@ -19,7 +19,8 @@ ENV OPTOUT_GIT_COMMIT=${OPTOUT_GIT_COMMIT}
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --profile dist --locked -p optout --bin optout \
-    && cp target/dist/optout /optout
+    && cp target/dist/optout /optout \
+    && mkdir -p /data
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 ARG VERSION=0.1.0
@@ -28,14 +29,19 @@ LABEL org.opencontainers.image.title="optout-service" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="MIT"
 COPY --from=build /optout /usr/local/bin/optout
+# The data directory, the non-root user's: a named volume mounted here starts with this owner
+# (Docker copies it), so the embedded store can write to it. No shell here to chown at run time.
+COPY --from=build --chown=65532:65532 /data /data
 # 65532 is distroless's "nonroot"; the chart runs it with a read-only root filesystem.
 USER 65532:65532
 # gRPC (TLS), plaintext health (grpc.health.v1 only), Prometheus metrics.
 EXPOSE 50051 50052 9090
 # The image has no shell: the binary asks its own health port (exit 0 when SERVING).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["/usr/local/bin/optout", "health", "--server", "http://127.0.0.1:50052", "--timeout-ms", "2000"]
+    CMD ["/usr/local/bin/optout", "health", "--server", "http://127.0.0.1:50052", "--timeout", "2s"]
 ENTRYPOINT ["/usr/local/bin/optout"]
-# Beyond loopback the service requires keys, TLS and an audit key (it refuses to start without):
-# mount them and pass their flags or OPTOUT_* variables (docs/src/operations.md, "Running in a container").
-CMD ["serve", "--listen=0.0.0.0:50051", "--health-listen=0.0.0.0:50052", "--metrics-listen=0.0.0.0:9090", "--log-format=json"]
+# The default: development mode, to try it (`docker run -p 50051:50051 optout-service`): every
+# interface, no keys or TLS, a temporary store, a banner saying so; refused inside Kubernetes.
+# For real use give the command: beyond loopback the service requires keys, TLS and an audit key
+# (docs/src/operations.md, "Running in a container"; the Helm chart passes its own arguments).
+CMD ["serve", "--dev", "--health-listen=127.0.0.1:50052", "--metrics-listen=0.0.0.0:9090"]

@@ -384,7 +384,10 @@ fn announce(warning: bool, text: &str) {
             tracing::info!(target: "optout", "{text}");
         }
     } else {
-        eprintln!("optout: {text}");
+        // Not eprintln!, which panics when stderr is gone (a closed pipe, a log collector that
+        // died): a server must not end over a line nobody can read.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "optout: {text}");
     }
 }
 

@@ -134,9 +134,23 @@ impl RedisArgs {
 
 #[derive(Args, Debug)]
 pub(super) struct ServeArgs {
+    /// Development mode, to try the service (a container's quick start): every interface
+    /// (0.0.0.0:50051 unless --listen says otherwise), no keys, no TLS, and a temporary store
+    /// deleted at exit, with a banner saying so. Refused with a Redis store, a keys file, a data
+    /// directory, or inside Kubernetes: never for patient data.
+    #[arg(
+        long,
+        conflicts_with_all = ["redis_url", "redis_sentinel", "redis_cluster", "keys_file", "data_dir"]
+    )]
+    dev: bool,
     /// Address to listen on. Beyond loopback the service also needs --keys-file, --tls-cert with
     /// --tls-key, and --audit-key-file.
-    #[arg(long, env = "OPTOUT_LISTEN", default_value = defaults::LISTEN)]
+    #[arg(
+        long,
+        env = "OPTOUT_LISTEN",
+        default_value = defaults::LISTEN,
+        default_value_if("dev", "true", "0.0.0.0:50051")
+    )]
     listen: SocketAddr,
     /// Directory of the embedded store. Created, with a new empty dataset, if it holds no database.
     #[arg(long, env = "OPTOUT_DATA_DIR", default_value = defaults::DATA_DIR)]
@@ -340,6 +354,9 @@ impl ServeArgs {
     /// Secure by default: beyond loopback, callers must authenticate, traffic must be encrypted,
     /// and audit digests must be stable across replicas.
     fn check_exposure(&self) -> Result<(), CliError> {
+        if self.dev {
+            return Ok(());
+        }
         if self.listen.ip().is_loopback() {
             if self.keys_file.is_none() {
                 announce(
@@ -527,7 +544,13 @@ impl TryFrom<&ServeArgs> for ServerConfig {
 }
 
 /// Checks the exposure, builds the configuration, binds, says where, and serves until SIGTERM.
-pub(super) async fn serve(args: ServeArgs) -> Result<(), CliError> {
+pub(super) async fn serve(mut args: ServeArgs) -> Result<(), CliError> {
+    // Development mode's store, deleted when serve returns.
+    let _dev_store = if args.dev {
+        Some(dev_mode(&mut args)?)
+    } else {
+        None
+    };
     args.check_exposure()?;
     let shutdown = shutdown_signal();
     let config = ServerConfig::try_from(&args)?;
@@ -667,4 +690,31 @@ fn data_dir_audit_key(data_dir: &std::path::Path) -> Result<PathBuf, CliError> {
         ),
     );
     Ok(path)
+}
+
+/// `serve --dev`: refused inside Kubernetes (a production sign the flags cannot show), else a
+/// temporary data directory and the banner.
+fn dev_mode(args: &mut ServeArgs) -> Result<tempfile::TempDir, CliError> {
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        return Err(CliError::Usage(
+            "--dev is refused inside Kubernetes: it runs without authentication, TLS or a \
+             lasting store. Deploy with the Helm chart (helm/optout-service)"
+                .into(),
+        ));
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("optout-dev-")
+        .tempdir()
+        .map_err(|e| CliError::Usage(format!("--dev: cannot make a temporary store: {e}")))?;
+    args.data_dir = dir.path().to_path_buf();
+    announce(
+        true,
+        &format!(
+            "DEVELOPMENT MODE (--dev): listening on {} WITHOUT authentication or TLS, on a \
+             temporary store deleted at exit ({}). Never for patient data",
+            args.listen,
+            dir.path().display()
+        ),
+    );
+    Ok(dir)
 }

@@ -287,3 +287,81 @@ async fn the_embedded_store_keeps_an_audit_key_in_its_data_directory() {
     let redis = serve(&["--redis-url", "redis://127.0.0.1:1"]).await;
     assert_stderr_has(&redis, "for this process only");
 }
+
+/// `serve --dev`: a banner, no keys needed, a temporary store deleted at exit; refused where a
+/// production sign is (a Redis store, a keys file, Kubernetes).
+#[tokio::test]
+async fn serve_dev_runs_on_a_temporary_store_and_is_refused_where_production_shows() {
+    use std::io::BufRead;
+    // Loopback here (tests listen on loopback only); without --listen it is 0.0.0.0:50051.
+    let mut child = Command::new(BIN)
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .env("OPTOUT_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        for line in lines.by_ref().map_while(Result::ok) {
+            let done = line.contains("listening on");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        // The pipe closes here: a server whose stderr is gone keeps going and ends cleanly
+        // (eprintln! would panic on its next line, exit 101).
+        drop(lines);
+        seen
+    })
+    .await
+    .expect("join");
+    let banner = lines
+        .iter()
+        .find(|l| l.contains("DEVELOPMENT MODE (--dev)"))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(banner.contains("WITHOUT authentication or TLS"), "{banner}");
+    let store = banner
+        .split("deleted at exit (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .map(std::path::PathBuf::from)
+        .expect("the store's directory");
+    assert!(store.exists(), "{store:?}");
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let exit = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+        .await
+        .expect("join");
+    assert!(exit.success(), "{exit:?}");
+    assert!(!store.exists(), "the temporary store is deleted at exit");
+
+    let out = optout(args(&[
+        "serve",
+        "--dev",
+        "--redis-url",
+        "redis://127.0.0.1:1",
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(&out, "'--dev' cannot be used with '--redis-url");
+    let out = tokio::task::spawn_blocking(|| {
+        Command::new(BIN)
+            .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+            .env("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+            .output()
+            .expect("runs")
+    })
+    .await
+    .expect("join");
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(&out, "--dev is refused inside Kubernetes");
+}
