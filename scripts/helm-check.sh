@@ -101,20 +101,37 @@ def exported(expr, what):
     for name in names:
         base = re.sub(r"_(bucket|sum|count)$", "", name)
         assert f'"{base}"' in source, f"{what}: {name} is not a metric of the service"
+# Every alert says what and why, links its runbook (a section of docs/src/runbooks.md), and is
+# scoped to the release's namespace and scrape job.
+runbooks = pathlib.Path("docs/src/runbooks.md").read_text()
+anchors = {re.sub(r"[^a-z0-9-]", "", h.strip().lower().replace(" ", "-")) for h in re.findall(r"^## (.+)$", runbooks, re.M)}
 for rule in by_kind.get("PrometheusRule", []):
     assert rule["apiVersion"] == "monitoring.coreos.com/v1", rule["apiVersion"]
     for group in rule["spec"]["groups"]:
         for r in group["rules"]:
-            exported(r["expr"], f"alert {r['alert']}")
+            if not re.search(r"\bup\{", r["expr"]):  # the scrape itself: no metric of ours
+                exported(r["expr"], f"alert {r['alert']}")
+            notes = r.get("annotations", {})
+            for key in ("summary", "description", "runbook_url"):
+                assert notes.get(key), f"alert {r['alert']} has no {key}"
+            anchor = notes["runbook_url"].rsplit("#", 1)[-1]
+            assert anchor == r["alert"].lower() and anchor in anchors, f"alert {r['alert']}: no runbook section #{anchor} in docs/src/runbooks.md"
+            assert 'namespace="optout"' in r["expr"] and 'job="' in r["expr"], f"alert {r['alert']} is not scoped to the release: {r['expr']}"
 # The dashboard parses, and every metric a panel queries is one the service exports.
 for d in by_kind.get("ConfigMap", []):
     for name, body in (d.get("data") or {}).items():
         if not name.endswith(".json"):
             continue
         dash = __import__("json").loads(body)
+        variables = {v["name"] for v in dash["templating"]["list"]}
+        assert {"datasource", "namespace", "job", "instance"} <= variables, f"dashboard variables: {variables}"
         for panel in dash["panels"]:
             for t in panel["targets"]:
                 exported(t["expr"], f"dashboard panel {panel['title']}")
+                # Every series scoped by the variables; rates over Grafana's $__rate_interval.
+                for m in re.finditer(r"optout_[a-z0-9_]+(\{[^}]*\})?", t["expr"]):
+                    assert m.group(1) and all(f'{v}=~"${v}"' in m.group(1) for v in ("namespace", "job", "instance")), f"dashboard panel {panel['title']}: {m.group(0)} is not scoped by $namespace, $job, $instance"
+                assert not re.search(r"\[\d+[smh]\]", t["expr"]), f"dashboard panel {panel['title']}: a fixed rate window, not $__rate_interval"
 # The init-store Jobs: initialise on install only; an upgrade only verifies (a store that lost its
 # data must not become a new, empty one: issue 27); every argument a flag of `optout init-store`.
 for job in by_kind.get("Job", []):
@@ -169,7 +186,7 @@ serve_flags = set(re.findall(r"^\s+--([a-z0-9-]+)", help_text, re.M)) - {"help",
 templates = "".join(p.read_text() for p in pathlib.Path("helm/optout-service/templates").rglob("*.yaml"))
 owned = {f for f in serve_flags if re.search(rf"--{re.escape(f)}\b", templates)}
 owned |= {f for f in serve_flags if "OPTOUT_" + f.upper().replace("-", "_") in templates}
-owned |= {"config"}
+owned |= {"config", "dev"}  # dev: refused inside Kubernetes
 schema = __import__("json").loads(pathlib.Path("helm/optout-service/values.schema.json").read_text())
 in_schema = set(schema["properties"]["config"]["properties"])
 assert schema["properties"]["config"].get("additionalProperties") is False, "config takes any key"
