@@ -258,4 +258,37 @@ grep -q "key: redis-password" "$out/password.yaml"
     --set 'redis.cluster.nodes={redis-0:6379,redis-1:6379}' >"$out/cluster.yaml"
 grep -q -- '--redis-cluster=redis-0:6379,redis-1:6379' "$out/cluster.yaml"
 grep -q -- "--redis-cluster" "$serve_help"
+# The extension points (a registry, labels on everything, more env, volumes, mounts, sidecars)
+# render into valid manifests and where they belong; selectors keep to the selector labels.
+cat >"$out/extras-values.yaml" <<'YAML'
+image: {registry: registry.example.nhs.uk/}
+commonLabels: {team: data-services}
+extraEnv: [{name: OPTOUT_RATE_LIMIT, valueFrom: {configMapKeyRef: {name: limits, key: rate}}}]
+extraVolumes: [{name: ca-bundle, configMap: {name: ca-bundle}}]
+extraVolumeMounts: [{name: ca-bundle, mountPath: /etc/ssl/extra, readOnly: true}]
+sidecars: [{name: shipper, image: "fluent/fluent-bit:3.2", args: ["-i", "tail"]}]
+YAML
+mkdir -p "$out/extras"
+"$helm" template optout "$chart" --namespace optout --kube-version "$k8s_version" \
+    -f "$out/extras-values.yaml" --output-dir "$out/extras" >/dev/null
+mapfile -t extras < <(find "$out/extras" -name '*.yaml' | sort)
+"$validate" --strict -k "$k8s_version" "${extras[@]}" >/dev/null
+"$venv/bin/python" - "$out/extras" <<'PY'
+import pathlib, sys, yaml
+docs = [d for f in sorted(pathlib.Path(sys.argv[1]).rglob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+deploy = next(d for d in docs if d["kind"] == "Deployment")
+pod = deploy["spec"]["template"]["spec"]
+main = pod["containers"][0]
+assert main["image"] == "registry.example.nhs.uk/optout-service:0.1.0", main["image"]
+assert any(e["name"] == "OPTOUT_RATE_LIMIT" for e in main["env"]), main["env"]
+assert any(m["name"] == "ca-bundle" for m in main["volumeMounts"]), main["volumeMounts"]
+assert any(v["name"] == "ca-bundle" for v in pod["volumes"]), pod["volumes"]
+assert [c["name"] for c in pod["containers"]] == ["optout", "shipper"], pod["containers"]
+for d in docs:
+    assert d["metadata"]["labels"].get("team") == "data-services", f"{d['kind']} lacks commonLabels"
+assert "team" not in deploy["spec"]["selector"]["matchLabels"], "commonLabels in a selector"
+print("  image.registry, commonLabels, extraEnv, extraVolumes, extraVolumeMounts, sidecars render where they belong")
+PY
+# The chart's README: its parameters table is what values.yaml says.
+python3 scripts/helm-params.py --check
 echo "helm chart: rendered and valid for default and production values"
