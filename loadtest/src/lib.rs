@@ -7,6 +7,7 @@
 pub mod echo;
 pub mod population;
 pub mod report;
+pub mod threshold;
 
 use std::{
     collections::BTreeMap,
@@ -86,6 +87,55 @@ async fn connect(url: &str) -> Result<Channel, Error> {
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await?)
+}
+
+/// The live line of a run on a terminal: elapsed, requests, their rate, errors (k6's and ghz's).
+struct Live {
+    bar: indicatif::ProgressBar,
+    last: std::sync::Mutex<Instant>,
+}
+
+impl Live {
+    fn new(wanted: bool, target: &Target) -> Live {
+        use std::io::IsTerminal;
+        let bar = if wanted && std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_prefix(match target {
+                Target::Grpc { url, .. } => url.clone(),
+                Target::Redis { .. } => "redis".into(),
+            });
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {prefix} {msg}") {
+                bar.set_style(style);
+            }
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        Live {
+            bar,
+            last: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// At most four times a second.
+    fn show(&self, elapsed: Duration, sent: u64, failed: u64) {
+        if self.bar.is_hidden() {
+            return;
+        }
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        if last.elapsed() < Duration::from_millis(250) {
+            return;
+        }
+        *last = Instant::now();
+        let secs = elapsed.as_secs_f64().max(0.001);
+        self.bar.set_message(format!(
+            "{secs:5.1} s  {sent} requests  {:.0} req/s  errors {failed}",
+            sent as f64 / secs
+        ));
+        self.bar.tick();
+    }
 }
 
 /// What a seed did.
@@ -296,6 +346,8 @@ pub struct Workload {
     pub opted_share: f64,
     /// Run this long first without measuring.
     pub warmup: Duration,
+    /// A live line on stderr (rate, errors, elapsed) while it runs, when stderr is a terminal.
+    pub progress: bool,
 }
 
 /// Latency percentiles in microseconds.
@@ -367,6 +419,8 @@ struct Shared {
     stop: AtomicBool,
     measuring: AtomicBool,
     sent: AtomicU64,
+    /// Requests that failed, for the live line.
+    failed: AtomicU64,
     started: Instant,
 }
 
@@ -426,6 +480,7 @@ pub async fn run(
         stop: AtomicBool::new(false),
         measuring: AtomicBool::new(workload.warmup.is_zero()),
         sent: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
         started: Instant::now() + workload.warmup,
     });
     let empty = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
@@ -443,15 +498,22 @@ pub async fn run(
         shared.measuring.store(true, Ordering::SeqCst);
     }
     let measure_start = Instant::now();
+    let live = Live::new(workload.progress, target);
     // Stop at the duration, or when the request count is reached.
     loop {
-        let done_count =
-            workload.count > 0 && shared.sent.load(Ordering::Relaxed) >= workload.count;
+        let sent = shared.sent.load(Ordering::Relaxed);
+        let done_count = workload.count > 0 && sent >= workload.count;
         if done_count || measure_start.elapsed() >= workload.duration {
             break;
         }
+        live.show(
+            measure_start.elapsed(),
+            sent,
+            shared.failed.load(Ordering::Relaxed),
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    live.bar.finish_and_clear();
     shared.stop.store(true, Ordering::SeqCst);
     let mut hist = empty;
     let mut tally = Tally::default();
@@ -669,7 +731,10 @@ async fn worker(
                         .max(1),
                 );
             }
-            Err(code) => *tally.errors.entry(code).or_default() += 1,
+            Err(code) => {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                *tally.errors.entry(code).or_default() += 1;
+            }
         }
     }
     (hist, tally)
@@ -694,6 +759,7 @@ fn record(
     tally.planted_seen += planted_released.len() as u64;
     tally.leaks += planted_released.iter().filter(|r| **r).count() as u64;
     if answered != sent {
+        shared.failed.fetch_add(1, Ordering::Relaxed);
         *tally.errors.entry("short-answer".into()).or_default() += 1;
     }
 }
@@ -739,6 +805,7 @@ async fn stream_worker(
     {
         Ok(r) => r.into_inner(),
         Err(s) => {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
             *tally.errors.entry(format!("{:?}", s.code())).or_default() += 1;
             return;
         }
@@ -800,6 +867,7 @@ async fn stream_worker(
             }
             Ok(None) => break,
             Err(s) => {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
                 *tally.errors.entry(format!("{:?}", s.code())).or_default() += 1;
                 break;
             }

@@ -64,7 +64,7 @@ enum Command {
         force: bool,
     },
     /// Run a workload and report (and, with --baseline redis, the same workload against Redis).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// One HTML page from the JSON reports of several runs (service, Redis and echo side by
     /// side), e.g. those scripts/bench.sh writes.
     Report {
@@ -159,6 +159,11 @@ struct RunArgs {
     /// Do not fail on failed requests (an overload test that expects some).
     #[arg(long)]
     allow_errors: bool,
+    /// A criterion the service's run must meet, else the run fails (repeat for more), as k6
+    /// writes them: p50|p90|p99|p99.9|max against a length of time (p99<5ms), rate or req_rate
+    /// against a number a second (rate>=100000), error_rate against a share (error_rate<0.01).
+    #[arg(long = "threshold", value_parser = optout_loadtest::threshold::Threshold::parse)]
+    thresholds: Vec<optout_loadtest::threshold::Threshold>,
 }
 
 #[tokio::main]
@@ -285,6 +290,7 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
                 rate: args.rate,
                 opted_share: args.opted_share,
                 warmup: args.warmup,
+                progress: true,
             };
             if let Some(why) =
                 optout_loadtest::unseeded(&args.server, args.api_key.clone(), &pop).await
@@ -352,6 +358,12 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
                     );
                 }
                 failed = true;
+            }
+            for t in &args.thresholds {
+                let (value, holds) = t.check(&reports[0]);
+                let verdict = if holds { "ok" } else { "FAILED" };
+                println!("threshold {t}: {} {verdict}", t.shown(value));
+                failed |= !holds;
             }
             for r in &reports {
                 let errors: u64 = r.errors.values().sum();

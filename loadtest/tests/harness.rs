@@ -33,6 +33,7 @@ fn workload(mode: Mode) -> Workload {
         rate: 0.0,
         opted_share: 0.05,
         warmup: Duration::from_millis(200),
+        progress: false,
     }
 }
 
@@ -333,6 +334,29 @@ async fn the_binary_says_seed_first_and_fails_on_errors_by_code() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(seeded);
+    // Thresholds, as k6 writes them: met, the run passes; one broken, it fails, saying which.
+    let run_met = run_bin.clone();
+    let met = tokio::task::spawn_blocking(move || {
+        run_met(&["--threshold", "p99<60s", "--threshold", "rate>=1"])
+    })
+    .await
+    .expect("join");
+    let out = String::from_utf8_lossy(&met.stdout);
+    assert_eq!(met.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("threshold p99<60s: ") && out.contains(" ok"),
+        "{out}"
+    );
+    let run_broken = run_bin.clone();
+    let broken = tokio::task::spawn_blocking(move || run_broken(&["--threshold", "p50<1us"]))
+        .await
+        .expect("join");
+    let out = String::from_utf8_lossy(&broken.stdout);
+    assert_eq!(broken.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("threshold p50<1us: ") && out.contains("FAILED"),
+        "{out}"
+    );
     // Batches over the server's --max-batch (10,000): every request refused.
     let refused = tokio::task::spawn_blocking(move || run_bin(&["--batch", "20000"]))
         .await
