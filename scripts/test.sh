@@ -52,19 +52,21 @@ fi
 "${OPTOUT_TEST_REDIS_SERVER:-redis-server}" --version
 "${OPTOUT_TEST_REDIS_CLI:-redis-cli}" --version
 
-# The NHS number oracle (tests/it/nhs_oracle.rs): the PyPI nhs-number package, pinned by hash.
+# The tests' Python environment: the NHS number oracle (tests/it/nhs_oracle.rs: the PyPI
+# nhs-number package) and pyarrow (tests/it/parquet.rs: an independent Parquet writer and reader),
+# pinned by hash.
 oracle=target/tools/nhs-oracle
-oracle_want="$(sha256sum tests/nhs-oracle-requirements.txt | cut -d' ' -f1)"
+oracle_want="$(cat tests/nhs-oracle-requirements.txt tests/python-requirements.txt | sha256sum | cut -d' ' -f1) $(python3 --version 2>&1)"
 if [ ! -x "$oracle/bin/python" ] || [ "$(cat "$oracle/.requirements.sha256" 2>/dev/null)" != "$oracle_want" ]; then
     if ! python3 -m venv --help >/dev/null 2>&1; then
         echo "error: python3 with venv is needed for the NHS number oracle: apt-get install python3 python3-venv" >&2
         exit 1
     fi
-    echo "== installing the pinned nhs-number package (the NHS number oracle) into $oracle"
+    echo "== installing the pinned nhs-number package (the NHS number oracle) and pyarrow into $oracle"
     rm -rf "$oracle"
     python3 -m venv "$oracle"
     "$oracle/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes \
-        -r tests/nhs-oracle-requirements.txt
+        -r tests/nhs-oracle-requirements.txt -r tests/python-requirements.txt
     echo "$oracle_want" >"$oracle/.requirements.sha256"
 fi
 export OPTOUT_NHS_ORACLE_PYTHON="$PWD/$oracle/bin/python"

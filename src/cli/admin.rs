@@ -462,6 +462,13 @@ fn open_import_input(file: Option<&Path>) -> Result<ImportInput, CliError> {
 /// How the import file is laid out, from --column and --format.
 fn import_layout(args: &ImportArgs) -> Result<Layout, CliError> {
     Ok(match (&args.column, args.format) {
+        (_, Some(FormatArg::Parquet)) => {
+            return Err(CliError::Usage(
+                "--format parquet is for optout filter; import a list of numbers (one a line), a \
+                 CSV (--column) or a .dat (--format dat)"
+                    .into(),
+            ));
+        }
         (Some(column), _) => Layout::Csv(column.clone(), args.delimiter.byte()),
         (None, Some(FormatArg::Dat)) => Layout::Dat,
         (None, Some(FormatArg::Csv)) => {

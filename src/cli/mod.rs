@@ -86,7 +86,6 @@ enum Command {
     },
 }
 
-/// The purpose, as typed on the command line.
 /// How an extract is laid out.
 #[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum FormatArg {
@@ -95,6 +94,9 @@ pub(crate) enum FormatArg {
     Csv,
     /// The national file check's format: one NHS number a line followed by a comma, no header.
     Dat,
+    /// Apache Parquet (`filter` only): row groups streamed, the column named by --column holding
+    /// NHS numbers as strings or integers, every other column and the schema kept.
+    Parquet,
 }
 
 /// The field separator of a CSV extract.

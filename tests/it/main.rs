@@ -18,6 +18,7 @@ mod layering;
 mod logs;
 mod nhs_oracle;
 mod ops;
+mod parquet;
 mod population;
 mod redis;
 mod security;

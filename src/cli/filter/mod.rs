@@ -1,6 +1,7 @@
 //! `optout filter`: the online form of the NHS's batch "Check for National Data Opt-outs" service.
 //!
-//! Reads an extract (CSV, or the national check's `.dat` format), streams its NHS numbers through
+//! Reads an extract (CSV, the national check's `.dat` format, or Parquet: `parquet.rs`), streams
+//! its NHS numbers through
 //! CheckStream, and writes only the rows whose patient may be released, in input order (a CSV's
 //! header kept; a `.dat` line as it was, line ending included). Withheld rows are counted by
 //! reason on stderr, with the lines of invalid numbers; `--strict` refuses the whole file for one
@@ -16,6 +17,8 @@ use std::{
     path::PathBuf,
     process::ExitCode,
 };
+
+mod parquet;
 
 use clap::Args;
 use tokio::sync::mpsc;
@@ -34,10 +37,11 @@ use crate::{
 pub(crate) struct FilterArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// The extract's layout: csv, or dat (the national file check's: a number and a comma a line).
+    /// The extract's layout: csv, dat (the national file check's: a number and a comma a line), or
+    /// parquet (a file, not stdin; the NHS number column as strings or integers).
     #[arg(long, value_enum, default_value_t = FormatArg::Csv)]
     format: FormatArg,
-    /// The header of the column holding NHS numbers (csv).
+    /// The column holding NHS numbers: its header (csv), or its name (parquet).
     #[arg(long, default_value = "nhs_number")]
     column: String,
     /// The CSV's field separator.
@@ -74,6 +78,9 @@ type Rows = Vec<csv::ByteRecord>;
 pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
     if args.batch == 0 {
         return Err(CliError::Usage("--batch must be at least 1".into()));
+    }
+    if args.format == FormatArg::Parquet {
+        return parquet::run(args).await;
     }
     let (source, header) = open_source(&args)?;
     let mut output = Output::open(args.output.as_ref(), args.format, args.delimiter.byte())?;
@@ -159,6 +166,11 @@ fn open_source(args: &FilterArgs) -> Result<(Source, Option<csv::ByteRecord>), C
             (Source::Csv(reader, column), Some(header))
         }
         FormatArg::Dat => (Source::Dat(std::io::BufReader::new(input)), None),
+        FormatArg::Parquet => {
+            return Err(CliError::Usage(
+                "a Parquet extract is read by parquet::run".into(),
+            ));
+        }
     })
 }
 
@@ -202,11 +214,16 @@ impl Answered {
 
 /// "line 3", "lines 3, 17 and 40 more": the first twenty.
 fn lines_text(lines: &[u64]) -> String {
+    positions_text(("line", "lines"), lines)
+}
+
+/// `lines_text` for any kind of position ("row 3", "rows 3, 17 and 40 more").
+fn positions_text((one, many): (&str, &str), lines: &[u64]) -> String {
     let shown: Vec<String> = lines.iter().take(20).map(u64::to_string).collect();
     let more = lines.len().saturating_sub(20);
     format!(
         "{} {}{}",
-        if lines.len() == 1 { "line" } else { "lines" },
+        if lines.len() == 1 { one } else { many },
         shown.join(", "),
         if more > 0 {
             format!(" and {more} more")
@@ -303,7 +320,7 @@ impl Output {
                     .delimiter(delimiter)
                     .from_writer(sink),
             )),
-            FormatArg::Dat => Writer::Dat(sink),
+            FormatArg::Dat | FormatArg::Parquet => Writer::Dat(sink),
         };
         Ok(Output { writer, rename })
     }
