@@ -46,6 +46,100 @@ fn admin_status(e: AdminError) -> Status {
 }
 
 impl AdminService {
+    /// ImportOptOuts: the stream received, staged and committed (see `import_opt_outs`).
+    async fn import(
+        &self,
+        request: Request<Streaming<ImportOptOutsRequest>>,
+    ) -> Result<Response<ImportOptOutsResponse>, Status> {
+        let caller = caller_of(&request);
+        let mut inbound = request.into_inner();
+        let Some(first) = inbound.message().await? else {
+            return Err(Status::invalid_argument("the import stream is empty"));
+        };
+        let header = import_header(&first)?;
+        let older = super::label_field(
+            "older_check_reason",
+            &first.older_check_reason,
+            super::LABEL_MAX,
+        )?
+        .trim()
+        .to_string();
+        let mut import = self
+            .admin
+            .start_import(
+                &caller,
+                header.mode,
+                (header.t, header.practice.as_ref()),
+                &header.source,
+            )
+            .await
+            .map_err(admin_status)?;
+        if first.national_checked_at_unix_ms != 0 {
+            import
+                .open_national_check(
+                    first.national_checked_at_unix_ms,
+                    (!older.is_empty()).then_some(older),
+                )
+                .map_err(admin_status)?;
+        }
+        let mut rejected = Rejections::new();
+        let mut message = Some(first);
+        let mut index = 0u64;
+        let mut committed = false;
+        // A key revoked while its import is open stops it, as it stops an open CheckStream:
+        // asked again on every message and before the commit (a REPLACE could otherwise
+        // commit after its key was revoked).
+        let in_force = |caller: &crate::auth::Caller| {
+            if self.gates.still_valid(caller) {
+                Ok(())
+            } else {
+                Err(Status::unauthenticated(format!(
+                    "API key {} is no longer in force (revoked or changed); nothing was \
+                     imported",
+                    caller.key_id
+                )))
+            }
+        };
+        while let Some(m) = message.take() {
+            in_force(&caller)?;
+            if committed {
+                return Err(Status::invalid_argument(format!(
+                    "message {index} came after the message marked commit; nothing was imported"
+                )));
+            }
+            same_header(&header, &m, index)?;
+            import.add_population(&m.population).map_err(admin_status)?;
+            import
+                .receive(&m.nhs_numbers, &mut |position, e| {
+                    rejected.push(position, e)
+                })
+                .await
+                .map_err(admin_status)?;
+            committed = m.commit;
+            index += 1;
+            message = inbound.message().await?;
+        }
+        if !committed {
+            return Err(Status::aborted(
+                "the import stream ended without a message marked commit; nothing was imported",
+            ));
+        }
+        in_force(&caller)?;
+        let received = import.received();
+        let outcome = import
+            .commit(rejected.count())
+            .await
+            .map_err(admin_status)?;
+        Ok(Response::new(ImportOptOutsResponse {
+            received,
+            added: outcome.added,
+            removed: outcome.removed,
+            rejected: rejected.count(),
+            rejected_positions: rejected.positions().collect(),
+            version: outcome.version.to_string(),
+        }))
+    }
+
     /// A service over the admin engine.
     pub fn new(admin: Admin, limits: Limits, gates: Arc<GateState>) -> Self {
         AdminService {
@@ -194,94 +288,16 @@ impl OptOutAdmin for AdminService {
         &self,
         request: Request<Streaming<ImportOptOutsRequest>>,
     ) -> Result<Response<ImportOptOutsResponse>, Status> {
+        // The import runs in a task of its own: a client that goes while its commit is applied
+        // (Ctrl-C after the last message) does not cut the commit short, and every applied import
+        // is logged ("opt-outs imported") and answered to no one rather than applied unlogged.
+        let this = self.clone();
         observed("import_opt_outs", async move {
-            let caller = caller_of(&request);
-            let mut inbound = request.into_inner();
-            let Some(first) = inbound.message().await? else {
-                return Err(Status::invalid_argument("the import stream is empty"));
-            };
-            let header = import_header(&first)?;
-            let older = super::label_field(
-                "older_check_reason",
-                &first.older_check_reason,
-                super::LABEL_MAX,
-            )?
-            .trim()
-            .to_string();
-            let mut import = self
-                .admin
-                .start_import(
-                    &caller,
-                    header.mode,
-                    (header.t, header.practice.as_ref()),
-                    &header.source,
-                )
+            // In the request's span, so its logs keep the request id.
+            let import = async move { this.import(request).await };
+            tokio::spawn(tracing::Instrument::in_current_span(import))
                 .await
-                .map_err(admin_status)?;
-            if first.national_checked_at_unix_ms != 0 {
-                import
-                    .open_national_check(
-                        first.national_checked_at_unix_ms,
-                        (!older.is_empty()).then_some(older),
-                    )
-                    .map_err(admin_status)?;
-            }
-            let mut rejected = Rejections::new();
-            let mut message = Some(first);
-            let mut index = 0u64;
-            let mut committed = false;
-            // A key revoked while its import is open stops it, as it stops an open CheckStream:
-            // asked again on every message and before the commit (a REPLACE could otherwise
-            // commit after its key was revoked).
-            let in_force = |caller: &crate::auth::Caller| {
-                if self.gates.still_valid(caller) {
-                    Ok(())
-                } else {
-                    Err(Status::unauthenticated(format!(
-                        "API key {} is no longer in force (revoked or changed); nothing was \
-                         imported",
-                        caller.key_id
-                    )))
-                }
-            };
-            while let Some(m) = message.take() {
-                in_force(&caller)?;
-                if committed {
-                    return Err(Status::invalid_argument(format!(
-                        "message {index} came after the message marked commit; nothing was imported"
-                    )));
-                }
-                same_header(&header, &m, index)?;
-                import.add_population(&m.population).map_err(admin_status)?;
-                import
-                    .receive(&m.nhs_numbers, &mut |position, e| {
-                        rejected.push(position, e)
-                    })
-                    .await
-                    .map_err(admin_status)?;
-                committed = m.commit;
-                index += 1;
-                message = inbound.message().await?;
-            }
-            if !committed {
-                return Err(Status::aborted(
-                    "the import stream ended without a message marked commit; nothing was imported",
-                ));
-            }
-            in_force(&caller)?;
-            let received = import.received();
-            let outcome = import
-                .commit(rejected.count())
-                .await
-                .map_err(admin_status)?;
-            Ok(Response::new(ImportOptOutsResponse {
-                received,
-                added: outcome.added,
-                removed: outcome.removed,
-                rejected: rejected.count(),
-                rejected_positions: rejected.positions().collect(),
-                version: outcome.version.to_string(),
-            }))
+                .map_err(|e| Status::internal(format!("the import task failed: {e}")))?
         })
         .await
     }

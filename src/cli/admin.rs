@@ -378,10 +378,25 @@ async fn import(
     });
     let layout = import_layout(&args)?;
     let strict = args.strict;
+    // Set once the message marked commit is handed to the stream.
+    let commit_sent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = commit_sent.clone();
     let reader = tokio::task::spawn_blocking(move || {
-        read_import(input, &name, &layout, header, &tx, &bar_reader, strict)
+        read_import(
+            input,
+            &name,
+            &layout,
+            header,
+            &tx,
+            &bar_reader,
+            strict,
+            &sent,
+        )
     });
-    let outcome = client.import_opt_outs(ReceiverStream::new(rx)).await;
+    let outcome = tokio::select! {
+        outcome = client.import_opt_outs(ReceiverStream::new(rx)) => outcome,
+        _ = tokio::signal::ctrl_c() => interrupted(&bar, &commit_sent),
+    };
     bar.finish_and_clear();
     // A read error is the cause of anything the service said about an uncommitted stream.
     let rejects = match reader.await {
@@ -509,6 +524,22 @@ impl Rejects {
     }
 }
 
+/// Ctrl-C during an import: what happened to it, then exit 130 (the reader may be blocked on its
+/// input, which the runtime would wait for).
+fn interrupted(bar: &indicatif::ProgressBar, commit_sent: &std::sync::atomic::AtomicBool) -> ! {
+    bar.finish_and_clear();
+    if commit_sent.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!(
+            "interrupted after the whole file was sent and marked commit: the server applies the \
+             import (or refuses it) without this client. See the result with `optout admin audit \
+             --since 10m` or `optout admin status`"
+        );
+    } else {
+        eprintln!("interrupted before the file was sent whole: nothing was imported");
+    }
+    std::process::exit(130)
+}
+
 /// "at line 3" for one line, or "the first at lines 3, 7, 9".
 fn first_at(lines: &[u64]) -> String {
     let shown: Vec<String> = lines.iter().map(u64::to_string).collect();
@@ -551,6 +582,7 @@ fn not_a_list_of_numbers(name: &str, line: &str) -> Option<String> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn read_import(
     input: Box<dyn Read + Send>,
     name: &str,
@@ -559,6 +591,7 @@ fn read_import(
     tx: &mpsc::Sender<ImportOptOutsRequest>,
     bar: &indicatif::ProgressBar,
     strict: bool,
+    commit_sent: &std::sync::atomic::AtomicBool,
 ) -> Result<Rejects, String> {
     let mut rejects = Rejects::default();
     let mut first = true;
@@ -580,6 +613,7 @@ fn read_import(
         tx.blocking_send(message)
             .map_err(|_| "the service closed the import stream".to_string())?;
         if commit {
+            commit_sent.store(true, std::sync::atomic::Ordering::SeqCst);
             super::applying(bar, "all sent; the server is applying the import");
         }
         Ok(())

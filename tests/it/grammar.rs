@@ -365,3 +365,76 @@ async fn serve_dev_runs_on_a_temporary_store_and_is_refused_where_production_sho
     assert_eq!(out.status.code(), Some(2));
     assert_stderr_has(&out, "--dev is refused inside Kubernetes");
 }
+
+/// Ctrl-C during an import, before the file was sent whole: the client says nothing was imported
+/// (exit 130), and nothing was. The input is a FIFO held open, so the import is mid-file for as
+/// long as the test wants.
+#[tokio::test]
+async fn ctrl_c_before_the_commit_says_nothing_was_imported() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir.path().join("data")).await;
+    let fifo = dir.path().join("list.txt");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo")
+            .success()
+    );
+    let child = Command::new(BIN)
+        .args([
+            "admin",
+            "import",
+            "--server",
+            &server.url,
+            "--type",
+            "national",
+        ])
+        .args(["--mode", "merge", "--source", "t"])
+        .arg(&fifo)
+        .env("OPTOUT_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("import starts");
+    let fifo_path = fifo.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo_path)
+            .expect("open fifo");
+        for n in valid_numbers(4_500_000_000, 10) {
+            writeln!(w, "{n}").expect("write");
+        }
+        w.flush().expect("flush");
+        w // kept open: the import waits for the rest
+    })
+    .await
+    .expect("join");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().expect("ends"))
+        .await
+        .expect("join");
+    drop(writer);
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert_stderr_has(
+        &out,
+        "interrupted before the file was sent whole: nothing was imported",
+    );
+    let status = server
+        .admin_client()
+        .await
+        .get_status(optout::api::proto::GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.national_data_opt_outs, 0);
+}

@@ -232,7 +232,7 @@ async fn a_national_check_round_trip_is_imported_and_numbers_outside_its_populat
     assert!(
         shown.contains("population mode, population 10")
             && shown.contains(&format!(
-                "as of {}",
+                "as of {:.3}",
                 jiff::Timestamp::from_millisecond(checked_at.as_millisecond()).expect("ms")
             )),
         "{shown}"
