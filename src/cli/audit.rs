@@ -9,7 +9,7 @@ use std::{
 
 use clap::{Args, Subcommand};
 
-use super::{CliError, serve::RedisArgs};
+use super::{CliError, redis_args::RedisArgs};
 use crate::{
     core::{
         AuditKey, AuditQuery, AuditRecord,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
-use super::{CliError, serve::RedisArgs};
+use super::{CliError, redis_args::RedisArgs};
 use crate::{
     core::coverage::CoverageMode,
     store::{

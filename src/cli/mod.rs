@@ -15,6 +15,7 @@ mod health;
 mod init_store;
 mod keys;
 mod national_check;
+mod redis_args;
 mod serve;
 mod words;
 

@@ -33,61 +33,13 @@ use crate::cli::client::proto::{self, CheckRequest, opt_out_check_client::OptOut
 type Batch = (RecordBatch, u64);
 
 pub(super) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
-    let path = match args.input.as_deref() {
-        Some(p) if p.as_os_str() != "-" => p.to_path_buf(),
-        _ => {
-            return Err(CliError::Usage(
-                "--format parquet reads a file (--input FILE): a Parquet file's footer is at its \
-                 end, so it cannot be read from stdin"
-                    .into(),
-            ));
-        }
-    };
-    let shown = path.display().to_string();
-    let file = File::open(&path).map_err(|e| CliError::Input(format!("{shown}: {e}")))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| CliError::Input(format!("{shown}: not a readable Parquet file: {e}")))?
-        .with_batch_size(args.batch);
-    let schema = builder.schema().clone();
-    let (column, field) = schema.column_with_name(&args.column).ok_or_else(|| {
-        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-        CliError::Usage(format!(
-            "{shown}: no column {:?} (its columns: {}); name the NHS number column with --column",
-            args.column,
-            names.join(", ")
-        ))
-    })?;
-    if !readable(field.data_type()) {
-        return Err(CliError::Usage(format!(
-            "{shown}: column {:?} is {}; NHS numbers are read from strings or integers",
-            args.column,
-            field.data_type()
-        )));
-    }
-    // The input's compression (of its first column chunk), so the output is alike, and its
-    // key-value metadata (what the writer put there of its own, such as pandas' or an extract's
-    // reference); the Arrow schema's own entry the writer writes again.
-    let mut properties = WriterProperties::builder();
-    if let Some(kv) = builder.metadata().file_metadata().key_value_metadata() {
-        let kept: Vec<_> = kv
-            .iter()
-            .filter(|e| e.key != "ARROW:schema")
-            .cloned()
-            .collect();
-        properties = properties.set_key_value_metadata(Some(kept));
-    }
-    if let Some(group) = builder.metadata().row_groups().first() {
-        if let Some(chunk) = group.columns().first() {
-            properties = properties.set_compression(chunk.compression());
-        }
-        // Row groups no larger than the input's: the writer holds one in memory before it
-        // writes it out, so memory stays bounded by what the input's writer chose.
-        let rows = usize::try_from(group.num_rows()).unwrap_or(1).max(1);
-        properties = properties.set_max_row_group_row_count(Some(rows));
-    }
-    let reader = builder
-        .build()
-        .map_err(|e| CliError::Input(format!("{shown}: {e}")))?;
+    let Opened {
+        reader,
+        column,
+        shown,
+        schema,
+        properties,
+    } = open(&args)?;
     let mut output = Output::open(args.output.as_ref(), schema, properties.build())?;
 
     let (req_tx, req_rx) = mpsc::channel::<CheckRequest>(4);
@@ -157,6 +109,81 @@ pub(super) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The extract opened: its reader, the NHS number column's index, its name for messages, its
+/// schema, and the writer's settings that keep its compression, metadata and row groups.
+struct Opened {
+    reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    column: usize,
+    shown: String,
+    schema: arrow_schema::SchemaRef,
+    properties: parquet::file::properties::WriterPropertiesBuilder,
+}
+
+fn open(args: &FilterArgs) -> Result<Opened, CliError> {
+    let path = match args.input.as_deref() {
+        Some(p) if p.as_os_str() != "-" => p.to_path_buf(),
+        _ => {
+            return Err(CliError::Usage(
+                "--format parquet reads a file (--input FILE): a Parquet file's footer is at its \
+                 end, so it cannot be read from stdin"
+                    .into(),
+            ));
+        }
+    };
+    let shown = path.display().to_string();
+    let file = File::open(&path).map_err(|e| CliError::Input(format!("{shown}: {e}")))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| CliError::Input(format!("{shown}: not a readable Parquet file: {e}")))?
+        .with_batch_size(args.batch);
+    let schema = builder.schema().clone();
+    let (column, field) = schema.column_with_name(&args.column).ok_or_else(|| {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        CliError::Usage(format!(
+            "{shown}: no column {:?} (its columns: {}); name the NHS number column with --column",
+            args.column,
+            names.join(", ")
+        ))
+    })?;
+    if !readable(field.data_type()) {
+        return Err(CliError::Usage(format!(
+            "{shown}: column {:?} is {}; NHS numbers are read from strings or integers",
+            args.column,
+            field.data_type()
+        )));
+    }
+    // The input's compression (of its first column chunk), so the output is alike, and its
+    // key-value metadata (what the writer put there of its own, such as pandas' or an extract's
+    // reference); the Arrow schema's own entry the writer writes again.
+    let mut properties = WriterProperties::builder();
+    if let Some(kv) = builder.metadata().file_metadata().key_value_metadata() {
+        let kept: Vec<_> = kv
+            .iter()
+            .filter(|e| e.key != "ARROW:schema")
+            .cloned()
+            .collect();
+        properties = properties.set_key_value_metadata(Some(kept));
+    }
+    if let Some(group) = builder.metadata().row_groups().first() {
+        if let Some(chunk) = group.columns().first() {
+            properties = properties.set_compression(chunk.compression());
+        }
+        // Row groups no larger than the input's: the writer holds one in memory before it
+        // writes it out, so memory stays bounded by what the input's writer chose.
+        let rows = usize::try_from(group.num_rows()).unwrap_or(1).max(1);
+        properties = properties.set_max_row_group_row_count(Some(rows));
+    }
+    let reader = builder
+        .build()
+        .map_err(|e| CliError::Input(format!("{shown}: {e}")))?;
+    Ok(Opened {
+        reader,
+        column,
+        shown,
+        schema,
+        properties,
+    })
 }
 
 /// The column types NHS numbers are read from.
