@@ -558,7 +558,7 @@ fn not_a_list_of_numbers(name: &str, line: &str) -> Option<String> {
     let body = line.trim_end_matches(',');
     if line.ends_with(',') && body.chars().all(|c| c.is_ascii_digit() || c == ' ') {
         return Some(format!(
-            "{name} line 1 ({line:?}) is in the national check's .dat layout (a number and a \
+            "{name}: line 1 ({line:?}) is in the national check's .dat layout (a number and a \
              comma): give --format dat"
         ));
     }
@@ -568,7 +568,7 @@ fn not_a_list_of_numbers(name: &str, line: &str) -> Option<String> {
     {
         let fields: Vec<&str> = line.split(d).map(str::trim).collect();
         return Some(format!(
-            "{name} line 1 looks like a CSV header ({}): name the NHS number column with \
+            "{name}: line 1 looks like a CSV header ({}): name the NHS number column with \
              --column NAME{}",
             fields.join(&d.to_string()),
             if d == ',' { "" } else { " and the --delimiter" }
@@ -576,7 +576,7 @@ fn not_a_list_of_numbers(name: &str, line: &str) -> Option<String> {
     }
     line.chars().any(|c| c.is_ascii_alphabetic()).then(|| {
         format!(
-            "{name} line 1 ({line:?}) looks like a header, not an NHS number: for a CSV give \
+            "{name}: line 1 ({line:?}) looks like a header, not an NHS number: for a CSV give \
              --column {line}; for a list of numbers remove the line"
         )
     })
@@ -630,7 +630,7 @@ fn read_import(
                 Err(e) => {
                     if strict {
                         return Err(format!(
-                            "{name} line {line}: not a valid NHS number ({e}); --strict refuses \
+                            "line {line}: not a valid NHS number ({e}); --strict refuses \
                          the file"
                         ));
                     }
@@ -651,7 +651,7 @@ fn read_import(
         Layout::Lines => {
             let mut first_line = true;
             for (i, line) in BufReader::new(input).lines().enumerate() {
-                let line = line.map_err(|e| format!("{name} line {}: {e}", i + 1))?;
+                let line = line.map_err(|e| format!("{name}: line {}: {e}", i + 1))?;
                 let t = line.trim();
                 if t.is_empty() {
                     continue;
@@ -661,7 +661,8 @@ fn read_import(
                 {
                     return Err(why);
                 }
-                take(vec![i as u64 + 1], vec![t.to_string()])?;
+                take(vec![i as u64 + 1], vec![t.to_string()])
+                    .map_err(|e| format!("{name}: {e}"))?;
             }
         }
         Layout::Csv(column, delimiter) => {

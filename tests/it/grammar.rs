@@ -243,6 +243,34 @@ async fn an_import_that_is_not_a_list_of_numbers_is_refused_with_what_to_give() 
         text(&out.stdout)
     );
     assert_stderr_has(&out, "skipped (--strict refuses such a file); at line 3");
+
+    // The file is named once ("extract.csv: extract.csv line 62" before).
+    let path = dir.path().join("strict.csv");
+    std::fs::write(&path, format!("nhs_number\n{}\n943476591\n", n[0])).expect("write");
+    let out = optout(args(&[
+        "admin",
+        "import",
+        "--server",
+        &server.url,
+        "--type",
+        "national",
+        "--mode",
+        "merge",
+        "--source",
+        "t",
+        "--column",
+        "nhs_number",
+        "--strict",
+        path.to_str().expect("utf-8"),
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(&out, "strict.csv: line 3: not a valid NHS number");
+    assert!(
+        text(&out.stderr).matches("strict.csv").count() == 1,
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// The embedded store keeps its own audit key in its data directory, made once and kept, so a

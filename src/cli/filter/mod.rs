@@ -82,7 +82,16 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
     if args.format == FormatArg::Parquet {
         return parquet::run(args).await;
     }
-    let (source, header) = open_source(&args)?;
+    // Every message about the input names it once.
+    let name = match args.input.as_deref() {
+        Some(p) if p.as_os_str() != "-" => p.display().to_string(),
+        _ => "stdin".to_string(),
+    };
+    let input_error = |e: String| CliError::Input(format!("{name}: {e}"));
+    let (source, header) = open_source(&args).map_err(|e| match e {
+        CliError::Input(e) => input_error(e),
+        other => other,
+    })?;
     let mut output = Output::open(args.output.as_ref(), args.format, args.delimiter.byte())?;
     if let Some(header) = &header {
         output.write(header)?;
@@ -117,7 +126,7 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
     while let Some(response) = responses.message().await? {
         let rows = match rows_rx.recv().await {
             Some(Ok(rows)) => rows,
-            Some(Err(e)) => return Err(CliError::Input(e)),
+            Some(Err(e)) => return Err(input_error(e)),
             None => {
                 return Err(CliError::Rpc(
                     "the service sent more responses than requests".into(),
@@ -130,11 +139,11 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
     bar.finish_and_clear();
     // The stream ended: either every chunk was answered, or the reader stopped on an error.
     if let Some(Err(e)) = rows_rx.recv().await {
-        return Err(CliError::Input(e));
+        return Err(input_error(e));
     }
     match reader_task.await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(CliError::Input(e)),
+        Ok(Err(e)) => return Err(input_error(e)),
         Err(e) => return Err(CliError::Input(format!("reader task failed: {e}"))),
     }
     if args.strict && !answered.invalid_lines.is_empty() {
@@ -245,7 +254,8 @@ fn open_input(path: Option<&std::path::Path>) -> Result<Box<dyn Read + Send>, Cl
         None => Box::new(std::io::stdin()),
         Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdin()),
         Some(p) => {
-            Box::new(File::open(p).map_err(|e| CliError::Input(format!("{}: {e}", p.display())))?)
+            // The caller names the file.
+            Box::new(File::open(p).map_err(|e| CliError::Input(e.to_string()))?)
         }
     })
 }
