@@ -97,8 +97,12 @@ impl Threshold {
         })
     }
 
-    /// The report's figure, and whether it holds.
+    /// The report's figure, and whether it holds. A latency of a run that answered no request
+    /// holds nothing (NaN): no request is not a fast one.
     pub fn check(&self, r: &Report) -> (f64, bool) {
+        if matches!(self.figure, Figure::Latency(_)) && r.requests == 0 {
+            return (f64::NAN, false);
+        }
         let value = match self.figure {
             Figure::Latency(p) => {
                 let l = &r.latency_us;
@@ -133,6 +137,9 @@ impl Threshold {
 
     /// The figure as the threshold writes it (latencies in ms).
     pub fn shown(&self, value: f64) -> String {
+        if value.is_nan() {
+            return "no request answered".into();
+        }
         match self.figure {
             Figure::Latency(_) => format!("{:.3}ms", value / 1000.0),
             Figure::ErrorRate => format!("{value:.4}"),
@@ -188,6 +195,9 @@ mod tests {
         assert_eq!(check("error_rate<0.02"), (0.01, true));
         assert!(!check("error_rate<0.001").1);
         assert!(Threshold::parse("p42<5ms").is_err_and(|e| e.contains("not a figure")));
+        let none = Report::default();
+        let (v, holds) = Threshold::parse("p99<5ms").expect("parses").check(&none);
+        assert!(v.is_nan() && !holds, "no request answered is not a fast run");
         assert!(Threshold::parse("p99=5ms").is_err_and(|e| e.contains("no comparison")));
         assert!(Threshold::parse("p99<5").is_err_and(|e| e.contains("unit")));
     }
