@@ -30,6 +30,10 @@ const IMPORT_CHUNK: usize = 10_000;
 pub(crate) struct AdminArgs {
     #[command(flatten)]
     client: ClientArgs,
+    /// What each command prints: text (lines for people) or json (one document, for scripts;
+    /// the same names, RFC 3339 times).
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputArg::Text)]
+    output: OutputArg,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -46,16 +50,9 @@ enum AdminCommand {
     Get {
         /// The NHS number.
         nhs_number: String,
-        /// text, or json (the same names and times, as one object).
-        #[arg(long, value_enum, default_value_t = OutputArg::Text)]
-        output: OutputArg,
     },
     /// Show counts, version, each list's coverage and age, filter and freshness.
-    Status {
-        /// text, or json (the same names and times, as one object).
-        #[arg(long, value_enum, default_value_t = OutputArg::Text)]
-        output: OutputArg,
-    },
+    Status,
     /// After the store went back in time (replicas withhold everything, NOT_SERVING): record that
     /// the lost changes were restored, and why, so replicas rebuild and serve again. Audited.
     AcknowledgeRegression {
@@ -90,9 +87,6 @@ enum AdminCommand {
         /// At most this many records (up to 10,000); when there are more, it says how to read on.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: u32,
-        /// text: a line a record; json: an array of records (kebab-case names, RFC 3339 times).
-        #[arg(long, value_enum, default_value_t = OutputArg::Text)]
-        output: OutputArg,
     },
 }
 
@@ -183,14 +177,15 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
     let mut client = OptOutAdminClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(64 * 1024 * 1024);
     let timeout = args.client.timeout();
+    let output = args.output;
     match args.command {
-        AdminCommand::Add(c) => change(&mut client, c, timeout, true).await,
-        AdminCommand::Remove(c) => change(&mut client, c, timeout, false).await,
-        AdminCommand::Import(i) => import(&mut client, i).await,
+        AdminCommand::Add(c) => change(&mut client, c, timeout, true, output).await,
+        AdminCommand::Remove(c) => change(&mut client, c, timeout, false, output).await,
+        AdminCommand::Import(i) => import(&mut client, i, output).await,
         AdminCommand::AcknowledgeRegression { reason } => {
-            acknowledge(&mut client, reason, timeout).await
+            acknowledge(&mut client, reason, timeout, output).await
         }
-        AdminCommand::Get { nhs_number, output } => {
+        AdminCommand::Get { nhs_number } => {
             super::admin_read::get(&mut client, nhs_number, timeout, output).await
         }
         AdminCommand::Audit {
@@ -202,7 +197,6 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
             extract_id,
             nhs_number,
             limit,
-            output,
         } => {
             let from_ms = from.unwrap_or(from_ms);
             let to_ms = to.unwrap_or(to_ms);
@@ -217,9 +211,7 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
             };
             super::admin_read::audit(&mut client, query, timeout, output).await
         }
-        AdminCommand::Status { output } => {
-            super::admin_read::status(&mut client, timeout, output).await
-        }
+        AdminCommand::Status => super::admin_read::status(&mut client, timeout, output).await,
     }
 }
 
@@ -229,6 +221,7 @@ async fn acknowledge(
     client: &mut Admin,
     reason: String,
     timeout: Duration,
+    output: OutputArg,
 ) -> Result<ExitCode, CliError> {
     let mut request = tonic::Request::new(proto::AcknowledgeStoreRegressionRequest { reason });
     request.set_timeout(timeout);
@@ -236,6 +229,13 @@ async fn acknowledge(
         .acknowledge_store_regression(request)
         .await?
         .into_inner();
+    if output == OutputArg::Json {
+        words::print_json(&serde_json::json!({
+            "acknowledgement": r.acknowledgement_id,
+            "version": r.version,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "acknowledged ({}) at version {}; replicas that failed closed rebuild from the \
          store and serve again",
@@ -249,6 +249,7 @@ async fn change(
     args: ChangeArgs,
     timeout: std::time::Duration,
     add: bool,
+    output: OutputArg,
 ) -> Result<ExitCode, CliError> {
     // Each number with where it came from, so a bad one is named by its 1-based place.
     let numbered: Vec<(String, String)> = if args.numbers.is_empty() {
@@ -298,7 +299,11 @@ async fn change(
         client.remove_opt_outs(request).await?
     }
     .into_inner();
-    println!("applied {} at version {}", r.applied, r.version);
+    if output == OutputArg::Json {
+        words::print_json(&serde_json::json!({"applied": r.applied, "version": r.version}))?;
+    } else {
+        println!("applied {} at version {}", r.applied, r.version);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -352,9 +357,10 @@ pub(crate) fn read_lines(input: impl BufRead, what: &str) -> Result<Vec<String>,
 async fn import(
     client: &mut OptOutAdminClient<AuthChannel>,
     args: ImportArgs,
+    output: OutputArg,
 ) -> Result<ExitCode, CliError> {
     if let Some(files) = &args.from_national_check {
-        return import_national_check(client, &args, files).await;
+        return import_national_check(client, &args, files, output).await;
     }
     let practice = practice_arg(args.opt_out_type, args.practice.as_deref(), false)?;
     let (input, name, size) = open_import_input(args.file.as_deref())?;
@@ -407,6 +413,18 @@ async fn import(
         Err(e) => return Err(CliError::Input(format!("reader task failed: {e}"))),
     };
     let r = outcome?.into_inner();
+    if output == OutputArg::Json {
+        words::print_json(&serde_json::json!({
+            "received": r.received,
+            "duplicates": rejects.duplicates(),
+            "added": r.added,
+            "removed": r.removed,
+            "rejected": r.rejected,
+            "rejected_lines": rejects.first_lines,
+            "version": r.version,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     // Duplicates: valid numbers the file held more than once (counted once by the import).
     println!(
         "received {}, duplicates {}, added {}, removed {}, rejected {} at version {}",
@@ -433,6 +451,7 @@ async fn import_national_check(
     client: &mut OptOutAdminClient<AuthChannel>,
     args: &ImportArgs,
     files: &[PathBuf],
+    output: OutputArg,
 ) -> Result<ExitCode, CliError> {
     if args.opt_out_type != TypeArg::National || args.mode == Some(ModeArg::Merge) {
         return Err(CliError::Usage(
@@ -453,6 +472,7 @@ async fn import_national_check(
         args.checked_at.as_deref().unwrap_or_default(),
         args.allow_older_check.clone(),
         args.source.clone(),
+        output,
     )
     .await
 }

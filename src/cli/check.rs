@@ -33,7 +33,7 @@ pub(crate) struct CheckArgs {
     basis: BasisArgs,
     /// text: a line a number (the number, release or withhold, the reason); json: an array of
     /// {nhs_number, outcome, reason}, and the version answered at.
-    #[arg(long, value_enum, default_value_t = OutputArg::Text)]
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputArg::Text)]
     output: OutputArg,
     /// NHS numbers; none reads one per line from stdin.
     numbers: Vec<String>,

@@ -19,6 +19,9 @@ pub(super) struct HealthArgs {
     /// optout.v1.OptOutCheck, optout.v1.OptOutAdmin, or lists.
     #[arg(long, default_value = "")]
     service: String,
+    /// text (`server: SERVING`), or json ({"service", "status"}).
+    #[arg(long, short = 'o', value_enum, default_value_t = super::words::OutputArg::Text)]
+    output: super::words::OutputArg,
 }
 
 pub(super) async fn run(args: HealthArgs) -> Result<ExitCode, CliError> {
@@ -37,7 +40,11 @@ pub(super) async fn run(args: HealthArgs) -> Result<ExitCode, CliError> {
     } else {
         args.service.as_str()
     };
-    println!("{shown}: {name}");
+    if args.output == super::words::OutputArg::Json {
+        super::words::print_json(&serde_json::json!({"service": shown, "status": name}))?;
+    } else {
+        println!("{shown}: {name}");
+    }
     Ok(if status == ServingStatus::Serving as i32 {
         ExitCode::SUCCESS
     } else {

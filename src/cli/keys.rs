@@ -10,6 +10,9 @@ use super::CliError;
 pub(super) struct KeysArgs {
     #[command(subcommand)]
     command: KeysCommand,
+    /// What `new` and `list` print: text, or json (for scripts).
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = super::words::OutputArg::Text)]
+    output: super::words::OutputArg,
 }
 
 #[derive(Subcommand, Debug)]
@@ -39,9 +42,6 @@ pub(super) enum KeysCommand {
         /// The keys file.
         #[arg(long, env = "OPTOUT_KEYS_FILE")]
         keys_file: PathBuf,
-        /// text, or json.
-        #[arg(long, value_enum, default_value_t = super::words::OutputArg::Text)]
-        output: super::words::OutputArg,
     },
     /// Revoke a key: remove its entry from the keys file (the rest of the file, comments
     /// included, is kept). Running servers re-read the file every 2 s and stop honouring the
@@ -82,8 +82,13 @@ impl KeysArgs {
                 roles,
                 exempt_bases,
                 purposes,
-            } => new_key(&keys_file, &organisation, &roles, &exempt_bases, &purposes),
-            KeysCommand::List { keys_file, output } => list(&keys_file, output),
+            } => new_key(
+                &keys_file,
+                &organisation,
+                (&roles, &exempt_bases, &purposes),
+                self.output,
+            ),
+            KeysCommand::List { keys_file } => list(&keys_file, self.output),
             KeysCommand::Revoke { keys_file, id } => revoke(&keys_file, &id),
         }
     }
@@ -92,9 +97,8 @@ impl KeysArgs {
 fn new_key(
     path: &Path,
     organisation: &str,
-    roles: &[RoleArg],
-    bases: &[super::BasisArg],
-    purposes: &[super::PurposeArg],
+    (roles, bases, purposes): (&[RoleArg], &[super::BasisArg], &[super::PurposeArg]),
+    output: super::words::OutputArg,
 ) -> Result<(), CliError> {
     use std::io::Write;
     let roles: Vec<crate::auth::Role> = roles
@@ -136,6 +140,16 @@ fn new_key(
         "added a key for {organisation} to {}; it is shown once, store it now:",
         path.display()
     );
+    if output == super::words::OutputArg::Json {
+        // The id is the key's public part: `oo_<id>_<secret>`.
+        let id = key.split('_').nth(1).unwrap_or_default();
+        return super::words::print_json(&serde_json::json!({
+            "key": key,
+            "id": id,
+            "organisation": organisation,
+            "keys_file": path.display().to_string(),
+        }));
+    }
     println!("{key}");
     Ok(())
 }

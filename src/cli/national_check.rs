@@ -46,6 +46,7 @@ pub(super) async fn import(
     checked_at: &str,
     allow_older: Option<String>,
     source: Option<String>,
+    output: super::words::OutputArg,
 ) -> Result<ExitCode, CliError> {
     let checked_at_ms = checked_at_ms(checked_at)?;
     let reply = read_returned(returned)?;
@@ -82,6 +83,17 @@ pub(super) async fn import(
         Err(e) => return Err(CliError::Input(format!("reader task failed: {e}"))),
     }
     let r = outcome?.into_inner();
+    if output == super::words::OutputArg::Json {
+        super::words::print_json(&serde_json::json!({
+            "population": population.len(),
+            "opt_outs": opt_outs,
+            "checked_at": super::words::time(i64::try_from(checked_at_ms).unwrap_or(i64::MAX)),
+            "added": r.added,
+            "removed": r.removed,
+            "version": r.version,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "national check of {} patients ({} with a national data opt-out), checked at {}: \
          added {}, removed {} at version {}",

@@ -44,7 +44,7 @@ async fn filter_writes_only_releasable_rows_and_counts_the_rest() {
         "gp-practice",
         "--input",
         input.to_str().expect("utf8"),
-        "--output",
+        "--out",
         output.to_str().expect("utf8"),
         "--batch",
         "2",
@@ -86,7 +86,7 @@ async fn filter_stops_at_a_malformed_row_and_leaves_no_partial_output() {
         "planning",
         "--input",
         input.to_str().expect("utf8"),
-        "--output",
+        "--out",
         output.to_str().expect("utf8"),
         "--batch",
         "1",
@@ -177,7 +177,7 @@ async fn a_truncated_csv_is_refused_with_its_line_and_real_exports_are_read() {
         ),
     )
     .expect("write");
-    let (ok, err) = filter_file(&server, &cut, &["--output", out]).await;
+    let (ok, err) = filter_file(&server, &cut, &["--out", out]).await;
     assert!(!ok);
     assert!(
         err.contains("line 3") && err.contains("never closed"),
@@ -188,11 +188,11 @@ async fn a_truncated_csv_is_refused_with_its_line_and_real_exports_are_read() {
     // A NUL byte, and a number cell that is not UTF-8: refused with the line.
     let nul = dir.path().join("nul.csv");
     std::fs::write(&nul, format!("name,nhs_number\nA\0,{}\n", n[0])).expect("write");
-    let (ok, err) = filter_file(&server, &nul, &["--output", out]).await;
+    let (ok, err) = filter_file(&server, &nul, &["--out", out]).await;
     assert!(!ok && err.contains("line 2: a NUL byte"), "{err}");
     let latin = dir.path().join("latin.csv");
     std::fs::write(&latin, b"name,nhs_number\nA,94\xff34765919\n").expect("write");
-    let (ok, err) = filter_file(&server, &latin, &["--output", out]).await;
+    let (ok, err) = filter_file(&server, &latin, &["--out", out]).await;
     assert!(
         !ok && err.contains("line 2: the NHS-number column is not UTF-8"),
         "{err}"
@@ -206,12 +206,7 @@ async fn a_truncated_csv_is_refused_with_its_line_and_real_exports_are_read() {
         format!("\u{feff}name;nhs_number\r\nA; {} \r\nB;123\r\n", n[0]),
     )
     .expect("write");
-    let (ok, err) = filter_file(
-        &server,
-        &excel,
-        &["--delimiter", "semicolon", "--output", out],
-    )
-    .await;
+    let (ok, err) = filter_file(&server, &excel, &["--delimiter", "semicolon", "--out", out]).await;
     assert!(ok, "{err}");
     assert!(
         err.contains("invalid NHS numbers withheld: line 3"),
@@ -250,7 +245,7 @@ async fn the_national_dat_format_round_trips_with_its_line_endings() {
         )
         .expect("write");
         let o = output.to_str().expect("utf8");
-        let (ok, err) = filter_file(&server, &input, &["--format", "dat", "--output", o]).await;
+        let (ok, err) = filter_file(&server, &input, &["--format", "dat", "--out", o]).await;
         assert!(ok, "{err}");
         assert!(
             err.contains("invalid NHS numbers withheld: line 3"),
@@ -266,7 +261,7 @@ async fn the_national_dat_format_round_trips_with_its_line_endings() {
         let (ok, err) = filter_file(
             &server,
             &input,
-            &["--format", "dat", "--strict", "--output", o],
+            &["--format", "dat", "--strict", "--out", o],
         )
         .await;
         assert!(!ok);

@@ -466,3 +466,102 @@ async fn ctrl_c_before_the_commit_says_nothing_was_imported() {
         .into_inner();
     assert_eq!(status.national_data_opt_outs, 0);
 }
+
+/// `-o json` on every command that prints: one JSON document a script can read.
+#[tokio::test]
+async fn every_printing_command_speaks_json_with_dash_o() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir.path().join("data")).await;
+    let n = valid_numbers(4_600_000_000, 2);
+    let json = |out: &std::process::Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)))
+    };
+    let add = optout(args(&[
+        "admin",
+        "add",
+        "-o",
+        "json",
+        "--server",
+        &server.url,
+        "--type",
+        "national",
+        "--source",
+        "t",
+        &n[0],
+    ]))
+    .await;
+    assert_eq!(json(&add)["applied"], 1);
+    let list = dir.path().join("list.txt");
+    std::fs::write(&list, format!("{}\n{}\n", n[0], n[1])).expect("write");
+    let import = optout(args(&[
+        "admin",
+        "import",
+        "-o",
+        "json",
+        "--server",
+        &server.url,
+        "--type",
+        "national",
+        "--mode",
+        "merge",
+        "--source",
+        "t",
+        list.to_str().expect("utf-8"),
+    ]))
+    .await;
+    let v = json(&import);
+    assert_eq!(
+        (v["received"].as_u64(), v["added"].as_u64()),
+        (Some(2), Some(1)),
+        "{v}"
+    );
+    let health = optout(args(&["health", "-o", "json", "--server", &server.url])).await;
+    assert_eq!(json(&health)["status"], "SERVING");
+    let keys = dir.path().join("keys.toml");
+    let key = optout(args(&[
+        "keys",
+        "new",
+        "-o",
+        "json",
+        "--keys-file",
+        keys.to_str().expect("utf-8"),
+        "--organisation",
+        "RX1",
+        "--role",
+        "checker",
+    ]))
+    .await;
+    let v = json(&key);
+    assert!(
+        v["key"].as_str().is_some_and(|k| k.starts_with("oo_")) && v["organisation"] == "RX1",
+        "{v}"
+    );
+
+    // filter: the rows to --out, the summary as JSON on stdout.
+    let csv = dir.path().join("extract.csv");
+    std::fs::write(&csv, format!("nhs_number\n{}\n{}\n123\n", n[0], n[1])).expect("write");
+    let released = dir.path().join("released.csv");
+    let filter = optout(args(&[
+        "filter",
+        "-o",
+        "json",
+        "--server",
+        &server.url,
+        "--purpose",
+        "research",
+        "--input",
+        csv.to_str().expect("utf-8"),
+        "--out",
+        released.to_str().expect("utf-8"),
+    ]))
+    .await;
+    let v = json(&filter);
+    assert_eq!(
+        (v["checked"].as_u64(), v["released"].as_u64()),
+        (Some(3), Some(0)),
+        "{v}"
+    );
+    assert_eq!(v["withheld_by_reason"]["national-data-opt-out"], 2, "{v}");
+    assert_eq!(v["invalid_lines"], serde_json::json!([4]), "{v}");
+}

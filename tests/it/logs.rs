@@ -220,7 +220,7 @@ fn no_nhs_number_reaches_the_logs_at_any_level() {
             "planning",
             "--input",
             csv.to_str().expect("utf8"),
-            "--output",
+            "--out",
             out_csv.to_str().expect("utf8")
         ]))
         .status

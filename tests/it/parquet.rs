@@ -135,7 +135,7 @@ async fn a_parquet_extract_keeps_its_releasable_rows_columns_schema_and_compress
             "-i",
         ]);
         a.push(input.to_str().expect("utf-8").into());
-        a.push("-o".into());
+        a.push("--out".into());
         a.push(output.to_str().expect("utf-8").into());
         a.extend(args(extra));
         optout(a)
@@ -221,7 +221,7 @@ async fn a_parquet_extract_keeps_its_releasable_rows_columns_schema_and_compress
         "-i",
     ]);
     a.push(input.to_str().expect("utf-8").into());
-    a.push("-o".into());
+    a.push("--out".into());
     a.push(missing.to_str().expect("utf-8").into());
     let out = optout(a).await;
     assert_eq!(out.status.code(), Some(2));

@@ -27,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{
     BasisArgs, CliError, ClientArgs, DelimiterArg, FormatArg, OriginArg, PurposeArg, progress,
     reason_name,
+    words::{self, OutputArg},
 };
 use crate::{
     cli::client::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient},
@@ -66,8 +67,12 @@ pub(crate) struct FilterArgs {
     #[arg(long, short)]
     input: Option<PathBuf>,
     /// Where to write the releasable rows; stdout if absent or "-".
-    #[arg(long, short)]
-    output: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The closing summary: text (a line on stderr), or json (one object: on stdout when the rows
+    /// go to --out, else on stderr).
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputArg::Text)]
+    output: OutputArg,
     /// Rows per CheckStream message.
     #[arg(long, default_value_t = 5000)]
     batch: usize,
@@ -92,7 +97,7 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         CliError::Input(e) => input_error(e),
         other => other,
     })?;
-    let mut output = Output::open(args.output.as_ref(), args.format, args.delimiter.byte())?;
+    let mut output = Output::open(args.out.as_ref(), args.format, args.delimiter.byte())?;
     if let Some(header) = &header {
         output.write(header)?;
     }
@@ -155,14 +160,54 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
     }
     output.finish()?;
 
-    eprintln!("{}", summary(answered.released, &answered.withheld));
-    if !answered.invalid_lines.is_empty() {
+    report(
+        &args,
+        answered.released,
+        &answered.withheld,
+        ("line", "lines"),
+        &answered.invalid_lines,
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The closing summary, as text on stderr or as one JSON object (on stdout when the rows went to
+/// a file, else on stderr); `invalid` names where the invalid numbers were (lines or rows).
+fn report(
+    args: &FilterArgs,
+    released: u64,
+    withheld: &BTreeMap<i32, u64>,
+    (one, many): (&str, &str),
+    invalid: &[u64],
+) -> Result<(), CliError> {
+    if args.output == OutputArg::Json {
+        let by_reason: serde_json::Map<String, serde_json::Value> = withheld
+            .iter()
+            .map(|(r, n)| (words::reason(*r), serde_json::Value::from(*n)))
+            .collect();
+        let total: u64 = withheld.values().sum();
+        let doc = serde_json::json!({
+            "checked": released + total,
+            "released": released,
+            "withheld": total,
+            "withheld_by_reason": by_reason,
+            format!("invalid_{many}"): invalid,
+        });
+        let rows_on_stdout = args.out.as_ref().is_none_or(|p| p.as_os_str() == "-");
+        if rows_on_stdout {
+            eprintln!("{doc}");
+        } else {
+            words::print_json(&doc)?;
+        }
+        return Ok(());
+    }
+    eprintln!("{}", summary(released, withheld));
+    if !invalid.is_empty() {
         eprintln!(
             "invalid NHS numbers withheld: {}",
-            lines_text(&answered.invalid_lines)
+            positions_text((one, many), invalid)
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// The extract's rows, and a CSV's header (written back first).

@@ -26,7 +26,7 @@ use parquet::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{CliError, FilterArgs, positions_text, progress, summary};
+use super::{CliError, FilterArgs, positions_text, progress};
 use crate::cli::client::proto::{self, CheckRequest, opt_out_check_client::OptOutCheckClient};
 
 /// What one batch of rows needs on its way back: the rows, and the position of its first row.
@@ -40,7 +40,7 @@ pub(super) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         schema,
         properties,
     } = open(&args)?;
-    let mut output = Output::open(args.output.as_ref(), schema, properties.build())?;
+    let mut output = Output::open(args.out.as_ref(), schema, properties.build())?;
 
     let (req_tx, req_rx) = mpsc::channel::<CheckRequest>(4);
     let (rows_tx, mut rows_rx) = mpsc::channel::<Result<Batch, String>>(8);
@@ -101,13 +101,13 @@ pub(super) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
         )));
     }
     output.finish()?;
-    eprintln!("{}", summary(answered.released, &answered.withheld));
-    if !answered.invalid_rows.is_empty() {
-        eprintln!(
-            "invalid NHS numbers withheld: {}",
-            positions_text(("row", "rows"), &answered.invalid_rows)
-        );
-    }
+    super::report(
+        &args,
+        answered.released,
+        &answered.withheld,
+        ("row", "rows"),
+        &answered.invalid_rows,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
