@@ -197,7 +197,10 @@ mod tests {
         assert!(Threshold::parse("p42<5ms").is_err_and(|e| e.contains("not a figure")));
         let none = Report::default();
         let (v, holds) = Threshold::parse("p99<5ms").expect("parses").check(&none);
-        assert!(v.is_nan() && !holds, "no request answered is not a fast run");
+        assert!(
+            v.is_nan() && !holds,
+            "no request answered is not a fast run"
+        );
         assert!(Threshold::parse("p99=5ms").is_err_and(|e| e.contains("no comparison")));
         assert!(Threshold::parse("p99<5").is_err_and(|e| e.contains("unit")));
     }
