@@ -25,6 +25,9 @@ use crate::{
 
 /// Numbers per import message.
 const IMPORT_CHUNK: usize = 10_000;
+/// The longest value an import sends as a number: an NHS number is 10 digits (12 with its
+/// spaces); anything this long is the wrong file, and would make a message too large to send.
+const MAX_VALUE_BYTES: usize = 1024;
 
 #[derive(Args, Debug)]
 pub(crate) struct AdminArgs {
@@ -87,6 +90,10 @@ enum AdminCommand {
         /// At most this many records (up to 10,000); when there are more, it says how to read on.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: u32,
+        /// Show each import's parts (the records of the numbers it added or removed, 10,000 a
+        /// record) one a line; without it they fold into their import's line (text only).
+        #[arg(long)]
+        parts: bool,
     },
 }
 
@@ -197,6 +204,7 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
             extract_id,
             nhs_number,
             limit,
+            parts,
         } => {
             let from_ms = from.unwrap_or(from_ms);
             let to_ms = to.unwrap_or(to_ms);
@@ -209,7 +217,7 @@ pub(crate) async fn run(args: AdminArgs) -> Result<ExitCode, CliError> {
                 // One more than shown: whether there are more to read.
                 limit: limit + 1,
             };
-            super::admin_read::audit(&mut client, query, timeout, output).await
+            super::admin_read::audit(&mut client, query, timeout, (output, parts)).await
         }
         AdminCommand::Status => super::admin_read::status(&mut client, timeout, output).await,
     }
@@ -641,6 +649,15 @@ fn read_import(
     let mut chunk = Vec::with_capacity(IMPORT_CHUNK);
     let mut take = |lines: Vec<u64>, numbers: Vec<String>| -> Result<(), String> {
         for (line, n) in lines.iter().zip(&numbers) {
+            // Refused here, naming the line, rather than sent in a message the server would
+            // refuse as too large ("decoded message length too large").
+            if n.len() > MAX_VALUE_BYTES {
+                return Err(format!(
+                    "line {line}: a value of {} bytes cannot be an NHS number (is this the file \
+                     you meant?)",
+                    n.len()
+                ));
+            }
             match crate::core::NhsNumber::parse(n) {
                 Ok(n) => {
                     rejects.valid += 1;

@@ -92,7 +92,7 @@ pub(super) async fn audit(
     client: &mut Admin,
     query: proto::ReadAuditRequest,
     timeout: Duration,
-    output: OutputArg,
+    (output, show_parts): (OutputArg, bool),
 ) -> Result<ExitCode, CliError> {
     // The caller asked for one record more than it shows (the server gives at most 10,000).
     let shown = usize::try_from(query.limit.saturating_sub(1)).unwrap_or(usize::MAX);
@@ -118,7 +118,48 @@ pub(super) async fn audit(
         words::print_json(&serde_json::Value::Array(records))?;
         return Ok(ExitCode::SUCCESS);
     }
+    // An import's parts (import-added, import-removed: 10,000 numbers a record) fold into its
+    // line: the main record's, or one line for parts whose main record is not on this page.
+    let mut folded: std::collections::BTreeMap<String, Parts> = std::collections::BTreeMap::new();
+    if !show_parts {
+        for e in r.records.iter().filter(|e| is_part(e)) {
+            let p = folded.entry(e.part_of.clone()).or_default();
+            let (records, numbers) = if e.action == "import-added" {
+                (&mut p.added_records, &mut p.added)
+            } else {
+                (&mut p.removed_records, &mut p.removed)
+            };
+            *records += 1;
+            *numbers += e.digests;
+        }
+    }
+    let mains: std::collections::HashSet<String> = r
+        .records
+        .iter()
+        .filter(|e| !is_part(e) && !e.part_of.is_empty())
+        .map(|e| e.part_of.clone())
+        .collect();
     for e in r.records {
+        if !show_parts && is_part(&e) {
+            if !mains.contains(&e.part_of)
+                && let Some(p) = folded.remove(&e.part_of)
+            {
+                println!(
+                    "{}	{}	key {}	import parts	import {} (its main record is not on this page)	{}",
+                    words::time(e.at_unix_ms),
+                    e.organisation,
+                    e.key_id,
+                    e.part_of,
+                    p.describe()
+                );
+            }
+            continue;
+        }
+        let parts = folded
+            .get(&e.part_of)
+            .filter(|_| !is_part(&e))
+            .map(|p| format!("\t{}", p.describe()))
+            .unwrap_or_default();
         let withheld: Vec<String> = e
             .withheld
             .iter()
@@ -181,8 +222,34 @@ pub(super) async fn audit(
             },
             e.version
         );
+        if !parts.is_empty() {
+            println!("\t{}", parts.trim_start());
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a record is one of an import's parts.
+fn is_part(e: &proto::AuditEntry) -> bool {
+    matches!(e.action.as_str(), "import-added" | "import-removed")
+}
+
+/// An import's parts on a page, folded.
+#[derive(Default)]
+struct Parts {
+    added_records: u64,
+    added: u64,
+    removed_records: u64,
+    removed: u64,
+}
+
+impl Parts {
+    fn describe(&self) -> String {
+        format!(
+            "parts: {} numbers added in {} records, {} removed in {} records (--parts shows them)",
+            self.added, self.added_records, self.removed, self.removed_records
+        )
+    }
 }
 
 /// One audit record as JSON, in the CLI's names.

@@ -244,6 +244,31 @@ async fn an_import_that_is_not_a_list_of_numbers_is_refused_with_what_to_give() 
     );
     assert_stderr_has(&out, "skipped (--strict refuses such a file); at line 3");
 
+    // A line far too long for a number (50 MB failed with a gRPC decode error): named, before
+    // anything is sent.
+    let path = dir.path().join("long.txt");
+    std::fs::write(&path, format!("{}\n{}\n", n[0], "9".repeat(2_000_000))).expect("write");
+    let out = optout(args(&[
+        "admin",
+        "import",
+        "--server",
+        &server.url,
+        "--type",
+        "national",
+        "--mode",
+        "merge",
+        "--source",
+        "t",
+        path.to_str().expect("utf-8"),
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_stderr_has(
+        &out,
+        "long.txt: line 2: a value of 2000000 bytes cannot be an NHS number",
+    );
+    assert_stderr_has(&out, "nothing was imported");
+
     // The file is named once ("extract.csv: extract.csv line 62" before).
     let path = dir.path().join("strict.csv");
     std::fs::write(&path, format!("nhs_number\n{}\n943476591\n", n[0])).expect("write");
@@ -515,6 +540,27 @@ async fn every_printing_command_speaks_json_with_dash_o() {
         (v["received"].as_u64(), v["added"].as_u64()),
         (Some(2), Some(1)),
         "{v}"
+    );
+    // An import's parts fold into its line; --parts shows them one a line.
+    let audit = optout(args(&["admin", "audit", "--server", &server.url])).await;
+    let shown = text(&audit.stdout);
+    assert!(!shown.contains("import-added"), "{shown}");
+    assert!(
+        shown.contains("parts: 1 numbers added in 1 records, 0 removed in 0 records"),
+        "{shown}"
+    );
+    let audit = optout(args(&[
+        "admin",
+        "audit",
+        "--parts",
+        "--server",
+        &server.url,
+    ]))
+    .await;
+    assert!(
+        text(&audit.stdout).contains("import-added"),
+        "{}",
+        text(&audit.stdout)
     );
     let health = optout(args(&["health", "-o", "json", "--server", &server.url])).await;
     assert_eq!(json(&health)["status"], "SERVING");
