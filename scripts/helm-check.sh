@@ -289,6 +289,39 @@ for d in docs:
 assert "team" not in deploy["spec"]["selector"]["matchLabels"], "commonLabels in a selector"
 print("  image.registry, commonLabels, extraEnv, extraVolumes, extraVolumeMounts, sidecars render where they belong")
 PY
+# The embedded store: one replica, a StatefulSet with its own claim, no Redis and no init Job;
+# more replicas are refused, naming the setting.
+mkdir -p "$out/embedded"
+"$helm" template optout "$chart" --namespace optout --kube-version "$k8s_version" \
+    --set embedded.enabled=true --set replicaCount=1 --set initStore.enabled=true \
+    --set redis.existingSecret= --output-dir "$out/embedded" >/dev/null
+mapfile -t embedded < <(find "$out/embedded" -name '*.yaml' | sort)
+"$validate" --strict -k "$k8s_version" "${embedded[@]}" >/dev/null
+"$venv/bin/python" - "$out/embedded" "$serve_help" <<'PY'
+import pathlib, sys, yaml
+docs = [d for f in sorted(pathlib.Path(sys.argv[1]).rglob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+help_text = pathlib.Path(sys.argv[2]).read_text()
+kinds = [d["kind"] for d in docs]
+assert "Deployment" not in kinds and "Job" not in kinds, kinds
+sts = next(d for d in docs if d["kind"] == "StatefulSet")
+assert sts["spec"]["replicas"] == 1, sts["spec"]["replicas"]
+claim = sts["spec"]["volumeClaimTemplates"][0]
+assert claim["metadata"]["name"] == "data" and claim["spec"]["resources"]["requests"]["storage"] == "10Gi", claim
+main = sts["spec"]["template"]["spec"]["containers"][0]
+assert "--data-dir=/var/lib/optout/data" in main["args"], main["args"]
+assert not any(a.startswith("--redis") for a in main["args"]), main["args"]
+assert not any(e["name"].startswith("OPTOUT_REDIS") for e in main["env"]), main["env"]
+assert any(m["name"] == "data" and m["mountPath"] == "/var/lib/optout/data" for m in main["volumeMounts"])
+for a in main["args"]:
+    flag = a.split("=", 1)[0]
+    assert flag == "serve" or f"{flag} " in help_text or f"{flag}\n" in help_text, flag
+print("  embedded store: one replica, a StatefulSet with its claim, no Redis, no init Job")
+PY
+if "$helm" template optout "$chart" --set embedded.enabled=true --set replicaCount=3 >/dev/null 2>"$out/err"; then
+    echo "error: the chart rendered the embedded store with three replicas" >&2
+    exit 1
+fi
+grep -q "embedded.enabled runs one replica" "$out/err"
 # The chart's README: its parameters table is what values.yaml says.
 python3 scripts/helm-params.py --check
 echo "helm chart: rendered and valid for default and production values"
