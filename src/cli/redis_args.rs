@@ -57,7 +57,7 @@ pub(super) struct RedisArgs {
     #[arg(long, env = "OPTOUT_REDIS_ASSUME_DURABLE")]
     redis_assume_durable: bool,
     /// How long a change waits for those confirmations, in ms, before it fails unacknowledged.
-    #[arg(long, env = "OPTOUT_REDIS_REPLICAS_ACK_MS", default_value_t = ms(redis_defaults::REPLICAS_ACK_TIMEOUT))]
+    #[arg(long, env = "OPTOUT_REDIS_REPLICAS_ACK_MS", default_value_t = ms(redis_defaults::REPLICAS_ACK_TIMEOUT), value_parser = super::words::millis)]
     redis_replicas_ack_ms: u64,
     /// Prefix of every key the service uses in Redis.
     #[arg(long, env = "OPTOUT_REDIS_PREFIX", default_value = redis_defaults::PREFIX)]
@@ -66,7 +66,7 @@ pub(super) struct RedisArgs {
     #[arg(long, env = "OPTOUT_REDIS_LOG_LEN", default_value_t = redis_defaults::LOG_LEN)]
     redis_log_len: u64,
     /// Timeout of one Redis call, in ms.
-    #[arg(long, env = "OPTOUT_REDIS_TIMEOUT_MS", default_value_t = ms(redis_defaults::TIMEOUT))]
+    #[arg(long, env = "OPTOUT_REDIS_TIMEOUT_MS", default_value_t = ms(redis_defaults::TIMEOUT), value_parser = super::words::millis)]
     redis_timeout_ms: u64,
     /// Audit records kept in Redis (approximately; the oldest are trimmed). Size this for the
     /// retention your information governance requires.

@@ -49,7 +49,7 @@ pub(super) struct ServeArgs {
     #[arg(long, env = "OPTOUT_FILTER_FP_RATE", default_value_t = FilterConfig::DEFAULT.fp_rate)]
     filter_fp_rate: f64,
     /// Past this many ms without proof that the filter is caught up, every number goes to the store.
-    #[arg(long, env = "OPTOUT_FRESHNESS_BOUND_MS", default_value_t = ms(FilterConfig::DEFAULT.freshness_bound))]
+    #[arg(long, env = "OPTOUT_FRESHNESS_BOUND_MS", default_value_t = ms(FilterConfig::DEFAULT.freshness_bound), value_parser = super::words::millis)]
     freshness_bound_ms: u64,
     /// Most NHS numbers in one Check message.
     #[arg(long, env = "OPTOUT_MAX_BATCH", default_value_t = Limits::DEFAULT.max_batch)]
@@ -58,7 +58,7 @@ pub(super) struct ServeArgs {
     #[arg(long, env = "OPTOUT_MAX_ADMIN_BATCH", default_value_t = Limits::DEFAULT.max_admin_batch)]
     max_admin_batch: usize,
     /// Deadline of a request that sets none, in ms (a shorter client deadline wins).
-    #[arg(long, env = "OPTOUT_DEFAULT_DEADLINE_MS", default_value_t = ms(Limits::DEFAULT.default_deadline))]
+    #[arg(long, env = "OPTOUT_DEFAULT_DEADLINE_MS", default_value_t = ms(Limits::DEFAULT.default_deadline), value_parser = super::words::millis)]
     default_deadline_ms: u64,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "OPTOUT_MAX_MESSAGE_BYTES", default_value_t = Limits::DEFAULT.max_message_bytes)]
@@ -71,7 +71,7 @@ pub(super) struct ServeArgs {
     #[arg(long, env = "OPTOUT_CHANGE_LOG_LEN", default_value_t = defaults::CHANGE_LOG_LEN)]
     change_log_len: u64,
     /// How often a replica on Redis publishes a filter snapshot for new replicas, in seconds.
-    #[arg(long, env = "OPTOUT_SNAPSHOT_INTERVAL_SECS", default_value_t = FilterConfig::DEFAULT.snapshot_interval.as_secs())]
+    #[arg(long, env = "OPTOUT_SNAPSHOT_INTERVAL_SECS", default_value_t = FilterConfig::DEFAULT.snapshot_interval.as_secs(), value_parser = super::words::secs)]
     snapshot_interval_secs: u64,
     /// API keys (TOML; see `optout keys new`). Reloaded when it changes. Without it the service
     /// runs open, which is allowed on loopback only.
@@ -91,7 +91,7 @@ pub(super) struct ServeArgs {
     #[arg(long, env = "OPTOUT_AUDIT_KEY_FILE")]
     audit_key_file: Option<PathBuf>,
     /// How long check records may fail to be written before every check is withheld, in ms.
-    #[arg(long, env = "OPTOUT_AUDIT_BOUND_MS", default_value_t = ms(defaults::AUDIT_BOUND))]
+    #[arg(long, env = "OPTOUT_AUDIT_BOUND_MS", default_value_t = ms(defaults::AUDIT_BOUND), value_parser = super::words::millis)]
     audit_bound_ms: u64,
     /// MiB of check records that may wait to be written (about 8 bytes per released number);
     /// past it every check is withheld until the queue drains.
@@ -118,19 +118,20 @@ pub(super) struct ServeArgs {
     #[arg(long, env = "OPTOUT_CHECK_LOG_MAX_BACKUPS", default_value_t = defaults::CHECK_LOG_MAX_BACKUPS)]
     check_log_max_backups: usize,
     /// Closed check-log segments older than this many days are deleted (0: keep).
-    #[arg(long, env = "OPTOUT_CHECK_LOG_MAX_AGE_DAYS", default_value_t = defaults::CHECK_LOG_MAX_AGE_DAYS)]
+    #[arg(long, env = "OPTOUT_CHECK_LOG_MAX_AGE_DAYS", default_value_t = defaults::CHECK_LOG_MAX_AGE_DAYS, value_parser = super::words::days)]
     check_log_max_age_days: u64,
     /// How often, while checks are written, where the check log stands is recorded in the
     /// store's changes trail (also at each rotation and at shutdown), in seconds: `optout audit
     /// verify` given the store then shows lines cut from the log's end or segments deleted, up to
     /// the last such anchor. One small record per interval per busy replica.
-    #[arg(long, env = "OPTOUT_CHECK_LOG_ANCHOR_INTERVAL_SECS", default_value_t = defaults::CHECK_LOG_ANCHOR_INTERVAL.as_secs())]
+    #[arg(long, env = "OPTOUT_CHECK_LOG_ANCHOR_INTERVAL_SECS", default_value_t = defaults::CHECK_LOG_ANCHOR_INTERVAL.as_secs(), value_parser = super::words::secs)]
     check_log_anchor_interval_secs: u64,
     /// Records of admin changes and reads older than this many days are deleted (0: keep all).
     #[arg(
         long,
         env = "OPTOUT_AUDIT_CHANGES_MAX_AGE_DAYS",
-        default_value_t = defaults::AUDIT_CHANGES_MAX_AGE_DAYS
+        default_value_t = defaults::AUDIT_CHANGES_MAX_AGE_DAYS,
+        value_parser = super::words::days,
     )]
     audit_changes_max_age_days: u64,
     /// Past this many days since the national list's date (the date of the national check in
@@ -146,7 +147,7 @@ pub(super) struct ServeArgs {
     type1_max_age_days: MaxAgeArg,
     /// How often the changes trail is sealed (a hash chain and a MAC over the records written
     /// since the last seal), in ms. Needs --audit-key-file.
-    #[arg(long, env = "OPTOUT_AUDIT_SEAL_INTERVAL_MS", default_value_t = ms(defaults::AUDIT_SEAL_INTERVAL))]
+    #[arg(long, env = "OPTOUT_AUDIT_SEAL_INTERVAL_MS", default_value_t = ms(defaults::AUDIT_SEAL_INTERVAL), value_parser = super::words::millis)]
     audit_seal_interval_ms: u64,
     /// NHS numbers checked per second per organisation (0: no limit). Every number of a Check
     /// and of each CheckStream message counts; each admin call counts as one.
@@ -169,7 +170,7 @@ pub(super) struct ServeArgs {
     metrics_listen: Option<SocketAddr>,
     /// On SIGTERM or SIGINT: seconds in-flight requests and streams may take to finish before they
     /// are cut off. Keep it below the orchestrator's own grace period.
-    #[arg(long, env = "OPTOUT_SHUTDOWN_GRACE_SECS", default_value_t = defaults::SHUTDOWN_GRACE.as_secs())]
+    #[arg(long, env = "OPTOUT_SHUTDOWN_GRACE_SECS", default_value_t = defaults::SHUTDOWN_GRACE.as_secs(), value_parser = super::words::secs)]
     shutdown_grace_secs: u64,
     /// Concurrent streams (requests) per client connection.
     #[arg(long, env = "OPTOUT_MAX_CONCURRENT_STREAMS", default_value_t = defaults::MAX_CONCURRENT_STREAMS)]
@@ -183,19 +184,19 @@ pub(super) struct ServeArgs {
     #[arg(long, env = "OPTOUT_MAX_CONNECTIONS_PER_PEER")]
     max_connections_per_peer: Option<usize>,
     /// A new client connection that has sent no request within this many seconds is closed.
-    #[arg(long, env = "OPTOUT_FIRST_REQUEST_TIMEOUT_SECS", default_value_t = defaults::FIRST_REQUEST_TIMEOUT.as_secs())]
+    #[arg(long, env = "OPTOUT_FIRST_REQUEST_TIMEOUT_SECS", default_value_t = defaults::FIRST_REQUEST_TIMEOUT.as_secs(), value_parser = super::words::secs)]
     first_request_timeout_secs: u64,
     /// Longest a request may take, a whole CheckStream or import included, in seconds.
-    #[arg(long, env = "OPTOUT_REQUEST_TIMEOUT_SECS", default_value_t = Limits::DEFAULT.request_timeout.as_secs())]
+    #[arg(long, env = "OPTOUT_REQUEST_TIMEOUT_SECS", default_value_t = Limits::DEFAULT.request_timeout.as_secs(), value_parser = super::words::secs)]
     request_timeout_secs: u64,
     /// A client connection older than this is asked to reconnect (its requests get the shutdown
     /// grace to finish), in seconds. Also spreads long-lived clients over new replicas.
-    #[arg(long, env = "OPTOUT_MAX_CONNECTION_AGE_SECS", default_value_t = defaults::MAX_CONNECTION_AGE.as_secs())]
+    #[arg(long, env = "OPTOUT_MAX_CONNECTION_AGE_SECS", default_value_t = defaults::MAX_CONNECTION_AGE.as_secs(), value_parser = super::words::secs)]
     max_connection_age_secs: u64,
     /// A client connection with no traffic (keepalive pings aside) for this long is closed, in
     /// seconds. Never shorter than the request timeout plus a second, so a request the server is
     /// still working on is not cut off as idle.
-    #[arg(long, env = "OPTOUT_IDLE_TIMEOUT_SECS", default_value_t = defaults::IDLE_TIMEOUT.as_secs())]
+    #[arg(long, env = "OPTOUT_IDLE_TIMEOUT_SECS", default_value_t = defaults::IDLE_TIMEOUT.as_secs(), value_parser = super::words::secs)]
     idle_timeout_secs: u64,
     /// Export traces over OTLP/gRPC to this collector (e.g. http://otel-collector:4317): a span
     /// per request, the child of the caller's W3C traceparent. Off when not given.

@@ -95,6 +95,38 @@ pub(crate) fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
     std::time::Duration::try_from(d).map_err(|_| format!("{s:?} is negative"))
 }
 
+/// A flag counted in `unit`s (ms, seconds, days) as people write it: a bare number in the flag's
+/// unit, as before (`--idle-timeout-secs 300`), or a length of time with its own (`5m`, `2s`,
+/// `8d`), which must come to a whole number of the flag's unit.
+fn in_units(s: &str, unit: std::time::Duration, name: &str) -> Result<u64, String> {
+    if let Ok(n) = s.trim().parse::<u64>() {
+        return Ok(n);
+    }
+    let d = duration_arg(s).map_err(|_| {
+        format!("{s:?} is not a length of time: write a number of {name}, or 500ms, 2s, 5m, 8d")
+    })?;
+    let units = d.as_nanos() / unit.as_nanos();
+    if units * unit.as_nanos() != d.as_nanos() {
+        return Err(format!("{s:?} is not a whole number of {name}"));
+    }
+    u64::try_from(units).map_err(|_| format!("{s:?} is too long"))
+}
+
+/// For `*-ms` flags: ms, or a length of time (`2s`).
+pub(crate) fn millis(s: &str) -> Result<u64, String> {
+    in_units(s, std::time::Duration::from_millis(1), "milliseconds")
+}
+
+/// For `*-secs` flags: seconds, or a length of time (`5m`).
+pub(crate) fn secs(s: &str) -> Result<u64, String> {
+    in_units(s, std::time::Duration::from_secs(1), "seconds")
+}
+
+/// For `*-days` flags: days, or a length of time (`2w`).
+pub(crate) fn days(s: &str) -> Result<u64, String> {
+    in_units(s, std::time::Duration::from_secs(86_400), "days")
+}
+
 /// A time as people give it: RFC 3339 (`2026-11-27T09:00:00Z`), a date (its start, UTC), or how
 /// long ago (`24h`, `7d`), as ms since the Unix epoch. For clap's `value_parser`.
 pub(crate) fn time_arg(s: &str) -> Result<i64, String> {
@@ -169,6 +201,12 @@ mod tests {
         let day_ago = time_arg("24h").expect("relative");
         assert!((now - 86_400_000 - day_ago).abs() < 5_000, "{day_ago}");
         assert!(time_arg("yesterday").is_err_and(|e| e.contains("how long ago")));
+        // The unit flags: a bare number in their unit as before, or a length of time.
+        assert_eq!((millis("2000"), millis("2s")), (Ok(2000), Ok(2000)));
+        assert_eq!((secs("300"), secs("5m")), (Ok(300), Ok(300)));
+        assert_eq!((days("400"), days("2w")), (Ok(400), Ok(14)));
+        assert!(secs("1500ms").is_err_and(|e| e.contains("whole number of seconds")));
+        assert!(days("soon").is_err_and(|e| e.contains("number of days")));
         // Three fractional digits always: these sort as text in time order.
         assert_eq!(time(1_795_770_000_620), "2026-11-27T09:00:00.620Z");
         assert_eq!(time(1_795_770_000_000), "2026-11-27T09:00:00.000Z");

@@ -611,3 +611,38 @@ async fn every_printing_command_speaks_json_with_dash_o() {
     assert_eq!(v["withheld_by_reason"]["national-data-opt-out"], 2, "{v}");
     assert_eq!(v["invalid_lines"], serde_json::json!([4]), "{v}");
 }
+
+/// serve's time flags take lengths of time with a unit too (`5m`, `2s`), on the command line and
+/// in the config file; one that is not a whole number of the flag's unit is refused by name.
+#[tokio::test]
+async fn serve_time_flags_take_lengths_of_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let listen = taken.local_addr().expect("addr").to_string();
+    let config = dir.path().join("optout.toml");
+    std::fs::write(
+        &config,
+        "idle-timeout-secs = \"10m\"\naudit-changes-max-age-days = \"2w\"\n",
+    )
+    .expect("write");
+    // Everything parses; serve then stops at the address in use (after reading its settings).
+    let out = optout(args(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--freshness-bound-ms",
+        "2s",
+        "--request-timeout-secs",
+        "1m",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--data-dir",
+        dir.path().join("data").to_str().expect("utf-8"),
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(&out, &format!("--listen {listen}"));
+    let out = optout(args(&["serve", "--idle-timeout-secs", "1500ms"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(&out, "\"1500ms\" is not a whole number of seconds");
+}
