@@ -80,13 +80,43 @@ impl Interceptor for Bearer {
 
 type Authed = InterceptedService<Channel, Bearer>;
 
+/// How the harness trusts an https:// service, and whom it presents itself as (mutual TLS).
+#[derive(Clone, Debug, Default)]
+pub struct Tls {
+    /// The CA (PEM) that signed the service's certificate; none: the public roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and its key (PEM), for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The process's TLS settings, set once from the command line before anything connects.
+static TLS: std::sync::OnceLock<Tls> = std::sync::OnceLock::new();
+
+/// Sets how every https:// connection of this process is made (once; later calls change nothing).
+pub fn set_tls(tls: Tls) {
+    let _ = TLS.set(tls);
+}
+
 async fn connect(url: &str) -> Result<Channel, Error> {
-    Ok(Endpoint::from_shared(url.to_string())
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| Error::Usage(format!("--server {url}: {e}")))?
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await?)
+        .connect_timeout(Duration::from_secs(5));
+    if url.starts_with("https://") {
+        let settings = TLS.get().cloned().unwrap_or_default();
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        tls = match &settings.ca_pem {
+            Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            None => tls.with_enabled_roots(),
+        };
+        if let Some((cert, key)) = &settings.identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Error::Usage(format!("TLS settings: {e}")))?;
+    }
+    Ok(endpoint.connect().await?)
 }
 
 /// The live line of a run on a terminal: elapsed, requests, their rate, errors (k6's and ghz's).

@@ -13,6 +13,46 @@ use optout_loadtest::{Mode, Report, Target, Workload, population::Population, ru
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The CA (PEM) that signed an https:// service's certificate; without it, the public roots.
+    #[arg(long, global = true, env = "OPTOUT_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// A client certificate (PEM) for mutual TLS, with --client-key.
+    #[arg(
+        long,
+        global = true,
+        env = "OPTOUT_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "OPTOUT_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The TLS files, read: a file that cannot be read is named.
+    fn tls(&self) -> Result<optout_loadtest::Tls, optout_loadtest::Error> {
+        let read = |flag: &str, p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| optout_loadtest::Error::Usage(format!("{flag} {}: {e}", p.display())))
+        };
+        Ok(optout_loadtest::Tls {
+            ca_pem: self
+                .ca_cert
+                .as_ref()
+                .map(|p| read("--ca-cert", p))
+                .transpose()?,
+            identity: match (&self.client_cert, &self.client_key) {
+                (Some(c), Some(k)) => Some((read("--client-cert", c)?, read("--client-key", k)?)),
+                _ => None,
+            },
+        })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -181,7 +221,9 @@ async fn main() -> ExitCode {
 }
 
 async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    optout_loadtest::set_tls(cli.tls()?);
+    match cli.command {
         Command::Frame {
             population,
             batch,

@@ -373,3 +373,151 @@ async fn the_binary_says_seed_first_and_fails_on_errors_by_code() {
     );
     let _ = stop.send(());
 }
+
+/// Certificates made at test time: a CA, the server's (localhost, 127.0.0.1), a client's.
+struct Pki {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "loadtest CA");
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().expect("key");
+    let mut sp = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    sp.subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    let server = sp.signed_by(&server_key, &issuer).expect("server cert");
+    let client_key = KeyPair::generate().expect("key");
+    let mut cp = CertificateParams::new(Vec::<String>::new()).expect("params");
+    cp.distinguished_name.push(DnType::OrganizationName, "RX1");
+    let client = cp.signed_by(&client_key, &issuer).expect("client cert");
+    Pki {
+        ca: ca.pem(),
+        server: (server.pem(), server_key.serialize_pem()),
+        client: (client.pem(), client_key.serialize_pem()),
+    }
+}
+
+/// `seed` and `run` against a service that requires mutual TLS: with --ca-cert, --client-cert and
+/// --client-key they connect; without the client certificate the service refuses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_and_run_over_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = pki();
+    let mut config = ServerConfig::new(dir.path().join("data"));
+    config.rate_limit.per_second = 0;
+    config.filter.capacity = 10_000;
+    config.tls = Some(optout::server::TlsFiles {
+        cert_pem: pki.server.0.clone().into_bytes(),
+        key_pem: pki.server.1.clone().into_bytes(),
+        client_ca_pem: Some(pki.ca.clone().into_bytes()),
+    });
+    let store = std::sync::Arc::new(open_embedded(&config).await.expect("store"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "https://localhost:{}",
+        listener.local_addr().expect("addr").port()
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(listener, store, config, async {
+        let _ = stopped.await;
+    }));
+    let files = dir.path();
+    for (name, body) in [
+        ("ca.pem", &pki.ca),
+        ("client.pem", &pki.client.0),
+        ("client-key.pem", &pki.client.1),
+    ] {
+        std::fs::write(files.join(name), body).expect("write");
+    }
+    let path = |n: &str| files.join(n).to_str().expect("utf-8").to_string();
+    let tls = vec![
+        "--ca-cert".to_string(),
+        path("ca.pem"),
+        "--client-cert".to_string(),
+        path("client.pem"),
+        "--client-key".to_string(),
+        path("client-key.pem"),
+    ];
+    let bin = env!("CARGO_BIN_EXE_optout-loadtest");
+    let run = move |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(bin)
+                .args(&args)
+                .output()
+                .expect("runs")
+        })
+    };
+    let mut seeded = None;
+    for _ in 0..50 {
+        let mut a = vec![
+            "seed".to_string(),
+            "--server".into(),
+            url.clone(),
+            "--count".into(),
+            "500".into(),
+        ];
+        a.extend(tls.clone());
+        let out = run(a).await.expect("join");
+        if out.status.success() {
+            seeded = Some(out);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seeded = seeded.expect("seeded over mutual TLS");
+    assert!(String::from_utf8_lossy(&seeded.stdout).contains("seeded 500 opt-outs"));
+    let mut a: Vec<String> = [
+        "run",
+        "--server",
+        &url,
+        "--count",
+        "500",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "0s",
+        "--concurrency",
+        "2",
+        "--connections",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(tls.clone());
+    let out = run(a).await.expect("join");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the client certificate: refused by the service.
+    let out = run(vec![
+        "run".into(),
+        "--server".into(),
+        url.clone(),
+        "--count".into(),
+        "500".into(),
+        "--duration".into(),
+        "300ms".into(),
+        "--ca-cert".into(),
+        path("ca.pem"),
+    ])
+    .await
+    .expect("join");
+    assert!(!out.status.success());
+    let _ = stop.send(());
+}
