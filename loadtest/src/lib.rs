@@ -437,6 +437,13 @@ pub struct Report {
     pub numbers_each_second: Vec<u64>,
     /// The latency histogram: (upper bound in microseconds, requests), doubling from 100 us.
     pub latency_histogram_us: Vec<(u64, u64)>,
+    /// The run's metadata: the command as typed, when it started (RFC 3339), and the server's
+    /// version and commit as it reported them (empty when it could not be asked).
+    pub command: String,
+    /// When the run started.
+    pub started_at: String,
+    /// The server's build.
+    pub server_version: String,
 }
 
 struct Shared {
@@ -602,6 +609,7 @@ pub async fn run(
         warmup_leaks: tally.warmup_leaks,
         numbers_each_second: tally.per_second,
         latency_histogram_us,
+        ..Report::default()
     })
 }
 
@@ -926,13 +934,7 @@ pub async fn unseeded(
     api_key: Option<String>,
     population: &Population,
 ) -> Option<String> {
-    let channel = connect(server).await.ok()?;
-    let mut admin = OptOutAdminClient::with_interceptor(channel, Bearer(api_key));
-    let status = admin
-        .get_status(GetStatusRequest {})
-        .await
-        .ok()?
-        .into_inner();
+    let status = server_status(server, api_key).await?;
     (status.national_data_opt_outs == 0 && population.count() > 0).then(|| {
         format!(
             "{server} holds no national data opt-outs, so every planted number would come back \
@@ -940,6 +942,23 @@ pub async fn unseeded(
             population.count()
         )
     })
+}
+
+/// The service's status (its counts and its build), when it can be asked: an admin key, not the
+/// echo server.
+pub async fn server_status(
+    server: &str,
+    api_key: Option<String>,
+) -> Option<optout_proto::GetStatusResponse> {
+    let channel = connect(server).await.ok()?;
+    let mut admin = OptOutAdminClient::with_interceptor(channel, Bearer(api_key));
+    Some(
+        admin
+            .get_status(GetStatusRequest {})
+            .await
+            .ok()?
+            .into_inner(),
+    )
 }
 
 /// One line of a run: rates, latency percentiles, errors by status code, leaks.

@@ -340,6 +340,7 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
                 return Err(optout_loadtest::Error::Usage(why));
             }
             let mut reports: Vec<Report> = Vec::new();
+            let started = jiff::Timestamp::now();
             let mut r = run(
                 &Target::Grpc {
                     url: args.server.clone(),
@@ -350,6 +351,14 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
             )
             .await?;
             r.target = args.label.clone();
+            // The run's metadata, for the report.
+            let command: Vec<String> = std::env::args().collect();
+            r.command = command.join(" ");
+            r.started_at = format!("{started:.0}");
+            r.server_version = optout_loadtest::server_status(&args.server, args.api_key.clone())
+                .await
+                .map(|s| s.server_version)
+                .unwrap_or_default();
             println!("{}", summary(&r));
             reports.push(r);
             if args.baseline.as_deref() == Some("redis") {

@@ -58,8 +58,12 @@ pub fn html(title: &str, reports: &[Report]) -> String {
          </style>\n</head>\n<body>\n<h1>{t}</h1>\n",
         t = esc(title)
     );
+    out.push_str("<h2>Runs</h2>\n");
+    metadata(&mut out, reports);
     out.push_str("<h2>Percentiles</h2>\n");
     table(&mut out, reports);
+    out.push_str("<h2>Requests by status code</h2>\n");
+    codes(&mut out, reports);
     out.push_str("<h2>NHS numbers answered each second</h2>\n");
     throughput(&mut out, reports);
     out.push_str("<h2>Latency histogram (share of requests per bucket)</h2>\n");
@@ -245,4 +249,52 @@ fn histogram(out: &mut String, reports: &[Report]) {
     }
     legend(out, reports);
     out.push_str("</svg>\n");
+}
+
+/// Each run's command, start and the server's build (as it reported it).
+fn metadata(out: &mut String, reports: &[Report]) {
+    out.push_str("<table id=\"runs\">\n<tr><th>run</th><th>started</th><th>server</th><th>command</th></tr>\n");
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+            esc(&label(r)),
+            esc(&r.started_at),
+            esc(if r.server_version.is_empty() {
+                "not asked"
+            } else {
+                &r.server_version
+            }),
+            esc(&r.command)
+        );
+    }
+    out.push_str("</table>\n");
+}
+
+/// Requests by gRPC status code: OK (answered) and each error code, a column a code.
+fn codes(out: &mut String, reports: &[Report]) {
+    let mut names: Vec<&str> = reports
+        .iter()
+        .flat_map(|r| r.errors.keys().map(String::as_str))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    out.push_str("<table id=\"codes\">\n<tr><th>run</th><th>OK</th>");
+    for n in &names {
+        let _ = write!(out, "<th>{}</th>", esc(n));
+    }
+    out.push_str("</tr>\n");
+    for r in reports {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td>",
+            esc(&label(r)),
+            r.requests
+        );
+        for n in &names {
+            let _ = write!(out, "<td>{}</td>", r.errors.get(*n).copied().unwrap_or(0));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
 }

@@ -135,6 +135,14 @@ async fn seeds_and_runs_every_mode_with_no_leak() {
     assert_eq!(bars, 2 * service.latency_histogram_us.len());
     assert!(page.contains(&format!("<td>{}</td>", service.latency_us.p99)));
     assert!(page.contains("a &lt;test&gt;"), "text is escaped");
+    // The runs' metadata and the requests by status code: a row per report.
+    for table in ["runs", "codes"] {
+        let rows = by_id(table)
+            .children()
+            .filter(|n| n.has_tag_name("tr"))
+            .count();
+        assert_eq!(rows, 3, "{table}: a header and a row per report");
+    }
     // Open loop at a modest rate sends about rate x duration requests.
     let mut open = workload(Mode::Batch);
     open.rate = 100.0;

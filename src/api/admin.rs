@@ -449,6 +449,13 @@ impl OptOutAdmin for AdminService {
                     })
                     .collect(),
                 store_regressed: f.regressed.unwrap_or_default(),
+                server_version: concat!(
+                    env!("CARGO_PKG_VERSION"),
+                    " (",
+                    env!("OPTOUT_GIT_COMMIT"),
+                    ")"
+                )
+                .to_string(),
             }))
         })
         .await

@@ -316,6 +316,9 @@ pub(super) async fn status(
         r.store_kind, r.dataset_id
     );
     println!("version:                  {}", r.version);
+    if !r.server_version.is_empty() {
+        println!("server:                   optout {}", r.server_version);
+    }
     println!("national data opt-outs:   {}", r.national_data_opt_outs);
     println!("type 1 opt-outs:          {}", r.type_1_opt_outs);
     println!("patients with an opt-out: {}", r.patients);
@@ -395,6 +398,7 @@ fn status_json(r: &proto::GetStatusResponse) -> serde_json::Value {
     serde_json::json!({
         "store": r.store_kind,
         "dataset": r.dataset_id,
+        "server_version": r.server_version,
         "version": r.version,
         "national_data_opt_outs": r.national_data_opt_outs,
         "type1_opt_outs": r.type_1_opt_outs,

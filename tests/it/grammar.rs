@@ -562,6 +562,23 @@ async fn every_printing_command_speaks_json_with_dash_o() {
         "{}",
         text(&audit.stdout)
     );
+    // The server names its build (the load tester's report shows it).
+    let status = optout(args(&[
+        "admin",
+        "status",
+        "-o",
+        "json",
+        "--server",
+        &server.url,
+    ]))
+    .await;
+    let v = json(&status);
+    assert!(
+        v["server_version"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(concat!(env!("CARGO_PKG_VERSION"), " ("))),
+        "{v}"
+    );
     let health = optout(args(&["health", "-o", "json", "--server", &server.url])).await;
     assert_eq!(json(&health)["status"], "SERVING");
     let keys = dir.path().join("keys.toml");
