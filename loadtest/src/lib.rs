@@ -437,6 +437,8 @@ pub struct Report {
     pub numbers_each_second: Vec<u64>,
     /// The latency histogram: (upper bound in microseconds, requests), doubling from 100 us.
     pub latency_histogram_us: Vec<(u64, u64)>,
+    /// Latency over time: (p50, p99) in microseconds of each second of the measured window.
+    pub latency_each_second_us: Vec<(u64, u64)>,
     /// The run's metadata: the command as typed, when it started (RFC 3339), and the server's
     /// version and commit as it reported them (empty when it could not be asked).
     pub command: String,
@@ -471,6 +473,8 @@ struct Tally {
     errors: BTreeMap<String, u64>,
     /// Numbers answered in each second since measuring began.
     per_second: Vec<u64>,
+    /// The latencies of each second (two significant figures: a few KB a second).
+    latency_per_second: Vec<Option<Histogram<u64>>>,
 }
 
 enum Conn {
@@ -572,10 +576,34 @@ pub async fn run(
         for (i, n) in t.per_second.iter().enumerate() {
             tally.per_second[i] += n;
         }
+        if tally.latency_per_second.len() < t.latency_per_second.len() {
+            tally
+                .latency_per_second
+                .resize_with(t.latency_per_second.len(), || None);
+        }
+        for (i, h) in t.latency_per_second.into_iter().enumerate() {
+            match (&mut tally.latency_per_second[i], h) {
+                (Some(all), Some(h)) => {
+                    let _ = all.add(&h);
+                }
+                (slot @ None, h) => *slot = h,
+                (Some(_), None) => {}
+            }
+        }
     }
     let seconds = measure_start.elapsed().as_secs_f64();
     // Whole seconds only: a last partial second would read as a drop in throughput.
     tally.per_second.truncate(seconds.floor() as usize);
+    tally.latency_per_second.truncate(seconds.floor() as usize);
+    let latency_each_second_us = tally
+        .latency_per_second
+        .iter()
+        .map(|h| {
+            h.as_ref().map_or((0, 0), |h| {
+                (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
+            })
+        })
+        .collect();
     let latency_histogram_us = hist
         .iter_log(100, 2.0)
         .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
@@ -609,6 +637,7 @@ pub async fn run(
         warmup_leaks: tally.warmup_leaks,
         numbers_each_second: tally.per_second,
         latency_histogram_us,
+        latency_each_second_us,
         ..Report::default()
     })
 }
@@ -756,18 +785,17 @@ async fn worker(
         }
         match answers {
             Ok((answered, planted_released)) => {
+                let micros = u64::try_from(elapsed.as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
                 record(
                     &shared,
-                    pooled.numbers.len(),
-                    answered,
+                    (pooled.numbers.len(), answered),
                     &planted_released,
+                    micros,
                     &mut tally,
                 );
-                let _ = hist.record(
-                    u64::try_from(elapsed.as_micros())
-                        .unwrap_or(u64::MAX)
-                        .max(1),
-                );
+                let _ = hist.record(micros);
             }
             Err(code) => {
                 shared.failed.fetch_add(1, Ordering::Relaxed);
@@ -782,9 +810,9 @@ async fn worker(
 /// number in it was released (a leak).
 fn record(
     shared: &Shared,
-    sent: usize,
-    answered: usize,
+    (sent, answered): (usize, usize),
     planted_released: &[bool],
+    micros: u64,
     tally: &mut Tally,
 ) {
     tally.requests += 1;
@@ -794,6 +822,16 @@ fn record(
         tally.per_second.resize(second + 1, 0);
     }
     tally.per_second[second] += sent as u64;
+    if tally.latency_per_second.len() <= second {
+        tally.latency_per_second.resize_with(second + 1, || None);
+    }
+    let slot = &mut tally.latency_per_second[second];
+    if slot.is_none() {
+        *slot = Histogram::new_with_bounds(1, 60_000_000, 2).ok();
+    }
+    if let Some(h) = slot {
+        let _ = h.record(micros);
+    }
     tally.planted_seen += planted_released.len() as u64;
     tally.leaks += planted_released.iter().filter(|r| **r).count() as u64;
     if answered != sent {
@@ -889,18 +927,17 @@ async fn stream_worker(
                         .filter(|(n, _)| shared.population.is_planted(**n))
                         .map(|(_, d)| d.outcome == Outcome::Release as i32)
                         .collect();
+                    let micros = u64::try_from(at.elapsed().as_micros())
+                        .unwrap_or(u64::MAX)
+                        .max(1);
                     record(
                         shared,
-                        numbers.len(),
-                        r.decisions.len(),
+                        (numbers.len(), r.decisions.len()),
                         &planted_released,
+                        micros,
                         tally,
                     );
-                    let _ = hist.record(
-                        u64::try_from(at.elapsed().as_micros())
-                            .unwrap_or(u64::MAX)
-                            .max(1),
-                    );
+                    let _ = hist.record(micros);
                 }
             }
             Ok(None) => break,

@@ -66,6 +66,8 @@ pub fn html(title: &str, reports: &[Report]) -> String {
     codes(&mut out, reports);
     out.push_str("<h2>NHS numbers answered each second</h2>\n");
     throughput(&mut out, reports);
+    out.push_str("<h2>Latency over time (p99 solid, p50 dashed), ms</h2>\n");
+    latency_over_time(&mut out, reports);
     out.push_str("<h2>Latency histogram (share of requests per bucket)</h2>\n");
     histogram(&mut out, reports);
     out.push_str("</body>\n</html>\n");
@@ -297,4 +299,49 @@ fn codes(out: &mut String, reports: &[Report]) {
         out.push_str("</tr>\n");
     }
     out.push_str("</table>\n");
+}
+
+/// Each second's p50 (dashed) and p99 (solid) latency, a pair of lines a report.
+fn latency_over_time(out: &mut String, reports: &[Report]) {
+    let seconds = reports
+        .iter()
+        .map(|r| r.latency_each_second_us.len())
+        .max()
+        .unwrap_or(0)
+        .max(2);
+    let y_max = reports
+        .iter()
+        .flat_map(|r| r.latency_each_second_us.iter().map(|(_, p99)| *p99))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let _ = writeln!(
+        out,
+        "<svg id=\"latency-over-time\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" \
+         height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\">"
+    );
+    axes(out, y_max / 1000.0, " ms", "seconds of the measured window");
+    let x = |i: usize| PAD + (WIDTH - 2.0 * PAD) * i as f64 / (seconds - 1) as f64;
+    let y = |v: u64| HEIGHT - PAD - (HEIGHT - 2.0 * PAD) * v as f64 / y_max;
+    for (i, r) in reports.iter().enumerate() {
+        for (dash, pick) in [("", 1usize), (" stroke-dasharray=\"4 3\"", 0)] {
+            let points: Vec<String> = r
+                .latency_each_second_us
+                .iter()
+                .enumerate()
+                .map(|(s, p)| format!("{:.1},{:.1}", x(s), y(if pick == 0 { p.0 } else { p.1 })))
+                .collect();
+            let _ = writeln!(
+                out,
+                "<polyline fill=\"none\" stroke-width=\"2\" stroke=\"{}\"{dash} points=\"{}\">\
+                 <title>{} {}</title></polyline>",
+                COLOURS[i % COLOURS.len()],
+                points.join(" "),
+                esc(&label(r)),
+                if pick == 0 { "p50" } else { "p99" }
+            );
+        }
+    }
+    legend(out, reports);
+    out.push_str("</svg>\n");
 }

@@ -135,6 +135,25 @@ async fn seeds_and_runs_every_mode_with_no_leak() {
     assert_eq!(bars, 2 * service.latency_histogram_us.len());
     assert!(page.contains(&format!("<td>{}</td>", service.latency_us.p99)));
     assert!(page.contains("a &lt;test&gt;"), "text is escaped");
+    // Latency over time: a p50 and a p99 line a report, a point a second.
+    assert_eq!(
+        service.latency_each_second_us.len(),
+        2,
+        "whole seconds only"
+    );
+    let lines: Vec<_> = by_id("latency-over-time")
+        .descendants()
+        .filter(|n| n.has_tag_name("polyline"))
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert!(
+        service
+            .latency_each_second_us
+            .iter()
+            .all(|(p50, p99)| 0 < *p50 && p50 <= p99),
+        "{:?}",
+        service.latency_each_second_us
+    );
     // The runs' metadata and the requests by status code: a row per report.
     for table in ["runs", "codes"] {
         let rows = by_id(table)

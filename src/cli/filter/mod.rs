@@ -104,16 +104,7 @@ pub(crate) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
 
     let (req_tx, req_rx) = mpsc::channel::<CheckRequest>(4);
     let (rows_tx, mut rows_rx) = mpsc::channel::<Result<Rows, String>>(64);
-    let (legal_basis, basis_reference) = args.basis.fields();
-    let template = CheckRequest {
-        nhs_numbers: proto::NumberList::new(),
-        purpose: proto::Purpose::from(args.purpose) as i32,
-        origin: proto::DataOrigin::from(args.origin) as i32,
-        at_least_version: String::new(),
-        extract_id: args.extract_id.clone(),
-        legal_basis,
-        basis_reference,
-    };
+    let template = check_template(&args);
     let batch = args.batch;
     let reader_task =
         tokio::task::spawn_blocking(move || read_rows(source, batch, template, &req_tx, &rows_tx));
@@ -208,6 +199,21 @@ fn report(
         );
     }
     Ok(())
+}
+
+/// Every CheckStream message of the extract but its numbers: the purpose, origin, reference and
+/// legal basis the flags claim.
+fn check_template(args: &FilterArgs) -> CheckRequest {
+    let (legal_basis, basis_reference) = args.basis.fields();
+    CheckRequest {
+        nhs_numbers: proto::NumberList::new(),
+        purpose: proto::Purpose::from(args.purpose) as i32,
+        origin: proto::DataOrigin::from(args.origin) as i32,
+        at_least_version: String::new(),
+        extract_id: args.extract_id.clone(),
+        legal_basis,
+        basis_reference,
+    }
 }
 
 /// The extract's rows, and a CSV's header (written back first).

@@ -44,16 +44,7 @@ pub(super) async fn run(args: FilterArgs) -> Result<ExitCode, CliError> {
 
     let (req_tx, req_rx) = mpsc::channel::<CheckRequest>(4);
     let (rows_tx, mut rows_rx) = mpsc::channel::<Result<Batch, String>>(8);
-    let (legal_basis, basis_reference) = args.basis.fields();
-    let template = CheckRequest {
-        nhs_numbers: proto::NumberList::new(),
-        purpose: proto::Purpose::from(args.purpose) as i32,
-        origin: proto::DataOrigin::from(args.origin) as i32,
-        at_least_version: String::new(),
-        extract_id: args.extract_id.clone(),
-        legal_basis,
-        basis_reference,
-    };
+    let template = super::check_template(&args);
     let reader_task = tokio::task::spawn_blocking(move || {
         read_batches(reader, column, &shown, template, &req_tx, &rows_tx)
     });
