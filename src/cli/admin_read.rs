@@ -160,73 +160,78 @@ pub(super) async fn audit(
             .filter(|_| !is_part(&e))
             .map(|p| format!("\t{}", p.describe()))
             .unwrap_or_default();
-        let withheld: Vec<String> = e
-            .withheld
-            .iter()
-            .map(|(k, v)| format!("{}={v}", words::recorded(k)))
-            .collect();
-        // A check's count of numbers applied is what it released.
-        let applied = if e.action == "check" {
-            "released"
-        } else {
-            "applied"
-        };
-        println!(
-            "{}\t{}\tkey {}\t{}\t{}\tcount {}\t{applied} {}\t{}\tversion {}",
-            words::time(e.at_unix_ms),
-            e.organisation,
-            e.key_id,
-            e.action,
-            [
-                words::recorded(&e.opt_out_type),
-                e.source.clone(),
-                e.extract_id.clone(),
-                words::recorded(&e.purpose),
-                words::recorded(&e.origin),
-                e.legal_basis.clone(),
-                if e.part_of.is_empty() {
-                    String::new()
-                } else {
-                    format!("import {}", e.part_of)
-                },
-                if e.population > 0 {
-                    format!(
-                        "national check of {} patients at {}",
-                        e.population,
-                        words::time(e.checked_at_unix_ms)
-                    )
-                } else {
-                    String::new()
-                },
-                if e.override_reason.is_empty() {
-                    String::new()
-                } else {
-                    format!("overridden: {}", e.override_reason)
-                },
-                if e.practice.is_empty() {
-                    String::new()
-                } else {
-                    format!("practice {}", e.practice)
-                },
-            ]
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>()
-            .join(" "),
-            e.count,
-            e.applied,
-            if withheld.is_empty() {
-                String::new()
-            } else {
-                format!("withheld {}", withheld.join(","))
-            },
-            e.version
-        );
+        println!("{}", record_line(&e));
         if !parts.is_empty() {
             println!("\t{}", parts.trim_start());
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One audit record as a line of text (tab-separated).
+fn record_line(e: &proto::AuditEntry) -> String {
+    let withheld: Vec<String> = e
+        .withheld
+        .iter()
+        .map(|(k, v)| format!("{}={v}", words::recorded(k)))
+        .collect();
+    // A check's count of numbers applied is what it released.
+    let applied = if e.action == "check" {
+        "released"
+    } else {
+        "applied"
+    };
+    format!(
+        "{}\t{}\tkey {}\t{}\t{}\tcount {}\t{applied} {}\t{}\tversion {}",
+        words::time(e.at_unix_ms),
+        e.organisation,
+        e.key_id,
+        e.action,
+        [
+            words::recorded(&e.opt_out_type),
+            e.source.clone(),
+            e.extract_id.clone(),
+            words::recorded(&e.purpose),
+            words::recorded(&e.origin),
+            e.legal_basis.clone(),
+            if e.part_of.is_empty() {
+                String::new()
+            } else {
+                format!("import {}", e.part_of)
+            },
+            if e.population > 0 {
+                format!(
+                    "national check of {} patients at {}",
+                    e.population,
+                    words::time(e.checked_at_unix_ms)
+                )
+            } else {
+                String::new()
+            },
+            if e.override_reason.is_empty() {
+                String::new()
+            } else {
+                format!("overridden: {}", e.override_reason)
+            },
+            if e.practice.is_empty() {
+                String::new()
+            } else {
+                format!("practice {}", e.practice)
+            },
+        ]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" "),
+        e.count,
+        e.applied,
+        if withheld.is_empty() {
+            String::new()
+        } else {
+            format!("withheld {}", withheld.join(","))
+        },
+        e.version
+    )
 }
 
 /// Whether a record is one of an import's parts.
