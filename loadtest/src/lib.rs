@@ -122,7 +122,8 @@ async fn connect(url: &str) -> Result<Channel, Error> {
 /// The live line of a run on a terminal: elapsed, requests, their rate, errors (k6's and ghz's).
 struct Live {
     bar: indicatif::ProgressBar,
-    last: std::sync::Mutex<Instant>,
+    /// When the line was last drawn (only the run's own loop draws it).
+    last: Instant,
 }
 
 impl Live {
@@ -143,22 +144,16 @@ impl Live {
         };
         Live {
             bar,
-            last: std::sync::Mutex::new(Instant::now()),
+            last: Instant::now(),
         }
     }
 
     /// At most four times a second.
-    fn show(&self, elapsed: Duration, sent: u64, failed: u64) {
-        if self.bar.is_hidden() {
+    fn show(&mut self, elapsed: Duration, sent: u64, failed: u64) {
+        if self.bar.is_hidden() || self.last.elapsed() < Duration::from_millis(250) {
             return;
         }
-        let Ok(mut last) = self.last.lock() else {
-            return;
-        };
-        if last.elapsed() < Duration::from_millis(250) {
-            return;
-        }
-        *last = Instant::now();
+        self.last = Instant::now();
         let secs = elapsed.as_secs_f64().max(0.001);
         self.bar.set_message(format!(
             "{secs:5.1} s  {sent} requests  {:.0} req/s  errors {failed}",
@@ -539,7 +534,7 @@ pub async fn run(
         shared.measuring.store(true, Ordering::SeqCst);
     }
     let measure_start = Instant::now();
-    let live = Live::new(workload.progress, target);
+    let mut live = Live::new(workload.progress, target);
     // Stop at the duration, or when the request count is reached.
     loop {
         let sent = shared.sent.load(Ordering::Relaxed);
@@ -963,15 +958,15 @@ pub fn error_breakdown(r: &Report) -> String {
         .join(", ")
 }
 
-/// Why a run against `server` would measure nothing useful, when the store can say so: it holds
+/// Why a run against `server`, whose status is `status`, would measure nothing useful: it holds
 /// no national opt-out (never seeded), so every planted number would come back RELEASE. `None`
-/// when it holds some, or cannot be asked (a checker key, the echo server).
-pub async fn unseeded(
+/// when it holds some. (A server that cannot be asked, with a checker key or the echo server,
+/// has no status to judge.)
+pub fn unseeded(
     server: &str,
-    api_key: Option<String>,
+    status: &optout_proto::GetStatusResponse,
     population: &Population,
 ) -> Option<String> {
-    let status = server_status(server, api_key).await?;
     (status.national_data_opt_outs == 0 && population.count() > 0).then(|| {
         format!(
             "{server} holds no national data opt-outs, so every planted number would come back \

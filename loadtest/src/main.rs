@@ -334,8 +334,11 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
                 warmup: args.warmup,
                 progress: true,
             };
-            if let Some(why) =
-                optout_loadtest::unseeded(&args.server, args.api_key.clone(), &pop).await
+            // Asked once: whether the store was seeded, and the server's build for the report.
+            let status = optout_loadtest::server_status(&args.server, args.api_key.clone()).await;
+            if let Some(why) = status
+                .as_ref()
+                .and_then(|s| optout_loadtest::unseeded(&args.server, s, &pop))
             {
                 return Err(optout_loadtest::Error::Usage(why));
             }
@@ -355,10 +358,7 @@ async fn real_main() -> Result<ExitCode, optout_loadtest::Error> {
             let command: Vec<String> = std::env::args().collect();
             r.command = command.join(" ");
             r.started_at = format!("{started:.0}");
-            r.server_version = optout_loadtest::server_status(&args.server, args.api_key.clone())
-                .await
-                .map(|s| s.server_version)
-                .unwrap_or_default();
+            r.server_version = status.map(|s| s.server_version).unwrap_or_default();
             println!("{}", summary(&r));
             reports.push(r);
             if args.baseline.as_deref() == Some("redis") {

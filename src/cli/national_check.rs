@@ -118,20 +118,12 @@ fn file_name(p: &Path) -> String {
 /// check made that day). Never a file's modification time: RETURNED is written after the check,
 /// and copies get new times, so the list would look younger than it is and expire late.
 fn checked_at_ms(given: &str) -> Result<u64, CliError> {
-    let at = match given.parse::<jiff::Timestamp>() {
-        Ok(at) => at,
-        Err(e) => match given.parse::<jiff::civil::Date>() {
-            Ok(date) => format!("{date}T00:00:00Z")
-                .parse::<jiff::Timestamp>()
-                .map_err(|e| CliError::Usage(format!("--checked-at {given:?}: {e}")))?,
-            Err(_) => {
-                return Err(CliError::Usage(format!(
-                    "--checked-at {given:?}: {e}; give an RFC 3339 time such as \
-                     2026-11-27T09:00:00Z, or a date such as 2026-11-27"
-                )));
-            }
-        },
-    };
+    let at = super::words::instant(given).ok_or_else(|| {
+        CliError::Usage(format!(
+            "--checked-at {given:?} is not a time: give an RFC 3339 time such as \
+             2026-11-27T09:00:00Z, or a date such as 2026-11-27"
+        ))
+    })?;
     if at > jiff::Timestamp::now() + jiff::SignedDuration::from_mins(1) {
         return Err(CliError::Usage(format!(
             "--checked-at {given:?} is in the future: give when the national check was made"

@@ -127,17 +127,19 @@ pub(crate) fn days(s: &str) -> Result<u64, String> {
     in_units(s, std::time::Duration::from_secs(86_400), "days")
 }
 
+/// An RFC 3339 time, or a date (its start, UTC): the two absolute forms every time flag takes.
+pub(crate) fn instant(s: &str) -> Option<jiff::Timestamp> {
+    s.parse::<jiff::Timestamp>().ok().or_else(|| {
+        let date = s.parse::<jiff::civil::Date>().ok()?;
+        format!("{date}T00:00:00Z").parse().ok()
+    })
+}
+
 /// A time as people give it: RFC 3339 (`2026-11-27T09:00:00Z`), a date (its start, UTC), or how
 /// long ago (`24h`, `7d`), as ms since the Unix epoch. For clap's `value_parser`.
 pub(crate) fn time_arg(s: &str) -> Result<i64, String> {
-    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+    if let Some(t) = instant(s) {
         return Ok(t.as_millisecond());
-    }
-    if let Ok(date) = s.parse::<jiff::civil::Date>() {
-        return format!("{date}T00:00:00Z")
-            .parse::<jiff::Timestamp>()
-            .map(|t| t.as_millisecond())
-            .map_err(|e| format!("{s:?}: {e}"));
     }
     let ago = duration_arg(s).map_err(|_| {
         format!(

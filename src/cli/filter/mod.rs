@@ -386,10 +386,12 @@ impl Output {
         Ok(Output { writer, rename })
     }
 
+    /// Stdout, or a temporary file beside `path` to be renamed into place once the whole
+    /// extract was checked (shared by the Parquet writer).
     #[allow(clippy::type_complexity)]
     fn sink(
         path: Option<&PathBuf>,
-    ) -> Result<(Box<dyn Write>, Option<(tempfile::TempPath, PathBuf)>), CliError> {
+    ) -> Result<(Box<dyn Write + Send>, Option<(tempfile::TempPath, PathBuf)>), CliError> {
         match path {
             Some(p) if p.as_os_str() != "-" => {
                 let dir = p

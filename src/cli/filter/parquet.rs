@@ -344,22 +344,7 @@ impl Output {
         schema: arrow_schema::SchemaRef,
         properties: WriterProperties,
     ) -> Result<Self, CliError> {
-        let (sink, rename): (Box<dyn std::io::Write + Send>, _) = match path {
-            Some(p) if p.as_os_str() != "-" => {
-                let dir = p
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .map_or_else(|| PathBuf::from("."), PathBuf::from);
-                let tmp = tempfile::NamedTempFile::new_in(&dir)
-                    .map_err(|e| CliError::Output(format!("{}: {e}", dir.display())))?;
-                let (file, path_tmp) = tmp.into_parts();
-                (
-                    Box::new(std::io::BufWriter::new(file)),
-                    Some((path_tmp, p.clone())),
-                )
-            }
-            _ => (Box::new(std::io::BufWriter::new(std::io::stdout())), None),
-        };
+        let (sink, rename) = super::Output::sink(path)?;
         let writer = ArrowWriter::try_new(sink, Arc::clone(&schema), Some(properties))
             .map_err(|e| CliError::Output(e.to_string()))?;
         Ok(Output { writer, rename })
