@@ -163,6 +163,18 @@ impl Live {
     }
 }
 
+/// A length of time with its unit, as people write it (`500ms`, `250us`, `10s`, `2m`): for
+/// `--duration`, `--warmup` and thresholds.
+pub fn length_of_time(s: &str) -> Result<Duration, String> {
+    let span: jiff::Span = s.trim().parse().map_err(|e| {
+        format!("{s:?} is not a length of time with its unit ({e}); write 500ms, 250us, 10s or 2m")
+    })?;
+    let d = span
+        .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    Duration::try_from(d).map_err(|_| format!("{s:?} is negative"))
+}
+
 /// What a seed did.
 #[derive(Clone, Debug)]
 pub struct Seeded {

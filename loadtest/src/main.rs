@@ -451,11 +451,5 @@ fn length_of_time(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<f64>() {
         return Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"));
     }
-    let span: jiff::Span = s.parse().map_err(|e| {
-        format!("{s:?} is not a length of time ({e}); write it as 10s, 500ms or 2m")
-    })?;
-    let d = span
-        .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
-        .map_err(|e| format!("{s:?}: {e}"))?;
-    Duration::try_from(d).map_err(|_| format!("{s:?} is negative"))
+    optout_loadtest::length_of_time(s)
 }

@@ -1,7 +1,7 @@
 //! Pass/fail criteria of a run, as k6 has them: `--threshold 'p99<5ms'`. A run whose figures break
 //! one exits non-zero, so a pipeline can gate on it.
 
-use std::{fmt, time::Duration};
+use std::fmt;
 
 use crate::Report;
 
@@ -64,7 +64,7 @@ impl Threshold {
         };
         let bound = bound.trim();
         let latency = |f: Percentile| -> Result<(Figure, f64), String> {
-            let d = duration(bound).map_err(|e| format!("{s:?}: {e}"))?;
+            let d = crate::length_of_time(bound).map_err(|e| format!("{s:?}: {e}"))?;
             Ok((Figure::Latency(f), d.as_secs_f64() * 1e6))
         };
         let number = |figure| -> Result<(Figure, f64), String> {
@@ -152,22 +152,6 @@ impl fmt::Display for Threshold {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
     }
-}
-
-/// `5ms`, `250us`, `1.5s`, `2m`.
-fn duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a length of time (write 5ms, 250us, 1s)"))?;
-    let secs = match unit {
-        "us" | "µs" => n / 1e6,
-        "ms" => n / 1e3,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: the unit is us, ms, s or m")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
 #[cfg(test)]
