@@ -52,17 +52,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli, ConfigError> {
     let Some(path) = serve.get_one::<std::path::PathBuf>("config").cloned() else {
         return Ok(Cli::from_arg_matches(&matches)?);
     };
-    let extra = file_args(&path, serve)?;
-    let from_file: Vec<String> = extra
-        .iter()
-        .filter_map(|a| {
-            a.to_str()?
-                .strip_prefix("--")?
-                .split('=')
-                .next()
-                .map(String::from)
-        })
-        .collect();
+    let (extra, from_file) = file_args(&path, serve)?;
     let mut all = args;
     all.extend(extra);
     let merged = Cli::command()
@@ -71,9 +61,11 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli, ConfigError> {
     Ok(Cli::from_arg_matches(&merged)?)
 }
 
-/// A value of the file clap refused, named by the file's key (`max-batch`) rather than the flag
-/// clap parsed it as (`--max-batch <MAX_BATCH>`); anything else as clap says it.
-fn file_error(path: &Path, from_file: &[String], e: &clap::Error) -> ConfigError {
+/// A value of the file clap refused, named by the file's key (`max-batch`, or an older spelling
+/// such as `type1-max-age-days`) rather than the flag clap parsed it as (`--max-batch
+/// <MAX_BATCH>`); anything else as clap says it. `from_file` pairs each flag the file set with
+/// its key.
+fn file_error(path: &Path, from_file: &[(String, String)], e: &clap::Error) -> ConfigError {
     use clap::error::{ContextKind, ContextValue};
     let text = |kind| match e.get(kind) {
         Some(ContextValue::String(s)) => Some(s.clone()),
@@ -86,7 +78,10 @@ fn file_error(path: &Path, from_file: &[String], e: &clap::Error) -> ConfigError
             .split([' ', '='])
             .next()?
             .to_string();
-        from_file.contains(&long).then_some(long)
+        from_file
+            .iter()
+            .find(|(flag, _)| *flag == long)
+            .map(|(_, key)| key.clone())
     });
     match (key, text(ContextKind::InvalidValue)) {
         (Some(key), Some(value)) => {
@@ -107,8 +102,12 @@ fn file_error(path: &Path, from_file: &[String], e: &clap::Error) -> ConfigError
     }
 }
 
-/// The file's settings as `--key=value` arguments, leaving out those set by flag or environment.
-fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<Vec<OsString>, ConfigError> {
+/// The file's settings as `--flag=value` arguments, leaving out those set by flag or environment,
+/// and each flag with the key that set it (a key may be an alias of the flag).
+type FileArgs = (Vec<OsString>, Vec<(String, String)>);
+
+/// The file's settings as `--flag=value` arguments, leaving out those set by flag or environment.
+fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<FileArgs, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
         path: shown.clone(),
@@ -127,16 +126,18 @@ fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<Vec<OsString>, Con
             reason: "the serve command is missing (a bug)".into(),
         })?;
     let mut out = Vec::new();
+    let mut keys = Vec::new();
     for (key, value) in &table {
         let setting = |reason: String| ConfigError::Setting {
             path: shown.clone(),
             key: key.clone(),
             reason,
         };
-        let Some(arg) = serve
-            .get_arguments()
-            .find(|a| a.get_long() == Some(key.as_str()))
-        else {
+        let Some(arg) = serve.get_arguments().find(|a| {
+            a.get_long() == Some(key.as_str())
+                || a.get_all_aliases()
+                    .is_some_and(|all| all.contains(&key.as_str()))
+        }) else {
             let hint = if key.contains('_') {
                 format!(" (keys are the flag names: `{}`)", key.replace('_', "-"))
             } else {
@@ -147,6 +148,7 @@ fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<Vec<OsString>, Con
         if key == "config" {
             return Err(setting("a config file cannot name another".into()));
         }
+        let flag = arg.get_long().unwrap_or(key.as_str()).to_string();
         if let Some(ValueSource::CommandLine | ValueSource::EnvVariable) =
             given.value_source(arg.get_id().as_str())
         {
@@ -164,7 +166,7 @@ fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<Vec<OsString>, Con
                 toml::Value::Float(f) => f.to_string(),
                 toml::Value::Boolean(b) if flag_only => {
                     if *b {
-                        out.push(OsString::from(format!("--{key}")));
+                        out.push(OsString::from(format!("--{flag}")));
                     }
                     continue;
                 }
@@ -179,8 +181,9 @@ fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<Vec<OsString>, Con
             if flag_only {
                 return Err(setting(format!("takes true or false, got {text:?}")));
             }
-            out.push(OsString::from(format!("--{key}={text}")));
+            out.push(OsString::from(format!("--{flag}={text}")));
         }
+        keys.push((flag, key.clone()));
     }
-    Ok(out)
+    Ok((out, keys))
 }

@@ -221,13 +221,24 @@ impl From<OriginArg> for proto::DataOrigin {
     }
 }
 
-/// The opt-out type, as typed on the command line.
+/// The opt-out type, as typed on the command line: [`OptOutType::name`]'s words (a unit test
+/// holds them equal); `type1`, the spelling before, is still taken.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum TypeArg {
     /// The national data opt-out.
     National,
     /// The GP type 1 opt-out.
+    #[value(name = "type-1", alias = "type1")]
     Type1,
+}
+
+impl From<TypeArg> for crate::core::OptOutType {
+    fn from(t: TypeArg) -> Self {
+        match t {
+            TypeArg::National => crate::core::OptOutType::NationalDataOptOut,
+            TypeArg::Type1 => crate::core::OptOutType::Type1,
+        }
+    }
 }
 
 impl From<TypeArg> for proto::OptOutType {

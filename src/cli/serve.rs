@@ -143,8 +143,8 @@ pub(super) struct ServeArgs {
     #[arg(long, env = "OPTOUT_NATIONAL_MAX_AGE_DAYS", default_value = "30", value_parser = max_age_days)]
     national_max_age_days: MaxAgeArg,
     /// The same for the type 1 list.
-    #[arg(long, env = "OPTOUT_TYPE1_MAX_AGE_DAYS", default_value = "30", value_parser = max_age_days)]
-    type1_max_age_days: MaxAgeArg,
+    #[arg(long = "type-1-max-age-days", alias = "type1-max-age-days", env = "OPTOUT_TYPE_1_MAX_AGE_DAYS", default_value = "30", value_parser = max_age_days)]
+    type_1_max_age_days: MaxAgeArg,
     /// How often the changes trail is sealed (a hash chain and a MAC over the records written
     /// since the last seal), in ms. Needs --audit-key-file.
     #[arg(long, env = "OPTOUT_AUDIT_SEAL_INTERVAL_MS", default_value_t = ms(defaults::AUDIT_SEAL_INTERVAL), value_parser = super::words::millis)]
@@ -394,7 +394,7 @@ impl TryFrom<&ServeArgs> for ServerConfig {
             audit_queue_bytes: args.audit_queue_mib.max(4).saturating_mul(1024 * 1024),
             max_list_age: crate::core::coverage::MaxAge {
                 national: args.national_max_age_days.0,
-                type1: args.type1_max_age_days.0,
+                type1: args.type_1_max_age_days.0,
             },
             changes_max_age: (args.audit_changes_max_age_days > 0)
                 .then(|| Duration::from_secs(args.audit_changes_max_age_days * 86_400)),
@@ -433,6 +433,15 @@ impl TryFrom<&ServeArgs> for ServerConfig {
 
 /// Checks the exposure, builds the configuration, binds, says where, and serves until SIGTERM.
 pub(super) async fn serve(mut args: ServeArgs) -> Result<(), CliError> {
+    // A renamed variable must not be dropped without a word: its list would fall back to the
+    // default age.
+    if std::env::var_os("OPTOUT_TYPE1_MAX_AGE_DAYS").is_some() {
+        return Err(CliError::Usage(
+            "OPTOUT_TYPE1_MAX_AGE_DAYS is now spelt OPTOUT_TYPE_1_MAX_AGE_DAYS (type 1 is \
+             `type-1` everywhere); rename it"
+                .into(),
+        ));
+    }
     // Development mode's store, deleted when serve returns.
     let _dev_store = if args.dev {
         Some(dev_mode(&mut args)?)

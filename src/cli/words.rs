@@ -1,10 +1,10 @@
 //! One vocabulary for every command's output: the kebab-case names the flags take (types
-//! `national`, `type1`; purposes `research`, `direct-care`; origins `gp-practice`; reasons
+//! `national`, `type-1`; purposes `research`, `direct-care`; origins `gp-practice`; reasons
 //! `national-data-opt-out`), RFC 3339 times, and `--output json` with the same names.
 
 use clap::ValueEnum;
 
-use crate::cli::client::proto;
+use crate::{cli::client::proto, core::OptOutType};
 
 /// How a command prints what it found.
 #[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -16,13 +16,19 @@ pub(crate) enum OutputArg {
     Json,
 }
 
-/// An opt-out type as the flags name it.
+/// An opt-out type as the flags name it ([`OptOutType::name`], the one spelling).
 pub(crate) fn opt_out_type(t: i32) -> &'static str {
     match proto::OptOutType::try_from(t) {
-        Ok(proto::OptOutType::NationalDataOptOut) => "national",
-        Ok(proto::OptOutType::Type1) => "type1",
+        Ok(proto::OptOutType::NationalDataOptOut) => OptOutType::NationalDataOptOut.name(),
+        Ok(proto::OptOutType::Type1) => OptOutType::Type1.name(),
         _ => "unknown",
     }
+}
+
+/// An opt-out type as an audit record holds it, in today's spelling (records written before
+/// hold `type1` or the Rust name `Type1`).
+pub(crate) fn recorded_type(name: &str) -> String {
+    OptOutType::parse(name).map_or_else(|| recorded(name), |t| t.name().to_string())
 }
 
 /// A proto enum's name without its prefix, in kebab case: `REASON_NATIONAL_DATA_OPT_OUT` is
@@ -174,7 +180,11 @@ mod tests {
             "exempt-cag-opt-out-set-aside"
         );
         assert_eq!(outcome(proto::Outcome::Withhold as i32), "withhold");
-        assert_eq!(opt_out_type(proto::OptOutType::Type1 as i32), "type1");
+        assert_eq!(opt_out_type(proto::OptOutType::Type1 as i32), "type-1");
+        for old in ["type1", "Type1", "type-1"] {
+            assert_eq!(recorded_type(old), "type-1");
+        }
+        assert_eq!(recorded_type("national"), "national");
         assert_eq!(recorded("GpPractice"), "gp-practice");
         assert_eq!(recorded("NationalDataOptOut"), "national-data-opt-out");
         assert_eq!(recorded("Research"), "research");
@@ -212,5 +222,35 @@ mod tests {
         // Three fractional digits always: these sort as text in time order.
         assert_eq!(time(1_795_770_000_620), "2026-11-27T09:00:00.620Z");
         assert_eq!(time(1_795_770_000_000), "2026-11-27T09:00:00.000Z");
+    }
+
+    /// One spelling a concept: what the command line prints for a type or a reason it got over
+    /// the API is the core's name for it, which logs, metrics and audit records use too.
+    #[test]
+    fn the_command_line_spells_types_and_reasons_as_the_core_names_them() {
+        use crate::core::{Decision, WithholdReason};
+        use clap::ValueEnum;
+        for arg in crate::cli::TypeArg::value_variants() {
+            let core: OptOutType = (*arg).into();
+            let typed = arg.to_possible_value().map(|v| v.get_name().to_string());
+            assert_eq!(typed.as_deref(), Some(core.name()));
+            let wire = proto::convert::opt_out_type_to_proto(core) as i32;
+            assert_eq!(opt_out_type(wire), core.name());
+        }
+        for r in [
+            WithholdReason::NationalDataOptOut,
+            WithholdReason::Type1OptOut,
+            WithholdReason::InvalidNhsNumber,
+            WithholdReason::StoreUnavailable,
+            WithholdReason::StoreRegressed,
+            WithholdReason::VersionNotReached,
+            WithholdReason::NotInCheckedPopulation,
+            WithholdReason::ListTooOld,
+            WithholdReason::ListNeverImported,
+        ] {
+            let wire = proto::convert::decision_to_proto(Decision::Withhold(r));
+            assert_eq!(reason(wire.reason), r.name(), "{r:?}");
+            assert_eq!(outcome(wire.outcome), Decision::Withhold(r).outcome());
+        }
     }
 }

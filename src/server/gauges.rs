@@ -18,10 +18,7 @@ pub(super) fn set_state_gauges(st: &SyncStatus, audit_backlog: u64, audit_bytes:
     metrics::gauge!("optout_filter_freshness_age_seconds").set(age);
     let now = now_ms();
     for l in st.lists(now) {
-        let t = match l.t {
-            OptOutType::NationalDataOptOut => "national",
-            OptOutType::Type1 => "type1",
-        };
+        let t = l.t.name();
         // Never imported whole: as old as can be said.
         let age = l
             .as_of_ms

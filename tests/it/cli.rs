@@ -651,7 +651,7 @@ async fn every_command_speaks_the_flags_names_and_rfc3339_times() {
         &server.url,
         "add",
         "--type",
-        "type1",
+        "type-1",
         "--practice",
         "A83007",
         "--source",
@@ -672,7 +672,7 @@ async fn every_command_speaks_the_flags_names_and_rfc3339_times() {
         &server.url,
         "add",
         "--type",
-        "type1",
+        "type-1",
         "--practice",
         "A83007",
         "--source",
@@ -714,7 +714,7 @@ async fn every_command_speaks_the_flags_names_and_rfc3339_times() {
     ]))
     .await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(v["opt_outs"][0]["type"], "type1");
+    assert_eq!(v["opt_outs"][0]["type"], "type-1");
     let at = v["opt_outs"][0]["recorded_at"].as_str().expect("time");
     assert!(at.parse::<jiff::Timestamp>().is_ok(), "RFC 3339: {at}");
 
@@ -728,7 +728,7 @@ async fn every_command_speaks_the_flags_names_and_rfc3339_times() {
     ]))
     .await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(v["type1_opt_outs"], 1);
+    assert_eq!(v["type_1_opt_outs"], 1);
     assert_eq!(v["lists"][0]["type"], "national");
     assert_eq!(v["lists"][0]["mode"], "list");
     assert_eq!(v["filter"]["fresh"], true);
@@ -775,7 +775,7 @@ async fn every_command_speaks_the_flags_names_and_rfc3339_times() {
         .iter()
         .find(|r| r["action"] == "add")
         .expect("the add");
-    assert_eq!(add["type"], "type1");
+    assert_eq!(add["type"], "type-1");
     // Text output: the same names.
     let out = optout(args(&[
         "admin",
@@ -1108,7 +1108,7 @@ async fn a_practice_replaces_its_own_type_1_opt_outs_and_no_other_practice_s() {
     let out = run(&[
         "add",
         "--type",
-        "type1",
+        "type-1",
         "--practice",
         "B81001",
         "--source",
@@ -1120,7 +1120,7 @@ async fn a_practice_replaces_its_own_type_1_opt_outs_and_no_other_practice_s() {
     let file = dir.path().join("practice-A83007-type1.txt");
     std::fs::write(&file, "4010232137\n").expect("write");
     let file_arg = file.to_str().expect("utf8");
-    let out = run(&["import", "--type", "type1", "--mode", "replace", file_arg]).await;
+    let out = run(&["import", "--type", "type1", "--mode", "replace", file_arg]).await; // `type1`: the spelling before `type-1`, still taken.
     assert!(
         !out.status.success(),
         "a type 1 import without its practice"
@@ -1129,7 +1129,7 @@ async fn a_practice_replaces_its_own_type_1_opt_outs_and_no_other_practice_s() {
     let out = run(&[
         "import",
         "--type",
-        "type1",
+        "type-1",
         "--practice",
         "A83007",
         "--mode",
@@ -1164,7 +1164,7 @@ async fn a_practice_replaces_its_own_type_1_opt_outs_and_no_other_practice_s() {
     let out = run(&[
         "add",
         "--type",
-        "type1",
+        "type-1",
         "--practice",
         "a83007",
         "--source",

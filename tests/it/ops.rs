@@ -208,7 +208,7 @@ async fn health_port_metrics_and_json_logs_with_request_ids() {
             "json",
             "--national-max-age-days",
             "none",
-            "--type1-max-age-days",
+            "--type-1-max-age-days",
             "none",
         ],
         &[],
@@ -266,7 +266,7 @@ async fn health_port_metrics_and_json_logs_with_request_ids() {
     assert_eq!(
         sample(
             &page,
-            r#"optout_check_numbers_total{outcome="withhold",reason="national_data_opt_out"}"#
+            r#"optout_check_numbers_total{outcome="withhold",reason="national-data-opt-out"}"#
         ),
         Some(1.0),
         "{page}"
@@ -274,7 +274,7 @@ async fn health_port_metrics_and_json_logs_with_request_ids() {
     assert_eq!(
         sample(
             &page,
-            r#"optout_check_numbers_total{outcome="release",reason="no_opt_out"}"#
+            r#"optout_check_numbers_total{outcome="release",reason="no-opt-out"}"#
         ),
         Some(3.0)
     );
@@ -306,7 +306,7 @@ async fn health_port_metrics_and_json_logs_with_request_ids() {
     assert_eq!(
         sample(
             &page,
-            r#"optout_check_numbers_total{outcome="withhold",reason="list_too_old"}"#
+            r#"optout_check_numbers_total{outcome="withhold",reason="list-too-old"}"#
         ),
         Some(0.0),
         "{page}"
@@ -443,6 +443,12 @@ async fn config_file_is_beneath_environment_which_is_beneath_flags() {
             vec!["filter-capacity", "optout.toml"],
         ),
         ("max-batch = \n", vec!["optout.toml"]),
+        // The spelling before `type-1` is still a setting (its value is checked, not refused
+        // as unknown).
+        (
+            "type1-max-age-days = \"lots\"\n",
+            vec!["setting `type1-max-age-days`: invalid value", "optout.toml"],
+        ),
     ] {
         std::fs::write(&file, body).expect("write");
         let out = Command::new(BIN)
@@ -466,6 +472,26 @@ async fn config_file_is_beneath_environment_which_is_beneath_flags() {
         }
         assert!(!dir.path().join("never").exists(), "nothing started");
     }
+    // The environment variable renamed with it is refused by its old name, not ignored.
+    std::fs::write(&file, "").expect("write");
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            f,
+            "--data-dir",
+        ])
+        .arg(dir.path().join("never"))
+        .env("OPTOUT_TYPE1_MAX_AGE_DAYS", "60")
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("OPTOUT_TYPE_1_MAX_AGE_DAYS"), "{err}");
+    assert!(!dir.path().join("never").exists(), "nothing started");
 }
 
 #[tokio::test]
@@ -846,4 +872,47 @@ async fn traces_go_over_otlp_as_children_of_the_callers_traceparent() {
             .any(|l| l.contains("traces: a span per request over OTLP to http://127.0.0.1:")),
         "{lines:?}"
     );
+}
+
+/// The chart's alerts and dashboard select check counts by reason and lists by type: each value
+/// they name must be one the service exports, or the alert never fires (the labels were renamed
+/// once, from `store_unavailable` to `store-unavailable`).
+#[test]
+fn the_charts_queries_name_only_reasons_and_types_the_service_exports() {
+    let reasons: Vec<&str> = optout::core::REASON_LABELS
+        .iter()
+        .map(|(_, r)| *r)
+        .collect();
+    let types: Vec<&str> = [
+        optout::core::OptOutType::NationalDataOptOut,
+        optout::core::OptOutType::Type1,
+    ]
+    .iter()
+    .map(|t| t.name())
+    .collect();
+    let mut named = 0;
+    for file in [
+        "helm/optout-service/templates/prometheusrule.yaml",
+        "helm/optout-service/dashboards/optout.json",
+    ] {
+        let text = std::fs::read_to_string(file).expect("chart file");
+        // A matcher as written in either file: reason=~\"a|b\" (escaped in both).
+        for (label, known) in [("reason", &reasons), ("type", &types)] {
+            for part in text.split(&format!("{label}=")).skip(1) {
+                let part = part.trim_start_matches(['~', '!']);
+                let part = part.trim_start_matches('\\').trim_start_matches('"');
+                let Some(end) = part.find(['\\', '"']) else {
+                    continue;
+                };
+                for value in part[..end].split('|') {
+                    assert!(
+                        known.contains(&value),
+                        "{file}: {label}=\"{value}\" is not a label the service exports: {known:?}"
+                    );
+                    named += 1;
+                }
+            }
+        }
+    }
+    assert!(named >= 4, "the chart selects by reason: {named}");
 }

@@ -56,21 +56,27 @@ const WITHHELD: [WithholdReason; 9] = [
     WithholdReason::ListNeverImported,
 ];
 
-/// The (outcome, reason) label pair of each index of [`DecisionCounts`], as metrics name them.
+/// The (outcome, reason) label pair of each index of [`DecisionCounts`], as metrics name them:
+/// the words of [`crate::Decision::outcome`], [`ReleaseReason::name`] and
+/// [`WithholdReason::name`] (a unit test holds them equal), so a reason is spelt the same in a
+/// metric, a log line, an audit record and the command line.
 pub const REASON_LABELS: [(&str, &str); 12] = [
-    ("release", "no_opt_out"),
-    ("release", "purpose_exempt"),
-    ("withhold", "national_data_opt_out"),
-    ("withhold", "type1_opt_out"),
-    ("withhold", "invalid_nhs_number"),
-    ("withhold", "store_unavailable"),
-    ("withhold", "store_regressed"),
-    ("withhold", "version_not_reached"),
-    ("withhold", "not_in_checked_population"),
-    ("withhold", "list_too_old"),
-    ("withhold", "list_never_imported"),
+    ("release", ReleaseReason::NoOptOut.name()),
+    ("release", ReleaseReason::PurposeExempt.name()),
+    ("withhold", WithholdReason::NationalDataOptOut.name()),
+    ("withhold", WithholdReason::Type1OptOut.name()),
+    ("withhold", WithholdReason::InvalidNhsNumber.name()),
+    ("withhold", WithholdReason::StoreUnavailable.name()),
+    ("withhold", WithholdReason::StoreRegressed.name()),
+    ("withhold", WithholdReason::VersionNotReached.name()),
+    ("withhold", WithholdReason::NotInCheckedPopulation.name()),
+    ("withhold", WithholdReason::ListTooOld.name()),
+    ("withhold", WithholdReason::ListNeverImported.name()),
     // Last, after the withhold reasons that `withheld` reads from index 2.
-    ("release", "basis_exempt"),
+    (
+        "release",
+        ReleaseReason::BasisExempt(crate::LegalBasis::Consent).name(),
+    ),
 ];
 
 fn reason_index(d: &Decision) -> usize {
@@ -87,5 +93,46 @@ fn reason_index(d: &Decision) -> usize {
         Decision::Withhold(WithholdReason::ListTooOld) => 9,
         Decision::Withhold(WithholdReason::ListNeverImported) => 10,
         Decision::Release(ReleaseReason::BasisExempt(_)) => 11,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LegalBasis;
+
+    fn reason_name(d: Decision) -> &'static str {
+        match d {
+            Decision::Release(r) => r.name(),
+            Decision::Withhold(r) => r.name(),
+        }
+    }
+
+    #[test]
+    fn every_decision_is_counted_under_its_own_outcome_and_reason_name() {
+        let mut all: Vec<Decision> = WITHHELD.iter().map(|r| Decision::Withhold(*r)).collect();
+        all.extend([
+            Decision::Release(ReleaseReason::NoOptOut),
+            Decision::Release(ReleaseReason::PurposeExempt),
+        ]);
+        all.extend(
+            LegalBasis::EXEMPT
+                .iter()
+                .map(|b| Decision::Release(ReleaseReason::BasisExempt(*b))),
+        );
+        let mut seen = std::collections::HashSet::new();
+        for d in all {
+            let i = reason_index(&d);
+            assert_eq!(REASON_LABELS[i], (d.outcome(), reason_name(d)), "{d:?}");
+            seen.insert(i);
+            let counts = DecisionCounts::of(&[d]);
+            let labelled: Vec<_> = counts.labelled().collect();
+            assert_eq!(labelled, [(d.outcome(), reason_name(d), 1)], "{d:?}");
+        }
+        assert_eq!(
+            seen.len(),
+            REASON_LABELS.len(),
+            "every label is some decision's"
+        );
     }
 }

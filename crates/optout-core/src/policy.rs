@@ -32,11 +32,25 @@ impl OptOutType {
         }
     }
 
-    /// A short name for messages and the command line.
-    pub fn name(self) -> &'static str {
+    /// Its name wherever a person or a script reads or writes it: the command line's `--type`,
+    /// every command's output, log fields, metric labels and audit records (`national`,
+    /// `type-1`). The one spelling; the API's is `OPT_OUT_TYPE_TYPE_1`, Rust's `Type1`.
+    pub const fn name(self) -> &'static str {
         match self {
             OptOutType::NationalDataOptOut => "national",
-            OptOutType::Type1 => "type1",
+            OptOutType::Type1 => "type-1",
+        }
+    }
+
+    /// The type a name stands for: [`OptOutType::name`], or a spelling that older audit records
+    /// and scripts hold (`type1`, `Type1`, `NationalDataOptOut`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "national" | "NationalDataOptOut" | "national-data-opt-out" => {
+                Some(OptOutType::NationalDataOptOut)
+            }
+            "type-1" | "type1" | "Type1" => Some(OptOutType::Type1),
+            _ => None,
         }
     }
 
@@ -348,6 +362,16 @@ pub enum Decision {
     Withhold(WithholdReason),
 }
 
+impl Decision {
+    /// The outcome's name: `release` or `withhold`.
+    pub const fn outcome(self) -> &'static str {
+        match self {
+            Decision::Release(_) => "release",
+            Decision::Withhold(_) => "withhold",
+        }
+    }
+}
+
 /// Why a number may be released.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReleaseReason {
@@ -357,6 +381,18 @@ pub enum ReleaseReason {
     PurposeExempt,
     /// The extract's legal basis lifts the opt-outs that would otherwise apply.
     BasisExempt(LegalBasis),
+}
+
+impl ReleaseReason {
+    /// The name of the reason's kind in metric labels (`no-opt-out`, `purpose-exempt`,
+    /// `basis-exempt`); the API names each exempt basis (`REASON_EXEMPT_CONSENT`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            ReleaseReason::NoOptOut => "no-opt-out",
+            ReleaseReason::PurposeExempt => "purpose-exempt",
+            ReleaseReason::BasisExempt(_) => "basis-exempt",
+        }
+    }
 }
 
 /// Why a number is withheld.
@@ -387,8 +423,9 @@ pub enum WithholdReason {
 }
 
 impl WithholdReason {
-    /// The name in audit records and on the command line (the API's reason in kebab case).
-    pub fn name(self) -> &'static str {
+    /// The name in audit records, on the command line and in metric labels (the API's reason in
+    /// kebab case: `REASON_TYPE_1_OPT_OUT` is `type-1-opt-out`).
+    pub const fn name(self) -> &'static str {
         match self {
             WithholdReason::NationalDataOptOut => "national-data-opt-out",
             WithholdReason::Type1OptOut => "type-1-opt-out",

@@ -156,7 +156,7 @@ pub async fn run(config: RunConfig) -> Result<RunReport, NemesisError> {
             // and the history would prove nothing. tests/it/population.rs holds the ages.
             "--national-max-age-days",
             "none",
-            "--type1-max-age-days",
+            "--type-1-max-age-days",
             "none",
         ]
         .map(String::from),

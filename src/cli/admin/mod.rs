@@ -305,12 +305,12 @@ async fn change(
 fn practice_arg(t: TypeArg, practice: Option<&str>, removal: bool) -> Result<String, CliError> {
     match (t, practice) {
         (TypeArg::Type1, None) => Err(CliError::Usage(
-            "--practice is required with --type type1: a type 1 opt-out belongs to the GP \
+            "--practice is required with --type type-1: a type 1 opt-out belongs to the GP \
              practice that recorded it (its ODS code, such as A83007)"
                 .into(),
         )),
         (TypeArg::National, Some(_)) => Err(CliError::Usage(
-            "--practice is for --type type1 only: a national data opt-out belongs to no practice"
+            "--practice is for --type type-1 only: a national data opt-out belongs to no practice"
                 .into(),
         )),
         (_, None) => Ok(String::new()),
