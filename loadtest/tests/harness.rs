@@ -114,13 +114,26 @@ async fn seeds_and_runs_every_mode_with_no_leak() {
             .find(|n| n.attribute("id") == Some(id))
             .unwrap_or_else(|| panic!("no #{id}"))
     };
+    // A run's line or bar is drawn in its colour; axes and ticks are black, a legend's square is
+    // 10 wide.
+    let palette: Vec<String> = optout_loadtest::report::COLOURS
+        .iter()
+        .map(|c| format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2))
+        .collect();
+    let in_palette = |n: &roxmltree::Node, attr: &str| {
+        n.attribute(attr)
+            .is_some_and(|f| palette.iter().any(|c| c == f))
+    };
+    // Plotters draws a run's line as one polyline ("x,y x,y ").
     let lines: Vec<_> = by_id("throughput")
         .descendants()
-        .filter(|n| n.has_tag_name("polyline"))
+        .filter(|n| n.has_tag_name("polyline") && in_palette(n, "stroke"))
         .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(
-        lines[0].attribute("points").map(|p| p.split(' ').count()),
+        lines[0]
+            .attribute("points")
+            .map(|p| p.split_whitespace().count()),
         Some(2)
     );
     let rows = by_id("percentiles")
@@ -130,7 +143,9 @@ async fn seeds_and_runs_every_mode_with_no_leak() {
     assert_eq!(rows, 3, "a header and a row per report");
     let bars = by_id("latency")
         .descendants()
-        .filter(|n| n.has_tag_name("rect") && n.attribute("width") != Some("10"))
+        .filter(|n| {
+            n.has_tag_name("rect") && n.attribute("width") != Some("10") && in_palette(n, "fill")
+        })
         .count();
     assert_eq!(bars, 2 * service.latency_histogram_us.len());
     assert!(page.contains(&format!("<td>{}</td>", service.latency_us.p99)));
@@ -143,7 +158,7 @@ async fn seeds_and_runs_every_mode_with_no_leak() {
     );
     let lines: Vec<_> = by_id("latency-over-time")
         .descendants()
-        .filter(|n| n.has_tag_name("polyline"))
+        .filter(|n| n.has_tag_name("polyline") && in_palette(n, "stroke"))
         .collect();
     assert_eq!(lines.len(), 4);
     assert!(
