@@ -6,21 +6,95 @@
 //! filter (a bloom filter cannot); the store is the truth, and stale "maybes" are shed by building a
 //! new generation.
 //!
-//! The implementation is the `fastbloom` crate, chosen by measurement (`cargo bench --bench
-//! filter_choice`, 5 M opt-outs): one keyed SipHash-1-3 per number and its probes derived from it
-//! (double hashing, multiply-shift instead of a division), about 1.4 times faster per absent
-//! number than the `bloomfilter` crate's two SipHashes and `%`, at 14.4 bits per opt-out and a
-//! measured false-positive rate of 0.096% for a 0.1% target (the `bloomfilter` crate: 14.4 bits,
-//! 0.103%).
+//! The implementation is a cache-line-blocked bloom filter, chosen by measurement (`cargo bench
+//! --bench filter_choice`, 5 M opt-outs; `docs/src/performance.md`, "Which bloom filter"): a
+//! number's keyed SipHash-1-3 picks one 64-byte block (one cache line), and sets one bit in each of
+//! its eight 64-bit words, the words' bits chosen by the split-block scheme of Parquet's bloom
+//! filter (its eight odd salts). A lookup reads one cache line, which the check path prefetches a
+//! few numbers ahead; `fastbloom` (before) probed ten lines anywhere in the array, stopping at the
+//! first clear bit, and its unprefetched misses were the largest share of the server's CPU. The
+//! price is memory: about 15.6 bits per opt-out for 0.1% (fastbloom: 14.8), sized by the exact
+//! false-positive rate of the blocked layout (Poisson block loads), which a test holds to the
+//! measured rate.
 //!
 //! Pure: no I/O. A snapshot is bytes in, bytes out, so any store can keep it.
 
-use fastbloom::BloomFilter;
+use std::hash::Hasher;
+
+use siphasher::sip::SipHasher13;
 
 use super::{NhsNumber, Version};
 
-/// The share of the false-positive target the bit array is sized for.
-const SIZING_MARGIN: f64 = 0.8;
+/// The bits a number sets: one in each word of its block.
+const HASHES: u32 = 8;
+/// Bits in a block (a 64-byte cache line).
+const BLOCK_BITS: u64 = 512;
+/// The odd multipliers of Parquet's split block bloom filter (its `SALT`), one a word: the low 32
+/// bits of a number's hash times each, top six bits, is the bit the number sets in that word.
+const SALT: [u32; 8] = [
+    0x47b6_137b,
+    0x4497_4d91,
+    0x8824_ad5b,
+    0xa2b7_289d,
+    0x7054_95c7,
+    0x2df1_424b,
+    0x9efc_4947,
+    0x5c6b_fb31,
+];
+
+/// One cache line of the bit array, aligned so that a block never straddles two lines.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C, align(64))]
+struct Block([u64; 8]);
+
+/// The bit of each word of a block that the hash `h` sets.
+#[inline]
+fn masks(h: u64) -> [u64; 8] {
+    let low = h as u32;
+    SALT.map(|s| 1u64 << (low.wrapping_mul(s) >> 26))
+}
+
+/// The block of the hash `h` among `blocks`, by multiply-shift of its high 32 bits.
+#[inline]
+fn block_of(h: u64, blocks: usize) -> usize {
+    usize::try_from(((h >> 32) * blocks as u64) >> 32).unwrap_or(0)
+}
+
+/// The false-positive rate of the blocked layout with `per_block` numbers per block on average:
+/// block loads are Poisson; a block holding `l` numbers has each word's bit set with probability
+/// 1 - (63/64)^l, and an absent number is "maybe" when its eight bits are all set. Exact for this
+/// layout (a test compares it with the measured rate), unlike the classic formula.
+fn blocked_fp_rate(per_block: f64) -> f64 {
+    if per_block <= 0.0 {
+        return 0.0;
+    }
+    let mut p = (-per_block).exp();
+    let mut rate = 0.0;
+    let last = (per_block + 12.0 * per_block.sqrt() + 20.0) as u32;
+    for l in 0..=last {
+        if l > 0 {
+            p *= per_block / f64::from(l);
+        }
+        rate += p * (1.0 - (63.0f64 / 64.0).powi(l as i32)).powi(HASHES as i32);
+    }
+    rate
+}
+
+/// The fewest blocks for `capacity` numbers at a false-positive rate of at most `target`.
+fn blocks_for(capacity: u64, target: f64) -> usize {
+    // Numbers per block falls as blocks grow; bisect on it (the rate rises with it).
+    let (mut lo, mut hi) = (0.01f64, BLOCK_BITS as f64);
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if blocked_fp_rate(mid) <= target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let blocks = (capacity as f64 / lo).ceil();
+    usize::try_from(blocks as u64).unwrap_or(usize::MAX).max(1)
+}
 
 /// The smallest capacity a generation is sized for, so an empty store still gets a usable filter.
 pub const MIN_CAPACITY: u64 = 1024;
@@ -31,8 +105,10 @@ pub struct Probe(u64);
 
 /// A bloom filter generation of opted-out NHS numbers.
 pub struct OptOutFilter {
-    bloom: BloomFilter,
-    /// The key of the crate's SipHash (kept for snapshots: the crate does not expose it).
+    blocks: Vec<Block>,
+    /// The keyed SipHash-1-3 of numbers (its key: `seed`).
+    hasher: SipHasher13,
+    /// The key of the hash (kept for snapshots).
     seed: u128,
     capacity: u64,
     target_fp_rate: f64,
@@ -79,9 +155,9 @@ pub struct FilterStats {
 }
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"OOFS";
-/// 1: the `bloomfilter` crate's bytes; 2: `fastbloom`'s words. A replica meeting another format
-/// rebuilds from a scan; it never reads one format as the other.
-const SNAPSHOT_FORMAT: u8 = 2;
+/// 1: the `bloomfilter` crate's bytes; 2: `fastbloom`'s words; 3: the blocked layout's words. A
+/// replica meeting another format rebuilds from a scan; it never reads one format as the other.
+const SNAPSHOT_FORMAT: u8 = 3;
 /// Magic, format, six header words, the seed, the hash count, the word count.
 const SNAPSHOT_HEADER: usize = 4 + 1 + 8 * 6 + 16 + 4 + 8;
 
@@ -106,15 +182,9 @@ impl OptOutFilter {
         let mut key = [0u8; 16];
         key.copy_from_slice(&seed[..16]);
         let seed = u128::from_le_bytes(key);
-        let items = usize::try_from(capacity).unwrap_or(usize::MAX);
-        // Sized for four fifths of the target: the crate's derived probes are not quite
-        // independent, and sized for the target itself one seed measured 0.1047% for 0.1%. The
-        // margin costs about half a bit per opt-out (14.9 bits at 0.1%).
-        let bloom = BloomFilter::with_false_pos(target_fp_rate * SIZING_MARGIN)
-            .seed(&seed)
-            .expected_items(items);
         Ok(OptOutFilter {
-            bloom,
+            blocks: vec![Block::default(); blocks_for(capacity, target_fp_rate)],
+            hasher: SipHasher13::new_with_key(&key),
             seed,
             capacity,
             target_fp_rate,
@@ -125,7 +195,17 @@ impl OptOutFilter {
 
     /// Records an opted-out number. Counts it as an item only if it was not (apparently) there.
     pub fn insert(&mut self, n: NhsNumber) {
-        if !self.bloom.insert(&n.as_u64()) {
+        let h = self.probe(n).0;
+        let at = block_of(h, self.blocks.len());
+        let Some(block) = self.blocks.get_mut(at) else {
+            return;
+        };
+        let mut was_there = true;
+        for (word, mask) in block.0.iter_mut().zip(masks(h)) {
+            was_there &= *word & mask != 0;
+            *word |= mask;
+        }
+        if !was_there {
             self.items += 1;
         }
     }
@@ -141,26 +221,32 @@ impl OptOutFilter {
     /// load when computed twice). Valid for this filter only: another generation has another seed.
     #[inline]
     pub fn probe(&self, n: NhsNumber) -> Probe {
-        Probe(self.bloom.source_hash(&n.as_u64()))
+        let mut h = self.hasher;
+        h.write_u64(n.as_u64());
+        Probe(h.finish())
     }
 
     /// [`OptOutFilter::may_contain`] of the number `probe` was computed for, on this filter.
     #[inline]
     pub fn may_contain_probe(&self, probe: Probe) -> bool {
-        self.bloom.contains_hash(probe.0)
+        // A block that is not there (no block at all) answers "maybe": never a false "absent".
+        self.blocks
+            .get(block_of(probe.0, self.blocks.len()))
+            .is_none_or(|block| {
+                block
+                    .0
+                    .iter()
+                    .zip(masks(probe.0))
+                    .fold(true, |all, (word, mask)| all & (word & mask != 0))
+            })
     }
 
-    /// Asks the CPU to start loading the memory of `n`'s first two probes, so that a
-    /// [`OptOutFilter::may_contain`] of `n` a little later finds it in cache.
+    /// Asks the CPU to start loading `n`'s block, so that a [`OptOutFilter::may_contain`] of `n`
+    /// a little later finds it in cache.
     ///
-    /// Why: the bit array is megabytes (9 MB at 5 million opt-outs), so every probe misses the
-    /// caches, and a lookup stops at the first clear bit, a branch the CPU cannot predict, so it
-    /// cannot overlap one number's misses with the next's. Asking ahead for the next numbers'
-    /// first two probes (where an absent number's lookup almost always ends) overlaps those waits.
-    ///
-    /// A hint only: the positions are computed as `fastbloom` 0.14 computes them (a unit test pins
-    /// that they match); if a later version computed them otherwise, lookups would be exactly as
-    /// correct, only slower.
+    /// Why: the bit array is megabytes (10 MB at 5 million opt-outs), so every lookup misses the
+    /// caches; asking for the next numbers' blocks while this one is looked up overlaps the waits.
+    /// A lookup reads its one block and nothing else, so the prefetch covers all of it.
     #[inline]
     pub fn prefetch(&self, n: NhsNumber) {
         self.prefetch_probe(self.probe(n));
@@ -169,25 +255,9 @@ impl OptOutFilter {
     /// [`OptOutFilter::prefetch`] of the number `probe` was computed for.
     #[inline]
     pub fn prefetch_probe(&self, probe: Probe) {
-        let words = self.bloom.as_slice();
-        for bit in self.first_probes(probe) {
-            if let Some(w) = words.get(bit / 64) {
-                prefetch_read(w);
-            }
+        if let Some(block) = self.blocks.get(block_of(probe.0, self.blocks.len())) {
+            prefetch_read(&block.0[0]);
         }
-    }
-
-    /// The bit positions of `n`'s first two probes, as the crate computes them: its double
-    /// hashing from the one SipHash of the number, reduced by multiply-shift.
-    #[inline]
-    fn first_probes(&self, probe: Probe) -> [usize; 2] {
-        let bits = self.bloom.num_bits() as u64;
-        let mut h1 = probe.0;
-        let h2 = (h1 >> 32).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        [0, 1].map(|_| {
-            h1 = h1.wrapping_add(h2).rotate_left(5);
-            usize::try_from(((h1 >> 32).wrapping_mul(bits)) >> 32).unwrap_or(0)
-        })
     }
 
     /// Whether more items went in than the generation was sized for.
@@ -207,19 +277,17 @@ impl OptOutFilter {
 
     /// The status numbers.
     pub fn stats(&self) -> FilterStats {
-        let bits = self.bloom.num_bits() as u64;
-        let k = self.bloom.num_hashes();
-        // The classic estimate (1 - e^(-k n / m))^k.
-        let estimated = if bits == 0 {
+        let blocks = self.blocks.len() as u64;
+        let estimated = if blocks == 0 {
             1.0
         } else {
-            (1.0 - (-(f64::from(k)) * self.items as f64 / bits as f64).exp()).powi(k as i32)
+            blocked_fp_rate(self.items as f64 / blocks as f64)
         };
         FilterStats {
             items: self.items,
             capacity: self.capacity,
-            bits,
-            hash_functions: k,
+            bits: blocks * BLOCK_BITS,
+            hash_functions: HASHES,
             target_fp_rate: self.target_fp_rate,
             estimated_fp_rate: estimated,
             generation: self.generation,
@@ -228,12 +296,12 @@ impl OptOutFilter {
 
     /// Serialises the generation and the store version it reflects.
     ///
-    /// Layout (little-endian): magic `OOFS`, format byte (2), items, capacity, target rate (f64
+    /// Layout (little-endian): magic `OOFS`, format byte (3), items, capacity, target rate (f64
     /// bits), generation, version ms, version seq, the 16-byte hash seed, the hash count (u32), the
     /// number of 64-bit words, the words, then a CRC-32 of everything before it.
     pub fn to_snapshot(&self, version: Version) -> Vec<u8> {
-        let words = self.bloom.as_slice();
-        let mut out = Vec::with_capacity(SNAPSHOT_HEADER + words.len() * 8 + 4);
+        let words = self.blocks.iter().flat_map(|b| b.0);
+        let mut out = Vec::with_capacity(SNAPSHOT_HEADER + self.blocks.len() * 64 + 4);
         out.extend_from_slice(SNAPSHOT_MAGIC);
         out.push(SNAPSHOT_FORMAT);
         for v in [
@@ -247,8 +315,8 @@ impl OptOutFilter {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&self.seed.to_le_bytes());
-        out.extend_from_slice(&self.bloom.num_hashes().to_le_bytes());
-        out.extend_from_slice(&(words.len() as u64).to_le_bytes());
+        out.extend_from_slice(&HASHES.to_le_bytes());
+        out.extend_from_slice(&(self.blocks.len() as u64 * 8).to_le_bytes());
         for w in words {
             out.extend_from_slice(&w.to_le_bytes());
         }
@@ -300,10 +368,11 @@ impl OptOutFilter {
         let hashes = u32::from_le_bytes(k);
         let count = word_at(bytes_at(73, 8)?);
         let data = &body[SNAPSHOT_HEADER..];
-        // No words, or no probes, would answer "absent" for every number (or panic): refused.
-        if count == 0 || hashes == 0 {
+        // No words would answer "absent" for every number; another probe count or a part of a
+        // block is another layout: refused.
+        if count == 0 || !count.is_multiple_of(8) || hashes != HASHES {
             return Err(FilterError::Snapshot(
-                "the bit array or its probe count is empty",
+                "the bit array is empty, not whole blocks, or of another probe count",
             ));
         }
         if u64::try_from(data.len()).ok() != count.checked_mul(8) {
@@ -311,11 +380,20 @@ impl OptOutFilter {
                 "the word count does not match the bits",
             ));
         }
-        let words: Vec<u64> = data.chunks_exact(8).map(word_at).collect();
-        let bloom = BloomFilter::from_vec(words).seed(&seed).hashes(hashes);
+        let blocks: Vec<Block> = data
+            .chunks_exact(64)
+            .map(|b| {
+                let mut block = Block::default();
+                for (w, bytes) in block.0.iter_mut().zip(b.chunks_exact(8)) {
+                    *w = word_at(bytes);
+                }
+                block
+            })
+            .collect();
         Ok((
             OptOutFilter {
-                bloom,
+                blocks,
+                hasher: SipHasher13::new_with_key(&seed.to_le_bytes()),
                 seed,
                 capacity,
                 target_fp_rate,
@@ -363,39 +441,54 @@ mod tests {
         NhsNumber::from_u64(v).ok()
     }
 
-    /// `prefetch` finds the first two probes where the crate puts them: a filter with one hash
-    /// sets exactly one bit per number, the first probe; with two, the first two. (If the crate
-    /// changed its hashing, this fails; lookups would stay correct, prefetching would be wasted.)
+    /// A number's bits all lie in the one block `prefetch` asks for: inserted into an empty
+    /// filter, it changes that block and no other, eight bits of it, one a word.
     #[test]
-    fn prefetch_positions_are_the_crates_first_probes() {
-        let n = nhs(9_434_765_919).expect("valid");
-        for hashes in [1u32, 2] {
+    fn a_number_sets_eight_bits_in_the_block_that_is_prefetched() {
+        for v in [9_434_765_919u64, 4_010_232_137, 9_999_999_999] {
+            let Some(n) = nhs(v) else { continue };
             let mut f = OptOutFilter::with_seed(10_000, 0.001, 1, [5u8; 32]).expect("valid rate");
-            f.bloom = BloomFilter::with_num_bits(1 << 16)
-                .seed(&f.seed)
-                .hashes(hashes);
             f.insert(n);
-            let set: Vec<usize> = f
-                .bloom
-                .as_slice()
-                .iter()
-                .enumerate()
-                .flat_map(|(i, w)| {
-                    (0..64)
-                        .filter(move |b| w & (1 << b) != 0)
-                        .map(move |b| i * 64 + b)
-                })
-                .collect();
-            let mut want = f.first_probes(f.probe(n))[..hashes as usize].to_vec();
-            want.sort_unstable();
-            want.dedup();
-            assert_eq!(set, want, "the crate set other bits than computed");
+            let at = block_of(f.probe(n).0, f.blocks.len());
+            for (i, block) in f.blocks.iter().enumerate() {
+                let ones: Vec<u32> = block.0.iter().map(|w| w.count_ones()).collect();
+                if i == at {
+                    assert_eq!(ones, [1; 8], "one bit a word in block {i}");
+                } else {
+                    assert_eq!(ones, [0; 8], "block {i} was touched");
+                }
+            }
             f.prefetch(n);
+            assert!(f.may_contain(n));
+            // After a snapshot round trip, which rebuilds the hasher from the stored seed.
+            let (back, _) = OptOutFilter::from_snapshot(&f.to_snapshot(Version::ZERO)).expect("ok");
+            assert_eq!(back.probe(n), f.probe(n));
+            assert!(back.may_contain(n));
         }
-        // After a snapshot round trip, which rebuilds the hasher from the stored seed.
-        let f = OptOutFilter::with_seed(10_000, 0.001, 1, [6u8; 32]).expect("valid rate");
-        let (back, _) = OptOutFilter::from_snapshot(&f.to_snapshot(Version::ZERO)).expect("ok");
-        assert_eq!(back.first_probes(back.probe(n)), f.first_probes(f.probe(n)));
+    }
+
+    /// The sizing rests on the blocked layout's false-positive formula: at 20 numbers a block
+    /// (about 25.6 bits each) and at 33 (15.5), the rate measured on absent numbers is the
+    /// formula's, within sampling error.
+    #[test]
+    fn the_blocked_false_positive_formula_is_the_measured_rate() {
+        for per_block in [20.0, 33.0] {
+            let inserted = valid_numbers(4_000_000_000, 100_000);
+            let mut f = OptOutFilter::with_seed(10, 0.5, 1, [3u8; 32]).expect("valid");
+            f.blocks = vec![Block::default(); (100_000.0 / per_block) as usize];
+            for n in &inserted {
+                f.insert(*n);
+            }
+            let probes = valid_numbers(6_000_000_000, 400_000);
+            let measured = measured_fp_rate(&f, &probes);
+            let formula = blocked_fp_rate(100_000.0 / f.blocks.len() as f64);
+            // 400,000 probes: the count's standard deviation is sqrt(400,000 x rate).
+            let sigma = (formula / 400_000.0).sqrt();
+            assert!(
+                (measured - formula).abs() < 5.0 * sigma + 1e-5,
+                "{per_block} a block: measured {measured}, formula {formula}"
+            );
+        }
     }
 
     proptest! {
@@ -467,7 +560,7 @@ mod tests {
         assert!(matches!(
             OptOutFilter::from_snapshot(&bytes),
             Err(FilterError::SnapshotFormat {
-                expected: 2,
+                expected: 3,
                 got: 1
             })
         ));
