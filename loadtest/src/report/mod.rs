@@ -162,14 +162,17 @@ fn legend_box(colour: RGBColor) -> impl Fn((i32, i32)) -> Rectangle<(i32, i32)> 
     move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
 }
 
+/// A run's lines, each a list of (seconds, value) points; the first is drawn thick.
+type Lines = Vec<Vec<(f64, f64)>>;
+
 /// One line a run: `series(r)` gives its points (x in seconds of the measured window).
 fn lines(
     root: &DrawingArea<SVGBackend, plotters::coord::Shift>,
     reports: &[Report],
     y_desc: &str,
-    series: &dyn Fn(&Report) -> Vec<Vec<(f64, f64)>>,
+    series: &dyn Fn(&Report) -> Lines,
 ) -> DrawResult {
-    let all: Vec<Vec<Vec<(f64, f64)>>> = reports.iter().map(series).collect();
+    let all: Vec<Lines> = reports.iter().map(series).collect();
     let x_max = all
         .iter()
         .flatten()
