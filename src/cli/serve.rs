@@ -433,6 +433,10 @@ impl TryFrom<&ServeArgs> for ServerConfig {
 
 /// Checks the exposure, builds the configuration, binds, says where, and serves until SIGTERM.
 pub(super) async fn serve(mut args: ServeArgs) -> Result<(), CliError> {
+    // First, before anything is printed: a SIGTERM sent as soon as a line appears (the --dev
+    // banner, say, which comes before the store opens) is a graceful stop that deletes the
+    // temporary store, never the signal's default action.
+    let shutdown = shutdown_signal();
     // A renamed variable must not be dropped without a word: its list would fall back to the
     // default age.
     if std::env::var_os("OPTOUT_TYPE1_MAX_AGE_DAYS").is_some() {
@@ -449,7 +453,6 @@ pub(super) async fn serve(mut args: ServeArgs) -> Result<(), CliError> {
         None
     };
     args.check_exposure()?;
-    let shutdown = shutdown_signal();
     let config = ServerConfig::try_from(&args)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -607,7 +610,7 @@ fn dev_mode(args: &mut ServeArgs) -> Result<tempfile::TempDir, CliError> {
     announce(
         true,
         &format!(
-            "DEVELOPMENT MODE (--dev): listening on {} WITHOUT authentication or TLS, on a \
+            "DEVELOPMENT MODE (--dev): serving on {} WITHOUT authentication or TLS, on a \
              temporary store deleted at exit ({}). Never for patient data",
             args.listen,
             dir.path().display()

@@ -345,6 +345,38 @@ async fn the_embedded_store_keeps_an_audit_key_in_its_data_directory() {
 /// production sign is (a Redis store, a keys file, Kubernetes).
 #[tokio::test]
 async fn serve_dev_runs_on_a_temporary_store_and_is_refused_where_production_shows() {
+    // Stopped twice: by a SIGTERM sent the moment the banner appears (before the store is open:
+    // CI once saw this killed by the signal's default action, the store left behind), and by
+    // one sent once it listens.
+    for stop_at in ["DEVELOPMENT MODE (--dev)", "listening on"] {
+        dev_server_stopped_at(stop_at).await;
+    }
+
+    let out = optout(args(&[
+        "serve",
+        "--dev",
+        "--redis-url",
+        "redis://127.0.0.1:1",
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(&out, "'--dev' cannot be used with '--redis-url");
+    let out = tokio::task::spawn_blocking(|| {
+        Command::new(BIN)
+            .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+            .env("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+            .output()
+            .expect("runs")
+    })
+    .await
+    .expect("join");
+    assert_eq!(out.status.code(), Some(2));
+    assert_stderr_has(&out, "--dev is refused inside Kubernetes");
+}
+
+/// Starts `serve --dev`, sends SIGTERM as soon as a stderr line holds `stop_at`, and checks the
+/// banner, a clean exit and that the temporary store is gone.
+async fn dev_server_stopped_at(stop_at: &'static str) {
     use std::io::BufRead;
     // Loopback here (tests listen on loopback only); without --listen it is 0.0.0.0:50051.
     let mut child = Command::new(BIN)
@@ -358,7 +390,7 @@ async fn serve_dev_runs_on_a_temporary_store_and_is_refused_where_production_sho
         let mut seen = Vec::new();
         let mut lines = std::io::BufReader::new(stderr).lines();
         for line in lines.by_ref().map_while(Result::ok) {
-            let done = line.contains("listening on");
+            let done = line.contains(stop_at);
             seen.push(line);
             if done {
                 break;
@@ -371,6 +403,10 @@ async fn serve_dev_runs_on_a_temporary_store_and_is_refused_where_production_sho
     })
     .await
     .expect("join");
+    assert!(
+        lines.last().is_some_and(|l| l.contains(stop_at)),
+        "{stop_at}: {lines:?}"
+    );
     let banner = lines
         .iter()
         .find(|l| l.contains("DEVELOPMENT MODE (--dev)"))
@@ -394,29 +430,11 @@ async fn serve_dev_runs_on_a_temporary_store_and_is_refused_where_production_sho
     let exit = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
         .await
         .expect("join");
-    assert!(exit.success(), "{exit:?}");
-    assert!(!store.exists(), "the temporary store is deleted at exit");
-
-    let out = optout(args(&[
-        "serve",
-        "--dev",
-        "--redis-url",
-        "redis://127.0.0.1:1",
-    ]))
-    .await;
-    assert_eq!(out.status.code(), Some(2));
-    assert_stderr_has(&out, "'--dev' cannot be used with '--redis-url");
-    let out = tokio::task::spawn_blocking(|| {
-        Command::new(BIN)
-            .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
-            .env("KUBERNETES_SERVICE_HOST", "10.0.0.1")
-            .output()
-            .expect("runs")
-    })
-    .await
-    .expect("join");
-    assert_eq!(out.status.code(), Some(2));
-    assert_stderr_has(&out, "--dev is refused inside Kubernetes");
+    assert!(exit.success(), "SIGTERM at {stop_at:?}: {exit:?}");
+    assert!(
+        !store.exists(),
+        "SIGTERM at {stop_at:?}: the temporary store is deleted at exit"
+    );
 }
 
 /// Ctrl-C during an import, before the file was sent whole: the client says nothing was imported
