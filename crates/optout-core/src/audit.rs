@@ -2,17 +2,21 @@
 //!
 //! An audit record says who (organisation and key id) did what (a change of opt-outs, or a check),
 //! when, about how many numbers, and at which store version. It never holds an NHS number: each is
-//! replaced by a keyed pseudorandom digest (see [`AuditKey`]) under the audit key from
-//! configuration, truncated to 8 bytes. Without the key the digests cannot be reversed by
-//! enumerating the ten-digit space; with it, the service can answer "which records concern this patient?" by computing the digest of the number asked.
-//! 8 bytes keep a check of millions of numbers affordable; a false match between two patients is
-//! about one in 2^64 per pair.
+//! encrypted under a key derived from the audit key (see [`AuditKey`]): its first nine digits
+//! (which decide the tenth) as 4 bytes, AES-128 in counter mode under a nonce of the record's own,
+//! 5.3 bytes a number in the record's base64. Without the key a record says nothing of whom it
+//! concerns, not even whether two records concern the same patient; with it, the service answers
+//! "which records concern this patient?" by decrypting each record's numbers and comparing them
+//! with the number asked, so the answer is exact.
+//!
+//! Records written before (no `digest_scheme`, or `"aes-8"`) hold 8-byte truncated AES digests
+//! instead; they are still read and found, each record by its own scheme.
 
 use std::collections::BTreeMap;
 
 use aes::{
-    Aes256, Block,
-    cipher::{BlockEncrypt, KeyInit},
+    Aes128, Aes256, Block,
+    cipher::{BlockEncrypt, KeyInit, KeyIvInit, StreamCipher},
 };
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -21,9 +25,16 @@ use sha2::{Digest, Sha256};
 
 use super::NhsNumber;
 
+/// The cipher of the numbers in records: AES-128, CTR with a 96-bit nonce and a 32-bit counter.
+type NumberCipher = ctr::Ctr32BE<Aes128>;
+
 /// The secret that keys audit digests. Configuration, never in the repository.
 ///
-/// A digest is AES-256 of one block (a fixed domain tag and the number) under a key derived from
+/// What records hold now is each number's first nine digits (which decide the tenth), encrypted
+/// with AES-128-CTR under a key derived from the secret and a random nonce per record (the first
+/// 12 bytes of the record's `digests`): one AES block of keystream covers four numbers, about a
+/// fifth of what one digest a number cost. Before, it was a digest, still computed to find older
+/// records: AES-256 of one block (a fixed domain tag and the number) under a key derived from
 /// the secret with HMAC-SHA-256, truncated to 8 bytes. AES under a secret key is a pseudorandom
 /// permutation, so on the at most 10^10 possible inputs it is a keyed pseudorandom function just
 /// as HMAC is (the PRP/PRF distance is about q^2 / 2^129, nothing for q = 10^10), at a fraction of
@@ -32,6 +43,8 @@ use super::NhsNumber;
 #[derive(Clone)]
 pub struct AuditKey {
     cipher: Aes256,
+    /// The key of the numbers records hold now (AES-128-CTR).
+    numbers_key: [u8; 16],
     /// The public id, as the 8 hex digits every sealed line carries.
     id_hex: [u8; 8],
     /// HMAC-SHA-256 under the trail MAC key (derived from the secret apart from the digest key),
@@ -63,8 +76,64 @@ pub enum AuditKeyError {
     BadBase64(String),
 }
 
-/// Length of one digest in bytes.
+/// Length of one (older) digest in bytes.
 pub const DIGEST_LEN: usize = 8;
+
+/// Length of one encrypted number in bytes: its first nine digits, below 10^9, as a big-endian
+/// `u32`, encrypted.
+pub const SEALED_LEN: usize = 4;
+
+/// Length of the nonce at the head of a record's encrypted numbers.
+pub const NONCE_LEN: usize = 12;
+
+/// How a record's `digests` stand for NHS numbers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DigestScheme {
+    /// 8-byte truncated AES-256 digests: records written before the encrypted numbers, which
+    /// carry no `digest_scheme`.
+    Aes8,
+    /// A 12-byte nonce, then each number's first nine digits as 4 bytes, AES-128-CTR: what
+    /// every record is written with now.
+    #[default]
+    AesCtr,
+}
+
+impl DigestScheme {
+    /// The scheme of a record whose `digest_scheme` is absent: one written before the field.
+    fn before_the_field() -> Self {
+        DigestScheme::Aes8
+    }
+
+    fn is_aes8(&self) -> bool {
+        *self == DigestScheme::Aes8
+    }
+
+    /// Bytes per number, and before the first.
+    fn layout(self) -> (usize, usize) {
+        match self {
+            DigestScheme::Aes8 => (DIGEST_LEN, 0),
+            DigestScheme::AesCtr => (SEALED_LEN, NONCE_LEN),
+        }
+    }
+}
+
+/// A look-up of one patient in records of either scheme ([`AuditKey::lookup`]).
+#[derive(Clone)]
+pub struct PatientQuery {
+    /// The 8-byte digest older records hold.
+    aes8: [u8; DIGEST_LEN],
+    /// The first nine digits, as encrypted records hold them once decrypted.
+    body: [u8; SEALED_LEN],
+    numbers_key: [u8; 16],
+}
+
+impl std::fmt::Debug for PatientQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No number, no key.
+        f.write_str("PatientQuery(<one patient>)")
+    }
+}
 
 /// The first half of every block: keeps digests of NHS numbers apart from any other use of the key.
 const DOMAIN: &[u8; 8] = b"optoutN1";
@@ -85,11 +154,17 @@ impl AuditKey {
             .map_err(|_| AuditKeyError::TooShort(secret.len()))?;
         mac.update(b"optout audit trail MAC key, HMAC-SHA-256, v1");
         let mac_key = mac.finalize().into_bytes();
+        let mut numbers = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+            .map_err(|_| AuditKeyError::TooShort(secret.len()))?;
+        numbers.update(b"optout audit numbers key, AES-128-CTR, v1");
+        let mut numbers_key = [0u8; 16];
+        numbers_key.copy_from_slice(&numbers.finalize().into_bytes()[..16]);
         let mut id_hex = [0u8; 8];
         // 8 hex digits of 4 bytes: cannot fail.
         let _ = hex::encode_to_slice(&id[..4], &mut id_hex);
         Ok(AuditKey {
             cipher: Aes256::new(&derived),
+            numbers_key,
             id_hex,
             mac: <Hmac<Sha256> as Mac>::new_from_slice(&mac_key)
                 .map_err(|_| AuditKeyError::TooShort(secret.len()))?,
@@ -169,7 +244,7 @@ impl AuditKey {
         b
     }
 
-    /// The digest of one NHS number.
+    /// The older 8-byte digest of one NHS number (records before the encrypted numbers).
     pub fn digest(&self, n: NhsNumber) -> [u8; DIGEST_LEN] {
         let mut b = Self::block(n);
         self.cipher.encrypt_block(&mut b);
@@ -178,8 +253,40 @@ impl AuditKey {
         out
     }
 
-    /// The digests of many numbers, concatenated and base64-encoded, as stored in a record.
+    /// The first nine digits of a number, which decide the tenth (every [`NhsNumber`] has a
+    /// valid check digit): below 10^9, so four bytes.
+    fn body(n: NhsNumber) -> [u8; SEALED_LEN] {
+        u32::try_from(n.as_u64() / 10)
+            .unwrap_or(u32::MAX)
+            .to_be_bytes()
+    }
+
+    /// What a look-up of this number looks for, in records of either scheme.
+    pub fn lookup(&self, n: NhsNumber) -> PatientQuery {
+        PatientQuery {
+            aes8: self.digest(n),
+            body: Self::body(n),
+            numbers_key: self.numbers_key,
+        }
+    }
+
+    /// Many numbers encrypted for a record (with [`DigestScheme::AesCtr`], a record's default):
+    /// a fresh random nonce, then each number's four bytes, base64-encoded.
     pub fn digests(&self, numbers: impl IntoIterator<Item = NhsNumber>) -> String {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::fill(&mut nonce);
+        let numbers = numbers.into_iter();
+        let mut raw = Vec::with_capacity(NONCE_LEN + numbers.size_hint().0 * SEALED_LEN);
+        raw.extend_from_slice(&nonce);
+        for n in numbers {
+            raw.extend_from_slice(&Self::body(n));
+        }
+        apply_keystream(&self.numbers_key, &mut raw);
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw)
+    }
+
+    /// The older 8-byte digests of many numbers, as records before the encrypted numbers held them.
+    pub fn aes8_digests(&self, numbers: impl IntoIterator<Item = NhsNumber>) -> String {
         let mut blocks: Vec<Block> = numbers.into_iter().map(Self::block).collect();
         // Many blocks at once: AES-NI pipelines them.
         self.cipher.encrypt_blocks(&mut blocks);
@@ -189,6 +296,19 @@ impl AuditKey {
         }
         base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw)
     }
+}
+
+/// Encrypts (or decrypts) in place what follows the nonce at the head of `raw`.
+fn apply_keystream(key: &[u8; 16], raw: &mut [u8]) {
+    if raw.len() < NONCE_LEN {
+        return;
+    }
+    let (nonce, numbers) = raw.split_at_mut(NONCE_LEN);
+    let mut iv = [0u8; 16];
+    iv[..NONCE_LEN].copy_from_slice(nonce);
+    // A record of more than 2^32 blocks (64 GiB) would wrap the counter; records are bounded far
+    // below that (the check log's batches, the import parts).
+    NumberCipher::new(key.into(), &iv.into()).apply_keystream(numbers);
 }
 
 impl std::fmt::Debug for AuditKey {
@@ -239,8 +359,15 @@ pub struct AuditRecord {
     /// The store version the change took effect at, or the check's answer reflects.
     #[serde(default)]
     pub version: String,
-    /// Base64 of the 8-byte digests: every number of an admin change request, the numbers an import
-    /// added or removed, the numbers a check released.
+    /// How `digests` stand for numbers. Absent in records written before the field (8-byte
+    /// digests).
+    #[serde(
+        default = "DigestScheme::before_the_field",
+        skip_serializing_if = "DigestScheme::is_aes8"
+    )]
+    pub digest_scheme: DigestScheme,
+    /// Base64 of the numbers, encrypted ([`AuditKey::digests`]): every number of an admin change
+    /// request, the numbers an import added or removed, the numbers a check released.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub digests: String,
     /// An import's id, on its main record and on each of its `import-added` and
@@ -293,6 +420,8 @@ struct RecordHead<'a> {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     withheld: &'a BTreeMap<String, u64>,
     version: &'a str,
+    #[serde(skip_serializing_if = "DigestScheme::is_aes8")]
+    digest_scheme: DigestScheme,
 }
 
 /// Whether every byte is of the standard base64 alphabet, none of which JSON escapes. Folded
@@ -326,6 +455,7 @@ impl AuditRecord {
             applied,
             withheld,
             version,
+            digest_scheme,
             digests,
             part_of,
             population,
@@ -359,6 +489,7 @@ impl AuditRecord {
             applied: *applied,
             withheld,
             version,
+            digest_scheme: *digest_scheme,
         };
         serde_json::to_writer(&mut *out, &head)?;
         // `head` always has fields, so it ends `...}`: the digests go before that brace.
@@ -402,19 +533,31 @@ impl AuditRecord {
         }
     }
 
-    /// Whether the record concerns the number with this digest.
-    pub fn mentions(&self, digest: &[u8; DIGEST_LEN]) -> bool {
-        base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(&self.digests)
-            .map(|raw| raw.chunks_exact(DIGEST_LEN).any(|d| d == digest))
-            .unwrap_or(false)
+    /// Whether the record concerns the patient asked about (by the record's scheme: its digests
+    /// compared, or its numbers decrypted and compared).
+    pub fn mentions(&self, patient: &PatientQuery) -> bool {
+        let Ok(mut raw) = base64::engine::general_purpose::STANDARD_NO_PAD.decode(&self.digests)
+        else {
+            return false;
+        };
+        let (len, head) = self.digest_scheme.layout();
+        let wanted: &[u8] = match self.digest_scheme {
+            DigestScheme::Aes8 => &patient.aes8,
+            DigestScheme::AesCtr => {
+                apply_keystream(&patient.numbers_key, &mut raw);
+                &patient.body
+            }
+        };
+        raw.get(head..)
+            .is_some_and(|numbers| numbers.chunks_exact(len).any(|d| d == wanted))
     }
 
-    /// How many digests the record holds.
+    /// How many numbers the record's digests stand for.
     pub fn digest_count(&self) -> usize {
+        let (len, head) = self.digest_scheme.layout();
         base64::engine::general_purpose::STANDARD_NO_PAD
             .decode(&self.digests)
-            .map(|raw| raw.len() / DIGEST_LEN)
+            .map(|raw| raw.len().saturating_sub(head) / len)
             .unwrap_or(0)
     }
 }
@@ -430,8 +573,8 @@ pub struct AuditQuery {
     pub organisation: Option<String>,
     /// Only this extract reference.
     pub extract_id: Option<String>,
-    /// Only records that mention this number's digest.
-    pub digest: Option<[u8; DIGEST_LEN]>,
+    /// Only records that mention this number ([`AuditKey::lookup`]).
+    pub digest: Option<PatientQuery>,
     /// Only records of this action.
     pub action: Option<String>,
     /// At most this many records, oldest first.
@@ -533,8 +676,8 @@ mod tests {
             "import-removed"
         );
         let last = numbers[numbers.len() - 1];
-        assert!(parts[2].mentions(&key.digest(last)));
-        assert!(!parts[0].mentions(&key.digest(last)));
+        assert!(parts[2].mentions(&key.lookup(last)));
+        assert!(!parts[0].mentions(&key.lookup(last)));
     }
 
     #[test]
@@ -549,14 +692,106 @@ mod tests {
             digests: a.digests([n]),
             ..AuditRecord::default()
         };
-        assert!(r.mentions(&a.digest(n)));
-        assert!(!r.mentions(&a.digest(m)));
+        assert!(r.mentions(&a.lookup(n)));
+        assert!(!r.mentions(&a.lookup(m)));
+        assert!(!r.mentions(&b.lookup(n)), "another key does not find it");
         assert_eq!(r.digest_count(), 1);
         assert!(
             !serde_json::to_string(&r)
                 .expect("json")
                 .contains("9434765919")
         );
+        // The same number in two records: nothing in common without the key.
+        let again = a.digests([n]);
+        assert_ne!(r.digests, again);
+    }
+
+    /// Issue 31: a check's record holds at most 6 bytes a released number, and a lookup by
+    /// patient stays exact: each record's numbers decrypt to exactly the numbers written, so a
+    /// patient is found in the records that hold them and in no other (no two patients can
+    /// share what a record holds, as they could share a digest this short).
+    #[test]
+    fn encrypted_numbers_take_under_six_bytes_and_are_found_exactly() {
+        let key = AuditKey::new(&[3u8; 32]).expect("key");
+        let numbers: Vec<NhsNumber> = (4_000_000_000u64..)
+            .filter_map(|v| NhsNumber::from_u64(v).ok())
+            .take(200_000)
+            .collect();
+        let r = AuditRecord {
+            digests: key.digests(numbers.iter().copied()),
+            ..AuditRecord::default()
+        };
+        assert_eq!(r.digest_count(), numbers.len());
+        assert!(
+            r.digests.len() <= 6 * numbers.len(),
+            "{} bytes for {} numbers",
+            r.digests.len(),
+            numbers.len()
+        );
+        // Decrypted, the record holds exactly the numbers written, in order.
+        let mut raw = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(&r.digests)
+            .expect("base64");
+        apply_keystream(&key.numbers_key, &mut raw);
+        let bodies: Vec<u64> = raw[NONCE_LEN..]
+            .chunks_exact(SEALED_LEN)
+            .map(|b| u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])))
+            .collect();
+        let want: Vec<u64> = numbers.iter().map(|n| n.as_u64() / 10).collect();
+        assert_eq!(bodies, want);
+        // Found by each number in it (a sample), and not by numbers outside it.
+        for n in numbers.iter().step_by(9_973) {
+            assert!(r.mentions(&key.lookup(*n)));
+        }
+        let outside = (4_100_000_000u64..)
+            .filter_map(|v| NhsNumber::from_u64(v).ok())
+            .take(50);
+        for n in outside {
+            assert!(!r.mentions(&key.lookup(n)));
+        }
+    }
+
+    /// Records written before the encrypted numbers (no `digest_scheme`, 8-byte digests) are
+    /// still found by patient, and a new record says its scheme.
+    #[test]
+    fn records_of_either_scheme_are_found_by_their_own() {
+        let key = AuditKey::new(&[5u8; 32]).expect("key");
+        let n = NhsNumber::parse("9434765919").expect("valid");
+        let m = NhsNumber::parse("4010232137").expect("valid");
+        let old = format!(
+            r#"{{"at_ms":1,"organisation":"RX1","key_id":"k","action":"check","count":1,"applied":1,"version":"1-0","digests":"{}"}}"#,
+            key.aes8_digests([n])
+        );
+        let old: AuditRecord = serde_json::from_str(&old).expect("an older record");
+        assert_eq!(old.digest_scheme, DigestScheme::Aes8);
+        assert_eq!(old.digest_count(), 1);
+        assert!(old.mentions(&key.lookup(n)));
+        assert!(!old.mentions(&key.lookup(m)));
+        let new = AuditRecord {
+            digests: key.digests([n, m]),
+            ..AuditRecord::default()
+        };
+        let text = serde_json::to_string(&new).expect("json");
+        assert!(
+            text.contains(r#""digest_scheme":"aes-ctr","digests":"#),
+            "{text}"
+        );
+        let back: AuditRecord = serde_json::from_str(&text).expect("read back");
+        assert_eq!(back, new);
+        assert_eq!(back.digest_count(), 2);
+        assert!(back.mentions(&key.lookup(m)));
+        // An older record is not read as encrypted numbers, nor the other way round.
+        let confused = AuditRecord {
+            digest_scheme: DigestScheme::AesCtr,
+            ..old.clone()
+        };
+        assert!(!confused.mentions(&key.lookup(n)));
+        let confused = AuditRecord {
+            digest_scheme: DigestScheme::Aes8,
+            ..new.clone()
+        };
+        assert!(!confused.mentions(&key.lookup(n)));
+        assert!(!confused.mentions(&key.lookup(m)));
     }
 
     #[test]

@@ -20,7 +20,8 @@ pub mod trail;
 mod version;
 
 pub use audit::{
-    AuditKey, AuditKeyError, AuditQuery, AuditRecord, DIGEST_LEN, IMPORT_DIGEST_CHUNK,
+    AuditKey, AuditKeyError, AuditQuery, AuditRecord, DIGEST_LEN, DigestScheme,
+    IMPORT_DIGEST_CHUNK, NONCE_LEN, PatientQuery, SEALED_LEN,
 };
 pub use counts::{DecisionCounts, REASON_LABELS};
 pub use filter::{FilterError, FilterStats, MIN_CAPACITY, OptOutFilter, Probe};

@@ -35,7 +35,7 @@ impl Admin {
             to_ms: search.to_ms,
             organisation: search.organisation,
             extract_id: search.extract_id,
-            digest: search.number.map(|n| self.audit_key.digest(n)),
+            digest: search.number.map(|n| self.audit_key.lookup(n)),
             action: None,
             limit: search.limit,
         };
