@@ -32,8 +32,8 @@ type NumberCipher = ctr::Ctr32BE<Aes128>;
 ///
 /// What records hold now is each number's first nine digits (which decide the tenth), encrypted
 /// with AES-128-CTR under a key derived from the secret and a random nonce per record (the first
-/// 12 bytes of the record's `digests`): one AES block of keystream covers four numbers, about a
-/// fifth of what one digest a number cost. Before, it was a digest, still computed to find older
+/// 12 bytes of the record's `digests`): one AES block of keystream covers four numbers, half the
+/// CPU of one digest a number (`cargo bench --bench core -- audit_digest`). Before, it was a digest, still computed to find older
 /// records: AES-256 of one block (a fixed domain tag and the number) under a key derived from
 /// the secret with HMAC-SHA-256, truncated to 8 bytes. AES under a secret key is a pseudorandom
 /// permutation, so on the at most 10^10 possible inputs it is a keyed pseudorandom function just
@@ -144,26 +144,17 @@ impl AuditKey {
         if secret.len() < 32 {
             return Err(AuditKeyError::TooShort(secret.len()));
         }
-        // HMAC takes keys of any length; the error arm cannot happen.
-        let mut kdf = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-            .map_err(|_| AuditKeyError::TooShort(secret.len()))?;
-        kdf.update(b"optout audit digest key, AES-256, v2");
-        let derived = kdf.finalize().into_bytes();
+        let derived = derive(secret, b"optout audit digest key, AES-256, v2")?;
         let id = Sha256::digest([b"optout audit key id".as_slice(), secret].concat());
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-            .map_err(|_| AuditKeyError::TooShort(secret.len()))?;
-        mac.update(b"optout audit trail MAC key, HMAC-SHA-256, v1");
-        let mac_key = mac.finalize().into_bytes();
-        let mut numbers = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-            .map_err(|_| AuditKeyError::TooShort(secret.len()))?;
-        numbers.update(b"optout audit numbers key, AES-128-CTR, v1");
+        let mac_key = derive(secret, b"optout audit trail MAC key, HMAC-SHA-256, v1")?;
         let mut numbers_key = [0u8; 16];
-        numbers_key.copy_from_slice(&numbers.finalize().into_bytes()[..16]);
+        numbers_key
+            .copy_from_slice(&derive(secret, b"optout audit numbers key, AES-128-CTR, v1")?[..16]);
         let mut id_hex = [0u8; 8];
         // 8 hex digits of 4 bytes: cannot fail.
         let _ = hex::encode_to_slice(&id[..4], &mut id_hex);
         Ok(AuditKey {
-            cipher: Aes256::new(&derived),
+            cipher: Aes256::new(&derived.into()),
             numbers_key,
             id_hex,
             mac: <Hmac<Sha256> as Mac>::new_from_slice(&mac_key)
@@ -296,6 +287,15 @@ impl AuditKey {
         }
         base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw)
     }
+}
+
+/// A key for one use, derived from the secret: HMAC-SHA-256 of the use's label.
+fn derive(secret: &[u8], label: &[u8]) -> Result<[u8; 32], AuditKeyError> {
+    // HMAC takes keys of any length; the error arm cannot happen.
+    let mut kdf = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .map_err(|_| AuditKeyError::TooShort(secret.len()))?;
+    kdf.update(label);
+    Ok(kdf.finalize().into_bytes().into())
 }
 
 /// Encrypts (or decrypts) in place what follows the nonce at the head of `raw`.

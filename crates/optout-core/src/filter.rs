@@ -78,22 +78,17 @@ impl Blocks {
 
     #[inline]
     fn get(&self, i: usize) -> Option<&Block> {
-        if i >= self.len {
-            return None;
-        }
-        let at = self.start + i * 8;
-        self.words.get(at..at + 8)?.try_into().ok()
+        let at = i.checked_mul(8)?;
+        self.words().get(at..at + 8)?.try_into().ok()
     }
 
     #[inline]
     fn get_mut(&mut self, i: usize) -> Option<&mut Block> {
-        if i >= self.len {
-            return None;
-        }
-        let at = self.start + i * 8;
-        self.words.get_mut(at..at + 8)?.try_into().ok()
+        let at = i.checked_mul(8)?;
+        self.words_mut().get_mut(at..at + 8)?.try_into().ok()
     }
 
+    /// The window's words.
     fn words(&self) -> &[u64] {
         self.words
             .get(self.start..self.start + self.len * 8)

@@ -21,7 +21,7 @@ mod version;
 
 pub use audit::{
     AuditKey, AuditKeyError, AuditQuery, AuditRecord, DIGEST_LEN, DigestScheme,
-    IMPORT_DIGEST_CHUNK, NONCE_LEN, PatientQuery, SEALED_LEN,
+    IMPORT_DIGEST_CHUNK, PatientQuery,
 };
 pub use counts::{DecisionCounts, REASON_LABELS};
 pub use filter::{FilterError, FilterStats, MIN_CAPACITY, OptOutFilter, Probe};

@@ -147,7 +147,7 @@ pub(super) fn bucket_pairs(numbers: &[NhsNumber], buckets: u64) -> Vec<String> {
 }
 
 /// A text reply's bytes, borrowed from the reply where it holds them (an integer is written out).
-pub(super) fn bytes_of(v: &Value) -> Option<Cow<'_, [u8]>> {
+fn bytes_of(v: &Value) -> Option<Cow<'_, [u8]>> {
     match v {
         Value::BulkString(b) => Some(Cow::Borrowed(b)),
         Value::SimpleString(s) => Some(Cow::Borrowed(s.as_bytes())),
@@ -189,17 +189,13 @@ pub(super) fn field_pairs(v: &Value) -> Result<FieldPairs<'_>, StoreError> {
             .map(|(k, v)| Ok((field_text(k)?, field_text(v)?)))
             .collect::<Result<_, StoreError>>()?,
         other => {
-            let flat = elements(other)?;
-            if flat.len() % 2 != 0 {
+            let flat = elements(other)?.chunks_exact(2);
+            if !flat.remainder().is_empty() {
                 return Err(StoreError::Corrupt(
                     "a hash's fields and values came back unpaired".into(),
                 ));
             }
-            flat.chunks_exact(2)
-                .map(|p| match p {
-                    [k, v] => Ok((field_text(k)?, field_text(v)?)),
-                    _ => Err(StoreError::Corrupt("a hash's pair came back short".into())),
-                })
+            flat.map(|p| Ok((field_text(&p[0])?, field_text(&p[1])?)))
                 .collect::<Result<_, StoreError>>()?
         }
     };
