@@ -13,7 +13,8 @@
 //! - `P log` (stream): the change log; each entry's id is the version of that change, its `a`
 //!   field the numbers that gained an opt-out (what filters must add). `P version` is the latest
 //!   id, `P log_floor` the newest id trimmed away (a follower behind it must rebuild).
-//! - `P snapshot` / `P snapshot_version`: the newest published filter snapshot.
+//! - `P snapshot` / `P snapshot_version`: the newest published filter snapshot; `P
+//!   snapshot_staging:{uuid}` one being sent, a chunk at a time (see `snapshot.rs`).
 //! - `P lock:{t}`: held while an import of type `t` is being applied.
 //! - `P audit` (stream): the audit records; `P regression_ack`: the newest acknowledgement that
 //!   the store went back in time.

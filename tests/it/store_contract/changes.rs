@@ -168,6 +168,36 @@ pub(super) async fn snapshots(b: &dyn Backend) {
         Some(&b"first"[..]),
         "a snapshot newer than the store is refused"
     );
+    // A snapshot of several megabytes (at 5 M opt-outs one is 10 MB) is sent in chunks and must
+    // come back byte for byte.
+    let (v2, _) = change(s, ChangeKind::Add, NATIONAL, &numbers(4_050_000_100, 1)).await;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let big: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    s.publish_snapshot(v2, &big).await.expect("publish");
+    let back = s.load_snapshot().await.expect("load").expect("a snapshot");
+    assert!(
+        back == big,
+        "a {} byte snapshot came back as {} bytes, or other bytes",
+        big.len(),
+        back.len()
+    );
+    // Nothing staged is left behind, whether the snapshot was placed or refused, and the one in
+    // place does not expire.
+    s.publish_snapshot(older, b"older").await.expect("publish");
+    if let Some((staged, expires)) = b.snapshot_leftovers(&f).await {
+        assert!(
+            staged.is_empty(),
+            "staged snapshots left behind: {staged:?}"
+        );
+        assert!(!expires, "the published snapshot expires");
+    }
 }
 
 /// A lookup follows the current generation of a list, however it changed since the last lookup

@@ -77,6 +77,12 @@ trait Backend: Send + Sync {
     async fn set_generation(&self, _fresh: &Fresh, _value: &str) -> bool {
         false
     }
+    /// What a publish of a snapshot left behind in the store beside the snapshot itself: keys it
+    /// staged and still there, and whether the snapshot expires; `None` if this backend stages
+    /// nothing.
+    async fn snapshot_leftovers(&self, _fresh: &Fresh) -> Option<(Vec<String>, bool)> {
+        None
+    }
 }
 
 /// A fresh store and what it needs to stay alive.
@@ -149,17 +155,22 @@ impl OnRedis {
 
     /// Runs one command on the node holding `key`.
     async fn command(&self, cmd: &redis::Cmd) {
+        let _: redis::Value = self.query(cmd).await;
+    }
+
+    /// Runs one command on the node holding `key`, and returns its reply.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
         if self.cluster {
             let client = redis::cluster::ClusterClient::new(self.urls.clone()).expect("client");
             let mut conn = client.get_async_connection().await.expect("cluster");
-            let _: redis::Value = cmd.query_async(&mut conn).await.expect("command");
+            cmd.query_async(&mut conn).await.expect("command")
         } else {
             let client = redis::Client::open(self.urls[0].as_str()).expect("client");
             let mut conn = client
                 .get_multiplexed_async_connection()
                 .await
                 .expect("connect");
-            let _: redis::Value = cmd.query_async(&mut conn).await.expect("command");
+            cmd.query_async(&mut conn).await.expect("command")
         }
     }
 }
@@ -209,6 +220,19 @@ impl Backend for OnRedis {
 
     async fn hold_import_lock(&self, fresh: &Fresh) -> bool {
         self.set_meta(fresh, "lock:1", "contract").await
+    }
+
+    async fn snapshot_leftovers(&self, fresh: &Fresh) -> Option<(Vec<String>, bool)> {
+        let p = &fresh.meta_prefix;
+        // The metadata is in one hash slot: a cluster routes a key pattern of one hash tag to the
+        // node holding it, so KEYS sees every staged key there is.
+        let staged: Vec<String> = self
+            .query(redis::cmd("KEYS").arg(format!("{p}snapshot_staging:*")))
+            .await;
+        let ttl: i64 = self
+            .query(redis::cmd("PTTL").arg(format!("{p}snapshot")))
+            .await;
+        Some((staged, ttl != -1))
     }
 
     async fn lose_change(&self, fresh: &Fresh, lost: Version, back: Version) -> bool {

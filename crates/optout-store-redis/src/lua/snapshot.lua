@@ -1,7 +1,16 @@
--- ARGV: prefix, dataset, version ms, version seq, bytes. Keeps the newest snapshot.
-local p = ARGV[1]
+-- KEYS: the marker, the staged snapshot (the dataset id, then the bytes; see snapshot.rs).
+-- ARGV: prefix, dataset, version ms, version seq, the staged length. Moves the staged snapshot into
+-- place if it is whole and the newest the store may hold (1), or drops it: 0 when it is not the
+-- newest, -1 when it is not whole.
+local p, staged = ARGV[1], KEYS[2]
 if redis.call('HGET', p..'marker', 'dataset_id') ~= ARGV[2] then
+  redis.call('DEL', staged)
   return redis.error_reply('OPTOUTDATASET marker missing or changed')
+end
+-- Expired half-way and recreated by a later chunk, or cut short: not the snapshot that was sent.
+if redis.call('STRLEN', staged) ~= tonumber(ARGV[5]) then
+  redis.call('DEL', staged)
+  return -1
 end
 local function newer(cur, nms, nseq)
   local ms, seq = string.match(cur, '^(%d+)-(%d+)$')
@@ -11,11 +20,16 @@ end
 -- A snapshot never claims more than the store holds (a store restored from an older copy must
 -- not be handed a filter of the newer one).
 if not newer(redis.call('GET', p..'version') or '0-0', tonumber(ARGV[3]), tonumber(ARGV[4])) then
+  redis.call('DEL', staged)
   return 0
 end
 -- Keeps the newest snapshot.
 local cur = redis.call('GET', p..'snapshot_version')
-if cur and newer(cur, tonumber(ARGV[3]), tonumber(ARGV[4])) then return 0 end
-redis.call('SET', p..'snapshot', ARGV[5])
+if cur and newer(cur, tonumber(ARGV[3]), tonumber(ARGV[4])) then
+  redis.call('DEL', staged)
+  return 0
+end
+redis.call('RENAME', staged, p..'snapshot')
+redis.call('PERSIST', p..'snapshot')
 redis.call('SET', p..'snapshot_version', ARGV[3]..'-'..ARGV[4])
 return 1
