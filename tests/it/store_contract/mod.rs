@@ -224,8 +224,7 @@ impl Backend for OnRedis {
 
     async fn snapshot_leftovers(&self, fresh: &Fresh) -> Option<(Vec<String>, bool)> {
         let p = &fresh.meta_prefix;
-        // The metadata is in one hash slot: a cluster routes a key pattern of one hash tag to the
-        // node holding it, so KEYS sees every staged key there is.
+        // In a cluster the redis crate sends KEYS to every master and joins their answers.
         let staged: Vec<String> = self
             .query(redis::cmd("KEYS").arg(format!("{p}snapshot_staging:*")))
             .await;
