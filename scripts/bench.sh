@@ -173,9 +173,10 @@ cpu_rows=$(for w in "service batch" "echo batch" "embedded batch" "service singl
     fi
 done)
 # Each run's ratio of server CPU, the first workload's over the second's of the same round.
+# Each line's first column over its second, as "a, b, c".
+ratios() { awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1 / $2}'; }
 cpu_pairs() {
-    paste <(grep "^$1 " "$cpu" | awk '{print $3}') <(grep "^$2 " "$cpu" | awk '{print $3}') \
-        | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1 / $2}'
+    paste <(grep "^$1 " "$cpu" | awk '{print $3}') <(grep "^$2 " "$cpu" | awk '{print $3}') | ratios
 }
 emb_rss_run=""
 [ -n "$embedded" ] && emb_rss_run=$(rss "$embedded_pid") && emb_hwm_run=$(hwm "$embedded_pid")
@@ -240,7 +241,7 @@ nps() {
 p99s() { grep -E "$1" "$results" | awk '{for (i = 1; i <= NF; i++) if ($(i) == "p99") {print $(i+1); break}}'; }
 p99() { p99s "$1" | median; }
 # Each round's ratio of p99s, the first pattern's over the second's.
-p99_pairs() { paste <(p99s "$1") <(p99s "$2") | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1 / $2}'; }
+p99_pairs() { paste <(p99s "$1") <(p99s "$2") | ratios; }
 # Bytes of check log per checked number in the first batch workload (its warm-up counted).
 log_per_number=$(awk -v l0="${log_before:-0}" -v l1="${log_after:-0}" -v n="$batch_numbers" -v s="$batch_seconds" \
     'BEGIN {printf "%.1f", (l1 - l0) / (n * (s + 2) / s)}')

@@ -46,14 +46,13 @@ mod tests;
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let arenas = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let arenas = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
         // SAFETY: mallopt sets one allocator parameter; it takes no pointers.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-            if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-                libc::mallopt(libc::M_ARENA_MAX, arenas);
-            }
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let arenas = libc::c_int::try_from(cores).unwrap_or(libc::c_int::MAX);
+            // SAFETY: as above.
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
         }
     }
 }
