@@ -68,15 +68,8 @@ echo "  SERVING, empty: A $(rss "$a_pid") MiB, B $(rss "$b_pid") MiB"
 sample "$a_pid" "$b_pid"
 start=$SECONDS
 seed "$A"
-# B has caught up when its filter reflects the store's version (and is fresh).
-caught_up() { # address
-    local st; st=$("$bin/optout" admin --server "http://$1" status 2>/dev/null) || return 1
-    local v f
-    v=$(awk '/^version:/ {print $2}' <<<"$st")
-    f=$(awk '/^filter version:/ {print $3}' <<<"$st")
-    [ -n "$v" ] && [ "$v" = "$f" ] && grep -q "(fresh" <<<"$st"
-}
-until caught_up "$B"; do
+# B has caught up when its filter reflects the store's version (and is fresh): bench-lib.sh.
+until caught_up "http://$B"; do
     sleep 0.5
     [ $((SECONDS - start)) -gt 600 ] && { echo "B did not catch up" >&2; break; }
 done

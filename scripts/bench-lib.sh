@@ -27,3 +27,19 @@ h2load_rps() { # address body requests connections streams-per-connection
         -d "$2" "http://$1/optout.v1.OptOutCheck/Check" 2>&1 \
         | awk '/^finished in/ {for (i = 1; i <= NF; i++) if ($(i) ~ /req\/s/) {gsub(",", "", $(i-1)); print $(i-1)}}'
 }
+
+# A process's CPU so far: its user + system ticks from /proc.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# Until a replica's filter reflects the store (the store's version, and fresh), a "maybe" finds
+# the store ahead of the filter and the check asks the store about every number of the batch: a
+# workload would measure that catching-up.
+caught_up() { # server
+    "$bin/optout" admin --server "$1" status 2>/dev/null | awk '
+        /^version:/ {v = $2} /^filter version:/ {f = $3; fresh = ($4 == "(fresh,")}
+        END {exit !(v != "" && v == f && fresh)}'
+}
+wait_caught_up() { # server
+    for ((i = 0; i < 600; i++)); do caught_up "$1" && return; sleep 0.1; done
+    echo "warning: $1's filter did not catch up with the store within 60 s" >&2
+}

@@ -83,18 +83,8 @@ seed_out=$("$bin/optout-loadtest" seed --server "http://$SERVICE" --count "$COUN
     --baseline-redis-url "$redis_url")
 echo "$seed_out"
 seed_hwm=$(hwm "$service_pid")
-# Until the replica's filter reflects the import (the store's version, and fresh), a "maybe" finds
-# the store ahead of the filter and the check asks the store about every number of the batch: the
-# first workload would measure that catching-up, and the half-peak rates below are taken from it.
-caught_up() { # server
-    "$bin/optout" admin --server "$1" status 2>/dev/null | awk '
-        /^version:/ {v = $2} /^filter version:/ {f = $3; fresh = ($4 == "(fresh,")}
-        END {exit !(v != "" && v == f && fresh)}'
-}
-wait_caught_up() { # server
-    for ((i = 0; i < 600; i++)); do caught_up "$1" && return; sleep 0.1; done
-    echo "warning: $1's filter did not catch up with the store within 60 s of seeding" >&2
-}
+# The first workload, whose rates the half-peak runs below are taken from, must not measure the
+# replica catching up with the seed.
 wait_caught_up "http://$SERVICE"
 emb_seed_out="" emb_seed_hwm=""
 if [ -n "$embedded" ]; then
@@ -139,7 +129,6 @@ batch_seconds=$(awk -F: '/"seconds":/ {gsub(/[ ,]/, "", $2); print $2; exit}' "$
 # The ratio workloads again, alternating service and echo, for the medians; each also measures
 # the CPU the server, Redis and the client spent on it (their user + system ticks from /proc; the
 # client is this loop's child), per number checked, the warm-up counted at the measured rate.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # Ticks of the reaped children of process $1 (the shell running the loop: its clients).
 child_ticks() { awk '{print $16 + $17}' "/proc/$1/stat"; }
 cpu="$work/cpu.txt"

@@ -105,6 +105,13 @@ echo "== the book: mdbook build docs, and its links"
 "$mdbook" build docs
 python3 scripts/check-links.py
 
+# The benchmark scripts are README commands that CI does not run at full size: each must at least
+# parse, and the Redis floors script (no build needed) runs on a few thousand numbers.
+echo "== the bench scripts: each parses, and scripts/redis-floors.py runs on small data"
+for s in scripts/*.sh; do bash -n "$s"; done
+python3 scripts/redis-floors.py reads --numbers 2000 --batches 20 --rounds 1 >/dev/null
+python3 scripts/redis-floors.py staging --numbers 2000 --chunks 500,2000 >/dev/null
+
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
