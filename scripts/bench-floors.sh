@@ -29,11 +29,7 @@ BASE_PORT="${BASE_PORT:-6440}"
 OUT="${OUT:-BENCHMARKS-floors.md}"
 source scripts/bench-lib.sh
 command -v python3 >/dev/null || { echo "python3 is missing (scripts/redis-floors.py needs it)" >&2; exit 1; }
-# Ticks of the reaped children of this script (the clients it ran and waited for, through any
-# command substitution: a subshell's own reaped children count once it is reaped).
-child_ticks() { awk '{print $16 + $17}' "/proc/$$/stat"; }
 tick_ns=$(awk -v t="$(getconf CLK_TCK)" 'BEGIN {print 1e9 / t}')
-until_up() { until "$bin/optout" admin --server "http://$1" status >/dev/null 2>&1; do sleep 0.2; done; }
 
 # name port: a Redis with the persistence the service requires, initialised; its pid in $name_redis.
 redis_store() {
@@ -53,18 +49,18 @@ service_on() {
         --max-message-bytes 67108864 --check-log-dir "$work/$1/check-log" 2>"$work/$1/service.log" &
     pids+=($!)
     eval "${1}_service=$!"
-    until_up "$3"
+    until_up "http://$3"
 }
 
 # label server-pid redis-pid address count: seeds, and prints the CPU per seeded number.
 seed_cpu() {
     local s0 r0=0 c0 out r1=0 t0 t1
-    s0=$(ticks "$2"); [ -n "$3" ] && r0=$(ticks "$3"); c0=$(child_ticks)
+    s0=$(ticks "$2"); [ -n "$3" ] && r0=$(ticks "$3"); c0=$(child_ticks $$)
     t0=$(date +%s.%N)
     out=$("$bin/optout-loadtest" seed --server "http://$4" --count "$5")
     t1=$(date +%s.%N)
     [ -n "$3" ] && r1=$(ticks "$3")
-    awk -v l="$1" -v n="$5" -v s=$(($(ticks "$2") - s0)) -v r=$((r1 - r0)) -v c=$(($(child_ticks) - c0)) \
+    awk -v l="$1" -v n="$5" -v s=$(($(ticks "$2") - s0)) -v r=$((r1 - r0)) -v c=$(($(child_ticks $$) - c0)) \
         -v t="$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" -v k="$tick_ns" 'BEGIN {
         redis = (r > 0 ? sprintf("%.2f us", r * k / n / 1000) : "none")
         printf "| %s | %.0f k/s | %.2f us | %s | %.2f us | %.2f us |\n",
@@ -99,7 +95,7 @@ OPTOUT_LOG=warn "$bin/optout" serve --listen "$EMBEDDED" --data-dir "$work/embed
     --max-message-bytes 67108864 --check-log-dir "$work/embedded-check-log" 2>"$work/embedded.log" &
 embedded_pid=$!
 pids+=($embedded_pid)
-until_up "$EMBEDDED"
+until_up "http://$EMBEDDED"
 seed_cpu "embedded store" "$embedded_pid" "" "$EMBEDDED" "$COUNT" >>"$seeding"
 kill "$embedded_pid"
 wait "$embedded_pid" 2>/dev/null || true
@@ -147,13 +143,12 @@ for cache in 4 "${EMBEDDED_CACHE_MIB:-256}"; do
         --check-log-dir "$work/embedded-check-log" 2>>"$work/embedded.log" &
     embedded_pid=$!
     pids+=($embedded_pid)
-    until_up "$EMBEDDED"
+    until_up "http://$EMBEDDED"
     wait_caught_up "http://$EMBEDDED"
     for ((i = 1; i <= RUNS; i++)); do
         one "embedded store, $cache MiB page cache" "$embedded_pid" "$EMBEDDED" batch "$COUNT" 0.05 "${batch[@]}"
     done
-    awk -v c="$cache" '/^VmRSS:/ {r = $2} /^VmHWM:/ {h = $2}
-        END {printf "| %s MiB | %.0f MiB | %.0f MiB |\n", c, r / 1024, h / 1024}' "/proc/$embedded_pid/status" >>"$embedded_rows"
+    printf '| %s MiB | %s MiB | %s MiB |\n' "$cache" "$(rss "$embedded_pid")" "$(hwm "$embedded_pid")" >>"$embedded_rows"
     kill "$embedded_pid"
     wait "$embedded_pid" 2>/dev/null || true
 done

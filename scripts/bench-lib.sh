@@ -28,8 +28,15 @@ h2load_rps() { # address body requests connections streams-per-connection
         | awk '/^finished in/ {for (i = 1; i <= NF; i++) if ($(i) ~ /req\/s/) {gsub(",", "", $(i-1)); print $(i-1)}}'
 }
 
-# A process's CPU so far: its user + system ticks from /proc.
+# A process's CPU so far: its user + system ticks from /proc; and those of the children it has
+# reaped (a shell's: the clients it ran, through any command substitution once that is reaped).
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+child_ticks() { awk '{print $16 + $17}' "/proc/$1/stat"; }
+# Resident memory of a process now, and its peak so far, in MiB.
+rss() { awk '/^VmRSS:/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+hwm() { awk '/^VmHWM:/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+# Until the service at an address answers.
+until_up() { until "$bin/optout" admin --server "$1" status >/dev/null 2>&1; do sleep 0.2; done; }
 
 # Until a replica's filter reflects the store (the store's version, and fresh), a "maybe" finds
 # the store ahead of the filter and the check asks the store about every number of the batch: a

@@ -69,12 +69,7 @@ if [ "$COVERAGE" = list ]; then
     pids+=($embedded_pid)
     embedded="http://$EMBEDDED"
 fi
-for s in "http://$SERVICE" $embedded; do
-    until "$bin/optout" admin --server "$s" status >/dev/null 2>&1; do sleep 0.2; done
-done
-# Peak resident memory of a process so far, in MiB.
-hwm() { awk '/^VmHWM:/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
-rss() { awk '/^VmRSS:/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+for s in "http://$SERVICE" $embedded; do until_up "$s"; done
 
 base_mem=$(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r')
 national_check=()
@@ -129,8 +124,6 @@ batch_seconds=$(awk -F: '/"seconds":/ {gsub(/[ ,]/, "", $2); print $2; exit}' "$
 # The ratio workloads again, alternating service and echo, for the medians; each also measures
 # the CPU the server, Redis and the client spent on it (their user + system ticks from /proc; the
 # client is this loop's child), per number checked, the warm-up counted at the measured rate.
-# Ticks of the reaped children of process $1 (the shell running the loop: its clients).
-child_ticks() { awk '{print $16 + $17}' "/proc/$1/stat"; }
 cpu="$work/cpu.txt"
 : >"$cpu"
 run_cpu() { # label server-pid mode server-address run-args...
