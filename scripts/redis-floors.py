@@ -9,10 +9,14 @@ targets are measured against. Each figure is redis-server's own CPU (user + syst
                             number, in MULTI/EXEC with a GET, as the service sends them;
              intset-buckets the same buckets as sets of integers, a SISMEMBER a number;
              one-set        every number in one set, one SMISMEMBER a batch;
-             string-keys    a key per number, one MGET a batch.
+             string-keys    a key per number, one MGET a batch;
+             service-meta   no maybe: what the service's own reads in each lookup transaction
+                            (the dataset marker, version, generations, continuity entry) and
+                            its round trip add, spread over the 50 maybes of a batch.
   staging: the CPU of staging one number of an import (a multi-field HSET per bucket, as
            crates/optout-store-redis/src/import.rs sends them, `appendfsync always`) by how many
-           numbers one staging call carries.
+           numbers one staging call carries; then of the import's diff, which reads every
+           bucket back; and the import rate Redis alone would allow at that cost (one core).
 
   python3 scripts/redis-floors.py reads --numbers 5000000
   python3 scripts/redis-floors.py staging --numbers 5000000 --chunks 10000,50000,250000,1000000
@@ -193,6 +197,13 @@ def lookups(layout, numbers, batches, rng):
     for _ in range(batches):
         maybes = [rng.choice(numbers) if rng.random() < 0.9 else rng.randrange(10**9, 10**10)
                   for _ in range(MAYBES)]
+        if layout == "service-meta":
+            # The service's own reads around any layout's: its transaction with the dataset
+            # marker, the version, both generations and the continuity entry, and no maybe.
+            out.append(resp("MULTI") + resp("HGET", "marker", "dataset_id") + resp("GET", "version")
+                       + resp("GET", "gen:1") + resp("GET", "gen:2")
+                       + resp("HGET", "ids", "1764806400000-0") + resp("EXEC"))
+            continue
         cmds = [resp("MULTI"), resp("GET", "version")]
         if layout == "hash-buckets":
             cmds += [resp("HEXISTS", key_of(layout, n), n) for n in maybes]
@@ -216,15 +227,24 @@ def reads(args):
     for layout in args.layouts.split(","):
         r = Redis("--appendonly", "no")
         try:
-            load(r, layout, numbers)
-            check_loaded(r, layout, numbers)
+            if layout == "service-meta":
+                load(r, "hash-buckets", numbers)
+                r.send(resp("HSET", "marker", "dataset_id", "d") + resp("SET", "version", "1-0")
+                       + resp("SET", "gen:1", 1) + resp("SET", "gen:2", 1)
+                       + resp("HSET", "ids", "1764806400000-0", 1))
+            else:
+                load(r, layout, numbers)
+                check_loaded(r, layout, numbers)
             mb = r.used_memory_mb()
             batches = lookups(layout, numbers, args.batches, rng)
             rounds = []
             for _ in range(args.rounds):
                 before = r.cpu()
-                for i in range(0, len(batches), 40):
-                    r.send(b"".join(batches[i:i + 40]))
+                # The service's transactions each in a round trip of its own, as the service's
+                # lookups mostly are; the layouts' 40 to a write, so that only their reads count.
+                per_send = 1 if layout == "service-meta" else 40
+                for i in range(0, len(batches), per_send):
+                    r.send(b"".join(batches[i:i + per_send]))
                 rounds.append((r.cpu() - before) * 1e6 / (args.batches * MAYBES))
         finally:
             r.stop()
@@ -233,11 +253,22 @@ def reads(args):
               f"({', '.join('%.2f' % x for x in rounds)}) |", flush=True)
 
 
+def diff_reads(r, buckets):
+    """The import's diff (crates/optout-store-redis/src/import.rs `diff_group`): per bucket, the
+    current generation's HGETALL, the staged one's HKEYS and the other type's HKEYS, a pipeline a
+    group of 256 buckets. A first seed's current and other generations are empty."""
+    for first in range(0, buckets, 256):
+        r.send(b"".join(
+            resp("HGETALL", f"old:{b}") + resp("HKEYS", f"d:{b}") + resp("HKEYS", f"other:{b}")
+            for b in range(first, min(first + 256, buckets))))
+
+
 def staging(args):
     numbers = numbers_of(args.numbers)
-    print(f"| numbers per staging call | numbers per HSET | Redis CPU per staged number "
+    print(f"| numbers per staging call | numbers per HSET | Redis CPU per number: staging | "
+          f"the diff's reads | both | the rate Redis alone allows "
           f"({args.numbers:,} numbers, `appendfsync always`) |")
-    print("|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for chunk in [int(c) for c in args.chunks.split(",")]:
         r = Redis("--appendonly", "yes", "--appendfsync", "always")
         try:
@@ -253,26 +284,36 @@ def staging(args):
                     resp("HSET", key_of("hash-buckets", ns[0]),
                          *[x for n in ns for x in (n, VALUE)])
                     for ns in by_bucket.values()))
-            spent = r.cpu() - before
+            staged = r.cpu() - before
+            before = r.cpu()
+            diff_reads(r, BUCKETS)
+            diffed = r.cpu() - before
             check_loaded(r, "hash-buckets", numbers)
         finally:
             r.stop()
-        print(f"| {chunk:,} | {len(numbers) / commands:.1f} | **{spent * 1e6 / len(numbers):.2f} us** |",
+        per = [x * 1e6 / len(numbers) for x in (staged, diffed, staged + diffed)]
+        print(f"| {chunk:,} | {len(numbers) / commands:.1f} | **{per[0]:.2f} us** | {per[1]:.2f} us "
+              f"| {per[2]:.2f} us | {f'{1e3 / per[2]:.0f} k/s' if per[2] else 'too fast to time'} |",
               flush=True)
 
 
 def main():
+    global BUCKETS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     rd = sub.add_parser("reads", help="CPU per maybe by key layout")
     rd.add_argument("--numbers", type=int, default=5_000_000)
-    rd.add_argument("--layouts", default="hash-buckets,intset-buckets,one-set,string-keys")
+    rd.add_argument("--layouts",
+                    default="hash-buckets,intset-buckets,one-set,string-keys,service-meta")
     rd.add_argument("--batches", type=int, default=10_000)
+    rd.add_argument("--buckets", type=int, default=BUCKETS,
+                    help="buckets of the hash- and intset-bucket layouts")
     rd.add_argument("--rounds", type=int, default=3)
     st = sub.add_parser("staging", help="CPU per staged number by staging call size")
     st.add_argument("--numbers", type=int, default=5_000_000)
     st.add_argument("--chunks", default="10000,50000,250000,1000000")
     args = p.parse_args()
+    BUCKETS = getattr(args, "buckets", None) or BUCKETS
     if shutil.which("redis-server") is None:
         sys.exit("redis-server is missing: bash scripts/test.sh installs it")
     reads(args) if args.what == "reads" else staging(args)

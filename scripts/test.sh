@@ -109,7 +109,7 @@ python3 scripts/check-links.py
 # parse, and the Redis floors script (no build needed) runs on a few thousand numbers.
 echo "== the bench scripts: each parses, and scripts/redis-floors.py runs on small data"
 for s in scripts/*.sh; do bash -n "$s"; done
-python3 scripts/redis-floors.py reads --numbers 2000 --batches 20 --rounds 1 >/dev/null
+python3 scripts/redis-floors.py reads --numbers 2000 --batches 20 --rounds 1 --buckets 1024 >/dev/null
 python3 scripts/redis-floors.py staging --numbers 2000 --chunks 500,2000 >/dev/null
 
 # One closing line for the whole run, summed over every test binary.
