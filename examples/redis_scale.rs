@@ -113,7 +113,7 @@ async fn main() -> Result<(), Error> {
         )
         .await?;
     for chunk in numbers.chunks(50_000) {
-        import.stage(chunk).await?;
+        import.stage(chunk.to_vec()).await?;
     }
     let staged = started.elapsed();
     let audit_key = optout::core::AuditKey::new(&[7u8; 32])?;

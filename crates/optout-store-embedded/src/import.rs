@@ -15,6 +15,8 @@ pub(super) struct EmbeddedImport {
     pub(super) practice: Option<Practice>,
     pub(super) source: String,
     pub(super) committed: bool,
+    /// A chunk could not be staged: the import can no longer be committed.
+    pub(super) failed: bool,
     /// Set when this import is a national check round trip.
     pub(super) check: Option<NationalCheck>,
 }
@@ -25,11 +27,14 @@ impl ImportSession for EmbeddedImport {
         self.check = Some(check);
     }
 
-    async fn stage(&mut self, numbers: &[NhsNumber]) -> Result<(), StoreError> {
-        let numbers = numbers.to_vec();
+    async fn stage(&mut self, mut numbers: Vec<NhsNumber>) -> Result<(), StoreError> {
+        self.refuse_if_failed()?;
         let name = self.table.clone();
-        self.store
+        let result = self
+            .store
             .blocking(move |inner| {
+                // In key order, each B-tree page is written once per chunk, not once per number.
+                numbers.sort_unstable();
                 let mut txn = inner.db.begin_write().map_err(storage)?;
                 txn.set_durability(Durability::None).map_err(storage)?;
                 {
@@ -42,7 +47,9 @@ impl ImportSession for EmbeddedImport {
                 }
                 txn.commit().map_err(storage)
             })
-            .await
+            .await;
+        self.failed = result.is_err();
+        result
     }
 
     async fn commit(
@@ -50,6 +57,7 @@ impl ImportSession for EmbeddedImport {
         audit: AuditRecord,
         key: &AuditKey,
     ) -> Result<ImportOutcome, StoreError> {
+        self.refuse_if_failed()?;
         let name = self.table.clone();
         let key = key.clone();
         let mut audit = audit;
@@ -141,6 +149,20 @@ impl ImportSession for EmbeddedImport {
         // Whether it applied or failed, the staging table is gone or will be removed below.
         self.committed = outcome.is_ok();
         outcome
+    }
+}
+
+impl EmbeddedImport {
+    /// Once a chunk has failed, every later chunk and the commit fail too: the staged set lacks
+    /// numbers, and a REPLACE applied without them would remove their opt-outs.
+    fn refuse_if_failed(&self) -> Result<(), StoreError> {
+        if self.failed {
+            return Err(StoreError::Unavailable(
+                "part of this import could not be staged; nothing was applied, send it again"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -402,6 +402,7 @@ impl Writes for EmbeddedStore {
             practice: practice.cloned(),
             source: source.to_string(),
             committed: false,
+            failed: false,
             check: None,
         }))
     }

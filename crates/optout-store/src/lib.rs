@@ -489,8 +489,10 @@ pub struct NationalCheck {
 /// A bulk import under way. Dropping it without commit changes nothing.
 #[async_trait]
 pub trait ImportSession: Send {
-    /// Stages valid numbers (duplicates are fine).
-    async fn stage(&mut self, numbers: &[NhsNumber]) -> Result<(), StoreError>;
+    /// Stages valid numbers (duplicates are fine), in any order: the session may reorder them in
+    /// place. A store may write them in the background: a failure then surfaces at the next call.
+    /// Once a call has failed, every later one fails, commit included.
+    async fn stage(&mut self, numbers: Vec<NhsNumber>) -> Result<(), StoreError>;
 
     /// Makes this import a national check round trip (a REPLACE of national opt-outs on a store
     /// in population mode): the population the check was sent for, recorded with the opt-outs

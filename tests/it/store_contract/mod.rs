@@ -77,6 +77,11 @@ trait Backend: Send + Sync {
     async fn set_generation(&self, _fresh: &Fresh, _value: &str) -> bool {
         false
     }
+    /// Makes every node refuse writes (out of memory) from outside, or accept them again;
+    /// `false` if this backend cannot.
+    async fn refuse_writes(&self, _refuse: bool) -> bool {
+        false
+    }
     /// What a publish of a snapshot left behind in the store beside the snapshot itself: keys it
     /// staged and still there, and whether the snapshot expires; `None` if this backend stages
     /// nothing.
@@ -212,6 +217,25 @@ impl Backend for OnRedis {
 
     async fn set_generation(&self, fresh: &Fresh, value: &str) -> bool {
         self.set_meta(fresh, "gen:1", value).await
+    }
+
+    async fn refuse_writes(&self, refuse: bool) -> bool {
+        // A byte of memory allowed: with no eviction, every write is refused (OOM), reads not.
+        for url in &self.urls {
+            let client = redis::Client::open(url.as_str()).expect("client");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory")
+                .arg(if refuse { "1" } else { "0" })
+                .query_async(&mut conn)
+                .await
+                .expect("CONFIG SET maxmemory");
+        }
+        true
     }
 
     async fn roll_back(&self, fresh: &Fresh) -> bool {
@@ -382,5 +406,6 @@ contract!(
     rollback_is_reported,
     lost_history_is_reported,
     a_change_during_an_import_is_refused_as_busy,
+    a_chunk_that_fails_to_stage_fails_the_import,
     generations,
 );
