@@ -112,7 +112,7 @@ async fn main() -> Result<(), Error> {
             "scale-run.csv",
         )
         .await?;
-    for chunk in numbers.chunks(50_000) {
+    for chunk in numbers.chunks(1_000_000) {
         import.stage(chunk.to_vec()).await?;
     }
     let staged = started.elapsed();

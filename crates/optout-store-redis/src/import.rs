@@ -241,15 +241,15 @@ impl Stager {
             in_pipes += group.len();
             if in_pipes >= PIECE {
                 let piece = std::mem::replace(&mut pipes, new_pieces(shards));
-                if let Some(previous) = in_flight.replace(self.send(piece)) {
-                    if let Err(e) = joined(previous.await) {
-                        // Nothing of the chunk is left writing once it has failed: an abandoned
-                        // import's generation is unlinked after its chunk's task ends.
-                        if let Some(next) = in_flight.take() {
-                            let _ = next.await;
-                        }
-                        return Err(e);
+                if let Some(previous) = in_flight.replace(self.send(piece))
+                    && let Err(e) = joined(previous.await)
+                {
+                    // Nothing of the chunk is left writing once it has failed: an abandoned
+                    // import's generation is unlinked after its chunk's task ends.
+                    if let Some(next) = in_flight.take() {
+                        let _ = next.await;
                     }
+                    return Err(e);
                 }
                 in_pipes = 0;
             }
