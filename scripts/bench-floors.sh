@@ -236,7 +236,7 @@ staging=$(python3 scripts/redis-floors.py staging --numbers "$COUNT")
     echo "$reads_small" | sed "s/^| \([a-z-]*\) |/| \1, $SMALL numbers |/"
     echo "$reads_buckets" | sed "s/^| \([a-z-]*\) |/| \1, 1,048,576 buckets |/"
     echo
-    echo "## Redis alone: staging an import by numbers per staging call (\`scripts/redis-floors.py staging\`)"
+    echo "## Redis alone: staging an import by numbers per staging call, in MULTI/EXEC pieces of 4,096 numbers as the service sends them (\`scripts/redis-floors.py staging\`)"
     echo
     echo "$staging"
     echo

@@ -13,9 +13,9 @@ targets are measured against. Each figure is redis-server's own CPU (user + syst
              service-meta   no maybe: what the service's own reads in each lookup transaction
                             (the dataset marker, version, generations, continuity entry) and
                             its round trip add, spread over the 50 maybes of a batch.
-  staging: the CPU of staging one number of an import (a multi-field HSET per bucket, as
-           crates/optout-store-redis/src/import.rs sends them, `appendfsync always`) by how many
-           numbers one staging call carries; then of the import's diff, which reads every
+  staging: the CPU of staging one number of an import (a multi-field HSET per bucket, in
+           MULTI/EXEC pieces of --piece numbers, as crates/optout-store-redis/src/import.rs
+           sends them, `appendfsync always`) by how many numbers one staging call carries; then of the import's diff, which reads every
            bucket back; and the import rate Redis alone would allow at that cost (one core).
 
   python3 scripts/redis-floors.py reads --numbers 5000000
@@ -279,11 +279,22 @@ def staging(args):
                 for n in numbers[i:i + chunk]:
                     by_bucket.setdefault(n % BUCKETS, []).append(n)
                 commands += len(by_bucket)
-                # One multi-field HSET a bucket (every number of `ns` shares its key).
-                r.send(b"".join(
-                    resp("HSET", key_of("hash-buckets", ns[0]),
-                         *[x for n in ns for x in (n, VALUE)])
-                    for ns in by_bucket.values()))
+                # One multi-field HSET a bucket (every number of `ns` shares its key), in
+                # MULTI/EXEC pieces of about `--piece` numbers as the service sends them (0: a
+                # plain pipeline).
+                out, in_piece = [], 0
+                for ns in by_bucket.values():
+                    if args.piece and in_piece == 0:
+                        out.append(resp("MULTI"))
+                    out.append(resp("HSET", key_of("hash-buckets", ns[0]),
+                                    *[x for n in ns for x in (n, VALUE)]))
+                    in_piece += len(ns)
+                    if args.piece and in_piece >= args.piece:
+                        out.append(resp("EXEC"))
+                        in_piece = 0
+                if args.piece and in_piece:
+                    out.append(resp("EXEC"))
+                r.send(b"".join(out))
             staged = r.cpu() - before
             before = r.cpu()
             diff_reads(r, BUCKETS)
@@ -312,6 +323,8 @@ def main():
     st = sub.add_parser("staging", help="CPU per staged number by staging call size")
     st.add_argument("--numbers", type=int, default=5_000_000)
     st.add_argument("--chunks", default="10000,50000,250000,1000000")
+    st.add_argument("--piece", type=int, default=4096,
+                    help="numbers per MULTI/EXEC, as the service stages (0: a plain pipeline)")
     args = p.parse_args()
     BUCKETS = getattr(args, "buckets", None) or BUCKETS
     if shutil.which("redis-server") is None:
