@@ -1,7 +1,7 @@
 //! Imports staged in their own table, applied in one durable transaction.
 
 use super::*;
-use crate::store::{ImportTally, NationalCheck, import_allowed};
+use crate::store::{ImportTally, NationalCheck, import_allowed, refuse_after_failed_stage};
 
 /// An import staged in its own table. Staging commits are not fsynced (`Durability::None`): a
 /// crash loses the staging table, which is what an interrupted import should do anyway. The final
@@ -28,7 +28,7 @@ impl ImportSession for EmbeddedImport {
     }
 
     async fn stage(&mut self, mut numbers: Vec<NhsNumber>) -> Result<(), StoreError> {
-        self.refuse_if_failed()?;
+        refuse_after_failed_stage(self.failed)?;
         let name = self.table.clone();
         let result = self
             .store
@@ -57,7 +57,7 @@ impl ImportSession for EmbeddedImport {
         audit: AuditRecord,
         key: &AuditKey,
     ) -> Result<ImportOutcome, StoreError> {
-        self.refuse_if_failed()?;
+        refuse_after_failed_stage(self.failed)?;
         let name = self.table.clone();
         let key = key.clone();
         let mut audit = audit;
@@ -149,20 +149,6 @@ impl ImportSession for EmbeddedImport {
         // Whether it applied or failed, the staging table is gone or will be removed below.
         self.committed = outcome.is_ok();
         outcome
-    }
-}
-
-impl EmbeddedImport {
-    /// Once a chunk has failed, every later chunk and the commit fail too: the staged set lacks
-    /// numbers, and a REPLACE applied without them would remove their opt-outs.
-    fn refuse_if_failed(&self) -> Result<(), StoreError> {
-        if self.failed {
-            return Err(StoreError::Unavailable(
-                "part of this import could not be staged; nothing was applied, send it again"
-                    .into(),
-            ));
-        }
-        Ok(())
     }
 }
 

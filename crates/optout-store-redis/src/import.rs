@@ -17,7 +17,7 @@ use crate::{
     core::{AuditKey, AuditRecord, NhsNumber, OptOutType, Practice, Version},
     store::{
         ImportMode, ImportOutcome, ImportSession, ImportTally, NationalCheck, StoreError,
-        import_allowed, now_ms, random_hex,
+        import_allowed, now_ms, random_hex, refuse_after_failed_stage,
     },
 };
 
@@ -372,15 +372,9 @@ impl ImportSession for RedisImport {
 
 impl RedisImport {
     /// Waits for the chunk being staged. Once a chunk has failed, every later chunk and the
-    /// commit fail too: the staged set lacks numbers, and a REPLACE applied without them would
-    /// remove their opt-outs.
+    /// commit fail too.
     async fn settle(&mut self) -> Result<(), StoreError> {
-        if self.failed {
-            return Err(StoreError::Unavailable(
-                "part of this import could not be staged; nothing was applied, send it again"
-                    .into(),
-            ));
-        }
+        refuse_after_failed_stage(self.failed)?;
         let result = match self.in_flight.take() {
             None => Ok(()),
             Some(h) => joined(h.await),

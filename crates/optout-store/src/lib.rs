@@ -25,7 +25,9 @@ use crate::core::{
     coverage::{Coverage, CoverageMode, Population},
 };
 pub use roles::Roles;
-pub use rules::{check_not_older, import_allowed, practice_ok, refuse_empty_replace};
+pub use rules::{
+    check_not_older, import_allowed, practice_ok, refuse_after_failed_stage, refuse_empty_replace,
+};
 
 /// What can go wrong in a store. Every variant turns into WITHHOLD on the check path. Each
 /// carries a [`Cause`]: what to tell the caller, and the redis or redb error underneath (its

@@ -87,6 +87,17 @@ pub fn refuse_empty_replace(
     Ok(())
 }
 
+/// Refuses every call of an import after one of its chunks failed to stage (`failed`): the
+/// staged set lacks numbers, and a REPLACE applied without them would remove their opt-outs.
+pub fn refuse_after_failed_stage(failed: bool) -> Result<(), StoreError> {
+    if failed {
+        return Err(StoreError::Unavailable(
+            "part of this import could not be staged; nothing was applied, send it again".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses a national check older than the one in force (`in_force_ms`, the national list's
 /// date), unless the admin said why: re-importing an old reply would move the list back in time
 /// and clear its expiry. Called under the national type's import lock, so no other check can be
