@@ -151,14 +151,9 @@ for cache in ${EMBEDDED_CACHES:-4 12 20 256}; do
         one "embedded store, $cache MiB page cache" "$embedded_pid" "$EMBEDDED" batch "$COUNT" 0.05 "${batch[@]}"
     done
     # The median of this cache's rows over the Redis topology's (5% opted out, the same workload).
-    against=$(awk -F'|' -v e="embedded store, $cache MiB page cache" -v r="service, $COUNT opt-outs, 5% opted out" '
-        function median(a, k,    i, j, t) {
-            for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] < a[i]) {t = a[i]; a[i] = a[j]; a[j] = t}
-            return a[int((k + 1) / 2)]
-        }
-        $1 == "batch" && $2 == e {x[++m] = $3}
-        $1 == "batch" && $2 == r {y[++n] = $3}
-        END {if (m && n) printf "%.1f / %.1f ns = %.2fx", median(x, m), median(y, n), median(x, m) / median(y, n)}' "$cpu")
+    e=$(awk -F'|' -v l="embedded store, $cache MiB page cache" '$1 == "batch" && $2 == l {print $3}' "$cpu" | median)
+    r=$(awk -F'|' -v l="service, $COUNT opt-outs, 5% opted out" '$1 == "batch" && $2 == l {print $3}' "$cpu" | median)
+    against=$(awk -v e="$e" -v r="$r" 'BEGIN {if (e && r) printf "%.1f / %.1f ns = %.2fx", e, r, e / r}')
     printf '| %s MiB | %s | %s MiB | %s MiB |\n' "$cache" "$against" "$(rss "$embedded_pid")" "$(hwm "$embedded_pid")" >>"$embedded_rows"
     kill "$embedded_pid"
     wait "$embedded_pid" 2>/dev/null || true

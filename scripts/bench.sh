@@ -37,7 +37,6 @@ fi
 # The population's clean numbers (all of them in list mode), for every loadtest command.
 pool=(--checked-pool "$POOL")
 source scripts/bench-lib.sh
-median() { sort -n | awk '{v[NR] = $1} END {if (NR) print v[int((NR + 1) / 2)]}'; }
 
 # Persistence as the service requires of a single Redis: every acknowledged write fsynced.
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync always --dir "$work" \
