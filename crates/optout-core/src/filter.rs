@@ -8,7 +8,7 @@
 //!
 //! The implementation is a cache-line-blocked bloom filter, chosen by measurement (`cargo bench
 //! --bench filter_choice`, 5 M opt-outs; `docs/src/performance.md`, "Which bloom filter"): a
-//! number's keyed SipHash-1-3 picks one 64-byte block (one cache line), and sets one bit in each of
+//! number's keyed rapidhash v3 picks one 64-byte block (one cache line), and sets one bit in each of
 //! its eight 64-bit words, the words' bits chosen by the split-block scheme of Parquet's bloom
 //! filter (its eight odd salts). A lookup reads one cache line, which the check path prefetches a
 //! few numbers ahead; `fastbloom` (before) probed ten lines anywhere in the array, stopping at the
@@ -19,9 +19,7 @@
 //!
 //! Pure: no I/O. A snapshot is bytes in, bytes out, so any store can keep it.
 
-use std::hash::Hasher;
-
-use siphasher::sip::SipHasher13;
+use rapidhash::v3::{RapidSecrets, rapidhash_v3_seeded};
 
 use super::{NhsNumber, Version};
 
@@ -167,8 +165,8 @@ pub struct Probe(u64);
 /// A bloom filter generation of opted-out NHS numbers.
 pub struct OptOutFilter {
     blocks: Blocks,
-    /// The keyed SipHash-1-3 of numbers (its key: `seed`).
-    hasher: SipHasher13,
+    /// The key of rapidhash v3 on numbers, derived from `seed`.
+    secrets: RapidSecrets,
     /// The key of the hash (kept for snapshots).
     seed: u128,
     capacity: u64,
@@ -216,9 +214,11 @@ pub struct FilterStats {
 }
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"OOFS";
-/// 1: the `bloomfilter` crate's bytes; 2: `fastbloom`'s words; 3: the blocked layout's words. A
-/// replica meeting another format rebuilds from a scan; it never reads one format as the other.
-const SNAPSHOT_FORMAT: u8 = 3;
+/// 1: the `bloomfilter` crate's bytes; 2: `fastbloom`'s words; 3: the blocked layout's words
+/// under SipHash-1-3; 4: the same layout under rapidhash v3. A replica meeting another format
+/// rebuilds from a scan; it never reads one format as the other (the bits of one hash read under
+/// another would answer "absent" for opted-out numbers).
+const SNAPSHOT_FORMAT: u8 = 4;
 /// Magic, format, six header words, the seed, the hash count, the word count.
 const SNAPSHOT_HEADER: usize = 4 + 1 + 8 * 6 + 16 + 4 + 8;
 
@@ -245,7 +245,7 @@ impl OptOutFilter {
         let seed = u128::from_le_bytes(key);
         Ok(OptOutFilter {
             blocks: Blocks::zeroed(blocks_for(capacity, target_fp_rate)),
-            hasher: SipHasher13::new_with_key(&key),
+            secrets: secrets_of(seed),
             seed,
             capacity,
             target_fp_rate,
@@ -282,9 +282,10 @@ impl OptOutFilter {
     /// load when computed twice). Valid for this filter only: another generation has another seed.
     #[inline]
     pub fn probe(&self, n: NhsNumber) -> Probe {
-        let mut h = self.hasher;
-        h.write_u64(n.as_u64());
-        Probe(h.finish())
+        Probe(rapidhash_v3_seeded(
+            &n.as_u64().to_le_bytes(),
+            &self.secrets,
+        ))
     }
 
     /// [`OptOutFilter::may_contain`] of the number `probe` was computed for, on this filter.
@@ -446,7 +447,7 @@ impl OptOutFilter {
         Ok((
             OptOutFilter {
                 blocks,
-                hasher: SipHasher13::new_with_key(&seed.to_le_bytes()),
+                secrets: secrets_of(seed),
                 seed,
                 capacity,
                 target_fp_rate,
@@ -456,6 +457,13 @@ impl OptOutFilter {
             version,
         ))
     }
+}
+
+/// rapidhash v3's key from a filter's 128-bit seed: its two halves folded into the 64-bit seed
+/// the crate derives its seven secrets from (`RapidSecrets::seed`; a test pins the hashes it
+/// gives, so a change of that derivation cannot pass unseen).
+fn secrets_of(seed: u128) -> RapidSecrets {
+    RapidSecrets::seed((seed as u64) ^ ((seed >> 64) as u64))
 }
 
 /// Eight little-endian bytes as a word.
@@ -513,7 +521,7 @@ mod tests {
             }
             f.prefetch(n);
             assert!(f.may_contain(n));
-            // After a snapshot round trip, which rebuilds the hasher from the stored seed.
+            // After a snapshot round trip, which derives the hash's key from the stored seed again.
             let (back, _) = OptOutFilter::from_snapshot(&f.to_snapshot(Version::ZERO)).expect("ok");
             assert_eq!(back.probe(n), f.probe(n));
             assert!(back.may_contain(n));
@@ -601,6 +609,12 @@ mod tests {
         }
     }
 
+    const PINNED_PROBES: [u64; 3] = [
+        0x5b0b_e4d6_adc0_6577,
+        0x6894_c31f_9803_c7c1,
+        0xc241_1d4a_bee3_2427,
+    ];
+
     fn valid_numbers(from: u64, count: usize) -> Vec<NhsNumber> {
         (from..).filter_map(nhs).take(count).collect()
     }
@@ -643,10 +657,52 @@ mod tests {
         assert!(matches!(
             OptOutFilter::from_snapshot(&bytes),
             Err(FilterError::SnapshotFormat {
-                expected: 3,
+                expected: SNAPSHOT_FORMAT,
                 got: 1
             })
         ));
+    }
+
+    /// A snapshot the last format wrote (`testdata/filter-format-3.snapshot`: seed `[7; 32]`, the
+    /// first 200 valid numbers from 4000000000 inserted, under SipHash-1-3) is refused, or read
+    /// as a filter that still answers "maybe" for every number it holds. A change of the hash or
+    /// the layout without a new format number would read its bits under the new hash and answer
+    /// "absent" for opted-out numbers: released.
+    #[test]
+    fn a_snapshot_of_the_last_format_is_refused_or_still_holds_its_numbers() {
+        let bytes = include_bytes!("../testdata/filter-format-3.snapshot");
+        let held: Vec<NhsNumber> = valid_numbers(4_000_000_000, 200);
+        match OptOutFilter::from_snapshot(bytes) {
+            Err(FilterError::SnapshotFormat { got: 3, .. }) => {}
+            Err(e) => panic!("refused for another reason than its format: {e}"),
+            Ok((f, _)) => {
+                let lost: Vec<u64> = held
+                    .iter()
+                    .filter(|n| !f.may_contain(**n))
+                    .map(|n| n.as_u64())
+                    .collect();
+                assert!(
+                    lost.is_empty(),
+                    "a format-3 snapshot was read and answers absent for {} of its 200 numbers \
+                     (first {:?}): raise SNAPSHOT_FORMAT with the hash",
+                    lost.len(),
+                    lost.first()
+                );
+            }
+        }
+    }
+
+    /// The hash is part of the snapshot format: the same seed and number give the same probe in
+    /// every build, so a crate update that changed rapidhash v3 or its key derivation fails here
+    /// instead of misreading format-4 snapshots (whose numbers would then answer "absent").
+    #[test]
+    fn the_hash_of_a_number_under_a_seed_is_pinned() {
+        let f = OptOutFilter::with_seed(1024, 0.01, 1, [7u8; 32]).expect("valid");
+        let probes: Vec<u64> = valid_numbers(4_000_000_000, 3)
+            .into_iter()
+            .map(|n| f.probe(n).0)
+            .collect();
+        assert_eq!(probes, PINNED_PROBES, "{probes:#018x?}");
     }
 
     #[test]
