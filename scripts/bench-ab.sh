@@ -9,8 +9,9 @@
 #   MODE=single bash scripts/bench-ab.sh ...           # one number a request
 #
 # Each line: the label, the server's user + system CPU per number checked (from /proc, warm-up
-# included in both the CPU and the count), and the rate. The first build seeds the store. Not
-# part of CI (minutes of CPU); everything listens on 127.0.0.1 and is stopped at the end.
+# included in both the CPU and the count), and the rate. The first build seeds the store, which
+# the current release build's init-store made. Not part of CI (minutes of CPU); everything
+# listens on 127.0.0.1 and is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,10 +29,7 @@ ECHO="127.0.0.1:${ECHO_PORT:-50262}"
 }
 source scripts/bench-lib.sh
 
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes \
-    --appendfsync always --dir "$work" --logfile "$work/redis.log" --daemonize no &
-pids+=($!)
-until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
+redis_store ab "$REDIS_PORT"
 redis_url="redis://127.0.0.1:$REDIS_PORT"
 
 serve() { # optout-binary; sets server_pid
@@ -45,9 +43,7 @@ serve() { # optout-binary; sets server_pid
 }
 stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
 
-first="${1#*=}"
-"$first" init-store --redis-url "$redis_url" --national-coverage list >/dev/null
-serve "$first"
+serve "${1#*=}"
 "$bin/optout-loadtest" seed --server "http://$SERVICE" --count "$COUNT" >/dev/null
 stop "$server_pid"
 OPTOUT_LOG=warn "$bin/optout-loadtest" echo-server --listen "$ECHO" 2>"$work/echo.log" &

@@ -32,16 +32,6 @@ source scripts/bench-lib.sh
 command -v python3 >/dev/null || { echo "python3 is missing (scripts/redis-floors.py needs it)" >&2; exit 1; }
 tick_ns=$(awk -v t="$(getconf CLK_TCK)" 'BEGIN {print 1e9 / t}')
 
-# name port: a Redis with the persistence the service requires, initialised; its pid in $name_redis.
-redis_store() {
-    mkdir -p "$work/$1"
-    redis-server --port "$2" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync always \
-        --dir "$work/$1" --logfile "$work/$1/redis.log" --daemonize no &
-    pids+=($!)
-    eval "${1}_redis=$!"
-    until redis-cli -p "$2" ping >/dev/null 2>&1; do sleep 0.1; done
-    "$bin/optout" init-store --redis-url "redis://127.0.0.1:$2" --national-coverage list >/dev/null
-}
 # name redis-port address filter-capacity: a service on that Redis; its pid in $name_service.
 service_on() {
     mkdir -p "$work/$1"

@@ -38,6 +38,16 @@ child_ticks() { awk '{print $16 + $17}' "/proc/$1/stat"; }
 # Resident memory of a process now, and its peak so far, in MiB.
 rss() { awk '/^VmRSS:/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
 hwm() { awk '/^VmHWM:/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+# name port: a Redis with the persistence the service requires, initialised; its pid in $name_redis.
+redis_store() {
+    mkdir -p "$work/$1"
+    redis-server --port "$2" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync always \
+        --dir "$work/$1" --logfile "$work/$1/redis.log" --daemonize no &
+    pids+=($!)
+    eval "${1}_redis=$!"
+    until redis-cli -p "$2" ping >/dev/null 2>&1; do sleep 0.1; done
+    "$bin/optout" init-store --redis-url "redis://127.0.0.1:$2" --national-coverage list >/dev/null
+}
 # Until the service at an address answers.
 until_up() { until "$bin/optout" admin --server "$1" status >/dev/null 2>&1; do sleep 0.2; done; }
 

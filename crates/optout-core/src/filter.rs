@@ -609,12 +609,6 @@ mod tests {
         }
     }
 
-    const PINNED_PROBES: [u64; 3] = [
-        0x5b0b_e4d6_adc0_6577,
-        0x6894_c31f_9803_c7c1,
-        0xc241_1d4a_bee3_2427,
-    ];
-
     fn valid_numbers(from: u64, count: usize) -> Vec<NhsNumber> {
         (from..).filter_map(nhs).take(count).collect()
     }
@@ -697,6 +691,11 @@ mod tests {
     /// instead of misreading format-4 snapshots (whose numbers would then answer "absent").
     #[test]
     fn the_hash_of_a_number_under_a_seed_is_pinned() {
+        const PINNED_PROBES: [u64; 3] = [
+            0x5b0b_e4d6_adc0_6577,
+            0x6894_c31f_9803_c7c1,
+            0xc241_1d4a_bee3_2427,
+        ];
         let f = OptOutFilter::with_seed(1024, 0.01, 1, [7u8; 32]).expect("valid");
         let probes: Vec<u64> = valid_numbers(4_000_000_000, 3)
             .into_iter()
