@@ -7,9 +7,12 @@
 #   bash scripts/bench-ab.sh before=/tmp/optout-before after=target/release/optout
 #   COUNT=10000 SHARE=0 bash scripts/bench-ab.sh ...   # the filter in cache, nothing from Redis
 #   MODE=single bash scripts/bench-ab.sh ...           # one number a request
+#   SHARE="0 0.05" bash scripts/bench-ab.sh ...        # each build at each share, same rounds
 #
-# Each line: the label, the server's user + system CPU per number checked (from /proc, warm-up
-# included in both the CPU and the count), and the rate. The first build seeds the store, which
+# Each line: the label (with "@share" when SHARE lists more than one), the server's user + system
+# CPU per number checked (from /proc, warm-up included in both the CPU and the count), Redis's
+# CPU per number over the same seconds, and the rate. At the end, the medians of each, and of each
+# build's ratio to the echo of its own round. The first build seeds the store, which
 # the current release build's init-store made. Not part of CI (minutes of CPU); everything
 # listens on 127.0.0.1 and is stopped at the end.
 set -euo pipefail
@@ -55,25 +58,39 @@ if [ "$MODE" = batch ]; then
 else
     shape=(--mode single --concurrency 64 --connections 4)
 fi
-measure() { # label pid address
-    local t0 line rate
+measure() { # label pid address share
+    local t0 r0 line rate
     t0=$(ticks "$2")
+    r0=$(ticks "$ab_redis")
     line=$("$bin/optout-loadtest" run --server "http://$3" --count "$COUNT" "${shape[@]}" \
-        --opted-share "$SHARE" --duration "$SECONDS_EACH" --warmup 1 --no-leak-check | tail -1)
+        --opted-share "$4" --duration "$SECONDS_EACH" --warmup 1 --no-leak-check | tail -1)
     rate=$(grep -o '[0-9]* numbers/s' <<<"$line" | awk '{print $1}')
-    awk -v l="$1" -v t=$(($(ticks "$2") - t0)) -v n="$rate" -v d="$SECONDS_EACH" \
-        -v hz="$(getconf CLK_TCK)" \
-        'BEGIN {printf "%s %.1f ns a number (%d numbers/s)\n", l, t / hz * 1e9 / (n * (d + 1)), n}'
+    awk -v l="$1" -v t=$(($(ticks "$2") - t0)) -v r=$(($(ticks "$ab_redis") - r0)) -v n="$rate" \
+        -v d="$SECONDS_EACH" -v hz="$(getconf CLK_TCK)" \
+        'BEGIN {k = 1e9 / hz / (n * (d + 1))
+            printf "%s %.1f ns a number, Redis %.1f ns (%d numbers/s)\n", l, t * k, r * k, n}'
 }
+read -ra shares <<<"$SHARE"
 for ((r = 1; r <= ROUNDS; r++)); do
     for build in "$@"; do
         serve "${build#*=}"
-        measure "${build%%=*}" "$server_pid" "$SERVICE" | tee -a "$work/rounds.txt"
+        for share in "${shares[@]}"; do
+            label="${build%%=*}"
+            [ ${#shares[@]} -eq 1 ] || label="$label@$share"
+            measure "$label" "$server_pid" "$SERVICE" "$share" | tee -a "$work/round.txt"
+        done
         stop "$server_pid"
     done
-    measure echo "$echo_pid" "$ECHO" | tee -a "$work/rounds.txt"
+    measure echo "$echo_pid" "$ECHO" 0 | tee -a "$work/round.txt"
+    # Each line of the round with its ratio to this round's echo.
+    awk 'NR == FNR {if ($1 == "echo") e = $2; next} {print $0, $2 / e}' \
+        "$work/round.txt" "$work/round.txt" >>"$work/rounds.txt"
+    rm "$work/round.txt"
 done
 echo "medians:"
 for label in $(awk '{print $1}' "$work/rounds.txt" | sort -u); do
-    printf '%s %s ns\n' "$label" "$(grep "^$label " "$work/rounds.txt" | awk '{print $2}' | median)"
+    printf '%s %s ns, Redis %s ns, %.2fx the echo\n' "$label" \
+        "$(grep "^$label " "$work/rounds.txt" | awk '{print $2}' | median)" \
+        "$(grep "^$label " "$work/rounds.txt" | awk '{print $7}' | median)" \
+        "$(grep "^$label " "$work/rounds.txt" | awk '{print $NF}' | median)"
 done
