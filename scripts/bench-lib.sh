@@ -28,8 +28,11 @@ h2load_rps() { # address body requests connections streams-per-connection
         | awk '/^finished in/ {for (i = 1; i <= NF; i++) if ($(i) ~ /req\/s/) {gsub(",", "", $(i-1)); print $(i-1)}}'
 }
 
-# The median of the numbers on stdin, one a line.
-median() { sort -n | awk '{v[NR] = $1} END {if (NR) print v[int((NR + 1) / 2)]}'; }
+# The median of the numbers on stdin, one a line (of an even count, the mean of the middle two,
+# not the lower: bench-ab.sh's four rounds would otherwise report their second best).
+median() {
+    sort -g | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else if (NR) print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
 
 # A process's CPU so far: its user + system ticks from /proc; and those of the children it has
 # reaped (a shell's: the clients it ran, through any command substitution once that is reaped).
