@@ -31,6 +31,14 @@ fn parse(c: &mut Criterion) {
             }
         })
     });
+    // The server's path: the bytes as received.
+    g.bench_function("ten_digits_bytes", |b| {
+        b.iter(|| {
+            for s in &plain {
+                let _ = black_box(NhsNumber::parse_bytes(black_box(s.as_bytes())));
+            }
+        })
+    });
     g.bench_function("spaced_3_3_4", |b| {
         b.iter(|| {
             for s in &spaced {
