@@ -1002,24 +1002,21 @@ async fn an_import_cut_off_while_its_swap_waits_does_not_unlink_the_list_it_swap
     merge(None).await.expect("the first import");
     let mut hit = false;
     for _attempt in 0..6 {
-        let staged: i64 = conn.get("optout:gennext:1").await.expect("gennext");
-        let staged = staged + 1;
         // Watches Redis execute commands (MONITOR) and pauses its writes right after the
         // comparison's first write (the carried records, after the lock was taken): the swap,
-        // a few milliseconds of reads later, then waits.
+        // a few milliseconds of reads later, then waits. The generation written is the staged one.
         let watcher = {
             let port = redis.port;
-            let prefix = format!("\"optout:d:1:{staged}:");
-            std::thread::spawn(move || pause_after_first_carry(port, &prefix))
+            std::thread::spawn(move || pause_after_first_carry(port, "\"optout:d:1:"))
         };
         let cut = tokio::spawn(merge(Some(Duration::from_millis(1_500))));
-        tokio::task::spawn_blocking(move || watcher.join())
+        let staged = tokio::task::spawn_blocking(move || watcher.join())
             .await
             .expect("join")
             .expect("watcher");
         let outcome = cut.await.expect("task");
         tokio::time::sleep(Duration::from_millis(3_500)).await;
-        let current: i64 = conn.get("optout:gen:1").await.expect("gen:1");
+        let current: String = conn.get("optout:gen:1").await.expect("gen:1");
         if outcome.is_err() && current == staged {
             hit = true;
             // The list swapped in must still hold every number, in the store and in checks.
@@ -1048,9 +1045,9 @@ async fn an_import_cut_off_while_its_swap_waits_does_not_unlink_the_list_it_swap
 }
 
 /// On Redis at `port`: waits (MONITOR) for the lock of an import to be taken, then for the first
-/// write to a key starting `prefix` (quoted, as MONITOR prints it), and pauses Redis's writes for
-/// 3 s at once.
-fn pause_after_first_carry(port: u16, prefix: &str) {
+/// write to a key starting `prefix` (quoted, as MONITOR prints it: `"optout:d:1:`), pauses Redis's
+/// writes for 3 s at once, and returns the generation of the key written.
+fn pause_after_first_carry(port: u16, prefix: &str) -> String {
     use std::io::{BufRead, BufReader, Write};
     let mut pauser = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let mut monitor = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -1063,11 +1060,14 @@ fn pause_after_first_carry(port: u16, prefix: &str) {
     while let Some(Ok(line)) = lines.next() {
         if line.contains("\"SET\" \"optout:lock:1\"") {
             locked = true;
-        } else if locked && line.contains("\"HSET\" ") && line.contains(prefix) {
+        } else if locked
+            && line.contains("\"HSET\" ")
+            && let Some((_, key)) = line.split_once(prefix)
+        {
             pauser
                 .write_all(b"CLIENT PAUSE 3000 WRITE\r\n")
                 .expect("CLIENT PAUSE");
-            return;
+            return key.split(':').next().unwrap_or_default().to_string();
         }
     }
     panic!("no import took its lock and carried records within 10 s");

@@ -40,11 +40,7 @@ impl RedisStore {
         source: &str,
     ) -> Result<Box<dyn ImportSession>, StoreError> {
         let bound = self.bound()?;
-        let mut conn = self.write_conn();
-        let generation: u64 = conn
-            .incr(self.key(&format!("gennext:{}", type_code(opt_out))), 1)
-            .await
-            .map_err(store_error)?;
+        let generation = new_generation();
         let source_id = self.source_id(source).await?;
         Ok(Box::new(RedisImport {
             store: self.clone(),
@@ -57,6 +53,7 @@ impl RedisStore {
                 None => format!("{},{source_id}", now_ms()),
             },
             practice: practice.cloned(),
+            staged: 0,
             committed: false,
             check: None,
             in_flight: None,
@@ -146,6 +143,22 @@ impl RedisStore {
     }
 }
 
+/// A new generation for an import to stage into: drawn at random, below 2^53 so that Lua's
+/// numbers hold it exactly, and never 0 (the list before any import). Not a counter in Redis:
+/// a counter goes back when a failover promotes a replica that had not received its last
+/// increments (or a store is restored from an older copy), and two imports were then handed
+/// the same generation; the clean-up of the one that was cut off unlinked the other's staged
+/// list before its swap, which then swapped in a list short of numbers (found by the nemesis
+/// behind Sentinel). Two imports drawing the same of 2^53 values is no risk worth a round trip.
+fn new_generation() -> u64 {
+    loop {
+        let g = rand::random::<u64>() >> 11;
+        if g != 0 {
+            return g;
+        }
+    }
+}
+
 /// How long a staged population waits for its swap (an import that never commits leaves it to
 /// expire).
 const STAGED_POPULATION_TTL_MS: u64 = 86_400_000;
@@ -163,11 +176,14 @@ struct RedisImport {
     /// Type 1: the practice whose list this is. A REPLACE replaces its objections only: a number
     /// another practice holds keeps type 1.
     practice: Option<Practice>,
+    /// The numbers the staged chunks put in the generation (new fields, so each number once):
+    /// what the comparison must find there before the swap.
+    staged: u64,
     committed: bool,
     /// Set when this import is a national check round trip.
     check: Option<NationalCheck>,
-    /// The last staged chunk's writes, still under way.
-    in_flight: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
+    /// The last staged chunk's writes, still under way; they answer how many numbers they added.
+    in_flight: Option<tokio::task::JoinHandle<Result<u64, StoreError>>>,
     /// A chunk could not be staged: the import can no longer be committed.
     failed: bool,
 }
@@ -189,7 +205,8 @@ struct Stager {
 }
 
 impl Stager {
-    async fn run(self, numbers: Vec<NhsNumber>) -> Result<(), StoreError> {
+    /// Writes the chunk; how many of its numbers were not in the generation yet.
+    async fn run(self, numbers: Vec<NhsNumber>) -> Result<u64, StoreError> {
         // The numbers sorted by bucket, so that a multi-field HSET carries every number of its
         // bucket in the chunk (the per-command cost is most of Redis's: at 50,000 numbers a
         // chunk 1.4 numbers shared an HSET, at 1,000,000 about 15). Sorted in the chunk's own
@@ -226,6 +243,7 @@ impl Stager {
         let mut pipes = new_pieces(shards);
         let mut in_pipes = 0;
         let mut in_flight = None;
+        let mut added = 0;
         for group in keys.chunk_by(|&a, &b| bucket_of(a) == bucket_of(b)) {
             let b = bucket_of(group[0]);
             let mut hset = redis::cmd("HSET");
@@ -237,45 +255,54 @@ impl Stager {
                 hset.arg(number(k)).arg(self.value.as_str());
             }
             // In range: b % shards < shards.
-            pipes[(b % shards) as usize].add_command(hset).ignore();
+            pipes[(b % shards) as usize].add_command(hset);
             in_pipes += group.len();
             if in_pipes >= PIECE {
                 let piece = std::mem::replace(&mut pipes, new_pieces(shards));
-                if let Some(previous) = in_flight.replace(self.send(piece))
-                    && let Err(e) = joined(previous.await)
-                {
-                    // Nothing of the chunk is left writing once it has failed: an abandoned
-                    // import's generation is unlinked after its chunk's task ends.
-                    if let Some(next) = in_flight.take() {
-                        let _ = next.await;
+                if let Some(previous) = in_flight.replace(self.send(piece)) {
+                    match joined(previous.await) {
+                        Ok(n) => added += n,
+                        Err(e) => {
+                            // Nothing of the chunk is left writing once it has failed: an
+                            // abandoned import's generation is unlinked after its chunk's task
+                            // ends.
+                            if let Some(next) = in_flight.take() {
+                                let _ = next.await;
+                            }
+                            return Err(e);
+                        }
                     }
-                    return Err(e);
                 }
                 in_pipes = 0;
             }
         }
         drop(keys);
         if let Some(previous) = in_flight.take() {
-            joined(previous.await)?;
+            added += joined(previous.await)?;
         }
-        joined(self.send(pipes).await)
+        Ok(added + joined(self.send(pipes).await)?)
     }
 
-    /// Starts writing one piece: its pipelines, one a shard, sent together.
-    fn send(&self, pipes: Vec<redis::Pipeline>) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+    /// Starts writing one piece: its pipelines, one a shard, sent together. Answers how many
+    /// numbers it added (each `HSET` answers its new fields).
+    fn send(
+        &self,
+        pipes: Vec<redis::Pipeline>,
+    ) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
         let sends: Vec<_> = pipes
             .into_iter()
             .filter(|pipe| !pipe.is_empty())
             .map(|pipe| {
                 let mut conn = self.store.write_conn();
-                async move { pipe.query_async::<()>(&mut conn).await }
+                async move { pipe.query_async::<Vec<u64>>(&mut conn).await }
             })
             .collect();
         tokio::spawn(async move {
+            let mut added = 0;
             for r in futures::future::join_all(sends).await {
-                r.map_err(store_error)?;
+                added += r.map_err(store_error)?.iter().sum::<u64>();
             }
-            Ok(())
+            Ok(added)
         })
     }
 }
@@ -294,7 +321,7 @@ fn new_pieces(shards: u64) -> Vec<redis::Pipeline> {
         .collect()
 }
 
-fn joined(r: Result<Result<(), StoreError>, tokio::task::JoinError>) -> Result<(), StoreError> {
+fn joined<T>(r: Result<Result<T, StoreError>, tokio::task::JoinError>) -> Result<T, StoreError> {
     r.map_err(|e| StoreError::Unavailable(format!("an import's staging task failed: {e}").into()))?
 }
 
@@ -376,11 +403,12 @@ impl RedisImport {
     async fn settle(&mut self) -> Result<(), StoreError> {
         refuse_after_failed_stage(self.failed)?;
         let result = match self.in_flight.take() {
-            None => Ok(()),
+            None => Ok(0),
             Some(h) => joined(h.await),
         };
         self.failed = result.is_err();
-        result
+        self.staged += result?;
+        Ok(())
     }
 
     async fn diff_and_swap(
@@ -419,6 +447,18 @@ impl RedisImport {
             patients,
             staged,
         } = diff;
+        if staged != self.staged {
+            // Staged on a master that was then replaced by a replica that had not received every
+            // chunk (or a store restored from an older copy): applied, the import would be
+            // acknowledged without the lost numbers, and a REPLACE would remove them.
+            return Err(StoreError::Unavailable(
+                format!(
+                    "the import staged {} numbers and the store holds {staged} of them: staged                      chunks were lost (a failover, or a store restored from an older copy);                      nothing was changed: import again",
+                    self.staged
+                )
+                .into(),
+            ));
+        }
         crate::store::refuse_empty_replace(
             self.mode,
             staged == 0,

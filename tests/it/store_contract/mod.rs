@@ -7,7 +7,7 @@
 //! same Redis). Cases that need to break a store from outside (reset it, roll it back) run where
 //! the backend can do that (Redis); the embedded store's file cannot be changed under it.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, path::Path, sync::Arc, time::Duration};
 
 use crate::common::{Cluster, RedisServer, SentinelSet, redis_config};
 use async_trait::async_trait;
@@ -80,6 +80,24 @@ trait Backend: Send + Sync {
     /// Makes every node refuse writes (out of memory) from outside, or accept them again;
     /// `false` if this backend cannot.
     async fn refuse_writes(&self, _refuse: bool) -> bool {
+        false
+    }
+    /// What the store keeps to hand out import generations, read from outside (`None` if this
+    /// backend cannot).
+    async fn generation_allocator(&self, _fresh: &Fresh) -> Option<Vec<(String, Option<String>)>> {
+        None
+    }
+    /// Sets it back to what [`Backend::generation_allocator`] read, as a failover to a replica
+    /// that had not received an import's start does.
+    async fn set_generation_allocator(&self, _fresh: &Fresh, _saved: &[(String, Option<String>)]) {}
+    /// The generations of the national list that hold data (`None` if this backend cannot tell).
+    async fn national_generations(&self, _fresh: &Fresh) -> Option<BTreeSet<String>> {
+        None
+    }
+    /// Deletes what imports staged of the national list (every generation but the current one),
+    /// as a failover to a replica that had not received the staged chunks does; `false` if this
+    /// backend cannot.
+    async fn lose_staged(&self, _fresh: &Fresh) -> bool {
         false
     }
     /// What a publish of a snapshot left behind in the store beside the snapshot itself: keys it
@@ -156,6 +174,22 @@ impl OnRedis {
         )
         .await;
         true
+    }
+
+    /// The national list's data keys of `fresh`'s dataset, each with its generation (in a cluster
+    /// the redis crate sends KEYS to every master and joins their answers).
+    async fn national_data_keys(&self, fresh: &Fresh) -> Vec<(String, String)> {
+        let prefix = fresh.meta_prefix.trim_matches(|c| c == '{' || c == '}');
+        let keys: Vec<String> = self
+            .query(redis::cmd("KEYS").arg(format!("{prefix}*d:1:*")))
+            .await;
+        keys.into_iter()
+            .filter_map(|k| {
+                let (_, rest) = k.split_once("d:1:")?;
+                let g = rest.split(':').next()?.to_string();
+                Some((k, g))
+            })
+            .collect()
     }
 
     /// Runs one command on the node holding `key`.
@@ -256,6 +290,49 @@ impl Backend for OnRedis {
             .query(redis::cmd("PTTL").arg(format!("{p}snapshot")))
             .await;
         Some((staged, ttl != -1))
+    }
+
+    async fn generation_allocator(&self, fresh: &Fresh) -> Option<Vec<(String, Option<String>)>> {
+        // Before generations were random, a counter per type handed them out.
+        let mut saved = Vec::new();
+        for t in ["1", "2"] {
+            let key = format!("{}gennext:{t}", fresh.meta_prefix);
+            let value: Option<String> = self.query(redis::cmd("GET").arg(&key)).await;
+            saved.push((key, value));
+        }
+        Some(saved)
+    }
+
+    async fn set_generation_allocator(&self, _fresh: &Fresh, saved: &[(String, Option<String>)]) {
+        for (key, value) in saved {
+            match value {
+                Some(v) => self.command(redis::cmd("SET").arg(key).arg(v)).await,
+                None => self.command(redis::cmd("DEL").arg(key)).await,
+            }
+        }
+    }
+
+    async fn national_generations(&self, fresh: &Fresh) -> Option<BTreeSet<String>> {
+        Some(
+            self.national_data_keys(fresh)
+                .await
+                .into_iter()
+                .map(|(_, g)| g)
+                .collect(),
+        )
+    }
+
+    async fn lose_staged(&self, fresh: &Fresh) -> bool {
+        let current: Option<String> = self
+            .query(redis::cmd("GET").arg(format!("{}gen:1", fresh.meta_prefix)))
+            .await;
+        let current = current.unwrap_or_else(|| "0".into());
+        for (key, g) in self.national_data_keys(fresh).await {
+            if g != current {
+                self.command(redis::cmd("DEL").arg(key)).await;
+            }
+        }
+        true
     }
 
     async fn lose_change(&self, fresh: &Fresh, lost: Version, back: Version) -> bool {
@@ -407,5 +484,7 @@ contract!(
     lost_history_is_reported,
     a_change_during_an_import_is_refused_as_busy,
     a_chunk_that_fails_to_stage_fails_the_import,
+    an_abandoned_import_spares_another_imports_list,
+    an_import_whose_staged_chunks_were_lost_is_not_applied,
     generations,
 );
