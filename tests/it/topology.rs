@@ -321,33 +321,48 @@ async fn on_a_cluster_imports_are_all_or_nothing_and_removals_gets_and_scans_wor
         "a lookup read a replaced generation"
     );
 
-    // The replaced generation (the first import's, 1) is unlinked from every master.
-    eventually!(
-        "the replaced generation is unlinked on every master",
-        Duration::from_secs(10),
-        async {
-            let mut left = 0;
-            for n in &cluster.nodes {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg("optout:*d:1:1:*")
-                    .query_async(&mut n.connection().await)
-                    .await
-                    .unwrap_or_default();
-                left += keys.len();
-            }
-            left == 0
-        }
+    // Every replaced generation (the first import's, and the list before it) is unlinked from
+    // every master: the national list's keys are all of the current generation. (Generations
+    // are drawn at random: read the current one.)
+    let mut meta = redis::cluster::ClusterClient::new(cluster.urls())
+        .expect("client")
+        .get_async_connection()
         .await
+        .expect("cluster");
+    let current_gen: String = redis::cmd("GET")
+        .arg("{optout:}gen:1")
+        .query_async(&mut meta)
+        .await
+        .expect("gen:1");
+    let national_keys = || async {
+        let mut by_gen: std::collections::BTreeMap<String, usize> = Default::default();
+        for n in &cluster.nodes {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("optout:*d:1:*")
+                .query_async(&mut n.connection().await)
+                .await
+                .unwrap_or_default();
+            for k in keys {
+                if let Some(g) = k
+                    .split_once("d:1:")
+                    .and_then(|(_, rest)| rest.split(':').next())
+                {
+                    *by_gen.entry(g.to_string()).or_default() += 1;
+                }
+            }
+        }
+        by_gen
+    };
+    eventually!(
+        "the replaced generations are unlinked on every master",
+        Duration::from_secs(10),
+        national_keys().await.keys().all(|g| *g == current_gen)
     );
-    let mut current = 0;
-    for n in &cluster.nodes {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("optout:*d:1:2:*")
-            .query_async(&mut n.connection().await)
-            .await
-            .expect("keys");
-        current += keys.len();
-    }
+    let current = national_keys()
+        .await
+        .get(&current_gen)
+        .copied()
+        .unwrap_or(0);
     assert!(current > 100, "the current generation's buckets: {current}");
 
     // Removal, get and scan, at the store's own interface.
