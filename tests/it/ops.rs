@@ -533,6 +533,17 @@ async fn sigterm_lets_a_long_check_stream_finish_and_refuses_new_connections() {
         decisions += r.decisions.len();
     }
 
+    let port: u16 = served
+        .grpc
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    // The check below can see a listener: this one, before SIGTERM.
+    assert!(
+        listening(Some(served.child.id()), port),
+        "/proc shows no listener on the gRPC port before SIGTERM"
+    );
     served.sigterm();
     // Health goes NOT_SERVING while the stream is still going.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -543,16 +554,24 @@ async fn sigterm_lets_a_long_check_stream_finish_and_refuses_new_connections() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The listener takes no new connections.
-    let fresh = Channel::from_shared(served.grpc.clone())
-        .expect("url")
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await;
+    // The listener takes no new connections: the process holds no listening socket on the
+    // port. A connection attempt must fail too, unless another test's server has bound the
+    // freed port meanwhile (the tests share the loopback ports; once seen in CI).
     assert!(
-        fresh.is_err(),
-        "a new connection was accepted while draining"
+        !listening(Some(served.child.id()), port),
+        "the gRPC listener is still open while draining"
     );
+    if !listening(None, port) {
+        let fresh = Channel::from_shared(served.grpc.clone())
+            .expect("url")
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await;
+        assert!(
+            fresh.is_err(),
+            "a new connection was accepted while draining"
+        );
+    }
 
     // Every message of the stream is still answered, in full, and the stream ends cleanly.
     while let Some(r) = responses.next().await {
@@ -915,4 +934,36 @@ fn the_charts_queries_name_only_reasons_and_types_the_service_exports() {
         }
     }
     assert!(named >= 4, "the chart selects by reason: {named}");
+}
+
+/// Whether a socket listens on loopback TCP `port` (`/proc/net/tcp{,6}`), held by process `pid`
+/// (its `/proc/<pid>/fd` links name the socket's inode) or by anyone.
+fn listening(pid: Option<u32>, port: u16) -> bool {
+    let inodes: Option<Vec<String>> = pid.map(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|dir| {
+                dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .filter_map(|l| {
+                        let l = l.to_string_lossy().into_owned();
+                        Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    let port = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                // local_address, state (0A: LISTEN), inode.
+                f.len() > 9
+                    && f[1].ends_with(&port)
+                    && f[3] == "0A"
+                    && inodes.as_ref().is_none_or(|i| i.iter().any(|x| x == f[9]))
+            })
+    })
 }
