@@ -282,3 +282,9 @@ impl TestServer {
         Self::start_on(store, config).await
     }
 }
+
+/// The generation of a national opt-outs data key (`{prefix}d:1:{generation}:{bucket}`, the
+/// prefix with a cluster's shard tag or not), `None` for any other key.
+pub fn national_generation(key: &str) -> Option<&str> {
+    key.split_once("d:1:")?.1.split(':').next()
+}

@@ -342,13 +342,8 @@ async fn on_a_cluster_imports_are_all_or_nothing_and_removals_gets_and_scans_wor
                 .query_async(&mut n.connection().await)
                 .await
                 .unwrap_or_default();
-            for k in keys {
-                if let Some(g) = k
-                    .split_once("d:1:")
-                    .and_then(|(_, rest)| rest.split(':').next())
-                {
-                    *by_gen.entry(g.to_string()).or_default() += 1;
-                }
+            for g in keys.iter().filter_map(|k| common::national_generation(k)) {
+                *by_gen.entry(g.to_string()).or_default() += 1;
             }
         }
         by_gen

@@ -453,7 +453,9 @@ impl RedisImport {
             // acknowledged without the lost numbers, and a REPLACE would remove them.
             return Err(StoreError::Unavailable(
                 format!(
-                    "the import staged {} numbers and the store holds {staged} of them: staged                      chunks were lost (a failover, or a store restored from an older copy);                      nothing was changed: import again",
+                    "the import staged {} numbers and the store holds {staged} of them: staged \
+                     chunks were lost (a failover, or a store restored from an older copy); \
+                     nothing was changed: import again",
                     self.staged
                 )
                 .into(),

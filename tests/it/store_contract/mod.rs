@@ -9,7 +9,7 @@
 
 use std::{collections::BTreeSet, path::Path, sync::Arc, time::Duration};
 
-use crate::common::{Cluster, RedisServer, SentinelSet, redis_config};
+use crate::common::{Cluster, RedisServer, SentinelSet, national_generation, redis_config};
 use async_trait::async_trait;
 use optout::{
     core::{
@@ -184,11 +184,7 @@ impl OnRedis {
             .query(redis::cmd("KEYS").arg(format!("{prefix}*d:1:*")))
             .await;
         keys.into_iter()
-            .filter_map(|k| {
-                let (_, rest) = k.split_once("d:1:")?;
-                let g = rest.split(':').next()?.to_string();
-                Some((k, g))
-            })
+            .filter_map(|k| Some((k.clone(), national_generation(&k)?.to_string())))
             .collect()
     }
 
