@@ -337,10 +337,11 @@ impl Cluster {
     /// generation meanwhile: an import's generation is drawn at random and never current
     /// before its swap, so equal before and after means unchanged throughout (short of a store
     /// going back in time, as with a counter). The answer claims the version read *before* the
-    /// data: every change finished by then is in the data; one finished later may not be, so claiming the later version could
-    /// answer "no opt-out" at a version that includes the opt-out. With `pending`, the numbers of
-    /// the adds under way at that version are read with it (the last value returned): logged, so
-    /// within the claimed version, but perhaps not in their shards yet.
+    /// data: every change finished by then is in the data; one finished later may not be, so
+    /// claiming the later version could answer "no opt-out" at a version that includes the
+    /// opt-out. With `pending`, the numbers of the adds under way at that version are read with
+    /// it (the last value returned): logged, so within the claimed version, but perhaps not in
+    /// their shards yet.
     pub(super) async fn under_current_generations<T, F>(
         &self,
         s: &RedisStore,
