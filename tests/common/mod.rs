@@ -3,10 +3,6 @@
 //! Cluster topologies of them (`topology`), and scenarios several test files run (`scenarios`).
 #![allow(dead_code, unused_imports, unused_macros)]
 
-/// Polls `$cond` (an expression, which may `.await`) every 20 ms until it is true, and fails the
-/// test naming `$what` if `$within` passes first. Tests of real processes wait for what they can
-/// observe this way, never for a fixed time; fixed waits remain only where a test asserts that
-/// something does *not* happen for a while.
 /// Runs `$body` every 20 ms until it `break`s (with a value, if the poll is an expression), and
 /// fails the test naming `$what` if `$within` passes first: [`eventually`] for bodies that do more
 /// than test a condition.
@@ -27,6 +23,10 @@ macro_rules! poll {
     }};
 }
 
+/// Polls `$cond` (an expression, which may `.await`) every 20 ms until it is true, and fails the
+/// test naming `$what` if `$within` passes first. Tests of real processes wait for what they can
+/// observe this way, never for a fixed time; fixed waits remain only where a test asserts that
+/// something does *not* happen for a while.
 macro_rules! eventually {
     ($what:expr, $within:expr, $cond:expr) => {{
         let within: std::time::Duration = $within;

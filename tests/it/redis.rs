@@ -483,6 +483,32 @@ async fn checks_answer_from_redis_in_one_round_trip_per_request() {
 }
 
 #[tokio::test]
+async fn every_connection_to_redis_sends_without_waiting_for_an_ack() {
+    // Nagle's algorithm (the redis crate's default) holds a small write while an earlier one is
+    // unacknowledged, and the peer may delay its ACK by 40 ms: a lookup stalled for nothing.
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    init_redis(&config).await;
+    let server = TestServer::start_redis(config).await;
+    let n = valid_numbers(4_700_000_000, 10);
+    server
+        .admin_client()
+        .await
+        .add_opt_outs(change_request(
+            n[..2].to_vec(),
+            OptOutType::NationalDataOptOut,
+        ))
+        .await
+        .expect("add");
+    let got = decide(&server, &n, "").await;
+    assert!(got[..2].iter().all(|d| *d == WITHHELD));
+    // The check, write and feed connections at least (this test opened none of its own).
+    common::assert_nodelay(&[redis.port], 3).await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn audit_records_live_in_redis_with_the_change_and_hold_digests_only() {
     let redis = RedisServer::start();
     let scratch = tempfile::tempdir().expect("tempdir");

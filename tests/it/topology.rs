@@ -168,6 +168,9 @@ async fn a_sentinel_failover_releases_no_opt_out_and_the_service_follows_the_new
     let opted = valid_numbers(4_100_000_000, 50);
     let clean = valid_numbers(4_200_000_000, 50);
     add(&server, &opted).await.expect("seed opt-outs");
+    assert!(decide(&server, &opted[..1]).await == vec![WITHHELD]);
+    // Through Sentinel too, the store's connections to the master run with TCP_NODELAY.
+    common::assert_nodelay(&[set.master.port], 2).await;
     let load = Load::start(server.clone(), opted.clone(), clean.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -226,8 +229,13 @@ async fn a_cluster_shards_the_opt_outs_and_a_master_failover_releases_none() {
     let clean = valid_numbers(4_200_000_000, 50);
     add(&server, &opted).await.expect("seed opt-outs");
 
-    // The opt-outs are spread over every master.
-    for (port, master, _, _) in cluster.roles().await {
+    // The opt-outs are spread over every master, and the store's connections to each run with
+    // TCP_NODELAY.
+    let roles = cluster.roles().await;
+    let masters: Vec<u16> = roles.iter().filter(|r| r.1).map(|r| r.0).collect();
+    assert!(decide(&server, &opted[..1]).await == vec![WITHHELD]);
+    common::assert_nodelay(&masters, 1).await;
+    for (port, master, _, _) in roles {
         if master {
             let keys: i64 = redis::cmd("DBSIZE")
                 .query_async(&mut cluster.node(port).connection().await)

@@ -414,6 +414,14 @@ pub(super) fn node_settings(
     Ok((info.redis_settings().clone(), tls))
 }
 
+/// The socket options of every connection to a Redis node: `TCP_NODELAY` on. The redis crate
+/// leaves Nagle's algorithm on by default, and a command written while an earlier one's segment is
+/// still unacknowledged then waits for the peer's delayed ACK (up to 40 ms on Linux): a lookup's
+/// latency, and a deadline's margin, at the mercy of the kernel's timers. Redis sets it on its side.
+pub(super) fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
+
 /// The check, write and feed connections to one Redis node.
 pub(super) fn direct_conns(
     config: &RedisConfig,
@@ -421,7 +429,10 @@ pub(super) fn direct_conns(
     timeouts: [Duration; 3],
 ) -> Result<[Conn; 3], StoreError> {
     let shown = super::redact_url(url);
-    let client = Client::open(url)
+    let info = url
+        .into_connection_info()
+        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}").into()))?;
+    let client = Client::open(info.set_tcp_settings(tcp_settings()))
         .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}").into()))?;
     let base = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
@@ -450,7 +461,9 @@ pub(super) fn sentinel_conns(
 ) -> Result<[Conn; 3], StoreError> {
     let (settings, tls) = node_settings(config)?;
     let db = settings.db();
-    let mut node = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
+    let mut node = SentinelNodeConnectionInfo::default()
+        .set_redis_connection_info(settings)
+        .set_tcp_settings(tcp_settings());
     if let Some(insecure) = tls {
         node = node.set_tls_mode(if insecure {
             redis::TlsMode::Insecure
@@ -499,7 +512,8 @@ pub(super) fn cluster_conns(
             .connection_timeout(config.connect_timeout)
             .response_timeout(t)
             .retries(2)
-            .max_retry_wait(200);
+            .max_retry_wait(200)
+            .tcp_settings(tcp_settings());
         if let Some(user) = settings.username() {
             builder = builder.username(user);
         }
