@@ -271,6 +271,59 @@ async fn a_redis_that_comes_back_empty_or_is_flushed_fails_closed() {
 }
 
 #[tokio::test]
+async fn a_filter_snapshot_staged_short_is_dropped_never_placed() {
+    // A snapshot is staged a chunk at a time; a staging key that expired half-way and was made
+    // again by a later chunk holds only the tail. Placed, a new replica would start from a
+    // filter missing opt-outs (its seal the last guard). snapshot.lua must drop it (-1).
+    let redis = RedisServer::start();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let config = redis_config(&redis, "optout:", scratch.path());
+    init_redis(&config).await;
+    let mut conn = redis.connection().await;
+    let dataset: String = conn
+        .hget("optout:marker", "dataset_id")
+        .await
+        .expect("the marker's dataset id");
+    let script = redis::Script::new(include_str!(
+        "../../crates/optout-store-redis/src/lua/snapshot.lua"
+    ));
+    let whole = format!("{dataset}{}", "filter bits ".repeat(100));
+    let tail = &whole[whole.len() / 2..];
+    let staged = "optout:snapshot_staging:test";
+    let mut place = async |bytes: &str| -> i64 {
+        let () = conn.set(staged, bytes).await.expect("stage");
+        script
+            .key("optout:marker")
+            .key(staged)
+            .arg("optout:")
+            .arg(&dataset)
+            .arg(0)
+            .arg(0)
+            .arg(whole.len())
+            .invoke_async(&mut conn)
+            .await
+            .expect("snapshot.lua")
+    };
+    assert_eq!(place(tail).await, -1, "a staged snapshot not whole");
+    let (left, placed): (bool, bool) = redis::pipe()
+        .exists(staged)
+        .exists("optout:snapshot")
+        .query_async(&mut redis.connection().await)
+        .await
+        .expect("exists");
+    assert!(!left && !placed, "staged left {left}, placed {placed}");
+    // The same call with the whole snapshot staged places it: the refusal above was the length.
+    assert_eq!(place(&whole).await, 1, "the whole snapshot");
+    let got: String = redis
+        .connection()
+        .await
+        .get("optout:snapshot")
+        .await
+        .expect("placed");
+    assert_eq!(got, whole);
+}
+
+#[tokio::test]
 async fn a_new_replica_starts_from_the_snapshot_and_a_replica_behind_a_trimmed_log_rebuilds() {
     let redis = RedisServer::start();
     let scratch = tempfile::tempdir().expect("tempdir");
