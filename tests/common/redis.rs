@@ -289,60 +289,30 @@ pub fn national_generation(key: &str) -> Option<&str> {
     key.split_once("d:1:")?.1.split(':').next()
 }
 
-/// `TCP_NODELAY` on each of this process's TCP connections to 127.0.0.1:`port`: getsockopt on the
-/// descriptors under /proc/self/fd, for Linux shows the option nowhere else. Tests share the
-/// process, so a caller looks only at the ports of its own Redis.
+/// `TCP_NODELAY` on each of this process's TCP connections to 127.0.0.1:`port`, read from the
+/// descriptors under /proc/self/fd (Linux shows the option nowhere else) with socket2, the socket
+/// crate the redis crate itself uses. Tests share the process, so a caller looks only at the
+/// ports of its own Redis.
 pub fn nodelay_to(port: u16) -> Vec<bool> {
-    let mut found = Vec::new();
+    use redis::io::tcp::socket2::SockRef;
+    use std::os::fd::BorrowedFd;
     let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
-        return found;
+        return Vec::new();
     };
-    for entry in fds.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if !std::fs::read_link(entry.path())
-            .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
-        {
-            continue;
-        }
-        // SAFETY: plain-old-data out-parameters of the right sizes. A descriptor closed (or reused)
-        // since it was listed makes a call fail with EBADF, or reads another socket, which the
-        // family and port checks sort out.
-        let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let named =
-            unsafe { libc::getpeername(fd, (&raw mut peer).cast::<libc::sockaddr>(), &mut len) }
-                == 0;
-        if !named || i32::from(peer.ss_family) != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: an AF_INET address fills a sockaddr_in, which sockaddr_storage is laid out to hold.
-        let peer = unsafe { *(&raw const peer).cast::<libc::sockaddr_in>() };
-        if u16::from_be(peer.sin_port) != port {
-            continue;
-        }
-        let mut on: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: as above; TCP_NODELAY's value is one c_int.
-        let read = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                (&raw mut on).cast::<libc::c_void>(),
-                &mut len,
-            )
-        } == 0;
-        if read {
-            found.push(on != 0);
-        }
-    }
-    found
+    fds.flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|fd| {
+            // SAFETY: the descriptor was open when listed. One closed (or reused) since makes the
+            // calls fail with EBADF, or read another socket, which the peer's port sorts out.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let socket = SockRef::from(&fd);
+            let peer = socket.peer_addr().ok()?.as_socket()?;
+            (peer.port() == port).then(|| socket.tcp_nodelay().ok())?
+        })
+        .collect()
 }
 
 /// Waits until this process has at least `at_least` connections to each port, all with

@@ -429,11 +429,9 @@ pub(super) fn direct_conns(
     timeouts: [Duration; 3],
 ) -> Result<[Conn; 3], StoreError> {
     let shown = super::redact_url(url);
-    let info = url
-        .into_connection_info()
-        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}").into()))?;
-    let client = Client::open(info.set_tcp_settings(tcp_settings()))
-        .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}").into()))?;
+    let bad = |e: RedisError| StoreError::Unavailable(format!("--redis-url {shown}: {e}").into());
+    let info = url.into_connection_info().map_err(bad)?;
+    let client = Client::open(info.set_tcp_settings(tcp_settings())).map_err(bad)?;
     let base = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_number_of_retries(2)
@@ -445,7 +443,7 @@ pub(super) fn direct_conns(
                 client.clone(),
                 base.clone().set_response_timeout(Some(t)),
             )
-            .map_err(|e| StoreError::Unavailable(format!("--redis-url {shown}: {e}").into()))?,
+            .map_err(bad)?,
         ));
     }
     conns
