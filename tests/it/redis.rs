@@ -275,10 +275,7 @@ async fn a_filter_snapshot_staged_short_is_dropped_never_placed() {
     // A snapshot is staged a chunk at a time; a staging key that expired half-way and was made
     // again by a later chunk holds only the tail. Placed, a new replica would start from a
     // filter missing opt-outs (its seal the last guard). snapshot.lua must drop it (-1).
-    let redis = RedisServer::start();
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let config = redis_config(&redis, "optout:", scratch.path());
-    init_redis(&config).await;
+    let (redis, _scratch, _) = common::initialised_redis().await;
     let mut conn = redis.connection().await;
     let dataset: String = conn
         .hget("optout:marker", "dataset_id")
@@ -539,10 +536,7 @@ async fn checks_answer_from_redis_in_one_round_trip_per_request() {
 async fn every_connection_to_redis_sends_without_waiting_for_an_ack() {
     // Nagle's algorithm (the redis crate's default) holds a small write while an earlier one is
     // unacknowledged, and the peer may delay its ACK by 40 ms: a lookup stalled for nothing.
-    let redis = RedisServer::start();
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let config = redis_config(&redis, "optout:", scratch.path());
-    init_redis(&config).await;
+    let (redis, _scratch, config) = common::initialised_redis().await;
     let server = TestServer::start_redis(config).await;
     let n = valid_numbers(4_700_000_000, 10);
     server
